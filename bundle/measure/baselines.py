@@ -1,0 +1,63 @@
+"""Baseline networks at matched parameter count."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+__all__ = ["count_parameters", "matched_monai_unet"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def matched_monai_unet(
+    target_parameters: int,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    attention_levels: Sequence[bool],
+    tolerance: float = 0.1,
+    max_width: int = 512,
+) -> tuple[DiffusionModelUNet, dict]:
+    """The leanest MONAI ``DiffusionModelUNet`` with ``target_parameters`` ± ``tolerance`` parameters.
+
+    Candidates have first width w (a multiple of 8, GroupNorm with 8 groups), each next width 1×, 2×
+    or 4× the previous, ``num_res_blocks`` ∈ {1, 2, 3} and attention where ``attention_levels`` says.
+    The one with the smallest w that fits is returned (the fewest full-resolution channels: the
+    hardest baseline for an activation-memory comparison), with its constructor arguments. Candidates
+    are sized on the meta device, so the search allocates nothing.
+
+    Raises:
+        ValueError: when no candidate up to ``max_width`` is within the tolerance.
+    """
+    levels = len(attention_levels)
+    for width in range(8, max_width + 1, 8):
+        for num_res_blocks in (2, 1, 3):
+            for ratios in itertools.product((1, 2, 4), repeat=levels - 1):
+                widths = [width]
+                for r in ratios:
+                    widths.append(widths[-1] * r)
+                kwargs = dict(
+                    spatial_dims=spatial_dims,
+                    in_channels=in_channels,
+                    out_channels=out_channels,
+                    channels=tuple(widths),
+                    num_res_blocks=num_res_blocks,
+                    attention_levels=tuple(bool(a) for a in attention_levels),
+                    norm_num_groups=8,
+                    num_head_channels=8,
+                )
+                with torch.device("meta"):
+                    size = count_parameters(DiffusionModelUNet(**kwargs))
+                if abs(size / target_parameters - 1.0) <= tolerance:
+                    return DiffusionModelUNet(**kwargs), kwargs
+    raise ValueError(
+        f"No DiffusionModelUNet with first width ≤ {max_width} within ±{tolerance:.0%} of {target_parameters} parameters."
+    )

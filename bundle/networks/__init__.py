@@ -1,0 +1,28 @@
+"""Invertible layers, invertible attention, the invertible U-Net trunk and the IDM network."""
+
+from .attention import InvertibleAttention, checkerboard_indices
+from .coupling import AdditiveCoupling, CouplingFunction
+from .engine import InverseOf, InvertibleModule, InvertibleSequence, InvertibleStep, OnTensor
+from .idm import InvertibleDiffusionUNet
+from .invertible_unet import InvertibleUNet, SkipSplit, skip_channels
+from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling, haar_matrix, skew_exp
+
+__all__ = [
+    "AdditiveCoupling",
+    "CouplingFunction",
+    "InverseOf",
+    "InvertibleAttention",
+    "InvertibleDiffusionUNet",
+    "InvertibleModule",
+    "InvertibleSequence",
+    "InvertibleStep",
+    "InvertibleUNet",
+    "OnTensor",
+    "OrthogonalChannelMixing",
+    "OrthogonalDownsampling",
+    "SkipSplit",
+    "checkerboard_indices",
+    "haar_matrix",
+    "skew_exp",
+    "skip_channels",
+]

@@ -1,0 +1,87 @@
+"""Additive coupling block conditioned on the time embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+from .engine import InvertibleModule
+
+__all__ = ["group_count", "CouplingFunction", "AdditiveCoupling"]
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """Largest number of GroupNorm groups ≤ ``max_groups`` that divides ``channels``."""
+    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+
+class CouplingFunction(nn.Module):
+    """The residual function F (or G) of a coupling block; it need not be invertible.
+
+    ``h = conv₁(SiLU(GN(x)));  h = GN(h)·(1 + s) + t  with (s, t) = Linear(SiLU(emb));
+    out = conv₂(SiLU(h))`` with conv₂ zero-initialised, so the block starts as the identity.
+    Shapes: x (B, C, *S), emb (B, E) → (B, C, *S).
+
+    Args:
+        spatial_dims: d.
+        channels: C.
+        cond_dim: E, or ``None`` for an unconditioned function.
+        max_groups: upper bound on the GroupNorm groups (no BatchNorm: recomputation would update
+            running statistics twice).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, cond_dim: int | None, max_groups: int = 32) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        groups = group_count(channels, max_groups)
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = conv(channels, channels, kernel_size=3, padding=1, bias=False)  # GroupNorm follows
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.cond_proj = nn.Linear(cond_dim, 2 * channels) if cond_dim else None
+        self.conv2 = conv(channels, channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
+        if self.cond_proj is not None:
+            if cond is None:
+                raise ValueError("CouplingFunction was built with cond_dim but called with cond=None.")
+            scale, shift = self.cond_proj(F.silu(cond)).chunk(2, dim=1)
+            view = (*scale.shape, *([1] * (x.ndim - 2)))
+            h = h * (1 + scale.reshape(view)) + shift.reshape(view)
+        return self.conv2(F.silu(h))
+
+
+class AdditiveCoupling(InvertibleModule):
+    """Additive coupling (NICE; RevNet, Gomez et al. 2017, Eq. 1–2), exactly invertible for any F, G.
+
+    With x = (x₁, x₂) split along channels: ``y₁ = x₁ + F(x₂, emb);  y₂ = x₂ + G(y₁, emb)``;
+    inverse ``x₂ = y₂ − G(y₁, emb);  x₁ = y₁ − F(x₂, emb)``. Shapes: (B, C, *S) → (B, C, *S), C even.
+
+    Args:
+        spatial_dims: d.
+        channels: C (even).
+        cond_dim: E, the width of the conditioning vector, or ``None``.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, cond_dim: int | None = None) -> None:
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"AdditiveCoupling needs an even number of channels, got channels={channels}.")
+        self.f = CouplingFunction(spatial_dims, channels // 2, cond_dim)
+        self.g = CouplingFunction(spatial_dims, channels // 2, cond_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        y1 = x1 + self.f(x2, cond)
+        y2 = x2 + self.g(y1, cond)
+        return torch.cat([y1, y2], dim=1)
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        y1, y2 = y.chunk(2, dim=1)
+        x2 = y2 - self.g(y1, cond)
+        x1 = y1 - self.f(x2, cond)
+        return torch.cat([x1, x2], dim=1)

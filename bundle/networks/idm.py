@@ -1,0 +1,138 @@
+"""The IDM noise predictor: stem, time embedding, invertible U-Net trunk, head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import nn
+
+from .invertible_unet import InvertibleUNet
+
+__all__ = ["InvertibleDiffusionUNet"]
+
+
+class InvertibleDiffusionUNet(nn.Module):
+    """ε-prediction network of the Invertible Diffusion Model (Jain & Teli), MONAI-diffusion compatible.
+
+    ``x (B, in_channels, *S)`` → stem (3×3 conv to ``channels[0]``, stored activations: not invertible,
+    as in the paper) → :class:`InvertibleUNet` conditioned on the time embedding
+    ``emb = MLP(sinusoid(t))`` (B, 4·channels[0]) → head (zero-initialised 3×3 conv) →
+    ``(B, out_channels, *S)``. Stem and head are single convolutions, so the only full-resolution
+    tensors stored for backward are the input and the trunk output (which the head and the engine
+    share). Spatial sizes that the trunk cannot take are zero-padded at the far
+    end and cropped back.
+
+    Args:
+        spatial_dims: d (2 or 3).
+        in_channels: image channels (2: T1 and T2).
+        out_channels: predicted noise channels.
+        channels: trunk widths per level (default: the paper's 64…2048).
+        num_blocks: coupling blocks per level in the encoder and the decoder.
+        attention_levels: invertible attention per level (default: the last two, as in the paper).
+        memory_efficient: reconstruct trunk activations in backward; settable on a built model.
+        channel_mixing: orthogonal 1×1 convolution before each coupling.
+        num_heads: attention heads.
+        time_embed_dim: width of the time embedding (default 4·channels[0]).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 2,
+        out_channels: int = 2,
+        channels: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
+        num_blocks: int = 2,
+        attention_levels: Sequence[bool] | None = (False, False, False, False, True, True),
+        memory_efficient: bool = True,
+        channel_mixing: bool = True,
+        num_heads: int = 1,
+        time_embed_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be ≥ 1, got {in_channels}, {out_channels}.")
+        width = int(channels[0])
+        embed = time_embed_dim or 4 * width
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.time_mlp = nn.Sequential(nn.Linear(width, embed), nn.SiLU(), nn.Linear(embed, embed))
+        self.stem = conv(in_channels, width, kernel_size=3, padding=1)
+        self.trunk = InvertibleUNet(
+            spatial_dims, channels, num_blocks, attention_levels, embed, memory_efficient, channel_mixing, num_heads
+        )
+        self.head = conv(width, out_channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def memory_efficient(self) -> bool:
+        """Whether the trunk reconstructs its activations in backward (see :class:`InvertibleUNet`)."""
+        return self.trunk.memory_efficient
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool) -> None:
+        self.trunk.memory_efficient = value
+
+    def time_embedding(self, timesteps: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """``MLP(sinusoid(t))`` (B, E) for timesteps of shape (B,) or a scalar."""
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
+        if timesteps.numel() == 1:
+            timesteps = timesteps.expand(batch)
+        if timesteps.numel() != batch:
+            raise ValueError(f"timesteps must have one entry per sample ({batch}), got {timesteps.numel()}.")
+        return self.time_mlp(get_timestep_embedding(timesteps, self.stem.out_channels).to(dtype))
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        spatial = tuple(x.shape[2:])
+        div = self.trunk.size_divisor
+        pad = [(-s) % div for s in spatial]
+        if any(pad):
+            x = F.pad(x, [p for extra in reversed(pad) for p in (0, extra)])
+        return x, spatial
+
+    @staticmethod
+    def _crop(x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+        return x[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
+
+    def _check(self, x: torch.Tensor, channels: int, name: str) -> None:
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != channels:
+            raise ValueError(
+                f"InvertibleDiffusionUNet.{name} expects shape (B, {channels}, "
+                f"{', '.join(['S'] * self.spatial_dims)}), got {tuple(x.shape)}."
+            )
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted noise (B, out_channels, *S) for noisy images x (B, in_channels, *S) at ``timesteps`` (B,).
+
+        ``context`` exists for MONAI's ``DiffusionInferer`` call signature; IDM is unconditional.
+        """
+        if context is not None:
+            raise ValueError("InvertibleDiffusionUNet is unconditional: call it with context=None.")
+        self._check(x, self.in_channels, "forward")
+        emb = self.time_embedding(timesteps, x.shape[0], x.dtype)
+        x, spatial = self._pad(x)
+        h = self.trunk(self.stem(x), emb)
+        return self._crop(self.head(h), spatial)
+
+    def inverse(self, y: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Approximate inverse ``U⁻¹`` (B, out_channels, *S) → (B, in_channels, *S), for the λ_R term of Eq. 8.
+
+        The trunk is inverted exactly; the stem and the head are not invertible, so their convolutions
+        are replaced by their adjoints (transposed convolutions with the same weights, the stem's bias
+        subtracted first). It is exact only where the stem and head weights form tight frames;
+        training with λ_R > 0 pulls them towards that.
+        """
+        self._check(y, self.out_channels, "inverse")
+        emb = self.time_embedding(timesteps, y.shape[0], y.dtype)
+        y, spatial = self._pad(y)
+        conv_t = (F.conv_transpose2d, F.conv_transpose3d)[self.spatial_dims - 2]
+        bias_shape = (1, -1) + (1,) * self.spatial_dims
+        h = conv_t(y - self.head.bias.reshape(bias_shape), self.head.weight, padding=1)
+        h = self.trunk.inverse(h, emb) - self.stem.bias.reshape(bias_shape)
+        return self._crop(conv_t(h, self.stem.weight, padding=1), spatial)

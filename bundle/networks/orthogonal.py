@@ -1,0 +1,101 @@
+"""Learned orthogonal matrices and the layers built on them: channel mixing and down/upsampling."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from monai.networks.utils import pixelshuffle, pixelunshuffle
+from torch import nn
+
+from .engine import InvertibleModule
+
+__all__ = ["skew_exp", "haar_matrix", "OrthogonalChannelMixing", "OrthogonalDownsampling"]
+
+
+def skew_exp(generator: torch.Tensor) -> torch.Tensor:
+    """``Q = exp(A − Aᵀ)`` for a batch of square generators ``A`` (..., n, n); ``Q`` is orthogonal.
+
+    Autograd differentiates ``torch.linalg.matrix_exp``: no hand-written gradient.
+    """
+    return torch.linalg.matrix_exp(generator - generator.transpose(-1, -2))
+
+
+@lru_cache(maxsize=2)
+def haar_matrix(spatial_dims: int) -> torch.Tensor:
+    """The orthonormal Haar transform of a 2^d-voxel patch, (2^d, 2^d), rows = basis functions.
+
+    Kronecker power of ``[[1, 1], [1, -1]] / √2``; its column order matches the patch flattening of
+    :func:`monai.networks.utils.pixelunshuffle` (row-major over the 2×…×2 patch).
+    """
+    h1 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2.0)
+    h = h1
+    for _ in range(spatial_dims - 1):
+        h = torch.kron(h, h1)
+    return h
+
+
+class OrthogonalChannelMixing(InvertibleModule):
+    """Invertible 1×1 convolution with an orthogonal matrix: ``y[b, :, s] = Q x[b, :, s]``.
+
+    ``Q = exp(A − Aᵀ)`` (C, C), ``A`` initialised to zero (``Q = I``). Inverse: ``x = Qᵀ y``.
+
+    Args:
+        spatial_dims: number of spatial dimensions d (shapes are (B, C, *spatial) with d spatial axes).
+        channels: C.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.generator = nn.Parameter(torch.zeros(channels, channels))
+
+    def matrix(self) -> torch.Tensor:
+        return skew_exp(self.generator)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.einsum("oc,bc...->bo...", self.matrix().to(x.dtype), x)
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.einsum("co,bc...->bo...", self.matrix().to(y.dtype), y)
+
+
+class OrthogonalDownsampling(InvertibleModule):
+    """Learned invertible downsampling: 2^d-voxel patches to channels, then an orthogonal map per channel.
+
+    Shapes: (B, C, *S) → (B, C·2^d, *S/2). Each input channel c owns ``Q_c = exp(A_c − A_cᵀ) H``
+    (2^d × 2^d), with H the Haar transform (:func:`haar_matrix`, kept in float64 and cast to the
+    generator's dtype on use, so it is orthogonal to the working precision) and ``A_c`` initialised to zero, so
+    the layer starts as the Haar wavelet transform (iUNet, Etmann et al. 2020, §3.2). The inverse
+    (upsampling) is the exact transpose: ``Q_cᵀ`` then pixel shuffle.
+
+    Args:
+        spatial_dims: d.
+        channels: C, the input channels.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        patch = 2**spatial_dims
+        self.generator = nn.Parameter(torch.zeros(channels, patch, patch))
+
+    def matrices(self) -> torch.Tensor:
+        """The per-channel orthogonal matrices ``Q`` (C, 2^d, 2^d)."""
+        haar = haar_matrix(self.spatial_dims).to(self.generator.device, self.generator.dtype)
+        return skew_exp(self.generator) @ haar
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        b, c = x.shape[:2]
+        patches = pixelunshuffle(x, self.spatial_dims, 2)
+        patches = patches.reshape(b, c, 2**self.spatial_dims, *patches.shape[2:])
+        y = torch.einsum("ckj,bcj...->bck...", self.matrices().to(x.dtype), patches)
+        return y.reshape(b, -1, *y.shape[3:])
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        b = y.shape[0]
+        patch = 2**self.spatial_dims
+        coeffs = y.reshape(b, -1, patch, *y.shape[2:])
+        patches = torch.einsum("cjk,bcj...->bck...", self.matrices().to(y.dtype), coeffs)
+        return pixelshuffle(patches.reshape(b, -1, *y.shape[2:]), self.spatial_dims, 2)

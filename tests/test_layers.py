@@ -1,0 +1,146 @@
+"""Each invertible layer: exact inverse, float64 gradcheck (input, condition and parameters), orthogonality."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import redraw_zero_init_, relative_error
+from torch.func import functional_call
+
+from bundle.networks import (
+    AdditiveCoupling,
+    InverseOf,
+    InvertibleAttention,
+    OrthogonalChannelMixing,
+    OrthogonalDownsampling,
+    checkerboard_indices,
+    haar_matrix,
+)
+
+COND_DIM = 3
+
+
+def make_layer(name: str, spatial_dims: int):
+    """(layer, input channels, whether the layer takes the condition)."""
+    if name == "coupling":
+        return AdditiveCoupling(spatial_dims, 4, COND_DIM), 4, True
+    if name == "mixing":
+        return OrthogonalChannelMixing(spatial_dims, 3), 3, False
+    if name == "downsampling":
+        return OrthogonalDownsampling(spatial_dims, 2), 2, False
+    if name == "upsampling":
+        return InverseOf(OrthogonalDownsampling(spatial_dims, 2)), 2 * 2**spatial_dims, False
+    if name.startswith("attention"):
+        return InvertibleAttention(spatial_dims, 2, parity=int(name[-1])), 2, False
+    raise KeyError(name)
+
+
+LAYERS = ["coupling", "mixing", "downsampling", "upsampling", "attention0", "attention1"]
+
+
+def layer_input(channels: int, spatial_dims: int, name: str, dtype=torch.float64) -> torch.Tensor:
+    size = 2 if name == "upsampling" else 4
+    return torch.randn(2, channels, *([size] * spatial_dims), dtype=dtype)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_inverse_is_exact(name, spatial_dims):
+    torch.manual_seed(0)
+    layer, channels, conditioned = make_layer(name, spatial_dims)
+    redraw_zero_init_(layer, std=0.3).double()
+    x = layer_input(channels, spatial_dims, name)
+    cond = torch.randn(2, COND_DIM, dtype=torch.float64) if conditioned else None
+    y = layer(x, cond)
+    if y.shape == x.shape:
+        assert relative_error(y, x) > 1e-2  # the redrawn layer is not the identity
+    assert relative_error(layer.inverse(y, cond), x) < 1e-12
+    assert relative_error(layer(layer.inverse(y, cond), cond), y) < 1e-12
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_layer_gradcheck_float64(name, spatial_dims, direction):
+    """gradcheck w.r.t. the input, the condition and every parameter, in both directions."""
+    torch.manual_seed(1)
+    layer, channels, conditioned = make_layer(name, spatial_dims)
+    redraw_zero_init_(layer, std=0.3).double()
+    x = layer_input(channels, spatial_dims, name)
+    if direction == "inverse":
+        with torch.no_grad():
+            x = layer(x, torch.randn(2, COND_DIM, dtype=torch.float64) if conditioned else None)
+    module = layer if direction == "forward" else InverseOf(layer)
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+    cond = [torch.randn(2, COND_DIM, dtype=torch.float64, requires_grad=True)] if conditioned else []
+
+    def fn(x, *rest):
+        c, values = (rest[0], rest[1:]) if conditioned else (None, rest)
+        return functional_call(module, dict(zip(names, values)), (x, c), strict=True)
+
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(True), *cond, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_haar_matrix_is_orthonormal_and_matches_pixelunshuffle_order():
+    for d in (2, 3):
+        h = haar_matrix(d)
+        assert torch.allclose(h @ h.T, torch.eye(2**d, dtype=torch.float64), atol=1e-14)
+        assert torch.allclose(h[0], torch.full((2**d,), 2 ** (-d / 2), dtype=torch.float64))
+    # at initialisation the first coefficient of each patch is its mean × 2^(d/2)
+    down = OrthogonalDownsampling(3, 1)
+    x = torch.randn(1, 1, 4, 4, 4)
+    y = down(x)
+    patch_mean = torch.nn.functional.avg_pool3d(x, 2)
+    assert torch.allclose(y[:, :1], patch_mean * 2 ** 1.5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_cls, channels", [(OrthogonalDownsampling, 3), (OrthogonalChannelMixing, 16)])
+def test_learned_orthogonal_matrices_stay_orthogonal_after_optimizer_steps(layer_cls, channels):
+    torch.manual_seed(0)
+    layer = layer_cls(3, channels)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    x = torch.randn(2, channels, 4, 4, 4)
+    target = torch.randn_like(layer(x))
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = (layer(x) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+    q = layer.matrices() if hasattr(layer, "matrices") else layer.matrix()
+    assert layer.generator.abs().max() > 0.1  # the matrices really moved
+    eye = torch.eye(q.shape[-1]).expand_as(q)
+    assert (q.transpose(-1, -2) @ q - eye).norm(dim=(-2, -1)).max() <= 1e-5
+
+
+def test_attention_weights_are_bounded_and_division_amplifies_rounding_by_at_most_two():
+    torch.manual_seed(0)
+    attention = InvertibleAttention(3, 4)
+    redraw_zero_init_(attention, std=50.0)  # saturate tanh
+    kept = torch.randn(2, 4, 32) * 10
+    f = attention.weights(kept)
+    assert f.min() >= 0.5 - 1e-6 and f.max() <= 2.0 + 1e-6
+    assert f.max() > 1.9 and f.min() < 0.55
+
+
+def test_checkerboard_pairs_kept_and_modified_voxels():
+    kept, modified = checkerboard_indices((4, 4, 6), parity=0, device=torch.device("cpu"))
+    assert len(kept) == len(modified) == 48
+    assert set(kept.tolist()).isdisjoint(modified.tolist())
+    assert sorted(kept.tolist() + modified.tolist()) == list(range(96))
+    coords = torch.stack(torch.unravel_index(kept, (4, 4, 6))).sum(0)
+    assert (coords % 2 == 0).all()
+    with pytest.raises(ValueError, match="even last spatial axis"):
+        checkerboard_indices((4, 4, 5), 0, torch.device("cpu"))
+
+
+def test_coupling_requires_condition_when_built_with_one():
+    layer = AdditiveCoupling(2, 4, COND_DIM)
+    with pytest.raises(ValueError, match="cond=None"):
+        layer(torch.randn(1, 4, 4, 4))
+
+
+def test_alpha_default_is_ln2():
+    assert math.isclose(InvertibleAttention(2, 2).alpha, math.log(2.0))

@@ -1,0 +1,130 @@
+"""The invertible U-Net trunk and the memory-saving engine against plain autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import redraw_zero_init_, relative_error
+
+from bundle.measure import saved_activation_bytes
+from bundle.networks import InvertibleUNet, skip_channels
+
+CHANNELS = (8, 16, 32, 64)  # 4 levels in 3D
+ATTENTION = (False, False, True, True)  # the deepest two
+
+
+def make_trunk(dtype=torch.float32, memory_efficient=True, **kwargs) -> InvertibleUNet:
+    torch.manual_seed(0)
+    trunk = InvertibleUNet(3, CHANNELS, num_blocks=2, attention_levels=ATTENTION, cond_dim=6,
+                           memory_efficient=memory_efficient, **kwargs)
+    return redraw_zero_init_(trunk).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_round_trip(dtype, tolerance):
+    trunk = make_trunk(dtype)
+    x = torch.randn(2, CHANNELS[0], 16, 16, 16, dtype=dtype)
+    cond = torch.randn(2, 6, dtype=dtype)
+    with torch.no_grad():
+        y = trunk(x, cond)
+        assert y.shape == x.shape
+        assert relative_error(y, x) > 0.1  # far from the identity initialisation
+        assert relative_error(trunk.inverse(y, cond), x) <= tolerance
+        assert relative_error(trunk(trunk.inverse(x, cond), cond), x) <= tolerance
+
+
+def _gradients(trunk, x, cond, weight):
+    x, cond = x.clone().requires_grad_(True), cond.clone().requires_grad_(True)
+    out = trunk(x, cond)
+    return out, torch.autograd.grad((out * weight).sum(), [x, cond, *trunk.parameters()])
+
+
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_memory_efficient_gradients_match_plain_autograd(direction):
+    trunk = make_trunk()
+    if direction == "inverse":
+        trunk.forward, trunk.inverse = trunk.inverse, trunk.forward  # instance attributes only
+    x = torch.randn(2, CHANNELS[0], 16, 16, 16)
+    cond, weight = torch.randn(2, 6), torch.randn_like(x)
+    trunk.memory_efficient = True
+    out_me, grads_me = _gradients(trunk, x, cond, weight)
+    trunk.memory_efficient = False
+    out_plain, grads_plain = _gradients(trunk, x, cond, weight)
+    assert torch.equal(out_me, out_plain)
+    names = ["input", "cond"] + [n for n, _ in trunk.named_parameters()]
+    for name, g_me, g_plain in zip(names, grads_me, grads_plain):
+        assert g_plain.norm() > 0, name
+        assert relative_error(g_me, g_plain) <= 1e-5, name
+    for kind in ("generator", "query", "key", ".out.", "cond_proj", "conv2"):  # every kind of parameter
+        assert any(kind in name for name in names), kind
+
+
+def test_tiny_trunk_gradcheck_float64():
+    torch.manual_seed(0)
+    trunk = redraw_zero_init_(InvertibleUNet(3, (4, 16), 1, (True, True), cond_dim=2), std=0.3).double()
+    x = torch.randn(1, 4, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    cond = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
+    assert trunk.memory_efficient
+    assert torch.autograd.gradcheck(trunk, (x, cond), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(trunk.inverse, (x, cond), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _count_inverse_calls(trunk, monkeypatch) -> list[int]:
+    calls = [0]
+    for step in trunk.sequence.steps:
+        original = step.inverse
+
+        def counting(state, cond=None, _original=original):
+            calls[0] += 1
+            return _original(state, cond)
+
+        monkeypatch.setattr(step, "inverse", counting)
+    return calls
+
+
+def test_no_grad_stores_nothing_and_recomputes_nothing(monkeypatch):
+    trunk = make_trunk()
+    calls = _count_inverse_calls(trunk, monkeypatch)
+    x, cond = torch.randn(1, CHANNELS[0], 16, 16, 16), torch.randn(1, 6)
+    with torch.no_grad():
+        assert saved_activation_bytes(lambda: trunk(x, cond), trunk) == 0
+    assert calls[0] == 0
+
+
+def test_backward_inverts_each_step_once_and_stores_only_the_output(monkeypatch):
+    trunk = make_trunk()
+    calls = _count_inverse_calls(trunk, monkeypatch)
+    x, cond = torch.randn(1, CHANNELS[0], 16, 16, 16), torch.randn(1, 6, requires_grad=True)
+    out = trunk(x, cond)
+    assert calls[0] == 0  # the forward pass reconstructs nothing
+    stored = saved_activation_bytes(lambda: trunk(x, cond), trunk)
+    assert stored == out.numel() * 4 + cond.numel() * 4  # the output state and the condition
+    out.sum().backward()
+    assert calls[0] == len(trunk.sequence.steps)
+
+
+def test_invalid_schedules_name_a_valid_one():
+    for bad in [(16, 30), (6, 56), (8, 64), (7, 16), (8, 16, 36)]:
+        with pytest.raises(ValueError, match=r"A valid schedule: channels=\(") as info:
+            skip_channels(3, bad)
+        suggested = eval(str(info.value).split("channels=")[-1].rstrip("."))
+        assert len(suggested) == len(bad)
+        skip_channels(3, suggested)  # the suggestion is valid
+    assert skip_channels(3, (64, 128, 256)) == (48, 96)
+    assert skip_channels(2, (8, 16)) == (4,)
+
+
+def test_sizes_that_do_not_fit_are_rejected_with_sizes_that_work():
+    trunk = make_trunk()
+    with pytest.raises(ValueError, match=r"not divisible by 16 .*e\.g\. \(16, 16, 32\)"):
+        trunk(torch.randn(1, CHANNELS[0], 16, 16, 24), torch.randn(1, 6))
+    with pytest.raises(ValueError, match="attention_levels has 2 entries"):
+        InvertibleUNet(3, CHANNELS, attention_levels=(True, True))
+
+
+def test_two_dimensional_trunk_from_the_same_classes():
+    torch.manual_seed(0)
+    trunk = redraw_zero_init_(InvertibleUNet(2, (8, 16, 32), 1, (False, True, True), cond_dim=4))
+    x, cond = torch.randn(2, 8, 16, 16), torch.randn(2, 4)
+    with torch.no_grad():
+        assert relative_error(trunk.inverse(trunk(x, cond), cond), x) <= 1e-5
