@@ -1,8 +1,8 @@
 """Invertible layers, invertible attention, the invertible U-Net trunk and the IDM network."""
 
 from .attention import InvertibleAttention, checkerboard_indices
-from .coupling import AdditiveCoupling, CouplingFunction
-from .engine import InverseOf, InvertibleModule, InvertibleSequence, InvertibleStep, OnTensor
+from .coupling import AdditiveCoupling, CouplingFunction, HalfCoupling
+from .engine import CouplingLayer, InverseOf, InvertibleChain, InvertibleModule, InvertibleSequence, InvertibleStep, OnTensor
 from .idm import InvertibleDiffusionUNet
 from .invertible_unet import InvertibleUNet, SkipSplit, skip_channels
 from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling, haar_matrix, skew_exp
@@ -10,6 +10,9 @@ from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling, haar_ma
 __all__ = [
     "AdditiveCoupling",
     "CouplingFunction",
+    "CouplingLayer",
+    "HalfCoupling",
+    "InvertibleChain",
     "InverseOf",
     "InvertibleAttention",
     "InvertibleDiffusionUNet",

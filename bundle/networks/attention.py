@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import InvertibleModule
+from .engine import CouplingLayer
 
 __all__ = ["checkerboard_indices", "InvertibleAttention"]
 
@@ -36,7 +36,7 @@ def checkerboard_indices(spatial_shape: tuple[int, ...], parity: int, device: to
     return kept, kept - last + (last ^ 1)
 
 
-class InvertibleAttention(InvertibleModule):
+class InvertibleAttention(CouplingLayer):
     """iTrans invertible attention (paper Eq. 1–4), extended to d dimensions.
 
     The input y (B, C, *S) is split by a checkerboard mask into y₁ (kept as is) and y₂. A weight
@@ -98,16 +98,20 @@ class InvertibleAttention(InvertibleModule):
         attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
         return torch.exp(self.alpha * torch.tanh(self.out(attended))).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        kept_idx, modified_idx = self._indices(x)
-        flat = x.flatten(2)
-        kept = flat.index_select(2, kept_idx)
-        modified = flat.index_select(2, modified_idx) * self.weights(kept)
-        return flat.index_copy(2, modified_idx, modified).reshape(x.shape)
+    def kept(self, x: torch.Tensor) -> torch.Tensor:
+        """y₁: the kept voxels as tokens, (B, C, N/2)."""
+        return x.flatten(2).index_select(2, self._indices(x)[0])
 
-    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        kept_idx, modified_idx = self._indices(y)
-        flat = y.flatten(2)
-        kept = flat.index_select(2, kept_idx)
-        modified = flat.index_select(2, modified_idx) / self.weights(kept)
-        return flat.index_copy(2, modified_idx, modified).reshape(y.shape)
+    def conditioner(self, kept: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.weights(kept)
+
+    def combine(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self._update(x, h, torch.mul)
+
+    def uncombine(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self._update(y, h, torch.div)
+
+    def _update(self, x: torch.Tensor, h: torch.Tensor, op) -> torch.Tensor:
+        modified_idx = self._indices(x)[1]
+        flat = x.flatten(2)
+        return flat.index_copy(2, modified_idx, op(flat.index_select(2, modified_idx), h)).reshape(x.shape)

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from .engine import InvertibleModule
+from .engine import CouplingLayer, InvertibleChain
 
-__all__ = ["group_count", "CouplingFunction", "AdditiveCoupling"]
+__all__ = ["group_count", "CouplingFunction", "HalfCoupling", "AdditiveCoupling"]
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -55,11 +55,51 @@ class CouplingFunction(nn.Module):
         return self.conv2(F.silu(h))
 
 
-class AdditiveCoupling(InvertibleModule):
+class HalfCoupling(CouplingLayer):
+    """One half of an additive coupling: the updated half gains a function of the kept half.
+
+    With x = (x₁, x₂) split along channels, ``update="first"`` gives ``y = (x₁ + F(x₂, emb), x₂)`` and
+    ``update="second"`` gives ``y = (x₁, x₂ + F(x₁, emb))``; the inverse subtracts. Shapes:
+    (B, C, *S) → (B, C, *S).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, cond_dim: int | None, update: str) -> None:
+        super().__init__()
+        if update not in ("first", "second"):
+            raise ValueError(f"update must be 'first' or 'second', got {update!r}.")
+        self.update = update
+        self.function = CouplingFunction(spatial_dims, channels // 2, cond_dim)
+
+    def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(updated half, kept half)."""
+        first, second = x.chunk(2, dim=1)
+        return (first, second) if self.update == "first" else (second, first)
+
+    def _join(self, updated: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return torch.cat([updated, kept] if self.update == "first" else [kept, updated], dim=1)
+
+    def kept(self, x: torch.Tensor) -> torch.Tensor:
+        return self._halves(x)[1]
+
+    def conditioner(self, kept: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.function(kept, cond)
+
+    def combine(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        updated, kept = self._halves(x)
+        return self._join(updated + h, kept)
+
+    def uncombine(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        updated, kept = self._halves(y)
+        return self._join(updated - h, kept)
+
+
+class AdditiveCoupling(InvertibleChain):
     """Additive coupling (NICE; RevNet, Gomez et al. 2017, Eq. 1–2), exactly invertible for any F, G.
 
     With x = (x₁, x₂) split along channels: ``y₁ = x₁ + F(x₂, emb);  y₂ = x₂ + G(y₁, emb)``;
     inverse ``x₂ = y₂ − G(y₁, emb);  x₁ = y₁ − F(x₂, emb)``. Shapes: (B, C, *S) → (B, C, *S), C even.
+    Built from two :class:`HalfCoupling` s, so the engine evaluates F and G once each when it
+    reconstructs the block.
 
     Args:
         spatial_dims: d.
@@ -68,20 +108,9 @@ class AdditiveCoupling(InvertibleModule):
     """
 
     def __init__(self, spatial_dims: int, channels: int, cond_dim: int | None = None) -> None:
-        super().__init__()
         if channels % 2:
             raise ValueError(f"AdditiveCoupling needs an even number of channels, got channels={channels}.")
-        self.f = CouplingFunction(spatial_dims, channels // 2, cond_dim)
-        self.g = CouplingFunction(spatial_dims, channels // 2, cond_dim)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=1)
-        y1 = x1 + self.f(x2, cond)
-        y2 = x2 + self.g(y1, cond)
-        return torch.cat([y1, y2], dim=1)
-
-    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        y1, y2 = y.chunk(2, dim=1)
-        x2 = y2 - self.g(y1, cond)
-        x1 = y1 - self.f(x2, cond)
-        return torch.cat([x1, x2], dim=1)
+        super().__init__(
+            HalfCoupling(spatial_dims, channels, cond_dim, "first"),
+            HalfCoupling(spatial_dims, channels, cond_dim, "second"),
+        )

@@ -1,0 +1,90 @@
+"""One training step of a network under test: the unit every benchmark measures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from bundle.networks import InvertibleDiffusionUNet
+
+from .baselines import count_parameters, matched_monai_unet
+
+__all__ = ["NETWORKS", "Workload", "build_network", "make_training_step"]
+
+NETWORKS = ("idm", "idm_plain", "monai")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A network and a training-step shape.
+
+    ``network``: ``"idm"`` (memory-efficient), ``"idm_plain"`` (same network, plain autograd) or
+    ``"monai"`` (MONAI ``DiffusionModelUNet`` matched to the IDM's parameter count, see
+    :func:`~bundle.measure.baselines.matched_monai_unet`). The IDM fields describe the IDM that the
+    baseline is matched to.
+    """
+
+    network: str
+    size: int
+    batch_size: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    num_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (False, False, True, True)
+    spatial_dims: int = 3
+    in_channels: int = 2
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _idm(workload: Workload, memory_efficient: bool) -> InvertibleDiffusionUNet:
+    return InvertibleDiffusionUNet(
+        workload.spatial_dims,
+        workload.in_channels,
+        workload.in_channels,
+        workload.channels,
+        workload.num_blocks,
+        workload.attention_levels,
+        memory_efficient=memory_efficient,
+    )
+
+
+def build_network(workload: Workload) -> nn.Module:
+    """The network of ``workload``, seeded by ``workload.seed``."""
+    if workload.network not in NETWORKS:
+        raise ValueError(f"Unknown network {workload.network!r}; choose one of {NETWORKS}.")
+    if workload.network == "monai":
+        with torch.device("meta"):
+            target = count_parameters(_idm(workload, True))
+        torch.manual_seed(workload.seed)
+        return matched_monai_unet(
+            target, workload.spatial_dims, workload.in_channels, workload.in_channels, workload.attention_levels
+        )[0]
+    torch.manual_seed(workload.seed)
+    return _idm(workload, workload.network == "idm")
+
+
+def make_training_step(workload: Workload, model: nn.Module) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+    """``(step, loss)`` for ``model``: ``step()`` runs forward, backward and an AdamW update on a fixed
+    ε-prediction batch; ``loss()`` is its forward alone (for counting stored bytes)."""
+    generator = torch.Generator().manual_seed(workload.seed)
+    shape = (workload.batch_size, workload.in_channels) + (workload.size,) * workload.spatial_dims
+    x = torch.rand(shape, generator=generator) * 2 - 1
+    noise = torch.randn(shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (workload.batch_size,), generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
+
+    def loss() -> torch.Tensor:
+        return (model(x, timesteps) - noise).square().mean()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=False)
+        loss().backward()
+        optimizer.step()
+
+    return step, loss

@@ -1,0 +1,58 @@
+"""DistributedDataParallel over two CPU processes (gloo) equals one process on the joint batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import redraw_zero_init_, relative_error
+from torch.nn.parallel import DistributedDataParallel
+
+from bundle.networks import InvertibleDiffusionUNet
+
+
+def _model() -> InvertibleDiffusionUNet:
+    torch.manual_seed(0)
+    model = InvertibleDiffusionUNet(3, 2, 2, channels=(8, 16), num_blocks=1, attention_levels=(True, True))
+    return redraw_zero_init_(model)
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 2, 8, 8, 8, generator=generator)
+    t = torch.randint(0, 100, (4,), generator=generator)
+    target = torch.randn(4, 2, 8, 8, 8, generator=generator)
+    return x, t, target
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    model = DistributedDataParallel(_model())
+    x, t, target = (v.chunk(world_size)[rank] for v in _batch())
+    (model(x, t) - target).square().mean().backward()
+    torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = _model()
+    x, t, target = _batch()
+    (model(x, t) - target).square().mean().backward()
+    names = [n for n, _ in model.named_parameters()]
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        for name, g_ddp, p in zip(names, grads, model.parameters()):
+            assert g_ddp is not None, name
+            assert relative_error(g_ddp, p.grad) <= 1e-5, name

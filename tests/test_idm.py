@@ -1,0 +1,108 @@
+"""The IDM noise predictor: MONAI call signature, padding, gradients, stored bytes against MONAI's U-Net."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import redraw_zero_init_, relative_error
+from monai.inferers import DiffusionInferer
+from monai.networks.schedulers import DDPMScheduler
+
+from bundle.measure import count_parameters, matched_monai_unet, saved_activation_bytes
+from bundle.networks import InvertibleDiffusionUNet
+
+SMALL = dict(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 16, 32), attention_levels=(False, True, True))
+
+
+def make_idm(**overrides) -> InvertibleDiffusionUNet:
+    torch.manual_seed(0)
+    return redraw_zero_init_(InvertibleDiffusionUNet(**{**SMALL, **overrides}))
+
+
+def test_output_shape_and_monai_diffusion_inferer_call():
+    model = make_idm()
+    images = torch.rand(2, 2, 16, 16, 16)
+    scheduler = DDPMScheduler(num_train_timesteps=100, schedule="cosine")
+    noise, timesteps = torch.randn_like(images), torch.randint(0, 100, (2,))
+    prediction = DiffusionInferer(scheduler)(images, model, noise, timesteps)
+    assert prediction.shape == images.shape
+    assert prediction.abs().sum() > 0
+
+
+def test_sizes_that_do_not_fit_are_padded_and_cropped_back():
+    model = make_idm()
+    x = torch.randn(1, 2, 12, 20, 10)
+    with torch.no_grad():
+        out = model(x, torch.tensor([5]))
+        assert out.shape == (1, 2, 12, 20, 10)
+        assert model.inverse(out, torch.tensor([5])).shape == x.shape
+
+
+def test_bad_inputs_are_named():
+    model = make_idm()
+    with pytest.raises(ValueError, match=r"expects shape \(B, 2, S, S, S\), got \(1, 3, 16, 16, 16\)"):
+        model(torch.randn(1, 3, 16, 16, 16), torch.tensor([1]))
+    with pytest.raises(ValueError, match="one entry per sample"):
+        model(torch.randn(2, 2, 16, 16, 16), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="unconditional"):
+        model(torch.randn(1, 2, 16, 16, 16), torch.tensor([1]), context=torch.randn(1, 4))
+
+
+def test_memory_efficient_switch_reaches_the_trunk_and_gradients_agree():
+    model = make_idm()
+    x, t = torch.randn(2, 2, 16, 16, 16), torch.tensor([3, 70])
+    weight = torch.randn(2, 2, 16, 16, 16)
+    results = {}
+    for flag in (True, False):
+        model.memory_efficient = flag
+        assert model.trunk.memory_efficient is flag
+        xi = x.clone().requires_grad_(True)
+        loss = (model(xi, t) * weight).sum()
+        results[flag] = torch.autograd.grad(loss, [xi, *model.parameters()])
+    names = ["input"] + [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("time_mlp") for n in names)
+    for name, g_me, g_plain in zip(names, results[True], results[False]):
+        assert g_plain.norm() > 0, name  # the time MLP gets its gradient through the engine
+        assert relative_error(g_me, g_plain) <= 1e-5, name
+
+
+def test_approximate_inverse_is_differentiable_and_memory_efficient():
+    model = make_idm()
+    x = torch.randn(1, 2, 16, 16, 16)
+    t = torch.tensor([10])
+    stored = saved_activation_bytes(lambda: (model.inverse(model(x, t), t) - x).square().mean(), model)
+    model.memory_efficient = False
+    stored_plain = saved_activation_bytes(lambda: (model.inverse(model(x, t), t) - x).square().mean(), model)
+    assert stored < 0.2 * stored_plain
+    model.memory_efficient = True
+    loss = (model.inverse(model(x, t), t) - x).square().mean()
+    loss.backward()
+    assert model.stem.weight.grad.norm() > 0 and model.head.weight.grad.norm() > 0
+
+
+def _stored_bytes(model, size=32):
+    torch.manual_seed(1)
+    x, t = torch.randn(1, 2, size, size, size), torch.tensor([500])
+    return saved_activation_bytes(lambda: model(x, t).square().mean(), model)
+
+
+def test_stored_bytes_flat_in_depth_and_far_below_monai_diffusion_unet():
+    config = dict(channels=(16, 32, 64, 128), attention_levels=(False, False, True, True))
+    stored = {}
+    for num_blocks in (1, 8):
+        model = InvertibleDiffusionUNet(3, 2, 2, num_blocks=num_blocks, **config)
+        stored[num_blocks] = _stored_bytes(model)
+        baseline, kwargs = matched_monai_unet(count_parameters(model), 3, 2, 2, config["attention_levels"])
+        assert abs(count_parameters(baseline) / count_parameters(model) - 1) <= 0.1
+        assert stored[num_blocks] <= 0.15 * _stored_bytes(baseline), kwargs
+        model.memory_efficient = False
+        assert stored[num_blocks] <= 0.15 * _stored_bytes(model)
+    assert stored[8] <= 1.05 * stored[1]
+
+
+def test_paper_configuration_builds_on_the_meta_device():
+    with torch.device("meta"):
+        model = InvertibleDiffusionUNet()
+    assert model.trunk.channels == (64, 128, 256, 512, 1024, 2048)
+    assert model.trunk.attention_levels == (False, False, False, False, True, True)
+    assert 300e6 < count_parameters(model) < 500e6
