@@ -51,7 +51,7 @@ def measure_peak_in_subprocess(workload: Workload, timeout: float = 1800) -> dic
 
 def _measure(workload: Workload, device: torch.device) -> dict:
     model = build_network(workload).to(device)
-    step, _ = make_training_step(workload, model)
+    step, _ = make_training_step(workload, model, device)
     if device.type == "cuda":
         step()
         torch.cuda.synchronize()

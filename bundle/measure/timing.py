@@ -1,14 +1,36 @@
-"""Median step time over interleaved repetitions (DESIGN §5)."""
+"""Median step time over interleaved repetitions, in a fresh process (DESIGN §5).
+
+The CPU's glibc allocator hands freed memory back to the OS and page-faults it in again on the next
+step; the memory-efficient step frees and reallocates more often, so its time then includes that
+churn. :data:`CACHING_ALLOCATOR_ENV` turns trimming off, which is how PyTorch's CUDA caching
+allocator behaves on a GPU; reports give both.
+
+Run as ``python -m bundle.measure.timing '<json list of workloads>' REPEATS``; prints one JSON line.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
-__all__ = ["interleaved_median_times"]
+from .workload import Workload, build_network, make_training_step
+
+__all__ = ["CACHING_ALLOCATOR_ENV", "interleaved_median_times", "measure_times_in_subprocess"]
+
+CACHING_ALLOCATOR_ENV = {
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),
+    "MALLOC_TOP_PAD_": str(2**30),
+    "MALLOC_MMAP_THRESHOLD_": str(2**32 - 1),
+}
+_ROOT = Path(__file__).resolve().parents[2]
 
 
 def interleaved_median_times(
@@ -26,3 +48,27 @@ def interleaved_median_times(
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure_times_in_subprocess(
+    workloads: Sequence[Workload], repeats: int, env: Mapping[str, str] | None = None, timeout: float = 3600
+) -> dict[str, float]:
+    """Median step seconds per workload network, measured together in one fresh process with ``env``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bundle.measure.timing", json.dumps([w.to_dict() for w in workloads]), str(repeats)],
+        capture_output=True, text=True, timeout=timeout, cwd=_ROOT,
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(_ROOT)},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing subprocess failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    specs = [{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()} for s in json.loads(sys.argv[1])]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    steps = {}
+    for spec in specs:
+        workload = Workload(**spec)
+        steps[workload.network] = make_training_step(workload, build_network(workload).to(device), device)[0]
+    print(json.dumps(interleaved_median_times(steps, int(sys.argv[2]))))

@@ -69,14 +69,16 @@ def build_network(workload: Workload) -> nn.Module:
     return _idm(workload, workload.network == "idm")
 
 
-def make_training_step(workload: Workload, model: nn.Module) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
-    """``(step, loss)`` for ``model``: ``step()`` runs forward, backward and an AdamW update on a fixed
-    ε-prediction batch; ``loss()`` is its forward alone (for counting stored bytes)."""
+def make_training_step(
+    workload: Workload, model: nn.Module, device: torch.device | str = "cpu"
+) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+    """``(step, loss)`` for ``model`` (already on ``device``): ``step()`` runs forward, backward and an
+    AdamW update on a fixed ε-prediction batch; ``loss()`` is its forward alone (for counting stored bytes)."""
     generator = torch.Generator().manual_seed(workload.seed)
     shape = (workload.batch_size, workload.in_channels) + (workload.size,) * workload.spatial_dims
-    x = torch.rand(shape, generator=generator) * 2 - 1
-    noise = torch.randn(shape, generator=generator)
-    timesteps = torch.randint(0, 1000, (workload.batch_size,), generator=generator)
+    x = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+    noise = torch.randn(shape, generator=generator).to(device)
+    timesteps = torch.randint(0, 1000, (workload.batch_size,), generator=generator).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
 
     def loss() -> torch.Tensor:
