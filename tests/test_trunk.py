@@ -133,3 +133,10 @@ def test_two_dimensional_trunk_from_the_same_classes():
     x, cond = torch.randn(2, 8, 16, 16), torch.randn(2, 4)
     with torch.no_grad():
         assert relative_error(trunk.inverse(trunk(x, cond), cond), x) <= 1e-5
+
+
+def test_attention_flags_from_the_command_line_are_parsed():
+    trunk = InvertibleUNet(3, (8, 16, 32), 1, ["false", "True", "true"])
+    assert trunk.attention_levels == (False, True, True)
+    with pytest.raises(ValueError, match="true/false"):
+        InvertibleUNet(3, (8, 16, 32), 1, ["no", "yes", "yes"])

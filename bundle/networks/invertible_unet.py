@@ -12,7 +12,7 @@ from .coupling import AdditiveCoupling
 from .engine import InverseOf, InvertibleSequence, InvertibleStep, OnTensor, State
 from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling
 
-__all__ = ["SkipSplit", "skip_channels", "InvertibleUNet"]
+__all__ = ["SkipSplit", "as_flags", "skip_channels", "InvertibleUNet"]
 
 
 class SkipSplit(InvertibleStep):
@@ -45,6 +45,20 @@ class _SkipMerge(InvertibleStep):
 
     def inverse(self, state: State, cond: torch.Tensor | None = None) -> State:
         return self.split(state, cond)
+
+
+def as_flags(values: Sequence[bool | str], name: str) -> tuple[bool, ...]:
+    """Booleans from bools or the strings "true"/"false" (how a command line such as
+    ``--network_def#attention_levels "[false,true,true]"`` delivers them)."""
+    flags = []
+    for value in values:
+        if isinstance(value, str):
+            if value.strip().lower() not in ("true", "false"):
+                raise ValueError(f"{name} must hold true/false values, got {list(values)}.")
+            flags.append(value.strip().lower() == "true")
+        else:
+            flags.append(bool(value))
+    return tuple(flags)
 
 
 def _suggest_channels(spatial_dims: int, levels: int, first: int) -> tuple[int, ...]:
@@ -131,7 +145,7 @@ class InvertibleUNet(nn.Module):
             raise ValueError(f"num_blocks must be ≥ 1, got {num_blocks}.")
         skips = skip_channels(spatial_dims, channels)
         levels = len(channels)
-        attention_levels = tuple(attention_levels) if attention_levels is not None else (False,) * levels
+        attention_levels = as_flags(attention_levels, "attention_levels") if attention_levels is not None else (False,) * levels
         if len(attention_levels) != levels:
             raise ValueError(
                 f"attention_levels has {len(attention_levels)} entries but channels has {levels} levels; "
@@ -139,7 +153,7 @@ class InvertibleUNet(nn.Module):
             )
         self.spatial_dims = spatial_dims
         self.channels = tuple(int(c) for c in channels)
-        self.attention_levels = tuple(bool(a) for a in attention_levels)
+        self.attention_levels = attention_levels
         bottom_attention = 2 if self.attention_levels[-1] else 1
         self.size_divisor = 2 ** (levels - 1) * bottom_attention
 

@@ -1,0 +1,23 @@
+"""Dataset discovery, preprocessing, synthetic phantoms and preflight checks."""
+
+from .dataset import PHANTOM_FOLDER, split_cases, training_cases
+from .discovery import DatasetNotFoundError, discover_cases
+from .phantoms import make_phantom, write_brats_phantoms
+from .preflight import PreflightError, check_case, preflight
+from .transforms import SelectChanneld, foreground, preprocessing
+
+__all__ = [
+    "PHANTOM_FOLDER",
+    "DatasetNotFoundError",
+    "PreflightError",
+    "SelectChanneld",
+    "check_case",
+    "discover_cases",
+    "foreground",
+    "make_phantom",
+    "preflight",
+    "preprocessing",
+    "split_cases",
+    "training_cases",
+    "write_brats_phantoms",
+]

@@ -1,0 +1,125 @@
+"""One dataset discovery for training, evaluation and inference (DESIGN §4).
+
+A *case record* is ``{"case": id, <modality>: path, ..., "channels": {<modality>: index or None}}``:
+one path per requested modality (the same 4D file for every modality in the Decathlon layout, with
+the channel to take). Three layouts are found anywhere below ``dataset_dir``:
+
+* **BraTS2020**: ``<case>/<case>_<modality>.<ext>`` (``BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz``),
+  with ``<ext>`` one of .nii.gz, .nii, .nrrd, .mha, .mhd, or ``<case>/<case>_<modality>/`` holding a
+  DICOM series.
+* **Medical Segmentation Decathlon Task01_BrainTumour**: ``dataset.json`` beside ``imagesTr/`` with 4D
+  NIfTI volumes; channel 1 is T1w and 3 is T2w (0 FLAIR, 2 T1gd), read from its ``modality`` map.
+* **Datalist JSON** in MONAI's ``load_decathlon_datalist`` format: a ``*.json`` whose ``training`` items
+  give one path per modality (``{"t1": "a_t1.nii.gz", "t2": "a_t2.nii.gz"}``) or an ``image`` that is
+  a list of per-modality paths in ``modalities`` order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from monai.data import load_decathlon_datalist
+
+__all__ = ["IMAGE_SUFFIXES", "MSD_CHANNELS", "discover_cases", "DatasetNotFoundError"]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+# Decathlon modality names (as in its dataset.json) for the modality keys this bundle uses
+MSD_CHANNELS = {"flair": "FLAIR", "t1": "T1w", "t1ce": "t1gd", "t2": "T2w"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No dataset of a known layout below ``dataset_dir``."""
+
+
+def _strip_suffix(name: str) -> str | None:
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _brats_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
+    """Case folders whose files are named ``<folder>_<modality>.<ext>`` (or DICOM series folders)."""
+    pattern = re.compile(r"^(?P<case>.+)_(?P<modality>[A-Za-z0-9]+)$")
+    found: dict[Path, dict[str, str]] = {}
+    for path in sorted(root.rglob("*")):
+        stem = _strip_suffix(path.name) if path.is_file() else path.name if path.is_dir() else None
+        match = pattern.match(stem or "")
+        if not match or match["case"] != path.parent.name:
+            continue
+        if path.is_dir() and not any(path.glob("*.dcm")):
+            continue
+        found.setdefault(path.parent, {}).setdefault(match["modality"].lower(), str(path))
+    records = []
+    for folder, files in found.items():
+        if any(m in files for m in modalities):
+            record = {"case": folder.name, "channels": {m: None for m in modalities}}
+            record.update({m: files.get(m, str(folder / f"{folder.name}_{m}.nii.gz")) for m in modalities})
+            records.append(record)
+    return records
+
+
+def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
+    with open(json_path) as f:
+        content = json.load(f)
+    if not isinstance(content, dict) or not isinstance(content.get("training"), list):
+        return []
+    items = load_decathlon_datalist(str(json_path), is_segmentation=False, data_list_key="training")
+    msd = content.get("modality")
+    channel_of = {}
+    if isinstance(msd, dict):  # Decathlon 4D volumes: pick channels by name
+        by_name = {str(name).lower(): int(index) for index, name in msd.items()}
+        for m in modalities:
+            name = MSD_CHANNELS.get(m, m).lower()
+            if name not in by_name:
+                raise ValueError(
+                    f"{json_path}: modality {m!r} is not among its channels {sorted(msd.values())}; "
+                    f"choose modalities from {sorted(k for k, v in MSD_CHANNELS.items() if v.lower() in by_name)}."
+                )
+            channel_of[m] = by_name[name]
+    records = []
+    for i, item in enumerate(items):
+        case = Path(str(item.get("image", f"case_{i}"))).name if not isinstance(item.get("image"), list) else f"case_{i:03d}"
+        record = {"case": _strip_suffix(case) or case, "channels": {m: channel_of.get(m) for m in modalities}}
+        if all(m in item for m in modalities):
+            record.update({m: item[m] for m in modalities})
+        elif isinstance(item.get("image"), str) and channel_of:
+            record.update({m: item["image"] for m in modalities})
+        elif isinstance(item.get("image"), list) and len(item["image"]) == len(modalities):
+            record.update(dict(zip(modalities, item["image"])))
+        else:
+            raise ValueError(
+                f"{json_path}: training item {i} gives neither one path per modality {list(modalities)} nor an "
+                f"'image' list of {len(modalities)} paths nor a 4D 'image' with a 'modality' map: {item}"
+            )
+        records.append(record)
+    return records
+
+
+def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "t2")) -> list[dict]:
+    """Case records (see the module docstring) of the dataset below ``dataset_dir``, sorted by case id.
+
+    A datalist JSON wins over file naming when both are present (it is the explicit choice).
+
+    Raises:
+        DatasetNotFoundError: when ``dataset_dir`` does not exist or holds none of the three layouts.
+    """
+    root = Path(dataset_dir)
+    if not modalities:
+        raise ValueError("modalities is empty; give at least one, e.g. ['t1', 't2'].")
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"dataset_dir {str(root)!r} is not a directory.")
+    for json_path in sorted(root.rglob("*.json")):
+        records = _datalist_cases(json_path, [m.lower() for m in modalities])
+        if records:
+            return sorted(records, key=lambda r: r["case"])
+    records = _brats_cases(root, [m.lower() for m in modalities])
+    if not records:
+        raise DatasetNotFoundError(
+            f"No dataset found below {str(root)!r}: expected BraTS2020 case folders "
+            f"(<case>/<case>_{{{','.join(modalities)}}}.nii.gz), a Decathlon Task01 dataset.json, or a datalist JSON."
+        )
+    return sorted(records, key=lambda r: r["case"])

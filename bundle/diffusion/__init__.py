@@ -1,0 +1,7 @@
+"""Diffusion: the Eq. 8 loss, noise sampling and the Ignite training/validation engines."""
+
+from .engines import IDMEvaluator, IDMTrainer, one_step_denoise, to_model_range
+from .loss import idm_loss, unwrap, weight_norm
+from .noise import NoiseSampler
+
+__all__ = ["IDMEvaluator", "IDMTrainer", "NoiseSampler", "idm_loss", "one_step_denoise", "to_model_range", "unwrap", "weight_norm"]

@@ -1,0 +1,152 @@
+"""Ignite engines (MONAI ``SupervisedTrainer`` / ``SupervisedEvaluator``) for IDM training and validation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.networks.schedulers import Scheduler
+from monai.utils.enums import CommonKeys as Keys
+from torch import nn
+
+from .loss import idm_loss, unwrap
+from .noise import NoiseSampler
+
+__all__ = ["IDMTrainer", "IDMEvaluator", "to_model_range", "one_step_denoise"]
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] on disk → [−1, 1] for the model (as a plain tensor)."""
+    images = images.as_tensor() if hasattr(images, "as_tensor") else images
+    return images * 2 - 1
+
+
+def one_step_denoise(scheduler: Scheduler, noisy: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t`` clipped to [−1, 1] (DDPM, Ho et al. 2020, Eq. 15)."""
+    abar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].reshape(-1, *([1] * (noisy.ndim - 1)))
+    return ((noisy - torch.sqrt(1 - abar) * eps) / torch.sqrt(abar)).clamp(-1, 1)
+
+
+class IDMTrainer(SupervisedTrainer):
+    """One iteration: x₀ ∈ [−1, 1], ε and t from ``noise_sampler``, ``x_t = scheduler.add_noise``, Eq. 8
+    loss (:func:`~bundle.diffusion.loss.idm_loss`), AdamW step, EMA update.
+
+    ``LOSS_COMPLETED`` fires before ``backward``, so a handler there (the non-finite guard) can stop
+    training before a bad loss reaches the weights. The output dict holds ``image``, ``label`` (ε),
+    ``pred``, ``loss`` and ``stats`` (scalars for logging: loss terms; handlers add more).
+
+    Args:
+        scheduler: the DDPM noise scheduler (``add_noise``).
+        noise_sampler: source of ε and t (:class:`~bundle.diffusion.noise.NoiseSampler`).
+        lambda_rec, lambda_l2: λ_R and λ_L2 of Eq. 8.
+        ema: ``torch.optim.swa_utils.AveragedModel`` of the network, updated after each step, or None.
+        Other arguments: as ``SupervisedTrainer`` (``loss_function`` is Eq. 8).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Scheduler,
+        noise_sampler: NoiseSampler,
+        lambda_rec: float = 0.0,
+        lambda_l2: float = 1e-4,
+        ema: torch.optim.swa_utils.AveragedModel | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=idm_loss,
+            decollate=False,
+            **kwargs,
+        )
+        self.scheduler = scheduler
+        self.noise_sampler = noise_sampler
+        self.lambda_rec = lambda_rec
+        self.lambda_l2 = lambda_l2
+        self.ema = ema
+
+    def _iteration(self, engine: IDMTrainer, batchdata: dict) -> dict:  # type: ignore[override]
+        images = to_model_range(batchdata["image"].to(engine.state.device))
+        noise, timesteps = self.noise_sampler.sample(images)
+        noisy = self.scheduler.add_noise(images, noise, timesteps)
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: noise}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        prediction, loss, terms = idm_loss(engine.network, noisy, timesteps, noise, self.lambda_rec, self.lambda_l2)
+        engine.state.output.update(
+            {Keys.PRED: prediction, Keys.LOSS: loss, "stats": {"loss": loss.item()} | {k: v.item() for k, v in terms.items()}}
+        )
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(unwrap(engine.network))
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class IDMEvaluator(SupervisedEvaluator):
+    """Validation at fixed timesteps with fixed noise: for each t in ``timesteps`` the network predicts ε
+    from ``x_t`` and the one-step estimate x̂₀ is formed (:func:`one_step_denoise`).
+
+    Output dict: ``eps_pred`` and ``noise`` (ε̂ and ε, stacked over the timesteps along the batch axis),
+    ``denoised`` and ``image`` (x̂₀ and x₀ in [0, 1], likewise), for ε-MSE and PSNR/SSIM handlers.
+
+    Args:
+        scheduler: the DDPM noise scheduler.
+        timesteps: the fixed timesteps.
+        seed: seed of the validation noise (the same every validation run).
+        Other arguments: as ``SupervisedEvaluator``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader,
+        network: nn.Module,
+        scheduler: Scheduler,
+        timesteps: Sequence[int],
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(device=device, val_data_loader=val_data_loader, network=network, decollate=False, **kwargs)
+        bad = [t for t in timesteps if not 0 <= int(t) < scheduler.num_train_timesteps]
+        if bad or not timesteps:
+            raise ValueError(
+                f"Validation timesteps {list(timesteps)} must be non-empty and in [0, {scheduler.num_train_timesteps - 1}]."
+            )
+        self.scheduler = scheduler
+        self.timesteps = [int(t) for t in timesteps]
+        self.seed = seed
+
+    def _iteration(self, engine: IDMEvaluator, batchdata: dict) -> dict:  # type: ignore[override]
+        images = to_model_range(batchdata["image"].to(engine.state.device))
+        generator = torch.Generator().manual_seed(self.seed + engine.state.iteration)
+        outputs: dict[str, list[torch.Tensor]] = {"eps_pred": [], "noise": [], "denoised": [], "image": []}
+        engine.network.eval()
+        with torch.no_grad():
+            for t in self.timesteps:
+                noise = torch.randn(images.shape, generator=generator).to(images.device)
+                timesteps = torch.full((images.shape[0],), t, device=images.device, dtype=torch.long)
+                noisy = self.scheduler.add_noise(images, noise, timesteps)
+                eps = engine.network(noisy, timesteps)
+                outputs["eps_pred"].append(eps)
+                outputs["noise"].append(noise)
+                outputs["denoised"].append((one_step_denoise(self.scheduler, noisy, eps, timesteps) + 1) / 2)
+                outputs["image"].append((images + 1) / 2)
+        engine.state.output = {k: torch.cat(v) for k, v in outputs.items()}
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

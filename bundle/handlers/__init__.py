@@ -1,0 +1,16 @@
+"""Ignite handlers: checkpoints, non-finite guard, step statistics, previews."""
+
+from .checkpoint import TrainingCheckpoint, atomic_save
+from .nonfinite import NonFiniteLossGuard
+from .previews import PreviewHandler, mid_slices
+from .step_stats import StepStatsHandler, peak_memory_bytes
+
+__all__ = [
+    "NonFiniteLossGuard",
+    "PreviewHandler",
+    "StepStatsHandler",
+    "TrainingCheckpoint",
+    "atomic_save",
+    "mid_slices",
+    "peak_memory_bytes",
+]
