@@ -7,6 +7,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from .discovery import DatasetNotFoundError, discover_cases
 from .phantoms import write_brats_phantoms
 from .preflight import preflight
@@ -41,8 +43,21 @@ def training_cases(
 
     When ``dataset_dir`` holds no dataset, ``num_phantoms`` synthetic BraTS-layout cases are written to
     ``dataset_dir/IDM_phantoms`` (once; later runs find them) and used, with a loud warning.
-    Every case passes :func:`~bundle.data.preflight.preflight` first.
+    Every case passes :func:`~bundle.data.preflight.preflight` first. Under ``torch.distributed`` rank 0
+    prepares the data while the other ranks wait, then they discover what it wrote.
     """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    leader = not distributed or torch.distributed.get_rank() == 0
+    if not leader:
+        torch.distributed.barrier()
+    try:
+        return _prepare_cases(dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms)
+    finally:
+        if distributed and leader:
+            torch.distributed.barrier()
+
+
+def _prepare_cases(dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms) -> dict[str, list[dict]]:
     try:
         records = discover_cases(dataset_dir, modalities)
     except DatasetNotFoundError as error:

@@ -35,7 +35,9 @@ class IDMTrainer(SupervisedTrainer):
 
     ``LOSS_COMPLETED`` fires before ``backward``, so a handler there (the non-finite guard) can stop
     training before a bad loss reaches the weights. The output dict holds ``image``, ``label`` (ε),
-    ``pred``, ``loss`` and ``stats`` (scalars for logging: loss terms; handlers add more).
+    ``pred``, ``loss`` and each Eq. 8 term by name (``eps_mse``, ``weight_norm``, ``reconstruction``),
+    decollated per sample after the step as MONAI trainers do (so stock handlers such as
+    ``StatsHandler`` and ``MLFlowHandler`` read ``loss`` with their defaults).
 
     Args:
         scheduler: the DDPM noise scheduler (``add_noise``).
@@ -66,7 +68,6 @@ class IDMTrainer(SupervisedTrainer):
             network=network,
             optimizer=optimizer,
             loss_function=idm_loss,
-            decollate=False,
             **kwargs,
         )
         self.scheduler = scheduler
@@ -83,9 +84,7 @@ class IDMTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         prediction, loss, terms = idm_loss(engine.network, noisy, timesteps, noise, self.lambda_rec, self.lambda_l2)
-        engine.state.output.update(
-            {Keys.PRED: prediction, Keys.LOSS: loss, "stats": {"loss": loss.item()} | {k: v.item() for k, v in terms.items()}}
-        )
+        engine.state.output.update({Keys.PRED: prediction, Keys.LOSS: loss} | {k: v.detach() for k, v in terms.items()})
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss.backward()

@@ -31,7 +31,7 @@ class NonFiniteLossGuard:
     def __call__(self, engine: Engine) -> None:
         loss = engine.state.output[Keys.LOSS]
         if not torch.isfinite(loss).all():
-            terms = engine.state.output.get("stats", {})
+            terms = {k: v.item() for k, v in engine.state.output.items() if k in ("eps_mse", "weight_norm", "reconstruction")}
             raise NonFiniteLossError(
                 f"Training stopped: the loss became {loss.item()} at epoch {engine.state.epoch}, iteration "
                 f"{engine.state.iteration} (terms: {terms}). The weights were not updated with it; the last good "

@@ -1,4 +1,4 @@
-"""Per-iteration step time, peak memory and learning rate, added to the trainer's ``stats`` output."""
+"""Per-iteration training statistics in TensorBoard: loss terms, step time, peak memory, learning rate."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["StepStatsHandler", "peak_memory_bytes"]
+__all__ = ["LOSS_TERMS", "StepStatsHandler", "peak_memory_bytes"]
+
+LOSS_TERMS = ("eps_mse", "reconstruction", "weight_norm")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -24,17 +27,23 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class StepStatsHandler:
-    """Adds ``step_seconds``, ``peak_memory_mb`` and ``lr`` to ``engine.state.output["stats"]`` after
-    each iteration (for ``StatsHandler`` / ``TensorBoardStatsHandler`` with ``output_transform`` picking
-    ``stats``). The CUDA peak is reset at each iteration start, so it is the peak of that step."""
+    """Writes, every ``interval`` iterations, ``train/step_seconds``, ``train/peak_memory_mb`` (that step's
+    CUDA peak on a GPU, the process peak RSS on the CPU), ``train/lr`` and the Eq. 8 terms found in the
+    trainer output (``train/eps_mse`` …) to TensorBoard under ``log_dir``; also keeps the latest values
+    in :attr:`latest`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, log_dir: str, interval: int = 1) -> None:
         self.optimizer = optimizer
+        self.log_dir = log_dir
+        self.interval = interval
+        self.latest: dict[str, float] = {}
         self._start = 0.0
+        self._writer: SummaryWriter | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._completed)
+        engine.add_event_handler(Events.COMPLETED, self._close)
 
     def _started(self, engine: Engine) -> None:
         if engine.state.device.type == "cuda":
@@ -44,7 +53,20 @@ class StepStatsHandler:
     def _completed(self, engine: Engine) -> None:
         if engine.state.device.type == "cuda":
             torch.cuda.synchronize(engine.state.device)
-        stats = engine.state.output.setdefault("stats", {})
-        stats["step_seconds"] = time.perf_counter() - self._start
-        stats["peak_memory_mb"] = peak_memory_bytes(engine.state.device) / 2**20
-        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        output = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
+        self.latest = {
+            "step_seconds": time.perf_counter() - self._start,
+            "peak_memory_mb": peak_memory_bytes(engine.state.device) / 2**20,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        } | {k: float(output[k]) for k in LOSS_TERMS if k in output}
+        if engine.state.iteration % self.interval:
+            return
+        if self._writer is None:
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        for name, value in self.latest.items():
+            self._writer.add_scalar(f"train/{name}", value, engine.state.iteration)
+
+    def _close(self, engine: Engine) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,149 @@
+"""Dataset discovery (BraTS, Decathlon, datalist; NIfTI and ITK formats), phantoms, preflight, split."""
+
+from __future__ import annotations
+
+import json
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bundle.data import (
+    PreflightError,
+    discover_cases,
+    make_phantom,
+    preflight,
+    preprocessing,
+    split_cases,
+    training_cases,
+    write_brats_phantoms,
+)
+from bundle.data.phantoms import brats_affine
+
+SHAPE = (24, 24, 20)
+
+
+@pytest.fixture(scope="module")
+def brats_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("brats")
+    write_brats_phantoms(root / "MICCAI_BraTS2020_TrainingData", num_cases=3, shape=SHAPE)
+    return root
+
+
+def test_brats_layout_is_found_at_any_depth(brats_dir):
+    records = discover_cases(brats_dir, ["t1", "t2"])
+    assert [r["case"] for r in records] == [f"BraTS20_Training_{i:03d}" for i in (1, 2, 3)]
+    assert records[0]["t1"].endswith("MICCAI_BraTS2020_TrainingData/BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz")
+    assert records[0]["channels"] == {"t1": None, "t2": None}
+
+
+def test_preprocessing_gives_channels_in_unit_range_and_ras(brats_dir):
+    record = discover_cases(brats_dir, ["t1", "t2"])[0]
+    image = preprocessing(["t1", "t2"], (16, 16, 16))(record)["image"]
+    assert image.shape == (2, 16, 16, 16) and image.dtype == torch.float32
+    assert image.min() == 0 and image.max() == 1
+    assert np.all(np.diag(np.asarray(image.affine))[:3] > 0)  # RAS after reorientation of an LPS-stored file
+    single = preprocessing(["t2"], (16, 16, 16))(discover_cases(brats_dir, ["t2"])[0])["image"]
+    assert single.shape == (1, 16, 16, 16)
+
+
+def test_decathlon_task01_takes_t1w_and_t2w_channels(tmp_path):
+    phantom = make_phantom(SHAPE, seed=5)
+    volume = np.stack([phantom["flair"], phantom["t1"], phantom["t1ce"], phantom["t2"]], axis=-1)
+    (tmp_path / "imagesTr").mkdir()
+    nib.save(nib.Nifti1Image(volume, brats_affine(SHAPE, 1.5)), tmp_path / "imagesTr" / "BRATS_001.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}],
+    }))
+    records = discover_cases(tmp_path, ["t1", "t2"])
+    assert records[0]["channels"] == {"t1": 1, "t2": 3}
+    image = preprocessing(["t1", "t2"], (12, 12, 12))(records[0])["image"]
+    assert image.shape == (2, 12, 12, 12)
+    # channel 0 is the T1 volume and channel 1 the T2 volume, as if read from separate files
+    for channel, modality in enumerate(["t1", "t2"]):
+        path = tmp_path / f"separate_{modality}.nii.gz"
+        nib.save(nib.Nifti1Image(phantom[modality], brats_affine(SHAPE, 1.5)), path)
+        alone = preprocessing([modality], (12, 12, 12))({"case": "x", modality: str(path), "channels": {modality: None}})
+        assert torch.allclose(image[channel], alone["image"][0], atol=1e-5)
+    with pytest.raises(ValueError, match="modality 'pd' is not among its channels"):
+        discover_cases(tmp_path, ["pd"])
+
+
+def test_datalist_json_and_itk_formats(tmp_path):
+    phantom = make_phantom(SHAPE, seed=2)
+    paths = {}
+    for modality, suffix in (("t1", ".nrrd"), ("t2", ".mha")):
+        image = itk.image_from_array(np.ascontiguousarray(phantom[modality].transpose(2, 1, 0)))
+        image.SetSpacing([1.5, 1.5, 1.5])
+        paths[modality] = str(tmp_path / f"subject_{modality}{suffix}")
+        itk.imwrite(image, paths[modality])
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [{"t1": paths["t1"], "t2": paths["t2"]}]}))
+    records = discover_cases(tmp_path, ["t1", "t2"])
+    assert records[0]["t1"] == paths["t1"] and records[0]["t2"] == paths["t2"]
+    assert preflight(records, ["t1", "t2"]) == records
+    assert preprocessing(["t1", "t2"], (8, 8, 8))(records[0])["image"].shape == (2, 8, 8, 8)
+
+
+def test_phantom_contrasts_follow_t1_and_t2_physics():
+    phantom = make_phantom((48, 48, 40), seed=1)
+    labels_seen = set(np.unique(phantom["seg"]).tolist())
+    assert labels_seen == {0, 1, 2}  # tumour core and oedema present
+    t1, t2 = phantom["t1"], phantom["t2"]
+    # rebuild tissue masks from the contrast table: CSF is dark on T1 and bright on T2
+    csf = (t2 > 0.9) & (t1 < 0.25)
+    white = (t1 > 0.72) & (t2 < 0.48)
+    assert csf.sum() > 50 and white.sum() > 50
+    assert t1[csf].mean() < t1[white].mean() and t2[csf].mean() > t2[white].mean()
+    different = make_phantom((48, 48, 40), seed=2)["seg"]
+    assert not np.array_equal(different, phantom["seg"])  # shape and position vary with the seed
+
+
+def _write(path, array):
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+
+
+def test_preflight_reports_every_bad_case_together(tmp_path):
+    write_brats_phantoms(tmp_path, num_cases=7, shape=SHAPE)
+    case = lambda i: tmp_path / f"BraTS20_Training_{i:03d}"  # noqa: E731
+    (case(1) / "BraTS20_Training_001_t2.nii.gz").unlink()  # missing
+    (case(2) / "BraTS20_Training_002_t1.nii.gz").write_bytes(b"not a nifti file")  # unreadable
+    _write(case(3) / "BraTS20_Training_003_t1.nii.gz", np.ones((24, 24), np.float32) + np.eye(24, dtype=np.float32))  # 2D
+    bad = make_phantom(SHAPE)["t1"]
+    bad[3, 3, 3] = np.nan
+    _write(case(4) / "BraTS20_Training_004_t1.nii.gz", bad)  # non-finite
+    _write(case(5) / "BraTS20_Training_005_t2.nii.gz", np.full(SHAPE, 3.0, np.float32))  # constant
+    _write(case(6) / "BraTS20_Training_006_t2.nii.gz", make_phantom((20, 24, 20))["t2"])  # shape mismatch
+    records = discover_cases(tmp_path, ["t1", "t2"])
+    with pytest.raises(PreflightError) as info:
+        preflight(records, ["t1", "t2"])
+    message = str(info.value)
+    assert "6 of 7 cases failed" in message
+    for text in ["BraTS20_Training_001_t2.nii.gz: file missing", "BraTS20_Training_002_t1.nii.gz: unreadable",
+                 "BraTS20_Training_003_t1.nii.gz: has shape (24, 24), expected a 3D volume",
+                 "BraTS20_Training_004_t1.nii.gz: contains 1 non-finite values",
+                 "BraTS20_Training_005_t2.nii.gz: is constant", "case BraTS20_Training_006: modalities differ in shape"]:
+        assert text in message, text
+    assert "skip_invalid: true" in message
+    valid = preflight(records, ["t1", "t2"], skip_invalid=True)
+    assert [r["case"] for r in valid] == ["BraTS20_Training_007"]
+
+
+def test_split_is_deterministic_and_disjoint():
+    records = [{"case": f"c{i}"} for i in range(10)]
+    train, val = split_cases(records, 0.2, seed=3)
+    assert len(val) == 2 and len(train) == 8
+    assert {r["case"] for r in train}.isdisjoint(r["case"] for r in val)
+    assert split_cases(list(reversed(records)), 0.2, seed=3) == (train, val)
+    assert split_cases(records, 0.2, seed=4) != (train, val)
+
+
+def test_empty_dataset_dir_gets_phantoms(tmp_path, caplog):
+    cases = training_cases(tmp_path / "empty", num_phantoms=3)
+    assert len(cases["train"]) == 2 and len(cases["validation"]) == 1
+    assert "SYNTHETIC PHANTOMS" in caplog.text
+    assert (tmp_path / "empty" / "IDM_phantoms" / "BraTS20_Training_003").is_dir()
+    with pytest.raises(FileExistsError, match="Refusing to overwrite"):
+        write_brats_phantoms(tmp_path / "empty" / "IDM_phantoms", num_cases=3)
