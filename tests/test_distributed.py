@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,8 +30,8 @@ def _batch():
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     model = DistributedDataParallel(_model())
     x, t, target = (v.chunk(world_size)[rank] for v in _batch())
@@ -46,7 +47,17 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    context = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    try:
+        for _ in range(300):  # at most 5 minutes; each join() raises if a worker failed
+            if context.join(timeout=1):
+                break
+        else:
+            raise TimeoutError("the two DDP workers did not finish in 5 minutes")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
     model = _model()
     x, t, target = _batch()
     (model(x, t) - target).square().mean().backward()

@@ -29,7 +29,7 @@ SMALL = {
 def run_bundle(overrides: dict, config=TRAIN, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     args = [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
     command = (launcher or [sys.executable, "-m"]) + ["monai.bundle", "run", "training", "--config_file", config, *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 

@@ -3,5 +3,6 @@
 from .engines import IDMEvaluator, IDMTrainer, one_step_denoise, to_model_range
 from .loss import idm_loss, unwrap, weight_norm
 from .noise import NoiseSampler
+from .sampling import SAMPLERS, DiffusionSampler, make_sampling_scheduler
 
-__all__ = ["IDMEvaluator", "IDMTrainer", "NoiseSampler", "idm_loss", "one_step_denoise", "to_model_range", "unwrap", "weight_norm"]
+__all__ = ["SAMPLERS", "DiffusionSampler", "make_sampling_scheduler", "IDMEvaluator", "IDMTrainer", "NoiseSampler", "idm_loss", "one_step_denoise", "to_model_range", "unwrap", "weight_norm"]

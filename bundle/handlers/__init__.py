@@ -2,7 +2,7 @@
 
 from .checkpoint import TrainingCheckpoint, atomic_save
 from .nonfinite import NonFiniteLossGuard
-from .previews import PreviewHandler, mid_slices
+from .previews import PreviewHandler
 from .step_stats import StepStatsHandler, peak_memory_bytes
 
 __all__ = [
@@ -11,6 +11,5 @@ __all__ = [
     "StepStatsHandler",
     "TrainingCheckpoint",
     "atomic_save",
-    "mid_slices",
     "peak_memory_bytes",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -36,13 +37,18 @@ class TrainingCheckpoint:
         ckpt_dir: output directory.
         network, optimizer, lr_scheduler, noise_sampler: the training objects to save and restore.
         ema: the ``AveragedModel`` of the network, or None.
+        geometry: the training volumes' geometry (:func:`bundle.data.geometry_of`), written once as
+            ``ckpt_dir/geometry.json`` so inference gives samples the same voxel grid.
     """
 
     MODEL = "model.pt"
     STATE = "training_state.pt"
 
-    def __init__(self, ckpt_dir: str, network: nn.Module, optimizer, lr_scheduler, noise_sampler, ema=None) -> None:
+    def __init__(
+        self, ckpt_dir: str, network: nn.Module, optimizer, lr_scheduler, noise_sampler, ema=None, geometry: dict | None = None
+    ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
+        self.geometry = geometry
         self.objects = {
             "network": unwrap(network),
             "optimizer": optimizer,
@@ -87,6 +93,10 @@ class TrainingCheckpoint:
         atomic_save(state, self.state_path)
         weights = self.ema.module if self.ema is not None else self.objects["network"]
         atomic_save(weights.state_dict(), self.model_path)
+        if self.geometry is not None:
+            tmp = self.ckpt_dir / f".geometry.json.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(self.geometry, indent=1))
+            os.replace(tmp, self.ckpt_dir / "geometry.json")
         logger.info("epoch %d: saved %s and %s", engine.state.epoch, self.model_path, self.state_path)
 
     def load(self, engine: Engine) -> None:

@@ -6,16 +6,21 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["PreviewHandler", "mid_slices"]
+from ..visualize import mid_slices
+
+__all__ = ["PreviewHandler"]
 
 
-def mid_slices(volume: torch.Tensor) -> torch.Tensor:
-    """The three orthogonal mid-slices of (*S) side by side, each resized to the first slice's height."""
+def _strip(volume: torch.Tensor) -> torch.Tensor:
+    """The three mid-slices of (X, Y, Z) side by side, each resized to a common height."""
     if volume.ndim == 2:
         return volume
-    slices = [volume.select(axis, volume.shape[axis] // 2) for axis in range(3)]
-    height = slices[0].shape[0]
-    resized = [torch.nn.functional.interpolate(s[None, None].float(), size=(height, s.shape[1] * height // s.shape[0]))[0, 0] for s in slices]
+    slices = mid_slices(volume)
+    height = max(s.shape[0] for s in slices)
+    resized = [
+        torch.nn.functional.interpolate(s[None, None].float(), size=(height, max(1, s.shape[1] * height // s.shape[0])))[0, 0]
+        for s in slices
+    ]
     return torch.cat(resized, dim=1)
 
 
@@ -49,7 +54,7 @@ class PreviewHandler:
             for channel in range(output["image"].shape[1]):
                 rows.append(
                     torch.cat(
-                        [mid_slices(output[key][sample, channel].detach().cpu()) for key in ("image", "denoised")], 1
+                        [_strip(output[key][sample, channel].detach().cpu()) for key in ("image", "denoised")], 1
                     )
                 )
         grid = torch.cat(rows, 0).clamp(0, 1)

@@ -1,0 +1,88 @@
+"""Sampling: a MONAI ``Inferer`` that turns noise into images with the full DDPM chain or DDIM."""
+
+from __future__ import annotations
+
+import torch
+from monai.inferers import DiffusionInferer, Inferer
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from torch import nn
+
+from ..errors import BadInputError
+
+__all__ = ["SAMPLERS", "make_sampling_scheduler", "DiffusionSampler"]
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def make_sampling_scheduler(sampler: str, num_train_timesteps: int, num_inference_steps: int = 50) -> Scheduler:
+    """The cosine-schedule scheduler of ``sampler``: DDPM over all ``num_train_timesteps`` steps (the paper),
+    or DDIM (η = 0) over ``num_inference_steps`` evenly spaced ones.
+
+    Raises:
+        BadInputError: for an unknown sampler or ``num_inference_steps`` outside [1, num_train_timesteps].
+    """
+    if sampler not in SAMPLERS:
+        raise BadInputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    if num_train_timesteps < 1:
+        raise BadInputError(f"num_train_timesteps must be ≥ 1, got {num_train_timesteps}.")
+    if sampler == "ddpm":
+        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule="cosine")
+        scheduler.set_timesteps(num_train_timesteps)
+        return scheduler
+    if not 1 <= int(num_inference_steps) <= num_train_timesteps:
+        raise BadInputError(
+            f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps} for DDIM, "
+            f"got {num_inference_steps}."
+        )
+    scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule="cosine")
+    scheduler.set_timesteps(int(num_inference_steps))
+    return scheduler
+
+
+class DiffusionSampler(Inferer):
+    """``sampler(inputs, network)`` → images (B, C, *S) in [0, 1], with ``inputs`` only a shape reference.
+
+    Draws x_T ~ N(0, I) of ``inputs``' shape from a generator seeded with ``seed`` plus the call count
+    (so consecutive batches differ and a rerun repeats them), then runs MONAI's
+    ``DiffusionInferer.sample`` loop with the scheduler of ``sampler`` and a progress bar over steps;
+    the result, in the model's [−1, 1], is mapped to [0, 1].
+
+    Args:
+        num_train_timesteps: T of the trained model.
+        sampler: ``"ddpm"`` (all T steps) or ``"ddim"``.
+        num_inference_steps: DDIM steps (1…T).
+        seed: seed of the first batch.
+        progress: show a progress bar over the steps.
+        num_channels: channels to generate; default: those of ``inputs`` (set it when the reference
+            input is, e.g., a one-channel image given by MONAI Label).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 2000,
+        sampler: str = "ddpm",
+        num_inference_steps: int = 50,
+        seed: int = 0,
+        progress: bool = True,
+        num_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.scheduler = make_sampling_scheduler(sampler, num_train_timesteps, num_inference_steps)
+        self.seed = seed
+        self.progress = progress
+        self.calls = 0
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        seed = self.seed + self.calls
+        self.calls += 1
+        generator = torch.Generator().manual_seed(seed)
+        shape = (inputs.shape[0], self.num_channels or inputs.shape[1], *inputs.shape[2:])
+        noise = torch.randn(shape, generator=generator).to(inputs.device)
+        torch.manual_seed(seed)  # the DDPM step noise comes from the global generator
+        was_training = network.training
+        network.eval()
+        with torch.no_grad():
+            images = DiffusionInferer(self.scheduler).sample(noise, network, self.scheduler, verbose=self.progress)
+        network.train(was_training)
+        return ((images + 1) / 2).clamp(0, 1)

@@ -1,0 +1,105 @@
+"""Generation: checkpoint → N synthetic volumes, one NIfTI per modality plus a mid-slice PNG per sample."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import Inferer
+from torch import nn
+
+from .errors import BadInputError
+from .visualize import save_mid_slices_png
+
+__all__ = ["load_checkpoint", "sample_paths", "generate"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_checkpoint(network: nn.Module, ckpt_path: str | Path) -> nn.Module:
+    """Loads a ``model.pt`` state dict into ``network``; a missing file or a checkpoint of another
+    architecture raises :class:`BadInputError` naming what differs."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise BadInputError(
+            f"Checkpoint {str(path)!r} does not exist. Pass --ckpt_path with the model.pt that training wrote "
+            "(in its ckpt_dir)."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise BadInputError(f"Checkpoint {str(path)!r} is not a readable PyTorch state dict ({error}).") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInputError(f"Checkpoint {str(path)!r} is not a state dict of tensors (is it training_state.pt? use model.pt).")
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        details = "; ".join(
+            part for part in (
+                f"{len(missing)} weights missing (e.g. {missing[:3]})" if missing else "",
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else "",
+            ) if part
+        )
+        raise BadInputError(
+            f"Checkpoint {str(path)!r} does not match network_def: {details}. Use the same network_def "
+            "overrides (channels, num_blocks, attention_levels, modalities) as the training run."
+        )
+    network.load_state_dict(state)
+    return network
+
+
+def sample_paths(output_dir: str | Path, num_samples: int, modalities: Sequence[str]) -> list[dict[str, Path]]:
+    """``[{modality: …/sample_000_<modality>.nii.gz, "png": …/sample_000.png}, …]``."""
+    out = Path(output_dir)
+    return [
+        {m: out / f"sample_{i:03d}_{m}.nii.gz" for m in modalities} | {"png": out / f"sample_{i:03d}.png"}
+        for i in range(num_samples)
+    ]
+
+
+def generate(
+    network: nn.Module,
+    inferer: Inferer,
+    ckpt_path: str | Path,
+    output_dir: str | Path,
+    num_samples: int,
+    batch_size: int,
+    modalities: Sequence[str],
+    geometry: dict,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+) -> list[dict[str, Path]]:
+    """Samples ``num_samples`` volumes in batches and writes them (values in [0, 1], the training voxel
+    grid ``geometry["affine"]``). Every input is checked before sampling starts; existing outputs are
+    refused unless ``overwrite``."""
+    if num_samples < 1 or batch_size < 1:
+        raise BadInputError(f"num_samples and batch_size must be ≥ 1, got {num_samples} and {batch_size}.")
+    paths = sample_paths(output_dir, num_samples, modalities)
+    existing = [str(p) for entry in paths for p in entry.values() if p.exists()]
+    if existing and not overwrite:
+        raise BadInputError(
+            f"{len(existing)} output files already exist (e.g. {existing[0]}); pass --overwrite true to replace "
+            "them or choose another --output_dir."
+        )
+    load_checkpoint(network, ckpt_path).to(device)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    affine = np.asarray(geometry["affine"], dtype=float)
+    shape = (len(modalities), *geometry["spatial_size"])
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        samples = inferer(torch.zeros((count, *shape), device=device), network).cpu()
+        for offset, sample in enumerate(samples):
+            entry = paths[start + offset]
+            for channel, modality in enumerate(modalities):
+                nib.save(nib.Nifti1Image(sample[channel].numpy().astype(np.float32), affine), entry[modality])
+            save_mid_slices_png(sample, modalities, entry["png"])
+        logger.info("wrote samples %d–%d of %d to %s", start, start + count - 1, num_samples, output_dir)
+    return paths

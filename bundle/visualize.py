@@ -1,0 +1,36 @@
+"""Mid-slice views of volumes: TensorBoard previews and the PNG written with each generated sample."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["mid_slices", "save_mid_slices_png"]
+
+VIEWS = ("sagittal", "coronal", "axial")
+
+
+def mid_slices(volume: torch.Tensor) -> list[torch.Tensor]:
+    """The three orthogonal mid-slices of a (X, Y, Z) volume (RAS: sagittal, coronal, axial), each
+    transposed so the second axis runs left to right on screen."""
+    return [volume.select(axis, volume.shape[axis] // 2).T.flip(0) for axis in range(3)]
+
+
+def save_mid_slices_png(volume: torch.Tensor, names: Sequence[str], path: str | Path) -> None:
+    """A figure with one row per channel of ``volume`` (C, X, Y, Z) and its three mid-slices, grey scale [0, 1]."""
+    volume = volume.detach().float().cpu()
+    fig, axes = plt.subplots(volume.shape[0], 3, figsize=(7.5, 2.6 * volume.shape[0]), squeeze=False)
+    for row, name in enumerate(names):
+        for col, (view, image) in enumerate(zip(VIEWS, mid_slices(volume[row]))):
+            axes[row][col].imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[row][col].set_axis_off()
+            axes[row][col].set_title(f"{name} {view}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
