@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bundle(
+    config: str, overrides: dict, run_id: str = "run", launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run RUN_ID --config_file CONFIG --key value …`` from the bundle root,
+    as a user types it (``launcher`` replaces ``python -m``, e.g. for torchrun)."""
+    args = [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+    command = (launcher or [sys.executable, "-m"]) + ["monai.bundle", "run", run_id, "--config_file", config, *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
 def redraw_zero_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import redraw_zero_init_
+from conftest import ROOT, redraw_zero_init_, run_bundle
 from monai.bundle import ConfigParser
 from monai.metrics import MultiScaleSSIMMetric
 
 from bundle.data import write_brats_phantoms
 from bundle.evaluation import ms_ssim_settings
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = "['configs/train.json','configs/evaluate.json']"
 CLI = {
     "spatial_size": "[16,16,16]",
@@ -31,11 +27,7 @@ CLI = {
 
 
 def evaluate(overrides: dict) -> subprocess.CompletedProcess:
-    args = [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
-    return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", CONFIGS, *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return run_bundle(CONFIGS, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +77,24 @@ def test_ms_ssim_settings_fit_the_volume(size, kernel, scales):
     volume = torch.rand(1, 1, size, size, size)
     value = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, **settings)(volume, volume)
     assert torch.allclose(value, torch.ones_like(value), atol=1e-5)
+
+
+class _Features(torch.nn.Module):
+    """A stand-in feature extractor: mean, spread and gradient energy of each volume."""
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        flat = volume.flatten(1)
+        gradient = (volume[..., 1:] - volume[..., :-1]).flatten(1)
+        return torch.stack([flat.mean(1), flat.std(1), gradient.abs().mean(1)], dim=1)
+
+
+def test_fid_with_a_user_feature_extractor(setup, tmp_path):
+    torch.jit.script(_Features()).save(str(tmp_path / "features.ts"))
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "O",
+                             "feature_extractor": tmp_path / "features.ts"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    fid = json.loads((tmp_path / "O" / "metrics.json").read_text())["generation"]["fid"]
+    assert isinstance(fid, float) and fid >= 0
+    missing = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "P",
+                              "feature_extractor": tmp_path / "none.ts"})
+    assert missing.returncode == 1 and "feature_extractor" in missing.stderr

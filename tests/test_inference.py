@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_bundle
 from monai.bundle import ConfigParser
 
-ROOT = Path(__file__).resolve().parents[1]
 NETWORK = {"network_def#channels": [8, 16, 32], "network_def#attention_levels": [False, True, True]}
 CLI = {
     "spatial_size": "[16,16,16]",
@@ -28,11 +26,7 @@ AFFINE = [[-2.0, 0, 0, 10.0], [0, 2.0, 0, -5.0], [0, 0, 2.5, 3.0], [0, 0, 0, 1.0
 
 
 def infer(overrides: dict) -> subprocess.CompletedProcess:
-    args = [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
-    return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return run_bundle("configs/inference.json", overrides)
 
 
 def network_from_config(config: str = "configs/inference.json", **overrides) -> torch.nn.Module:

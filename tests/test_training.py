@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import socket
 import subprocess
 import sys
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_bundle
 from monai.bundle import ConfigParser
 
 from bundle.data import write_brats_phantoms
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = "configs/train.json"
 SMALL = {
     "spatial_size": "[16,16,16]",
@@ -26,11 +26,8 @@ SMALL = {
 }
 
 
-def run_bundle(overrides: dict, config=TRAIN, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    args = [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
-    command = (launcher or [sys.executable, "-m"]) + ["monai.bundle", "run", "training", "--config_file", config, *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+def train(overrides: dict, config: str = TRAIN, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    return run_bundle(config, overrides, "training", launcher)
 
 
 def load_network(overrides: dict, weights: Path) -> torch.nn.Module:
@@ -58,7 +55,7 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
         "network_def#attention_levels": "[false,true,true]", "num_train_timesteps": "100",
         "batch_size": "2", "train#trainer#max_epochs": "2",
     }
-    result = run_bundle(overrides)
+    result = train(overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     network = load_network(overrides, tmp_path / "C" / "model.pt")
     assert network.trunk.channels == (16, 32, 64) and network.trunk.attention_levels == (False, True, True)
@@ -66,10 +63,13 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
         assert network(torch.rand(1, 2, 32, 32, 32), torch.tensor([10])).shape == (1, 2, 32, 32, 32)
     assert "val_eps_mse" in result.stdout + result.stderr
     assert any((tmp_path / "R").glob("events.out.tfevents.*"))
+    geometry = json.loads((tmp_path / "C" / "geometry.json").read_text())
+    assert geometry["spatial_size"] == [32, 32, 32] and geometry["modalities"] == ["t1", "t2"]
+    assert len(geometry["affine"]) == 4 and geometry["affine"][0][0] > 0  # RAS voxel grid of the training volumes
 
 
 def test_empty_dataset_dir_trains_on_phantoms(tmp_path):
-    result = run_bundle(SMALL | {"dataset_dir": tmp_path / "D", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
+    result = train(SMALL | {"dataset_dir": tmp_path / "D", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
                                  "num_phantoms": 3, "train#trainer#max_epochs": 1})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SYNTHETIC PHANTOMS" in result.stdout + result.stderr
@@ -80,12 +80,12 @@ def test_bad_cases_stop_training_before_it_starts(six_cases, tmp_path):
     data = tmp_path / "D"
     write_brats_phantoms(data, num_cases=3, shape=(24, 24, 20))
     (data / "BraTS20_Training_002" / "BraTS20_Training_002_t2.nii.gz").unlink()
-    result = run_bundle(SMALL | {"dataset_dir": data, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"})
+    result = train(SMALL | {"dataset_dir": data, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"})
     assert result.returncode != 0
     assert "BraTS20_Training_002_t2.nii.gz: file missing" in result.stderr
     assert "skip_invalid" in result.stderr
     assert not (tmp_path / "C").exists()
-    result = run_bundle(SMALL | {"dataset_dir": data, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
+    result = train(SMALL | {"dataset_dir": data, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
                                  "skip_invalid": "true", "train#trainer#max_epochs": 1})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training on the 2 valid cases" in result.stdout + result.stderr
@@ -97,13 +97,13 @@ def _state(path: Path) -> dict:
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(six_cases, tmp_path):
     common = SMALL | {"dataset_dir": six_cases, "lr_scheduler#T_max": 2}
-    whole = run_bundle(common | {"ckpt_dir": tmp_path / "A", "output_dir": tmp_path / "RA", "train#trainer#max_epochs": 2})
+    whole = train(common | {"ckpt_dir": tmp_path / "A", "output_dir": tmp_path / "RA", "train#trainer#max_epochs": 2})
     assert whole.returncode == 0, whole.stderr[-3000:]
     # the interrupted run: stops after epoch 1 (as if killed then), same schedule (T_max = 2)
-    first = run_bundle(common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 1})
+    first = train(common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 1})
     assert first.returncode == 0, first.stderr[-3000:]
     assert _state(tmp_path / "B" / "training_state.pt")["trainer"]["epoch"] == 1
-    resumed = run_bundle(common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 2,
+    resumed = train(common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 2,
                                    "resume": "true"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _state(tmp_path / "A" / "training_state.pt"), _state(tmp_path / "B" / "training_state.pt")
@@ -117,20 +117,20 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(six_cases, tmp_path)
 
 def test_existing_checkpoints_are_not_overwritten_and_resume_needs_one(six_cases, tmp_path):
     base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"}
-    missing = run_bundle(base | {"resume": "true"})
+    missing = train(base | {"resume": "true"})
     assert missing.returncode == 1 and "no training_state.pt" in missing.stderr
-    assert run_bundle(base | {"train#trainer#max_epochs": 1}).returncode == 0
+    assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()}
-    again = run_bundle(base | {"train#trainer#max_epochs": 1})
+    again = train(base | {"train#trainer#max_epochs": 1})
     assert again.returncode == 1 and "--resume true" in again.stderr and "--overwrite true" in again.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(six_cases, tmp_path):
     base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"}
-    assert run_bundle(base | {"train#trainer#max_epochs": 1}).returncode == 0
+    assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()}
-    result = run_bundle(base | {"train#trainer#max_epochs": 2, "resume": "true", "lambda_l2": "$float('inf')"})
+    result = train(base | {"train#trainer#max_epochs": 2, "resume": "true", "lambda_l2": "$float('inf')"})
     assert result.returncode == 1
     assert "the loss became inf at epoch 2" in result.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
@@ -146,7 +146,7 @@ def test_two_process_distributed_training(six_cases, tmp_path):
     overrides = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
                          "train#trainer#max_epochs": 1}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m"]
-    result = run_bundle(overrides, config="['configs/train.json','configs/multi_gpu_train.json']", launcher=launcher)
+    result = train(overrides, config="['configs/train.json','configs/multi_gpu_train.json']", launcher=launcher)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     network = load_network(overrides, tmp_path / "C" / "model.pt")
     assert isinstance(network, torch.nn.Module)

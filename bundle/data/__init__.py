@@ -1,8 +1,8 @@
 """Dataset discovery, preprocessing, synthetic phantoms and preflight checks."""
 
 from .dataset import PHANTOM_FOLDER, split_cases, training_cases
-from .geometry import GEOMETRY_FILE, default_affine, geometry_of, load_geometry
 from .discovery import DatasetNotFoundError, discover_cases
+from .geometry import GEOMETRY_FILE, default_affine, geometry_of, load_geometry
 from .phantoms import make_phantom, write_brats_phantoms
 from .preflight import PreflightError, check_case, preflight
 from .transforms import SelectChanneld, foreground, preprocessing

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.transforms import LoadImage
 
 from ..errors import BadInputError
-from monai.transforms import LoadImage
 
 __all__ = ["PreflightError", "check_case", "preflight"]
 

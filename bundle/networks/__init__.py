@@ -2,7 +2,15 @@
 
 from .attention import InvertibleAttention, checkerboard_indices
 from .coupling import AdditiveCoupling, CouplingFunction, HalfCoupling
-from .engine import CouplingLayer, InverseOf, InvertibleChain, InvertibleModule, InvertibleSequence, InvertibleStep, OnTensor
+from .engine import (
+    CouplingLayer,
+    InverseOf,
+    InvertibleChain,
+    InvertibleModule,
+    InvertibleSequence,
+    InvertibleStep,
+    OnTensor,
+)
 from .idm import InvertibleDiffusionUNet
 from .invertible_unet import InvertibleUNet, SkipSplit, skip_channels
 from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling, haar_matrix, skew_exp
