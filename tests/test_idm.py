@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import redraw_zero_init_, relative_error
@@ -106,3 +108,21 @@ def test_paper_configuration_builds_on_the_meta_device():
     assert model.trunk.channels == (64, 128, 256, 512, 1024, 2048)
     assert model.trunk.attention_levels == (False, False, False, False, True, True)
     assert 300e6 < count_parameters(model) < 500e6
+
+
+def test_checkpointed_monai_baseline_matches_plain_autograd_and_stores_less():
+    from bundle.measure import CheckpointedBlock, enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    plain, _ = matched_monai_unet(400_000, 3, 2, 2, (False, True, True))
+    checkpointed = enable_activation_checkpointing(copy.deepcopy(plain))
+    assert any(isinstance(m, CheckpointedBlock) for m in checkpointed.modules())
+    x, t = torch.randn(1, 2, 16, 16, 16), torch.tensor([40])
+    grads = [torch.autograd.grad(m(x, t).square().mean(), list(m.parameters())) for m in (plain, checkpointed)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+    assert _stored(checkpointed, x, t) < 0.5 * _stored(plain, x, t)
+
+
+def _stored(model, x, t):
+    return saved_activation_bytes(lambda: model(x, t).square().mean(), model)

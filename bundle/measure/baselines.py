@@ -6,10 +6,37 @@ import itertools
 from collections.abc import Sequence
 
 import torch
+from monai.networks.blocks.spatialattention import SpatialAttentionBlock
 from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["count_parameters", "matched_monai_unet"]
+__all__ = ["CheckpointedBlock", "count_parameters", "enable_activation_checkpointing", "matched_monai_unet"]
+
+
+class CheckpointedBlock(nn.Module):
+    """Runs ``block`` under ``torch.utils.checkpoint`` (non-reentrant): its activations are recomputed in
+    backward instead of stored. Same parameters, same results as ``block``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.block(*args, **kwargs)
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+
+def enable_activation_checkpointing(model: DiffusionModelUNet) -> DiffusionModelUNet:
+    """Wraps every residual and spatial-attention block of a MONAI ``DiffusionModelUNet`` in
+    :class:`CheckpointedBlock`, in place (the standard activation-checkpointing baseline)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (DiffusionUNetResnetBlock, SpatialAttentionBlock)):
+                setattr(parent, name, CheckpointedBlock(child))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,21 +10,22 @@ from torch import nn
 
 from bundle.networks import InvertibleDiffusionUNet
 
-from .baselines import count_parameters, matched_monai_unet
+from .baselines import count_parameters, enable_activation_checkpointing, matched_monai_unet
 
 __all__ = ["NETWORKS", "Workload", "build_network", "make_training_step"]
 
-NETWORKS = ("idm", "idm_plain", "monai")
+NETWORKS = ("idm", "idm_plain", "monai", "monai_checkpointed")
 
 
 @dataclass(frozen=True)
 class Workload:
     """A network and a training-step shape.
 
-    ``network``: ``"idm"`` (memory-efficient), ``"idm_plain"`` (same network, plain autograd) or
+    ``network``: ``"idm"`` (memory-efficient), ``"idm_plain"`` (same network, plain autograd),
     ``"monai"`` (MONAI ``DiffusionModelUNet`` matched to the IDM's parameter count, see
-    :func:`~bundle.measure.baselines.matched_monai_unet`). The IDM fields describe the IDM that the
-    baseline is matched to.
+    :func:`~bundle.measure.baselines.matched_monai_unet`) or ``"monai_checkpointed"`` (the same with
+    activation checkpointing on its blocks). The IDM fields describe the IDM that the baselines are
+    matched to.
     """
 
     network: str
@@ -57,13 +58,14 @@ def build_network(workload: Workload) -> nn.Module:
     """The network of ``workload``, seeded by ``workload.seed``."""
     if workload.network not in NETWORKS:
         raise ValueError(f"Unknown network {workload.network!r}; choose one of {NETWORKS}.")
-    if workload.network == "monai":
+    if workload.network.startswith("monai"):
         with torch.device("meta"):
             target = count_parameters(_idm(workload, True))
         torch.manual_seed(workload.seed)
-        return matched_monai_unet(
+        baseline = matched_monai_unet(
             target, workload.spatial_dims, workload.in_channels, workload.in_channels, workload.attention_levels
         )[0]
+        return enable_activation_checkpointing(baseline) if workload.network == "monai_checkpointed" else baseline
     torch.manual_seed(workload.seed)
     return _idm(workload, workload.network == "idm")
 
