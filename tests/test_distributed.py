@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -29,9 +28,13 @@ def _batch():
     return x, t, target
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+def _worker(rank: int, world_size: int, out_dir: str) -> None:
+    # a file store: no rank hosts a TCP store that the other could still be talking to when it exits
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world_size,
+        timeout=timedelta(seconds=120),
+    )
     torch.set_num_threads(1)
     model = DistributedDataParallel(_model())
     x, t, target = (v.chunk(world_size)[rank] for v in _batch())
@@ -40,14 +43,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path):
-    context = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    context = mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
     try:
         for _ in range(300):  # at most 5 minutes; each join() raises if a worker failed
             if context.join(timeout=1):
