@@ -82,8 +82,9 @@ def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
             channel_of[m] = by_name[name]
     records = []
     for i, item in enumerate(items):
-        case = Path(str(item.get("image", f"case_{i}"))).name if not isinstance(item.get("image"), list) else f"case_{i:03d}"
-        record = {"case": _strip_suffix(case) or case, "channels": {m: channel_of.get(m) for m in modalities}}
+        image = item.get("image")
+        name = Path(image).name if isinstance(image, str) else f"case_{i:03d}"
+        record = {"case": _strip_suffix(name) or name, "channels": {m: channel_of.get(m) for m in modalities}}
         if all(m in item for m in modalities):
             record.update({m: item[m] for m in modalities})
         elif isinstance(item.get("image"), str) and channel_of:
