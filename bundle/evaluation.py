@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from monai.metrics import FIDMetric, MAEMetric, MMDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
-from monai.networks.schedulers import DDIMScheduler, Scheduler
+from monai.networks.schedulers import Scheduler
 from torch import nn
 from tqdm import tqdm
 
 from .diffusion.engines import one_step_denoise, to_model_range
+from .diffusion.sampling import make_sampling_scheduler
 from .errors import BadInputError
 from .inference import load_checkpoint
 
@@ -28,8 +29,7 @@ def reconstruct_from(network: nn.Module, noisy: torch.Tensor, t_start: int, num_
                      num_inference_steps: int) -> torch.Tensor:
     """Runs the DDIM chain (cosine schedule, η = 0) from ``x_t`` at ``t_start`` down to x₀ (in [−1, 1]),
     on the steps of a ``num_inference_steps`` grid that lie at or below ``t_start``."""
-    scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule="cosine")
-    scheduler.set_timesteps(num_inference_steps)
+    scheduler = make_sampling_scheduler("ddim", num_train_timesteps, num_inference_steps)
     x = noisy
     for t in [int(t) for t in scheduler.timesteps if int(t) <= t_start]:
         x, _ = scheduler.step(network(x, torch.full((x.shape[0],), t, device=x.device)), t, x)

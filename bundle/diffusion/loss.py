@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["unwrap", "weight_norm", "idm_loss"]
+__all__ = ["LOSS_TERMS", "unwrap", "weight_norm", "idm_loss"]
+
+# names of the Eq. 8 terms that idm_loss reports (the λ-weighted ones only when their λ > 0)
+LOSS_TERMS = ("eps_mse", "reconstruction", "weight_norm")
 
 
 def unwrap(network: nn.Module) -> nn.Module:

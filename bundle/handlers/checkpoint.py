@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,12 +20,17 @@ __all__ = ["TrainingCheckpoint", "atomic_save"]
 logger = logging.getLogger(__name__)
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a killed process never leaves a
-    half-written ``path`` (the previous one stays intact)."""
+def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``: a killed process never
+    leaves a half-written ``path`` (the previous one stays intact)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """``torch.save`` with :func:`_replace_atomically`."""
+    _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 class TrainingCheckpoint:
@@ -94,9 +100,8 @@ class TrainingCheckpoint:
         weights = self.ema.module if self.ema is not None else self.objects["network"]
         atomic_save(weights.state_dict(), self.model_path)
         if self.geometry is not None:
-            tmp = self.ckpt_dir / f".geometry.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(self.geometry, indent=1))
-            os.replace(tmp, self.ckpt_dir / "geometry.json")
+            text = json.dumps(self.geometry, indent=1)
+            _replace_atomically(self.ckpt_dir / "geometry.json", lambda tmp: tmp.write_text(text))
         logger.info("epoch %d: saved %s and %s", engine.state.epoch, self.model_path, self.state_path)
 
     def load(self, engine: Engine) -> None:

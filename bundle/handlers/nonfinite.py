@@ -7,6 +7,7 @@ from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from ..diffusion.loss import LOSS_TERMS
 from ..errors import NonFiniteLossError
 
 __all__ = ["NonFiniteLossGuard"]
@@ -31,7 +32,7 @@ class NonFiniteLossGuard:
     def __call__(self, engine: Engine) -> None:
         loss = engine.state.output[Keys.LOSS]
         if not torch.isfinite(loss).all():
-            terms = {k: v.item() for k, v in engine.state.output.items() if k in ("eps_mse", "weight_norm", "reconstruction")}
+            terms = {k: engine.state.output[k].item() for k in LOSS_TERMS if k in engine.state.output}
             raise NonFiniteLossError(
                 f"Training stopped: the loss became {loss.item()} at epoch {engine.state.epoch}, iteration "
                 f"{engine.state.iteration} (terms: {terms}). The weights were not updated with it; the last good "

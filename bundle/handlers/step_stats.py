@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["LOSS_TERMS", "StepStatsHandler", "peak_memory_bytes"]
+from ..diffusion.loss import LOSS_TERMS
+from ..process_memory import proc_status_bytes
 
-LOSS_TERMS = ("eps_mse", "reconstruction", "weight_norm")
+__all__ = ["StepStatsHandler", "peak_memory_bytes"]
 
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated CUDA memory on a GPU; the process's peak RSS (``VmHWM``) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_status_bytes("VmHWM") or 0
 
 
 class StepStatsHandler:

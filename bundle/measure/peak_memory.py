@@ -19,18 +19,12 @@ from pathlib import Path
 
 import torch
 
+from ..process_memory import proc_status_bytes
 from .workload import Workload, build_network, make_training_step
 
 __all__ = ["measure_peak_in_subprocess"]
 
 _ROOT = Path(__file__).resolve().parents[2]
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure_peak_in_subprocess(workload: Workload, timeout: float = 1800) -> dict:
@@ -61,10 +55,10 @@ def _measure(workload: Workload, device: torch.device) -> dict:
         torch.cuda.synchronize()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - baseline, "baseline_bytes": baseline, "device": "cuda"}
     step()
-    baseline = _status_kib("VmRSS") * 1024
+    baseline = proc_status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     step()
-    return {"peak_bytes": _status_kib("VmHWM") * 1024 - baseline, "baseline_bytes": baseline, "device": "cpu"}
+    return {"peak_bytes": proc_status_bytes("VmHWM") - baseline, "baseline_bytes": baseline, "device": "cpu"}
 
 
 if __name__ == "__main__":
