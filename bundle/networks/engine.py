@@ -15,9 +15,11 @@ couplings and the invertible attention) override it to evaluate their expensive 
 once, with autograd, and use it both to invert and to differentiate. A training step then costs one
 forward, one reconstruction and one backward: about 4/3 of plain autograd.
 
-Parameters are passed to the autograd function as inputs and their gradients are returned from its
-``backward``, so they reach ``.grad`` through ordinary ``AccumulateGrad`` nodes and the hooks of
-``DistributedDataParallel`` fire as with any module. ``memory_efficient=False`` runs the same steps
+Each step is its own autograd function whose inputs are the state, the condition and the step's
+parameters; only the last step saves its output, and each step's backward hands the state it rebuilt
+to the step before it. Parameter gradients are returned step by step, so they reach ``.grad`` through
+ordinary ``AccumulateGrad`` nodes as soon as their step is reversed (no more than one step's gradients
+are in flight, whatever the depth) and the hooks of ``DistributedDataParallel`` fire as with any module. ``memory_efficient=False`` runs the same steps
 under plain autograd: it is the reference the gradient tests compare against.
 """
 
@@ -244,43 +246,53 @@ def _run(steps: Sequence[InvertibleStep], state: State, cond: torch.Tensor | Non
     return state
 
 
-class _ReconstructingFunction(torch.autograd.Function):
-    """Runs ``steps`` without storing activations; rebuilds them through the inverse in backward."""
+class _Relay:
+    """Carries the state rebuilt by one step's backward to the backward of the step before it, so that
+    no step but the last stores its output."""
+
+    def __init__(self) -> None:
+        self.state: State | None = None
+
+
+class _ReconstructingStep(torch.autograd.Function):
+    """One step of a memory-efficient sequence: runs it without storing activations and, in backward,
+    rebuilds its input from its output (handed over by the next step through the relay; the last step
+    saves its output) and returns the gradients of its input state, the condition and its parameters.
+
+    One function per step means each step's parameter gradients are handed to ``AccumulateGrad`` as soon
+    as that step is reversed: the backward pass never holds more than one step's parameter gradients.
+    """
 
     @staticmethod
-    def forward(ctx, steps, reverse, params_per_step, cond, num_state, *tensors):  # type: ignore[override]
+    def forward(ctx, step, reverse, relay, is_last, cond, num_state, *tensors):  # type: ignore[override]
         with torch.no_grad():
-            out = _run(steps, tensors[:num_state], cond, reverse)
-        ctx.steps, ctx.reverse, ctx.params_per_step = steps, reverse, params_per_step
-        ctx.num_params = len(tensors) - num_state
+            state = tensors[:num_state]
+            out = step.inverse(state, cond) if reverse else step(state, cond)
+        ctx.step, ctx.reverse, ctx.relay, ctx.is_last = step, reverse, relay, is_last
         ctx.cond_needs_grad = cond is not None and cond.requires_grad
-        ctx.save_for_backward(cond, *out)
+        ctx.save_for_backward(cond, *(out if is_last else ()))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_out):  # type: ignore[override]
         cond, *out = ctx.saved_tensors
-        state: State = tuple(t.detach() for t in out)
-        grads: State = tuple(grad_out)
+        state, ctx.relay.state = (tuple(t.detach() for t in out) if ctx.is_last else ctx.relay.state), None
+        if state is None:
+            raise RuntimeError(
+                "A memory-efficient InvertibleSequence was back-propagated from an intermediate step; "
+                "gradients must flow from the sequence's output."
+            )
         cond_in = None if cond is None else cond.detach().requires_grad_(ctx.cond_needs_grad)
-        cond_grad = torch.zeros_like(cond) if ctx.cond_needs_grad else None
-        param_grads: dict[int, torch.Tensor] = {}
-        order = range(len(ctx.steps)) if ctx.reverse else reversed(range(len(ctx.steps)))
-        for k in order:
-            step, indices = ctx.steps[k], ctx.params_per_step[k]
-            if ctx.reverse:  # the step ran as its inverse: rebuild by applying it forward
-                state, grads, g_cond, g_params = recompute_reverse(
-                    step.inverse, step.forward, _trainable(step), state, grads, cond_in
-                )
-            else:
-                state, grads, g_cond, g_params = step.reverse(state, grads, cond_in)
-            if g_cond is not None:
-                cond_grad += g_cond
-            for index, g in zip(indices, g_params):
-                if g is not None:
-                    param_grads[index] = g if index not in param_grads else param_grads[index] + g
-        return (None, None, None, cond_grad, None, *grads, *(param_grads.get(i) for i in range(ctx.num_params)))
+        step = ctx.step
+        if ctx.reverse:  # the step ran as its inverse: rebuild by applying it forward
+            state, grads, grad_cond, grad_params = recompute_reverse(
+                step.inverse, step.forward, _trainable(step), state, tuple(grad_out), cond_in
+            )
+        else:
+            state, grads, grad_cond, grad_params = step.reverse(state, tuple(grad_out), cond_in)
+        ctx.relay.state = state
+        return (None, None, None, None, grad_cond, None, *grads, *grad_params)
 
 
 class InvertibleSequence(nn.Module):
@@ -312,6 +324,9 @@ class InvertibleSequence(nn.Module):
         )
         if not (self.memory_efficient and needs_graph):
             return _run(steps, state, cond, reverse)
-        index = {id(p): i for i, p in enumerate(params)}
-        params_per_step = [[index[id(p)] for p in _trainable(step)] for step in steps]
-        return _ReconstructingFunction.apply(steps, reverse, params_per_step, cond, len(state), *state, *params)
+        relay, last = _Relay(), len(steps) - 1
+        for position, step in enumerate(reversed(steps) if reverse else steps):
+            state = _ReconstructingStep.apply(
+                step, reverse, relay, position == last, cond, len(state), *state, *_trainable(step)
+            )
+        return state
