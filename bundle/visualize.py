@@ -1,4 +1,5 @@
-"""Mid-slice views of volumes: TensorBoard previews and the PNG written with each generated sample."""
+"""Mid-slice views of volumes (TensorBoard previews, the PNG written with each generated sample) and the
+scalars of TensorBoard event files (training curves)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from pathlib import Path
 
 import matplotlib
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["mid_slices", "save_mid_slices_png"]
+__all__ = ["mid_slices", "read_scalars", "save_mid_slices_png"]
 
 VIEWS = ("sagittal", "coronal", "axial")
 
@@ -34,3 +36,15 @@ def save_mid_slices_png(volume: torch.Tensor, names: Sequence[str], path: str | 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def read_scalars(log_dir: str | Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), …]}`` over every event file under ``log_dir`` (later files win per step)."""
+    found: dict[str, dict[int, float]] = {tag: {} for tag in tags}
+    for events in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in tags:
+            if tag in accumulator.Tags()["scalars"]:
+                found[tag].update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return {tag: sorted(values.items()) for tag, values in found.items() if values}

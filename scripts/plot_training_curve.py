@@ -14,19 +14,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-def read_scalars(log_dir: str | Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value), …]}`` over every event file under ``log_dir`` (later files win per step)."""
-    found: dict[str, dict[int, float]] = {tag: {} for tag in tags}
-    for events in sorted(Path(log_dir).glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in tags:
-            if tag in accumulator.Tags()["scalars"]:
-                found[tag].update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return {tag: sorted(values.items()) for tag, values in found.items() if values}
+from bundle.visualize import read_scalars  # noqa: E402
 
 
 def main(log_dir: str = "runs", output: str = "docs/training_curve.png", title: str = "") -> None:

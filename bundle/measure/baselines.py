@@ -52,11 +52,12 @@ def matched_monai_unet(
     attention_levels: Sequence[bool],
     tolerance: float = 0.1,
     max_width: int = 512,
+    num_res_blocks: Sequence[int] = (2, 1, 3),
 ) -> tuple[DiffusionModelUNet, dict]:
     """The leanest MONAI ``DiffusionModelUNet`` with ``target_parameters`` ± ``tolerance`` parameters.
 
     Candidates have first width w (a multiple of 8, GroupNorm with 8 groups), each next width 1×, 2×
-    or 4× the previous, ``num_res_blocks`` ∈ {1, 2, 3} and attention where ``attention_levels`` says.
+    or 4× the previous, ``num_res_blocks`` from ``num_res_blocks`` and attention where ``attention_levels`` says.
     The one with the smallest w that fits is returned (the fewest full-resolution channels: the
     hardest baseline for an activation-memory comparison), with its constructor arguments. Candidates
     are sized on the meta device, so the search allocates nothing.
@@ -66,7 +67,7 @@ def matched_monai_unet(
     """
     levels = len(attention_levels)
     for width in range(8, max_width + 1, 8):
-        for num_res_blocks in (2, 1, 3):
+        for blocks in num_res_blocks:
             for ratios in itertools.product((1, 2, 4), repeat=levels - 1):
                 widths = [width]
                 for r in ratios:
@@ -76,7 +77,7 @@ def matched_monai_unet(
                     in_channels=in_channels,
                     out_channels=out_channels,
                     channels=tuple(widths),
-                    num_res_blocks=num_res_blocks,
+                    num_res_blocks=blocks,
                     attention_levels=tuple(bool(a) for a in attention_levels),
                     norm_num_groups=8,
                     num_head_channels=8,

@@ -4,17 +4,20 @@ On the CPU: the process's peak RSS (``VmHWM``) minus its RSS after a warm-up ste
 gradients and optimizer state are already allocated. The process runs with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the OS, and the peak is reset after the
 warm-up by writing ``5`` to ``/proc/self/clear_refs``. On a GPU: ``torch.cuda.max_memory_allocated``
-after ``reset_peak_memory_stats``, minus the allocation after the warm-up.
+after ``reset_peak_memory_stats``, minus the allocation after the warm-up; with ``memory_limit_bytes``
+the process may allocate no more than that (``set_per_process_memory_fraction``), so "does it fit in
+24 GiB" is answered by the allocator itself.
 
-Run as ``python -m bundle.measure.peak_memory '<workload json>'``; prints one JSON line.
+Each measurement is a new process forked from a fork server that has imported torch, MONAI and this
+bundle once (``multiprocessing`` "forkserver" with preloading): a fresh allocator and no tensors of any
+earlier configuration, without paying the imports (seconds) per configuration.
 """
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import os
-import subprocess
-import sys
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -22,28 +25,76 @@ import torch
 from ..process_memory import proc_status_bytes
 from .workload import Workload, build_network, make_training_step
 
-__all__ = ["measure_peak_in_subprocess"]
+__all__ = ["OUT_OF_MEMORY", "measure_peak_in_subprocess"]
 
-_ROOT = Path(__file__).resolve().parents[2]
+OUT_OF_MEMORY = "out of memory"
+_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def measure_peak_in_subprocess(workload: Workload, timeout: float = 1800) -> dict:
-    """Runs the measurement in a fresh interpreter and returns its result dict.
+@cache
+def _fork_server() -> multiprocessing.context.BaseContext:
+    """The "forkserver" context, its server started now with the allocator setting in its environment
+    (glibc reads it at process start; forked children inherit it) and this module preloaded."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    saved = {key: os.environ.get(key) for key in _ALLOCATOR_ENV}
+    os.environ.update(_ALLOCATOR_ENV)
+    try:
+        from multiprocessing import forkserver
 
-    Keys: ``peak_bytes`` (peak above baseline), ``baseline_bytes``, ``device``; or ``error`` when the
-    step did not fit (out of memory) or failed.
+        forkserver.ensure_running()
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return context
+
+
+def measure_peak_in_subprocess(workload: Workload, memory_limit_bytes: int | None = None, timeout: float = 3600) -> dict:
+    """Runs the measurement in a fresh process and returns its result dict.
+
+    Keys: ``peak_bytes`` (peak above baseline), ``baseline_bytes`` (after the warm-up step: parameters,
+    gradients, optimizer state and, on the CPU, the interpreter), ``runtime_bytes`` (before the network
+    was built), ``device``; or ``error``: :data:`OUT_OF_MEMORY` when the step did not fit (including a
+    process the kernel's OOM killer ended), else the failure.
     """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bundle.measure.peak_memory", json.dumps(workload.to_dict())],
-        capture_output=True, text=True, env=env, timeout=timeout, cwd=_ROOT,
-    )
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    context = _fork_server()
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_measure_in_child, args=(workload, memory_limit_bytes, sender), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        result = receiver.recv() if receiver.poll(timeout) else {"error": f"no result within {timeout:.0f} s"}
+    except EOFError:  # the child died without answering
+        result = None
+    process.join(timeout=60)
+    if process.is_alive():
+        process.kill()
+    if result is None:
+        result = {"error": OUT_OF_MEMORY if process.exitcode == -9 else f"exit code {process.exitcode}"}
+    return result
 
 
-def _measure(workload: Workload, device: torch.device) -> dict:
+def _measure_in_child(workload: Workload, memory_limit_bytes: int | None, sender) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        result = _measure(workload, device, memory_limit_bytes)
+    except torch.OutOfMemoryError:
+        result = {"error": OUT_OF_MEMORY}
+    except Exception as error:  # reported in the row; the suite goes on
+        out_of_memory = isinstance(error, RuntimeError) and "can't allocate memory" in str(error)  # CPU allocator
+        result = {"error": OUT_OF_MEMORY if out_of_memory else f"{type(error).__name__}: {error}"}
+    sender.send(result)
+    sender.close()
+
+
+def _measure(workload: Workload, device: torch.device, memory_limit_bytes: int | None) -> dict:
+    if device.type == "cuda":
+        if memory_limit_bytes:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), device)
+        runtime = torch.cuda.memory_allocated()
+    else:
+        runtime = proc_status_bytes("VmRSS")
     model = build_network(workload).to(device)
     step, _ = make_training_step(workload, model, device)
     if device.type == "cuda":
@@ -53,15 +104,11 @@ def _measure(workload: Workload, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - baseline, "baseline_bytes": baseline, "device": "cuda"}
-    step()
-    baseline = proc_status_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    step()
-    return {"peak_bytes": proc_status_bytes("VmHWM") - baseline, "baseline_bytes": baseline, "device": "cpu"}
-
-
-if __name__ == "__main__":
-    spec = json.loads(sys.argv[1])
-    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-    print(json.dumps(_measure(Workload(**spec), torch.device("cuda" if torch.cuda.is_available() else "cpu"))))
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        step()
+        baseline = proc_status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        step()
+        peak = proc_status_bytes("VmHWM") - baseline
+    return {"peak_bytes": peak, "baseline_bytes": baseline, "runtime_bytes": runtime, "device": device.type}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
+from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from bundle.networks import InvertibleDiffusionUNet
@@ -25,7 +26,10 @@ class Workload:
     ``"monai"`` (MONAI ``DiffusionModelUNet`` matched to the IDM's parameter count, see
     :func:`~bundle.measure.baselines.matched_monai_unet`) or ``"monai_checkpointed"`` (the same with
     activation checkpointing on its blocks). The IDM fields describe the IDM that the baselines are
-    matched to.
+    matched to. ``baseline_widths_at``: ``None`` matches each baseline to this IDM; ``k`` fixes the
+    baseline's widths by matching it (``num_res_blocks = k``) to the IDM with ``k`` blocks per level and
+    then gives it ``num_res_blocks = num_blocks``, so that a depth sweep adds blocks to the baseline
+    instead of changing its widths.
     """
 
     network: str
@@ -37,6 +41,7 @@ class Workload:
     spatial_dims: int = 3
     in_channels: int = 2
     seed: int = 0
+    baseline_widths_at: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,12 +64,18 @@ def build_network(workload: Workload) -> nn.Module:
     if workload.network not in NETWORKS:
         raise ValueError(f"Unknown network {workload.network!r}; choose one of {NETWORKS}.")
     if workload.network.startswith("monai"):
+        reference = workload.num_blocks if workload.baseline_widths_at is None else workload.baseline_widths_at
         with torch.device("meta"):
-            target = count_parameters(_idm(workload, True))
+            target = count_parameters(_idm(replace(workload, num_blocks=reference), True))
+            blocks = (2, 1, 3) if workload.baseline_widths_at is None else (reference,)
+            kwargs = matched_monai_unet(
+                target, workload.spatial_dims, workload.in_channels, workload.in_channels, workload.attention_levels,
+                num_res_blocks=blocks,
+            )[1]
+        if workload.baseline_widths_at is not None:
+            kwargs["num_res_blocks"] = workload.num_blocks
         torch.manual_seed(workload.seed)
-        baseline = matched_monai_unet(
-            target, workload.spatial_dims, workload.in_channels, workload.in_channels, workload.attention_levels
-        )[0]
+        baseline = DiffusionModelUNet(**kwargs)
         return enable_activation_checkpointing(baseline) if workload.network == "monai_checkpointed" else baseline
     torch.manual_seed(workload.seed)
     return _idm(workload, workload.network == "idm")

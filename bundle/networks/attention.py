@@ -85,7 +85,9 @@ class InvertibleAttention(CouplingLayer):
     def _indices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(x.shape[2:]), x.device)
         if key not in self._index_cache:
-            self._index_cache[key] = checkerboard_indices(tuple(x.shape[2:]), self.parity, x.device)
+            # built on the CPU (once per shape and device) so that shape-only meta tensors work too
+            kept, modified = checkerboard_indices(tuple(x.shape[2:]), self.parity, torch.device("cpu"))
+            self._index_cache[key] = (kept.to(x.device), modified.to(x.device))
         return self._index_cache[key]
 
     def weights(self, kept: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,288 @@
+"""``benchmarks.md`` and its figures from a suite result (:mod:`bundle.measure.sweeps`).
+
+Every verdict in the report is computed from the figures of the same run; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+from .report import markdown_table
+from .sweeps import PAPER, largest_cube
+from .workload import NETWORKS
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["LABELS", "goals", "plot_suite", "render_suite"]
+
+LABELS = {
+    "idm": "IDM memory-efficient",
+    "idm_plain": "IDM plain autograd",
+    "monai": "MONAI DiffusionModelUNet",
+    "monai_checkpointed": "MONAI DiffusionModelUNet + checkpointing",
+}
+MB, GB = 2**20, 1e9
+FIGURES = {"depth": "memory_vs_depth.png", "resolution": "memory_vs_resolution.png", "time": "step_time.png"}
+
+
+def _peak(row: dict) -> int | None:
+    return row.get("peak", {}).get("peak_bytes")
+
+
+def _by(rows: Sequence[dict], **match) -> dict[str, dict]:
+    """``{network: row}`` of the rows matching every ``field=value``."""
+    return {r["network"]: r for r in rows if all(r.get(k) == v for k, v in match.items())}
+
+
+def _growth(rows: Sequence[dict], network: str, value: Callable[[dict], float | None]) -> float | None:
+    mine = sorted((r for r in rows if r["network"] == network), key=lambda r: r["num_blocks"])
+    if len(mine) < 2 or value(mine[0]) in (None, 0) or value(mine[-1]) is None:
+        return None
+    return value(mine[-1]) / value(mine[0]) - 1
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0, missing: str = "n/a") -> str:
+    return missing if value is None else format(value / scale, spec)
+
+
+def _memory_cell(row: dict) -> str:
+    if "skipped" in row:
+        return row["skipped"]
+    return _fmt(_peak(row), ".0f", MB) if _peak(row) is not None else row["peak"].get("error", "n/a")
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+def paper_peak_minus_floor(paper: dict) -> float | None:
+    """Peak memory of the paper configuration minus the 16 B/parameter floor, with the interpreter's own
+    memory (``runtime_bytes``: RSS before the network was built, on the CPU) left out."""
+    peak = paper.get("peak", {})
+    if "peak_bytes" not in peak:
+        return None
+    return peak["baseline_bytes"] + peak["peak_bytes"] - peak["runtime_bytes"] - paper["floor_bytes"]
+
+
+def goals(result: dict) -> list[list[str]]:
+    """Rows ``[goal, measured, verdict]`` for the issue's goals, from the figures of ``result``."""
+    depth, resolution, plan = result["depth"], result["resolution"], result["plan"]
+    rows = []
+    stored = {n: _growth(depth, n, lambda r: r.get("stored_bytes")) for n in NETWORKS}
+    peak = {n: _growth(depth, n, _peak) for n in NETWORKS}
+    flat = None if stored["idm"] is None or peak["idm"] is None else max(stored["idm"], peak["idm"]) <= 0.05
+    baselines_grow = [peak[n] for n in ("monai", "monai_checkpointed")]
+    rows.append([
+        f"IDM stored bytes and peak flat in depth (≤ 5% from {plan['depths'][0]} to {plan['depths'][-1]} blocks)",
+        f"stored {_fmt(stored['idm'], '+.1%')}, peak {_fmt(peak['idm'], '+.1%')}", _verdict(flat),
+    ])
+    rows.append([
+        "both MONAI baselines' peak grows with depth",
+        ", ".join(f"{LABELS[n]} {_fmt(peak[n], '+.0%')}" for n in ("monai", "monai_checkpointed")),
+        _verdict(None if None in baselines_grow else all(g > 0.05 for g in baselines_grow)),
+    ])
+    size = plan["batch_size_at"]
+    at = _by(resolution, size=size)
+    me, monai, ckpt = (at.get(n, {}) for n in ("idm", "monai", "monai_checkpointed"))
+    ratio = _peak(me) / _peak(monai) if _peak(me) and _peak(monai) else None
+    rows.append([f"peak at {size}³ ≤ 0.15× MONAI plain", _fmt(ratio, ".3f", missing="n/a") + "×",
+                 _verdict(None if ratio is None else ratio <= 0.15)])
+    below = None if not (_peak(me) and _peak(ckpt)) else _peak(me) < _peak(ckpt)
+    rows.append([f"peak at {size}³ below MONAI + checkpointing",
+                 f"{_fmt(_peak(me), '.0f', MB)} vs {_fmt(_peak(ckpt), '.0f', MB)} MB", _verdict(below)])
+    times = [(r["size"], r["step_seconds"] / p["step_seconds"]) for r in resolution if r["network"] == "idm"
+             and "step_seconds" in r and "step_seconds" in (p := _by(resolution, size=r["size"]).get("idm_plain", {}))]
+    rows.append([
+        "step time memory-efficient / plain ≤ 1.4×",
+        ", ".join(f"{s}³ {t:.2f}×" for s, t in times) or "n/a",
+        _verdict(None if not times else all(t <= 1.4 for _, t in times)),
+    ])
+    faster = None
+    if "step_seconds" in me and "step_seconds" in ckpt and _peak(me) and _peak(ckpt):
+        faster = me["step_seconds"] < ckpt["step_seconds"] and _peak(me) <= _peak(ckpt)
+    rows.append([
+        f"faster than MONAI + checkpointing at equal or lower memory ({size}³)",
+        f"{_fmt(me.get('step_seconds'), '.2f')} vs {_fmt(ckpt.get('step_seconds'), '.2f')} s", _verdict(faster),
+    ])
+    over = paper_peak_minus_floor(result["paper"])
+    rows.append(["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)", _fmt(over, ".2f", GB) + " GB",
+                 _verdict(None if over is None else over <= 0.5e9)])
+    cubes = {n: result["largest_cube"][n] for n in NETWORKS}
+    best = {n: c.get("extrapolated") or c.get("measured") or 0 for n, c in cubes.items()}
+    rows.append([
+        "largest cube at batch 1 within the memory limit: IDM's the largest",
+        ", ".join(f"{LABELS[n]} {best[n]}³" for n in NETWORKS),
+        _verdict(best["idm"] >= max(best.values()) if best["idm"] else None),
+    ])
+    return rows
+
+
+def plot_suite(result: dict, output_dir: Path) -> None:
+    """``memory_vs_depth.png``, ``memory_vs_resolution.png`` and ``step_time.png``."""
+    panels = [
+        ("depth", result["depth"], "num_blocks", "blocks per level", [
+            ("bytes stored for backward (MB)", lambda r: r.get("stored_bytes"), MB),
+            ("peak memory above baseline (MB)", _peak, MB),
+        ]),
+        ("resolution", result["resolution"], "size", "cube side (voxels)", [
+            ("bytes stored for backward (MB)", lambda r: r.get("stored_bytes"), MB),
+            ("peak memory above baseline (MB)", _peak, MB),
+        ]),
+        ("time", result["resolution"], "size", "cube side (voxels)", [
+            ("median training-step time (s)", lambda r: r.get("step_seconds"), 1.0),
+        ]),
+    ]
+    for key, rows, x_field, x_label, series in panels:
+        fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.6), squeeze=False)
+        for ax, (title, value, scale) in zip(axes[0], series):
+            for network in NETWORKS:
+                mine = sorted((r for r in rows if r["network"] == network and value(r)), key=lambda r: r[x_field])
+                if mine:
+                    ax.plot([r[x_field] for r in mine], [value(r) / scale for r in mine], marker="o",
+                            label=LABELS[network])
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(x_label)
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(output_dir / FIGURES[key], dpi=120)
+        plt.close(fig)
+
+
+def _row_cells(row: dict, first: str) -> list[str]:
+    return [
+        str(row[first]), LABELS[row["network"]], _fmt(row.get("parameters"), ".2f", 1e6) + "M",
+        _fmt(row.get("stored_bytes"), ".1f", MB), _memory_cell(row), _fmt(row.get("flops"), ".1f", 1e9),
+        _fmt(row.get("step_seconds"), ".2f"),
+    ]
+
+
+def _time_ratios(rows: Sequence[dict], field: str) -> list[list[str]]:
+    table = []
+    for value in sorted({r[field] for r in rows}):
+        group = _by(rows, **{field: value})
+        plain = group.get("idm_plain", {}).get("step_seconds")
+        table.append([str(value)] + [
+            _fmt(group[n]["step_seconds"] / plain, ".2f") + "×" if plain and "step_seconds" in group.get(n, {}) else "n/a"
+            for n in NETWORKS
+        ])
+    return table
+
+
+def _paper_section(paper: dict) -> str:
+    breakdown = markdown_table(["layer kind", "parameters"],
+                               [[k, f"{v / 1e6:.1f}M"] for k, v in paper["parameters"].items()])
+    peak = paper.get("peak", {})
+    over = paper_peak_minus_floor(paper)
+    if "peak_bytes" in peak:
+        measured = (f"{(peak['baseline_bytes'] + peak['peak_bytes'] - peak['runtime_bytes']) / GB:.2f} GB "
+                    f"(post-warm-up {(peak['baseline_bytes'] - peak['runtime_bytes']) / GB:.2f} GB + step peak "
+                    f"{peak['peak_bytes'] / GB:.2f} GB; {peak['device']})")
+    else:
+        measured = peak.get("error") or peak.get("skipped") or "not measured in this mode"
+    table = markdown_table(["", "this bundle", "paper"], [
+        ["parameters", f"{paper['parameters']['total'] / 1e6:.1f}M", f"{PAPER['parameters'] / 1e6:.1f}M"],
+        ["FLOPs per training step of the batch (forward + reconstruction + backward)",
+         f"{paper['flops_per_step'] / 1e12:.2f} TFLOPs", f"{PAPER['gflops']} GFLOPs (definition not given)"],
+        ["FLOPs of one forward pass, one sample", f"{paper['forward_flops_per_sample'] / 1e9:.0f} GFLOPs", ""],
+        ["floor: 16 B/parameter (weights, gradients, AdamW moments)", f"{paper['floor_bytes'] / GB:.2f} GB",
+         f"{16 * PAPER['parameters'] / GB:.2f} GB"],
+        ["peak memory of a training step", measured, f"{PAPER['peak_bytes'] / GB:.2f} GB"],
+        ["peak − floor (goal ≤ 0.5 GB)", _fmt(over, ".2f", GB) + " GB", f"~{PAPER['peak_minus_floor_bytes'] / GB:.1f} GB"],
+    ])
+    return "\n\n".join([
+        "## Paper configuration: channels 64…2048, attention at the last two levels, 2 blocks, batch 4, 64³",
+        table,
+        "Peak memory excludes the interpreter's own memory (on the CPU: the RSS before the network was built). "
+        "FLOPs are counted by `FlopCounterMode` on the meta device for the whole batch of 4.",
+        "### Parameters by layer kind",
+        breakdown,
+    ])
+
+
+def _energy_section(energy: dict) -> str:
+    if "n/a" in energy:
+        return f"## Energy and temperature\n\nn/a on this machine: {energy['n/a']}.\n"
+    rows = [[LABELS[n], e.get("skipped") or f"{e['seconds']:.0f}", *(
+        [] if "skipped" in e else [e["steps"], f"{e['watts']:.0f}", f"{e['joules_per_step']:.1f}",
+                                   _fmt(e["celsius_start"], ".0f"), _fmt(e["celsius_max"], ".0f")])]
+            for n, e in energy.items()]
+    source = next((e["source"] for e in energy.values() if "source" in e), "n/a")
+    return "\n\n".join([
+        f"## Energy and temperature ({source})",
+        markdown_table(["network", "seconds", "steps", "mean W", "J / step", "°C start", "°C max"], rows),
+    ]) + "\n"
+
+
+def render_suite(result: dict, quality_markdown: str | None) -> str:
+    """The whole ``benchmarks.md``."""
+    plan = result["plan"]
+    depth_rows = [_row_cells(r, "num_blocks") for r in result["depth"]]
+    growth = [[LABELS[n], _fmt(_growth(result["depth"], n, lambda r: r.get("stored_bytes")), "+.1%"),
+               _fmt(_growth(result["depth"], n, _peak), "+.1%")] for n in NETWORKS]
+    resolution_rows = [_row_cells(r, "size") for r in result["resolution"]]
+    batch_rows = [_row_cells(r, "batch_size") for r in result["batch"]]
+    limit = plan["memory_limit_bytes"] / 2**30
+    cubes = []
+    for n in NETWORKS:
+        c = result["largest_cube"][n]
+        cubes.append([LABELS[n], f"{c['measured']}³" if c["measured"] else "none",
+                      f"{c['first_out_of_memory']}³" if c["first_out_of_memory"] else "—",
+                      f"{c['extrapolated']}³" if c.get("extrapolated") else "—"])
+    header = ["{}", "network", "params", "stored MB", "peak MB", "GFLOPs / step", "step s"]
+    sections = [
+        "# Benchmarks: IDM vs plain autograd vs MONAI DiffusionModelUNet (with and without checkpointing)",
+        f"Command: `{result['command']}`  \nMachine: {result['machine']}  \nWall time of the run: "
+        f"{result['wall_seconds'] / 60:.1f} min",
+        "One training step = forward, ε-MSE loss, backward and an AdamW update, 2 channels (T1, T2). IDM: "
+        f"channels {tuple(plan['channels'])}, 2 blocks per level unless swept, attention at the last two levels. "
+        "MONAI: the leanest `DiffusionModelUNet` within ±10% of the IDM's parameter count "
+        "(`bundle.measure.matched_monai_unet`); the checkpointed baseline wraps every residual and attention "
+        "block in `torch.utils.checkpoint` (non-reentrant). **Stored** = bytes autograd keeps for backward "
+        "(`saved_tensors_hooks`, parameters excluded). **Peak** = peak memory of the step above the "
+        "post-warm-up baseline (parameters, gradients and optimizer state already allocated), each "
+        "configuration in a fresh process: CUDA allocator peak on a GPU, peak RSS on the CPU "
+        "(`bundle/measure/peak_memory.py`). **Step s** = median over interleaved repetitions in one fresh "
+        f"process ({plan['repeats']} per network after a warm-up). **GFLOPs** = `FlopCounterMode` over "
+        "forward and backward (the memory-efficient IDM's reconstruction included).",
+        "## Goals",
+        markdown_table(["goal", "measured", "verdict"], goals(result)),
+        f"## Depth sweep at {plan['depth_size']}³, batch 1",
+        "The MONAI baselines keep the widths matched (±10%) to the 2-block IDM with 2 residual blocks per level "
+        "and get `num_res_blocks` = blocks per level, so they deepen as the IDM does (parameter counts in the "
+        "table).",
+        f"![memory vs depth]({FIGURES['depth']})",
+        markdown_table([header[0].format("blocks"), *header[1:]], depth_rows),
+        f"### Growth from {plan['depths'][0]} to {plan['depths'][-1]} blocks per level",
+        markdown_table(["network", "stored bytes", "peak memory"], growth),
+        "## Resolution sweep, batch 1",
+        f"![memory vs resolution]({FIGURES['resolution']})\n\n![step time]({FIGURES['time']})",
+        markdown_table([header[0].format("size"), *header[1:]], resolution_rows),
+        "### Step time relative to IDM plain autograd",
+        markdown_table(["size", *(LABELS[n] for n in NETWORKS)], _time_ratios(result["resolution"], "size")),
+        f"### Largest cube that trains at batch 1 within {limit:.0f} GiB",
+        "Measured = the largest size of the sweep that ran; out of memory = the smallest that did not. Where "
+        "every size ran, the limit is extrapolated: total memory (post-warm-up baseline + step peak) grows "
+        "linearly with the voxel count at fixed width, fitted through the two largest sizes, rounded down to "
+        "a multiple of 16.",
+        markdown_table(["network", "measured", "out of memory at", "extrapolated"], cubes),
+        f"## Batch sweep at {plan['batch_size_at']}³",
+        markdown_table([header[0].format("batch"), *header[1:]], batch_rows),
+        markdown_table(["batch", *(LABELS[n] for n in NETWORKS)], _time_ratios(result["batch"], "batch_size")),
+        _paper_section(result["paper"]),
+        _energy_section(result["energy"]),
+    ]
+    if quality_markdown:
+        sections.append(quality_markdown)
+    return "\n\n".join(s.strip() for s in sections) + "\n"
+
+
+def cube_limits(rows: Sequence[dict], limit_bytes: int) -> dict[str, dict]:
+    """:func:`~bundle.measure.sweeps.largest_cube` for every network."""
+    return {n: largest_cube(rows, n, limit_bytes) for n in NETWORKS}

@@ -1,0 +1,265 @@
+"""The benchmark suite's measurements: depth, resolution and batch sweeps over the four networks, the
+paper configuration against its parameter/optimizer floor, and energy (DESIGN §5).
+
+Each measurement is a *row*: the workload's fields plus ``parameters``, ``stored_bytes`` (saved for
+backward), ``peak`` (the fresh-process result of :mod:`bundle.measure.peak_memory`), ``flops`` per
+step and, where timed, ``step_seconds``. A :class:`Budget` bounds the wall time of a whole suite (the
+GPU mode must finish in 8 minutes): once it is spent, the remaining rows say ``skipped``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from bundle.networks import InvertibleDiffusionUNet
+
+from .baselines import count_parameters
+from .energy import find_energy_counter, measure_energy
+from .flops import forward_flops, training_step_flops
+from .peak_memory import OUT_OF_MEMORY, measure_peak_in_subprocess
+from .report import parameter_breakdown
+from .saved_bytes import saved_activation_bytes
+from .timing import CACHING_ALLOCATOR_ENV, measure_times_in_subprocess
+from .workload import NETWORKS, Workload, build_network, make_training_step
+
+__all__ = [
+    "Budget",
+    "SuitePlan",
+    "PAPER",
+    "measure_row",
+    "depth_sweep",
+    "resolution_sweep",
+    "batch_sweep",
+    "largest_cube",
+    "paper_configuration",
+    "energy_per_network",
+]
+
+GiB = 2**30
+SKIPPED = "skipped (time budget spent)"
+# The paper's configuration (Sec. 4) and its reported figures (Table 3).
+PAPER = {
+    "workload": Workload(
+        "idm", 64, batch_size=4, channels=(64, 128, 256, 512, 1024, 2048),
+        attention_levels=(False, False, False, False, True, True),
+    ),
+    "parameters": 343.6e6,
+    "gflops": 5.64,
+    "peak_bytes": 6.71e9,
+    "peak_minus_floor_bytes": 1.2e9,
+}
+BYTES_PER_PARAMETER_FLOOR = 16  # float32 weight + gradient + AdamW's two moments
+
+
+class Budget:
+    """Wall-clock allowance of a suite run; ``None`` seconds means unlimited."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    @property
+    def spent(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self.start >= self.seconds
+
+
+@dataclass(frozen=True)
+class SuitePlan:
+    """What one suite run measures. :meth:`full` (CPU, every figure), :meth:`quick` (CPU, < 5 min) and
+    :meth:`gpu` (one GPU, 8 minutes, sizes continued until nothing fits in ``memory_limit_bytes``).
+    ``channels`` are the reference IDM's widths (2 blocks per level, attention at the last two levels)."""
+
+    depths: tuple[int, ...] = (1, 2, 4, 8)
+    depth_size: int = 32
+    sizes: tuple[int, ...] = (32, 48, 64, 96, 128)
+    batch_sizes: tuple[int, ...] = (1, 2, 4)
+    batch_size_at: int = 64
+    repeats: int = 3
+    energy_seconds: float = 120.0
+    paper_peak: bool = True
+    quality_epochs: int = 16
+    quality_size: int = 32
+    quality_channels: tuple[int, ...] = (16, 32, 64)
+    memory_limit_bytes: int = 24 * GiB
+    budget_seconds: float | None = None
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+
+    @classmethod
+    def full(cls) -> SuitePlan:
+        return cls()
+
+    @classmethod
+    def quick(cls) -> SuitePlan:
+        return cls(
+            depths=(1, 8), depth_size=16, sizes=(16, 32), batch_sizes=(1, 2), batch_size_at=16, repeats=1,
+            energy_seconds=5.0, paper_peak=False, quality_epochs=2, quality_size=16, quality_channels=(8, 16, 32),
+            channels=(8, 16, 32, 64),
+        )
+
+    @classmethod
+    def gpu(cls) -> SuitePlan:
+        return cls(
+            sizes=(32, 64, 96, 128, 160, 192, 224, 256, 320), repeats=5, energy_seconds=20.0,
+            budget_seconds=360.0,
+        )
+
+
+def _skipped(workload: Workload) -> dict:
+    return {**workload.to_dict(), "skipped": SKIPPED}
+
+
+def measure_row(workload: Workload, plan: SuitePlan, budget: Budget, device: torch.device) -> dict:
+    """Parameters, FLOPs per step, stored bytes and fresh-process peak of one workload.
+
+    Stored bytes are counted only when the step fits (a configuration that does not fit could not
+    hold its stored activations either)."""
+    if budget.spent:
+        return _skipped(workload)
+    row = {**workload.to_dict(), "flops": training_step_flops(workload)}
+    with torch.device("meta"):
+        row["parameters"] = count_parameters(build_network(workload))
+    row["peak"] = measure_peak_in_subprocess(workload, plan.memory_limit_bytes)
+    if "error" not in row["peak"]:
+        model = build_network(workload).to(device)
+        row["stored_bytes"] = saved_activation_bytes(make_training_step(workload, model, device)[1], model)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next configurations' processes need the memory
+    return row
+
+
+def _time_rows(rows: list[dict], plan: SuitePlan, budget: Budget) -> None:
+    """Adds ``step_seconds`` (interleaved medians in one fresh process) to the rows that fit."""
+    fitting = [r for r in rows if "peak" in r and "error" not in r["peak"]]
+    if budget.spent or not fitting:
+        return
+    workloads = [Workload(**{k: r[k] for k in Workload.__dataclass_fields__}) for r in fitting]
+    seconds = measure_times_in_subprocess(workloads, plan.repeats, CACHING_ALLOCATOR_ENV)
+    for row in fitting:
+        row["step_seconds"] = seconds[row["network"]]
+
+
+def _reference(plan: SuitePlan, network: str, size: int, **fields) -> Workload:
+    return Workload(network, size, channels=plan.channels, **fields)
+
+
+def depth_sweep(plan: SuitePlan, budget: Budget, device: torch.device, progress=None) -> list[dict]:
+    """``num_blocks`` in ``plan.depths`` at ``plan.depth_size``³, batch 1. The MONAI baselines keep the
+    widths matched at 2 blocks (``baseline_widths_at=2``) and get ``num_res_blocks = num_blocks``."""
+    rows = []
+    for depth in plan.depths:
+        for network in NETWORKS:
+            workload = _reference(plan, network, plan.depth_size, num_blocks=depth, baseline_widths_at=2)
+            rows.append(measure_row(workload, plan, budget, device))
+            progress and progress.update()
+    return rows
+
+
+def resolution_sweep(plan: SuitePlan, budget: Budget, device: torch.device, progress=None) -> list[dict]:
+    """Cubes ``plan.sizes`` at the reference width, batch 1, timed per size; a network is not tried at
+    larger sizes once it has run out of memory."""
+    rows, out_of_memory = [], set()
+    for size in plan.sizes:
+        group = []
+        for network in NETWORKS:
+            workload = _reference(plan, network, size)
+            if network in out_of_memory:
+                group.append({**workload.to_dict(), "peak": {"error": f"{OUT_OF_MEMORY} (at a smaller size)"}})
+            else:
+                group.append(measure_row(workload, plan, budget, device))
+                if group[-1].get("peak", {}).get("error") == OUT_OF_MEMORY:
+                    out_of_memory.add(network)
+            progress and progress.update()
+        _time_rows(group, plan, budget)
+        rows += group
+    return rows
+
+
+def batch_sweep(plan: SuitePlan, budget: Budget, device: torch.device, resolution_rows: Sequence[dict] = (),
+                progress=None) -> list[dict]:
+    """Batch sizes ``plan.batch_sizes`` at ``plan.batch_size_at``³, timed per batch size; rows already
+    measured by the resolution sweep (same size, batch 1) are reused."""
+    rows = []
+    for batch_size in plan.batch_sizes:
+        group = []
+        for network in NETWORKS:
+            workload = _reference(plan, network, plan.batch_size_at, batch_size=batch_size)
+            done = [r for r in resolution_rows if r.get("network") == network and r.get("size") == workload.size
+                    and r.get("batch_size") == batch_size and "skipped" not in r]
+            group.append(dict(done[0]) if done else measure_row(workload, plan, budget, device))
+            progress and progress.update()
+        if any("step_seconds" not in r for r in group):
+            _time_rows(group, plan, budget)
+        rows += group
+    return rows
+
+
+def largest_cube(rows: Sequence[dict], network: str, limit_bytes: int, divisor: int = 16) -> dict:
+    """The largest cube (a multiple of ``divisor``) whose training step fits in ``limit_bytes``.
+
+    ``measured``: the largest size that ran; ``first_out_of_memory``: the smallest that did not; where
+    every size ran, ``extrapolated`` follows the total memory (post-warm-up baseline + peak) linearly in
+    the voxel count from the two largest sizes, which is how activation memory scales at fixed width.
+    """
+    mine = sorted((r for r in rows if r.get("network") == network and "peak" in r), key=lambda r: r["size"])
+    ran = [r for r in mine if "peak_bytes" in r["peak"]]
+    failed = [r["size"] for r in mine if r["peak"].get("error", "").startswith(OUT_OF_MEMORY)]
+    result: dict = {"measured": ran[-1]["size"] if ran else None, "first_out_of_memory": min(failed, default=None)}
+    if failed or len(ran) < 2:
+        return result
+    (a, b) = ran[-2:]
+    total = [r["peak"]["baseline_bytes"] + r["peak"]["peak_bytes"] for r in (a, b)]
+    slope = (total[1] - total[0]) / (b["size"] ** 3 - a["size"] ** 3)
+    if slope <= 0:
+        return result
+    cube = ((limit_bytes - total[1]) / slope + b["size"] ** 3) ** (1 / 3)
+    result["extrapolated"] = int(cube // divisor * divisor)
+    return result
+
+
+def paper_configuration(plan: SuitePlan, budget: Budget) -> dict:
+    """The paper's configuration (batch 4, 64³): parameters by layer kind, FLOPs per training step and
+    per forward pass of one sample, and (when ``plan.paper_peak``) the measured peak against the
+    16 bytes/parameter floor of weights, gradients and AdamW state."""
+    workload: Workload = PAPER["workload"]
+    with torch.device("meta"):
+        model = InvertibleDiffusionUNet(
+            workload.spatial_dims, workload.in_channels, workload.in_channels, workload.channels,
+            workload.num_blocks, workload.attention_levels,
+        )
+    breakdown = parameter_breakdown(model)
+    result = {
+        "workload": workload.to_dict(),
+        "parameters": breakdown,
+        "flops_per_step": training_step_flops(workload),
+        "forward_flops_per_sample": forward_flops(replace(workload, batch_size=1)),
+        "floor_bytes": BYTES_PER_PARAMETER_FLOOR * breakdown["total"],
+    }
+    if plan.paper_peak:
+        result["peak"] = {"skipped": SKIPPED} if budget.spent else measure_peak_in_subprocess(workload)
+    return result
+
+
+def energy_per_network(plan: SuitePlan, budget: Budget, device: torch.device, progress=None) -> dict:
+    """Energy and temperature over the first ``plan.energy_seconds`` of training steps of each network at
+    ``plan.batch_size_at``³, batch 1; ``{"n/a": reason}`` when no counter is readable."""
+    counter = find_energy_counter()
+    if isinstance(counter, str):
+        progress and progress.update(len(NETWORKS))
+        return {"n/a": counter}
+    results = {}
+    for network in NETWORKS:
+        workload = _reference(plan, network, plan.batch_size_at)
+        if budget.spent:
+            results[network] = {"skipped": SKIPPED}
+        else:
+            model = build_network(workload).to(device)
+            results[network] = measure_energy(make_training_step(workload, model, device)[0], plan.energy_seconds,
+                                              counter)
+            del model
+        progress and progress.update()
+    return results

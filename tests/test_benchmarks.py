@@ -1,0 +1,127 @@
+"""The benchmark suite's measuring parts: energy counters, baselines, sweeps and the report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from bundle.measure import energy
+from bundle.measure.energy import EnergyCounter, measure_energy
+from bundle.measure.suite_report import goals, render_suite
+from bundle.measure.sweeps import OUT_OF_MEMORY, PAPER, Budget, SuitePlan, largest_cube, measure_row
+from bundle.measure.workload import NETWORKS, Workload
+
+MiB = 2**20
+
+
+def _write_rapl(root: Path, energy_uj: int, max_range: int = 1000) -> Path:
+    domain = root / "intel-rapl:0"
+    domain.mkdir(parents=True, exist_ok=True)
+    (domain / "name").write_text("package-0\n")
+    (domain / "energy_uj").write_text(str(energy_uj))
+    (domain / "max_energy_range_uj").write_text(str(max_range))
+    return domain
+
+
+def test_energy_is_na_with_reason_and_runs_nothing_without_counters(tmp_path, monkeypatch):
+    monkeypatch.setattr(energy, "_POWERCAP", tmp_path / "absent")
+    calls = []
+    result = measure_energy(lambda: calls.append(1), seconds=5)
+    assert "n/a" in result and "RAPL" in result["n/a"] and calls == []
+
+
+def test_rapl_energy_unwraps_counter_overflow(tmp_path, monkeypatch):
+    monkeypatch.setattr(energy, "_POWERCAP", tmp_path)
+    domain = _write_rapl(tmp_path, 900_000, max_range=1_000_000)
+    counter = energy.find_energy_counter()
+    assert isinstance(counter, EnergyCounter) and counter.source == "RAPL"
+    readings = iter([200_000, 500_000])  # wraps past 1e6 µJ once, then climbs
+
+    def step() -> None:
+        (domain / "energy_uj").write_text(str(next(readings)))
+
+    result = measure_energy(step, seconds=0, counter=counter)
+    assert result["steps"] == 1
+    assert result["joules"] == pytest.approx(0.3)  # 900 000 → 1 000 000 → 200 000 µJ
+    assert result["joules_per_step"] == pytest.approx(0.3)
+
+
+def test_measure_energy_runs_steps_for_the_window_and_reports_temperature():
+    clock = {"j": 0.0}
+    counter = EnergyCounter("fake", lambda: clock["j"], lambda: 40.0 + clock["j"])
+
+    def step() -> None:
+        clock["j"] += 2.0
+
+    result = measure_energy(step, seconds=0.05, counter=counter)
+    assert result["steps"] >= 1
+    assert result["joules"] == pytest.approx(2.0 * result["steps"])
+    assert result["joules_per_step"] == pytest.approx(2.0)
+    assert result["celsius_start"] == 40.0 and result["celsius_max"] == pytest.approx(40.0 + 2.0 * result["steps"])
+
+
+def _row(network: str, size: int, peak: int | None, baseline: int = 100 * MiB, **extra) -> dict:
+    result = {"peak_bytes": peak, "baseline_bytes": baseline, "runtime_bytes": 50 * MiB, "device": "cpu"}
+    return {"network": network, "size": size, "batch_size": 1, "num_blocks": 2,
+            "peak": result if peak is not None else {"error": OUT_OF_MEMORY}, **extra}
+
+
+def test_largest_cube_extrapolates_linearly_in_voxels_and_stops_at_the_first_failure():
+    # total = 100 MiB + 1 KiB per voxel: 1 GiB fits n³ ≤ (1024 − 100) · 1024 voxels → n ≤ 98.1, a multiple of 16 → 96
+    rows = [_row("idm", n, n**3 * 1024) for n in (32, 64)]
+    assert largest_cube(rows, "idm", 2**30) == {"measured": 64, "first_out_of_memory": None, "extrapolated": 96}
+    rows = [_row("monai", 32, 10 * MiB), _row("monai", 64, None), _row("monai", 96, None)]
+    assert largest_cube(rows, "monai", 2**30) == {"measured": 32, "first_out_of_memory": 64}
+
+
+def _synthetic_result(me_peak_64: int, paper_peak: int) -> dict:
+    plan = SuitePlan.quick()
+    depth = [_row(n, plan.depth_size, peak, stored_bytes=stored, num_blocks=d)
+             for d, scale in ((1, 1), (8, 3)) for n, peak, stored in (
+                 ("idm", 10 * MiB, 1 * MiB), ("idm_plain", 20 * MiB * scale, 9 * MiB * scale),
+                 ("monai", 30 * MiB * scale, 9 * MiB * scale), ("monai_checkpointed", 15 * MiB * scale, 3 * MiB * scale))]
+    peaks = {"idm": me_peak_64, "idm_plain": 60 * MiB, "monai": 100 * MiB, "monai_checkpointed": 40 * MiB}
+    times = {"idm": 1.3, "idm_plain": 1.0, "monai": 0.5, "monai_checkpointed": 1.5}
+    resolution = [_row(n, plan.batch_size_at, peaks[n], stored_bytes=MiB, step_seconds=times[n], flops=1e9,
+                       parameters=1e6) for n in NETWORKS]
+    floor = 16 * 100
+    paper = {"parameters": {"total": 100}, "flops_per_step": 1e12, "forward_flops_per_sample": 1e11, "floor_bytes": floor,
+             "peak": {"peak_bytes": paper_peak, "baseline_bytes": 50 * MiB + floor, "runtime_bytes": 50 * MiB,
+                      "device": "cpu"}}
+    cubes = {n: {"measured": plan.batch_size_at, "first_out_of_memory": None, "extrapolated": 64 if n == "idm" else 48}
+             for n in NETWORKS}
+    return {"plan": asdict(plan), "machine": "test machine", "command": "python x", "depth": depth,
+            "resolution": resolution, "batch": resolution, "energy": {"n/a": "no counters"}, "paper": paper,
+            "largest_cube": cubes, "wall_seconds": 60.0}
+
+
+def test_goal_verdicts_follow_the_figures():
+    met = {g[0]: g[2] for g in goals(_synthetic_result(me_peak_64=10 * MiB, paper_peak=int(0.4e9)))}
+    assert all(v == "met" for v in met.values()), met
+    missed = {g[0]: g[2] for g in goals(_synthetic_result(me_peak_64=50 * MiB, paper_peak=int(0.6e9)))}
+    size = SuitePlan.quick().batch_size_at
+    assert missed[f"peak at {size}³ ≤ 0.15× MONAI plain"] == "**missed**"
+    assert missed[f"peak at {size}³ below MONAI + checkpointing"] == "**missed**"
+    assert missed["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"] == "**missed**"
+    assert missed["step time memory-efficient / plain ≤ 1.4×"] == "met"
+
+
+def test_rendered_report_carries_the_command_tables_and_energy_reason():
+    text = render_suite(_synthetic_result(10 * MiB, int(0.4e9)), "## Quality section\n")
+    assert "`python x`" in text and "no counters" in text and text.rstrip().endswith("## Quality section")
+    size = SuitePlan.quick().batch_size_at
+    assert f"| {size} | IDM memory-efficient | 1.00M | 1.0 | 10 | 1.0 | 1.30 |" in text
+    assert f"{PAPER['parameters'] / 1e6:.1f}M" in text
+
+
+def test_measured_row_has_fewer_stored_bytes_for_the_memory_efficient_idm():
+    plan, budget = SuitePlan.quick(), Budget(None)
+    rows = {n: measure_row(Workload(n, 16, channels=(8, 16), attention_levels=(False, True)), plan, budget,
+                           torch.device("cpu")) for n in ("idm", "idm_plain")}
+    assert rows["idm"]["parameters"] == rows["idm_plain"]["parameters"] > 0
+    assert rows["idm"]["stored_bytes"] < 0.2 * rows["idm_plain"]["stored_bytes"]
+    assert rows["idm"]["peak"]["peak_bytes"] > 0 and rows["idm"]["flops"] > rows["idm_plain"]["flops"]
+    assert measure_row(Workload("idm", 16), plan, Budget(0), None)["skipped"].startswith("skipped")
