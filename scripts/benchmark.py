@@ -37,6 +37,9 @@ from bundle.measure.sweeps import (  # noqa: E402
 from bundle.measure.workload import NETWORKS  # noqa: E402
 from bundle.networks.invertible_unet import as_flags  # noqa: E402
 
+QUALITY_REPORT = "benchmark_quality.md"
+
+
 def _attention_at_last_two(channels: tuple[int, ...]) -> tuple[bool, ...]:
     return tuple(level >= len(channels) - 2 for level in range(len(channels)))
 
@@ -102,8 +105,13 @@ class Benchmark:
         result["quality"] = quality_result
         result["wall_seconds"] = time.perf_counter() - start
         plot_suite(result, out)
-        quality_markdown = (render_quality_markdown(quality_result, result["command"], level=2)
-                            if quality_result else None)
+        if quality_result:
+            quality_markdown = render_quality_markdown(quality_result, result["command"], level=2)
+        elif (out / QUALITY_REPORT).exists():
+            quality_markdown = (f"## Quality at equal budget\n\nNot re-run by this command; the latest comparison "
+                                f"(`python scripts/benchmark.py quality`) is in [{QUALITY_REPORT}]({QUALITY_REPORT}).")
+        else:
+            quality_markdown = None
         report = render_suite(result, quality_markdown)
         (out / "benchmarks.md").write_text(report)
         (out / "benchmarks.json").write_text(json.dumps(result, indent=1))

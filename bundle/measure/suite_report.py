@@ -249,7 +249,7 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
         "post-warm-up baseline (parameters, gradients and optimizer state already allocated), each "
         "configuration in a fresh process: CUDA allocator peak on a GPU, peak RSS on the CPU "
         "(`bundle/measure/peak_memory.py`). **Step s** = median over interleaved repetitions in one fresh "
-        f"process ({plan['repeats']} per network after a warm-up). **GFLOPs** = `FlopCounterMode` over "
+        f"process ({plan['repeats']} per network after a warm-up, glibc's default allocator). **GFLOPs** = `FlopCounterMode` over "
         "forward and backward (the memory-efficient IDM's reconstruction included).",
         "## Goals",
         markdown_table(["goal", "measured", "verdict"], goals(result)),

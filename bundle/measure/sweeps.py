@@ -23,7 +23,7 @@ from .flops import forward_flops, training_step_flops
 from .peak_memory import OUT_OF_MEMORY, measure_peak_in_subprocess
 from .report import parameter_breakdown
 from .saved_bytes import saved_activation_bytes
-from .timing import CACHING_ALLOCATOR_ENV, measure_times_in_subprocess
+from .timing import measure_times_in_subprocess
 from .workload import NETWORKS, Workload, build_network, make_training_step
 
 __all__ = [
@@ -138,7 +138,7 @@ def _time_rows(rows: list[dict], plan: SuitePlan, budget: Budget) -> None:
     if budget.spent or not fitting:
         return
     workloads = [Workload(**{k: r[k] for k in Workload.__dataclass_fields__}) for r in fitting]
-    seconds = measure_times_in_subprocess(workloads, plan.repeats, CACHING_ALLOCATOR_ENV)
+    seconds = measure_times_in_subprocess(workloads, plan.repeats)
     for row in fitting:
         row["step_seconds"] = seconds[row["network"]]
 

@@ -1,9 +1,9 @@
 """Median step time over interleaved repetitions, in a fresh process (DESIGN §5).
 
-The CPU's glibc allocator hands freed memory back to the OS and page-faults it in again on the next
-step; the memory-efficient step frees and reallocates more often, so its time then includes that
-churn. :data:`CACHING_ALLOCATOR_ENV` turns trimming off, which is how PyTorch's CUDA caching
-allocator behaves on a GPU; reports give both.
+The process runs with glibc's default allocator settings, which hand freed memory back to the OS: the
+memory-efficient step then also pays page faults for memory it frees and maps again (a caching
+allocator, as PyTorch's on a GPU, would not), and the process never holds more than one step's working
+set beyond the models, so large cubes can be timed side by side.
 
 Run as ``python -m bundle.measure.timing '<json list of workloads>' REPEATS``; prints one JSON line.
 """
@@ -23,13 +23,8 @@ import torch
 
 from .workload import Workload, build_network, make_training_step
 
-__all__ = ["CACHING_ALLOCATOR_ENV", "interleaved_median_times", "measure_times_in_subprocess"]
+__all__ = ["interleaved_median_times", "measure_times_in_subprocess"]
 
-CACHING_ALLOCATOR_ENV = {
-    "MALLOC_TRIM_THRESHOLD_": str(2**40),
-    "MALLOC_TOP_PAD_": str(2**30),
-    "MALLOC_MMAP_THRESHOLD_": str(2**32 - 1),
-}
 _ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -50,14 +45,12 @@ def interleaved_median_times(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def measure_times_in_subprocess(
-    workloads: Sequence[Workload], repeats: int, env: Mapping[str, str] | None = None, timeout: float = 3600
-) -> dict[str, float]:
-    """Median step seconds per workload network, measured together in one fresh process with ``env``."""
+def measure_times_in_subprocess(workloads: Sequence[Workload], repeats: int, timeout: float = 3600) -> dict[str, float]:
+    """Median step seconds per workload network, measured together in one fresh process."""
     proc = subprocess.run(
         [sys.executable, "-m", "bundle.measure.timing", json.dumps([w.to_dict() for w in workloads]), str(repeats)],
         capture_output=True, text=True, timeout=timeout, cwd=_ROOT,
-        env={**os.environ, **(env or {}), "PYTHONPATH": str(_ROOT)},
+        env={**os.environ, "PYTHONPATH": str(_ROOT)},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"timing subprocess failed: {proc.stderr.strip()[-2000:]}")
