@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 
-__all__ = ["proc_status_bytes"]
+__all__ = ["proc_status_bytes", "return_freed_memory_to_os"]
 
 
 def proc_status_bytes(field: str) -> int | None:
@@ -16,3 +18,19 @@ def proc_status_bytes(field: str) -> int | None:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return None
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+
+
+def return_freed_memory_to_os(threshold_bytes: int = 65536) -> bool:
+    """Makes glibc map allocations of ``threshold_bytes`` or more separately, so that freeing them gives the
+    memory back to the OS (what ``MALLOC_MMAP_THRESHOLD_`` does at start-up; by default glibc raises the
+    threshold after large frees and then keeps freed tensors in its heap). False where glibc is absent."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    except AttributeError:  # a C library without mallopt
+        return False

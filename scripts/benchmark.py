@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bundle.measure.quality import compare_quality, render_quality_markdown, write_quality_report  # noqa: E402
 from bundle.measure.report import machine_description  # noqa: E402
+from bundle.process_memory import return_freed_memory_to_os  # noqa: E402
 from bundle.measure.suite_report import cube_limits, plot_suite, render_suite  # noqa: E402
 from bundle.measure.sweeps import (  # noqa: E402
     Budget,
@@ -90,6 +91,7 @@ class Benchmark:
         out = Path(output_dir or ("runs/benchmarks_gpu" if gpu else "runs/benchmarks_quick" if quick else "docs"))
         out.mkdir(parents=True, exist_ok=True)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return_freed_memory_to_os()  # this process counts stored bytes at every size, the largest last
         budget, start = Budget(plan.budget_seconds), time.perf_counter()
         count = len(NETWORKS) * (len(plan.depths) + len(plan.sizes) + len(plan.batch_sizes) + 1)
         with tqdm(total=count, desc="benchmark suite") as progress:

@@ -125,3 +125,15 @@ def test_measured_row_has_fewer_stored_bytes_for_the_memory_efficient_idm():
     assert rows["idm"]["stored_bytes"] < 0.2 * rows["idm_plain"]["stored_bytes"]
     assert rows["idm"]["peak"]["peak_bytes"] > 0 and rows["idm"]["flops"] > rows["idm_plain"]["flops"]
     assert measure_row(Workload("idm", 16), plan, Budget(0), None)["skipped"].startswith("skipped")
+
+
+def test_freed_tensors_go_back_to_the_os_after_mallopt():
+    from bundle.process_memory import proc_status_bytes, return_freed_memory_to_os
+
+    assert return_freed_memory_to_os()
+    before = proc_status_bytes("VmRSS")
+    tensors = [torch.ones(2**18) for _ in range(256)]  # 256 MiB in 1 MiB tensors
+    held = proc_status_bytes("VmRSS")
+    del tensors
+    assert held - before > 200 * MiB
+    assert proc_status_bytes("VmRSS") - before < 50 * MiB

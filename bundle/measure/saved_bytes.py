@@ -28,7 +28,9 @@ def saved_activation_bytes(forward: Callable[[], torch.Tensor], model: nn.Module
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in excluded:
             storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # detached: a saved output returned with its grad_fn would form a reference cycle with its own
+        # node that is never freed (the graph, and every tensor it saved, would leak)
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = forward()

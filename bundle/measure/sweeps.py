@@ -78,7 +78,7 @@ class SuitePlan:
     sizes: tuple[int, ...] = (32, 48, 64, 96, 128)
     batch_sizes: tuple[int, ...] = (1, 2, 4)
     batch_size_at: int = 64
-    repeats: int = 3
+    repeats: int = 2
     energy_seconds: float = 120.0
     paper_peak: bool = True
     quality_epochs: int = 16

@@ -1,9 +1,10 @@
 """Median step time over interleaved repetitions, in a fresh process (DESIGN §5).
 
-The process runs with glibc's default allocator settings, which hand freed memory back to the OS: the
-memory-efficient step then also pays page faults for memory it frees and maps again (a caching
-allocator, as PyTorch's on a GPU, would not), and the process never holds more than one step's working
-set beyond the models, so large cubes can be timed side by side.
+The process runs with ``MALLOC_MMAP_THRESHOLD_=65536``, as the peak-memory process does: tensors are
+mapped and unmapped, so freed memory goes back to the OS and the process holds no more than one step's
+working set beyond the models (glibc's default would keep growing its heap, and four networks timed
+side by side at 128³ would not fit in 24 GiB). Every step then pays page faults for the memory it
+allocates, the memory-hungry steps the most.
 
 Run as ``python -m bundle.measure.timing '<json list of workloads>' REPEATS``; prints one JSON line.
 """
@@ -50,7 +51,7 @@ def measure_times_in_subprocess(workloads: Sequence[Workload], repeats: int, tim
     proc = subprocess.run(
         [sys.executable, "-m", "bundle.measure.timing", json.dumps([w.to_dict() for w in workloads]), str(repeats)],
         capture_output=True, text=True, timeout=timeout, cwd=_ROOT,
-        env={**os.environ, "PYTHONPATH": str(_ROOT)},
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(_ROOT)},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"timing subprocess failed: {proc.stderr.strip()[-2000:]}")
