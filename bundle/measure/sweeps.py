@@ -15,8 +15,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bundle.networks import InvertibleDiffusionUNet
-
 from .baselines import count_parameters
 from .energy import find_energy_counter, measure_energy
 from .flops import forward_flops, training_step_flops
@@ -227,11 +225,7 @@ def paper_configuration(plan: SuitePlan, budget: Budget) -> dict:
     16 bytes/parameter floor of weights, gradients and AdamW state."""
     workload: Workload = PAPER["workload"]
     with torch.device("meta"):
-        model = InvertibleDiffusionUNet(
-            workload.spatial_dims, workload.in_channels, workload.in_channels, workload.channels,
-            workload.num_blocks, workload.attention_levels,
-        )
-    breakdown = parameter_breakdown(model)
+        breakdown = parameter_breakdown(build_network(workload))
     result = {
         "workload": workload.to_dict(),
         "parameters": breakdown,
