@@ -10,6 +10,7 @@ from .engine import (
     InvertibleSequence,
     InvertibleStep,
     OnTensor,
+    on_tensor_steps,
 )
 from .idm import InvertibleDiffusionUNet
 from .invertible_unet import InvertibleUNet, SkipSplit, skip_channels
@@ -34,6 +35,7 @@ __all__ = [
     "SkipSplit",
     "checkerboard_indices",
     "haar_matrix",
+    "on_tensor_steps",
     "skew_exp",
     "skip_channels",
 ]

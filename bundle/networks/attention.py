@@ -113,6 +113,19 @@ class InvertibleAttention(CouplingLayer):
     def uncombine(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self._update(y, h, torch.div)
 
+    def combine_grad_h(self, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+        """``∂L/∂f = ∂L/∂a ⊙ y₂`` on the modified voxels, (B, C, N/2)."""
+        modified_idx = self._indices(x)[1]
+        return grad_y.flatten(2).index_select(2, modified_idx) * x.flatten(2).index_select(2, modified_idx)
+
+    def combine_grad_x(self, h: torch.Tensor, grad_y: torch.Tensor, grad_kept: torch.Tensor | None) -> torch.Tensor:
+        """``∂L/∂y₂ = ∂L/∂a ⊙ f(y₁)``; ``∂L/∂y₁`` passes through and gains ``grad_kept`` (through f)."""
+        kept_idx, modified_idx = self._indices(grad_y)
+        grad_x = self._update(grad_y, h, torch.mul)
+        if grad_kept is not None:
+            grad_x.flatten(2).index_add_(2, kept_idx, grad_kept)
+        return grad_x
+
     def _update(self, x: torch.Tensor, h: torch.Tensor, op) -> torch.Tensor:
         modified_idx = self._indices(x)[1]
         flat = x.flatten(2)

@@ -72,7 +72,8 @@ class HalfCoupling(CouplingLayer):
 
     def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(updated half, kept half)."""
-        first, second = x.chunk(2, dim=1)
+        half = x.shape[1] // 2
+        first, second = x.narrow(1, 0, half), x.narrow(1, half, half)  # views that may be updated in place
         return (first, second) if self.update == "first" else (second, first)
 
     def _join(self, updated: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -85,12 +86,22 @@ class HalfCoupling(CouplingLayer):
         return self.function(kept, cond)
 
     def combine(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        updated, kept = self._halves(x)
-        return self._join(updated + h, kept)
+        y = x.clone()
+        self._halves(y)[0].add_(h)
+        return y
 
     def uncombine(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         updated, kept = self._halves(y)
         return self._join(updated - h, kept)
+
+    def combine_grad_h(self, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+        """``∂L/∂h = ∂L/∂y_updated``."""
+        return self._halves(grad_y)[0]
+
+    def combine_grad_x(self, h: torch.Tensor, grad_y: torch.Tensor, grad_kept: torch.Tensor | None) -> torch.Tensor:
+        """``∂L/∂x_updated = ∂L/∂y_updated``, ``∂L/∂x_kept = ∂L/∂y_kept + ∂L/∂kept`` (through F)."""
+        updated, kept = self._halves(grad_y)
+        return self._join(updated, kept if grad_kept is None else kept + grad_kept)
 
 
 class AdditiveCoupling(InvertibleChain):

@@ -40,6 +40,7 @@ __all__ = [
     "InverseOf",
     "InvertibleStep",
     "OnTensor",
+    "on_tensor_steps",
     "InvertibleSequence",
 ]
 
@@ -139,11 +140,19 @@ class InvertibleChain(InvertibleModule):
 
 class CouplingLayer(InvertibleModule):
     """``y = combine(x, h)`` with ``h = conditioner(kept(x), cond)`` and ``kept(y) = kept(x)``;
-    ``x = uncombine(y, h)``. ``combine`` must be cheap and elementwise-invertible given ``h``.
+    ``x = uncombine(y, h)``. ``combine`` must be cheap and elementwise-invertible given ``h``, and the
+    conditioner must treat the samples of a batch independently (GroupNorm, not BatchNorm).
 
     Its reverse step evaluates ``h`` once from ``kept(y)`` under autograd and uses it both to rebuild
-    ``x`` and to differentiate; the gradient reaching the kept part through ``h`` is added back.
+    ``x`` and to differentiate. ``combine`` itself is differentiated by hand (:meth:`combine_grad_h`,
+    :meth:`combine_grad_x`), so the reverse step allocates only ``x`` and its gradient at the state's
+    size. Without autograd (the engine's forward pass, inversion) and in the reverse step, the batch
+    goes through the conditioner in chunks of at most :attr:`chunk_elements` state elements (one
+    sample at a time when a sample is larger): the conditioner's activations, the largest working set
+    of a training step, are then those of one chunk. The results do not depend on the chunking.
     """
+
+    chunk_elements: int = 2**22  # 16 MiB of float32 state per chunk; a sample is never split
 
     @abstractmethod
     def kept(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -157,28 +166,74 @@ class CouplingLayer(InvertibleModule):
     @abstractmethod
     def uncombine(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor: ...
 
+    @abstractmethod
+    def combine_grad_h(self, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+        """``(∂combine(x, h)/∂h)ᵀ grad_y``, shaped like ``h``."""
+
+    @abstractmethod
+    def combine_grad_x(self, h: torch.Tensor, grad_y: torch.Tensor, grad_kept: torch.Tensor | None) -> torch.Tensor:
+        """The input gradient ``(∂combine(x, h)/∂x)ᵀ grad_y + (∂kept(x)/∂x)ᵀ grad_kept`` (``h`` held
+        fixed; ``grad_kept`` is the gradient that reached ``kept(x)`` through ``h``, or None), as a new
+        tensor shaped like ``x``."""
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.combine(x, self.conditioner(self.kept(x), cond))
+        return self._apply_in_chunks(x, cond, self.combine)
 
     def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.uncombine(y, self.conditioner(self.kept(y), cond))
+        return self._apply_in_chunks(y, cond, self.uncombine)
+
+    def _row_chunks(self, x: torch.Tensor, cond: torch.Tensor | None) -> list[tuple[slice, slice]]:
+        """``(rows of x, rows of cond)`` per chunk of at most :attr:`chunk_elements` (at least one sample);
+        a condition with one row is broadcast to every chunk."""
+        batch = x.shape[0]
+        rows_per_chunk = max(1, self.chunk_elements // max(1, x[0].numel()))
+        per_sample = cond is not None and cond.shape[0] == batch
+        return [(rows, rows if per_sample else slice(None))
+                for rows in (slice(start, start + rows_per_chunk) for start in range(0, batch, rows_per_chunk))]
+
+    def _apply_in_chunks(self, x: torch.Tensor, cond: torch.Tensor | None, combine: Callable) -> torch.Tensor:
+        """``combine(x, conditioner(kept(x), cond))``; without autograd, chunk by chunk into one output."""
+        chunks = self._row_chunks(x, cond)
+        if torch.is_grad_enabled() or len(chunks) == 1:
+            return combine(x, self.conditioner(self.kept(x), cond))
+        out = torch.empty_like(x)
+        for rows, cond_rows in chunks:
+            part = x[rows]
+            out[rows] = combine(part, self.conditioner(self.kept(part), None if cond is None else cond[cond_rows]))
+        return out
 
     def reverse(self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None) -> ReverseResult:
+        params = _trainable(self)
+        chunks = self._row_chunks(y, cond)
+        if len(chunks) == 1:
+            x, grad_x, grad_cond, grad_params = self._reverse_chunk(y, grad_y, cond, params)
+            return (x,), (grad_x,), grad_cond, grad_params
+        x, grad_x = torch.empty_like(y), torch.empty_like(grad_y)
+        grad_cond = torch.zeros_like(cond) if cond is not None and cond.requires_grad else None
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        for rows, cond_rows in chunks:
+            chunk_cond = None if cond is None else _leaf(cond[cond_rows]).requires_grad_(cond.requires_grad)
+            x[rows], grad_x[rows], g_cond, g_params = self._reverse_chunk(y[rows], grad_y[rows], chunk_cond, params)
+            if grad_cond is not None and g_cond is not None:
+                grad_cond[cond_rows] += g_cond
+            grad_params = [g if total is None else total if g is None else total.add_(g)
+                           for total, g in zip(grad_params, g_params)]
+        return (x,), (grad_x,), grad_cond, grad_params
+
+    def _reverse_chunk(
+        self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None, params: Sequence[nn.Parameter]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+        """``(x, ∂L/∂x, ∂L/∂cond, ∂L/∂params)`` of the samples in ``y``; ``h`` is evaluated once."""
         kept = _leaf(self.kept(y))
         with torch.enable_grad():
             h = self.conditioner(kept, cond)
         with torch.no_grad():
-            x = _leaf(self.uncombine(y, h))
-        with torch.enable_grad():
-            y_recomputed = self.combine(x, h)
-        (grad_x, grad_kept), grad_cond, grad_params = _vector_jacobian(
-            [y_recomputed], [grad_y], [x, kept], cond, _trainable(self)
-        )
-        grad_x = torch.zeros_like(x) if grad_x is None else grad_x
-        if grad_kept is not None:
-            with torch.enable_grad():
-                grad_x = grad_x + torch.autograd.grad(self.kept(x), x, grad_kept)[0]
-        return (x.detach(),), (grad_x,), grad_cond, grad_params
+            x = self.uncombine(y, h)
+            grad_h = self.combine_grad_h(x, grad_y)
+        (grad_kept,), grad_cond, grad_params = _vector_jacobian([h], [grad_h], [kept], cond, params)
+        with torch.no_grad():
+            grad_x = self.combine_grad_x(h, grad_y, grad_kept)
+        return x, grad_x, grad_cond, grad_params
 
 
 class InverseOf(InvertibleModule):
@@ -233,6 +288,14 @@ class OnTensor(InvertibleStep):
     def reverse(self, state: State, grad_state: State, cond: torch.Tensor | None) -> ReverseResult:
         (x,), (grad_x,), grad_cond, grad_params = self.layer.reverse(state[self.index], grad_state[self.index], cond)
         return self._replace(state, x), self._replace(grad_state, grad_x), grad_cond, grad_params
+
+
+def on_tensor_steps(layer: InvertibleModule, index: int = 0) -> list[InvertibleStep]:
+    """``layer`` applied to ``state[index]``, as steps of an :class:`InvertibleSequence`: one step per link
+    of an :class:`InvertibleChain` (the engine keeps a step's output and output gradient alive until the
+    step's reverse returns, so a chain reversed as one step would hold two links' tensors at once)."""
+    links = layer.layers if isinstance(layer, InvertibleChain) else [layer]
+    return [OnTensor(link, index) for link in links]
 
 
 def _run(steps: Sequence[InvertibleStep], state: State, cond: torch.Tensor | None, reverse: bool) -> State:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .attention import InvertibleAttention
 from .coupling import AdditiveCoupling
-from .engine import InverseOf, InvertibleSequence, InvertibleStep, OnTensor, State
+from .engine import InverseOf, InvertibleSequence, InvertibleStep, OnTensor, State, on_tensor_steps
 from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling
 
 __all__ = ["SkipSplit", "as_flags", "skip_channels", "InvertibleUNet"]
@@ -162,7 +162,7 @@ class InvertibleUNet(nn.Module):
             for _ in range(num_blocks):
                 if channel_mixing:
                     steps.append(OnTensor(OrthogonalChannelMixing(spatial_dims, width)))
-                steps.append(OnTensor(AdditiveCoupling(spatial_dims, width, cond_dim)))
+                steps += on_tensor_steps(AdditiveCoupling(spatial_dims, width, cond_dim))
             return steps
 
         def attention(width: int, index: int) -> list[InvertibleStep]:

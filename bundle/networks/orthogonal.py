@@ -9,7 +9,7 @@ import torch
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 from torch import nn
 
-from .engine import InvertibleModule
+from .engine import InvertibleModule, ReverseResult
 
 __all__ = ["skew_exp", "haar_matrix", "OrthogonalChannelMixing", "OrthogonalDownsampling"]
 
@@ -54,11 +54,31 @@ class OrthogonalChannelMixing(InvertibleModule):
     def matrix(self) -> torch.Tensor:
         return skew_exp(self.generator)
 
+    @staticmethod
+    def _mix(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``matrix @ x`` over the channels of x (B, C, *S): one batched matrix product, no copy of x (and
+        the same kernel with or without autograd, so both give the same bits)."""
+        return torch.bmm(matrix.expand(x.shape[0], -1, -1), x.flatten(2)).view_as(x)
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.einsum("oc,bc...->bo...", self.matrix().to(x.dtype), x)
+        return self._mix(self.matrix().to(x.dtype), x)
 
     def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.einsum("co,bc...->bo...", self.matrix().to(y.dtype), y)
+        return self._mix(self.matrix().to(y.dtype).T, y)
+
+    def reverse(self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None) -> ReverseResult:
+        """``x = Qᵀy``, ``∂L/∂x = Qᵀ ∂L/∂y`` and ``∂L/∂Q = Σ_b,s ∂L/∂y xᵀ`` by hand (no recomputation of
+        ``Qx`` under autograd), then ``∂L/∂A`` through the matrix exponential by autograd."""
+        generator = self.generator
+        with torch.enable_grad():
+            matrix = self.matrix()
+        with torch.no_grad():
+            q_t = matrix.detach().to(y.dtype).T
+            x, grad_x = self._mix(q_t, y), self._mix(q_t, grad_y)
+            grad_matrix = sum(g @ xb.T for g, xb in zip(grad_y.flatten(2), x.flatten(2)))
+        if not generator.requires_grad:
+            return (x,), (grad_x,), None, []
+        return (x,), (grad_x,), None, list(torch.autograd.grad(matrix, [generator], grad_matrix.to(matrix.dtype)))
 
 
 class OrthogonalDownsampling(InvertibleModule):
