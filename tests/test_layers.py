@@ -151,38 +151,43 @@ def test_alpha_default_is_ln2():
 def test_coupling_reverse_matches_plain_autograd_in_any_batch_chunks(name, rows_per_chunk, cond_batch):
     """The engine's reverse step (rebuild x, then its gradients, the condition's and the parameters') and
     the forward/inverse without autograd: whole batch, one sample at a time, in uneven chunks (2 + 1
-    samples) and with one broadcast condition."""
+    samples) and with one broadcast condition; into copies, or overwriting y and ∂L/∂y."""
     torch.manual_seed(2)
     layer, channels, conditioned = make_layer(name, 3)
     redraw_zero_init_(layer, std=0.3).double()
-    halves = list(layer.layers) if name == "coupling" else [layer]
+    links = list(layer.layers) if name == "coupling" else [layer]
     x = torch.randn(3, channels, 4, 4, 4, dtype=torch.float64)
-    if rows_per_chunk is not None:
-        for half in halves:
-            half.chunk_elements = rows_per_chunk * x[0].numel()
     chunks = []
-    for half in halves:
-        original = half._reverse_chunk
-        half._reverse_chunk = lambda y, *args, _original=original: chunks.append(y.shape[0]) or _original(y, *args)
+    for link in links:
+        if rows_per_chunk is not None:
+            link.chunk_elements = rows_per_chunk * x[0].numel()
+        original = link._reverse_chunk_
+        link._reverse_chunk_ = lambda y, *args, _original=original: chunks.append(y.shape[0]) or _original(y, *args)
     cond = torch.randn(cond_batch, COND_DIM, dtype=torch.float64, requires_grad=True) if conditioned else None
     grad_y = torch.randn_like(x)
     params = list(layer.parameters())
     x_leaf = x.clone().requires_grad_(True)
     y = layer(x_leaf, cond)
     expected = torch.autograd.grad(y, [x_leaf, *([cond] if conditioned else []), *params], grad_y)
+    y = y.detach()
     with torch.no_grad():
-        (x_rebuilt,), (grad_x,), grad_cond, grad_params = layer.reverse(y.detach(), grad_y, cond)
         assert relative_error(layer(x, cond), y) < 1e-12  # forward and inverse without autograd, chunked alike
         assert relative_error(layer.inverse(y, cond), x) < 1e-12
-    assert chunks == {None: [3], 1: [1, 1, 1], 2: [2, 1]}[rows_per_chunk] * len(halves)
-    assert relative_error(x_rebuilt, x) < 1e-12
-    assert relative_error(grad_x, expected[0]) < 1e-12
-    if conditioned:
-        assert grad_cond.shape == cond.shape and relative_error(grad_cond, expected[1]) < 1e-12
-    else:
-        assert grad_cond is None
-    for g, e in zip(grad_params, expected[1 + conditioned:]):
-        assert e.norm() > 0 and relative_error(g, e) < 1e-12
+        y_kept, grad_y_kept = y.clone(), grad_y.clone()
+        results = layer.reverse(y, grad_y, cond)
+        assert torch.equal(y, y_kept) and torch.equal(grad_y, grad_y_kept)  # not told it may overwrite them
+        overwritten = layer.reverse(y, grad_y, cond, overwrite=True)
+        assert overwritten[0][0] is y and overwritten[1][0] is grad_y  # now x and ∂L/∂x, in place
+    assert chunks == {None: [3], 1: [1, 1, 1], 2: [2, 1]}[rows_per_chunk] * len(links) * 2
+    for (x_rebuilt,), (grad_x,), grad_cond, grad_params in (results, overwritten):
+        assert relative_error(x_rebuilt, x) < 1e-12
+        assert relative_error(grad_x, expected[0]) < 1e-12
+        if conditioned:
+            assert grad_cond.shape == cond.shape and relative_error(grad_cond, expected[1]) < 1e-12
+        else:
+            assert grad_cond is None
+        for g, e in zip(grad_params, expected[1 + conditioned:]):
+            assert e.norm() > 0 and relative_error(g, e) < 1e-12
 
 
 def test_channel_mixing_reverse_matches_plain_autograd():
@@ -194,9 +199,13 @@ def test_channel_mixing_reverse_matches_plain_autograd():
     y = layer(x)
     grad_y = torch.randn_like(y)
     expected = torch.autograd.grad(y, [x, layer.generator], grad_y)
+    y = y.detach()
     with torch.no_grad():
-        (x_rebuilt,), (grad_x,), grad_cond, (grad_generator,) = layer.reverse(y.detach(), grad_y, None)
-    assert grad_cond is None
-    assert relative_error(x_rebuilt, x) < 1e-12
-    assert relative_error(grad_x, expected[0]) < 1e-12
-    assert expected[1].norm() > 0 and relative_error(grad_generator, expected[1]) < 1e-12
+        results = layer.reverse(y.clone(), grad_y.clone(), None)
+        overwritten = layer.reverse(y, grad_y, None, overwrite=True)
+    assert overwritten[0][0] is y and overwritten[1][0] is grad_y
+    for (x_rebuilt,), (grad_x,), grad_cond, (grad_generator,) in (results, overwritten):
+        assert grad_cond is None
+        assert relative_error(x_rebuilt, x) < 1e-12
+        assert relative_error(grad_x, expected[0]) < 1e-12
+        assert expected[1].norm() > 0 and relative_error(grad_generator, expected[1]) < 1e-12

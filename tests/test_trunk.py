@@ -7,7 +7,7 @@ import torch
 from conftest import redraw_zero_init_, relative_error
 
 from bundle.measure import saved_activation_bytes
-from bundle.networks import InvertibleUNet, OnTensor, skip_channels
+from bundle.networks import InvertibleUNet, SkipSplit, skip_channels
 
 CHANNELS = (8, 16, 32, 64)  # 4 levels in 3D
 ATTENTION = (False, False, True, True)  # the deepest two
@@ -102,10 +102,11 @@ def test_backward_reconstructs_each_step_once_and_stores_only_the_output(monkeyp
     stored = saved_activation_bytes(lambda: trunk(x, cond), trunk)
     assert stored == out.numel() * 4 + cond.numel() * 4  # the output state and the condition
     out.sum().backward()
-    # OnTensor steps delegate to their layer's reverse; the split/merge steps invert and recompute
-    generic = sum(not isinstance(step, OnTensor) for step in trunk.sequence.steps)
-    assert generic > 0
-    assert calls == {"inverse": generic, "reverse": len(trunk.sequence.steps)}
+    # every step is reversed once; the split/merge steps' reverse is their inverse applied to the state and
+    # to its gradient (data movement), the other steps' reverse does not call their inverse
+    splits = sum(isinstance(step, SkipSplit) for step in trunk.sequence.steps)
+    assert splits > 0
+    assert calls == {"inverse": 2 * splits, "reverse": len(trunk.sequence.steps)}
 
 
 def test_invalid_schedules_name_a_valid_one():
@@ -140,3 +141,39 @@ def test_attention_flags_from_the_command_line_are_parsed():
     assert trunk.attention_levels == (False, True, True)
     with pytest.raises(ValueError, match="true/false"):
         InvertibleUNet(3, (8, 16, 32), 1, ["no", "yes", "yes"])
+
+
+def test_backward_leaves_the_output_and_the_gradients_it_was_given_intact():
+    """Steps overwrite the states and gradients that the engine owns, never the output state (the caller
+    holds it) or the output gradient (here autograd hands the same tensor to ``z.grad``); a retained
+    graph back-propagates twice to the same gradients."""
+    trunk = make_trunk()
+    x = torch.randn(2, CHANNELS[0], 16, 16, 16, requires_grad=True)
+    cond, weight = torch.randn(2, 6), torch.randn(2, CHANNELS[0], 16, 16, 16)
+    out = trunk(x, cond)
+    out_before = out.detach().clone()
+    z = torch.zeros_like(out, requires_grad=True)
+    loss = ((out + z) * weight).sum()
+    loss.backward(retain_graph=True)
+    assert torch.equal(out, out_before)
+    assert torch.equal(z.grad, weight)
+    first = [x.grad.clone()] + [p.grad.clone() for p in trunk.parameters()]
+    x.grad = None
+    trunk.zero_grad(set_to_none=True)
+    loss.backward()
+    for g_first, g_second in zip(first, [x.grad] + [p.grad for p in trunk.parameters()]):
+        assert torch.equal(g_first, g_second)
+
+
+def test_handed_over_output_gives_the_same_gradients_and_refuses_a_second_backward():
+    trunk = make_trunk()
+    x, weight = torch.randn(2, CHANNELS[0], 16, 16, 16), torch.randn(2, CHANNELS[0], 16, 16, 16)
+    cond = torch.randn(2, 6)
+    _, expected = _gradients(trunk, x, cond, weight)
+    x_leaf, cond_leaf = x.clone().requires_grad_(True), cond.clone().requires_grad_(True)
+    loss = (trunk(x_leaf, cond_leaf, hand_over_output=True) * weight).sum()
+    grads = torch.autograd.grad(loss, [x_leaf, cond_leaf, *trunk.parameters()], retain_graph=True)
+    for g, e in zip(grads, expected):
+        assert torch.equal(g, e)
+    with pytest.raises(RuntimeError, match="hand_over_output=True.*cannot be back-propagated twice"):
+        loss.backward()

@@ -100,6 +100,11 @@ class InvertibleAttention(CouplingLayer):
         attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
         return torch.exp(self.alpha * torch.tanh(self.out(attended))).transpose(1, 2)
 
+    @staticmethod
+    def _tokens(x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, *S) as (B, C, N), a view (in-place updates reach x; raises where no view exists)."""
+        return x.view(*x.shape[:2], -1)
+
     def kept(self, x: torch.Tensor) -> torch.Tensor:
         """y₁: the kept voxels as tokens, (B, C, N/2)."""
         return x.flatten(2).index_select(2, self._indices(x)[0])
@@ -108,25 +113,29 @@ class InvertibleAttention(CouplingLayer):
         return self.weights(kept)
 
     def combine(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self._update(x, h, torch.mul)
-
-    def uncombine(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self._update(y, h, torch.div)
-
-    def combine_grad_h(self, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
-        """``∂L/∂f = ∂L/∂a ⊙ y₂`` on the modified voxels, (B, C, N/2)."""
+        """``a = y₂ ⊙ f(y₁)`` (Eq. 2) on the modified voxels; the kept ones are copied."""
         modified_idx = self._indices(x)[1]
-        return grad_y.flatten(2).index_select(2, modified_idx) * x.flatten(2).index_select(2, modified_idx)
+        tokens = x.flatten(2)
+        return tokens.index_copy(2, modified_idx, tokens.index_select(2, modified_idx) * h).view_as(x)
 
-    def combine_grad_x(self, h: torch.Tensor, grad_y: torch.Tensor, grad_kept: torch.Tensor | None) -> torch.Tensor:
+    def uncombine_(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``y₂ = a ⊘ f(y₁)`` in place."""
+        modified_idx = self._indices(y)[1]
+        tokens = self._tokens(y)
+        tokens.index_copy_(2, modified_idx, tokens.index_select(2, modified_idx) / h)
+        return y
+
+    def combine_grad_h(self, y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+        """``∂L/∂f = ∂L/∂a ⊙ y₂ = ∂L/∂a ⊙ a ⊘ f`` on the modified voxels, (B, C, N/2)."""
+        modified_idx = self._indices(y)[1]
+        modified_grad = grad_y.flatten(2).index_select(2, modified_idx)
+        return modified_grad * y.flatten(2).index_select(2, modified_idx) / h
+
+    def combine_grad_x_(self, h: torch.Tensor, grad_y: torch.Tensor, grad_kept: torch.Tensor | None) -> torch.Tensor:
         """``∂L/∂y₂ = ∂L/∂a ⊙ f(y₁)``; ``∂L/∂y₁`` passes through and gains ``grad_kept`` (through f)."""
         kept_idx, modified_idx = self._indices(grad_y)
-        grad_x = self._update(grad_y, h, torch.mul)
+        tokens = self._tokens(grad_y)
+        tokens.index_copy_(2, modified_idx, tokens.index_select(2, modified_idx) * h)
         if grad_kept is not None:
-            grad_x.flatten(2).index_add_(2, kept_idx, grad_kept)
-        return grad_x
-
-    def _update(self, x: torch.Tensor, h: torch.Tensor, op) -> torch.Tensor:
-        modified_idx = self._indices(x)[1]
-        flat = x.flatten(2)
-        return flat.index_copy(2, modified_idx, op(flat.index_select(2, modified_idx), h)).reshape(x.shape)
+            tokens.index_add_(2, kept_idx, grad_kept)
+        return grad_y

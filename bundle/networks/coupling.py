@@ -90,18 +90,19 @@ class HalfCoupling(CouplingLayer):
         self._halves(y)[0].add_(h)
         return y
 
-    def uncombine(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        updated, kept = self._halves(y)
-        return self._join(updated - h, kept)
+    def uncombine_(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        self._halves(y)[0].sub_(h)
+        return y
 
-    def combine_grad_h(self, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    def combine_grad_h(self, y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
         """``∂L/∂h = ∂L/∂y_updated``."""
         return self._halves(grad_y)[0]
 
-    def combine_grad_x(self, h: torch.Tensor, grad_y: torch.Tensor, grad_kept: torch.Tensor | None) -> torch.Tensor:
+    def combine_grad_x_(self, h: torch.Tensor, grad_y: torch.Tensor, grad_kept: torch.Tensor | None) -> torch.Tensor:
         """``∂L/∂x_updated = ∂L/∂y_updated``, ``∂L/∂x_kept = ∂L/∂y_kept + ∂L/∂kept`` (through F)."""
-        updated, kept = self._halves(grad_y)
-        return self._join(updated, kept if grad_kept is None else kept + grad_kept)
+        if grad_kept is not None:
+            self._halves(grad_y)[1].add_(grad_kept)
+        return grad_y
 
 
 class AdditiveCoupling(InvertibleChain):

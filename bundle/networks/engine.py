@@ -19,8 +19,11 @@ Each step is its own autograd function whose inputs are the state, the condition
 parameters; only the last step saves its output, and each step's backward hands the state it rebuilt
 to the step before it. Parameter gradients are returned step by step, so they reach ``.grad`` through
 ordinary ``AccumulateGrad`` nodes as soon as their step is reversed (no more than one step's gradients
-are in flight, whatever the depth) and the hooks of ``DistributedDataParallel`` fire as with any module. ``memory_efficient=False`` runs the same steps
-under plain autograd: it is the reference the gradient tests compare against.
+are in flight, whatever the depth) and the hooks of ``DistributedDataParallel`` fire as with any module.
+Couplings and channel mixings rebuild their input in the memory of their output, and the input gradient
+in that of the output gradient, wherever the sequence owns those tensors: for every step but the last,
+and for the last too when the caller hands the output over. ``memory_efficient=False`` runs the same
+steps under plain autograd: it is the reference the gradient tests compare against.
 """
 
 from __future__ import annotations
@@ -104,9 +107,12 @@ class InvertibleModule(nn.Module, ABC):
     @abstractmethod
     def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor: ...
 
-    def reverse(self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None) -> ReverseResult:
+    def reverse(
+        self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None, overwrite: bool = False
+    ) -> ReverseResult:
         """Rebuilds the input from ``y`` and back-propagates ``grad_y`` through this layer (see the
-        module docstring); results are one-tensor states."""
+        module docstring); results are one-tensor states. With ``overwrite`` the layer may write its
+        results into ``y`` and ``grad_y`` (the engine passes it for tensors that nothing else holds)."""
         return recompute_reverse(
             lambda s, c: (self(s[0], c),), lambda s, c: (self.inverse(s[0], c),), _trainable(self), (y,), (grad_y,), cond
         )
@@ -129,10 +135,12 @@ class InvertibleChain(InvertibleModule):
             y = layer.inverse(y, cond)
         return y
 
-    def reverse(self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None) -> ReverseResult:
+    def reverse(
+        self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None, overwrite: bool = False
+    ) -> ReverseResult:
         grad_cond, grad_params = None, []
-        for layer in reversed(self.layers):
-            (y,), (grad_y,), g_cond, g_params = layer.reverse(y, grad_y, cond)
+        for position, layer in enumerate(reversed(self.layers)):  # later links get the earlier links' results
+            (y,), (grad_y,), g_cond, g_params = layer.reverse(y, grad_y, cond, overwrite or position > 0)
             grad_cond = g_cond if grad_cond is None else grad_cond if g_cond is None else grad_cond + g_cond
             grad_params = g_params + grad_params
         return (y,), (grad_y,), grad_cond, grad_params
@@ -145,11 +153,12 @@ class CouplingLayer(InvertibleModule):
 
     Its reverse step evaluates ``h`` once from ``kept(y)`` under autograd and uses it both to rebuild
     ``x`` and to differentiate. ``combine`` itself is differentiated by hand (:meth:`combine_grad_h`,
-    :meth:`combine_grad_x`), so the reverse step allocates only ``x`` and its gradient at the state's
-    size. Without autograd (the engine's forward pass, inversion) and in the reverse step, the batch
-    goes through the conditioner in chunks of at most :attr:`chunk_elements` state elements (one
-    sample at a time when a sample is larger): the conditioner's activations, the largest working set
-    of a training step, are then those of one chunk. The results do not depend on the chunking.
+    :meth:`combine_grad_x_`), and ``x`` and its gradient are written into ``y`` and ``grad_y`` (into
+    copies of them unless the engine says they may be overwritten), so the reverse step allocates
+    nothing at the state's size. Without autograd (the engine's forward pass, inversion) and in the
+    reverse step, the batch goes through the conditioner in chunks of at most :attr:`chunk_elements`
+    state elements (one sample at a time when a sample is larger): the conditioner's activations, the
+    largest working set of a training step, are then those of one chunk. Results do not depend on it.
     """
 
     chunk_elements: int = 2**22  # 16 MiB of float32 state per chunk; a sample is never split
@@ -164,17 +173,21 @@ class CouplingLayer(InvertibleModule):
     def combine(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def uncombine(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor: ...
+    def uncombine_(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Turns ``y`` into ``x = uncombine(y, h)`` in place and returns it."""
 
     @abstractmethod
-    def combine_grad_h(self, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
-        """``(∂combine(x, h)/∂h)ᵀ grad_y``, shaped like ``h``."""
+    def combine_grad_h(self, y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+        """``(∂combine(x, h)/∂h)ᵀ grad_y`` at ``y = combine(x, h)``, shaped like ``h``."""
 
     @abstractmethod
-    def combine_grad_x(self, h: torch.Tensor, grad_y: torch.Tensor, grad_kept: torch.Tensor | None) -> torch.Tensor:
-        """The input gradient ``(∂combine(x, h)/∂x)ᵀ grad_y + (∂kept(x)/∂x)ᵀ grad_kept`` (``h`` held
-        fixed; ``grad_kept`` is the gradient that reached ``kept(x)`` through ``h``, or None), as a new
-        tensor shaped like ``x``."""
+    def combine_grad_x_(self, h: torch.Tensor, grad_y: torch.Tensor, grad_kept: torch.Tensor | None) -> torch.Tensor:
+        """Turns ``grad_y`` into the input gradient ``(∂combine(x, h)/∂x)ᵀ grad_y + (∂kept(x)/∂x)ᵀ grad_kept``
+        in place (``h`` held fixed; ``grad_kept`` is the gradient that reached ``kept(x)`` through ``h``,
+        or None) and returns it."""
+
+    def uncombine(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.uncombine_(y.clone(), h)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self._apply_in_chunks(x, cond, self.combine)
@@ -202,38 +215,44 @@ class CouplingLayer(InvertibleModule):
             out[rows] = combine(part, self.conditioner(self.kept(part), None if cond is None else cond[cond_rows]))
         return out
 
-    def reverse(self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None) -> ReverseResult:
+    def reverse(
+        self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None, overwrite: bool = False
+    ) -> ReverseResult:
         params = _trainable(self)
         chunks = self._row_chunks(y, cond)
-        if len(chunks) == 1:
-            x, grad_x, grad_cond, grad_params = self._reverse_chunk(y, grad_y, cond, params)
-            return (x,), (grad_x,), grad_cond, grad_params
-        x, grad_x = torch.empty_like(y), torch.empty_like(grad_y)
-        grad_cond = torch.zeros_like(cond) if cond is not None and cond.requires_grad else None
+        if not overwrite:
+            y, grad_y = y.clone(), grad_y.clone()
+        grad_cond = torch.zeros_like(cond) if cond is not None and cond.requires_grad and len(chunks) > 1 else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         for rows, cond_rows in chunks:
-            chunk_cond = None if cond is None else _leaf(cond[cond_rows]).requires_grad_(cond.requires_grad)
-            x[rows], grad_x[rows], g_cond, g_params = self._reverse_chunk(y[rows], grad_y[rows], chunk_cond, params)
-            if grad_cond is not None and g_cond is not None:
+            chunk_cond = cond
+            if cond is not None and len(chunks) > 1:
+                chunk_cond = _leaf(cond[cond_rows]).requires_grad_(cond.requires_grad)
+            g_cond, g_params = self._reverse_chunk_(y[rows], grad_y[rows], chunk_cond, params)
+            if len(chunks) == 1:
+                grad_cond = g_cond
+            elif grad_cond is not None and g_cond is not None:
                 grad_cond[cond_rows] += g_cond
             grad_params = [g if total is None else total if g is None else total.add_(g)
                            for total, g in zip(grad_params, g_params)]
-        return (x,), (grad_x,), grad_cond, grad_params
+        return (y,), (grad_y,), grad_cond, grad_params
 
-    def _reverse_chunk(
+    def _reverse_chunk_(
         self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None, params: Sequence[nn.Parameter]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
-        """``(x, ∂L/∂x, ∂L/∂cond, ∂L/∂params)`` of the samples in ``y``; ``h`` is evaluated once."""
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """Turns ``y`` into ``x`` and ``grad_y`` into ``∂L/∂x`` in place (views of the chunk's samples) and
+        returns ``(∂L/∂cond, ∂L/∂params)``; ``h`` is evaluated once, and everything is differentiated
+        before anything is overwritten."""
         kept = _leaf(self.kept(y))
         with torch.enable_grad():
             h = self.conditioner(kept, cond)
         with torch.no_grad():
-            x = self.uncombine(y, h)
-            grad_h = self.combine_grad_h(x, grad_y)
+            grad_h = self.combine_grad_h(y, h, grad_y)
         (grad_kept,), grad_cond, grad_params = _vector_jacobian([h], [grad_h], [kept], cond, params)
         with torch.no_grad():
-            grad_x = self.combine_grad_x(h, grad_y, grad_kept)
-        return x, grad_x, grad_cond, grad_params
+            self.uncombine_(y, h)
+            self.combine_grad_x_(h, grad_y, grad_kept)
+        return grad_cond, grad_params
 
 
 class InverseOf(InvertibleModule):
@@ -262,9 +281,12 @@ class InvertibleStep(nn.Module, ABC):
     @abstractmethod
     def inverse(self, state: State, cond: torch.Tensor | None = None) -> State: ...
 
-    def reverse(self, state: State, grad_state: State, cond: torch.Tensor | None) -> ReverseResult:
+    def reverse(
+        self, state: State, grad_state: State, cond: torch.Tensor | None, writable: Sequence[bool] = ()
+    ) -> ReverseResult:
         """Input state, input gradients, condition gradient and parameter gradients from the output
-        state and its gradients (the generic invert-and-recompute step)."""
+        state and its gradients (the generic invert-and-recompute step). ``writable[i]``: the step may
+        overwrite ``state[i]`` and ``grad_state[i]`` (nothing else holds them); the generic step does not."""
         return recompute_reverse(self.forward, self.inverse, _trainable(self), state, grad_state, cond)
 
 
@@ -285,8 +307,13 @@ class OnTensor(InvertibleStep):
     def inverse(self, state: State, cond: torch.Tensor | None = None) -> State:
         return self._replace(state, self.layer.inverse(state[self.index], cond))
 
-    def reverse(self, state: State, grad_state: State, cond: torch.Tensor | None) -> ReverseResult:
-        (x,), (grad_x,), grad_cond, grad_params = self.layer.reverse(state[self.index], grad_state[self.index], cond)
+    def reverse(
+        self, state: State, grad_state: State, cond: torch.Tensor | None, writable: Sequence[bool] = ()
+    ) -> ReverseResult:
+        overwrite = self.index < len(writable) and writable[self.index]
+        (x,), (grad_x,), grad_cond, grad_params = self.layer.reverse(
+            state[self.index], grad_state[self.index], cond, overwrite
+        )
         return self._replace(state, x), self._replace(grad_state, grad_x), grad_cond, grad_params
 
 
@@ -309,12 +336,26 @@ def _run(steps: Sequence[InvertibleStep], state: State, cond: torch.Tensor | Non
     return state
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 class _Relay:
     """Carries the state rebuilt by one step's backward to the backward of the step before it, so that
-    no step but the last stores its output."""
+    no step but the last stores its output. ``external`` holds the storages of the tensors that the
+    sequence does not own in backward: its output state (the caller may hold it) and the gradients
+    it was given, unless the caller handed them over (``InvertibleSequence.forward(...,
+    hand_over_output=True)``). Every other state or gradient tensor a step receives was made by the step
+    after it, and the step may overwrite it."""
 
-    def __init__(self) -> None:
+    def __init__(self, output_handed_over: bool) -> None:
         self.state: State | None = None
+        self.output_handed_over = output_handed_over
+        self.external: frozenset[int] = frozenset()
+
+    def writable(self, state: State, grads: State) -> tuple[bool, ...]:
+        return tuple(_storage(t) not in self.external and _storage(g) not in self.external
+                     for t, g in zip(state, grads))
 
 
 class _ReconstructingStep(torch.autograd.Function):
@@ -324,6 +365,8 @@ class _ReconstructingStep(torch.autograd.Function):
 
     One function per step means each step's parameter gradients are handed to ``AccumulateGrad`` as soon
     as that step is reversed: the backward pass never holds more than one step's parameter gradients.
+    The output state and gradients a step receives are overwritten with its input state and gradients
+    where the relay says that the sequence owns them (every step but the last, as a rule).
     """
 
     @staticmethod
@@ -339,8 +382,21 @@ class _ReconstructingStep(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_out):  # type: ignore[override]
-        cond, *out = ctx.saved_tensors
-        state, ctx.relay.state = (tuple(t.detach() for t in out) if ctx.is_last else ctx.relay.state), None
+        relay = ctx.relay
+        try:
+            cond, *out = ctx.saved_tensors
+        except RuntimeError as error:  # the version check of a saved output that a first backward overwrote
+            if relay.output_handed_over:
+                raise RuntimeError(
+                    "This memory-efficient InvertibleSequence was called with hand_over_output=True, so its first "
+                    "backward pass overwrote its output; it cannot be back-propagated twice (retain_graph). "
+                    "Call it with hand_over_output=False to back-propagate more than once."
+                ) from error
+            raise
+        if ctx.is_last:
+            handed_over = () if relay.output_handed_over else (*out, *grad_out)
+            relay.external = frozenset(_storage(t) for t in handed_over)
+        state, relay.state = (tuple(t.detach() for t in out) if ctx.is_last else relay.state), None
         if state is None:
             raise RuntimeError(
                 "A memory-efficient InvertibleSequence was back-propagated from an intermediate step; "
@@ -353,8 +409,9 @@ class _ReconstructingStep(torch.autograd.Function):
                 step.inverse, step.forward, _trainable(step), state, tuple(grad_out), cond_in
             )
         else:
-            state, grads, grad_cond, grad_params = step.reverse(state, tuple(grad_out), cond_in)
-        ctx.relay.state = state
+            writable = relay.writable(state, grad_out)
+            state, grads, grad_cond, grad_params = step.reverse(state, tuple(grad_out), cond_in, writable)
+        relay.state = state
         return (None, None, None, None, grad_cond, None, *grads, *grad_params)
 
 
@@ -366,6 +423,11 @@ class InvertibleSequence(nn.Module):
         memory_efficient: ``True`` stores only the output state and reconstructs activations in
             backward; ``False`` runs plain autograd (same maths, same results up to rounding). Under
             ``torch.no_grad()`` both run the steps directly: nothing is stored or recomputed.
+
+    ``forward(state, cond, hand_over_output=True)`` tells the engine that nothing will read the output
+    state after the backward pass and that its gradient is not needed elsewhere: the backward pass then
+    rebuilds the input in the output's memory instead of copying it first (two state-sized tensors
+    fewer at the peak), and the graph cannot be back-propagated twice.
     """
 
     def __init__(self, steps: Sequence[InvertibleStep], memory_efficient: bool = True) -> None:
@@ -373,13 +435,13 @@ class InvertibleSequence(nn.Module):
         self.steps = nn.ModuleList(steps)
         self.memory_efficient = memory_efficient
 
-    def forward(self, state: State, cond: torch.Tensor | None = None) -> State:
-        return self._apply_steps(state, cond, reverse=False)
+    def forward(self, state: State, cond: torch.Tensor | None = None, hand_over_output: bool = False) -> State:
+        return self._apply_steps(state, cond, reverse=False, hand_over_output=hand_over_output)
 
     def inverse(self, state: State, cond: torch.Tensor | None = None) -> State:
-        return self._apply_steps(state, cond, reverse=True)
+        return self._apply_steps(state, cond, reverse=True, hand_over_output=False)
 
-    def _apply_steps(self, state: State, cond: torch.Tensor | None, reverse: bool) -> State:
+    def _apply_steps(self, state: State, cond: torch.Tensor | None, reverse: bool, hand_over_output: bool) -> State:
         steps = list(self.steps)
         params = _trainable(self)
         needs_graph = torch.is_grad_enabled() and (
@@ -387,7 +449,7 @@ class InvertibleSequence(nn.Module):
         )
         if not (self.memory_efficient and needs_graph):
             return _run(steps, state, cond, reverse)
-        relay, last = _Relay(), len(steps) - 1
+        relay, last = _Relay(hand_over_output), len(steps) - 1
         for position, step in enumerate(reversed(steps) if reverse else steps):
             state = _ReconstructingStep.apply(
                 step, reverse, relay, position == last, cond, len(state), *state, *_trainable(step)

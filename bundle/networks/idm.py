@@ -117,7 +117,7 @@ class InvertibleDiffusionUNet(nn.Module):
         self._check(x, self.in_channels, "forward")
         emb = self.time_embedding(timesteps, x.shape[0], x.dtype)
         x, spatial = self._pad(x)
-        h = self.trunk(self.stem(x), emb)
+        h = self.trunk(self.stem(x), emb, hand_over_output=True)  # only the head reads h and gives its gradient
         return self._crop(self.head(h), spatial)
 
     def inverse(self, y: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

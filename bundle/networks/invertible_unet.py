@@ -9,7 +9,7 @@ from torch import nn
 
 from .attention import InvertibleAttention
 from .coupling import AdditiveCoupling
-from .engine import InverseOf, InvertibleSequence, InvertibleStep, OnTensor, State, on_tensor_steps
+from .engine import InverseOf, InvertibleSequence, InvertibleStep, OnTensor, ReverseResult, State, on_tensor_steps
 from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling
 
 __all__ = ["SkipSplit", "as_flags", "skip_channels", "InvertibleUNet"]
@@ -32,6 +32,12 @@ class SkipSplit(InvertibleStep):
     def inverse(self, state: State, cond: torch.Tensor | None = None) -> State:
         return (torch.cat([state[1], state[0]], dim=1), *state[2:])
 
+    def reverse(
+        self, state: State, grad_state: State, cond: torch.Tensor | None, writable: Sequence[bool] = ()
+    ) -> ReverseResult:
+        """Data movement only: the input and its gradient are the concatenations (nothing to recompute)."""
+        return self.inverse(state), self.inverse(grad_state), None, []
+
 
 class _SkipMerge(InvertibleStep):
     """Decoder merge, the inverse of :class:`SkipSplit`: ``(x, skip, *rest) → (cat(skip, x), *rest)``."""
@@ -45,6 +51,19 @@ class _SkipMerge(InvertibleStep):
 
     def inverse(self, state: State, cond: torch.Tensor | None = None) -> State:
         return self.split(state, cond)
+
+    def reverse(
+        self, state: State, grad_state: State, cond: torch.Tensor | None, writable: Sequence[bool] = ()
+    ) -> ReverseResult:
+        """Data movement only: the input and its gradient are channel slices of the output's. The skip
+        part is copied out, so that the merged tensor is freed once its other part has been upsampled
+        back (the skip waits in the state for the whole of the deeper levels' backward pass)."""
+
+        def unmerge(tensors: State) -> State:
+            x, skip, *rest = self.split(tensors)
+            return (x, skip.clone(), *rest)
+
+        return unmerge(state), unmerge(grad_state), None, []
 
 
 def as_flags(values: Sequence[bool | str], name: str) -> tuple[bool, ...]:
@@ -212,9 +231,13 @@ class InvertibleUNet(nn.Module):
                 + f"); sizes that work are multiples of {self.size_divisor}, e.g. {ok}."
             )
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor | None = None, hand_over_output: bool = False
+    ) -> torch.Tensor:
+        """``hand_over_output``: the output is read by nothing after backward and its gradient is needed
+        nowhere else, so backward may overwrite both (see :class:`~bundle.networks.engine.InvertibleSequence`)."""
         self.check_input(x)
-        return self.sequence((x,), cond)[0]
+        return self.sequence((x,), cond, hand_over_output)[0]
 
     def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(y)

@@ -66,19 +66,26 @@ class OrthogonalChannelMixing(InvertibleModule):
     def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self._mix(self.matrix().to(y.dtype).T, y)
 
-    def reverse(self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None) -> ReverseResult:
-        """``x = Qᵀy``, ``∂L/∂x = Qᵀ ∂L/∂y`` and ``∂L/∂Q = Σ_b,s ∂L/∂y xᵀ`` by hand (no recomputation of
-        ``Qx`` under autograd), then ``∂L/∂A`` through the matrix exponential by autograd."""
-        generator = self.generator
+    def reverse(
+        self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None, overwrite: bool = False
+    ) -> ReverseResult:
+        """``x = Qᵀy``, ``∂L/∂x = Qᵀ ∂L/∂y`` and ``∂L/∂Q = Σ_b,s ∂L/∂y xᵀ`` by hand, one sample at a time
+        (no recomputation of ``Qx`` under autograd), then ``∂L/∂A`` through the matrix exponential by
+        autograd. With ``overwrite`` the results replace ``y`` and ``grad_y``."""
         with torch.enable_grad():
             matrix = self.matrix()
         with torch.no_grad():
             q_t = matrix.detach().to(y.dtype).T
-            x, grad_x = self._mix(q_t, y), self._mix(q_t, grad_y)
-            grad_matrix = sum(g @ xb.T for g, xb in zip(grad_y.flatten(2), x.flatten(2)))
-        if not generator.requires_grad:
+            x, grad_x = (y, grad_y) if overwrite else (torch.empty_like(y), torch.empty_like(grad_y))
+            grad_matrix = torch.zeros_like(q_t)
+            for sample in range(y.shape[0]):
+                x_sample = q_t @ y[sample].flatten(1)
+                grad_matrix += grad_y[sample].flatten(1) @ x_sample.T
+                x[sample] = x_sample.view_as(y[sample])
+                grad_x[sample] = (q_t @ grad_y[sample].flatten(1)).view_as(y[sample])
+        if not self.generator.requires_grad:
             return (x,), (grad_x,), None, []
-        return (x,), (grad_x,), None, list(torch.autograd.grad(matrix, [generator], grad_matrix.to(matrix.dtype)))
+        return (x,), (grad_x,), None, list(torch.autograd.grad(matrix, [self.generator], grad_matrix.to(matrix.dtype)))
 
 
 class OrthogonalDownsampling(InvertibleModule):
