@@ -5,6 +5,7 @@ Usage (from the bundle root):
     python scripts/benchmark.py suite --quick    # small sizes, < 5 min on 2 CPU cores → runs/benchmarks_quick/
     python scripts/benchmark.py suite --gpu      # one GPU, 8 minutes, sizes until 24 GiB is spent → runs/benchmarks_gpu/
     python scripts/benchmark.py quality          # the equal-budget quality comparison alone → docs/benchmark_quality.md
+    python scripts/benchmark.py profile          # where the paper configuration's step peaks → docs/paper_step_profile.md
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bundle.measure.quality import compare_quality, render_quality_markdown, write_quality_report  # noqa: E402
 from bundle.measure.report import machine_description  # noqa: E402
+from bundle.measure.step_profile import profile_step_in_subprocess, render_step_profile  # noqa: E402
 from bundle.process_memory import return_freed_memory_to_os  # noqa: E402
 from bundle.measure.suite_report import cube_limits, plot_suite, render_suite  # noqa: E402
 from bundle.measure.sweeps import (  # noqa: E402
@@ -32,6 +34,7 @@ from bundle.measure.sweeps import (  # noqa: E402
     batch_sweep,
     depth_sweep,
     energy_per_network,
+    PAPER,
     paper_configuration,
     resolution_sweep,
 )
@@ -39,6 +42,7 @@ from bundle.measure.workload import NETWORKS  # noqa: E402
 from bundle.networks.invertible_unet import as_flags  # noqa: E402
 
 QUALITY_REPORT = "benchmark_quality.md"
+PROFILE_REPORT = "paper_step_profile"
 
 
 def _attention_at_last_two(channels: tuple[int, ...]) -> tuple[bool, ...]:
@@ -129,6 +133,19 @@ class Benchmark:
                                  attention_levels=_attention_at_last_two(channels), num_threads=_training_threads())
         command = f"python scripts/benchmark.py quality --epochs {epochs} --size {size} --channels '{list(channels)}'"
         print(write_quality_report(result, command, output_dir).read_text())
+
+    def profile(self, output_dir: str = "docs") -> None:
+        """Where the paper configuration's training step (batch 4, 64³) reaches its peak memory: per phase and
+        per engine step, in a fresh process (about 3 minutes on 2 CPU cores); writes ``paper_step_profile.md``
+        and ``paper_step_profile.json``."""
+        workload = PAPER["workload"]
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result = profile_step_in_subprocess(workload)
+        report = render_step_profile(result, workload, "python scripts/benchmark.py profile", machine_description())
+        (out / f"{PROFILE_REPORT}.json").write_text(json.dumps({"workload": workload.to_dict(), **result}, indent=1))
+        (out / f"{PROFILE_REPORT}.md").write_text(report)
+        print(report)
 
 
 if __name__ == "__main__":

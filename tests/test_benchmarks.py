@@ -137,3 +137,21 @@ def test_freed_tensors_go_back_to_the_os_after_mallopt():
     del tensors
     assert held - before > 200 * MiB
     assert proc_status_bytes("VmRSS") - before < 50 * MiB
+
+
+def test_step_profile_follows_every_engine_step_and_names_the_phases():
+    from bundle.measure.step_profile import profile_step_in_subprocess, render_step_profile
+    from bundle.measure.workload import build_network
+
+    workload = Workload("idm", 32, batch_size=2, channels=(8, 16), attention_levels=(False, True))
+    profile = profile_step_in_subprocess(workload)
+    assert "error" not in profile, profile
+    assert len(profile["steps"]) == len(build_network(workload).trunk.sequence.steps)
+    assert {s["step"] for s in profile["steps"]} >= {"OnTensor(HalfCoupling)", "OnTensor(InvertibleAttention)", "SkipSplit"}
+    assert profile["steps"][0]["state"] == [(8, 32, 32, 32)]  # backward starts at the trunk's output
+    assert all(s["peak_bytes"] >= s["before_bytes"] for s in profile["steps"])
+    assert profile["backward_peak_bytes"] >= max(s["peak_bytes"] for s in profile["steps"]) > 0
+    assert profile["forward_peak_bytes"] > 0 and profile["update_peak_bytes"] >= 0
+    text = render_step_profile(profile, workload, "python x", "a machine")
+    assert "`python x`" in text and "| OnTensor(HalfCoupling) | 8 × 32^3 |" in text
+    assert "A level-0 state tensor of this workload is 2 MB" in text  # 2 × 8 × 32³ × 4 B

@@ -27,7 +27,7 @@ class _GlobalOnly:
 def _count(workload: Workload, forward_only: bool) -> int:
     with torch.device("meta"):
         model = build_network(workload)
-    step, loss = make_training_step(workload, model, "meta")
+    step, loss, _ = make_training_step(workload, model, "meta")
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()
     with counter:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from ..process_memory import proc_status_bytes
 from .workload import Workload, build_network, make_training_step
 
-__all__ = ["OUT_OF_MEMORY", "measure_peak_in_subprocess"]
+__all__ = ["OUT_OF_MEMORY", "measure_peak_in_subprocess", "run_in_fresh_process"]
 
 OUT_OF_MEMORY = "out of memory"
 _ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -57,9 +58,18 @@ def measure_peak_in_subprocess(workload: Workload, memory_limit_bytes: int | Non
     was built), ``device``; or ``error``: :data:`OUT_OF_MEMORY` when the step did not fit (including a
     process the kernel's OOM killer ended), else the failure.
     """
+    return run_in_fresh_process(_measure, workload, memory_limit_bytes, timeout)
+
+
+def run_in_fresh_process(
+    measure: Callable[[Workload, torch.device, int | None], dict], workload: Workload,
+    memory_limit_bytes: int | None = None, timeout: float = 3600,
+) -> dict:
+    """``measure(workload, device, memory_limit_bytes)`` (a module-level function) in a new process forked
+    from the fork server; its result dict, or ``{"error": ...}`` as for :func:`measure_peak_in_subprocess`."""
     context = _fork_server()
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_measure_in_child, args=(workload, memory_limit_bytes, sender), daemon=True)
+    process = context.Process(target=_run_in_child, args=(measure, workload, memory_limit_bytes, sender), daemon=True)
     process.start()
     sender.close()
     try:
@@ -74,10 +84,10 @@ def measure_peak_in_subprocess(workload: Workload, memory_limit_bytes: int | Non
     return result
 
 
-def _measure_in_child(workload: Workload, memory_limit_bytes: int | None, sender) -> None:
+def _run_in_child(measure, workload: Workload, memory_limit_bytes: int | None, sender) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        result = _measure(workload, device, memory_limit_bytes)
+        result = measure(workload, device, memory_limit_bytes)
     except torch.OutOfMemoryError:
         result = {"error": OUT_OF_MEMORY}
     except Exception as error:  # reported in the row; the suite goes on
@@ -96,7 +106,7 @@ def _measure(workload: Workload, device: torch.device, memory_limit_bytes: int |
     else:
         runtime = proc_status_bytes("VmRSS")
     model = build_network(workload).to(device)
-    step, _ = make_training_step(workload, model, device)
+    step = make_training_step(workload, model, device).step
     if device.type == "cuda":
         step()
         torch.cuda.synchronize()

@@ -200,7 +200,9 @@ def _paper_section(paper: dict) -> str:
         "## Paper configuration: channels 64…2048, attention at the last two levels, 2 blocks, batch 4, 64³",
         table,
         "Peak memory excludes the interpreter's own memory (on the CPU: the RSS before the network was built). "
-        "FLOPs are counted by `FlopCounterMode` on the meta device for the whole batch of 4.",
+        "FLOPs are counted by `FlopCounterMode` on the meta device for the whole batch of 4. Where this step "
+        "reaches its peak, phase by phase and engine step by engine step, and what bounds it: "
+        "`python scripts/benchmark.py profile` (docs/paper_step_profile.md).",
         "### Parameters by layer kind",
         breakdown,
     ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -13,7 +14,7 @@ from bundle.networks import InvertibleDiffusionUNet
 
 from .baselines import count_parameters, enable_activation_checkpointing, matched_monai_unet
 
-__all__ = ["NETWORKS", "Workload", "build_network", "make_training_step"]
+__all__ = ["NETWORKS", "TrainingStep", "Workload", "build_network", "make_training_step"]
 
 NETWORKS = ("idm", "idm_plain", "monai", "monai_checkpointed")
 
@@ -81,11 +82,17 @@ def build_network(workload: Workload) -> nn.Module:
     return _idm(workload, workload.network == "idm")
 
 
-def make_training_step(
-    workload: Workload, model: nn.Module, device: torch.device | str = "cpu"
-) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
-    """``(step, loss)`` for ``model`` (already on ``device``): ``step()`` runs forward, backward and an
-    AdamW update on a fixed ε-prediction batch; ``loss()`` is its forward alone (for counting stored bytes)."""
+class TrainingStep(NamedTuple):
+    """``step()`` runs forward, backward and an AdamW update on a fixed ε-prediction batch; ``loss()`` is
+    its forward alone (for counting stored bytes); ``optimizer`` is the AdamW that ``step`` updates."""
+
+    step: Callable[[], None]
+    loss: Callable[[], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+
+
+def make_training_step(workload: Workload, model: nn.Module, device: torch.device | str = "cpu") -> TrainingStep:
+    """The training step of ``workload`` for ``model`` (already on ``device``)."""
     generator = torch.Generator().manual_seed(workload.seed)
     shape = (workload.batch_size, workload.in_channels) + (workload.size,) * workload.spatial_dims
     x = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
@@ -101,4 +108,4 @@ def make_training_step(
         loss().backward()
         optimizer.step()
 
-    return step, loss
+    return TrainingStep(step, loss, optimizer)

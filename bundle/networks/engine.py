@@ -370,11 +370,11 @@ class _ReconstructingStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, step, reverse, relay, is_last, cond, num_state, *tensors):  # type: ignore[override]
+    def forward(ctx, step, reverse, relay, is_first, is_last, cond, num_state, *tensors):  # type: ignore[override]
         with torch.no_grad():
             state = tensors[:num_state]
             out = step.inverse(state, cond) if reverse else step(state, cond)
-        ctx.step, ctx.reverse, ctx.relay, ctx.is_last = step, reverse, relay, is_last
+        ctx.step, ctx.reverse, ctx.relay, ctx.is_first, ctx.is_last = step, reverse, relay, is_first, is_last
         ctx.cond_needs_grad = cond is not None and cond.requires_grad
         ctx.save_for_backward(cond, *(out if is_last else ()))
         return out
@@ -411,8 +411,8 @@ class _ReconstructingStep(torch.autograd.Function):
         else:
             writable = relay.writable(state, grad_out)
             state, grads, grad_cond, grad_params = step.reverse(state, tuple(grad_out), cond_in, writable)
-        relay.state = state
-        return (None, None, None, None, grad_cond, None, *grads, *grad_params)
+        relay.state = None if ctx.is_first else state  # the sequence's input: nothing before it needs it
+        return (None, None, None, None, None, grad_cond, None, *grads, *grad_params)
 
 
 class InvertibleSequence(nn.Module):
@@ -452,6 +452,6 @@ class InvertibleSequence(nn.Module):
         relay, last = _Relay(hand_over_output), len(steps) - 1
         for position, step in enumerate(reversed(steps) if reverse else steps):
             state = _ReconstructingStep.apply(
-                step, reverse, relay, position == last, cond, len(state), *state, *_trainable(step)
+                step, reverse, relay, position == 0, position == last, cond, len(state), *state, *_trainable(step)
             )
         return state
