@@ -26,7 +26,7 @@ import torch
 from ..process_memory import proc_status_bytes
 from .workload import Workload, build_network, make_training_step
 
-__all__ = ["OUT_OF_MEMORY", "measure_peak_in_subprocess", "run_in_fresh_process"]
+__all__ = ["OUT_OF_MEMORY", "PeakMeter", "measure_peak_in_subprocess", "run_in_fresh_process"]
 
 OUT_OF_MEMORY = "out of memory"
 _ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -97,28 +97,45 @@ def _run_in_child(measure, workload: Workload, memory_limit_bytes: int | None, s
     sender.close()
 
 
+class PeakMeter:
+    """Memory in use and its peak since the last reset: the CUDA allocator's on a GPU; RSS and peak RSS
+    (``VmHWM``, reset through ``/proc/self/clear_refs``) on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def current(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return proc_status_bytes("VmRSS")
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return proc_status_bytes("VmHWM")
+
+    def reset(self) -> int:
+        """Resets the peak to the memory in use now, and returns that."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+        return self.current()
+
+
 def _measure(workload: Workload, device: torch.device, memory_limit_bytes: int | None) -> dict:
-    if device.type == "cuda":
-        if memory_limit_bytes:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), device)
-        runtime = torch.cuda.memory_allocated()
-    else:
-        runtime = proc_status_bytes("VmRSS")
+    if device.type == "cuda" and memory_limit_bytes:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), device)
+    meter = PeakMeter(device)
+    runtime = meter.current()
     model = build_network(workload).to(device)
     step = make_training_step(workload, model, device).step
-    if device.type == "cuda":
-        step()
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - baseline
-    else:
-        step()
-        baseline = proc_status_bytes("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-        step()
-        peak = proc_status_bytes("VmHWM") - baseline
-    return {"peak_bytes": peak, "baseline_bytes": baseline, "runtime_bytes": runtime, "device": device.type}
+    step()
+    baseline = meter.reset()
+    step()
+    return {"peak_bytes": meter.peak() - baseline, "baseline_bytes": baseline, "runtime_bytes": runtime,
+            "device": device.type}

@@ -12,46 +12,16 @@ step's start, to the nodes in between: the head, the stem, the time MLP).
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import torch
 
-from ..process_memory import proc_status_bytes
-from .peak_memory import run_in_fresh_process
+from .peak_memory import PeakMeter, run_in_fresh_process
 from .report import markdown_table
 from .workload import Workload, build_network, make_training_step
 
 __all__ = ["profile_step_in_subprocess", "render_step_profile", "step_label"]
 
 _ENGINE_NODE = "_ReconstructingStepBackward"
-
-
-class _PeakMeter:
-    """Memory in use and its peak since the last reset: the CUDA allocator's on a GPU, RSS and VmHWM on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def current(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
-        return proc_status_bytes("VmRSS")
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        return proc_status_bytes("VmHWM")
-
-    def reset(self) -> int:
-        """Resets the peak to the memory in use now, and returns that."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")
-        return self.current()
 
 
 def step_label(step: torch.nn.Module) -> str:
@@ -87,7 +57,7 @@ def _profile(workload: Workload, device: torch.device, memory_limit_bytes: int |
     model = build_network(workload).to(device)
     training = make_training_step(workload, model, device)
     training.step()  # warm-up: gradients and AdamW state exist from here on
-    meter = _PeakMeter(device)
+    meter = PeakMeter(device)
     training.optimizer.zero_grad(set_to_none=False)
     baseline = meter.reset()
     loss = training.loss()

@@ -222,16 +222,12 @@ class CouplingLayer(InvertibleModule):
         chunks = self._row_chunks(y, cond)
         if not overwrite:
             y, grad_y = y.clone(), grad_y.clone()
-        grad_cond = torch.zeros_like(cond) if cond is not None and cond.requires_grad and len(chunks) > 1 else None
+        grad_cond = torch.zeros_like(cond) if cond is not None and cond.requires_grad else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         for rows, cond_rows in chunks:
-            chunk_cond = cond
-            if cond is not None and len(chunks) > 1:
-                chunk_cond = _leaf(cond[cond_rows]).requires_grad_(cond.requires_grad)
+            chunk_cond = None if cond is None else _leaf(cond[cond_rows]).requires_grad_(cond.requires_grad)
             g_cond, g_params = self._reverse_chunk_(y[rows], grad_y[rows], chunk_cond, params)
-            if len(chunks) == 1:
-                grad_cond = g_cond
-            elif grad_cond is not None and g_cond is not None:
+            if g_cond is not None:
                 grad_cond[cond_rows] += g_cond
             grad_params = [g if total is None else total if g is None else total.add_(g)
                            for total, g in zip(grad_params, g_params)]
