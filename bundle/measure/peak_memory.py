@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ..process_memory import proc_status_bytes
+from ..process_memory import MMAP_THRESHOLD_ENV, proc_status_bytes
 from .workload import Workload, build_network, make_training_step
 
 __all__ = ["OUT_OF_MEMORY", "PeakMeter", "measure_peak_in_subprocess", "run_in_fresh_process"]
 
 OUT_OF_MEMORY = "out of memory"
-_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 @cache
@@ -38,8 +37,8 @@ def _fork_server() -> multiprocessing.context.BaseContext:
     (glibc reads it at process start; forked children inherit it) and this module preloaded."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    saved = {key: os.environ.get(key) for key in _ALLOCATOR_ENV}
-    os.environ.update(_ALLOCATOR_ENV)
+    saved = {key: os.environ.get(key) for key in MMAP_THRESHOLD_ENV}
+    os.environ.update(MMAP_THRESHOLD_ENV)
     try:
         from multiprocessing import forkserver
 

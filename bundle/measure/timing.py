@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..process_memory import MMAP_THRESHOLD_ENV
 from .workload import Workload, build_network, make_training_step
 
 __all__ = ["interleaved_median_times", "measure_times_in_subprocess"]
@@ -51,7 +52,7 @@ def measure_times_in_subprocess(workloads: Sequence[Workload], repeats: int, tim
     proc = subprocess.run(
         [sys.executable, "-m", "bundle.measure.timing", json.dumps([w.to_dict() for w in workloads]), str(repeats)],
         capture_output=True, text=True, timeout=timeout, cwd=_ROOT,
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(_ROOT)},
+        env={**os.environ, **MMAP_THRESHOLD_ENV, "PYTHONPATH": str(_ROOT)},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"timing subprocess failed: {proc.stderr.strip()[-2000:]}")

@@ -76,9 +76,6 @@ class HalfCoupling(CouplingLayer):
         first, second = x.narrow(1, 0, half), x.narrow(1, half, half)  # views that may be updated in place
         return (first, second) if self.update == "first" else (second, first)
 
-    def _join(self, updated: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        return torch.cat([updated, kept] if self.update == "first" else [kept, updated], dim=1)
-
     def kept(self, x: torch.Tensor) -> torch.Tensor:
         return self._halves(x)[1]
 
