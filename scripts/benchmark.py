@@ -6,6 +6,7 @@ Usage (from the bundle root):
     python scripts/benchmark.py suite --gpu      # one GPU, 8 minutes, sizes until 24 GiB is spent → runs/benchmarks_gpu/
     python scripts/benchmark.py quality          # the equal-budget quality comparison alone → docs/benchmark_quality.md
     python scripts/benchmark.py profile          # where the paper configuration's step peaks → docs/paper_step_profile.md
+    python scripts/benchmark.py profile --micro_batch_size 1 --recompute_norms true   # with the memory options
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bundle.diffusion import micro_batches  # noqa: E402
 from bundle.measure.quality import compare_quality, render_quality_markdown, write_quality_report  # noqa: E402
 from bundle.measure.report import machine_description  # noqa: E402
 from bundle.measure.step_profile import profile_step_in_subprocess, render_step_profile  # noqa: E402
@@ -34,6 +36,8 @@ from bundle.measure.sweeps import (  # noqa: E402
     batch_sweep,
     depth_sweep,
     energy_per_network,
+    MEMORY_OPTIONS,
+    memory_options,
     PAPER,
     paper_configuration,
     resolution_sweep,
@@ -97,7 +101,7 @@ class Benchmark:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return_freed_memory_to_os()  # this process counts stored bytes at every size, the largest last
         budget, start = Budget(plan.budget_seconds), time.perf_counter()
-        count = len(NETWORKS) * (len(plan.depths) + len(plan.sizes) + len(plan.batch_sizes) + 1)
+        count = len(NETWORKS) * (len(plan.depths) + len(plan.sizes) + len(plan.batch_sizes) + 1) + len(MEMORY_OPTIONS)
         with tqdm(total=count, desc="benchmark suite") as progress:
             result = {"plan": asdict(plan), "machine": machine_description(), "command":
                       f"python scripts/benchmark.py suite{mode}"}
@@ -105,6 +109,7 @@ class Benchmark:
             result["resolution"] = resolution_sweep(plan, budget, device, progress)
             result["batch"] = batch_sweep(plan, budget, device, result["resolution"], progress)
             result["paper"] = paper_configuration(plan, budget)
+            result["memory_options"] = memory_options(plan, budget, device, progress)
             result["energy"] = energy_per_network(plan, budget, device, progress)
         result["largest_cube"] = cube_limits(result["resolution"], plan.memory_limit_bytes)
         quality_result = _quality(plan, out, budget) if quality else None
@@ -134,19 +139,30 @@ class Benchmark:
         command = f"python scripts/benchmark.py quality --epochs {epochs} --size {size} --channels '{list(channels)}'"
         print(write_quality_report(result, command, output_dir).read_text())
 
-    def profile(self, output_dir: str = "docs") -> None:
+    def profile(self, micro_batch_size: int | None = None, recompute_norms: bool = False, output_dir: str = "docs") -> None:
         """Where the paper configuration's training step (batch 4, 64³) reaches its peak memory: per phase and
         per engine step, in a fresh process (about 3 minutes on 2 CPU cores); writes ``paper_step_profile.md``
-        and ``paper_step_profile.json``."""
-        workload = PAPER["workload"]
+        and ``paper_step_profile.json``, or with the memory options ``paper_step_profile_micro<k>.*``
+        (``--micro_batch_size k``: back-propagated k samples at a time) and ``…_recompute_norms.*``
+        (``--recompute_norms true``: the network's option of that name)."""
+        (recompute_norms,) = as_flags([recompute_norms], "--recompute_norms")
+        try:
+            micro_batches(PAPER["workload"].batch_size, micro_batch_size)
+        except ValueError as error:
+            raise SystemExit(f"ERROR: --{error}") from None
+        workload = replace(PAPER["workload"], micro_batch_size=micro_batch_size, recompute_norms=recompute_norms)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         result = profile_step_in_subprocess(workload)
-        report = render_step_profile(result, workload, "python scripts/benchmark.py profile", machine_description())
-        (out / f"{PROFILE_REPORT}.json").write_text(json.dumps({"workload": workload.to_dict(), **result}, indent=1))
-        (out / f"{PROFILE_REPORT}.md").write_text(report)
+        options = (f" --micro_batch_size {micro_batch_size}" if micro_batch_size else "") + (
+            " --recompute_norms true" if recompute_norms else "")
+        report = render_step_profile(result, workload, f"python scripts/benchmark.py profile{options}",
+                                     machine_description())
+        name = PROFILE_REPORT + (f"_micro{micro_batch_size}" if micro_batch_size else "") + (
+            "_recompute_norms" if recompute_norms else "")
+        (out / f"{name}.json").write_text(json.dumps({"workload": workload.to_dict(), **result}, indent=1))
+        (out / f"{name}.md").write_text(report)
         print(report)
-
 
 if __name__ == "__main__":
     fire.Fire(Benchmark)

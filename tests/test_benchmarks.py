@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,7 @@ import torch
 from bundle.measure import energy
 from bundle.measure.energy import EnergyCounter, measure_energy
 from bundle.measure.suite_report import goals, render_suite
-from bundle.measure.sweeps import OUT_OF_MEMORY, PAPER, Budget, SuitePlan, largest_cube, measure_row
+from bundle.measure.sweeps import MEMORY_OPTIONS, OUT_OF_MEMORY, PAPER, Budget, SuitePlan, largest_cube, measure_row
 from bundle.measure.workload import NETWORKS, Workload
 
 MiB = 2**20
@@ -64,7 +64,7 @@ def test_measure_energy_runs_steps_for_the_window_and_reports_temperature():
 
 
 def _row(network: str, size: int, peak: int | None, baseline: int = 100 * MiB, **extra) -> dict:
-    result = {"peak_bytes": peak, "baseline_bytes": baseline, "runtime_bytes": 50 * MiB, "device": "cpu"}
+    result = {"peak_bytes": peak, "baseline_bytes": baseline, "retained_bytes": baseline - 50 * MiB, "device": "cpu"}
     return {"network": network, "size": size, "batch_size": 1, "num_blocks": 2,
             "peak": result if peak is not None else {"error": OUT_OF_MEMORY}, **extra}
 
@@ -77,7 +77,9 @@ def test_largest_cube_extrapolates_linearly_in_voxels_and_stops_at_the_first_fai
     assert largest_cube(rows, "monai", 2**30) == {"measured": 32, "first_out_of_memory": 64}
 
 
-def _synthetic_result(me_peak_64: int, paper_peak: int) -> dict:
+def _synthetic_result(me_peak_64: int, paper_peak: int, options_peak: int | None = None) -> dict:
+    """A suite result; the paper configuration peaks ``paper_peak`` above its floor with the whole batch
+    and ``options_peak`` (default: the same) with the memory options."""
     plan = SuitePlan.quick()
     depth = [_row(n, plan.depth_size, peak, stored_bytes=stored, num_blocks=d)
              for d, scale in ((1, 1), (8, 3)) for n, peak, stored in (
@@ -88,13 +90,17 @@ def _synthetic_result(me_peak_64: int, paper_peak: int) -> dict:
     resolution = [_row(n, plan.batch_size_at, peaks[n], stored_bytes=MiB, step_seconds=times[n], flops=1e9,
                        parameters=1e6) for n in NETWORKS]
     floor = 16 * 100
+    peak = {"baseline_bytes": 50 * MiB + floor, "retained_bytes": floor, "device": "cpu"}
     paper = {"parameters": {"total": 100}, "flops_per_step": 1e12, "forward_flops_per_sample": 1e11, "floor_bytes": floor,
-             "peak": {"peak_bytes": paper_peak, "baseline_bytes": 50 * MiB + floor, "runtime_bytes": 50 * MiB,
-                      "device": "cpu"}}
+             "peaks": {option: {"peak_bytes": paper_peak if option == "whole batch" or options_peak is None
+                                else options_peak, **peak} for option in MEMORY_OPTIONS}}
+    options = [_row("idm", plan.batch_size_at, peak_mb * MiB, option=option, stored_bytes=MiB, step_seconds=seconds,
+                    flops=1e9) for option, peak_mb, seconds in zip(MEMORY_OPTIONS, (40, 20, 15), (2.0, 2.5, 2.75))]
     cubes = {n: {"measured": plan.batch_size_at, "first_out_of_memory": None, "extrapolated": 64 if n == "idm" else 48}
              for n in NETWORKS}
     return {"plan": asdict(plan), "machine": "test machine", "command": "python x", "depth": depth,
             "resolution": resolution, "batch": resolution, "energy": {"n/a": "no counters"}, "paper": paper,
+            "memory_options": options,
             "largest_cube": cubes, "wall_seconds": 60.0}
 
 
@@ -107,6 +113,10 @@ def test_goal_verdicts_follow_the_figures():
     assert missed[f"peak at {size}³ below MONAI + checkpointing"] == "**missed**"
     assert missed["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"] == "**missed**"
     assert missed["step time memory-efficient / plain ≤ 1.4×"] == "met"
+    with_options = {g[0]: g for g in goals(_synthetic_result(10 * MiB, int(0.6e9), options_peak=int(0.4e9)))}
+    paper = with_options["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"]
+    assert paper[1] == "whole batch: 0.60 GB; micro-batches of 1: 0.40 GB; micro-batches of 1 + recompute_norms: 0.40 GB"
+    assert paper[2] == "met with micro-batches of 1; **missed** with the whole batch at once"
 
 
 def test_rendered_report_carries_the_command_tables_and_energy_reason():
@@ -115,6 +125,7 @@ def test_rendered_report_carries_the_command_tables_and_energy_reason():
     size = SuitePlan.quick().batch_size_at
     assert f"| {size} | IDM memory-efficient | 1.00M | 1.0 | 10 | 1.0 | 1.30 |" in text
     assert f"{PAPER['parameters'] / 1e6:.1f}M" in text
+    assert "| micro-batches of 1 + recompute_norms | 1.0 | 15 | 1.0 | 2.75 | 1.38× |" in text
 
 
 def test_measured_row_has_fewer_stored_bytes_for_the_memory_efficient_idm():
@@ -154,4 +165,9 @@ def test_step_profile_follows_every_engine_step_and_names_the_phases():
     assert profile["forward_peak_bytes"] > 0 and profile["update_peak_bytes"] >= 0
     text = render_step_profile(profile, workload, "python x", "a machine")
     assert "`python x`" in text and "| OnTensor(HalfCoupling) | 8 × 32^3 |" in text
-    assert "A level-0 state tensor of this workload is 2 MB" in text  # 2 × 8 × 32³ × 4 B
+    assert "A level-0 state tensor of this step is 2 MB" in text  # 2 × 8 × 32³ × 4 B
+    micro = replace(workload, micro_batch_size=1)
+    profile = profile_step_in_subprocess(micro)
+    assert len(profile["steps"]) == 2 * len(build_network(workload).trunk.sequence.steps)  # each sample's backward
+    text = render_step_profile(profile, micro, "python x", "a machine")
+    assert "batch 2 back-propagated 1 at a time" in text and "A level-0 state tensor of this step is 1 MB" in text

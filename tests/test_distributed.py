@@ -1,4 +1,5 @@
-"""DistributedDataParallel over two CPU processes (gloo) equals one process on the joint batch."""
+"""DistributedDataParallel over two CPU processes (gloo) equals one process on the joint batch, with each
+rank back-propagating its half at once or one sample at a time (gradient accumulation under ``no_sync``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import pytest
 import torch.multiprocessing as mp
 from conftest import redraw_zero_init_, relative_error
 from torch.nn.parallel import DistributedDataParallel
 
+from bundle.diffusion import idm_loss_backward
 from bundle.networks import InvertibleDiffusionUNet
 
 
@@ -28,7 +31,7 @@ def _batch():
     return x, t, target
 
 
-def _worker(rank: int, world_size: int, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | None) -> None:
     # a file store: no rank hosts a TCP store that the other could still be talking to when it exits
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
@@ -38,13 +41,14 @@ def _worker(rank: int, world_size: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     model = DistributedDataParallel(_model())
     x, t, target = (v.chunk(world_size)[rank] for v in _batch())
-    (model(x, t) - target).square().mean().backward()
+    idm_loss_backward(model, x, t, target, lambda_rec=0.0, lambda_l2=0.0, micro_batch_size=micro_batch_size)
     torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path):
-    context = mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
+@pytest.mark.parametrize("micro_batch_size", [None, 1])
+def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path, micro_batch_size):
+    context = mp.start_processes(_worker, args=(2, str(tmp_path), micro_batch_size), nprocs=2, join=False)
     try:
         for _ in range(300):  # at most 5 minutes; each join() raises if a worker failed
             if context.join(timeout=1):

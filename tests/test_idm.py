@@ -10,6 +10,7 @@ from conftest import redraw_zero_init_, relative_error
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDPMScheduler
 
+from bundle.diffusion import idm_loss_backward, micro_batches
 from bundle.measure import count_parameters, matched_monai_unet, saved_activation_bytes
 from bundle.networks import InvertibleDiffusionUNet
 
@@ -126,3 +127,33 @@ def test_checkpointed_monai_baseline_matches_plain_autograd_and_stores_less():
 
 def _stored(model, x, t):
     return saved_activation_bytes(lambda: model(x, t).square().mean(), model)
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 3])
+def test_micro_batches_back_propagate_the_whole_batch_gradient(micro_batch_size):
+    """Gradient accumulation over micro-batches (1+1+1+1, and the uneven 3+1) gives the gradient, loss and
+    Eq. 8 terms of the whole batch at once, the λ_R (inverse) and λ_L2 terms included."""
+    model = make_idm().double()
+    generator = torch.Generator().manual_seed(4)
+    noisy, noise = (torch.randn(4, 2, 16, 16, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    timesteps = torch.randint(0, 100, (4,), generator=generator)
+    results = {}
+    for size in (None, micro_batch_size):
+        model.zero_grad(set_to_none=True)
+        prediction, loss, terms = idm_loss_backward(model, noisy, timesteps, noise, 0.5, 1e-2, size)
+        results[size] = (prediction, loss, terms, [p.grad.clone() for p in model.parameters()])
+    (p_whole, l_whole, t_whole, g_whole), (p_micro, l_micro, t_micro, g_micro) = results.values()
+    assert not p_micro.requires_grad and p_micro.shape == noisy.shape and relative_error(p_micro, p_whole) < 1e-12
+    assert relative_error(l_micro, l_whole) < 1e-12
+    assert t_micro.keys() == t_whole.keys() == {"eps_mse", "reconstruction", "weight_norm"}
+    assert all(relative_error(t_micro[k], t_whole[k]) < 1e-12 for k in t_whole)
+    for (name, _), a, b in zip(model.named_parameters(), g_micro, g_whole):
+        assert b.norm() > 0 and relative_error(a, b) < 1e-10, name
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_bad_micro_batch_size_is_named(bad):
+    with pytest.raises(ValueError, match=r"micro_batch_size must be a positive integer .* or null"):
+        micro_batches(4, bad)
+    assert micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert micro_batches(5, None) == [slice(0, 5)]

@@ -76,6 +76,14 @@ def test_empty_dataset_dir_trains_on_phantoms(tmp_path):
     assert (tmp_path / "C" / "model.pt").is_file()
 
 
+def test_bad_micro_batch_size_stops_training_before_it_starts(six_cases, tmp_path):
+    result = train(SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
+                            "micro_batch_size": 0})
+    assert result.returncode != 0
+    assert "micro_batch_size must be a positive integer" in result.stderr and "got 0" in result.stderr
+    assert not (tmp_path / "C").exists()
+
+
 def test_bad_cases_stop_training_before_it_starts(six_cases, tmp_path):
     data = tmp_path / "D"
     write_brats_phantoms(data, num_cases=3, shape=(24, 24, 20))
@@ -143,8 +151,9 @@ def _free_port() -> int:
 
 
 def test_two_process_distributed_training(six_cases, tmp_path):
+    """Two ranks, each back-propagating its batch of 2 one sample at a time."""
     overrides = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-                         "train#trainer#max_epochs": 1}
+                         "train#trainer#max_epochs": 1, "micro_batch_size": 1}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m"]
     result = train(overrides, config="['configs/train.json','configs/multi_gpu_train.json']", launcher=launcher)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

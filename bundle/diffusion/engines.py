@@ -11,7 +11,7 @@ from monai.networks.schedulers import Scheduler
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from .loss import idm_loss, unwrap
+from .loss import idm_loss, idm_loss_backward, micro_batches, unwrap
 from .noise import NoiseSampler
 
 __all__ = ["IDMTrainer", "IDMEvaluator", "to_model_range", "one_step_denoise"]
@@ -31,10 +31,11 @@ def one_step_denoise(scheduler: Scheduler, noisy: torch.Tensor, eps: torch.Tenso
 
 class IDMTrainer(SupervisedTrainer):
     """One iteration: x₀ ∈ [−1, 1], ε and t from ``noise_sampler``, ``x_t = scheduler.add_noise``, Eq. 8
-    loss (:func:`~bundle.diffusion.loss.idm_loss`), AdamW step, EMA update.
+    loss and its backward, ``micro_batch_size`` samples at a time
+    (:func:`~bundle.diffusion.loss.idm_loss_backward`), AdamW step, EMA update.
 
-    ``LOSS_COMPLETED`` fires before ``backward``, so a handler there (the non-finite guard) can stop
-    training before a bad loss reaches the weights. The output dict holds ``image``, ``label`` (ε),
+    ``LOSS_COMPLETED`` fires once the whole batch is back-propagated and before the optimizer step, so a
+    handler there (the non-finite guard) can stop training before a bad loss reaches the weights. The output dict holds ``image``, ``label`` (ε),
     ``pred``, ``loss`` and each Eq. 8 term by name (``eps_mse``, ``weight_norm``, ``reconstruction``),
     decollated per sample after the step as MONAI trainers do (so stock handlers such as
     ``StatsHandler`` and ``MLFlowHandler`` read ``loss`` with their defaults).
@@ -43,6 +44,9 @@ class IDMTrainer(SupervisedTrainer):
         scheduler: the DDPM noise scheduler (``add_noise``).
         noise_sampler: source of ε and t (:class:`~bundle.diffusion.noise.NoiseSampler`).
         lambda_rec, lambda_l2: λ_R and λ_L2 of Eq. 8.
+        micro_batch_size: samples back-propagated at once (gradient accumulation: the same gradient as the
+            whole batch, with the activation memory of ``micro_batch_size`` samples), or None for the whole
+            batch at once.
         ema: ``torch.optim.swa_utils.AveragedModel`` of the network, updated after each step, or None.
         Other arguments: as ``SupervisedTrainer`` (``loss_function`` is Eq. 8).
     """
@@ -58,9 +62,11 @@ class IDMTrainer(SupervisedTrainer):
         noise_sampler: NoiseSampler,
         lambda_rec: float = 0.0,
         lambda_l2: float = 1e-4,
+        micro_batch_size: int | None = None,
         ema: torch.optim.swa_utils.AveragedModel | None = None,
         **kwargs,
     ) -> None:
+        micro_batches(1, micro_batch_size)  # a bad micro_batch_size fails here, before training starts
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -74,6 +80,7 @@ class IDMTrainer(SupervisedTrainer):
         self.noise_sampler = noise_sampler
         self.lambda_rec = lambda_rec
         self.lambda_l2 = lambda_l2
+        self.micro_batch_size = micro_batch_size
         self.ema = ema
 
     def _iteration(self, engine: IDMTrainer, batchdata: dict) -> dict:  # type: ignore[override]
@@ -83,11 +90,12 @@ class IDMTrainer(SupervisedTrainer):
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: noise}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        prediction, loss, terms = idm_loss(engine.network, noisy, timesteps, noise, self.lambda_rec, self.lambda_l2)
-        engine.state.output.update({Keys.PRED: prediction, Keys.LOSS: loss} | {k: v.detach() for k, v in terms.items()})
+        prediction, loss, terms = idm_loss_backward(
+            engine.network, noisy, timesteps, noise, self.lambda_rec, self.lambda_l2, self.micro_batch_size
+        )
+        engine.state.output.update({Keys.PRED: prediction, Keys.LOSS: loss} | terms)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
         if self.ema is not None:

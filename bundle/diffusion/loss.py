@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LOSS_TERMS", "unwrap", "weight_norm", "idm_loss"]
+from ..errors import BadInputError
+
+__all__ = ["LOSS_TERMS", "unwrap", "weight_norm", "idm_loss", "idm_loss_backward", "micro_batches"]
 
 # names of the Eq. 8 terms that idm_loss reports (the λ-weighted ones only when their λ > 0)
 LOSS_TERMS = ("eps_mse", "reconstruction", "weight_norm")
@@ -41,7 +45,8 @@ def idm_loss(
         ``(prediction U(x_t, t), total loss, {term name: value})``.
     """
     prediction = network(noisy, timesteps)
-    eps_mse = F.mse_loss(prediction.float(), noise.float())
+    dtype = torch.promote_types(prediction.dtype, torch.float32)  # half precision predictions: a float32 loss
+    eps_mse = F.mse_loss(prediction.to(dtype), noise.to(dtype))
     terms = {"eps_mse": eps_mse}
     total = eps_mse
     if lambda_rec > 0:
@@ -51,3 +56,62 @@ def idm_loss(
         terms["weight_norm"] = weight_norm(network)
         total = total + lambda_l2 * terms["weight_norm"]
     return prediction, total, terms
+
+
+def micro_batches(batch_size: int, micro_batch_size: int | None) -> list[slice]:
+    """The consecutive slices of at most ``micro_batch_size`` samples (None: one slice) that cover a batch.
+
+    Raises a :class:`~bundle.errors.BadInputError` (a ``ValueError``) naming ``micro_batch_size`` unless it
+    is None or a positive integer.
+    """
+    if micro_batch_size is None:
+        return [slice(0, batch_size)]
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise BadInputError(
+            f"micro_batch_size must be a positive integer (samples back-propagated at once) or null for the whole "
+            f"batch at once; got {micro_batch_size!r}."
+        )
+    return [slice(start, min(start + micro_batch_size, batch_size)) for start in range(0, batch_size, micro_batch_size)]
+
+
+def idm_loss_backward(
+    network: nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    lambda_rec: float = 0.0,
+    lambda_l2: float = 1e-4,
+    micro_batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Back-propagates the Eq. 8 loss of a batch (:func:`idm_loss`) into ``.grad``, ``micro_batch_size``
+    samples at a time (None: the whole batch at once). Gradient accumulation: a step's activation memory
+    is that of one micro-batch.
+
+    Micro-batch k of b_k samples contributes ``(b_k / B) (‖ε − U‖² + λ_R ‖x_t − U⁻¹(U)‖²)``, the last
+    one also ``λ_L2 ‖W‖₂``; the network treats samples independently (GroupNorm and attention act within
+    a sample), so the gradient is the whole batch's up to float rounding. Under
+    ``DistributedDataParallel`` every micro-batch but the last runs in ``no_sync()``: gradients are
+    all-reduced once per batch.
+
+    Returns:
+        ``(prediction U(x_t, t) (B, C, *S), total loss, {term name: value})``, all detached; the loss and
+        the terms are those of the whole batch.
+    """
+    batch = noisy.shape[0]
+    parts = micro_batches(batch, micro_batch_size)
+    predictions, losses, terms = [], [], {}
+    for part in parts:
+        fraction = (part.stop - part.start) / batch
+        last = part is parts[-1]
+        # the weight term enters once, with the last micro-batch, whose loss is scaled by `fraction` below
+        part_lambda_l2 = lambda_l2 / fraction if last else 0.0
+        with nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync():
+            prediction, part_loss, part_terms = idm_loss(
+                network, noisy[part], timesteps[part], noise[part], lambda_rec, part_lambda_l2
+            )
+            (fraction * part_loss).backward()
+        predictions.append(prediction.detach())
+        losses.append(fraction * part_loss.detach())
+        for name, value in part_terms.items():
+            terms.setdefault(name, []).append(value.detach() if name == "weight_norm" else fraction * value.detach())
+    return torch.cat(predictions), torch.stack(losses).sum(), {k: torch.stack(v).sum() for k, v in terms.items()}

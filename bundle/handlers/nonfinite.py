@@ -16,8 +16,8 @@ __all__ = ["NonFiniteLossGuard"]
 class NonFiniteLossGuard:
     """Raises :class:`~bundle.errors.NonFiniteLossError` when the loss is NaN or infinite.
 
-    Attached to ``IterationEvents.LOSS_COMPLETED``, which the IDM trainer fires before ``backward``:
-    the weights never see the bad step, and checkpoints written at earlier epochs stay as they are.
+    Attached to ``IterationEvents.LOSS_COMPLETED``, which the IDM trainer fires before the optimizer
+    step: the weights never see the bad step, and checkpoints written at earlier epochs stay as they are.
 
     Args:
         ckpt_dir: named in the message as where the last good checkpoint is.

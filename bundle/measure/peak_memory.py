@@ -53,8 +53,9 @@ def measure_peak_in_subprocess(workload: Workload, memory_limit_bytes: int | Non
     """Runs the measurement in a fresh process and returns its result dict.
 
     Keys: ``peak_bytes`` (peak above baseline), ``baseline_bytes`` (after the warm-up step: parameters,
-    gradients, optimizer state and, on the CPU, the interpreter), ``runtime_bytes`` (before the network
-    was built), ``device``; or ``error``: :data:`OUT_OF_MEMORY` when the step did not fit (including a
+    gradients, optimizer state and, on the CPU, the interpreter), ``retained_bytes`` (what building the
+    network and the warm-up step left allocated: :meth:`PeakMeter.allocated` after it minus before),
+    ``device``; or ``error``: :data:`OUT_OF_MEMORY` when the step did not fit (including a
     process the kernel's OOM killer ended), else the failure.
     """
     return run_in_fresh_process(_measure, workload, memory_limit_bytes, timeout)
@@ -109,6 +110,15 @@ class PeakMeter:
             return torch.cuda.memory_allocated()
         return proc_status_bytes("VmRSS")
 
+    def allocated(self) -> int:
+        """Memory the process allocated itself: the CUDA allocator's bytes, or on the CPU the anonymous
+        resident memory (``RssAnon``), which leaves out the shared-library code that a first step pages in
+        (tens of MB of ``RssFile``, which no allocator hands out and a GPU measurement does not see)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return proc_status_bytes("RssAnon")
+
     def peak(self) -> int:
         if self.cuda:
             torch.cuda.synchronize()
@@ -130,11 +140,12 @@ def _measure(workload: Workload, device: torch.device, memory_limit_bytes: int |
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), device)
     meter = PeakMeter(device)
-    runtime = meter.current()
+    before = meter.allocated()
     model = build_network(workload).to(device)
     step = make_training_step(workload, model, device).step
     step()
+    retained = meter.allocated() - before
     baseline = meter.reset()
     step()
-    return {"peak_bytes": meter.peak() - baseline, "baseline_bytes": baseline, "runtime_bytes": runtime,
+    return {"peak_bytes": meter.peak() - baseline, "baseline_bytes": baseline, "retained_bytes": retained,
             "device": device.type}

@@ -2,6 +2,8 @@
 memory-efficient IDM, per reversed step of the engine (DESIGN §5). It says which working set limits the
 peak of the paper configuration.
 
+With a ``micro_batch_size`` the step is followed through each micro-batch's forward and backward in turn.
+
 Same measure as :mod:`~bundle.measure.peak_memory` (a fresh process; CUDA allocator peak on a GPU, peak
 RSS under ``MALLOC_MMAP_THRESHOLD_`` on the CPU; bytes above the post-warm-up baseline). The backward
 pass is followed through hooks on the autograd nodes of the engine's steps: the peak is reset before
@@ -17,6 +19,8 @@ import torch
 
 from .peak_memory import PeakMeter, run_in_fresh_process
 from .report import markdown_table
+from bundle.diffusion import micro_batches
+
 from .workload import Workload, build_network, make_training_step
 
 __all__ = ["profile_step_in_subprocess", "render_step_profile", "step_label"]
@@ -60,9 +64,7 @@ def _profile(workload: Workload, device: torch.device, memory_limit_bytes: int |
     meter = PeakMeter(device)
     training.optimizer.zero_grad(set_to_none=False)
     baseline = meter.reset()
-    loss = training.loss()
-    forward_peak = meter.peak() - baseline
-
+    forward_peak = backward_peak = 0
     steps: list[dict] = []
     between = {"peak": 0}
 
@@ -75,11 +77,15 @@ def _profile(workload: Workload, device: torch.device, memory_limit_bytes: int |
         steps[-1]["peak_bytes"] = meter.peak() - baseline
         meter.reset()
 
-    _hook_engine_steps(loss.grad_fn, before, after)
-    meter.reset()
-    loss.backward()
-    del loss
-    backward_peak = max([between["peak"], meter.peak() - baseline, *(s["peak_bytes"] for s in steps)])
+    for part in micro_batches(workload.batch_size, workload.micro_batch_size):
+        meter.reset()
+        loss = training.loss(part)
+        forward_peak = max(forward_peak, meter.peak() - baseline)
+        _hook_engine_steps(loss.grad_fn, before, after)
+        meter.reset()
+        loss.backward()
+        del loss
+        backward_peak = max([backward_peak, between["peak"], meter.peak() - baseline, *(s["peak_bytes"] for s in steps)])
     meter.reset()
     training.optimizer.step()
     update_peak = meter.peak() - baseline
@@ -108,7 +114,9 @@ def render_step_profile(profile: dict, workload: Workload, command: str, machine
     title = "# Peak memory of one training step, by phase and by engine step"
     header = (f"Command: `{command}`  \nMachine: {machine}  \nWorkload: channels {workload.channels}, "
               f"{workload.num_blocks} blocks per level, attention {workload.attention_levels}, batch "
-              f"{workload.batch_size}, {workload.size}³, float32")
+              f"{workload.batch_size}" + (f" back-propagated {workload.micro_batch_size} at a time"
+                                          if workload.micro_batch_size else "") + f", {workload.size}³, float32"
+              + (", recompute_norms" if workload.recompute_norms else ""))
     if "error" in profile:
         return "\n\n".join([title, header, f"Not measured: {profile['error']}."]) + "\n"
     phases = markdown_table(["phase", "peak above the post-warm-up baseline"], [
@@ -125,13 +133,17 @@ def render_step_profile(profile: dict, workload: Workload, command: str, machine
          _mb(s["before_bytes"]), _mb(s["peak_bytes"] - s["before_bytes"]), _mb(s["peak_bytes"])]
         for s in ranked
     ])
-    level0 = workload.batch_size * workload.channels[0] * workload.size**workload.spatial_dims * 4
+    samples = workload.micro_batch_size or workload.batch_size
+    level0 = samples * workload.channels[0] * workload.size**workload.spatial_dims * 4
     bound = (
-        f"A level-0 state tensor of this workload is {_mb(level0)} (batch × channels[0] × size³ × 4 B). "
-        "Whatever the engine, when the backward pass reaches the trunk's output the output and its gradient are "
-        f"both alive ({_mb(2 * level0)}), and the level-0 skip and its gradient stay alive while every deeper "
-        "level is reversed. Below that, only splitting the batch (gradient accumulation) or the volume lowers "
-        "the peak."
+        f"A level-0 state tensor of this step is {_mb(level0)} (samples back-propagated at once × channels[0] × "
+        "size³ × 4 B). Whatever the engine, when the backward pass reaches the trunk's output the output and its "
+        f"gradient are both alive ({_mb(2 * level0)}), and the level-0 skip and its gradient stay alive while "
+        "every deeper level is reversed. "
+        + ("Below that, only back-propagating fewer samples at once (the trainer's `micro_batch_size`) or "
+           "splitting the volume lowers the peak." if samples > 1 else
+           "Below that, only splitting the volume lowers the peak; of a coupling's working set, the network's "
+           "`recompute_norms` leaves the convolutions' inputs and outputs.")
     )
     return "\n\n".join([
         title, header, "## Phases", phases,

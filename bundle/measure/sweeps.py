@@ -12,8 +12,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
+
+from bundle.diffusion import micro_batches
 
 from .baselines import count_parameters
 from .energy import find_energy_counter, measure_energy
@@ -34,6 +37,8 @@ __all__ = [
     "batch_sweep",
     "largest_cube",
     "paper_configuration",
+    "memory_options",
+    "MEMORY_OPTIONS",
     "energy_per_network",
 ]
 
@@ -51,6 +56,14 @@ PAPER = {
     "peak_minus_floor_bytes": 1.2e9,
 }
 BYTES_PER_PARAMETER_FLOOR = 16  # float32 weight + gradient + AdamW's two moments
+# What an IDM user can trade for memory beyond the engine: back-propagating the batch one sample at a time
+# (the trainer's micro_batch_size; the same gradient) and recomputing the coupling functions' GroupNorm–SiLU
+# stages in backward (the network's recompute_norms). Workload fields per option.
+MEMORY_OPTIONS = {
+    "whole batch": {},
+    "micro-batches of 1": {"micro_batch_size": 1},
+    "micro-batches of 1 + recompute_norms": {"micro_batch_size": 1, "recompute_norms": True},
+}
 
 
 class Budget:
@@ -113,8 +126,8 @@ def _skipped(workload: Workload) -> dict:
 def measure_row(workload: Workload, plan: SuitePlan, budget: Budget, device: torch.device) -> dict:
     """Parameters, FLOPs per step, stored bytes and fresh-process peak of one workload.
 
-    Stored bytes are counted only when the step fits (a configuration that does not fit could not
-    hold its stored activations either)."""
+    Stored bytes are those of one micro-batch's forward, counted only when the step fits (a configuration
+    that does not fit could not hold its stored activations either)."""
     if budget.spent:
         return _skipped(workload)
     row = {**workload.to_dict(), "flops": training_step_flops(workload)}
@@ -123,7 +136,9 @@ def measure_row(workload: Workload, plan: SuitePlan, budget: Budget, device: tor
     row["peak"] = measure_peak_in_subprocess(workload, plan.memory_limit_bytes)
     if "error" not in row["peak"]:
         model = build_network(workload).to(device)
-        row["stored_bytes"] = saved_activation_bytes(make_training_step(workload, model, device)[1], model)
+        first = micro_batches(workload.batch_size, workload.micro_batch_size)[0]
+        row["stored_bytes"] = saved_activation_bytes(partial(make_training_step(workload, model, device).loss, first),
+                                                     model)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next configurations' processes need the memory
@@ -136,9 +151,8 @@ def _time_rows(rows: list[dict], plan: SuitePlan, budget: Budget) -> None:
     if budget.spent or not fitting:
         return
     workloads = [Workload(**{k: r[k] for k in Workload.__dataclass_fields__}) for r in fitting]
-    seconds = measure_times_in_subprocess(workloads, plan.repeats)
-    for row in fitting:
-        row["step_seconds"] = seconds[row["network"]]
+    for row, seconds in zip(fitting, measure_times_in_subprocess(workloads, plan.repeats)):
+        row["step_seconds"] = seconds
 
 
 def _reference(plan: SuitePlan, network: str, size: int, **fields) -> Workload:
@@ -221,8 +235,9 @@ def largest_cube(rows: Sequence[dict], network: str, limit_bytes: int, divisor: 
 
 def paper_configuration(plan: SuitePlan, budget: Budget) -> dict:
     """The paper's configuration (batch 4, 64³): parameters by layer kind, FLOPs per training step and
-    per forward pass of one sample, and (when ``plan.paper_peak``) the measured peak against the
-    16 bytes/parameter floor of weights, gradients and AdamW state."""
+    per forward pass of one sample, and (when ``plan.paper_peak``) the measured peak of each of
+    :data:`MEMORY_OPTIONS` (``peaks``, by option) against the 16 bytes/parameter floor of weights,
+    gradients and AdamW state."""
     workload: Workload = PAPER["workload"]
     with torch.device("meta"):
         breakdown = parameter_breakdown(build_network(workload))
@@ -234,8 +249,24 @@ def paper_configuration(plan: SuitePlan, budget: Budget) -> dict:
         "floor_bytes": BYTES_PER_PARAMETER_FLOOR * breakdown["total"],
     }
     if plan.paper_peak:
-        result["peak"] = {"skipped": SKIPPED} if budget.spent else measure_peak_in_subprocess(workload)
+        result["peaks"] = {
+            label: {"skipped": SKIPPED} if budget.spent else measure_peak_in_subprocess(replace(workload, **options))
+            for label, options in MEMORY_OPTIONS.items()
+        }
     return result
+
+
+def memory_options(plan: SuitePlan, budget: Budget, device: torch.device, progress=None) -> list[dict]:
+    """The memory-efficient IDM at the reference width, ``plan.batch_size_at``³ and the largest batch of
+    ``plan.batch_sizes``, with each of :data:`MEMORY_OPTIONS` (row key ``option``): peak, stored bytes,
+    FLOPs, and step times measured together."""
+    rows = []
+    for label, options in MEMORY_OPTIONS.items():
+        workload = _reference(plan, "idm", plan.batch_size_at, batch_size=max(plan.batch_sizes), **options)
+        rows.append({"option": label, **measure_row(workload, plan, budget, device)})
+        progress and progress.update()
+    _time_rows(rows, plan, budget)
+    return rows
 
 
 def energy_per_network(plan: SuitePlan, budget: Budget, device: torch.device, progress=None) -> dict:

@@ -47,8 +47,8 @@ def interleaved_median_times(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def measure_times_in_subprocess(workloads: Sequence[Workload], repeats: int, timeout: float = 3600) -> dict[str, float]:
-    """Median step seconds per workload network, measured together in one fresh process."""
+def measure_times_in_subprocess(workloads: Sequence[Workload], repeats: int, timeout: float = 3600) -> list[float]:
+    """Median step seconds of each workload (in their order), measured together in one fresh process."""
     proc = subprocess.run(
         [sys.executable, "-m", "bundle.measure.timing", json.dumps([w.to_dict() for w in workloads]), str(repeats)],
         capture_output=True, text=True, timeout=timeout, cwd=_ROOT,
@@ -56,14 +56,15 @@ def measure_times_in_subprocess(workloads: Sequence[Workload], repeats: int, tim
     )
     if proc.returncode != 0:
         raise RuntimeError(f"timing subprocess failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    seconds = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [seconds[str(index)] for index in range(len(workloads))]
 
 
 if __name__ == "__main__":
     specs = [{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()} for s in json.loads(sys.argv[1])]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = {}
-    for spec in specs:
+    for index, spec in enumerate(specs):
         workload = Workload(**spec)
-        steps[workload.network] = make_training_step(workload, build_network(workload).to(device), device)[0]
+        steps[str(index)] = make_training_step(workload, build_network(workload).to(device), device)[0]
     print(json.dumps(interleaved_median_times(steps, int(sys.argv[2]))))

@@ -10,6 +10,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
+from bundle.diffusion import idm_loss, idm_loss_backward
 from bundle.networks import InvertibleDiffusionUNet
 
 from .baselines import count_parameters, enable_activation_checkpointing, matched_monai_unet
@@ -30,7 +31,9 @@ class Workload:
     matched to. ``baseline_widths_at``: ``None`` matches each baseline to this IDM; ``k`` fixes the
     baseline's widths by matching it (``num_res_blocks = k``) to the IDM with ``k`` blocks per level and
     then gives it ``num_res_blocks = num_blocks``, so that a depth sweep adds blocks to the baseline
-    instead of changing its widths.
+    instead of changing its widths. ``micro_batch_size``: samples back-propagated at once (gradient
+    accumulation, as the trainer's ``micro_batch_size``); ``None`` is the whole batch. ``recompute_norms``:
+    the IDM's option of that name.
     """
 
     network: str
@@ -43,6 +46,8 @@ class Workload:
     in_channels: int = 2
     seed: int = 0
     baseline_widths_at: int | None = None
+    micro_batch_size: int | None = None
+    recompute_norms: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +62,7 @@ def _idm(workload: Workload, memory_efficient: bool) -> InvertibleDiffusionUNet:
         workload.num_blocks,
         workload.attention_levels,
         memory_efficient=memory_efficient,
+        recompute_norms=workload.recompute_norms,
     )
 
 
@@ -83,11 +89,12 @@ def build_network(workload: Workload) -> nn.Module:
 
 
 class TrainingStep(NamedTuple):
-    """``step()`` runs forward, backward and an AdamW update on a fixed ε-prediction batch; ``loss()`` is
-    its forward alone (for counting stored bytes); ``optimizer`` is the AdamW that ``step`` updates."""
+    """``step()`` runs forward, backward (``micro_batch_size`` samples at a time) and an AdamW update on a
+    fixed ε-prediction batch; ``loss(part)`` is the forward alone of the samples ``part`` (by default the
+    whole batch; for counting stored bytes and profiling); ``optimizer`` is the AdamW that ``step`` updates."""
 
     step: Callable[[], None]
-    loss: Callable[[], torch.Tensor]
+    loss: Callable[..., torch.Tensor]
     optimizer: torch.optim.Optimizer
 
 
@@ -100,12 +107,12 @@ def make_training_step(workload: Workload, model: nn.Module, device: torch.devic
     timesteps = torch.randint(0, 1000, (workload.batch_size,), generator=generator).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
 
-    def loss() -> torch.Tensor:
-        return (model(x, timesteps) - noise).square().mean()
+    def loss(part: slice = slice(None)) -> torch.Tensor:
+        return idm_loss(model, x[part], timesteps[part], noise[part], lambda_rec=0.0, lambda_l2=0.0)[1]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=False)
-        loss().backward()
+        idm_loss_backward(model, x, timesteps, noise, 0.0, 0.0, workload.micro_batch_size)
         optimizer.step()
 
     return TrainingStep(step, loss, optimizer)

@@ -14,7 +14,7 @@ from .engine import (
 )
 from .idm import InvertibleDiffusionUNet
 from .invertible_unet import InvertibleUNet, SkipSplit, skip_channels
-from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling, haar_matrix, skew_exp
+from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling, cayley, haar_matrix
 
 __all__ = [
     "AdditiveCoupling",
@@ -36,6 +36,5 @@ __all__ = [
     "checkerboard_indices",
     "haar_matrix",
     "on_tensor_steps",
-    "skew_exp",
     "skip_channels",
 ]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .engine import CouplingLayer, InvertibleChain
 
@@ -30,10 +31,17 @@ class CouplingFunction(nn.Module):
         cond_dim: E, or ``None`` for an unconditioned function.
         max_groups: upper bound on the GroupNorm groups (no BatchNorm: recomputation would update
             running statistics twice).
+        recompute_norms: under autograd, store only the convolutions' inputs and outputs and recompute the
+            two GroupNorm–SiLU stages in backward (``torch.utils.checkpoint``, non-reentrant): 4 instead of
+            7 stored (B, C, *S) tensors, for about 8% more time in a backward through F. Same values and
+            gradients either way.
     """
 
-    def __init__(self, spatial_dims: int, channels: int, cond_dim: int | None, max_groups: int = 32) -> None:
+    def __init__(
+        self, spatial_dims: int, channels: int, cond_dim: int | None, max_groups: int = 32, recompute_norms: bool = False
+    ) -> None:
         super().__init__()
+        self.recompute_norms = recompute_norms
         conv = Conv[Conv.CONV, spatial_dims]
         groups = group_count(channels, max_groups)
         self.norm1 = nn.GroupNorm(groups, channels)
@@ -44,15 +52,26 @@ class CouplingFunction(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
+    def _stage1(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm1(x))
+
+    def _stage2(self, h: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm2(h)
+        if scale is not None:
+            view = (*scale.shape, *([1] * (h.ndim - 2)))
+            h = h * (1 + scale.reshape(view)) + shift.reshape(view)
+        return F.silu(h)
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
+        scale = shift = None
         if self.cond_proj is not None:
             if cond is None:
                 raise ValueError("CouplingFunction was built with cond_dim but called with cond=None.")
             scale, shift = self.cond_proj(F.silu(cond)).chunk(2, dim=1)
-            view = (*scale.shape, *([1] * (x.ndim - 2)))
-            h = h * (1 + scale.reshape(view)) + shift.reshape(view)
-        return self.conv2(F.silu(h))
+        if self.recompute_norms and torch.is_grad_enabled():
+            h = self.conv1(checkpoint(self._stage1, x, use_reentrant=False))
+            return self.conv2(checkpoint(self._stage2, h, scale, shift, use_reentrant=False))
+        return self.conv2(self._stage2(self.conv1(self._stage1(x)), scale, shift))
 
 
 class HalfCoupling(CouplingLayer):
@@ -60,15 +79,17 @@ class HalfCoupling(CouplingLayer):
 
     With x = (x₁, x₂) split along channels, ``update="first"`` gives ``y = (x₁ + F(x₂, emb), x₂)`` and
     ``update="second"`` gives ``y = (x₁, x₂ + F(x₁, emb))``; the inverse subtracts. Shapes:
-    (B, C, *S) → (B, C, *S).
+    (B, C, *S) → (B, C, *S). ``recompute_norms``: see :class:`CouplingFunction`.
     """
 
-    def __init__(self, spatial_dims: int, channels: int, cond_dim: int | None, update: str) -> None:
+    def __init__(
+        self, spatial_dims: int, channels: int, cond_dim: int | None, update: str, recompute_norms: bool = False
+    ) -> None:
         super().__init__()
         if update not in ("first", "second"):
             raise ValueError(f"update must be 'first' or 'second', got {update!r}.")
         self.update = update
-        self.function = CouplingFunction(spatial_dims, channels // 2, cond_dim)
+        self.function = CouplingFunction(spatial_dims, channels // 2, cond_dim, recompute_norms=recompute_norms)
 
     def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(updated half, kept half)."""
@@ -114,12 +135,15 @@ class AdditiveCoupling(InvertibleChain):
         spatial_dims: d.
         channels: C (even).
         cond_dim: E, the width of the conditioning vector, or ``None``.
+        recompute_norms: F and G store less under autograd (see :class:`CouplingFunction`).
     """
 
-    def __init__(self, spatial_dims: int, channels: int, cond_dim: int | None = None) -> None:
+    def __init__(
+        self, spatial_dims: int, channels: int, cond_dim: int | None = None, recompute_norms: bool = False
+    ) -> None:
         if channels % 2:
             raise ValueError(f"AdditiveCoupling needs an even number of channels, got channels={channels}.")
         super().__init__(
-            HalfCoupling(spatial_dims, channels, cond_dim, "first"),
-            HalfCoupling(spatial_dims, channels, cond_dim, "second"),
+            HalfCoupling(spatial_dims, channels, cond_dim, "first", recompute_norms),
+            HalfCoupling(spatial_dims, channels, cond_dim, "second", recompute_norms),
         )
