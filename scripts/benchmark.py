@@ -164,5 +164,6 @@ class Benchmark:
         (out / f"{name}.md").write_text(report)
         print(report)
 
+
 if __name__ == "__main__":
     fire.Fire(Benchmark)

@@ -35,10 +35,11 @@ class IDMTrainer(SupervisedTrainer):
     (:func:`~bundle.diffusion.loss.idm_loss_backward`), AdamW step, EMA update.
 
     ``LOSS_COMPLETED`` fires once the whole batch is back-propagated and before the optimizer step, so a
-    handler there (the non-finite guard) can stop training before a bad loss reaches the weights. The output dict holds ``image``, ``label`` (ε),
-    ``pred``, ``loss`` and each Eq. 8 term by name (``eps_mse``, ``weight_norm``, ``reconstruction``),
-    decollated per sample after the step as MONAI trainers do (so stock handlers such as
-    ``StatsHandler`` and ``MLFlowHandler`` read ``loss`` with their defaults).
+    handler there (the non-finite guard) can stop training before a bad loss reaches the weights. The
+    output dict holds ``image``, ``label`` (ε), ``pred``, ``loss`` and each Eq. 8 term by name
+    (``eps_mse``, ``weight_norm``, ``reconstruction``), decollated per sample after the step as MONAI
+    trainers do (so stock handlers such as ``StatsHandler`` and ``MLFlowHandler`` read ``loss`` with their
+    defaults).
 
     Args:
         scheduler: the DDPM noise scheduler (``add_noise``).

@@ -114,10 +114,7 @@ class PeakMeter:
         """Memory the process allocated itself: the CUDA allocator's bytes, or on the CPU the anonymous
         resident memory (``RssAnon``), which leaves out the shared-library code that a first step pages in
         (tens of MB of ``RssFile``, which no allocator hands out and a GPU measurement does not see)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
-        return proc_status_bytes("RssAnon")
+        return self.current() if self.cuda else proc_status_bytes("RssAnon")
 
     def peak(self) -> int:
         if self.cuda:

@@ -17,10 +17,10 @@ from functools import partial
 
 import torch
 
-from .peak_memory import PeakMeter, run_in_fresh_process
-from .report import markdown_table
 from bundle.diffusion import micro_batches
 
+from .peak_memory import PeakMeter, run_in_fresh_process
+from .report import markdown_table
 from .workload import Workload, build_network, make_training_step
 
 __all__ = ["profile_step_in_subprocess", "render_step_profile", "step_label"]

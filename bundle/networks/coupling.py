@@ -33,8 +33,8 @@ class CouplingFunction(nn.Module):
             running statistics twice).
         recompute_norms: under autograd, store only the convolutions' inputs and outputs and recompute the
             two GroupNorm–SiLU stages in backward (``torch.utils.checkpoint``, non-reentrant): 4 instead of
-            7 stored (B, C, *S) tensors, for about 8% more time in a backward through F. Same values and
-            gradients either way.
+            7 stored (B, C, *S) tensors, for one more evaluation of those stages. Same values and gradients
+            either way.
     """
 
     def __init__(

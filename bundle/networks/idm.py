@@ -38,9 +38,9 @@ class InvertibleDiffusionUNet(nn.Module):
         num_heads: attention heads.
         time_embed_dim: width of the time embedding (default 4·channels[0]).
         recompute_norms: the trunk's coupling functions recompute their GroupNorm–SiLU stages in backward
-            instead of storing them: the largest working set of a memory-efficient step shrinks by 3 of
-            10 half-width tensors of one sample (for the paper configuration: 100 MB per sample), for
-            about 8% more time in each coupling's reverse step.
+            instead of storing them: a coupling's reverse step holds 3 fewer half-width tensors (the
+            paper configuration's step peak drops by 0.1 GB in micro-batches of 1), for about 6% more
+            time per training step (``docs/benchmarks.md``, memory options).
     """
 
     def __init__(

@@ -142,8 +142,8 @@ class InvertibleUNet(nn.Module):
         channel_mixing: put an orthogonal 1×1 convolution before each coupling.
         num_heads: attention heads.
         recompute_norms: the coupling functions store only their convolutions' inputs and outputs under
-            autograd (in the memory-efficient reverse step: a smaller working set, about 8% more time
-            there; see :class:`~bundle.networks.coupling.CouplingFunction`).
+            autograd (in the memory-efficient reverse step: a smaller working set for a little more time;
+            see :class:`~bundle.networks.coupling.CouplingFunction`).
 
     Shapes: ``forward(x (B, channels[0], *S), cond (B, E)) → (B, channels[0], *S)``, each of S
     divisible by :attr:`size_divisor`.
