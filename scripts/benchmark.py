@@ -95,7 +95,7 @@ class Benchmark:
             raise SystemExit(f"ERROR: --budget_s must be positive, got {budget_s}.")
         plan = SuitePlan.gpu() if gpu else SuitePlan.quick() if quick else SuitePlan.full()
         plan = plan if budget_s is None else replace(plan, budget_seconds=budget_s)
-        mode = " --gpu" if gpu else " --quick" if quick else ""
+        mode = (" --gpu" if gpu else " --quick" if quick else "") + ("" if quality else " --quality false")
         out = Path(output_dir or ("runs/benchmarks_gpu" if gpu else "runs/benchmarks_quick" if quick else "docs"))
         out.mkdir(parents=True, exist_ok=True)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

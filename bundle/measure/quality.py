@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -27,8 +28,9 @@ from monai.bundle import ConfigParser
 from bundle.data import training_cases
 from bundle.visualize import read_scalars
 
-from .baselines import count_parameters, matched_monai_unet
+from .baselines import count_parameters
 from .report import machine_description, markdown_table
+from .workload import Workload, monai_arguments
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -53,24 +55,22 @@ def parameter_count(network_def: Mapping) -> int:
         return count_parameters(ConfigParser({"net": dict(network_def)}).get_parsed_content("net"))
 
 
-def network_definitions(
-    channels: Sequence[int], attention_levels: Sequence[bool], num_blocks: int = 2, num_modalities: int = 2
-) -> dict[str, dict]:
-    """``{"idm": network_def, "monai": network_def}``: bundle ``network_def`` configs of the IDM and of the
-    MONAI ``DiffusionModelUNet`` matched to its parameter count (:func:`matched_monai_unet`, ±10%)."""
+def network_definitions(workload: Workload) -> dict[str, dict]:
+    """``{"idm": network_def, "monai": network_def}``: bundle ``network_def`` configs of the memory-efficient
+    IDM that ``workload`` describes and of the MONAI ``DiffusionModelUNet`` that the benchmarks match to it
+    (:func:`~bundle.measure.workload.monai_arguments`, ±10% parameters)."""
     idm = {
         "_target_": "bundle.networks.InvertibleDiffusionUNet",
-        "spatial_dims": 3,
-        "in_channels": num_modalities,
-        "out_channels": num_modalities,
-        "channels": [int(c) for c in channels],
-        "num_blocks": num_blocks,
-        "attention_levels": [bool(a) for a in attention_levels],
+        "spatial_dims": workload.spatial_dims,
+        "in_channels": workload.in_channels,
+        "out_channels": workload.in_channels,
+        "channels": [int(c) for c in workload.channels],
+        "num_blocks": workload.num_blocks,
+        "attention_levels": [bool(a) for a in workload.attention_levels],
         "memory_efficient": True,
     }
-    _, kwargs = matched_monai_unet(parameter_count(idm), 3, num_modalities, num_modalities, attention_levels)
     monai = {"_target_": "monai.networks.nets.DiffusionModelUNet"} | {
-        k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
+        k: list(v) if isinstance(v, tuple) else v for k, v in monai_arguments(replace(workload, network="monai")).items()
     }
     return {"idm": idm, "monai": monai}
 
@@ -190,7 +190,9 @@ def compare_quality(
     with tempfile.TemporaryDirectory(prefix="idm_quality_") if work_dir is None else nullcontext(work_dir) as work:
         work = Path(work)
         training_cases(work / "data", seed=seed, num_phantoms=num_phantoms)  # outside the timed runs
-        for name, network_def in network_definitions(channels, attention_levels, num_blocks).items():
+        workload = Workload("idm", size, channels=tuple(channels), num_blocks=num_blocks,
+                            attention_levels=tuple(attention_levels))
+        for name, network_def in network_definitions(workload).items():
             overrides_run = shared | {"dataset_dir": str(work / "data"), "network_def": network_def}
             seconds = train_run(work / name, overrides_run, num_threads)
             networks[name] = run_summary(work / name, NETWORKS[name], network_def, seconds)

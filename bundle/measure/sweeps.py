@@ -3,12 +3,14 @@ paper configuration against its parameter/optimizer floor, and energy (DESIGN §
 
 Each measurement is a *row*: the workload's fields plus ``parameters``, ``stored_bytes`` (saved for
 backward), ``peak`` (the fresh-process result of :mod:`bundle.measure.peak_memory`), ``flops`` per
-step and, where timed, ``step_seconds``. A :class:`Budget` bounds the wall time of a whole suite (the
+step and, where timed, ``step_seconds_per_round`` (one time per round of interleaved repetitions, see
+:mod:`bundle.measure.timing`) and their median ``step_seconds``. A :class:`Budget` bounds the wall time of a whole suite (the
 GPU mode must finish in 8 minutes): once it is spent, the remaining rows say ``skipped``.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -89,7 +91,7 @@ class SuitePlan:
     sizes: tuple[int, ...] = (32, 48, 64, 96, 128)
     batch_sizes: tuple[int, ...] = (1, 2, 4)
     batch_size_at: int = 64
-    repeats: int = 2
+    repeats: int = 5
     energy_seconds: float = 120.0
     paper_peak: bool = True
     quality_epochs: int = 16
@@ -106,7 +108,7 @@ class SuitePlan:
     @classmethod
     def quick(cls) -> SuitePlan:
         return cls(
-            depths=(1, 8), depth_size=16, sizes=(16, 32), batch_sizes=(1, 2), batch_size_at=16, repeats=1,
+            depths=(1, 8), depth_size=16, sizes=(16, 32), batch_sizes=(1, 2), batch_size_at=16, repeats=3,
             energy_seconds=5.0, paper_peak=False, quality_epochs=2, quality_size=16, quality_channels=(8, 16, 32),
             channels=(8, 16, 32, 64),
         )
@@ -114,7 +116,7 @@ class SuitePlan:
     @classmethod
     def gpu(cls) -> SuitePlan:
         return cls(
-            sizes=(32, 64, 96, 128, 160, 192, 224, 256, 320), repeats=5, energy_seconds=20.0,
+            sizes=(32, 64, 96, 128, 160, 192, 224, 256, 320), energy_seconds=20.0,
             budget_seconds=360.0,
         )
 
@@ -146,13 +148,15 @@ def measure_row(workload: Workload, plan: SuitePlan, budget: Budget, device: tor
 
 
 def _time_rows(rows: list[dict], plan: SuitePlan, budget: Budget) -> None:
-    """Adds ``step_seconds`` (interleaved medians in one fresh process) to the rows that fit."""
+    """Adds ``step_seconds_per_round`` and their median ``step_seconds`` (interleaved repetitions in one fresh
+    process) to the rows that fit."""
     fitting = [r for r in rows if "peak" in r and "error" not in r["peak"]]
     if budget.spent or not fitting:
         return
     workloads = [Workload(**{k: r[k] for k in Workload.__dataclass_fields__}) for r in fitting]
-    for row, seconds in zip(fitting, measure_times_in_subprocess(workloads, plan.repeats)):
-        row["step_seconds"] = seconds
+    for row, rounds in zip(fitting, measure_times_in_subprocess(workloads, plan.repeats)):
+        row["step_seconds_per_round"] = rounds
+        row["step_seconds"] = statistics.median(rounds)
 
 
 def _reference(plan: SuitePlan, network: str, size: int, **fields) -> Workload:

@@ -1,4 +1,8 @@
-"""Median step time over interleaved repetitions, in a fresh process (DESIGN §5).
+"""Step times over interleaved repetitions, in a fresh process (DESIGN §5).
+
+Each round times every workload once, in turn, so a ratio of two workloads' times is taken within a round
+(paired) before a median over rounds: drifts of a shared machine that last longer than a round then
+cancel out of the ratio (:func:`paired_ratio`).
 
 The process runs with ``MALLOC_MMAP_THRESHOLD_=65536``, as the peak-memory process does: tensors are
 mapped and unmapped, so freed memory goes back to the OS and the process holds no more than one step's
@@ -25,16 +29,16 @@ import torch
 from ..process_memory import MMAP_THRESHOLD_ENV
 from .workload import Workload, build_network, make_training_step
 
-__all__ = ["interleaved_median_times", "measure_times_in_subprocess"]
+__all__ = ["interleaved_times", "measure_times_in_subprocess", "paired_ratio"]
 
 _ROOT = Path(__file__).resolve().parents[2]
 
 
-def interleaved_median_times(
+def interleaved_times(
     steps: Mapping[str, Callable[[], None]], repeats: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median seconds per call of each step, timing them in turn (A B C A B C …) so that drifts of the
-    machine (thermal, other load) hit every step alike. ``warmup`` untimed rounds come first."""
+) -> dict[str, list[float]]:
+    """Seconds of each step in each of ``repeats`` rounds, timing the steps in turn (A B C A B C …) so that
+    drifts of the machine (thermal, other load) hit every step alike. ``warmup`` untimed rounds come first."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(warmup + repeats):
         for name, step in steps.items():
@@ -44,11 +48,23 @@ def interleaved_median_times(
                 torch.cuda.synchronize()
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
-def measure_times_in_subprocess(workloads: Sequence[Workload], repeats: int, timeout: float = 3600) -> list[float]:
-    """Median step seconds of each workload (in their order), measured together in one fresh process."""
+def paired_ratio(seconds: Sequence[float], reference: Sequence[float]) -> tuple[float, float, float]:
+    """``(median, min, max)`` over rounds of ``seconds[i] / reference[i]``: two workloads timed in the same
+    rounds of :func:`interleaved_times`."""
+    if len(seconds) != len(reference) or not seconds:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty lists of rounds, got {len(seconds)} "
+                         f"and {len(reference)}.")
+    ratios = [a / b for a, b in zip(seconds, reference)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def measure_times_in_subprocess(
+    workloads: Sequence[Workload], repeats: int, timeout: float = 3600
+) -> list[list[float]]:
+    """Step seconds of each workload (in their order) in each round, measured together in one fresh process."""
     proc = subprocess.run(
         [sys.executable, "-m", "bundle.measure.timing", json.dumps([w.to_dict() for w in workloads]), str(repeats)],
         capture_output=True, text=True, timeout=timeout, cwd=_ROOT,
@@ -67,4 +83,4 @@ if __name__ == "__main__":
     for index, spec in enumerate(specs):
         workload = Workload(**spec)
         steps[str(index)] = make_training_step(workload, build_network(workload).to(device), device)[0]
-    print(json.dumps(interleaved_median_times(steps, int(sys.argv[2]))))
+    print(json.dumps(interleaved_times(steps, int(sys.argv[2]))))

@@ -15,7 +15,7 @@ from bundle.networks import InvertibleDiffusionUNet
 
 from .baselines import count_parameters, enable_activation_checkpointing, matched_monai_unet
 
-__all__ = ["NETWORKS", "TrainingStep", "Workload", "build_network", "make_training_step"]
+__all__ = ["NETWORKS", "TrainingStep", "Workload", "build_network", "make_training_step", "monai_arguments"]
 
 NETWORKS = ("idm", "idm_plain", "monai", "monai_checkpointed")
 
@@ -66,21 +66,29 @@ def _idm(workload: Workload, memory_efficient: bool) -> InvertibleDiffusionUNet:
     )
 
 
+def monai_arguments(workload: Workload) -> dict:
+    """Constructor arguments of the MONAI ``DiffusionModelUNet`` of ``workload`` (a ``"monai…"`` network):
+    matched (:func:`~bundle.measure.baselines.matched_monai_unet`, ±10%) to the parameter count of the
+    IDM that ``workload`` describes, or to the one with ``baseline_widths_at`` blocks (see :class:`Workload`)."""
+    reference = workload.num_blocks if workload.baseline_widths_at is None else workload.baseline_widths_at
+    with torch.device("meta"):
+        target = count_parameters(_idm(replace(workload, num_blocks=reference), True))
+        blocks = (2, 1, 3) if workload.baseline_widths_at is None else (reference,)
+        kwargs = matched_monai_unet(
+            target, workload.spatial_dims, workload.in_channels, workload.in_channels, workload.attention_levels,
+            num_res_blocks=blocks,
+        )[1]
+    if workload.baseline_widths_at is not None:
+        kwargs["num_res_blocks"] = workload.num_blocks
+    return kwargs
+
+
 def build_network(workload: Workload) -> nn.Module:
     """The network of ``workload``, seeded by ``workload.seed``."""
     if workload.network not in NETWORKS:
         raise ValueError(f"Unknown network {workload.network!r}; choose one of {NETWORKS}.")
     if workload.network.startswith("monai"):
-        reference = workload.num_blocks if workload.baseline_widths_at is None else workload.baseline_widths_at
-        with torch.device("meta"):
-            target = count_parameters(_idm(replace(workload, num_blocks=reference), True))
-            blocks = (2, 1, 3) if workload.baseline_widths_at is None else (reference,)
-            kwargs = matched_monai_unet(
-                target, workload.spatial_dims, workload.in_channels, workload.in_channels, workload.attention_levels,
-                num_res_blocks=blocks,
-            )[1]
-        if workload.baseline_widths_at is not None:
-            kwargs["num_res_blocks"] = workload.num_blocks
+        kwargs = monai_arguments(workload)
         torch.manual_seed(workload.seed)
         baseline = DiffusionModelUNet(**kwargs)
         return enable_activation_checkpointing(baseline) if workload.network == "monai_checkpointed" else baseline

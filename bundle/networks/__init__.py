@@ -33,6 +33,7 @@ __all__ = [
     "OrthogonalChannelMixing",
     "OrthogonalDownsampling",
     "SkipSplit",
+    "cayley",
     "checkerboard_indices",
     "haar_matrix",
     "on_tensor_steps",
