@@ -4,8 +4,9 @@ paper configuration against its parameter/optimizer floor, and energy (DESIGN §
 Each measurement is a *row*: the workload's fields plus ``parameters``, ``stored_bytes`` (saved for
 backward), ``peak`` (the fresh-process result of :mod:`bundle.measure.peak_memory`), ``flops`` per
 step and, where timed, ``step_seconds_per_round`` (one time per round of interleaved repetitions, see
-:mod:`bundle.measure.timing`) and their median ``step_seconds``. A :class:`Budget` bounds the wall time of a whole suite (the
-GPU mode must finish in 8 minutes): once it is spent, the remaining rows say ``skipped``.
+:mod:`bundle.measure.timing`) and their median ``step_seconds``. A :class:`Budget` bounds the wall time
+of a whole suite (the GPU mode must finish in 8 minutes): once it is spent, the remaining rows say
+``skipped``.
 """
 
 from __future__ import annotations

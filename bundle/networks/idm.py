@@ -39,7 +39,7 @@ class InvertibleDiffusionUNet(nn.Module):
         time_embed_dim: width of the time embedding (default 4·channels[0]).
         recompute_norms: the trunk's coupling functions recompute their GroupNorm–SiLU stages in backward
             instead of storing them: a coupling's reverse step holds 3 fewer half-width tensors (the
-            paper configuration's step peak drops by 0.1 GB in micro-batches of 1), for about 6% more
+            paper configuration's step peak drops by 0.1 GB in micro-batches of 1), for about 5% more
             time per training step (``docs/benchmarks.md``, memory options).
     """
 
