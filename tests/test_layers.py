@@ -241,3 +241,41 @@ def test_recompute_norms_stores_fewer_tensors_and_keeps_values_and_gradients():
     assert relative_error(x_lean, x) < 1e-12 and relative_error(gx_lean, results["default"][1]) < 1e-12
     assert relative_error(gc_lean, results["default"][2]) < 1e-12
     assert all(relative_error(g, e) < 1e-12 for g, e in zip(gp_lean, results["default"][3:]))
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(3, (1, 8, 16, 16, 16)), (2, (1, 4, 32, 32))])
+def test_same_conv_takes_onednn_at_batch_one_and_matches_the_padded_convolution(spatial_dims, shape):
+    from torch.profiler import profile
+
+    from bundle.networks.convolution import same_conv
+
+    torch.manual_seed(0)
+    conv = same_conv(spatial_dims, shape[1], 6)
+    x = torch.randn(shape, requires_grad=True)
+    with profile() as prof:
+        y = conv(x)
+        grad_y = torch.randn_like(y)
+        y.backward(grad_y)
+    kernels = {event.key for event in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in kernels and not any(k.startswith("aten::slow_conv") for k in kernels), kernels
+    ours = (y.detach(), x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone())
+    x.grad = None
+    conv.zero_grad()
+    convolve = torch.nn.functional.conv3d if spatial_dims == 3 else torch.nn.functional.conv2d
+    reference = convolve(x, conv.weight, conv.bias, padding=1)
+    reference.backward(grad_y)
+    for a, b in zip(ours, (reference.detach(), x.grad, conv.weight.grad, conv.bias.grad)):
+        assert a.shape == b.shape and relative_error(a, b) < 1e-5
+
+
+def test_same_conv_leaves_other_inputs_to_pytorch_and_rejects_even_kernels():
+    from bundle.networks.convolution import same_conv
+
+    conv = same_conv(3, 4, 4).double()
+    for x in (torch.randn(1, 4, 7, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, 8, dtype=torch.float64)):
+        expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1)
+        assert torch.equal(conv(x), expected)  # odd length, float64, batch 3: PyTorch's own convolution
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        same_conv(3, 4, 4, kernel_size=2)
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        same_conv(1, 4, 4)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Conv
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .convolution import same_conv
 from .engine import CouplingLayer, InvertibleChain
 
 __all__ = ["group_count", "CouplingFunction", "HalfCoupling", "AdditiveCoupling"]
@@ -42,13 +42,12 @@ class CouplingFunction(nn.Module):
     ) -> None:
         super().__init__()
         self.recompute_norms = recompute_norms
-        conv = Conv[Conv.CONV, spatial_dims]
         groups = group_count(channels, max_groups)
         self.norm1 = nn.GroupNorm(groups, channels)
-        self.conv1 = conv(channels, channels, kernel_size=3, padding=1, bias=False)  # GroupNorm follows
+        self.conv1 = same_conv(spatial_dims, channels, channels, bias=False)  # GroupNorm follows
         self.norm2 = nn.GroupNorm(groups, channels)
         self.cond_proj = nn.Linear(cond_dim, 2 * channels) if cond_dim else None
-        self.conv2 = conv(channels, channels, kernel_size=3, padding=1)
+        self.conv2 = same_conv(spatial_dims, channels, channels)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 

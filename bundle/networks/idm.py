@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Conv
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
+from .convolution import same_conv
 from .invertible_unet import InvertibleUNet
 
 __all__ = ["InvertibleDiffusionUNet"]
@@ -62,17 +62,16 @@ class InvertibleDiffusionUNet(nn.Module):
             raise ValueError(f"in_channels and out_channels must be ≥ 1, got {in_channels}, {out_channels}.")
         width = int(channels[0])
         embed = time_embed_dim or 4 * width
-        conv = Conv[Conv.CONV, spatial_dims]
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.time_mlp = nn.Sequential(nn.Linear(width, embed), nn.SiLU(), nn.Linear(embed, embed))
-        self.stem = conv(in_channels, width, kernel_size=3, padding=1)
+        self.stem = same_conv(spatial_dims, in_channels, width)
         self.trunk = InvertibleUNet(
             spatial_dims, channels, num_blocks, attention_levels, embed, memory_efficient, channel_mixing, num_heads,
             recompute_norms,
         )
-        self.head = conv(width, out_channels, kernel_size=3, padding=1)
+        self.head = same_conv(spatial_dims, width, out_channels)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
