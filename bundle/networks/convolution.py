@@ -16,8 +16,9 @@ _IM2COL_LIMIT = 20480
 
 
 def _takes_im2col(x: torch.Tensor) -> bool:
-    """Whether PyTorch would convolve this input (B, C, *S) by im2col on the CPU."""
-    return (x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+    """Whether PyTorch would convolve this input (B, C, *S) by im2col on the CPU. False while tracing: a
+    traced graph must hold for other batch sizes and devices than the example's."""
+    return (x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.jit.is_tracing()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and math.prod(x.shape[:4]) <= _IM2COL_LIMIT)
 
