@@ -275,6 +275,10 @@ def test_same_conv_leaves_other_inputs_to_pytorch_and_rejects_even_kernels():
     for x in (torch.randn(1, 4, 7, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, 8, dtype=torch.float64)):
         expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1)
         assert torch.equal(conv(x), expected)  # odd length, float64, batch 3: PyTorch's own convolution
+    for conv, x in ((same_conv(3, 64, 64), torch.randn(1, 64, 4, 4, 4)),  # fewer than 2 voxels per channel
+                    (same_conv(3, 4, 4, kernel_size=5), torch.randn(1, 4, 8, 8, 8))):  # oneDNN takes k = 5
+        expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
+        assert torch.equal(conv(x), expected)
     conv = same_conv(3, 4, 4)
     traced = torch.jit.trace(conv, torch.randn(1, 4, 8, 8, 8))  # traced at batch 1, run at batch 2
     x = torch.randn(2, 4, 8, 8, 8)

@@ -13,6 +13,11 @@ __all__ = ["SameConv2d", "SameConv3d", "same_conv"]
 # PyTorch's CPU build sends a float32 convolution of batch 1 and a kernel of at most 3 per side to its im2col
 # kernel (slow_conv2d / slow_conv3d) instead of oneDNN when N·C·S₀·S₁ ≤ 20480 (ConvParams::use_mkldnn).
 _IM2COL_LIMIT = 20480
+# The split pays only where the voxels outnumber the output channels: measured on 2 cores, a 3×3×3
+# convolution's forward + backward took 0.25× (16 channels, 32³) to 0.81× (256 channels, 8³, 2 voxels per
+# channel) of the im2col time, but 1.3–1.8× at 4³ with 64–512 channels, where oneDNN's reordered copy of the
+# weight, C_out·C_in·k³, also outgrows im2col's buffer, C_in·k³·voxels, and raises the peak.
+_VOXELS_PER_OUT_CHANNEL = 2
 
 
 def _takes_im2col(x: torch.Tensor) -> bool:
@@ -26,17 +31,19 @@ def _takes_im2col(x: torch.Tensor) -> bool:
 class _SameConv:
     """``forward`` of a stride-1 convolution with an odd kernel k and zero padding k // 2.
 
-    An input that PyTorch would convolve by im2col (batch 1, float32, CPU, few channels × voxels) is cut in
-    two along its first spatial axis, each half keeping the k // 2 neighbours that the kernel reads across
-    the cut, and the halves are convolved without padding as a batch of 2, which oneDNN takes; the two
-    outputs, joined along that axis, are the same convolution (up to float rounding). On the 2-core CPU of
+    With a 3-kernel, an input that PyTorch would convolve by im2col (batch 1, float32, CPU, few channels ×
+    voxels) and that has at least twice as many voxels as output channels is cut in two along its first
+    spatial axis, each half keeping the slice that the kernel reads across the cut, and the halves are
+    convolved without padding as a batch of 2, which oneDNN takes; the two outputs, joined along that axis,
+    are the same convolution (up to float rounding). On the 2-core CPU of
     ``docs/README.md`` a (1, 16, 32³) convolution's forward and backward take 24 ms that way instead of
     105 ms. Shapes: (B, C_in, *S) → (B, C_out, *S).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         halo, length = self.padding[0], x.shape[2]
-        if not _takes_im2col(x) or length % 2 or length < 2 * halo:
+        if (self.kernel_size[0] != 3 or not _takes_im2col(x) or length % 2
+                or math.prod(x.shape[2:]) < _VOXELS_PER_OUT_CHANNEL * self.out_channels):
             return super().forward(x)
         half = length // 2
         padded = F.pad(x, [halo] * (2 * (x.ndim - 2)))
