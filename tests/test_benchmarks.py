@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -166,6 +167,17 @@ def test_step_times_come_back_per_workload_and_round():
     small = Workload("idm", 16, channels=(8, 16), attention_levels=(False, True))
     times = measure_times_in_subprocess([small, replace(small, network="idm_plain")], repeats=3)
     assert len(times) == 2 and all(len(rounds) == 3 and min(rounds) > 0 for rounds in times)
+
+
+def test_child_processes_find_the_bundle_and_the_packages_already_on_pythonpath(monkeypatch, tmp_path):
+    from bundle.measure.child_process import BUNDLE_ROOT, child_environment
+
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # e.g. packages installed with pip install --target
+    env = child_environment(OMP_NUM_THREADS="1")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(BUNDLE_ROOT), str(tmp_path)]
+    assert env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_environment()["PYTHONPATH"] == str(BUNDLE_ROOT)
 
 
 def test_freed_tensors_go_back_to_the_os_after_mallopt():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -60,11 +61,23 @@ def matched_monai_unet(
     or 4× the previous, ``num_res_blocks`` from ``num_res_blocks`` and attention where ``attention_levels`` says.
     The one with the smallest w that fits is returned (the fewest full-resolution channels: the
     hardest baseline for an activation-memory comparison), with its constructor arguments. Candidates
-    are sized on the meta device, so the search allocates nothing.
+    are sized on the meta device, so the search allocates nothing; its result is kept for the process,
+    since every benchmark row builds its baseline several times (FLOPs, parameters, stored bytes).
 
     Raises:
         ValueError: when no candidate up to ``max_width`` is within the tolerance.
     """
+    kwargs = _leanest_arguments(target_parameters, spatial_dims, in_channels, out_channels,
+                                tuple(bool(a) for a in attention_levels), tolerance, max_width, tuple(num_res_blocks))
+    return DiffusionModelUNet(**kwargs), dict(kwargs)
+
+
+@functools.cache
+def _leanest_arguments(
+    target_parameters: int, spatial_dims: int, in_channels: int, out_channels: int, attention_levels: tuple[bool, ...],
+    tolerance: float, max_width: int, num_res_blocks: tuple[int, ...],
+) -> dict:
+    """The constructor arguments of :func:`matched_monai_unet` (the caller copies them)."""
     levels = len(attention_levels)
     for width in range(8, max_width + 1, 8):
         for blocks in num_res_blocks:
@@ -78,14 +91,14 @@ def matched_monai_unet(
                     out_channels=out_channels,
                     channels=tuple(widths),
                     num_res_blocks=blocks,
-                    attention_levels=tuple(bool(a) for a in attention_levels),
+                    attention_levels=attention_levels,
                     norm_num_groups=8,
                     num_head_channels=8,
                 )
                 with torch.device("meta"):
                     size = count_parameters(DiffusionModelUNet(**kwargs))
                 if abs(size / target_parameters - 1.0) <= tolerance:
-                    return DiffusionModelUNet(**kwargs), kwargs
+                    return kwargs
     raise ValueError(
         f"No DiffusionModelUNet with first width ≤ {max_width} within ±{tolerance:.0%} of {target_parameters} parameters."
     )

@@ -10,7 +10,6 @@ one-step x̂₀) are read back from the runs' TensorBoard event files.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from bundle.data import training_cases
 from bundle.visualize import read_scalars
 
 from .baselines import count_parameters
+from .child_process import BUNDLE_ROOT, child_environment
 from .report import machine_description, markdown_table
 from .workload import Workload, monai_arguments
 
@@ -40,7 +40,6 @@ __all__ = [
     "write_quality_report",
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = "configs/train.json"
 NETWORKS = {"idm": "IDM (InvertibleDiffusionUNet)", "monai": "MONAI DiffusionModelUNet"}
 TAGS = ("val_eps_mse", "val_psnr", "val_ssim")
@@ -90,12 +89,10 @@ def train_run(run_dir: Path, overrides: Mapping[str, object], num_threads: int |
     (run_dir / "args.json").write_text(json.dumps(args, indent=1))
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG,
                "--args_file", str(run_dir / "args.json")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    if num_threads is not None:
-        env["OMP_NUM_THREADS"] = str(num_threads)
+    env = child_environment() if num_threads is None else child_environment(OMP_NUM_THREADS=str(num_threads))
     start = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
-        result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        result = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         tail = (run_dir / "train.log").read_text()[-3000:]

@@ -109,7 +109,7 @@ class SuitePlan:
     @classmethod
     def quick(cls) -> SuitePlan:
         return cls(
-            depths=(1, 8), depth_size=16, sizes=(16, 32), batch_sizes=(1, 2), batch_size_at=16, repeats=3,
+            depths=(1, 8), depth_size=32, sizes=(16, 32), batch_sizes=(1, 2), batch_size_at=32, repeats=3,
             energy_seconds=5.0, paper_peak=False, quality_epochs=2, quality_size=16, quality_channels=(8, 16, 32),
             channels=(8, 16, 32, 64),
         )

@@ -16,22 +16,19 @@ Run as ``python -m bundle.measure.timing '<json list of workloads>' REPEATS``; p
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 
 from ..process_memory import MMAP_THRESHOLD_ENV
+from .child_process import BUNDLE_ROOT, child_environment
 from .workload import Workload, build_network, make_training_step
 
 __all__ = ["interleaved_times", "measure_times_in_subprocess", "paired_ratio"]
-
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 def interleaved_times(
@@ -67,8 +64,7 @@ def measure_times_in_subprocess(
     """Step seconds of each workload (in their order) in each round, measured together in one fresh process."""
     proc = subprocess.run(
         [sys.executable, "-m", "bundle.measure.timing", json.dumps([w.to_dict() for w in workloads]), str(repeats)],
-        capture_output=True, text=True, timeout=timeout, cwd=_ROOT,
-        env={**os.environ, **MMAP_THRESHOLD_ENV, "PYTHONPATH": str(_ROOT)},
+        capture_output=True, text=True, timeout=timeout, cwd=BUNDLE_ROOT, env=child_environment(**MMAP_THRESHOLD_ENV),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"timing subprocess failed: {proc.stderr.strip()[-2000:]}")
