@@ -46,6 +46,7 @@ from bundle.measure.workload import NETWORKS  # noqa: E402
 from bundle.networks.invertible_unet import as_flags  # noqa: E402
 
 QUALITY_REPORT = "benchmark_quality.md"
+PARTIAL_RESULT = "benchmarks.partial.json"
 PROFILE_REPORT = "paper_step_profile"
 
 
@@ -59,9 +60,7 @@ def _training_threads() -> int | None:
     return None if torch.cuda.is_available() else 1
 
 
-def _quality(plan: SuitePlan, output_dir: Path, budget: Budget) -> dict | None:
-    if budget.spent:
-        return None
+def _quality(plan: SuitePlan, output_dir: Path) -> dict:
     return compare_quality(
         output_dir=output_dir, epochs=plan.quality_epochs, size=plan.quality_size, channels=plan.quality_channels,
         attention_levels=_attention_at_last_two(plan.quality_channels), num_threads=_training_threads(),
@@ -73,15 +72,18 @@ class Benchmark:
 
     def suite(self, quick: bool = False, gpu: bool = False, output_dir: str | None = None,
               budget_s: float | None = None, quality: bool = True) -> None:
-        """Depth, resolution and batch sweeps of the four networks, the paper configuration, energy and the
-        equal-budget quality comparison; writes ``benchmarks.md``, ``benchmarks.json`` and the figures.
+        """Energy, the depth, resolution and batch sweeps of the four networks, the paper configuration and the
+        memory options, then the equal-budget quality comparison; writes ``benchmarks.md``,
+        ``benchmarks.json`` and the figures. Until they are written, ``benchmarks.partial.json`` holds the
+        figures of every part finished so far (a run stopped early keeps them; the earlier report stays).
 
         Args:
             quick: small sizes and few repetitions (under 5 minutes on 2 CPU cores).
-            gpu: the GPU plan (sizes up to 320³ within a 24 GiB cap, 6 minutes of sweeps, then the quality
-                comparison: about 8 minutes in all); needs CUDA.
+            gpu: the GPU plan (sizes up to 320³ within a 24 GiB cap, 6 minutes of energy and sweeps, then the
+                quality comparison: about 8 minutes in all); needs CUDA.
             output_dir: default ``docs`` (full), ``runs/benchmarks_quick`` or ``runs/benchmarks_gpu``.
-            budget_s: wall-time budget; measurements after it is spent are reported as skipped.
+            budget_s: wall-time budget of the energy and sweep measurements; those after it is spent are
+                reported as skipped (the quality comparison, a fixed training, runs all the same).
             quality: include the quality comparison (trains two networks).
         """
         quick, gpu, quality = (as_flags([value], name)[0] for value, name in
@@ -102,17 +104,23 @@ class Benchmark:
         return_freed_memory_to_os()  # this process counts stored bytes at every size, the largest last
         budget, start = Budget(plan.budget_seconds), time.perf_counter()
         count = len(NETWORKS) * (len(plan.depths) + len(plan.sizes) + len(plan.batch_sizes) + 1) + len(MEMORY_OPTIONS)
+        result = {"plan": asdict(plan), "machine": machine_description(), "command":
+                  f"python scripts/benchmark.py suite{mode}"}
+        partial = out / PARTIAL_RESULT  # what is measured so far, should the run stop early
         with tqdm(total=count, desc="benchmark suite") as progress:
-            result = {"plan": asdict(plan), "machine": machine_description(), "command":
-                      f"python scripts/benchmark.py suite{mode}"}
-            result["depth"] = depth_sweep(plan, budget, device, progress)
-            result["resolution"] = resolution_sweep(plan, budget, device, progress)
-            result["batch"] = batch_sweep(plan, budget, device, result["resolution"], progress)
-            result["paper"] = paper_configuration(plan, budget)
-            result["memory_options"] = memory_options(plan, budget, device, progress)
-            result["energy"] = energy_per_network(plan, budget, device, progress)
+            phases = {
+                "energy": lambda: energy_per_network(plan, budget, device, progress),
+                "depth": lambda: depth_sweep(plan, budget, device, progress),
+                "resolution": lambda: resolution_sweep(plan, budget, device, progress),
+                "batch": lambda: batch_sweep(plan, budget, device, result["resolution"], progress),
+                "paper": lambda: paper_configuration(plan, budget),
+                "memory_options": lambda: memory_options(plan, budget, device, progress),
+            }
+            for key, measure in phases.items():
+                result[key] = measure()
+                partial.write_text(json.dumps(result, indent=1))
         result["largest_cube"] = cube_limits(result["resolution"], plan.memory_limit_bytes)
-        quality_result = _quality(plan, out, budget) if quality else None
+        quality_result = _quality(plan, out) if quality else None
         result["quality"] = quality_result
         result["wall_seconds"] = time.perf_counter() - start
         plot_suite(result, out)
@@ -126,6 +134,7 @@ class Benchmark:
         report = render_suite(result, quality_markdown)
         (out / "benchmarks.md").write_text(report)
         (out / "benchmarks.json").write_text(json.dumps(result, indent=1))
+        partial.unlink()
         print(report)
 
     def quality(self, epochs: int = 16, size: int = 32, channels=(16, 32, 64), output_dir: str = "docs") -> None:

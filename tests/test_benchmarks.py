@@ -143,6 +143,19 @@ def test_rendered_report_carries_the_command_tables_and_energy_reason():
     assert "| micro-batches of 1 + recompute_norms | 1.0 | 15 | 1.0 | 2.75 | 1.38× (1.38–1.38) |" in text
 
 
+def test_rendered_energy_table_says_where_and_how_long_each_network_ran():
+    result = _synthetic_result(10 * MiB, int(0.4e9))
+    measured = {"source": "NVML", "seconds": 20.4, "steps": 51, "joules": 6120.0, "watts": 300.0,
+                "joules_per_step": 120.0, "celsius_start": 31.0, "celsius_max": 45.0}
+    result["energy"] = {**{n: measured for n in NETWORKS[:3]}, "monai_checkpointed": {"skipped": "skipped (time budget spent)"}}
+    text = render_suite(result, None)
+    plan = SuitePlan.quick()
+    assert "## Energy and temperature (NVML)" in text
+    assert f"at {plan.batch_size_at}³, batch 1, for {plan.energy_seconds:.0f} s" in text
+    assert "| IDM memory-efficient | 20 | 51 | 300 | 120.0 | 31 | 45 |" in text
+    assert "| MONAI DiffusionModelUNet + checkpointing | skipped (time budget spent) |" in text
+
+
 def test_paired_ratio_is_taken_within_rounds_and_needs_matching_rounds():
     from bundle.measure.timing import paired_ratio
 
@@ -167,6 +180,20 @@ def test_step_times_come_back_per_workload_and_round():
     small = Workload("idm", 16, channels=(8, 16), attention_levels=(False, True))
     times = measure_times_in_subprocess([small, replace(small, network="idm_plain")], repeats=3)
     assert len(times) == 2 and all(len(rounds) == 3 and min(rounds) > 0 for rounds in times)
+
+
+def test_a_failed_timing_process_is_reported_in_its_rows_and_the_suite_goes_on(monkeypatch):
+    from bundle.measure import sweeps
+    from bundle.measure.suite_report import _row_cells
+
+    def fail(workloads, repeats):
+        raise RuntimeError("timing subprocess failed: CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(sweeps, "measure_times_in_subprocess", fail)
+    rows = [{**Workload(n, 16).to_dict(), "peak": {"peak_bytes": MiB}} for n in ("idm", "idm_plain")]
+    sweeps._time_rows(rows, SuitePlan.quick(), Budget(None))
+    assert all("illegal memory access" in r["step_seconds_error"] and "step_seconds" not in r for r in rows)
+    assert _row_cells(rows[0], "size")[-1] == "timing failed"
 
 
 def test_child_processes_find_the_bundle_and_the_packages_already_on_pythonpath(monkeypatch, tmp_path):

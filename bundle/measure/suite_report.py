@@ -187,7 +187,7 @@ def _row_cells(row: dict, first: str) -> list[str]:
     return [
         str(row[first]), LABELS[row["network"]], _fmt(row.get("parameters"), ".2f", 1e6) + "M",
         _fmt(row.get("stored_bytes"), ".1f", MB), _memory_cell(row), _fmt(row.get("flops"), ".1f", 1e9),
-        _fmt(row.get("step_seconds"), ".2f"),
+        "timing failed" if "step_seconds_error" in row else _fmt(row.get("step_seconds"), ".2f"),
     ]
 
 
@@ -263,7 +263,7 @@ def _memory_options_section(rows: Sequence[dict], plan: dict) -> str:
     ])
 
 
-def _energy_section(energy: dict) -> str:
+def _energy_section(energy: dict, plan: dict) -> str:
     if "n/a" in energy:
         return f"## Energy and temperature\n\nn/a on this machine: {energy['n/a']}.\n"
     rows = [[LABELS[n], e.get("skipped") or f"{e['seconds']:.0f}", *(
@@ -273,6 +273,9 @@ def _energy_section(energy: dict) -> str:
     source = next((e["source"] for e in energy.values() if "source" in e), "n/a")
     return "\n\n".join([
         f"## Energy and temperature ({source})",
+        f"Training steps of each network at {plan['batch_size_at']}³, batch 1, for {plan['energy_seconds']:.0f} s, "
+        "one network after another at the start of the suite (before the sweeps; the first starts on an idle "
+        "device).",
         markdown_table(["network", "seconds", "steps", "mean W", "J / step", "°C start", "°C max"], rows),
     ]) + "\n"
 
@@ -338,7 +341,7 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
         markdown_table(["batch", *(LABELS[n] for n in NETWORKS)], _time_ratios(result["batch"], "batch_size")),
         _paper_section(result["paper"]),
         _memory_options_section(result["memory_options"], plan),
-        _energy_section(result["energy"]),
+        _energy_section(result["energy"], plan),
     ]
     if quality_markdown:
         sections.append(quality_markdown)

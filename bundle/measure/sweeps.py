@@ -4,14 +4,15 @@ paper configuration against its parameter/optimizer floor, and energy (DESIGN §
 Each measurement is a *row*: the workload's fields plus ``parameters``, ``stored_bytes`` (saved for
 backward), ``peak`` (the fresh-process result of :mod:`bundle.measure.peak_memory`), ``flops`` per
 step and, where timed, ``step_seconds_per_round`` (one time per round of interleaved repetitions, see
-:mod:`bundle.measure.timing`) and their median ``step_seconds``. A :class:`Budget` bounds the wall time
-of a whole suite (the GPU mode must finish in 8 minutes): once it is spent, the remaining rows say
-``skipped``.
+:mod:`bundle.measure.timing`) and their median ``step_seconds``, or ``step_seconds_error`` where the
+timing process failed. A :class:`Budget` bounds the wall time of a suite's measurements (the GPU mode
+must finish in 8 minutes): once it is spent, the remaining rows say ``skipped``.
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -150,12 +151,18 @@ def measure_row(workload: Workload, plan: SuitePlan, budget: Budget, device: tor
 
 def _time_rows(rows: list[dict], plan: SuitePlan, budget: Budget) -> None:
     """Adds ``step_seconds_per_round`` and their median ``step_seconds`` (interleaved repetitions in one fresh
-    process) to the rows that fit."""
+    process) to the rows that fit, or ``step_seconds_error`` where that process failed."""
     fitting = [r for r in rows if "peak" in r and "error" not in r["peak"]]
     if budget.spent or not fitting:
         return
     workloads = [Workload(**{k: r[k] for k in Workload.__dataclass_fields__}) for r in fitting]
-    for row, rounds in zip(fitting, measure_times_in_subprocess(workloads, plan.repeats)):
+    try:
+        per_workload = measure_times_in_subprocess(workloads, plan.repeats)
+    except (RuntimeError, subprocess.TimeoutExpired) as error:  # the suite goes on; the rows say why
+        for row in fitting:
+            row["step_seconds_error"] = str(error)[-500:]
+        return
+    for row, rounds in zip(fitting, per_workload):
         row["step_seconds_per_round"] = rounds
         row["step_seconds"] = statistics.median(rounds)
 
