@@ -72,14 +72,14 @@ class Benchmark:
 
     def suite(self, quick: bool = False, gpu: bool = False, output_dir: str | None = None,
               budget_s: float | None = None, quality: bool = True) -> None:
-        """Energy, the depth, resolution and batch sweeps of the four networks, the paper configuration and the
-        memory options, then the equal-budget quality comparison; writes ``benchmarks.md``,
+        """Energy, the paper configuration, the memory options, the depth, batch and resolution sweeps of the
+        four networks, then the equal-budget quality comparison; writes ``benchmarks.md``,
         ``benchmarks.json`` and the figures. Until they are written, ``benchmarks.partial.json`` holds the
         figures of every part finished so far (a run stopped early keeps them; the earlier report stays).
 
         Args:
             quick: small sizes and few repetitions (under 5 minutes on 2 CPU cores).
-            gpu: the GPU plan (sizes up to 320³ within a 24 GiB cap, 6 minutes of energy and sweeps, then the
+            gpu: the GPU plan (sizes up to 320³ within a 24 GiB cap, 6.5 minutes of measurements, then the
                 quality comparison: about 8 minutes in all); needs CUDA.
             output_dir: default ``docs`` (full), ``runs/benchmarks_quick`` or ``runs/benchmarks_gpu``.
             budget_s: wall-time budget of the energy and sweep measurements; those after it is spent are
@@ -108,13 +108,13 @@ class Benchmark:
                   f"python scripts/benchmark.py suite{mode}"}
         partial = out / PARTIAL_RESULT  # what is measured so far, should the run stop early
         with tqdm(total=count, desc="benchmark suite") as progress:
-            phases = {
+            phases = {  # the open-ended resolution sweep last: a spent budget cuts its largest sizes only
                 "energy": lambda: energy_per_network(plan, budget, device, progress),
-                "depth": lambda: depth_sweep(plan, budget, device, progress),
-                "resolution": lambda: resolution_sweep(plan, budget, device, progress),
-                "batch": lambda: batch_sweep(plan, budget, device, result["resolution"], progress),
                 "paper": lambda: paper_configuration(plan, budget),
                 "memory_options": lambda: memory_options(plan, budget, device, progress),
+                "depth": lambda: depth_sweep(plan, budget, device, progress),
+                "batch": lambda: batch_sweep(plan, budget, device, progress),
+                "resolution": lambda: resolution_sweep(plan, budget, device, result["batch"], progress),
             }
             for key, measure in phases.items():
                 result[key] = measure()

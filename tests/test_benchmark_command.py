@@ -43,21 +43,21 @@ def test_suite_writes_its_report_and_keeps_the_finished_parts_of_a_run_that_stop
     command = _command_module()
     figures = _synthetic_result(10 * MiB, int(0.4e9))
     order = []
-    for key, name in (("energy", "energy_per_network"), ("depth", "depth_sweep"), ("resolution", "resolution_sweep"),
-                      ("batch", "batch_sweep"), ("paper", "paper_configuration"), ("memory_options", "memory_options")):
+    for key, name in (("energy", "energy_per_network"), ("paper", "paper_configuration"), ("memory_options", "memory_options"),
+                      ("depth", "depth_sweep"), ("batch", "batch_sweep"), ("resolution", "resolution_sweep")):
         monkeypatch.setattr(command, name, lambda *args, key=key, **kwargs: order.append(key) or figures[key])
     out = tmp_path / "out"
     out.mkdir()
     (out / "benchmarks.md").write_text("the earlier report")
 
     def stop(*args):
-        raise RuntimeError("stopped in the paper configuration")
+        raise RuntimeError("stopped in the resolution sweep")
 
     with monkeypatch.context() as patch:
-        patch.setattr(command, "paper_configuration", stop)
-        with pytest.raises(RuntimeError, match="stopped in the paper configuration"):
+        patch.setattr(command, "resolution_sweep", stop)
+        with pytest.raises(RuntimeError, match="stopped in the resolution sweep"):
             command.Benchmark().suite(quick=True, quality=False, output_dir=str(out))
-    assert order == ["energy", "depth", "resolution", "batch"]
+    assert order == ["energy", "paper", "memory_options", "depth", "batch"]
     assert (out / "benchmarks.md").read_text() == "the earlier report"
     partial = json.loads((out / "benchmarks.partial.json").read_text())
     assert list(partial)[3:] == order and partial["depth"] == figures["depth"]

@@ -131,6 +131,19 @@ def test_goal_verdicts_follow_the_figures():
     paper = with_options["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"]
     assert paper[1] == "whole batch: 0.60 GB; micro-batches of 1: 0.40 GB; micro-batches of 1 + recompute_norms: 0.40 GB"
     assert paper[2] == "met with micro-batches of 1; **missed** with the whole batch at once"
+    cut_short = _synthetic_result(10 * MiB, int(0.6e9))
+    for option in list(MEMORY_OPTIONS)[1:]:
+        cut_short["paper"]["peaks"][option] = {"skipped": "skipped (time budget spent)"}
+    paper = {g[0]: g for g in goals(cut_short)}["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"]
+    assert paper[1:] == ["whole batch: 0.60 GB; micro-batches of 1: n/a GB; micro-batches of 1 + recompute_norms: n/a GB",
+                         "**missed** with what was measured; not measured: micro-batches of 1, micro-batches of 1 + "
+                         "recompute_norms"]
+    cubes = {n: {"measured": None, "first_out_of_memory": None} for n in NETWORKS}
+    largest = {g[0]: g for g in goals({**cut_short, "largest_cube": cubes})}[
+        "largest cube at batch 1 within the memory limit: IDM's the largest"]
+    assert largest[1:] == [", ".join(f"{label} n/a" for label in (
+        "IDM memory-efficient", "IDM plain autograd", "MONAI DiffusionModelUNet",
+        "MONAI DiffusionModelUNet + checkpointing")), "n/a"]
 
 
 def test_rendered_report_carries_the_command_tables_and_energy_reason():
@@ -194,6 +207,28 @@ def test_a_failed_timing_process_is_reported_in_its_rows_and_the_suite_goes_on(m
     sweeps._time_rows(rows, SuitePlan.quick(), Budget(None))
     assert all("illegal memory access" in r["step_seconds_error"] and "step_seconds" not in r for r in rows)
     assert _row_cells(rows[0], "size")[-1] == "timing failed"
+
+
+def test_resolution_sweep_reuses_the_batch_sweeps_rows_and_stops_a_network_after_it_runs_out_of_memory(monkeypatch):
+    from bundle.measure import sweeps
+
+    plan = replace(SuitePlan.quick(), sizes=(16, 32, 48), batch_size_at=16)
+    measured, timed = [], []
+
+    def fake_row(workload, plan, budget, device):
+        measured.append((workload.network, workload.size))
+        fits = workload.network != "monai" or workload.size < 32
+        return {**workload.to_dict(), "peak": {"peak_bytes": MiB} if fits else {"error": OUT_OF_MEMORY}}
+
+    monkeypatch.setattr(sweeps, "measure_row", fake_row)
+    monkeypatch.setattr(sweeps, "_time_rows", lambda rows, plan, budget: timed.append({r["size"] for r in rows}))
+    batch_rows = [{**sweeps._reference(plan, n, 16).to_dict(), "peak": {"peak_bytes": 2 * MiB}, "step_seconds": 1.0}
+                  for n in NETWORKS]
+    rows = sweeps.resolution_sweep(plan, Budget(None), torch.device("cpu"), batch_rows)
+    assert measured == [(n, s) for s in (32, 48) for n in NETWORKS if (n, s) != ("monai", 48)]
+    assert timed == [{32}, {48}]
+    assert rows[:4] == batch_rows and rows[:4][0] is not batch_rows[0]
+    assert rows[8 + NETWORKS.index("monai")]["peak"]["error"] == f"{OUT_OF_MEMORY} (at a smaller size)"
 
 
 def test_child_processes_find_the_bundle_and_the_packages_already_on_pythonpath(monkeypatch, tmp_path):

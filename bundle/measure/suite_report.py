@@ -90,9 +90,12 @@ def _paper_goal(paper: dict) -> list[str]:
     if all(over is None for over in overs.values()):
         return [goal, measured, _verdict(None)]
     meeting = [option for option, over in overs.items() if over is not None and over <= 0.5e9]
+    unmeasured = [option for option, over in overs.items() if over is None]
     verdict = _verdict(bool(meeting))
     if meeting and meeting[0] != "whole batch":
         verdict += f" with {meeting[0]}; **missed** with the whole batch at once"
+    elif not meeting and unmeasured:
+        verdict += f" with what was measured; not measured: {', '.join(unmeasured)}"
     return [goal, measured, verdict]
 
 
@@ -117,7 +120,7 @@ def goals(result: dict) -> list[list[str]]:
     at = _by(resolution, size=size)
     me, monai, ckpt = (at.get(n, {}) for n in ("idm", "monai", "monai_checkpointed"))
     ratio = _peak(me) / _peak(monai) if _peak(me) and _peak(monai) else None
-    rows.append([f"peak at {size}³ ≤ 0.15× MONAI plain", _fmt(ratio, ".3f", missing="n/a") + "×",
+    rows.append([f"peak at {size}³ ≤ 0.15× MONAI plain", _fmt(ratio, ".3f") + ("×" if ratio is not None else ""),
                  _verdict(None if ratio is None else ratio <= 0.15)])
     below = None if not (_peak(me) and _peak(ckpt)) else _peak(me) < _peak(ckpt)
     rows.append([f"peak at {size}³ below MONAI + checkpointing",
@@ -140,11 +143,11 @@ def goals(result: dict) -> list[list[str]]:
     ])
     rows.append(_paper_goal(result["paper"]))
     cubes = {n: result["largest_cube"][n] for n in NETWORKS}
-    best = {n: c.get("extrapolated") or c.get("measured") or 0 for n, c in cubes.items()}
+    best = {n: c.get("extrapolated") or c.get("measured") for n, c in cubes.items()}
     rows.append([
         "largest cube at batch 1 within the memory limit: IDM's the largest",
-        ", ".join(f"{LABELS[n]} {best[n]}³" for n in NETWORKS),
-        _verdict(best["idm"] >= max(best.values()) if best["idm"] else None),
+        ", ".join(f"{LABELS[n]} " + (f"{best[n]}³" if best[n] else "n/a") for n in NETWORKS),
+        _verdict(best["idm"] >= max(b or 0 for b in best.values()) if best["idm"] else None),
     ])
     return rows
 
@@ -185,7 +188,7 @@ def plot_suite(result: dict, output_dir: Path) -> None:
 
 def _row_cells(row: dict, first: str) -> list[str]:
     return [
-        str(row[first]), LABELS[row["network"]], _fmt(row.get("parameters"), ".2f", 1e6) + "M",
+        str(row[first]), LABELS[row["network"]], _fmt(row.get("parameters"), ".2f", 1e6) + ("M" if row.get("parameters") else ""),
         _fmt(row.get("stored_bytes"), ".1f", MB), _memory_cell(row), _fmt(row.get("flops"), ".1f", 1e9),
         "timing failed" if "step_seconds_error" in row else _fmt(row.get("step_seconds"), ".2f"),
     ]

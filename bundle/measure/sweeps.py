@@ -117,9 +117,10 @@ class SuitePlan:
 
     @classmethod
     def gpu(cls) -> SuitePlan:
+        """6.5 minutes of measurements (the resolution sweep last, cut where the budget is spent), then the
+        quality comparison: about 8 minutes on one GPU. GPU step times vary little: 3 rounds."""
         return cls(
-            sizes=(32, 64, 96, 128, 160, 192, 224, 256, 320), energy_seconds=20.0,
-            budget_seconds=360.0,
+            sizes=(32, 64, 96, 128, 160, 192, 224, 256, 320), repeats=3, energy_seconds=15.0, budget_seconds=390.0,
         )
 
 
@@ -183,40 +184,48 @@ def depth_sweep(plan: SuitePlan, budget: Budget, device: torch.device, progress=
     return rows
 
 
-def resolution_sweep(plan: SuitePlan, budget: Budget, device: torch.device, progress=None) -> list[dict]:
-    """Cubes ``plan.sizes`` at the reference width, batch 1, timed per size; a network is not tried at
-    larger sizes once it has run out of memory."""
-    rows, out_of_memory = [], set()
-    for size in plan.sizes:
+def _measured_already(rows: Sequence[dict], workload: Workload) -> dict | None:
+    """A copy of the row of ``rows`` that measured ``workload`` (not skipped), if any."""
+    for row in rows:
+        if "skipped" not in row and all(row.get(k) == v for k, v in workload.to_dict().items()):
+            return dict(row)
+    return None
+
+
+def batch_sweep(plan: SuitePlan, budget: Budget, device: torch.device, progress=None) -> list[dict]:
+    """Batch sizes ``plan.batch_sizes`` at ``plan.batch_size_at``³, timed per batch size."""
+    rows = []
+    for batch_size in plan.batch_sizes:
         group = []
         for network in NETWORKS:
-            workload = _reference(plan, network, size)
-            if network in out_of_memory:
-                group.append({**workload.to_dict(), "peak": {"error": f"{OUT_OF_MEMORY} (at a smaller size)"}})
-            else:
-                group.append(measure_row(workload, plan, budget, device))
-                if group[-1].get("peak", {}).get("error") == OUT_OF_MEMORY:
-                    out_of_memory.add(network)
+            group.append(measure_row(_reference(plan, network, plan.batch_size_at, batch_size=batch_size), plan, budget,
+                                     device))
             progress and progress.update()
         _time_rows(group, plan, budget)
         rows += group
     return rows
 
 
-def batch_sweep(plan: SuitePlan, budget: Budget, device: torch.device, resolution_rows: Sequence[dict] = (),
-                progress=None) -> list[dict]:
-    """Batch sizes ``plan.batch_sizes`` at ``plan.batch_size_at``³, timed per batch size; rows already
-    measured by the resolution sweep (same size, batch 1) are reused."""
-    rows = []
-    for batch_size in plan.batch_sizes:
-        group = []
+def resolution_sweep(plan: SuitePlan, budget: Budget, device: torch.device, measured: Sequence[dict] = (),
+                     progress=None) -> list[dict]:
+    """Cubes ``plan.sizes`` at the reference width, batch 1, timed per size; a network is not tried at
+    larger sizes once it has run out of memory. Rows of ``measured`` (the batch sweep's) with the same
+    workload are reused, times included, where a whole size's group is there."""
+    rows, out_of_memory = [], set()
+    for size in plan.sizes:
+        group, reused = [], []
         for network in NETWORKS:
-            workload = _reference(plan, network, plan.batch_size_at, batch_size=batch_size)
-            done = [r for r in resolution_rows if r.get("network") == network and r.get("size") == workload.size
-                    and r.get("batch_size") == batch_size and "skipped" not in r]
-            group.append(dict(done[0]) if done else measure_row(workload, plan, budget, device))
+            workload = _reference(plan, network, size)
+            if network in out_of_memory:
+                group.append({**workload.to_dict(), "peak": {"error": f"{OUT_OF_MEMORY} (at a smaller size)"}})
+            else:
+                row = _measured_already(measured, workload)
+                reused.append(row is not None)
+                group.append(row or measure_row(workload, plan, budget, device))
+                if group[-1].get("peak", {}).get("error") == OUT_OF_MEMORY:
+                    out_of_memory.add(network)
             progress and progress.update()
-        if any("step_seconds" not in r for r in group):
+        if not all(reused):
             _time_rows(group, plan, budget)
         rows += group
     return rows
