@@ -82,8 +82,8 @@ class Benchmark:
             gpu: the GPU plan (sizes up to 320³ within a 24 GiB cap, 6.5 minutes of measurements, then the
                 quality comparison: about 8 minutes in all); needs CUDA.
             output_dir: default ``docs`` (full), ``runs/benchmarks_quick`` or ``runs/benchmarks_gpu``.
-            budget_s: wall-time budget of the energy and sweep measurements; those after it is spent are
-                reported as skipped (the quality comparison, a fixed training, runs all the same).
+            budget_s: wall-time budget of the measurements before the quality comparison; those after it is
+                spent are reported as skipped (the quality comparison, a fixed training, runs all the same).
             quality: include the quality comparison (trains two networks).
         """
         quick, gpu, quality = (as_flags([value], name)[0] for value, name in
