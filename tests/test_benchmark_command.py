@@ -1,4 +1,4 @@
-"""``python scripts/benchmark.py suite``: its argument errors and what it writes, on a tiny plan."""
+"""``python scripts/benchmark.py suite``: its argument errors, the order of its parts and what it writes."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ def test_suite_writes_its_report_and_keeps_the_finished_parts_of_a_run_that_stop
     command = _command_module()
     figures = _synthetic_result(10 * MiB, int(0.4e9))
     order = []
-    for key, name in (("energy", "energy_per_network"), ("paper", "paper_configuration"), ("memory_options", "memory_options"),
-                      ("depth", "depth_sweep"), ("batch", "batch_sweep"), ("resolution", "resolution_sweep")):
+    for key, name in (("energy", "energy_per_network"), ("paper", "paper_configuration"),
+                      ("memory_options", "memory_options"), ("depth", "depth_sweep"), ("batch", "batch_sweep"),
+                      ("resolution", "resolution_sweep")):
         monkeypatch.setattr(command, name, lambda *args, key=key, **kwargs: order.append(key) or figures[key])
     out = tmp_path / "out"
     out.mkdir()

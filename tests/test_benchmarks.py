@@ -135,7 +135,7 @@ def test_goal_verdicts_follow_the_figures():
     for option in list(MEMORY_OPTIONS)[1:]:
         cut_short["paper"]["peaks"][option] = {"skipped": "skipped (time budget spent)"}
     paper = {g[0]: g for g in goals(cut_short)}["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"]
-    assert paper[1:] == ["whole batch: 0.60 GB; micro-batches of 1: n/a GB; micro-batches of 1 + recompute_norms: n/a GB",
+    assert paper[1:] == ["whole batch: 0.60 GB; micro-batches of 1: n/a; micro-batches of 1 + recompute_norms: n/a",
                          "**missed** with what was measured; not measured: micro-batches of 1, micro-batches of 1 + "
                          "recompute_norms"]
     cubes = {n: {"measured": None, "first_out_of_memory": None} for n in NETWORKS}
@@ -160,7 +160,8 @@ def test_rendered_energy_table_says_where_and_how_long_each_network_ran():
     result = _synthetic_result(10 * MiB, int(0.4e9))
     measured = {"source": "NVML", "seconds": 20.4, "steps": 51, "joules": 6120.0, "watts": 300.0,
                 "joules_per_step": 120.0, "celsius_start": 31.0, "celsius_max": 45.0}
-    result["energy"] = {**{n: measured for n in NETWORKS[:3]}, "monai_checkpointed": {"skipped": "skipped (time budget spent)"}}
+    result["energy"] = {**{n: measured for n in NETWORKS[:3]},
+                        "monai_checkpointed": {"skipped": "skipped (time budget spent)"}}
     text = render_suite(result, None)
     plan = SuitePlan.quick()
     assert "## Energy and temperature (NVML)" in text

@@ -46,8 +46,8 @@ def _growth(rows: Sequence[dict], network: str, value: Callable[[dict], float | 
     return value(mine[-1]) / value(mine[0]) - 1
 
 
-def _fmt(value: float | None, spec: str, scale: float = 1.0, missing: str = "n/a") -> str:
-    return missing if value is None else format(value / scale, spec)
+def _fmt(value: float | None, spec: str, scale: float = 1.0, missing: str = "n/a", unit: str = "") -> str:
+    return missing if value is None else format(value / scale, spec) + unit
 
 
 def _memory_cell(row: dict) -> str:
@@ -86,7 +86,7 @@ def _paper_goal(paper: dict) -> list[str]:
     """The paper-configuration goal row: every option's peak − floor; met if any option meets it, saying which."""
     goal = "paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"
     overs = {option: paper_peak_minus_floor(paper, option) for option in MEMORY_OPTIONS}
-    measured = "; ".join(f"{option}: {_fmt(over, '.2f', GB)} GB" for option, over in overs.items())
+    measured = "; ".join(f"{option}: {_fmt(over, '.2f', GB, unit=' GB')}" for option, over in overs.items())
     if all(over is None for over in overs.values()):
         return [goal, measured, _verdict(None)]
     meeting = [option for option, over in overs.items() if over is not None and over <= 0.5e9]
@@ -120,7 +120,7 @@ def goals(result: dict) -> list[list[str]]:
     at = _by(resolution, size=size)
     me, monai, ckpt = (at.get(n, {}) for n in ("idm", "monai", "monai_checkpointed"))
     ratio = _peak(me) / _peak(monai) if _peak(me) and _peak(monai) else None
-    rows.append([f"peak at {size}³ ≤ 0.15× MONAI plain", _fmt(ratio, ".3f") + ("×" if ratio is not None else ""),
+    rows.append([f"peak at {size}³ ≤ 0.15× MONAI plain", _fmt(ratio, ".3f", unit="×"),
                  _verdict(None if ratio is None else ratio <= 0.15)])
     below = None if not (_peak(me) and _peak(ckpt)) else _peak(me) < _peak(ckpt)
     rows.append([f"peak at {size}³ below MONAI + checkpointing",
@@ -188,7 +188,7 @@ def plot_suite(result: dict, output_dir: Path) -> None:
 
 def _row_cells(row: dict, first: str) -> list[str]:
     return [
-        str(row[first]), LABELS[row["network"]], _fmt(row.get("parameters"), ".2f", 1e6) + ("M" if row.get("parameters") else ""),
+        str(row[first]), LABELS[row["network"]], _fmt(row.get("parameters"), ".2f", 1e6, unit="M"),
         _fmt(row.get("stored_bytes"), ".1f", MB), _memory_cell(row), _fmt(row.get("flops"), ".1f", 1e9),
         "timing failed" if "step_seconds_error" in row else _fmt(row.get("step_seconds"), ".2f"),
     ]
@@ -211,7 +211,7 @@ def _peak_cells(paper: dict, option: str) -> list[str]:
                     f"{peak['peak_bytes'] / GB:.2f} GB; {peak['device']})")
     else:
         measured = peak.get("error") or peak.get("skipped") or "not measured in this mode"
-    return [measured, _fmt(paper_peak_minus_floor(paper, option), ".2f", GB) + " GB"]
+    return [measured, _fmt(paper_peak_minus_floor(paper, option), ".2f", GB, unit=" GB")]
 
 
 def _paper_section(paper: dict) -> str:
