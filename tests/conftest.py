@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -41,3 +42,11 @@ def redraw_zero_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖."""
     return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def device(request) -> torch.device:
+    """Each test that takes it runs on the CPU and, where one is present, on a CUDA device (cuDNN's
+    convolutions, TF32 included as PyTorch sets it by default)."""
+    return torch.device(request.param)

@@ -232,6 +232,18 @@ def test_resolution_sweep_reuses_the_batch_sweeps_rows_and_stops_a_network_after
     assert rows[8 + NETWORKS.index("monai")]["peak"]["error"] == f"{OUT_OF_MEMORY} (at a smaller size)"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's peak and memory cap")
+def test_cuda_peak_is_the_allocators_and_the_memory_limit_is_enforced():
+    from bundle.measure.peak_memory import measure_peak_in_subprocess
+
+    small = Workload("idm", 32, channels=(8, 16), attention_levels=(False, True))
+    fits = measure_peak_in_subprocess(small, memory_limit_bytes=8 * 2**30)
+    assert fits["device"] == "cuda" and fits["peak_bytes"] > 0, fits
+    # a level-0 tensor of this one is 8 × 256³ × 4 B = 512 MiB, twice the cap
+    too_big = replace(small, network="idm_plain", size=256)
+    assert measure_peak_in_subprocess(too_big, memory_limit_bytes=256 * MiB) == {"error": OUT_OF_MEMORY}
+
+
 def test_child_processes_find_the_bundle_and_the_packages_already_on_pythonpath(monkeypatch, tmp_path):
     from bundle.measure.child_process import BUNDLE_ROOT, child_environment
 

@@ -51,10 +51,10 @@ def test_bad_inputs_are_named():
         model(torch.randn(1, 2, 16, 16, 16), torch.tensor([1]), context=torch.randn(1, 4))
 
 
-def test_memory_efficient_switch_reaches_the_trunk_and_gradients_agree():
-    model = make_idm()
-    x, t = torch.randn(2, 2, 16, 16, 16), torch.tensor([3, 70])
-    weight = torch.randn(2, 2, 16, 16, 16)
+def test_memory_efficient_switch_reaches_the_trunk_and_gradients_agree(device):
+    model = make_idm().to(device)
+    x, t = torch.randn(2, 2, 16, 16, 16).to(device), torch.tensor([3, 70]).to(device)
+    weight = torch.randn(2, 2, 16, 16, 16).to(device)
     results = {}
     for flag in (True, False):
         model.memory_efficient = flag

@@ -21,10 +21,10 @@ def make_trunk(dtype=torch.float32, memory_efficient=True, **kwargs) -> Invertib
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-def test_round_trip(dtype, tolerance):
-    trunk = make_trunk(dtype)
-    x = torch.randn(2, CHANNELS[0], 16, 16, 16, dtype=dtype)
-    cond = torch.randn(2, 6, dtype=dtype)
+def test_round_trip(dtype, tolerance, device):
+    trunk = make_trunk(dtype).to(device)
+    x = torch.randn(2, CHANNELS[0], 16, 16, 16, dtype=dtype).to(device)
+    cond = torch.randn(2, 6, dtype=dtype).to(device)
     with torch.no_grad():
         y = trunk(x, cond)
         assert y.shape == x.shape
@@ -40,12 +40,12 @@ def _gradients(trunk, x, cond, weight):
 
 
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
-def test_memory_efficient_gradients_match_plain_autograd(direction):
-    trunk = make_trunk()
+def test_memory_efficient_gradients_match_plain_autograd(direction, device):
+    trunk = make_trunk().to(device)
     if direction == "inverse":
         trunk.forward, trunk.inverse = trunk.inverse, trunk.forward  # instance attributes only
-    x = torch.randn(2, CHANNELS[0], 16, 16, 16)
-    cond, weight = torch.randn(2, 6), torch.randn_like(x)
+    x = torch.randn(2, CHANNELS[0], 16, 16, 16).to(device)
+    cond, weight = torch.randn(2, 6).to(device), torch.randn_like(x)
     trunk.memory_efficient = True
     out_me, grads_me = _gradients(trunk, x, cond, weight)
     trunk.memory_efficient = False
