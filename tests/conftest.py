@@ -39,6 +39,21 @@ def redraw_zero_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.
     return model
 
 
+def largest_update_allocation(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """``(largest allocation of one update, largest parameter)`` in bytes, for an optimizer of CPU
+    parameters: the update runs once on random gradients (its state comes to exist) and once under
+    ``torch.profiler``, whose memory events give each operation's allocations."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        optimizer.step()
+    largest_allocation = max((event.cpu_memory_usage for event in profiler.events()), default=0)
+    return largest_allocation, max(p.numel() * p.element_size() for p in params)
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖."""
     return ((a - b).norm() / b.norm()).item()

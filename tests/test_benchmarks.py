@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import largest_update_allocation
 
 from bundle.measure import energy
 from bundle.measure.energy import EnergyCounter, measure_energy
@@ -265,6 +266,16 @@ def test_freed_tensors_go_back_to_the_os_after_mallopt():
     del tensors
     assert held - before > 200 * MiB
     assert proc_status_bytes("VmRSS") - before < 50 * MiB
+
+
+def test_the_benchmarked_adamw_update_is_the_trainers_and_allocates_nothing_of_a_parameters_size():
+    from bundle.measure.workload import build_network, make_training_step
+
+    workload = Workload("idm", 16, channels=(16, 32), attention_levels=(False, True))
+    optimizer = make_training_step(workload, build_network(workload)).optimizer
+    largest_allocation, largest_parameter = largest_update_allocation(optimizer)
+    assert largest_parameter == 16 * 16 * 27 * 4  # a 16 → 16 3³ convolution of the 32-channel level
+    assert largest_allocation < 1024
 
 
 def test_step_profile_follows_every_engine_step_and_names_the_phases():
