@@ -268,7 +268,7 @@ def test_freed_tensors_go_back_to_the_os_after_mallopt():
     assert proc_status_bytes("VmRSS") - before < 50 * MiB
 
 
-def test_the_benchmarked_adamw_update_is_the_trainers_and_allocates_nothing_of_a_parameters_size():
+def test_the_benchmarked_adamw_update_allocates_nothing_of_a_parameters_size():
     from bundle.measure.workload import build_network, make_training_step
 
     workload = Workload("idm", 16, channels=(16, 32), attention_levels=(False, True))
