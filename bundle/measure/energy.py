@@ -31,15 +31,17 @@ class EnergyCounter:
 
 
 def _nvml_counter() -> EnergyCounter | str:
+    """NVML's counters of the current CUDA device. Its NVML handle comes from torch, which maps the CUDA
+    index through ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs) to NVML's, as ``torch.cuda.temperature`` does."""
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        handle = torch.cuda._get_pynvml_handler()
         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-    except Exception as error:  # missing library, driver or a GPU without an energy counter
+        pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+    except Exception as error:  # missing library, driver or a GPU without these counters
         return f"NVML unreadable ({error})"
     return EnergyCounter(
         "NVML",
@@ -100,8 +102,17 @@ def find_energy_counter() -> EnergyCounter | str:
     return "; ".join(reasons)
 
 
+def _synchronized(step: Callable[[], None]) -> None:
+    """``step()``, waiting for the GPU's work to finish."""
+    step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def measure_energy(step: Callable[[], None], seconds: float, counter: EnergyCounter | str | None = None) -> dict:
-    """Runs ``step()`` repeatedly for ``seconds`` (at least one step) and returns the energy used.
+    """Runs ``step()`` repeatedly for ``seconds`` (at least one step) and returns the energy used. One untimed
+    step comes first, so that one-off start-up work (CUDA kernels loaded, cuDNN plans chosen, the optimizer's
+    state allocated) at near-idle power is not counted as a training step.
 
     Keys: ``source``, ``seconds``, ``steps``, ``joules``, ``watts``, ``joules_per_step``,
     ``celsius_start``, ``celsius_max``; or ``{"n/a": reason}`` when no counter is readable (nothing is run).
@@ -110,12 +121,11 @@ def measure_energy(step: Callable[[], None], seconds: float, counter: EnergyCoun
     counter = find_energy_counter() if counter is None else counter
     if isinstance(counter, str):
         return {"n/a": counter}
+    _synchronized(step)
     celsius = [counter.celsius()]
     start_joules, start, steps = counter.joules(), time.perf_counter(), 0
     while steps == 0 or time.perf_counter() - start < seconds:
-        step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _synchronized(step)
         steps += 1
         celsius.append(counter.celsius())
     elapsed, joules = time.perf_counter() - start, counter.joules() - start_joules
