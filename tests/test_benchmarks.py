@@ -36,6 +36,30 @@ def test_energy_is_na_with_reason_and_runs_nothing_without_counters(tmp_path, mo
     assert "n/a" in result and "RAPL" in result["n/a"] and calls == []
 
 
+def test_nvml_counter_reads_the_device_torch_maps_and_is_unreadable_without_a_temperature(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    handles = []
+    readings = {"mJ": 12_500, "celsius": 51}
+
+    def temperature(handle, sensor):
+        if readings["celsius"] is None:
+            raise RuntimeError("Not Supported")
+        return readings["celsius"]
+
+    fake_nvml = SimpleNamespace(NVML_TEMPERATURE_GPU=0, nvmlDeviceGetTemperature=temperature,
+                                nvmlDeviceGetTotalEnergyConsumption=lambda handle: handles.append(handle) or readings["mJ"])
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_get_pynvml_handler", lambda: "handle of NVML device 3")
+    counter = energy.find_energy_counter()
+    assert counter.source == "NVML" and counter.joules() == 12.5 and counter.celsius() == 51.0
+    assert set(handles) == {"handle of NVML device 3"}
+    readings["celsius"] = None
+    assert energy._nvml_counter() == "NVML unreadable (Not Supported)"
+
+
 def test_rapl_energy_unwraps_counter_overflow(tmp_path, monkeypatch):
     monkeypatch.setattr(energy, "_POWERCAP", tmp_path)
     domain = _write_rapl(tmp_path, 900_000, max_range=1_000_000)
@@ -52,18 +76,19 @@ def test_rapl_energy_unwraps_counter_overflow(tmp_path, monkeypatch):
     assert result["joules_per_step"] == pytest.approx(0.3)
 
 
-def test_measure_energy_runs_steps_for_the_window_and_reports_temperature():
-    clock = {"j": 0.0}
+def test_measure_energy_runs_steps_for_the_window_after_an_uncounted_first_step_and_reports_temperature():
+    clock = {"j": 0.0, "calls": 0}
     counter = EnergyCounter("fake", lambda: clock["j"], lambda: 40.0 + clock["j"])
 
-    def step() -> None:
-        clock["j"] += 2.0
+    def step() -> None:  # the first call pays 10 J of start-up, every later one 2 J
+        clock["j"] += 10.0 if clock["calls"] == 0 else 2.0
+        clock["calls"] += 1
 
     result = measure_energy(step, seconds=0.05, counter=counter)
-    assert result["steps"] >= 1
+    assert result["steps"] >= 1 and clock["calls"] == result["steps"] + 1
     assert result["joules"] == pytest.approx(2.0 * result["steps"])
     assert result["joules_per_step"] == pytest.approx(2.0)
-    assert result["celsius_start"] == 40.0 and result["celsius_max"] == pytest.approx(40.0 + 2.0 * result["steps"])
+    assert result["celsius_start"] == 50.0 and result["celsius_max"] == pytest.approx(50.0 + 2.0 * result["steps"])
 
 
 def _row(network: str, size: int, peak: int | None, baseline: int = 100 * MiB, **extra) -> dict:
@@ -78,6 +103,31 @@ def test_largest_cube_extrapolates_linearly_in_voxels_and_stops_at_the_first_fai
     assert largest_cube(rows, "idm", 2**30) == {"measured": 64, "first_out_of_memory": None, "extrapolated": 96}
     rows = [_row("monai", 32, 10 * MiB), _row("monai", 64, None), _row("monai", 96, None)]
     assert largest_cube(rows, "monai", 2**30) == {"measured": 32, "first_out_of_memory": 64}
+
+
+def test_a_sweep_cut_short_gives_a_lower_bound_and_no_verdict_it_would_decide():
+    skipped = {"skipped": "skipped (time budget spent)"}
+    rows = [_row("idm", 32, 32**3 * 1024), _row("idm", 64, 64**3 * 1024), {"network": "idm", "size": 96, **skipped},
+            {"network": "idm", "size": 128, **skipped}]
+    assert largest_cube(rows, "idm", 2**30) == {"measured": 64, "first_out_of_memory": None, "unmeasured_from": 96}
+    crashed = [*rows[:2], {**_row("idm", 96, None), "peak": {"error": "exit code 1"}}, _row("idm", 128, MiB)]
+    assert largest_cube(crashed, "idm", 2**30) == {"measured": 128, "first_out_of_memory": None, "unmeasured_from": 96}
+    result = _synthetic_result(10 * MiB, int(0.4e9))
+    goal = "largest cube at batch 1 within the memory limit: IDM's the largest"
+    exact = {"measured": 64, "first_out_of_memory": 96}
+    cut = {"measured": 64, "first_out_of_memory": None, "unmeasured_from": 96}
+    for cubes, measured, verdict in [
+        ({"idm": cut, "idm_plain": exact, "monai": exact, "monai_checkpointed": exact}, "≥ 64³", "met"),
+        ({"idm": exact, "idm_plain": cut, "monai": exact, "monai_checkpointed": exact}, "64³", "n/a"),
+        ({"idm": {**cut, "measured": 48}, "idm_plain": exact, "monai": exact, "monai_checkpointed": exact}, "≥ 48³",
+         "n/a"),
+        ({"idm": {**exact, "measured": 48}, "idm_plain": exact, "monai": exact, "monai_checkpointed": exact}, "48³",
+         "**missed**"),
+    ]:
+        row = {g[0]: g for g in goals({**result, "largest_cube": cubes})}[goal]
+        assert row[1].startswith(f"IDM memory-efficient {measured}, ") and row[2] == verdict, row
+    report = render_suite({**result, "largest_cube": {n: cut for n in NETWORKS}}, None)
+    assert "| IDM memory-efficient | 64³ | not measured from 96³ | — |" in report
 
 
 def _timed(rounds: list[float]) -> dict:
@@ -201,13 +251,17 @@ def test_a_failed_timing_process_is_reported_in_its_rows_and_the_suite_goes_on(m
     from bundle.measure import sweeps
     from bundle.measure.suite_report import _row_cells
 
-    def fail(workloads, repeats):
+    timeouts = []
+
+    def fail(workloads, repeats, timeout):
+        timeouts.append(timeout)
         raise RuntimeError("timing subprocess failed: CUDA error: an illegal memory access")
 
     monkeypatch.setattr(sweeps, "measure_times_in_subprocess", fail)
     rows = [{**Workload(n, 16).to_dict(), "peak": {"peak_bytes": MiB}} for n in ("idm", "idm_plain")]
-    sweeps._time_rows(rows, SuitePlan.quick(), Budget(None))
+    sweeps._time_rows(rows, SuitePlan.quick(), Budget(100))
     assert all("illegal memory access" in r["step_seconds_error"] and "step_seconds" not in r for r in rows)
+    assert 150 < timeouts[0] <= 160  # what is left of the 100 s budget plus a minute's grace
     assert _row_cells(rows[0], "size")[-1] == "timing failed"
 
 
@@ -243,6 +297,35 @@ def test_cuda_peak_is_the_allocators_and_the_memory_limit_is_enforced():
     # a level-0 tensor of this one is 8 × 256³ × 4 B = 512 MiB, twice the cap
     too_big = replace(small, network="idm_plain", size=256)
     assert measure_peak_in_subprocess(too_big, memory_limit_bytes=256 * MiB) == {"error": OUT_OF_MEMORY}
+
+
+def test_the_cuda_memory_cap_reaches_the_allocator_as_a_fraction_of_the_current_device(monkeypatch):
+    """Runs torch's own ``set_per_process_memory_fraction`` (its argument checks included) with only the
+    driver calls stubbed, so a device torch would refuse fails here, without a GPU."""
+    import torch.cuda.memory
+    from types import SimpleNamespace
+
+    from bundle.measure.peak_memory import cap_cuda_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_lazy_init", lambda: None)
+    monkeypatch.setattr(torch._C, "_cuda_setMemoryFraction", lambda *args: calls.append(args), raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=96 * 2**30))
+    cap_cuda_memory(24 * 2**30)
+    cap_cuda_memory(200 * 2**30)  # more than the device has: no cap
+    assert calls == [(0.25, 1), (1.0, 1)]
+
+
+def test_running_out_of_memory_is_recognised_however_the_device_reports_it():
+    from bundle.measure.peak_memory import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
+    assert is_out_of_memory(torch.AcceleratorError("CUDA error: out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not is_out_of_memory(RuntimeError("Given groups=1, weight of size [8, 2, 3, 3, 3], expected input"))
+    assert not is_out_of_memory(ValueError("out of memory"))
 
 
 def test_child_processes_find_the_bundle_and_the_packages_already_on_pythonpath(monkeypatch, tmp_path):

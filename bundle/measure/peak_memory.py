@@ -26,7 +26,7 @@ import torch
 from ..process_memory import MMAP_THRESHOLD_ENV, proc_status_bytes
 from .workload import Workload, build_network, make_training_step
 
-__all__ = ["OUT_OF_MEMORY", "PeakMeter", "measure_peak_in_subprocess", "run_in_fresh_process"]
+__all__ = ["OUT_OF_MEMORY", "PeakMeter", "cap_cuda_memory", "is_out_of_memory", "measure_peak_in_subprocess", "run_in_fresh_process"]
 
 OUT_OF_MEMORY = "out of memory"
 
@@ -72,10 +72,14 @@ def run_in_fresh_process(
     process = context.Process(target=_run_in_child, args=(measure, workload, memory_limit_bytes, sender), daemon=True)
     process.start()
     sender.close()
-    try:
-        result = receiver.recv() if receiver.poll(timeout) else {"error": f"no result within {timeout:.0f} s"}
-    except EOFError:  # the child died without answering
-        result = None
+    if receiver.poll(timeout):
+        try:
+            result = receiver.recv()
+        except EOFError:  # the child died without answering
+            result = None
+    else:
+        process.kill()
+        result = {"error": f"no result within {timeout:.0f} s"}
     process.join(timeout=60)
     if process.is_alive():
         process.kill()
@@ -88,13 +92,22 @@ def _run_in_child(measure, workload: Workload, memory_limit_bytes: int | None, s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         result = measure(workload, device, memory_limit_bytes)
-    except torch.OutOfMemoryError:
-        result = {"error": OUT_OF_MEMORY}
     except Exception as error:  # reported in the row; the suite goes on
-        out_of_memory = isinstance(error, RuntimeError) and "can't allocate memory" in str(error)  # CPU allocator
-        result = {"error": OUT_OF_MEMORY if out_of_memory else f"{type(error).__name__}: {error}"}
+        result = {"error": OUT_OF_MEMORY if is_out_of_memory(error) else f"{type(error).__name__}: {error}"}
     sender.send(result)
     sender.close()
+
+
+# How running out of memory reads where it is not a torch.OutOfMemoryError: the CPU allocator's failure,
+# a CUDA error raised outside the caching allocator ("CUDA error: out of memory", e.g. a library handle or
+# a cuDNN workspace) and a cuBLAS/cuDNN allocation status.
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "ALLOC_FAILED")
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """Whether ``error`` says the device ran out of memory."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in _OUT_OF_MEMORY_MESSAGES))
 
 
 class PeakMeter:
@@ -132,10 +145,18 @@ class PeakMeter:
         return self.current()
 
 
+def cap_cuda_memory(limit_bytes: int) -> None:
+    """Lets this process's CUDA allocator hand out at most ``limit_bytes`` on the current device (as a
+    fraction of its total memory; an allocation beyond it raises ``torch.OutOfMemoryError``). The device
+    is named by its index: ``set_per_process_memory_fraction`` refuses a ``torch.device`` without one."""
+    index = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), index)
+
+
 def _measure(workload: Workload, device: torch.device, memory_limit_bytes: int | None) -> dict:
     if device.type == "cuda" and memory_limit_bytes:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), device)
+        cap_cuda_memory(memory_limit_bytes)
     meter = PeakMeter(device)
     before = meter.allocated()
     model = build_network(workload).to(device)

@@ -142,14 +142,22 @@ def goals(result: dict) -> list[list[str]]:
         f"ratio {_ratio_text(against_ckpt)}", _verdict(faster),
     ])
     rows.append(_paper_goal(result["paper"]))
-    cubes = {n: result["largest_cube"][n] for n in NETWORKS}
-    best = {n: c.get("extrapolated") or c.get("measured") for n, c in cubes.items()}
-    rows.append([
-        "largest cube at batch 1 within the memory limit: IDM's the largest",
-        ", ".join(f"{LABELS[n]} " + (f"{best[n]}³" if best[n] else "n/a") for n in NETWORKS),
-        _verdict(best["idm"] >= max(b or 0 for b in best.values()) if best["idm"] else None),
-    ])
+    rows.append(_largest_cube_goal(result["largest_cube"]))
     return rows
+
+
+def _largest_cube_goal(cubes: dict[str, dict]) -> list[str]:
+    """The largest-cube goal row. A network whose sweep ended before it ran out of memory (``unmeasured_from``)
+    has only a lower bound, ``≥ n³``: the verdict is n/a where such a bound decides it."""
+    best = {n: c.get("extrapolated") or c.get("measured") for n, c in cubes.items()}
+    lower_bound = {n: "unmeasured_from" in c for n, c in cubes.items()}
+    measured = ", ".join(f"{LABELS[n]} " + ("n/a" if not best[n] else f"≥ {best[n]}³" if lower_bound[n] else
+                                            f"{best[n]}³") for n in NETWORKS)
+    others = [n for n in NETWORKS if n != "idm"]
+    largest = best["idm"] >= max(best[n] or 0 for n in others) if best["idm"] else None
+    undecided = lower_bound["idm"] if largest is False else largest and any(lower_bound[n] for n in others)
+    return ["largest cube at batch 1 within the memory limit: IDM's the largest", measured,
+            _verdict(None if undecided else largest)]
 
 
 def plot_suite(result: dict, output_dir: Path) -> None:
@@ -296,7 +304,8 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
     for n in NETWORKS:
         c = result["largest_cube"][n]
         cubes.append([LABELS[n], f"{c['measured']}³" if c["measured"] else "none",
-                      f"{c['first_out_of_memory']}³" if c["first_out_of_memory"] else "—",
+                      f"{c['first_out_of_memory']}³" if c["first_out_of_memory"] else
+                      f"not measured from {c['unmeasured_from']}³" if "unmeasured_from" in c else "—",
                       f"{c['extrapolated']}³" if c.get("extrapolated") else "—"])
     header = ["{}", "network", "params", "stored MB", "peak MB", "GFLOPs / step", "step s"]
     sections = [
@@ -334,8 +343,9 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
         "### Step time relative to IDM plain autograd",
         markdown_table(["size", *(LABELS[n] for n in NETWORKS)], _time_ratios(result["resolution"], "size")),
         f"### Largest cube that trains at batch 1 within {limit:.0f} GiB",
-        "Measured = the largest size of the sweep that ran; out of memory = the smallest that did not. Where "
-        "every size ran, the limit is extrapolated: total memory (post-warm-up baseline + step peak) grows "
+        "Measured = the largest size of the sweep that ran; out of memory = the smallest that did not; where "
+        "the sweep ended before that (the time budget spent, or a failure given in the table above), the "
+        "measured size is only a lower bound. Where every size ran, the limit is extrapolated: total memory (post-warm-up baseline + step peak) grows "
         "linearly with the voxel count at fixed width, fitted through the two largest sizes, rounded down to "
         "a multiple of 16.",
         markdown_table(["network", "measured", "out of memory at", "extrapolated"], cubes),

@@ -81,6 +81,14 @@ class Budget:
     def spent(self) -> bool:
         return self.seconds is not None and time.perf_counter() - self.start >= self.seconds
 
+    def process_timeout(self, grace: float = 60.0, unlimited: float = 3600.0) -> float:
+        """Seconds a measuring process started now may run: what is left of the budget plus ``grace``, so a
+        process started just before the budget is spent still finishes while one that would overrun it by
+        minutes is stopped (its rows say so); ``unlimited`` without a budget."""
+        if self.seconds is None:
+            return unlimited
+        return max(0.0, self.seconds - (time.perf_counter() - self.start)) + grace
+
 
 @dataclass(frozen=True)
 class SuitePlan:
@@ -138,7 +146,7 @@ def measure_row(workload: Workload, plan: SuitePlan, budget: Budget, device: tor
     row = {**workload.to_dict(), "flops": training_step_flops(workload)}
     with torch.device("meta"):
         row["parameters"] = count_parameters(build_network(workload))
-    row["peak"] = measure_peak_in_subprocess(workload, plan.memory_limit_bytes)
+    row["peak"] = measure_peak_in_subprocess(workload, plan.memory_limit_bytes, budget.process_timeout())
     if "error" not in row["peak"]:
         model = build_network(workload).to(device)
         first = micro_batches(workload.batch_size, workload.micro_batch_size)[0]
@@ -158,7 +166,7 @@ def _time_rows(rows: list[dict], plan: SuitePlan, budget: Budget) -> None:
         return
     workloads = [Workload(**{k: r[k] for k in Workload.__dataclass_fields__}) for r in fitting]
     try:
-        per_workload = measure_times_in_subprocess(workloads, plan.repeats)
+        per_workload = measure_times_in_subprocess(workloads, plan.repeats, budget.process_timeout())
     except (RuntimeError, subprocess.TimeoutExpired) as error:  # the suite goes on; the rows say why
         for row in fitting:
             row["step_seconds_error"] = str(error)[-500:]
@@ -234,15 +242,23 @@ def resolution_sweep(plan: SuitePlan, budget: Budget, device: torch.device, meas
 def largest_cube(rows: Sequence[dict], network: str, limit_bytes: int, divisor: int = 16) -> dict:
     """The largest cube (a multiple of ``divisor``) whose training step fits in ``limit_bytes``.
 
-    ``measured``: the largest size that ran; ``first_out_of_memory``: the smallest that did not; where
-    every size ran, ``extrapolated`` follows the total memory (post-warm-up baseline + peak) linearly in
-    the voxel count from the two largest sizes, which is how activation memory scales at fixed width.
+    ``measured``: the largest size that ran; ``first_out_of_memory``: the smallest that did not. Where the
+    sweep ended before either (a size skipped once the time budget was spent, or one that failed otherwise),
+    ``unmeasured_from`` names that size and ``measured`` is only a lower bound. Where every size ran,
+    ``extrapolated`` follows the total memory (post-warm-up baseline + peak) linearly in the voxel count from
+    the two largest sizes, which is how activation memory scales at fixed width.
     """
-    mine = sorted((r for r in rows if r.get("network") == network and "peak" in r), key=lambda r: r["size"])
-    ran = [r for r in mine if "peak_bytes" in r["peak"]]
-    failed = [r["size"] for r in mine if r["peak"].get("error", "").startswith(OUT_OF_MEMORY)]
+    mine = sorted((r for r in rows if r.get("network") == network), key=lambda r: r["size"])
+    ran = [r for r in mine if "peak_bytes" in r.get("peak", {})]
+    failed = [r["size"] for r in mine if r.get("peak", {}).get("error", "").startswith(OUT_OF_MEMORY)]
     result: dict = {"measured": ran[-1]["size"] if ran else None, "first_out_of_memory": min(failed, default=None)}
-    if failed or len(ran) < 2:
+    if failed:
+        return result
+    unmeasured = [r["size"] for r in mine if "peak_bytes" not in r.get("peak", {})]
+    if unmeasured:
+        result["unmeasured_from"] = unmeasured[0]
+        return result
+    if len(ran) < 2:
         return result
     (a, b) = ran[-2:]
     total = [r["peak"]["baseline_bytes"] + r["peak"]["peak_bytes"] for r in (a, b)]
@@ -271,7 +287,8 @@ def paper_configuration(plan: SuitePlan, budget: Budget) -> dict:
     }
     if plan.paper_peak:
         result["peaks"] = {
-            label: {"skipped": SKIPPED} if budget.spent else measure_peak_in_subprocess(replace(workload, **options))
+            label: {"skipped": SKIPPED} if budget.spent else measure_peak_in_subprocess(
+                replace(workload, **options), timeout=budget.process_timeout())
             for label, options in MEMORY_OPTIONS.items()
         }
     return result
