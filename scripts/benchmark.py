@@ -67,15 +67,33 @@ def _quality(plan: SuitePlan, output_dir: Path) -> dict:
     )
 
 
+def _write_suite_report(result: dict, out: Path) -> str:
+    """Writes ``benchmarks.md``, ``benchmarks.json`` and the figures of a suite ``result`` into ``out``; the
+    report. Without a quality comparison in ``result``, the report points to the latest one in ``out``."""
+    plot_suite(result, out)
+    if result.get("quality"):
+        quality_markdown = render_quality_markdown(result["quality"], result["command"], level=2)
+    elif (out / QUALITY_REPORT).exists():
+        quality_markdown = (f"## Quality at equal budget\n\nNot re-run by this command; the latest comparison "
+                            f"(`python scripts/benchmark.py quality`) is in [{QUALITY_REPORT}]({QUALITY_REPORT}).")
+    else:
+        quality_markdown = None
+    report = render_suite(result, quality_markdown)
+    (out / "benchmarks.md").write_text(report)
+    (out / "benchmarks.json").write_text(json.dumps(result, indent=1))
+    return report
+
+
 class Benchmark:
     """IDM benchmarks; each command writes a markdown report, a JSON file with every figure and PNG plots."""
 
     def suite(self, quick: bool = False, gpu: bool = False, output_dir: str | None = None,
               budget_s: float | None = None, quality: bool = True) -> None:
-        """Energy, the paper configuration, the memory options, the depth, batch and resolution sweeps of the
-        four networks, then the equal-budget quality comparison; writes ``benchmarks.md``,
-        ``benchmarks.json`` and the figures. Until they are written, ``benchmarks.partial.json`` holds the
-        figures of every part finished so far (a run stopped early keeps them; the earlier report stays).
+        """The resolution and depth sweeps of the four networks, the paper configuration, energy, the batch
+        sweep and the memory options, then the equal-budget quality comparison; writes ``benchmarks.md``,
+        ``benchmarks.json`` and the figures once the measurements are done, and again with the quality
+        comparison. Until the first report is written, ``benchmarks.partial.json`` holds the figures of every
+        part finished so far (a run stopped early keeps them; the earlier report stays).
 
         Args:
             quick: small sizes and few repetitions (under 5 minutes on 2 CPU cores).
@@ -108,33 +126,26 @@ class Benchmark:
                   f"python scripts/benchmark.py suite{mode}"}
         partial = out / PARTIAL_RESULT  # what is measured so far, should the run stop early
         with tqdm(total=count, desc="benchmark suite") as progress:
-            phases = {  # the open-ended resolution sweep last: a spent budget cuts its largest sizes only
-                "energy": lambda: energy_per_network(plan, budget, device, progress),
-                "paper": lambda: paper_configuration(plan, budget),
-                "memory_options": lambda: memory_options(plan, budget, device, progress),
+            phases = {  # the headline figures first: a spent budget (GPU mode) cuts the ones after them
+                "resolution": lambda: resolution_sweep(plan, budget, device, progress),
                 "depth": lambda: depth_sweep(plan, budget, device, progress),
-                "batch": lambda: batch_sweep(plan, budget, device, progress),
-                "resolution": lambda: resolution_sweep(plan, budget, device, result["batch"], progress),
+                "paper": lambda: paper_configuration(plan, budget),
+                "energy": lambda: energy_per_network(plan, budget, device, progress),
+                "batch": lambda: batch_sweep(plan, budget, device, result["resolution"], progress),
+                "memory_options": lambda: memory_options(plan, budget, device, progress),
             }
             for key, measure in phases.items():
                 result[key] = measure()
                 partial.write_text(json.dumps(result, indent=1))
         result["largest_cube"] = cube_limits(result["resolution"], plan.memory_limit_bytes)
-        quality_result = _quality(plan, out) if quality else None
-        result["quality"] = quality_result
+        result["quality"] = None
         result["wall_seconds"] = time.perf_counter() - start
-        plot_suite(result, out)
-        if quality_result:
-            quality_markdown = render_quality_markdown(quality_result, result["command"], level=2)
-        elif (out / QUALITY_REPORT).exists():
-            quality_markdown = (f"## Quality at equal budget\n\nNot re-run by this command; the latest comparison "
-                                f"(`python scripts/benchmark.py quality`) is in [{QUALITY_REPORT}]({QUALITY_REPORT}).")
-        else:
-            quality_markdown = None
-        report = render_suite(result, quality_markdown)
-        (out / "benchmarks.md").write_text(report)
-        (out / "benchmarks.json").write_text(json.dumps(result, indent=1))
+        report = _write_suite_report(result, out)  # kept should the quality comparison be stopped
         partial.unlink()
+        if quality:
+            result["quality"] = _quality(plan, out)
+            result["wall_seconds"] = time.perf_counter() - start
+            report = _write_suite_report(result, out)
         print(report)
 
     def quality(self, epochs: int = 16, size: int = 32, channels=(16, 32, 64), output_dir: str = "docs") -> None:

@@ -52,16 +52,27 @@ def test_suite_writes_its_report_and_keeps_the_finished_parts_of_a_run_that_stop
     (out / "benchmarks.md").write_text("the earlier report")
 
     def stop(*args):
-        raise RuntimeError("stopped in the resolution sweep")
+        raise RuntimeError("stopped in the batch sweep")
 
     with monkeypatch.context() as patch:
-        patch.setattr(command, "resolution_sweep", stop)
-        with pytest.raises(RuntimeError, match="stopped in the resolution sweep"):
+        patch.setattr(command, "batch_sweep", stop)
+        with pytest.raises(RuntimeError, match="stopped in the batch sweep"):
             command.Benchmark().suite(quick=True, quality=False, output_dir=str(out))
-    assert order == ["energy", "paper", "memory_options", "depth", "batch"]
+    assert order == ["resolution", "depth", "paper", "energy"]  # the headline figures first
     assert (out / "benchmarks.md").read_text() == "the earlier report"
     partial = json.loads((out / "benchmarks.partial.json").read_text())
     assert list(partial)[3:] == order and partial["depth"] == figures["depth"]
+
+    def stop_quality(*args):
+        raise RuntimeError("stopped in the quality comparison")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(command, "_quality", stop_quality)
+        with pytest.raises(RuntimeError, match="stopped in the quality comparison"):
+            command.Benchmark().suite(quick=True, output_dir=str(out))
+    assert not (out / "benchmarks.partial.json").exists()
+    assert json.loads((out / "benchmarks.json").read_text())["batch"] == figures["batch"]
+    assert "## Depth sweep" in (out / "benchmarks.md").read_text()
 
     command.Benchmark().suite(quick=True, quality=False, output_dir=str(out))
     assert not (out / "benchmarks.partial.json").exists()

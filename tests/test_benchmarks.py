@@ -265,26 +265,32 @@ def test_a_failed_timing_process_is_reported_in_its_rows_and_the_suite_goes_on(m
     assert _row_cells(rows[0], "size")[-1] == "timing failed"
 
 
-def test_resolution_sweep_reuses_the_batch_sweeps_rows_and_stops_a_network_after_it_runs_out_of_memory(monkeypatch):
+def test_resolution_sweep_stops_a_network_after_it_runs_out_of_memory_and_the_batch_sweep_reuses_its_rows(monkeypatch):
     from bundle.measure import sweeps
 
-    plan = replace(SuitePlan.quick(), sizes=(16, 32, 48), batch_size_at=16)
+    plan = replace(SuitePlan.quick(), sizes=(16, 32, 48), batch_size_at=16, batch_sizes=(1, 2))
     measured, timed = [], []
 
     def fake_row(workload, plan, budget, device):
-        measured.append((workload.network, workload.size))
+        measured.append((workload.network, workload.size, workload.batch_size))
         fits = workload.network != "monai" or workload.size < 32
         return {**workload.to_dict(), "peak": {"peak_bytes": MiB} if fits else {"error": OUT_OF_MEMORY}}
 
+    def fake_times(rows, plan, budget):
+        timed.append({(r["size"], r["batch_size"]) for r in rows})
+        for row in rows:
+            row["step_seconds"] = 1.0
+
     monkeypatch.setattr(sweeps, "measure_row", fake_row)
-    monkeypatch.setattr(sweeps, "_time_rows", lambda rows, plan, budget: timed.append({r["size"] for r in rows}))
-    batch_rows = [{**sweeps._reference(plan, n, 16).to_dict(), "peak": {"peak_bytes": 2 * MiB}, "step_seconds": 1.0}
-                  for n in NETWORKS]
-    rows = sweeps.resolution_sweep(plan, Budget(None), torch.device("cpu"), batch_rows)
-    assert measured == [(n, s) for s in (32, 48) for n in NETWORKS if (n, s) != ("monai", 48)]
-    assert timed == [{32}, {48}]
-    assert rows[:4] == batch_rows and rows[:4][0] is not batch_rows[0]
-    assert rows[8 + NETWORKS.index("monai")]["peak"]["error"] == f"{OUT_OF_MEMORY} (at a smaller size)"
+    monkeypatch.setattr(sweeps, "_time_rows", fake_times)
+    resolution = sweeps.resolution_sweep(plan, Budget(None), torch.device("cpu"))
+    assert measured == [(n, s, 1) for s in (16, 32, 48) for n in NETWORKS if (n, s) != ("monai", 48)]
+    assert timed == [{(16, 1)}, {(32, 1)}, {(48, 1)}]
+    assert resolution[8 + NETWORKS.index("monai")]["peak"]["error"] == f"{OUT_OF_MEMORY} (at a smaller size)"
+    measured.clear(), timed.clear()
+    batch = sweeps.batch_sweep(plan, Budget(None), torch.device("cpu"), resolution)
+    assert measured == [(n, 16, 2) for n in NETWORKS] and timed == [{(16, 2)}]
+    assert batch[:4] == resolution[:4] and batch[0] is not resolution[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's peak and memory cap")
@@ -318,7 +324,7 @@ def test_the_cuda_memory_cap_reaches_the_allocator_as_a_fraction_of_the_current_
 
 
 def test_running_out_of_memory_is_recognised_however_the_device_reports_it():
-    from bundle.measure.peak_memory import is_out_of_memory
+    from bundle.measure.child_process import is_out_of_memory
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))

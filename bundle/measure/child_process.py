@@ -1,13 +1,39 @@
-"""The environment of the benchmarks' child processes (timing, the quality comparison's training runs)."""
+"""The benchmarks' child processes: fresh processes forked from a fork server for every measurement (peak
+memory, step times, the step profile), and the environment of the subprocesses the quality comparison
+starts (``monai.bundle`` training runs).
+
+A measurement needs a fresh process (a new allocator, no tensors of an earlier configuration, its own
+peak), but importing torch, MONAI and this bundle costs seconds. The fork server (``multiprocessing``
+"forkserver") imports them once; every :class:`FreshProcess` is forked from it. The server starts with
+``MALLOC_MMAP_THRESHOLD_=65536`` in its environment (glibc reads it at process start; forked children
+inherit it), so memory a child frees goes back to the OS, and with the bundle root on ``PYTHONPATH``,
+so its preloading does not depend on the working directory. The server never touches CUDA: every child
+initialises its own.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
-__all__ = ["BUNDLE_ROOT", "child_environment"]
+import torch
+
+from ..process_memory import MMAP_THRESHOLD_ENV
+
+__all__ = ["BUNDLE_ROOT", "OUT_OF_MEMORY", "FreshProcess", "child_environment", "is_out_of_memory", "measuring_device"]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+OUT_OF_MEMORY = "out of memory"
+# What the fork server imports once: the modules whose functions its children run (torch, MONAI and the
+# networks come with them).
+_PRELOAD = ["bundle.measure.peak_memory", "bundle.measure.timing", "bundle.measure.step_profile"]
+# How running out of memory reads where it is not a torch.OutOfMemoryError: the CPU allocator's failure,
+# a CUDA error raised outside the caching allocator ("CUDA error: out of memory", e.g. a library handle or
+# a cuDNN workspace) and a cuBLAS/cuDNN allocation status.
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "ALLOC_FAILED")
 
 
 def child_environment(**variables: str) -> dict[str, str]:
@@ -16,3 +42,77 @@ def child_environment(**variables: str) -> dict[str, str]:
     ``variables`` set."""
     python_path = os.pathsep.join(filter(None, [str(BUNDLE_ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": python_path, **variables}
+
+
+def measuring_device() -> torch.device:
+    """The device a measurement runs on: the current CUDA device where there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """Whether ``error`` says the device ran out of memory."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in _OUT_OF_MEMORY_MESSAGES))
+
+
+@cache
+def _fork_server() -> multiprocessing.context.BaseContext:
+    """The "forkserver" context, its server started now with :func:`child_environment` (allocator setting
+    included) as its environment and :data:`_PRELOAD` imported."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    environment = child_environment(**MMAP_THRESHOLD_ENV)
+    saved = {key: os.environ.get(key) for key in (*MMAP_THRESHOLD_ENV, "PYTHONPATH")}
+    os.environ.update({key: environment[key] for key in saved})
+    try:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return context
+
+
+class FreshProcess:
+    """``function(*args)`` (a module-level function returning a dict) running in a new process forked from
+    the fork server, started on construction; :meth:`result` waits for its dict, so the caller can work
+    meanwhile.
+
+    A failure in the child becomes ``{"error": ...}``: :data:`OUT_OF_MEMORY` when the device ran out of
+    memory (including a child the kernel's OOM killer ended), else the exception's type and message.
+    """
+
+    def __init__(self, function: Callable[..., dict], *args) -> None:
+        context = _fork_server()
+        self._receiver, sender = context.Pipe(duplex=False)
+        self._process = context.Process(target=_run_in_child, args=(function, args, sender), daemon=True)
+        self._process.start()
+        sender.close()
+
+    def result(self, timeout: float = 3600) -> dict:
+        """The child's dict; ``{"error": "no result within … s"}`` (the child killed) after ``timeout`` seconds."""
+        if self._receiver.poll(timeout):
+            try:
+                result = self._receiver.recv()
+            except EOFError:  # the child died without answering
+                result = None
+        else:
+            self._process.kill()
+            result = {"error": f"no result within {timeout:.0f} s"}
+        self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+        if result is None:
+            exit_code = self._process.exitcode
+            result = {"error": OUT_OF_MEMORY if exit_code == -9 else f"exit code {exit_code}"}
+        return result
+
+
+def _run_in_child(function: Callable[..., dict], args: tuple, sender) -> None:
+    try:
+        result = function(*args)
+    except Exception as error:  # reported in the row; the suite goes on
+        result = {"error": OUT_OF_MEMORY if is_out_of_memory(error) else f"{type(error).__name__}: {error}"}
+    sender.send(result)
+    sender.close()

@@ -8,45 +8,27 @@ after ``reset_peak_memory_stats``, minus the allocation after the warm-up; with 
 the process may allocate no more than that (``set_per_process_memory_fraction``), so "does it fit in
 24 GiB" is answered by the allocator itself.
 
-Each measurement is a new process forked from a fork server that has imported torch, MONAI and this
-bundle once (``multiprocessing`` "forkserver" with preloading): a fresh allocator and no tensors of any
-earlier configuration, without paying the imports (seconds) per configuration.
+Each measurement is a :class:`~bundle.measure.child_process.FreshProcess`: a fresh allocator and no
+tensors of any earlier configuration, without paying the imports (seconds) per configuration.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 
 import torch
 
-from ..process_memory import MMAP_THRESHOLD_ENV, proc_status_bytes
+from ..process_memory import proc_status_bytes
+from .child_process import OUT_OF_MEMORY, FreshProcess, measuring_device
 from .workload import Workload, build_network, make_training_step
 
-__all__ = ["OUT_OF_MEMORY", "PeakMeter", "cap_cuda_memory", "is_out_of_memory", "measure_peak_in_subprocess", "run_in_fresh_process"]
-
-OUT_OF_MEMORY = "out of memory"
+__all__ = ["OUT_OF_MEMORY", "PeakMeter", "cap_cuda_memory", "measure_peak_in_subprocess", "start_peak_measurement"]
 
 
-@cache
-def _fork_server() -> multiprocessing.context.BaseContext:
-    """The "forkserver" context, its server started now with the allocator setting in its environment
-    (glibc reads it at process start; forked children inherit it) and this module preloaded."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    saved = {key: os.environ.get(key) for key in MMAP_THRESHOLD_ENV}
-    os.environ.update(MMAP_THRESHOLD_ENV)
-    try:
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    return context
+def start_peak_measurement(workload: Workload, memory_limit_bytes: int | None = None) -> FreshProcess:
+    """Starts the measurement of ``workload``'s step peak in a fresh process; its ``result(timeout)`` is the
+    dict of :func:`measure_peak_in_subprocess`."""
+    return FreshProcess(_measure, workload, memory_limit_bytes)
 
 
 def measure_peak_in_subprocess(workload: Workload, memory_limit_bytes: int | None = None, timeout: float = 3600) -> dict:
@@ -58,56 +40,7 @@ def measure_peak_in_subprocess(workload: Workload, memory_limit_bytes: int | Non
     ``device``; or ``error``: :data:`OUT_OF_MEMORY` when the step did not fit (including a
     process the kernel's OOM killer ended), else the failure.
     """
-    return run_in_fresh_process(_measure, workload, memory_limit_bytes, timeout)
-
-
-def run_in_fresh_process(
-    measure: Callable[[Workload, torch.device, int | None], dict], workload: Workload,
-    memory_limit_bytes: int | None = None, timeout: float = 3600,
-) -> dict:
-    """``measure(workload, device, memory_limit_bytes)`` (a module-level function) in a new process forked
-    from the fork server; its result dict, or ``{"error": ...}`` as for :func:`measure_peak_in_subprocess`."""
-    context = _fork_server()
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_run_in_child, args=(measure, workload, memory_limit_bytes, sender), daemon=True)
-    process.start()
-    sender.close()
-    if receiver.poll(timeout):
-        try:
-            result = receiver.recv()
-        except EOFError:  # the child died without answering
-            result = None
-    else:
-        process.kill()
-        result = {"error": f"no result within {timeout:.0f} s"}
-    process.join(timeout=60)
-    if process.is_alive():
-        process.kill()
-    if result is None:
-        result = {"error": OUT_OF_MEMORY if process.exitcode == -9 else f"exit code {process.exitcode}"}
-    return result
-
-
-def _run_in_child(measure, workload: Workload, memory_limit_bytes: int | None, sender) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        result = measure(workload, device, memory_limit_bytes)
-    except Exception as error:  # reported in the row; the suite goes on
-        result = {"error": OUT_OF_MEMORY if is_out_of_memory(error) else f"{type(error).__name__}: {error}"}
-    sender.send(result)
-    sender.close()
-
-
-# How running out of memory reads where it is not a torch.OutOfMemoryError: the CPU allocator's failure,
-# a CUDA error raised outside the caching allocator ("CUDA error: out of memory", e.g. a library handle or
-# a cuDNN workspace) and a cuBLAS/cuDNN allocation status.
-_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "ALLOC_FAILED")
-
-
-def is_out_of_memory(error: Exception) -> bool:
-    """Whether ``error`` says the device ran out of memory."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and any(m in str(error) for m in _OUT_OF_MEMORY_MESSAGES))
+    return start_peak_measurement(workload, memory_limit_bytes).result(timeout)
 
 
 class PeakMeter:
@@ -154,7 +87,8 @@ def cap_cuda_memory(limit_bytes: int) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), index)
 
 
-def _measure(workload: Workload, device: torch.device, memory_limit_bytes: int | None) -> dict:
+def _measure(workload: Workload, memory_limit_bytes: int | None) -> dict:
+    device = measuring_device()
     if device.type == "cuda" and memory_limit_bytes:
         cap_cuda_memory(memory_limit_bytes)
     meter = PeakMeter(device)

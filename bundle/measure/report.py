@@ -21,7 +21,8 @@ __all__ = ["machine_description", "parameter_breakdown", "markdown_table"]
 
 
 def machine_description() -> str:
-    """CPU model, core count, torch version and thread count (and the GPU, if any)."""
+    """CPU model, core count, torch version and thread count (and the GPU, if any, with the precision its
+    float32 convolutions and matrix products run in: cuDNN convolutions use TF32 by default)."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -29,7 +30,12 @@ def machine_description() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    gpu = ""
+    if torch.cuda.is_available():
+        convolutions = "TF32" if torch.backends.cudnn.allow_tf32 else "float32"
+        matrix_products = "TF32" if torch.backends.cuda.matmul.allow_tf32 else "float32"
+        gpu = (f", GPU {torch.cuda.get_device_name()} (convolutions in {convolutions}, matrix products in "
+               f"{matrix_products})")
     return (
         f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"Python {platform.python_version()}{gpu}"

@@ -19,7 +19,8 @@ import torch
 
 from bundle.diffusion import micro_batches
 
-from .peak_memory import PeakMeter, run_in_fresh_process
+from .child_process import FreshProcess, measuring_device
+from .peak_memory import PeakMeter
 from .report import markdown_table
 from .workload import Workload, build_network, make_training_step
 
@@ -57,7 +58,8 @@ def _hook_engine_steps(root, before, after) -> None:
         node.register_hook(after)
 
 
-def _profile(workload: Workload, device: torch.device, memory_limit_bytes: int | None) -> dict:
+def _profile(workload: Workload) -> dict:
+    device = measuring_device()
     model = build_network(workload).to(device)
     training = make_training_step(workload, model, device)
     training.step()  # warm-up: gradients and AdamW state exist from here on
@@ -101,7 +103,7 @@ def profile_step_in_subprocess(workload: Workload) -> dict:
     (in backward order: ``step``, ``state`` shapes, ``before_bytes`` alive when the step starts and its
     ``peak_bytes``), ``device``; or ``error``.
     """
-    return run_in_fresh_process(_profile, workload)
+    return FreshProcess(_profile, workload).result()
 
 
 def _mb(value: float) -> str:

@@ -12,7 +12,6 @@ must finish in 8 minutes): once it is spent, the remaining rows say ``skipped``.
 from __future__ import annotations
 
 import statistics
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ from bundle.diffusion import micro_batches
 from .baselines import count_parameters
 from .energy import find_energy_counter, measure_energy
 from .flops import forward_flops, training_step_flops
-from .peak_memory import OUT_OF_MEMORY, measure_peak_in_subprocess
+from .peak_memory import OUT_OF_MEMORY, measure_peak_in_subprocess, start_peak_measurement
 from .report import parameter_breakdown
 from .saved_bytes import saved_activation_bytes
 from .timing import measure_times_in_subprocess
@@ -125,8 +124,9 @@ class SuitePlan:
 
     @classmethod
     def gpu(cls) -> SuitePlan:
-        """6.5 minutes of measurements (the resolution sweep last, cut where the budget is spent), then the
-        quality comparison: about 8 minutes on one GPU. GPU step times vary little: 3 rounds."""
+        """6.5 minutes of measurements (the resolution and depth sweeps first; what comes after them is cut
+        where the budget is spent), then the quality comparison: about 8 minutes on one GPU. GPU step times
+        vary little: 3 rounds."""
         return cls(
             sizes=(32, 64, 96, 128, 160, 192, 224, 256, 320), repeats=3, energy_seconds=15.0, budget_seconds=390.0,
         )
@@ -139,14 +139,16 @@ def _skipped(workload: Workload) -> dict:
 def measure_row(workload: Workload, plan: SuitePlan, budget: Budget, device: torch.device) -> dict:
     """Parameters, FLOPs per step, stored bytes and fresh-process peak of one workload.
 
+    FLOPs and parameters are counted (on the meta device) while the fresh process measures the peak.
     Stored bytes are those of one micro-batch's forward, counted only when the step fits (a configuration
     that does not fit could not hold its stored activations either)."""
     if budget.spent:
         return _skipped(workload)
+    peak = start_peak_measurement(workload, plan.memory_limit_bytes)
     row = {**workload.to_dict(), "flops": training_step_flops(workload)}
     with torch.device("meta"):
         row["parameters"] = count_parameters(build_network(workload))
-    row["peak"] = measure_peak_in_subprocess(workload, plan.memory_limit_bytes, budget.process_timeout())
+    row["peak"] = peak.result(budget.process_timeout())
     if "error" not in row["peak"]:
         model = build_network(workload).to(device)
         first = micro_batches(workload.batch_size, workload.micro_batch_size)[0]
@@ -167,7 +169,7 @@ def _time_rows(rows: list[dict], plan: SuitePlan, budget: Budget) -> None:
     workloads = [Workload(**{k: r[k] for k in Workload.__dataclass_fields__}) for r in fitting]
     try:
         per_workload = measure_times_in_subprocess(workloads, plan.repeats, budget.process_timeout())
-    except (RuntimeError, subprocess.TimeoutExpired) as error:  # the suite goes on; the rows say why
+    except RuntimeError as error:  # the suite goes on; the rows say why
         for row in fitting:
             row["step_seconds_error"] = str(error)[-500:]
         return
@@ -200,42 +202,53 @@ def _measured_already(rows: Sequence[dict], workload: Workload) -> dict | None:
     return None
 
 
-def batch_sweep(plan: SuitePlan, budget: Budget, device: torch.device, progress=None) -> list[dict]:
-    """Batch sizes ``plan.batch_sizes`` at ``plan.batch_size_at``³, timed per batch size."""
-    rows = []
-    for batch_size in plan.batch_sizes:
-        group = []
-        for network in NETWORKS:
-            group.append(measure_row(_reference(plan, network, plan.batch_size_at, batch_size=batch_size), plan, budget,
-                                     device))
-            progress and progress.update()
-        _time_rows(group, plan, budget)
-        rows += group
-    return rows
+class _Group:
+    """The rows of one timed group (one size, one batch size): rows of ``measured`` with the same workload
+    are reused, times included; the group is timed where any row was measured anew."""
+
+    def __init__(self, measured: Sequence[dict]) -> None:
+        self.measured, self.rows, self.all_reused = measured, [], True
+
+    def add(self, workload: Workload, plan: SuitePlan, budget: Budget, device: torch.device) -> dict:
+        row = _measured_already(self.measured, workload)
+        self.all_reused &= row is not None
+        self.rows.append(row or measure_row(workload, plan, budget, device))
+        return self.rows[-1]
+
+    def timed(self, plan: SuitePlan, budget: Budget) -> list[dict]:
+        if not self.all_reused:
+            _time_rows(self.rows, plan, budget)
+        return self.rows
 
 
-def resolution_sweep(plan: SuitePlan, budget: Budget, device: torch.device, measured: Sequence[dict] = (),
-                     progress=None) -> list[dict]:
+def resolution_sweep(plan: SuitePlan, budget: Budget, device: torch.device, progress=None) -> list[dict]:
     """Cubes ``plan.sizes`` at the reference width, batch 1, timed per size; a network is not tried at
-    larger sizes once it has run out of memory. Rows of ``measured`` (the batch sweep's) with the same
-    workload are reused, times included, where a whole size's group is there."""
+    larger sizes once it has run out of memory."""
     rows, out_of_memory = [], set()
     for size in plan.sizes:
-        group, reused = [], []
+        group = _Group(measured=())
         for network in NETWORKS:
             workload = _reference(plan, network, size)
             if network in out_of_memory:
-                group.append({**workload.to_dict(), "peak": {"error": f"{OUT_OF_MEMORY} (at a smaller size)"}})
-            else:
-                row = _measured_already(measured, workload)
-                reused.append(row is not None)
-                group.append(row or measure_row(workload, plan, budget, device))
-                if group[-1].get("peak", {}).get("error") == OUT_OF_MEMORY:
-                    out_of_memory.add(network)
+                group.rows.append({**workload.to_dict(), "peak": {"error": f"{OUT_OF_MEMORY} (at a smaller size)"}})
+            elif group.add(workload, plan, budget, device).get("peak", {}).get("error") == OUT_OF_MEMORY:
+                out_of_memory.add(network)
             progress and progress.update()
-        if not all(reused):
-            _time_rows(group, plan, budget)
-        rows += group
+        rows += group.timed(plan, budget)
+    return rows
+
+
+def batch_sweep(plan: SuitePlan, budget: Budget, device: torch.device, measured: Sequence[dict] = (),
+                progress=None) -> list[dict]:
+    """Batch sizes ``plan.batch_sizes`` at ``plan.batch_size_at``³, timed per batch size. Rows of ``measured``
+    (the resolution sweep's batch-1 rows) are reused, times included, where a whole group is there."""
+    rows = []
+    for batch_size in plan.batch_sizes:
+        group = _Group(measured)
+        for network in NETWORKS:
+            group.add(_reference(plan, network, plan.batch_size_at, batch_size=batch_size), plan, budget, device)
+            progress and progress.update()
+        rows += group.timed(plan, budget)
     return rows
 
 

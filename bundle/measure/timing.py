@@ -4,28 +4,23 @@ Each round times every workload once, in turn, so a ratio of two workloads' time
 (paired) before a median over rounds: drifts of a shared machine that last longer than a round then
 cancel out of the ratio (:func:`paired_ratio`).
 
-The process runs with ``MALLOC_MMAP_THRESHOLD_=65536``, as the peak-memory process does: tensors are
-mapped and unmapped, so freed memory goes back to the OS and the process holds no more than one step's
-working set beyond the models (glibc's default would keep growing its heap, and four networks timed
-side by side at 128³ would not fit in 24 GiB). Every step then pays page faults for the memory it
-allocates, the memory-hungry steps the most.
-
-Run as ``python -m bundle.measure.timing '<json list of workloads>' REPEATS``; prints one JSON line.
+The process (a :class:`~bundle.measure.child_process.FreshProcess`) runs with
+``MALLOC_MMAP_THRESHOLD_=65536``, as the peak-memory process does: tensors are mapped and unmapped, so
+freed memory goes back to the OS and the process holds no more than one step's working set beyond the
+models (glibc's default would keep growing its heap, and four networks timed side by side at 128³ would
+not fit in 24 GiB). Every step then pays page faults for the memory it allocates, the memory-hungry
+steps the most.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..process_memory import MMAP_THRESHOLD_ENV
-from .child_process import BUNDLE_ROOT, child_environment
+from .child_process import FreshProcess, measuring_device
 from .workload import Workload, build_network, make_training_step
 
 __all__ = ["interleaved_times", "measure_times_in_subprocess", "paired_ratio"]
@@ -61,22 +56,15 @@ def paired_ratio(seconds: Sequence[float], reference: Sequence[float]) -> tuple[
 def measure_times_in_subprocess(
     workloads: Sequence[Workload], repeats: int, timeout: float = 3600
 ) -> list[list[float]]:
-    """Step seconds of each workload (in their order) in each round, measured together in one fresh process."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bundle.measure.timing", json.dumps([w.to_dict() for w in workloads]), str(repeats)],
-        capture_output=True, text=True, timeout=timeout, cwd=BUNDLE_ROOT, env=child_environment(**MMAP_THRESHOLD_ENV),
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"timing subprocess failed: {proc.stderr.strip()[-2000:]}")
-    seconds = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [seconds[str(index)] for index in range(len(workloads))]
+    """Step seconds of each workload (in their order) in each round, measured together in one fresh process;
+    a ``RuntimeError`` saying why where that process failed or gave no result within ``timeout`` seconds."""
+    result = FreshProcess(_time_steps, list(workloads), repeats).result(timeout)
+    if "error" in result:
+        raise RuntimeError(f"timing process failed: {result['error']}")
+    return result["seconds"]
 
 
-if __name__ == "__main__":
-    specs = [{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()} for s in json.loads(sys.argv[1])]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    steps = {}
-    for index, spec in enumerate(specs):
-        workload = Workload(**spec)
-        steps[str(index)] = make_training_step(workload, build_network(workload).to(device), device)[0]
-    print(json.dumps(interleaved_times(steps, int(sys.argv[2]))))
+def _time_steps(workloads: list[Workload], repeats: int) -> dict:
+    device = measuring_device()
+    steps = {str(i): make_training_step(w, build_network(w).to(device), device).step for i, w in enumerate(workloads)}
+    return {"seconds": list(interleaved_times(steps, repeats).values())}
