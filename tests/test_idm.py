@@ -152,8 +152,10 @@ def test_micro_batches_back_propagate_the_whole_batch_gradient(micro_batch_size)
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
-def test_bad_micro_batch_size_is_named(bad):
+def test_bad_batch_and_micro_batch_sizes_are_named(bad):
     with pytest.raises(ValueError, match=r"micro_batch_size must be a positive integer .* or null"):
         micro_batches(4, bad)
+    with pytest.raises(ValueError, match=r"^batch_size must be a positive integer \(samples per training step\)"):
+        micro_batches(bad, None)
     assert micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
     assert micro_batches(5, None) == [slice(0, 5)]

@@ -61,9 +61,11 @@ def idm_loss(
 def micro_batches(batch_size: int, micro_batch_size: int | None) -> list[slice]:
     """The consecutive slices of at most ``micro_batch_size`` samples (None: one slice) that cover a batch.
 
-    Raises a :class:`~bundle.errors.BadInputError` (a ``ValueError``) naming ``micro_batch_size`` unless it
-    is None or a positive integer.
+    Raises a :class:`~bundle.errors.BadInputError` (a ``ValueError``) naming ``batch_size`` unless it is a
+    positive integer, and ``micro_batch_size`` unless it is None or a positive integer.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInputError(f"batch_size must be a positive integer (samples per training step); got {batch_size!r}.")
     if micro_batch_size is None:
         return [slice(0, batch_size)]
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
