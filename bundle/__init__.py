@@ -1,6 +1,10 @@
 """Invertible Diffusion Model (IDM) MONAI bundle."""
 
+import json
+from pathlib import Path
+
 from .errors import BadInputError, NonFiniteLossError, exit_on_bad_input
 
-__version__ = "0.1.0"
+# the bundle's version is defined once, in configs/metadata.json (which the model zoo reads)
+__version__ = json.loads((Path(__file__).resolve().parents[1] / "configs" / "metadata.json").read_text())["version"]
 __all__ = ["BadInputError", "NonFiniteLossError", "exit_on_bad_input", "__version__"]

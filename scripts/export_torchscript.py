@@ -38,12 +38,23 @@ def export(ckpt_file: str, filepath: str, config_file: str = "configs/inference.
     batch size and other timesteps than the tracing example). Refuses an existing ``filepath``."""
     if Path(filepath).exists():
         raise BadInputError(f"{filepath} already exists; remove it or choose another --filepath.")
+    if not Path(ckpt_file).is_file():
+        raise BadInputError(
+            f"Checkpoint {ckpt_file!r} does not exist. Pass --ckpt_file with the model.pt that training wrote "
+            "(in its ckpt_dir)."
+        )
     parser = ConfigParser()
     parser.read_config(ROOT / config_file)
     parser.read_meta(ROOT / meta_file)
     for key, value in (overrides or {}).items():
         parser[key] = value
-    network = load_checkpoint(parser.get_parsed_content("network_def"), ckpt_file).eval()
+    try:
+        network = load_checkpoint(parser.get_parsed_content("network_def"), ckpt_file).eval()
+    except BadInputError as error:  # load_checkpoint's advice is phrased for the bundle's command line
+        raise BadInputError(
+            f"{error} This script takes network_def overrides as --overrides \"{{'network_def#channels': [...], "
+            "'network_def#attention_levels': [...], 'spatial_size': [...]}\"."
+        ) from None
     channels, size = len(parser["modalities"]), parser["spatial_size"]
     with torch.no_grad():
         traced = torch.jit.trace(network, (torch.rand(1, channels, *size), torch.tensor([1])), check_trace=False)

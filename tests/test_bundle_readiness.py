@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from conftest import redraw_zero_init_
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
+
+import bundle
+from bundle.errors import BadInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
@@ -19,6 +25,10 @@ SMALL = {"network_def#channels": [8, 16, 32], "network_def#attention_levels": [F
 
 def test_metadata_passes_the_bundle_schema():
     verify_metadata(meta_file=str(ROOT / "configs" / "metadata.json"), filepath=str(SCHEMA))
+
+
+def test_package_version_is_the_metadata_version():
+    assert bundle.__version__ == json.loads((ROOT / "configs" / "metadata.json").read_text())["version"]
 
 
 def test_network_input_and_output_match_the_metadata():
@@ -50,6 +60,24 @@ def test_torchscript_export_matches_the_eager_network(tmp_path):
         assert torch.allclose(exported(x, t), eager.eval()(x, t), atol=1e-6)
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_export_errors_name_the_scripts_own_arguments(tmp_path):
+    spec = importlib.util.spec_from_file_location("export_torchscript", ROOT / "scripts" / "export_torchscript.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(BadInputError, match="--ckpt_file") as info:
+        script.export(ckpt_file=str(tmp_path / "missing.pt"), filepath=str(tmp_path / "model.ts"))
+    assert "--ckpt_path" not in str(info.value)
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs/inference.json")
+    for key, value in SMALL.items():
+        parser[key] = value
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    other = SMALL | {"network_def#attention_levels": [False, False, True], "spatial_size": [16, 16, 16]}
+    with pytest.raises(BadInputError, match="does not match network_def") as info:
+        script.export(ckpt_file=str(tmp_path / "model.pt"), filepath=str(tmp_path / "model.ts"), overrides=other)
+    assert "--overrides" in str(info.value) and not (tmp_path / "model.ts").exists()
 
 
 def test_monai_label_style_bundle_inference(tmp_path):

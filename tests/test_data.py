@@ -9,8 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import run_bundle
 
 from bundle.data import (
+    DatasetNotFoundError,
     PreflightError,
     discover_cases,
     make_phantom,
@@ -21,6 +23,7 @@ from bundle.data import (
     write_brats_phantoms,
 )
 from bundle.data.phantoms import brats_affine
+from bundle.errors import BadInputError
 
 SHAPE = (24, 24, 20)
 
@@ -68,7 +71,7 @@ def test_decathlon_task01_takes_t1w_and_t2w_channels(tmp_path):
         nib.save(nib.Nifti1Image(phantom[modality], brats_affine(SHAPE, 1.5)), path)
         alone = preprocessing([modality], (12, 12, 12))({"case": "x", modality: str(path), "channels": {modality: None}})
         assert torch.allclose(image[channel], alone["image"][0], atol=1e-5)
-    with pytest.raises(ValueError, match="modality 'pd' is not among its channels"):
+    with pytest.raises(BadInputError, match="modality 'pd' is not among its channels"):
         discover_cases(tmp_path, ["pd"])
 
 
@@ -140,10 +143,85 @@ def test_split_is_deterministic_and_disjoint():
     assert split_cases(records, 0.2, seed=4) != (train, val)
 
 
-def test_empty_dataset_dir_gets_phantoms(tmp_path, caplog):
+def test_empty_dataset_dir_gets_phantoms_and_every_run_on_them_warns(tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
     cases = training_cases(tmp_path / "empty", num_phantoms=3)
     assert len(cases["train"]) == 2 and len(cases["validation"]) == 1
     assert "SYNTHETIC PHANTOMS" in caplog.text
-    assert (tmp_path / "empty" / "IDM_phantoms" / "BraTS20_Training_003").is_dir()
+    # their own case ids, which no real dataset uses
+    assert sorted(p.name for p in (tmp_path / "empty" / "IDM_phantoms").iterdir()) == [
+        f"IDM_Phantom_{i:03d}" for i in (1, 2, 3)
+    ]
+    caplog.clear()
+    assert training_cases(tmp_path / "empty", num_phantoms=3) == cases  # a later run (resume, evaluate) finds them
+    assert "SYNTHETIC PHANTOMS" in caplog.text
     with pytest.raises(FileExistsError, match="Refusing to overwrite"):
-        write_brats_phantoms(tmp_path / "empty" / "IDM_phantoms", num_cases=3)
+        write_brats_phantoms(tmp_path / "empty" / "IDM_phantoms", num_cases=3, prefix="IDM_Phantom")
+
+
+def test_phantoms_never_join_real_data(tmp_path, caplog):
+    """A first run without data left phantoms (here named as before they had their own ids); BraTS was
+    unpacked later: only the real cases are used, and the log says the phantoms are left out."""
+    write_brats_phantoms(tmp_path / "IDM_phantoms", num_cases=3, shape=SHAPE)
+    write_brats_phantoms(tmp_path / "made", num_cases=1, shape=SHAPE, prefix="IDM_Phantom")  # make_phantoms.py's
+    write_brats_phantoms(tmp_path / "MICCAI_BraTS2020_TrainingData", num_cases=2, shape=SHAPE, seed=9)
+    records = discover_cases(tmp_path, ["t1", "t2"])
+    assert [r["case"] for r in records] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    assert all("MICCAI_BraTS2020_TrainingData" in r["t1"] for r in records)
+    assert "left out" in caplog.text and "SYNTHETIC PHANTOMS" not in caplog.text
+    assert str(tmp_path / "IDM_phantoms") in caplog.text and str(tmp_path / "made") in caplog.text
+    cases = training_cases(tmp_path)
+    assert len(cases["train"] + cases["validation"]) == 2
+
+
+def test_unrecognised_dataset_dir_is_not_replaced_by_phantoms(tmp_path):
+    data = tmp_path / "D"
+    data.mkdir()
+    for i in range(1, 5):
+        for modality in ("t1", "t2"):
+            _write(data / f"pat{i:03d}_{modality}.nii.gz", make_phantom(SHAPE, seed=i)[modality])
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(DatasetNotFoundError, match="No dataset found") as info:
+        training_cases(data)
+    assert isinstance(info.value, BadInputError)
+    assert "expected BraTS2020 case folders" in str(info.value) and "pat001_t1.nii.gz" in str(info.value)
+    assert sorted(p.name for p in data.iterdir()) == before  # nothing written into the user's folder
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(BadInputError, match="dataset_dir .*afile.* is a file"):
+        training_cases(afile)
+    assert afile.read_text() == "not a folder"
+
+
+def test_training_on_an_unrecognised_dataset_dir_stops_with_the_discovery_message(tmp_path):
+    data = tmp_path / "D"
+    data.mkdir()
+    _write(data / "pat001_t1.nii.gz", make_phantom(SHAPE)["t1"])
+    small = {"spatial_size": "[16,16,16]", "network_def#channels": "[8,16,32]",
+             "network_def#attention_levels": "[false,true,true]", "num_train_timesteps": "100",
+             "batch_size": "2", "num_workers": "0", "num_phantoms": "2", "train#trainer#max_epochs": "1"}
+    result = run_bundle("configs/train.json", small | {"dataset_dir": data, "ckpt_dir": tmp_path / "C",
+                                                       "output_dir": tmp_path / "R"}, "training")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "No dataset found" in result.stderr and "Traceback" not in result.stderr
+    assert not (data / "IDM_phantoms").exists() and not (tmp_path / "C").exists()
+
+
+def test_bad_split_arguments_are_named_before_any_work(tmp_path):
+    records = [{"case": f"c{i}"} for i in range(4)]
+    for bad in (0.0, 1.0, "0.2"):
+        with pytest.raises(BadInputError, match=r"val_fraction must be a number in \(0, 1\)"):
+            split_cases(records, bad, seed=0)
+    with pytest.raises(BadInputError, match="at least 2 usable cases"):
+        split_cases(records[:1], 0.2, seed=0)
+    with pytest.raises(BadInputError, match="val_fraction"):
+        training_cases(tmp_path / "none", val_fraction=0.0)
+    assert not (tmp_path / "none").exists()  # no phantoms written for a run that cannot start
+
+
+def test_unknown_modality_names_the_modalities_the_data_has(brats_dir):
+    with pytest.raises(BadInputError, match="modality 'pd'") as info:
+        discover_cases(brats_dir, ["t1", "pd"])
+    assert "flair, seg, t1, t1ce, t2" in str(info.value)
+    with pytest.raises(BadInputError, match="modalities must be"):
+        discover_cases(brats_dir, "t1")

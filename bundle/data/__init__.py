@@ -1,9 +1,9 @@
 """Dataset discovery, preprocessing, synthetic phantoms and preflight checks."""
 
-from .dataset import PHANTOM_FOLDER, split_cases, training_cases
+from .dataset import split_cases, training_cases
 from .discovery import DatasetNotFoundError, discover_cases
 from .geometry import GEOMETRY_FILE, default_affine, geometry_of, load_geometry
-from .phantoms import make_phantom, write_brats_phantoms
+from .phantoms import PHANTOM_FOLDER, PHANTOM_PREFIX, make_phantom, write_brats_phantoms
 from .preflight import PreflightError, check_case, preflight
 from .transforms import SelectChanneld, foreground, preprocessing
 
@@ -13,6 +13,7 @@ __all__ = [
     "geometry_of",
     "load_geometry",
     "PHANTOM_FOLDER",
+    "PHANTOM_PREFIX",
     "DatasetNotFoundError",
     "PreflightError",
     "SelectChanneld",

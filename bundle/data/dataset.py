@@ -3,28 +3,44 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ..errors import BadInputError
 from .discovery import DatasetNotFoundError, discover_cases
-from .phantoms import write_brats_phantoms
+from .phantoms import BRATS_MODALITIES, PHANTOM_FOLDER, PHANTOM_PREFIX, write_brats_phantoms
 from .preflight import preflight
 
-__all__ = ["PHANTOM_FOLDER", "split_cases", "training_cases"]
+__all__ = ["split_cases", "training_cases"]
 
 logger = logging.getLogger(__name__)
-PHANTOM_FOLDER = "IDM_phantoms"
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    """Raises :class:`BadInputError` unless ``val_fraction`` is a number strictly between 0 and 1."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
+        raise BadInputError(
+            f"val_fraction must be a number in (0, 1), the share of cases held out for validation (e.g. 0.2); "
+            f"got {val_fraction!r}."
+        )
 
 
 def split_cases(records: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic shuffle by ``seed``, then the last ``val_fraction`` (at least one case) for validation."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    """Deterministic shuffle by ``seed``, then the last ``val_fraction`` (at least one case) for validation.
+
+    Raises:
+        BadInputError: when ``val_fraction`` is not in (0, 1) or there are fewer than 2 records.
+    """
+    _check_val_fraction(val_fraction)
     if len(records) < 2:
-        raise ValueError(f"Need at least 2 cases to split into training and validation, found {len(records)}.")
+        raise BadInputError(
+            f"Training needs at least 2 usable cases (one or more for training, one or more for validation); "
+            f"found {len(records)}. Add cases below dataset_dir."
+        )
     shuffled = sorted(records, key=lambda r: r["case"])
     random.Random(seed).shuffle(shuffled)
     n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
@@ -41,8 +57,12 @@ def training_cases(
 ) -> dict[str, list[dict]]:
     """``{"train": records, "validation": records}`` for the dataset below ``dataset_dir``.
 
-    When ``dataset_dir`` holds no dataset, ``num_phantoms`` synthetic BraTS-layout cases are written to
-    ``dataset_dir/IDM_phantoms`` (once; later runs find them) and used, with a loud warning.
+    When ``dataset_dir`` does not exist or is empty (hidden files and ``IDM_phantoms`` aside),
+    ``num_phantoms`` synthetic cases ``IDM_Phantom_XXX`` are written to ``dataset_dir/IDM_phantoms``
+    (once; later runs find them) and used; every run that uses them says so loudly in the log, and they
+    are left out as soon as real data is found (:func:`~bundle.data.discovery.discover_cases`). A
+    ``dataset_dir`` that holds other files but no dataset of a known layout raises
+    :class:`~bundle.data.discovery.DatasetNotFoundError` and nothing is written to it.
     Every case passes :func:`~bundle.data.preflight.preflight` first. Under ``torch.distributed`` rank 0
     prepares the data while the other ranks wait, then they discover what it wrote.
     """
@@ -57,19 +77,43 @@ def training_cases(
             torch.distributed.barrier()
 
 
+def _other_entries(root: Path) -> list[str]:
+    """Names of what ``root`` holds besides hidden files and the phantom folder (none when it does not exist)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.name != PHANTOM_FOLDER)
+
+
 def _prepare_cases(dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms) -> dict[str, list[dict]]:
+    _check_val_fraction(val_fraction)
+    root = Path(dataset_dir)
     try:
-        records = discover_cases(dataset_dir, modalities)
+        records = discover_cases(root, modalities)
     except DatasetNotFoundError as error:
-        target = Path(dataset_dir) / PHANTOM_FOLDER
-        banner = "=" * 78
-        logger.warning(
-            "\n%s\nNO DATASET FOUND: %s\nTraining on %d SYNTHETIC PHANTOMS written to %s.\n"
-            "Put BraTS2020 (or Decathlon Task01) below dataset_dir to train on real MRI.\n%s",
-            banner, error, num_phantoms, target, banner,
-        )
-        write_brats_phantoms(target, num_cases=num_phantoms, seed=seed)
-        records = discover_cases(dataset_dir, modalities)
+        others = _other_entries(root)
+        if others:
+            listing = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise DatasetNotFoundError(
+                f"{error} It holds {listing}, so no synthetic phantoms are written there: put each case's files in "
+                f"a folder named after the case (<case>/<case>_t1.nii.gz, …), list them in a datalist JSON, or set "
+                f"dataset_dir to a missing or empty folder to train on the built-in phantoms."
+            ) from None
+        unknown = [m for m in modalities if m.lower() not in BRATS_MODALITIES]
+        if unknown:
+            raise BadInputError(
+                f"{error} The built-in phantoms that would be written instead do not provide "
+                f"{', '.join(map(repr, unknown))}: choose modalities from {', '.join(BRATS_MODALITIES)}."
+            ) from None
+        if isinstance(num_phantoms, bool) or not isinstance(num_phantoms, int) or num_phantoms < 2:
+            raise BadInputError(
+                f"{error} num_phantoms, the number of built-in phantoms written instead, must be an integer ≥ 2 "
+                f"(training and validation need one case each); got {num_phantoms!r}."
+            ) from None
+        target = root / PHANTOM_FOLDER
+        logger.warning("No dataset below %s: writing %d synthetic phantoms to %s.", root, num_phantoms, target)
+        # nothing usable is in target (discovery found no case), so only an interrupted earlier write is replaced
+        write_brats_phantoms(target, num_cases=num_phantoms, seed=seed, prefix=PHANTOM_PREFIX, overwrite=True)
+        records = discover_cases(root, modalities)
     records = preflight(records, modalities, skip_invalid)
     train, validation = split_cases(records, val_fraction, seed)
     logger.info("%d training and %d validation cases from %s", len(train), len(validation), dataset_dir)

@@ -12,26 +12,36 @@ the channel to take). Three layouts are found anywhere below ``dataset_dir``:
 * **Datalist JSON** in MONAI's ``load_decathlon_datalist`` format: a ``*.json`` whose ``training`` items
   give one path per modality (``{"t1": "a_t1.nii.gz", "t2": "a_t2.nii.gz"}``) or an ``image`` that is
   a list of per-modality paths in ``modalities`` order.
+
+The built-in synthetic phantoms (``dataset_dir/IDM_phantoms``, case ids ``IDM_Phantom_XXX``) never join
+real data: they are used only when nothing else below ``dataset_dir`` is a dataset, with a loud warning
+on every run that uses them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
+from ..errors import BadInputError
+from .phantoms import PHANTOM_FOLDER, PHANTOM_PREFIX
+
 __all__ = ["IMAGE_SUFFIXES", "MSD_CHANNELS", "discover_cases", "DatasetNotFoundError"]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 # Decathlon modality names (as in its dataset.json) for the modality keys this bundle uses
 MSD_CHANNELS = {"flair": "FLAIR", "t1": "T1w", "t1ce": "t1gd", "t2": "T2w"}
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """No dataset of a known layout below ``dataset_dir``."""
+class DatasetNotFoundError(BadInputError, FileNotFoundError):
+    """No dataset of a known layout below ``dataset_dir`` (a bad input, and a ``FileNotFoundError``)."""
 
 
 def _strip_suffix(name: str) -> str | None:
@@ -42,7 +52,11 @@ def _strip_suffix(name: str) -> str | None:
 
 
 def _brats_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
-    """Case folders whose files are named ``<folder>_<modality>.<ext>`` (or DICOM series folders)."""
+    """Case folders whose files are named ``<folder>_<modality>.<ext>`` (or DICOM series folders).
+
+    Raises :class:`BadInputError` naming the modalities the case folders have when one of ``modalities``
+    is in none of them.
+    """
     pattern = re.compile(r"^(?P<case>.+)_(?P<modality>[A-Za-z0-9]+)$")
     found: dict[Path, dict[str, str]] = {}
     for path in sorted(root.rglob("*")):
@@ -53,6 +67,14 @@ def _brats_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
         if path.is_dir() and not any(path.glob("*.dcm")):
             continue
         found.setdefault(path.parent, {}).setdefault(match["modality"].lower(), str(path))
+    available = sorted({m for files in found.values() for m in files})
+    absent = [m for m in modalities if m not in available]
+    if found and absent:
+        named = f"modality {absent[0]!r} is" if len(absent) == 1 else f"modalities {', '.join(map(repr, absent))} are"
+        raise BadInputError(
+            f"{named} in none of the {len(found)} case folders below {str(root)!r}; the data has "
+            f"{', '.join(available)}. Choose modalities from these, e.g. --modalities '[\"t1\",\"t2\"]'."
+        )
     records = []
     for folder, files in found.items():
         if any(m in files for m in modalities):
@@ -75,7 +97,7 @@ def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
         for m in modalities:
             name = MSD_CHANNELS.get(m, m).lower()
             if name not in by_name:
-                raise ValueError(
+                raise BadInputError(
                     f"{json_path}: modality {m!r} is not among its channels {sorted(msd.values())}; "
                     f"choose modalities from {sorted(k for k, v in MSD_CHANNELS.items() if v.lower() in by_name)}."
                 )
@@ -92,7 +114,7 @@ def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
         elif isinstance(item.get("image"), list) and len(item["image"]) == len(modalities):
             record.update(dict(zip(modalities, item["image"])))
         else:
-            raise ValueError(
+            raise BadInputError(
                 f"{json_path}: training item {i} gives neither one path per modality {list(modalities)} nor an "
                 f"'image' list of {len(modalities)} paths nor a 4D 'image' with a 'modality' map: {item}"
             )
@@ -100,27 +122,75 @@ def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
     return records
 
 
+def _find_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
+    """The records of the first datalist JSON below ``root`` that has any, else of its BraTS case folders."""
+    for json_path in sorted(root.rglob("*.json")):
+        records = _datalist_cases(json_path, modalities)
+        if records:
+            return records
+    return _brats_cases(root, modalities)
+
+
+def _is_phantom(record: dict, phantom_folder: Path, modality: str) -> bool:
+    """A case of the built-in phantoms: named ``IDM_Phantom_XXX`` (wherever it was written) or in
+    ``dataset_dir/IDM_phantoms`` (where earlier versions of the bundle named them as BraTS does)."""
+    return record["case"].startswith(f"{PHANTOM_PREFIX}_") or Path(record[modality]).is_relative_to(phantom_folder)
+
+
+def _folders(records: Sequence[dict], modality: str) -> set[str]:
+    """The folders that hold the case folders of ``records``."""
+    return {str(Path(r[modality]).parent.parent) for r in records}
+
+
 def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "t2")) -> list[dict]:
     """Case records (see the module docstring) of the dataset below ``dataset_dir``, sorted by case id.
 
-    A datalist JSON wins over file naming when both are present (it is the explicit choice).
+    A datalist JSON wins over file naming when both are present (it is the explicit choice). Phantom
+    cases are left out whenever real cases are found (the log says so) and returned, with a loud warning,
+    only when there is nothing else.
 
     Raises:
+        BadInputError: when ``dataset_dir`` is a file, ``modalities`` is not a non-empty list of names, or a
+            requested modality is in none of the cases (the message names those the data has).
         DatasetNotFoundError: when ``dataset_dir`` does not exist or holds none of the three layouts.
     """
     root = Path(dataset_dir)
-    if not modalities:
-        raise ValueError("modalities is empty; give at least one, e.g. ['t1', 't2'].")
-    if not root.is_dir():
-        raise DatasetNotFoundError(f"dataset_dir {str(root)!r} is not a directory.")
-    for json_path in sorted(root.rglob("*.json")):
-        records = _datalist_cases(json_path, [m.lower() for m in modalities])
-        if records:
-            return sorted(records, key=lambda r: r["case"])
-    records = _brats_cases(root, [m.lower() for m in modalities])
-    if not records:
-        raise DatasetNotFoundError(
-            f"No dataset found below {str(root)!r}: expected BraTS2020 case folders "
-            f"(<case>/<case>_{{{','.join(modalities)}}}.nii.gz), a Decathlon Task01 dataset.json, or a datalist JSON."
+    if isinstance(modalities, str) or not modalities or not all(isinstance(m, str) and m for m in modalities):
+        raise BadInputError(
+            f"modalities must be a non-empty list of modality names such as ['t1', 't2'] (BraTS2020 has t1, t1ce, "
+            f"t2, flair); got {modalities!r}."
         )
-    return sorted(records, key=lambda r: r["case"])
+    if root.exists() and not root.is_dir():
+        raise BadInputError(
+            f"dataset_dir {str(root)!r} is a file; give the folder that holds the data (BraTS2020 case folders, a "
+            "Decathlon Task01 dataset.json or a datalist JSON, at any depth), or a missing or empty folder to "
+            "train on the built-in synthetic phantoms."
+        )
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"dataset_dir {str(root)!r} does not exist.")
+    modalities = [m.lower() for m in modalities]
+    records = sorted(_find_cases(root, modalities), key=lambda r: r["case"])
+    phantom_folder = root / PHANTOM_FOLDER
+    phantoms, real = [], []
+    for record in records:
+        (phantoms if _is_phantom(record, phantom_folder, modalities[0]) else real).append(record)
+    if real:
+        left_out = _folders(phantoms, modalities[0]) | ({str(phantom_folder)} if phantom_folder.is_dir() else set())
+        if left_out:
+            logger.warning(
+                "Found %d real cases below %s: the synthetic phantoms in %s are left out (phantoms never join real "
+                "data; delete them if they are no longer needed).", len(real), root, ", ".join(sorted(left_out)),
+            )
+        return real
+    if phantoms:
+        banner = "=" * 78
+        logger.warning(
+            "\n%s\nUSING %d SYNTHETIC PHANTOMS from %s, NOT REAL MRI.\nPut BraTS2020 (or Decathlon Task01, or a "
+            "datalist JSON) below %s to use real data; the phantoms are then left out.\n%s",
+            banner, len(phantoms), ", ".join(sorted(_folders(phantoms, modalities[0]))), root, banner,
+        )
+        return phantoms
+    raise DatasetNotFoundError(
+        f"No dataset found below {str(root)!r}: expected BraTS2020 case folders "
+        f"(<case>/<case>_{{{','.join(modalities)}}}.nii.gz), a Decathlon Task01 dataset.json, or a datalist JSON."
+    )

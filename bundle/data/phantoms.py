@@ -17,6 +17,9 @@ skull/scalp    bright fat  mid
 
 Shapes, sizes and positions vary with the case seed. Volumes are written as NIfTI with a BraTS-like
 affine (LPS-flipped axes, 1.5 mm voxels by default, origin at the volume centre).
+
+The built-in default data set is ``dataset_dir/IDM_phantoms/IDM_Phantom_XXX/``: its own folder and case
+ids, which discovery never mixes with real data (:func:`~bundle.data.discovery.discover_cases`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,19 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import GaussianSmooth
 
-__all__ = ["BRATS_MODALITIES", "TISSUE_CONTRAST", "brats_affine", "make_phantom", "write_brats_phantoms"]
+__all__ = [
+    "BRATS_MODALITIES",
+    "PHANTOM_FOLDER",
+    "PHANTOM_PREFIX",
+    "TISSUE_CONTRAST",
+    "brats_affine",
+    "make_phantom",
+    "write_brats_phantoms",
+]
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
+PHANTOM_FOLDER = "IDM_phantoms"  # the built-in default data set, below dataset_dir
+PHANTOM_PREFIX = "IDM_Phantom"  # its case ids: IDM_Phantom_001, … (never a real dataset's)
 
 # relative intensities per tissue label: background, scalp/skull, CSF, grey, white, oedema, tumour core
 TISSUE_CONTRAST = {
@@ -120,7 +133,9 @@ def write_brats_phantoms(
 ) -> list[Path]:
     """Writes ``num_cases`` phantoms as ``output_dir/{prefix}_XXX/{prefix}_XXX_{t1,t1ce,t2,flair,seg}.nii.gz``.
 
-    Returns the case directories. Existing case directories are refused unless ``overwrite``.
+    The default ``prefix`` imitates the BraTS2020 download (for tests of the BraTS layout); the built-in
+    data set and ``scripts/make_phantoms.py`` use :data:`PHANTOM_PREFIX` so that no phantom takes a real
+    case's id. Returns the case directories. Existing case directories are refused unless ``overwrite``.
     """
     if num_cases < 1:
         raise ValueError(f"num_cases must be ≥ 1, got {num_cases}.")
