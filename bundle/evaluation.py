@@ -20,7 +20,7 @@ from .diffusion.sampling import make_sampling_scheduler
 from .errors import BadInputError
 from .inference import load_checkpoint
 
-__all__ = ["reconstruct_from", "ms_ssim_settings", "evaluate"]
+__all__ = ["reconstruct_from", "ms_ssim_settings", "normalised_mmd", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,31 @@ def ms_ssim_settings(spatial_size: Sequence[int]) -> dict:
     kernel = 7 if smallest >= 32 else 3
     scales = max(1, min(5, int(math.log2(smallest / kernel)) + 1))
     return {"kernel_size": kernel, "weights": tuple([1.0 / scales] * scales)}
+
+
+def normalised_mmd(real: torch.Tensor, generated: torch.Tensor) -> tuple[float, int]:
+    """MONAI's :class:`~monai.metrics.MMDMetric` (the unbiased estimate of MMD² with a linear kernel) between the
+    first ``n = min(len(real), len(generated))`` volumes of each set (it needs equally many), divided by the
+    number of values per volume (channels × voxels).
+
+    So normalised it reads, whatever the volume size, as the mean over voxels of the squared difference between
+    the two sets' mean volumes, less each set's per-voxel variance / (n − 1): at most 1 for intensities in
+    [0, 1], about 0 when the sets come from one distribution (the unbiased estimate can then be slightly negative).
+
+    Args:
+        real: (N, C, *S) volumes.
+        generated: (M, C, *S) volumes.
+
+    Returns:
+        The normalised MMD and ``n``.
+
+    Raises:
+        ValueError: when either set has fewer than 2 volumes.
+    """
+    n = min(len(real), len(generated))
+    if n < 2:
+        raise ValueError(f"MMD needs at least 2 volumes in each set, got {len(real)} and {len(generated)}.")
+    return MMDMetric()(real[:n], generated[:n]).item() / real[0].numel(), n
 
 
 def _per_modality(metric, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -83,8 +108,9 @@ def evaluate(
       ``reconstruction_timestep``: PSNR, SSIM and MAE per modality, in [0, 1] intensities, as mean ± std
       and best-of-batch (best of each consecutive ``pair`` of volumes: the paper's batch-2 protocol);
     * ``num_generated`` samples from ``sampler``: mean pairwise MS-SSIM among them (diversity; lower is
-      more diverse) and MMD to the real volumes; FID when ``feature_extractor`` names a TorchScript
-      network mapping (B, 1, *S) volumes to (B, F) features (none is downloaded).
+      more diverse), MMD to the real volumes (:func:`normalised_mmd` of the first min(validation volumes,
+      ``num_generated``) of each; "n/a" with a single validation volume); FID when ``feature_extractor``
+      names a TorchScript network mapping (B, 1, *S) volumes to (B, F) features (none is downloaded).
     """
     output_dir = Path(output_dir)
     outputs = [output_dir / "metrics.json", output_dir / "metrics.md"]
@@ -144,6 +170,7 @@ def evaluate(
 
 
 def _generation_quality(network, sampler, reals: torch.Tensor, num_generated: int, feature_extractor, size, device) -> dict:
+    """Diversity, MMD and FID of ``num_generated`` samples against the validation volumes ``reals`` (N, C, *S)."""
     if sampler is None or num_generated < 2:
         return {"note": "skipped (needs a sampler and num_generated ≥ 2)"}
     generated = torch.cat(
@@ -152,14 +179,21 @@ def _generation_quality(network, sampler, reals: torch.Tensor, num_generated: in
     ms_ssim = MultiScaleSSIMMetric(spatial_dims=len(size), data_range=1.0, **ms_ssim_settings(size))
     pairwise = [ms_ssim(generated[i : i + 1], generated[j : j + 1]).item()
                 for i, j in itertools.combinations(range(len(generated)), 2)]
-    flat_real, flat_generated = reals.flatten(1), generated.flatten(1)
     quality = {
         "num_generated": num_generated,
         "ms_ssim_pairwise_mean": sum(pairwise) / len(pairwise),
         "ms_ssim_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in ms_ssim_settings(size).items()},
-        "mmd": MMDMetric()(flat_real, flat_generated).item(),
-        "fid": "n/a (pass --feature_extractor with a TorchScript feature network)",
     }
+    if len(reals) < 2:
+        quality["mmd"] = "n/a (needs at least 2 validation volumes)"
+    else:
+        quality["mmd"], n = normalised_mmd(reals, generated)
+        quality["mmd_num_volumes"] = n
+        quality["mmd_definition"] = (
+            f"MONAI MMDMetric (unbiased MMD², linear kernel) between the first {n} validation and first {n} generated "
+            f"volumes, divided by the {reals[0].numel()} values per volume (channels × voxels)"
+        )
+    quality["fid"] = "n/a (pass --feature_extractor with a TorchScript feature network)"
     if feature_extractor is not None:
         extractor = torch.jit.load(feature_extractor, map_location=device).eval()
         with torch.no_grad():

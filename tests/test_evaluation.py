@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import ROOT, redraw_zero_init_, run_bundle
 from monai.bundle import ConfigParser
-from monai.metrics import MultiScaleSSIMMetric
+from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 
 from bundle.data import write_brats_phantoms
-from bundle.evaluation import ms_ssim_settings
+from bundle.evaluation import ms_ssim_settings, normalised_mmd
 
 CONFIGS = "['configs/train.json','configs/evaluate.json']"
 CLI = {
@@ -57,11 +57,53 @@ def test_metrics_json_and_table(setup, tmp_path):
             assert 0 < m["ssim"]["mean"] <= 1 and m["mae"]["mean"] > 0
     generation = metrics["generation"]
     assert generation["num_generated"] == 2 and -1 <= generation["ms_ssim_pairwise_mean"] <= 1
-    assert generation["mmd"] >= 0 and generation["fid"].startswith("n/a")
+    assert generation["mmd_num_volumes"] == 2 and 0 <= generation["mmd"] < 1  # per voxel, [0, 1] intensities
+    assert generation["fid"].startswith("n/a")
     table = (tmp_path / "metrics.md").read_text()
     assert "| reconstruction from t=12 | t2 |" in table and "best-of-batch" in table
     again = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path})
     assert again.returncode == 1 and "--overwrite true" in again.stderr
+
+
+@pytest.mark.parametrize("num_generated, val_fraction, num_real", [(3, 0.2, 2), (2, 0.4, 4)])
+def test_mmd_with_unequal_numbers_of_real_and_generated_volumes(setup, tmp_path, num_generated, val_fraction, num_real):
+    """MONAI's MMDMetric needs as many volumes on each side: the first min(real, generated) of each are compared."""
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path,
+                             "num_generated": num_generated, "val_fraction": val_fraction})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_volumes"] == num_real
+    generation = metrics["generation"]
+    assert generation["num_generated"] == num_generated and generation["mmd_num_volumes"] == 2
+    assert isinstance(generation["mmd"], float)
+    assert f"first {generation['mmd_num_volumes']} validation and first 2 generated" in generation["mmd_definition"]
+    assert generation["mmd_definition"] in (tmp_path / "metrics.md").read_text()
+
+
+def test_normalised_mmd_is_monais_mmd_of_equally_many_volumes_per_voxel():
+    generator = torch.Generator().manual_seed(0)
+    real, generated = torch.rand(5, 2, 6, 6, 6, generator=generator), torch.rand(3, 2, 6, 6, 6, generator=generator)
+    value, count = normalised_mmd(real, generated)
+    assert count == 3
+    assert value == pytest.approx(MMDMetric()(real[:3], generated[:3]).item() / (2 * 6**3), rel=1e-6)
+    assert normalised_mmd(generated, real)[0] == pytest.approx(value, abs=1e-6)  # float32 sums in another order
+    # identical volumes within each set: the mean over voxels of the squared difference, (0.7 - 0.2)²
+    assert normalised_mmd(torch.full((3, 2, 6, 6, 6), 0.2), torch.full((2, 2, 6, 6, 6), 0.7))[0] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="at least 2 volumes"):
+        normalised_mmd(real[:1], generated)
+
+
+def test_diffusion_settings_of_the_checkpoint_are_checked_before_evaluating(setup, tmp_path):
+    folder = tmp_path / "C"
+    folder.mkdir()
+    (folder / "model.pt").write_bytes((setup / "model.pt").read_bytes())
+    geometry = {"affine": [[1.5, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]], "spatial_size": [16, 16, 16],
+                "modalities": ["t1", "t2"], "diffusion": {"num_train_timesteps": 100, "schedule": "cosine"}}
+    (folder / "geometry.json").write_text(json.dumps(geometry))
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": folder / "model.pt", "output_dir": tmp_path / "O"})
+    assert result.returncode == 1
+    assert "num_train_timesteps=100" in result.stderr and "--num_train_timesteps 100" in result.stderr
+    assert not (tmp_path / "O").exists()
 
 
 def test_missing_checkpoint_is_named(setup, tmp_path):

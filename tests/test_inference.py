@@ -23,6 +23,8 @@ CLI = {
     "num_inference_steps": "3",
 }
 AFFINE = [[-2.0, 0, 0, 10.0], [0, 2.0, 0, -5.0], [0, 0, 2.5, 3.0], [0, 0, 0, 1.0]]
+GEOMETRY = {"affine": AFFINE, "spatial_size": [16, 16, 16], "modalities": ["t1", "t2"],
+            "diffusion": {"num_train_timesteps": 50, "schedule": "cosine"}}
 
 
 def infer(overrides: dict) -> subprocess.CompletedProcess:
@@ -42,8 +44,7 @@ def checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     torch.save(network_from_config().state_dict(), folder / "model.pt")
-    geometry = {"affine": AFFINE, "spatial_size": [16, 16, 16], "modalities": ["t1", "t2"]}
-    (folder / "geometry.json").write_text(json.dumps(geometry))
+    (folder / "geometry.json").write_text(json.dumps(GEOMETRY))
     return folder / "model.pt"
 
 
@@ -87,6 +88,7 @@ def test_existing_outputs_are_refused_unless_overwrite(checkpoint, tmp_path):
         ({"ckpt_path": "/nonexistent/model.pt"}, "does not exist"),
         ({"network_def#channels": "[16,32,64]"}, "does not match network_def"),
         ({"modalities": "[t1]"}, "modalities=['t1']"),
+        ({"num_train_timesteps": "100"}, "trained with num_train_timesteps=50, but this run has 100; pass --num_train_timesteps 50"),
         ({"num_inference_steps": "0"}, "num_inference_steps must be between 1 and num_train_timesteps=50"),
         ({"num_inference_steps": "51"}, "num_inference_steps must be between 1"),
         ({"sampler": "euler"}, "sampler must be one of"),
@@ -106,3 +108,30 @@ def test_mismatched_channel_count_is_named(checkpoint, tmp_path):
     result = infer(CLI | {"ckpt_path": folder / "model.pt", "output_dir": tmp_path / "O", "num_samples": 1})
     assert result.returncode == 1
     assert "stem.weight: checkpoint (8, 1, 3, 3, 3) vs network (8, 2, 3, 3, 3)" in result.stderr
+
+
+def _checkpoint_with_geometry(checkpoint: Path, folder: Path, geometry: dict) -> Path:
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(checkpoint.read_bytes())
+    (folder / "geometry.json").write_text(json.dumps(geometry))
+    return folder / "model.pt"
+
+
+def test_a_checkpoint_of_another_noise_schedule_is_refused(checkpoint, tmp_path):
+    other = GEOMETRY | {"diffusion": {"num_train_timesteps": 50, "schedule": "linear_beta"}}
+    ckpt = _checkpoint_with_geometry(checkpoint, tmp_path / "linear", other)
+    result = infer(CLI | {"ckpt_path": ckpt, "output_dir": tmp_path / "O", "num_samples": 1})
+    assert result.returncode == 1
+    assert "noise_scheduler#schedule='linear_beta'" in result.stderr and "implement 'cosine' only" in result.stderr
+    assert not (tmp_path / "O").exists()
+
+
+def test_geometry_without_diffusion_settings_still_loads_with_a_warning(checkpoint, tmp_path):
+    """geometry.json written before the diffusion settings were recorded: the check is skipped, with a warning."""
+    old = {key: value for key, value in GEOMETRY.items() if key != "diffusion"}
+    ckpt = _checkpoint_with_geometry(checkpoint, tmp_path / "old", old)
+    result = infer(CLI | {"ckpt_path": ckpt, "output_dir": tmp_path / "O", "num_samples": 1})
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "records no diffusion settings" in log and "num_train_timesteps=50" in log
+    np.testing.assert_allclose(nib.load(tmp_path / "O" / "sample_000_t1.nii.gz").affine, AFFINE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -11,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, largest_update_allocation, run_bundle
+from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 from bundle.data import write_brats_phantoms
+from bundle.diffusion import NoiseSampler
+from bundle.handlers import TrainingCheckpoint
 
 TRAIN = "configs/train.json"
 SMALL = {
@@ -80,6 +84,7 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
     geometry = json.loads((tmp_path / "C" / "geometry.json").read_text())
     assert geometry["spatial_size"] == [32, 32, 32] and geometry["modalities"] == ["t1", "t2"]
     assert len(geometry["affine"]) == 4 and geometry["affine"][0][0] > 0  # RAS voxel grid of the training volumes
+    assert geometry["diffusion"] == {"num_train_timesteps": 100, "schedule": "cosine"}  # checked at inference
 
 
 def test_empty_dataset_dir_trains_on_phantoms(tmp_path):
@@ -135,6 +140,65 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(six_cases, tmp_path)
             assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
     model_a, model_b = _state(tmp_path / "A" / "model.pt"), _state(tmp_path / "B" / "model.pt")
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+
+
+def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_length(six_cases, tmp_path):
+    """A run of 1 epoch resumed with max_epochs 3 trains epochs 2 and 3 as a run configured for 3 epochs from
+    the start does (epoch 1's learning rate is the base rate for any length), not at the old schedule's 0."""
+    common = SMALL | {"dataset_dir": six_cases}
+    whole = train(common | {"ckpt_dir": tmp_path / "A", "output_dir": tmp_path / "RA", "train#trainer#max_epochs": 3})
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = train(common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 1})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _state(tmp_path / "B" / "training_state.pt")["optimizer"]["param_groups"][0]["lr"] == 0.0  # annealed
+    resumed = train(common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 3,
+                              "resume": "true"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _state(tmp_path / "A" / "training_state.pt"), _state(tmp_path / "B" / "training_state.pt")
+    assert a["trainer"] == b["trainer"] == {"epoch": 3, "iteration": 9}
+    assert b["lr_scheduler"]["T_max"] == 3 and b["lr_scheduler"]["last_epoch"] == 3
+    for name, tensor in a["network"].items():  # the same learning rates, up to the closed form's rounding
+        torch.testing.assert_close(b["network"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert "T_max 1 → 3" in resumed.stdout + resumed.stderr
+
+
+def _schedule(t_max: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.CosineAnnealingLR]:
+    network = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1.0)
+    return network, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
+
+
+def test_a_resumed_cosine_schedule_takes_the_configured_length(tmp_path):
+    """Saved after epoch 1 of a 1-epoch schedule (rate annealed to 0), restored under T_max = 4: epochs 2–4
+    get the rates of a 4-epoch cosine, (1 + cos(π e / 4)) / 2 for e = 1, 2, 3."""
+    network, optimizer, scheduler = _schedule(1)
+    engine = Engine(lambda engine, batch: None)
+    engine.state.epoch, engine.state.iteration = 1, 3
+    optimizer.step()
+    scheduler.step()
+    TrainingCheckpoint(str(tmp_path), network, optimizer, scheduler, NoiseSampler(10)).save(engine)
+    network, optimizer, scheduler = _schedule(4)
+    engine = Engine(lambda engine, batch: None)
+    engine.state.max_epochs = 4
+    TrainingCheckpoint(str(tmp_path), network, optimizer, scheduler, NoiseSampler(10)).load(engine)
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([(1 + math.cos(math.pi * e / 4)) / 2 for e in (1, 2, 3)])
+    assert scheduler.get_last_lr() == [rates[-1]] and engine.state.epoch == 1
+
+
+def test_resuming_a_finished_run_without_more_epochs_is_refused(six_cases, tmp_path):
+    base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
+                    "train#trainer#max_epochs": 1}
+    assert train(base).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()}
+    again = train(base | {"resume": "true"})
+    assert again.returncode == 1
+    assert "already trained 1 epoch" in again.stderr and "--train#trainer#max_epochs" in again.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
 
 
 def test_existing_checkpoints_are_not_overwritten_and_resume_needs_one(six_cases, tmp_path):

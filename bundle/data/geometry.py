@@ -1,8 +1,9 @@
-"""The voxel geometry (affine) of the training volumes, kept beside the checkpoint for inference."""
+"""The voxel geometry (affine) and diffusion settings of a training run, kept beside the checkpoint for inference."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,9 +12,13 @@ import torch
 
 from ..errors import BadInputError
 
-__all__ = ["GEOMETRY_FILE", "default_affine", "geometry_of", "load_geometry"]
+__all__ = ["GEOMETRY_FILE", "SAMPLING_SCHEDULE", "default_affine", "geometry_of", "load_geometry"]
+
+logger = logging.getLogger(__name__)
 
 GEOMETRY_FILE = "geometry.json"
+SAMPLING_SCHEDULE = "cosine"
+"""The noise schedule of the bundle's samplers (:func:`bundle.diffusion.make_sampling_scheduler`)."""
 
 
 def default_affine(spatial_size: Sequence[int], spacing: float = 1.5) -> np.ndarray:
@@ -23,15 +28,30 @@ def default_affine(spatial_size: Sequence[int], spacing: float = 1.5) -> np.ndar
     return affine
 
 
-def geometry_of(image: torch.Tensor, modalities: Sequence[str]) -> dict:
-    """``{"affine", "spatial_size", "modalities"}`` of a preprocessed training image (C, *S) MetaTensor."""
+def geometry_of(image: torch.Tensor, modalities: Sequence[str], num_train_timesteps: int, schedule: str) -> dict:
+    """``{"affine", "spatial_size", "modalities", "diffusion": {"num_train_timesteps", "schedule"}}`` of a training
+    run: the voxel grid of a preprocessed training image (C, *S) MetaTensor and the noise scheduler's settings."""
     affine = np.asarray(getattr(image, "affine", default_affine(image.shape[1:])), dtype=float)
-    return {"affine": affine.tolist(), "spatial_size": list(image.shape[1:]), "modalities": list(modalities)}
+    return {
+        "affine": affine.tolist(),
+        "spatial_size": list(image.shape[1:]),
+        "modalities": list(modalities),
+        "diffusion": {"num_train_timesteps": int(num_train_timesteps), "schedule": schedule},
+    }
 
 
-def load_geometry(ckpt_path: str | Path, spatial_size: Sequence[int], modalities: Sequence[str]) -> dict:
-    """The geometry saved beside ``ckpt_path`` (``geometry.json``), checked against the configuration;
-    a centred 1.5 mm RAS grid of ``spatial_size`` when there is none (e.g. a checkpoint from elsewhere)."""
+def load_geometry(
+    ckpt_path: str | Path, spatial_size: Sequence[int], modalities: Sequence[str], num_train_timesteps: int
+) -> dict:
+    """The geometry saved beside ``ckpt_path`` (``geometry.json``), checked against the configuration:
+    ``spatial_size``, ``modalities``, ``num_train_timesteps`` and the noise schedule (which must be the samplers'
+    :data:`SAMPLING_SCHEDULE`). A ``geometry.json`` written before the diffusion settings were recorded loads
+    with a warning; a centred 1.5 mm RAS grid of ``spatial_size`` is returned when there is none (e.g. a
+    checkpoint from elsewhere).
+
+    Raises:
+        BadInputError: naming the setting, the training value and the override to pass, for any mismatch.
+    """
     path = Path(ckpt_path).with_name(GEOMETRY_FILE)
     if not path.is_file():
         return {"affine": default_affine(spatial_size).tolist(), "spatial_size": list(spatial_size),
@@ -42,5 +62,25 @@ def load_geometry(ckpt_path: str | Path, spatial_size: Sequence[int], modalities
             f"{path} says the model was trained on spatial_size={geometry['spatial_size']} with modalities="
             f"{geometry['modalities']}, but the configuration asks for spatial_size={list(spatial_size)}, "
             f"modalities={list(modalities)}; pass the training values (--spatial_size, --modalities)."
+        )
+    diffusion = geometry.get("diffusion")
+    if diffusion is None:
+        logger.warning(
+            "%s records no diffusion settings (written by an older version of the bundle): num_train_timesteps=%d "
+            "and the %s noise schedule are not checked; they must be the training run's.",
+            path, num_train_timesteps, SAMPLING_SCHEDULE,
+        )
+        return geometry
+    if diffusion["num_train_timesteps"] != num_train_timesteps:
+        raise BadInputError(
+            f"{path} says the model was trained with num_train_timesteps={diffusion['num_train_timesteps']}, but this "
+            f"run has {num_train_timesteps}; pass --num_train_timesteps {diffusion['num_train_timesteps']} (sampling "
+            "with another diffusion length gives noise, not images)."
+        )
+    if diffusion["schedule"] != SAMPLING_SCHEDULE:
+        raise BadInputError(
+            f"{path} says the model was trained with noise_scheduler#schedule={diffusion['schedule']!r}, but the "
+            f"bundle's samplers implement {SAMPLING_SCHEDULE!r} only; retrain with --noise_scheduler#schedule "
+            f"{SAMPLING_SCHEDULE} to sample from it."
         )
     return geometry

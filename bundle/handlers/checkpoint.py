@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from ..diffusion.loss import unwrap
 from ..errors import BadInputError
@@ -33,18 +36,38 @@ def atomic_save(obj: object, path: Path) -> None:
     _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
+def _continue_cosine_schedule(scheduler: CosineAnnealingLR, optimizer: Optimizer, t_max: int) -> None:
+    """Gives a restored ``scheduler`` the schedule length ``t_max`` and sets ``optimizer``'s learning rates to
+    the ones that length gives the current epoch (the closed form ``η_min + (η_0 − η_min)(1 + cos(π e / T_max)) / 2``).
+
+    ``CosineAnnealingLR.step`` updates the rate recursively from the previous one, so changing ``T_max`` alone
+    would carry on from the old schedule's rate (0 at its end); with the rate reset, the later steps follow
+    the cosine of length ``t_max``.
+    """
+    scheduler.T_max = t_max
+    progress = (1 + math.cos(math.pi * scheduler.last_epoch / t_max)) / 2
+    rates = [scheduler.eta_min + (base - scheduler.eta_min) * progress for base in scheduler.base_lrs]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports, as step() would have set it
+
+
 class TrainingCheckpoint:
     """Writes, after every epoch, ``ckpt_dir/model.pt`` (the network's state dict, EMA weights when EMA
     is on: loadable straight into ``network_def``) and ``ckpt_dir/training_state.pt`` (network, EMA,
     optimizer, LR scheduler, noise-sampler RNG, epoch and iteration), both atomically. Only rank 0
     writes under ``torch.distributed``.
 
+    Resuming restores all of it, except that a ``CosineAnnealingLR``'s configured length ``T_max`` (the
+    bundle's: ``train#trainer#max_epochs``) replaces the saved one: a run resumed with a larger
+    ``max_epochs`` continues the cosine over the new length (:func:`_continue_cosine_schedule`).
+
     Args:
         ckpt_dir: output directory.
         network, optimizer, lr_scheduler, noise_sampler: the training objects to save and restore.
         ema: the ``AveragedModel`` of the network, or None.
-        geometry: the training volumes' geometry (:func:`bundle.data.geometry_of`), written once as
-            ``ckpt_dir/geometry.json`` so inference gives samples the same voxel grid.
+        geometry: the training run's geometry and diffusion settings (:func:`bundle.data.geometry_of`), written
+            as ``ckpt_dir/geometry.json`` so inference gives samples the same voxel grid and checks its settings.
     """
 
     MODEL = "model.pt"
@@ -117,8 +140,21 @@ class TrainingCheckpoint:
                 f"{self.state_path} lacks {missing}: it was written with another configuration "
                 "(e.g. EMA on/off); resume with the configuration that wrote it."
             )
+        done = state["trainer"]["epoch"]
+        if done >= engine.state.max_epochs:
+            raise BadInputError(
+                f"{self.state_path} has already trained {done} epoch(s), and train#trainer#max_epochs is "
+                f"{engine.state.max_epochs}: there is nothing left to train. Pass --train#trainer#max_epochs greater "
+                f"than {done} to train longer (the cosine learning-rate schedule continues over the new length)."
+            )
+        scheduler = self.objects["lr_scheduler"]
+        t_max = scheduler.T_max if isinstance(scheduler, CosineAnnealingLR) else None
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
-        engine.state.epoch = state["trainer"]["epoch"]
+        if t_max is not None and scheduler.T_max != t_max:
+            logger.info("learning-rate schedule length T_max %d → %d (the configured one): the cosine continues "
+                        "over the new length", scheduler.T_max, t_max)
+            _continue_cosine_schedule(scheduler, self.objects["optimizer"], t_max)
+        engine.state.epoch = done
         engine.state.iteration = state["trainer"]["iteration"]
         logger.info("resumed from %s at epoch %d", self.state_path, engine.state.epoch)
