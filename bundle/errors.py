@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["BadInputError", "NonFiniteLossError", "exit_on_bad_input"]
-
-logger = logging.getLogger("bundle")
 
 
 class BadInputError(ValueError):
@@ -17,15 +14,15 @@ class BadInputError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss and was stopped before the weights were updated."""
+    """Training produced a NaN or infinite loss (or gradient) and was stopped before the weights were updated."""
 
 
 def exit_on_bad_input(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Calls ``function``; a :class:`BadInputError`, :class:`NonFiniteLossError` or missing dataset is
-    logged as one clear paragraph and ends the process with exit code 1 (no traceback)."""
+    printed once, as one paragraph ``ERROR: …`` on stderr (where ``python -m monai.bundle run`` reports
+    errors; the log on stdout does not repeat it), and ends the process with exit code 1, without a traceback."""
     try:
         return function(*args, **kwargs)
     except (BadInputError, NonFiniteLossError, FileNotFoundError) as error:
-        logger.error("%s", error)
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from bundle.errors import BadInputError
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
 SMALL = {"network_def#channels": [8, 16, 32], "network_def#attention_levels": [False, True, True]}
+# the configurations a user runs on their own or on top of train.json, whose settings README.md describes
+USER_CONFIGS = ("train.json", "inference.json", "evaluate.json")
 
 
 def test_metadata_passes_the_bundle_schema():
@@ -102,3 +105,35 @@ def test_monai_label_style_bundle_inference(tmp_path):
     data = parser.get_parsed_content("postprocessing")(data)
     assert data["pred"].shape == (2, 16, 16, 16)
     assert 0 <= data["pred"].min() and data["pred"].max() <= 1
+
+
+def _is_user_setting(value) -> bool:
+    """Whether a top-level config value is a setting for users rather than plumbing built from settings.
+
+    Settings are plain data (a number, string, boolean, null, or a list of them) or a ``$`` expression that
+    builds no object: one that neither calls into the ``bundle`` package nor uses an attribute or item of
+    another id (``"$@bundle_root + '/data'"``, ``device``). Components and groups of them (dicts),
+    ``@`` references and lists of expressions (``imports``, ``initialize``, ``run``) are plumbing.
+    """
+    if isinstance(value, dict) or (isinstance(value, str) and value.startswith("@")):
+        return False
+    if isinstance(value, list):
+        return all(not (isinstance(v, str) and v.startswith(("$", "@"))) and _is_user_setting(v) for v in value)
+    if isinstance(value, str) and value.startswith("$"):
+        return "bundle." not in value and re.search(r"@\w+[.\[]", value) is None
+    return True
+
+
+def test_readme_settings_paragraph_names_every_user_setting_of_the_configs():
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme[readme.index("**Settings**"):].split("\n\n")[0]
+    settings = {
+        key
+        for name in USER_CONFIGS
+        for key, value in json.loads((ROOT / "configs" / name).read_text()).items()
+        if _is_user_setting(value)
+    }
+    assert {"bundle_root", "dataset_dir", "device", "micro_batch_size", "ckpt_path", "feature_extractor"} <= settings
+    assert not {"imports", "cases", "network", "network_def", "ema", "train", "geometry", "run"} & settings
+    missing = sorted(key for key in settings if f"`{key}`" not in paragraph)
+    assert not missing, f"README.md's Settings paragraph does not describe {missing}"

@@ -11,6 +11,7 @@ from monai.networks.schedulers import Scheduler
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from ..errors import NonFiniteLossError
 from .loss import idm_loss, idm_loss_backward, micro_batches, unwrap
 from .noise import NoiseSampler
 
@@ -35,7 +36,11 @@ class IDMTrainer(SupervisedTrainer):
     (:func:`~bundle.diffusion.loss.idm_loss_backward`), AdamW step, EMA update.
 
     ``LOSS_COMPLETED`` fires once the whole batch is back-propagated and before the optimizer step, so a
-    handler there (the non-finite guard) can stop training before a bad loss reaches the weights. The
+    handler there (the non-finite guard) can stop training before a bad loss reaches the weights: a
+    :class:`~bundle.errors.NonFiniteLossError` raised there skips the step and the EMA update, ends the
+    iteration as usual (its handlers log the bad loss) and terminates the run (no ``EPOCH_COMPLETED``, hence
+    no checkpoint, and no ``COMPLETED``); :meth:`run` raises it once ignite has stopped, so that it reaches
+    the caller without ignite's error log and the tracebacks of the ``EXCEPTION_RAISED`` handlers. The
     output dict holds ``image``, ``label`` (ε), ``pred``, ``loss`` and each Eq. 8 term by name
     (``eps_mse``, ``weight_norm``, ``reconstruction``), decollated per sample after the step as MONAI
     trainers do (so stock handlers such as ``StatsHandler`` and ``MLFlowHandler`` read ``loss`` with their
@@ -83,6 +88,14 @@ class IDMTrainer(SupervisedTrainer):
         self.lambda_l2 = lambda_l2
         self.micro_batch_size = micro_batch_size
         self.ema = ema
+        self.stopped_by: NonFiniteLossError | None = None
+
+    def run(self) -> None:
+        """Trains; raises the :class:`~bundle.errors.NonFiniteLossError` that stopped the run, if one did."""
+        self.stopped_by = None
+        super().run()
+        if self.stopped_by is not None:
+            raise self.stopped_by
 
     def _iteration(self, engine: IDMTrainer, batchdata: dict) -> dict:  # type: ignore[override]
         images = to_model_range(batchdata["image"].to(engine.state.device))
@@ -96,11 +109,16 @@ class IDMTrainer(SupervisedTrainer):
         )
         engine.state.output.update({Keys.PRED: prediction, Keys.LOSS: loss} | terms)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
-        if self.ema is not None:
-            self.ema.update_parameters(unwrap(engine.network))
+        try:
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        except NonFiniteLossError as error:
+            self.stopped_by = error
+            engine.terminate(skip_completed=True)
+        else:
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(unwrap(engine.network))
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
