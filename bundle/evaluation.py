@@ -101,8 +101,9 @@ def evaluate(
     overwrite: bool = False,
     pair: int = 2,
 ) -> dict:
-    """Evaluates ``ckpt_path`` on the images of ``dataloader`` (the validation split) and writes
-    ``output_dir/metrics.json`` and ``output_dir/metrics.md``.
+    """Evaluates ``ckpt_path`` on the images of ``dataloader`` (batches of ``{"image", "case"}``: the validation
+    split, which ``configs/evaluate.json`` takes from the training run's ``geometry.json``) and writes
+    ``output_dir/metrics.json`` and ``output_dir/metrics.md``, both naming the evaluated cases.
 
     * one-step denoising at each of ``timesteps`` and reconstruction through the DDIM chain from
       ``reconstruction_timestep``: PSNR, SSIM and MAE per modality, in [0, 1] intensities, as mean ± std
@@ -126,7 +127,7 @@ def evaluate(
     size = None
     psnr, ssim, mae = PSNRMetric(max_val=1.0, reduction="none"), None, MAEMetric(reduction="none")
     scores: dict[str, dict[str, list[torch.Tensor]]] = {}
-    reals = []
+    reals, cases = [], []
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for batch in tqdm(dataloader, desc="evaluating"):
@@ -134,6 +135,7 @@ def evaluate(
             size = size or tuple(x0.shape[2:])
             ssim = ssim or SSIMMetric(spatial_dims=len(size), data_range=1.0, win_size=min(7, min(size)), reduction="none")
             reals.append(((x0 + 1) / 2).cpu())
+            cases.extend(batch["case"])
             target = (x0 + 1) / 2
             runs = {f"one-step t={t}": t for t in timesteps} | {f"reconstruction from t={reconstruction_timestep}": None}
             for name, t in runs.items():
@@ -152,7 +154,8 @@ def evaluate(
                 entry["mae"].append(_per_modality(mae, estimate, target).cpu())
     if size is None:
         raise BadInputError("The validation split is empty: there is nothing to evaluate.")
-    results: dict = {"checkpoint": str(ckpt_path), "num_volumes": int(sum(len(r) for r in reals)), "best_of_batch_size": pair}
+    results: dict = {"checkpoint": str(ckpt_path), "num_volumes": int(sum(len(r) for r in reals)), "cases": cases,
+                     "best_of_batch_size": pair}
     for name, entry in scores.items():
         results[name] = {
             modality: {
@@ -208,6 +211,8 @@ def _markdown(results: dict, modalities: Sequence[str]) -> str:
         "",
         f"{results['num_volumes']} validation volumes; intensities in [0, 1]. Best-of-batch: the best of each "
         f"batch of {results['best_of_batch_size']} volumes (the paper's protocol), averaged.",
+        "",
+        f"Cases: {', '.join(results['cases'])}.",
         "",
         "| run | modality | PSNR mean ± std | PSNR best-of-batch | SSIM mean ± std | SSIM best-of-batch | "
         "MAE mean ± std | MAE best-of-batch |",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,9 +16,12 @@ from torch import nn
 from .errors import BadInputError
 from .visualize import save_mid_slices_png
 
-__all__ = ["load_checkpoint", "sample_paths", "generate"]
+__all__ = ["load_checkpoint", "sample_paths", "earlier_samples", "generate"]
 
 logger = logging.getLogger(__name__)
+
+SAMPLE_FILE = re.compile(r"sample_\d{3,}(?:_.+\.nii\.gz|\.png)")
+"""The names :func:`sample_paths` gives, for any number of samples and any modalities."""
 
 
 def load_checkpoint(network: nn.Module, ckpt_path: str | Path) -> nn.Module:
@@ -65,6 +69,14 @@ def sample_paths(output_dir: str | Path, num_samples: int, modalities: Sequence[
     ]
 
 
+def earlier_samples(output_dir: str | Path) -> list[Path]:
+    """The sample files (named as :func:`sample_paths` names them, of any run) already in ``output_dir``."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_file() and SAMPLE_FILE.fullmatch(p.name))
+
+
 def generate(
     network: nn.Module,
     inferer: Inferer,
@@ -78,18 +90,28 @@ def generate(
     overwrite: bool = False,
 ) -> list[dict[str, Path]]:
     """Samples ``num_samples`` volumes in batches and writes them (values in [0, 1], the training voxel
-    grid ``geometry["affine"]``). Every input is checked before sampling starts; existing outputs are
-    refused unless ``overwrite``."""
+    grid ``geometry["affine"]``). Every input is checked before sampling starts.
+
+    Sample files of an earlier run in ``output_dir`` (:func:`earlier_samples`, whichever their number and
+    modalities) are refused unless ``overwrite``; with it they are all removed once the checks have passed,
+    before sampling, so that none is left beside this run's samples or taken for one of them (also when
+    this run has fewer samples, or is stopped part-way).
+    """
     if num_samples < 1 or batch_size < 1:
         raise BadInputError(f"num_samples and batch_size must be ≥ 1, got {num_samples} and {batch_size}.")
     paths = sample_paths(output_dir, num_samples, modalities)
-    existing = [str(p) for entry in paths for p in entry.values() if p.exists()]
-    if existing and not overwrite:
+    earlier = earlier_samples(output_dir)
+    if earlier and not overwrite:
         raise BadInputError(
-            f"{len(existing)} output files already exist (e.g. {existing[0]}); pass --overwrite true to replace "
-            "them or choose another --output_dir."
+            f"{len(earlier)} sample files of an earlier run already exist in output_dir {str(output_dir)!r} (e.g. "
+            f"{earlier[0].name}); pass --overwrite true to replace them all (none is kept beside the new samples) "
+            "or choose another --output_dir."
         )
     load_checkpoint(network, ckpt_path).to(device)
+    for path in earlier:
+        path.unlink()
+    if earlier:
+        logger.warning("--overwrite true: removed %d sample files of an earlier run from %s.", len(earlier), output_dir)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     affine = np.asarray(geometry["affine"], dtype=float)
     shape = (len(modalities), *geometry["spatial_size"])

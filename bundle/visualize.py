@@ -39,7 +39,12 @@ def save_mid_slices_png(volume: torch.Tensor, names: Sequence[str], path: str | 
 
 
 def read_scalars(log_dir: str | Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value), …]}`` over every event file under ``log_dir`` (later files win per step)."""
+    """``{tag: [(step, value), …]}`` over every event file under ``log_dir`` (later files win per step).
+
+    Every file counts: a run resumed with ``--resume true`` continues its curves in new files. The files of another
+    run in the same folder would interleave with these, which is why a training run with ``--overwrite true``
+    removes the earlier event files of its ``output_dir`` before it starts (a new run without it is warned).
+    """
     found: dict[str, dict[int, float]] = {tag: {} for tag in tags}
     for events in sorted(Path(log_dir).glob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})

@@ -1,5 +1,9 @@
 """Plots validation metrics of a training run from its TensorBoard event files.
 
+Every event file in ``--log_dir`` is read (:func:`bundle.visualize.read_scalars`): a resumed run's curves continue
+across its files, and a run with ``--overwrite true`` has removed the earlier run's, so give each run its own
+``output_dir`` or overwrite.
+
 Usage (from the bundle root):
     python scripts/plot_training_curve.py --log_dir runs --output docs/training_curve.png
 """

@@ -15,6 +15,7 @@ from bundle.data import (
     DatasetNotFoundError,
     PreflightError,
     discover_cases,
+    geometry_of,
     make_phantom,
     preflight,
     preprocessing,
@@ -22,6 +23,7 @@ from bundle.data import (
     training_cases,
     write_brats_phantoms,
 )
+from bundle.data import recorded_validation_cases
 from bundle.data.phantoms import brats_affine
 from bundle.errors import BadInputError
 
@@ -141,6 +143,48 @@ def test_split_is_deterministic_and_disjoint():
     assert {r["case"] for r in train}.isdisjoint(r["case"] for r in val)
     assert split_cases(list(reversed(records)), 0.2, seed=3) == (train, val)
     assert split_cases(records, 0.2, seed=4) != (train, val)
+
+
+def test_split_takes_the_recorded_validation_cases_whatever_the_seed():
+    """The validation cases a training run recorded are the validation split, whatever ``seed`` and
+    ``val_fraction`` say (evaluating with others would evaluate on training cases); with the run's own seed and
+    cases the split is exactly the seeded one (a resumed run trains on the same order)."""
+    records = [{"case": f"c{i}"} for i in range(10)]
+    train, val = split_cases(records, 0.2, seed=3)
+    recorded = [r["case"] for r in val]
+    assert split_cases(records, 0.2, seed=3, validation_cases=recorded) == (train, val)
+    other_train, other_val = split_cases(records + [{"case": "c10"}], 0.5, seed=4, validation_cases=recorded)
+    assert [r["case"] for r in other_val] == recorded
+    assert sorted(r["case"] for r in other_train) == sorted({f"c{i}" for i in range(11)} - set(recorded))
+    with pytest.raises(BadInputError, match="not among the 9 usable cases") as info:
+        split_cases([r for r in records if r["case"] != "c3"], 0.2, seed=3, validation_cases=recorded)
+    assert "c3" in str(info.value) and "c8" not in str(info.value)  # names the missing case only
+
+
+def test_training_cases_keep_the_recorded_validation_cases(brats_dir):
+    recorded = ["BraTS20_Training_002"]
+    cases = training_cases(brats_dir, seed=11, validation_cases=recorded)
+    assert [r["case"] for r in cases["validation"]] == recorded
+    assert sorted(r["case"] for r in cases["train"]) == ["BraTS20_Training_001", "BraTS20_Training_003"]
+    with pytest.raises(BadInputError, match="BraTS20_Training_009") as info:
+        training_cases(brats_dir, validation_cases=["BraTS20_Training_009", "BraTS20_Training_001"])
+    assert "dataset_dir" in str(info.value) and "BraTS20_Training_001" not in str(info.value)
+
+
+def test_geometry_json_records_the_validation_cases(tmp_path, caplog):
+    image = torch.zeros(2, 4, 4, 4)
+    geometry = geometry_of(image, ["t1", "t2"], 100, "cosine", validation_cases=["b", "a"])
+    assert geometry["validation_cases"] == ["b", "a"]
+    (tmp_path / "geometry.json").write_text(json.dumps(geometry))
+    assert recorded_validation_cases(tmp_path / "model.pt") == ["b", "a"]
+    # an older geometry.json (or none, for a checkpoint from elsewhere): the split is recomputed, with a warning
+    del geometry["validation_cases"]
+    (tmp_path / "geometry.json").write_text(json.dumps(geometry))
+    assert recorded_validation_cases(tmp_path / "model.pt") is None
+    assert "records no validation cases" in caplog.text and "recomputed from seed, val_fraction" in caplog.text
+    caplog.clear()
+    assert recorded_validation_cases(tmp_path / "elsewhere" / "model.pt") is None
+    assert "no geometry.json" in caplog.text
 
 
 def test_empty_dataset_dir_gets_phantoms_and_every_run_on_them_warns(tmp_path, caplog):

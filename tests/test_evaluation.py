@@ -106,6 +106,43 @@ def test_diffusion_settings_of_the_checkpoint_are_checked_before_evaluating(setu
     assert not (tmp_path / "O").exists()
 
 
+def _checkpoint_with_geometry(setup, folder, **record) -> object:
+    """``folder/model.pt`` (the setup's weights) with a ``geometry.json`` of the CLI's settings plus ``record``."""
+    folder.mkdir()
+    (folder / "model.pt").write_bytes((setup / "model.pt").read_bytes())
+    geometry = {"affine": [[1.5, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]], "spatial_size": [16, 16, 16],
+                "modalities": ["t1", "t2"], "diffusion": {"num_train_timesteps": 50, "schedule": "cosine"}} | record
+    (folder / "geometry.json").write_text(json.dumps(geometry))
+    return folder / "model.pt"
+
+
+def test_evaluation_takes_the_validation_cases_that_training_recorded(setup, tmp_path):
+    """Another seed and val_fraction than training's would recompute another split, holding training cases:
+    the cases recorded in geometry.json are evaluated instead, exactly those, in that order."""
+    recorded = ["BraTS20_Training_007", "BraTS20_Training_001", "BraTS20_Training_004"]
+    ckpt = _checkpoint_with_geometry(setup, tmp_path / "C", validation_cases=recorded)
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O",
+                             "seed": 7, "val_fraction": 0.5})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "O" / "metrics.json").read_text())
+    assert metrics["cases"] == recorded and metrics["num_volumes"] == 3
+    assert "BraTS20_Training_007, BraTS20_Training_001, BraTS20_Training_004" in (tmp_path / "O" / "metrics.md").read_text()
+    # a recorded case that is no longer found stops evaluation before any work, naming it
+    gone = _checkpoint_with_geometry(setup, tmp_path / "G", validation_cases=["BraTS20_Training_002", "BraTS20_Training_042"])
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": gone, "output_dir": tmp_path / "P"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "BraTS20_Training_042" in result.stderr and "dataset_dir" in result.stderr
+    assert not (tmp_path / "P").exists()
+
+
+def test_an_older_geometry_json_without_validation_cases_recomputes_the_split_with_a_warning(setup, tmp_path):
+    ckpt = _checkpoint_with_geometry(setup, tmp_path / "C")
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "records no validation cases" in result.stdout + result.stderr
+    assert len(json.loads((tmp_path / "O" / "metrics.json").read_text())["cases"]) == 2  # val_fraction 0.2 of 10
+
+
 def test_missing_checkpoint_is_named(setup, tmp_path):
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": tmp_path / "none.pt", "output_dir": tmp_path / "O"})
     assert result.returncode == 1 and "none.pt' does not exist" in result.stderr

@@ -82,6 +82,26 @@ def test_existing_outputs_are_refused_unless_overwrite(checkpoint, tmp_path):
     assert (tmp_path / "sample_000_t1.nii.gz").read_bytes() != before
 
 
+def test_overwrite_replaces_every_sample_of_the_earlier_run(checkpoint, tmp_path):
+    """An overwriting run with fewer samples leaves none of the earlier run's beside its own."""
+    base = CLI | {"ckpt_path": checkpoint, "output_dir": tmp_path, "batch_size": 3}
+    assert infer(base | {"num_samples": 3}).returncode == 0
+    (tmp_path / "notes.txt").write_text("not a sample")
+    again = infer(base | {"num_samples": 1, "overwrite": "true"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt", "sample_000.png", "sample_000_t1.nii.gz", "sample_000_t2.nii.gz"
+    ]
+    assert "--overwrite true: removed 9 sample files of an earlier run" in again.stdout + again.stderr
+
+
+def test_earlier_samples_that_this_run_would_not_rewrite_are_refused_too(checkpoint, tmp_path):
+    (tmp_path / "sample_005_t1.nii.gz").write_bytes(b"earlier")
+    result = infer(CLI | {"ckpt_path": checkpoint, "output_dir": tmp_path, "num_samples": 1})
+    assert result.returncode == 1 and "sample_005_t1.nii.gz" in result.stderr and "--overwrite true" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_005_t1.nii.gz"]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

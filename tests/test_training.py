@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -15,9 +17,11 @@ from conftest import ROOT, largest_update_allocation, run_bundle
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
-from bundle.data import write_brats_phantoms
+from bundle.data import training_cases, write_brats_phantoms
 from bundle.diffusion import NoiseSampler
+from bundle.errors import BadInputError
 from bundle.handlers import TrainingCheckpoint
+from bundle.visualize import read_scalars
 
 TRAIN = "configs/train.json"
 SMALL = {
@@ -85,6 +89,8 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
     assert geometry["spatial_size"] == [32, 32, 32] and geometry["modalities"] == ["t1", "t2"]
     assert len(geometry["affine"]) == 4 and geometry["affine"][0][0] > 0  # RAS voxel grid of the training volumes
     assert geometry["diffusion"] == {"num_train_timesteps": 100, "schedule": "cosine"}  # checked at inference
+    # the validation cases, which evaluation takes from here rather than recomputing the split
+    assert geometry["validation_cases"] == [r["case"] for r in training_cases(six_cases)["validation"]]
 
 
 def test_empty_dataset_dir_trains_on_phantoms(tmp_path):
@@ -162,6 +168,19 @@ def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_le
     assert "T_max 1 → 3" in resumed.stdout + resumed.stderr
 
 
+def test_a_resumed_run_keeps_the_validation_cases_it_recorded(six_cases, tmp_path):
+    """Resumed with another seed and val_fraction, a run still validates on (and does not train on) the cases
+    it recorded at its start, and geometry.json keeps them for evaluation."""
+    base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"}
+    assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
+    recorded = json.loads((tmp_path / "C" / "geometry.json").read_text())["validation_cases"]
+    assert len(recorded) == 1  # val_fraction 0.2 of 6; the resumed run's settings would hold out 3
+    resumed = train(base | {"train#trainer#max_epochs": 2, "resume": "true", "seed": 5, "val_fraction": 0.5})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "5 training and 1 validation cases" in resumed.stdout + resumed.stderr
+    assert json.loads((tmp_path / "C" / "geometry.json").read_text())["validation_cases"] == recorded
+
+
 def _schedule(t_max: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.CosineAnnealingLR]:
     network = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1.0)
@@ -210,6 +229,56 @@ def test_existing_checkpoints_are_not_overwritten_and_resume_needs_one(six_cases
     again = train(base | {"train#trainer#max_epochs": 1})
     assert again.returncode == 1 and "--resume true" in again.stderr and "--overwrite true" in again.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
+
+
+def test_an_overwriting_run_replaces_the_earlier_runs_checkpoint_and_curves(six_cases, tmp_path):
+    """A run with --overwrite true that stops in its first epoch (here on a non-finite loss) leaves neither the
+    earlier run's checkpoint, which --resume true would continue as if it were this run's, nor its curves in
+    output_dir, which read_scalars would merge with this run's."""
+    base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"}
+    assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
+    earlier = {p.name for p in (tmp_path / "R").glob("events.out.tfevents.*")}
+    assert earlier and "val_eps_mse" in read_scalars(tmp_path / "R", ["val_eps_mse"])
+    stopped = train(base | {"train#trainer#max_epochs": 1, "overwrite": "true", "lambda_l2": "$float('inf')"})
+    assert stopped.returncode == 1 and "the loss became inf at epoch 1" in stopped.stderr
+    log = stopped.stdout + stopped.stderr
+    assert "--overwrite true: removed" in log and "model.pt" in log and "training_state.pt" in log
+    assert sorted(p.name for p in (tmp_path / "C").iterdir()) == []
+    assert earlier.isdisjoint(p.name for p in (tmp_path / "R").glob("events.out.tfevents.*"))
+    assert read_scalars(tmp_path / "R", ["val_eps_mse"]) == {}
+    resumed = train(base | {"train#trainer#max_epochs": 2, "resume": "true"})
+    assert resumed.returncode == 1 and "no training_state.pt" in resumed.stderr
+
+
+def test_overwrite_keeps_this_runs_event_files_and_refusal_removes_nothing(tmp_path, caplog):
+    """The TensorBoard writers of the run open their event files before training starts: only other
+    processes' files are the earlier run's. A new run without --overwrite that shares output_dir with an
+    earlier one is warned that their curves merge."""
+    network, optimizer, scheduler = _schedule(1)
+    ckpt_dir, log_dir = tmp_path / "C", tmp_path / "R"
+    ckpt_dir.mkdir()
+    log_dir.mkdir()
+    for name in ("model.pt", "training_state.pt", "geometry.json", "model.ts"):
+        (ckpt_dir / name).write_text("earlier")
+    other = log_dir / f"events.out.tfevents.1700000000.{socket.gethostname()}.{os.getpid() + 1}.0"
+    own = log_dir / f"events.out.tfevents.1800000000.{socket.gethostname()}.{os.getpid()}.0"
+    other.write_text("earlier")
+    own.write_text("this run")
+    checkpoint = TrainingCheckpoint(str(ckpt_dir), network, optimizer, scheduler, NoiseSampler(10), log_dir=str(log_dir))
+    engine = Engine(lambda engine, batch: None)
+    with pytest.raises(BadInputError, match="--overwrite true"):
+        checkpoint.prepare(engine, resume=False, overwrite=False)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["geometry.json", "model.pt", "model.ts", "training_state.pt"]
+    assert other.exists()
+    fresh = TrainingCheckpoint(str(tmp_path / "C2"), network, optimizer, scheduler, NoiseSampler(10), log_dir=str(log_dir))
+    fresh.prepare(engine, resume=False, overwrite=False)
+    assert "already holds 1 TensorBoard event files of earlier runs" in caplog.text and other.exists()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        checkpoint.prepare(engine, resume=False, overwrite=True)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.ts"]  # not a file that training writes
+    assert sorted(p.name for p in log_dir.iterdir()) == [own.name]
+    assert "--overwrite true: removed" in caplog.text and other.name in caplog.text
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(six_cases, tmp_path):

@@ -29,11 +29,19 @@ def _check_val_fraction(val_fraction: float) -> None:
         )
 
 
-def split_cases(records: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_cases(
+    records: Sequence[dict], val_fraction: float, seed: int, validation_cases: Sequence[str] | None = None
+) -> tuple[list[dict], list[dict]]:
     """Deterministic shuffle by ``seed``, then the last ``val_fraction`` (at least one case) for validation.
 
+    With ``validation_cases`` (case ids: those a training run recorded,
+    :func:`~bundle.data.geometry.recorded_validation_cases`) the validation split is these cases, in that order,
+    whatever ``seed`` and ``val_fraction`` say, and the training split the other records in the shuffled order; for
+    the ids that the same ``seed`` and records gave, that is the seeded split itself.
+
     Raises:
-        BadInputError: when ``val_fraction`` is not in (0, 1) or there are fewer than 2 records.
+        BadInputError: when ``val_fraction`` is not in (0, 1), there are fewer than 2 records, or a case of
+            ``validation_cases`` is not among ``records`` (naming it).
     """
     _check_val_fraction(val_fraction)
     if len(records) < 2:
@@ -43,8 +51,20 @@ def split_cases(records: Sequence[dict], val_fraction: float, seed: int) -> tupl
         )
     shuffled = sorted(records, key=lambda r: r["case"])
     random.Random(seed).shuffle(shuffled)
-    n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
-    return shuffled[:-n_val], shuffled[-n_val:]
+    if validation_cases is None:
+        n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
+        return shuffled[:-n_val], shuffled[-n_val:]
+    by_case = {r["case"]: r for r in records}
+    missing = [case for case in validation_cases if case not in by_case]
+    if missing:
+        raise BadInputError(
+            f"Of the {len(validation_cases)} validation cases that the training run recorded (validation_cases in the "
+            f"geometry.json beside its checkpoint), these are not among the {len(records)} usable cases below "
+            f"dataset_dir: {', '.join(missing)}. Point dataset_dir at the data the run trained on, with these cases "
+            "present and valid: any other validation split could hold cases the run trained on."
+        )
+    held_out = set(validation_cases)
+    return [r for r in shuffled if r["case"] not in held_out], [by_case[case] for case in validation_cases]
 
 
 def training_cases(
@@ -54,8 +74,10 @@ def training_cases(
     seed: int = 0,
     skip_invalid: bool = False,
     num_phantoms: int = 16,
+    validation_cases: Sequence[str] | None = None,
 ) -> dict[str, list[dict]]:
-    """``{"train": records, "validation": records}`` for the dataset below ``dataset_dir``.
+    """``{"train": records, "validation": records}`` for the dataset below ``dataset_dir``: the split of
+    :func:`split_cases`, by ``seed`` and ``val_fraction`` or, when given, the recorded ``validation_cases``.
 
     When ``dataset_dir`` does not exist or is empty (hidden files and ``IDM_phantoms`` aside),
     ``num_phantoms`` synthetic cases ``IDM_Phantom_XXX`` are written to ``dataset_dir/IDM_phantoms``
@@ -71,7 +93,7 @@ def training_cases(
     if not leader:
         torch.distributed.barrier()
     try:
-        return _prepare_cases(dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms)
+        return _prepare_cases(dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases)
     finally:
         if distributed and leader:
             torch.distributed.barrier()
@@ -84,7 +106,9 @@ def _other_entries(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.name != PHANTOM_FOLDER)
 
 
-def _prepare_cases(dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms) -> dict[str, list[dict]]:
+def _prepare_cases(
+    dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases
+) -> dict[str, list[dict]]:
     _check_val_fraction(val_fraction)
     root = Path(dataset_dir)
     try:
@@ -115,6 +139,7 @@ def _prepare_cases(dataset_dir, modalities, val_fraction, seed, skip_invalid, nu
         write_brats_phantoms(target, num_cases=num_phantoms, seed=seed, prefix=PHANTOM_PREFIX, overwrite=True)
         records = discover_cases(root, modalities)
     records = preflight(records, modalities, skip_invalid)
-    train, validation = split_cases(records, val_fraction, seed)
-    logger.info("%d training and %d validation cases from %s", len(train), len(validation), dataset_dir)
+    train, validation = split_cases(records, val_fraction, seed, validation_cases)
+    logger.info("%d training and %d validation cases from %s%s", len(train), len(validation), dataset_dir,
+                "" if validation_cases is None else " (the validation cases that the training run recorded)")
     return {"train": train, "validation": validation}

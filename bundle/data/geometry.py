@@ -1,4 +1,5 @@
-"""The voxel geometry (affine) and diffusion settings of a training run, kept beside the checkpoint for inference."""
+"""The voxel geometry (affine), diffusion settings and validation cases of a training run, kept beside the checkpoint
+for inference, evaluation and resuming."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 
 from ..errors import BadInputError
 
-__all__ = ["GEOMETRY_FILE", "SAMPLING_SCHEDULE", "default_affine", "geometry_of", "load_geometry"]
+__all__ = [
+    "GEOMETRY_FILE", "SAMPLING_SCHEDULE", "default_affine", "geometry_of", "load_geometry", "recorded_validation_cases"
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +31,51 @@ def default_affine(spatial_size: Sequence[int], spacing: float = 1.5) -> np.ndar
     return affine
 
 
-def geometry_of(image: torch.Tensor, modalities: Sequence[str], num_train_timesteps: int, schedule: str) -> dict:
+def geometry_of(
+    image: torch.Tensor,
+    modalities: Sequence[str],
+    num_train_timesteps: int,
+    schedule: str,
+    validation_cases: Sequence[str] | None = None,
+) -> dict:
     """``{"affine", "spatial_size", "modalities", "diffusion": {"num_train_timesteps", "schedule"}}`` of a training
-    run: the voxel grid of a preprocessed training image (C, *S) MetaTensor and the noise scheduler's settings."""
+    run: the voxel grid of a preprocessed training image (C, *S) MetaTensor and the noise scheduler's settings; with
+    ``"validation_cases"`` too when ``validation_cases`` (the case ids of the run's validation split) is given, which
+    evaluation and a resumed run take as their validation split (:func:`recorded_validation_cases`)."""
     affine = np.asarray(getattr(image, "affine", default_affine(image.shape[1:])), dtype=float)
-    return {
+    geometry = {
         "affine": affine.tolist(),
         "spatial_size": list(image.shape[1:]),
         "modalities": list(modalities),
         "diffusion": {"num_train_timesteps": int(num_train_timesteps), "schedule": schedule},
     }
+    if validation_cases is not None:
+        geometry["validation_cases"] = list(validation_cases)
+    return geometry
+
+
+def recorded_validation_cases(ckpt_path: str | Path) -> list[str] | None:
+    """The case ids of the validation split that the training run of ``ckpt_path`` recorded in the ``geometry.json``
+    beside it (:func:`geometry_of`).
+
+    None, with a warning, when there is no record: a ``geometry.json`` written before the validation cases were
+    recorded, or none at all (a checkpoint from elsewhere). The split is then recomputed from ``seed``,
+    ``val_fraction`` and the cases found (:func:`~bundle.data.split_cases`), which is the training run's only if all
+    three are.
+    """
+    path = Path(ckpt_path).with_name(GEOMETRY_FILE)
+    recomputed = (
+        "the validation split is recomputed from seed, val_fraction and the cases found, and holds training cases "
+        "unless all three are the training run's"
+    )
+    if not path.is_file():
+        logger.warning("There is no %s beside %s to say which cases its training run validated on: %s.",
+                       GEOMETRY_FILE, ckpt_path, recomputed)
+        return None
+    cases = json.loads(path.read_text()).get("validation_cases")
+    if cases is None:
+        logger.warning("%s records no validation cases (written by an older version of the bundle): %s.", path, recomputed)
+    return cases
 
 
 def load_geometry(

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,12 +16,18 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
+from ..data.geometry import GEOMETRY_FILE
 from ..diffusion.loss import unwrap
 from ..errors import BadInputError
 
 __all__ = ["TrainingCheckpoint", "atomic_save"]
 
 logger = logging.getLogger(__name__)
+
+
+def _writes_outputs() -> bool:
+    """Whether this process writes the run's files: always, except ranks > 0 under ``torch.distributed``."""
+    return not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0)
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -62,22 +69,37 @@ class TrainingCheckpoint:
     bundle's: ``train#trainer#max_epochs``) replaces the saved one: a run resumed with a larger
     ``max_epochs`` continues the cosine over the new length (:func:`_continue_cosine_schedule`).
 
+    A new run refuses to start over an earlier run's checkpoint unless ``overwrite``; an overwriting run removes
+    the earlier run's files before it trains (:meth:`prepare`).
+
     Args:
         ckpt_dir: output directory.
         network, optimizer, lr_scheduler, noise_sampler: the training objects to save and restore.
         ema: the ``AveragedModel`` of the network, or None.
-        geometry: the training run's geometry and diffusion settings (:func:`bundle.data.geometry_of`), written
-            as ``ckpt_dir/geometry.json`` so inference gives samples the same voxel grid and checks its settings.
+        geometry: the training run's geometry, diffusion settings and validation cases
+            (:func:`bundle.data.geometry_of`), written as ``ckpt_dir/geometry.json`` so inference gives samples the
+            same voxel grid and checks its settings, and evaluation and a resumed run take its validation cases.
+        log_dir: the run's TensorBoard folder (``output_dir``), whose earlier event files an overwriting run
+            removes; None: none.
     """
 
     MODEL = "model.pt"
     STATE = "training_state.pt"
 
     def __init__(
-        self, ckpt_dir: str, network: nn.Module, optimizer, lr_scheduler, noise_sampler, ema=None, geometry: dict | None = None
+        self,
+        ckpt_dir: str,
+        network: nn.Module,
+        optimizer,
+        lr_scheduler,
+        noise_sampler,
+        ema=None,
+        geometry: dict | None = None,
+        log_dir: str | None = None,
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.geometry = geometry
+        self.log_dir = None if log_dir is None else Path(log_dir)
         self.objects = {
             "network": unwrap(network),
             "optimizer": optimizer,
@@ -96,12 +118,33 @@ class TrainingCheckpoint:
     def state_path(self) -> Path:
         return self.ckpt_dir / self.STATE
 
+    @property
+    def geometry_path(self) -> Path:
+        return self.ckpt_dir / GEOMETRY_FILE
+
+    def earlier_event_files(self) -> list[Path]:
+        """The TensorBoard event files in ``log_dir`` that other processes wrote: earlier runs'. This run's writers
+        open theirs when the configuration is parsed, before :meth:`prepare`; TensorBoard names each
+        ``events.out.tfevents.<time>.<host>.<pid>.<n>``."""
+        if self.log_dir is None or not self.log_dir.is_dir():
+            return []
+        own = f".{socket.gethostname()}.{os.getpid()}."
+        return sorted(p for p in self.log_dir.glob("events.out.tfevents.*") if own not in p.name)
+
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def prepare(self, engine: Engine, resume: bool, overwrite: bool = False) -> None:
         """Before training: restore the full state when ``resume``; otherwise refuse to overwrite an
-        earlier run's checkpoints unless ``overwrite``."""
+        earlier run's checkpoints unless ``overwrite``.
+
+        With ``overwrite`` the earlier run's ``model.pt``, ``training_state.pt`` and ``geometry.json`` and the
+        earlier event files in ``log_dir`` (:meth:`earlier_event_files`) are removed now, before training starts,
+        and the log lists them: a run stopped before its first checkpoint leaves nothing that ``--resume true``
+        would continue as if it were this run, and no curves that would merge with this run's. Without it, earlier
+        event files in ``log_dir`` only get a warning (TensorBoard and :func:`bundle.visualize.read_scalars` merge
+        them with this run's).
+        """
         if resume:
             self.load(engine)
             return
@@ -112,9 +155,26 @@ class TrainingCheckpoint:
                 "Pass --resume true to continue that run, --overwrite true to start afresh over it, or "
                 "another --ckpt_dir."
             )
+        if not _writes_outputs():
+            return
+        events = self.earlier_event_files()
+        if not overwrite:
+            if events:
+                logger.warning(
+                    "output_dir %s already holds %d TensorBoard event files of earlier runs: TensorBoard and "
+                    "scripts/plot_training_curve.py show their curves merged with this run's. Pass --overwrite true to "
+                    "remove them, or another --output_dir.", self.log_dir, len(events),
+                )
+            return
+        earlier = [p for p in (self.model_path, self.state_path, self.geometry_path) if p.exists()] + events
+        for path in earlier:
+            path.unlink(missing_ok=True)
+        if earlier:
+            logger.warning("--overwrite true: removed %s of an earlier run before training starts.",
+                           ", ".join(map(str, earlier)))
 
     def save(self, engine: Engine) -> None:
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        if not _writes_outputs():
             return
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
@@ -124,7 +184,7 @@ class TrainingCheckpoint:
         atomic_save(weights.state_dict(), self.model_path)
         if self.geometry is not None:
             text = json.dumps(self.geometry, indent=1)
-            _replace_atomically(self.ckpt_dir / "geometry.json", lambda tmp: tmp.write_text(text))
+            _replace_atomically(self.geometry_path, lambda tmp: tmp.write_text(text))
         logger.info("epoch %d: saved %s and %s", engine.state.epoch, self.model_path, self.state_path)
 
     def load(self, engine: Engine) -> None:
