@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_bundle
+from conftest import SMALL_TRAINING as SMALL, run_bundle
 from ignite.engine import Engine, Events
 from monai.networks.schedulers import DDPMScheduler
 
@@ -16,15 +16,6 @@ from bundle.diffusion import IDMTrainer, NoiseSampler
 from bundle.errors import BadInputError, NonFiniteLossError, exit_on_bad_input
 from bundle.handlers import NonFiniteLossGuard, TrainingCheckpoint
 from bundle.networks import InvertibleDiffusionUNet
-
-SMALL = {
-    "spatial_size": "[16,16,16]",
-    "network_def#channels": "[8,16,32]",
-    "network_def#attention_levels": "[false,true,true]",
-    "num_train_timesteps": "100",
-    "batch_size": "2",
-    "num_workers": "0",
-}
 
 
 def _raise_bad_input() -> None:

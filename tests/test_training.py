@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, largest_update_allocation, run_bundle
+from conftest import ROOT, SMALL_TRAINING as SMALL, largest_update_allocation, run_bundle
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
@@ -24,14 +24,6 @@ from bundle.handlers import TrainingCheckpoint
 from bundle.visualize import read_scalars
 
 TRAIN = "configs/train.json"
-SMALL = {
-    "spatial_size": "[16,16,16]",
-    "network_def#channels": "[8,16,32]",
-    "network_def#attention_levels": "[false,true,true]",
-    "num_train_timesteps": "100",
-    "batch_size": "2",
-    "num_workers": "0",
-}
 
 
 def train(overrides: dict, config: str = TRAIN, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
