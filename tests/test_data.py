@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import itk
 import nibabel as nib
@@ -90,6 +91,26 @@ def test_datalist_json_and_itk_formats(tmp_path):
     assert records[0]["t1"] == paths["t1"] and records[0]["t2"] == paths["t2"]
     assert preflight(records, ["t1", "t2"]) == records
     assert preprocessing(["t1", "t2"], (8, 8, 8))(records[0])["image"].shape == (2, 8, 8, 8)
+
+
+def test_datalist_case_ids_follow_the_files_not_the_order(tmp_path):
+    """Ids name the same files whatever the order of the items (a run's validation split is recorded by id)."""
+    items = [{"t1": "site_a/sub-01_t1.nii.gz", "t2": "site_a/sub-01_t2.nii.gz"},
+             {"t1": "site_b/sub-01_T1.nii.gz", "t2": "site_b/sub-01_T2.nii.gz"},
+             {"image": ["sub-02-t1.nii.gz", "sub-02-t2.nii.gz"]},
+             {"t1": "sub-03/t1.nii.gz", "t2": "sub-03/t2.nii.gz"}]
+    for order in (items, items[::-1]):
+        (tmp_path / "datalist.json").write_text(json.dumps({"training": order}))
+        cases = {r["case"]: Path(r["t1"]).relative_to(tmp_path).as_posix() for r in discover_cases(tmp_path, ["t1", "t2"])}
+        assert cases == {"site_a/sub-01": "site_a/sub-01_t1.nii.gz", "site_b/sub-01": "site_b/sub-01_T1.nii.gz",
+                         "sub-02": "sub-02-t1.nii.gz", "sub-03": "sub-03/t1.nii.gz"}
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items + items[:1]}))
+    with pytest.raises(BadInputError, match=r"datalist.json: .*sub-01_t1.nii.gz is given by more than one training item"):
+        discover_cases(tmp_path, ["t1", "t2"])
+    clash = {"t1": "site_a/sub-01-t1.nii.gz", "t2": "site_a/sub-01-t2.nii.gz"}
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items + [clash]}))
+    with pytest.raises(BadInputError, match="give the same case id 'site_a/sub-01'.*rename one of them"):
+        discover_cases(tmp_path, ["t1", "t2"])
 
 
 def test_phantom_contrasts_follow_t1_and_t2_physics():

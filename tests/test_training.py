@@ -101,6 +101,15 @@ def test_bad_micro_batch_size_stops_training_before_it_starts(six_cases, tmp_pat
     assert not (tmp_path / "C").exists()
 
 
+def test_a_noise_schedule_the_samplers_cannot_sample_stops_training_before_it_starts(six_cases, tmp_path):
+    result = train(SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
+                            "noise_scheduler#schedule": "linear_beta"})
+    assert result.returncode == 1
+    assert "noise_scheduler#schedule is 'linear_beta'" in result.stderr
+    assert "train with --noise_scheduler#schedule cosine" in result.stderr
+    assert not (tmp_path / "C").exists() and not (tmp_path / "R").exists()
+
+
 def test_bad_cases_stop_training_before_it_starts(six_cases, tmp_path):
     data = tmp_path / "D"
     write_brats_phantoms(data, num_cases=3, shape=(24, 24, 20))

@@ -11,7 +11,9 @@ the channel to take). Three layouts are found anywhere below ``dataset_dir``:
   NIfTI volumes; channel 1 is T1w and 3 is T2w (0 FLAIR, 2 T1gd), read from its ``modality`` map.
 * **Datalist JSON** in MONAI's ``load_decathlon_datalist`` format: a ``*.json`` whose ``training`` items
   give one path per modality (``{"t1": "a_t1.nii.gz", "t2": "a_t2.nii.gz"}``) or an ``image`` that is
-  a list of per-modality paths in ``modalities`` order.
+  a list of per-modality paths in ``modalities`` order, relative to the JSON's folder. A case's id is its
+  first modality's file name without suffix and modality (``a``), prefixed with its folder where that name
+  is not unique.
 
 The built-in synthetic phantoms (``dataset_dir/IDM_phantoms``, case ids ``IDM_Phantom_XXX``) never join
 real data: they are used only when nothing else below ``dataset_dir`` is a dataset, with a loud warning
@@ -104,11 +106,9 @@ def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
             channel_of[m] = by_name[name]
     records = []
     for i, item in enumerate(items):
-        image = item.get("image")
-        name = Path(image).name if isinstance(image, str) else f"case_{i:03d}"
-        record = {"case": _strip_suffix(name) or name, "channels": {m: channel_of.get(m) for m in modalities}}
-        if all(m in item for m in modalities):
-            record.update({m: item[m] for m in modalities})
+        record = {"channels": {m: channel_of.get(m) for m in modalities}}
+        if all(isinstance(item.get(m), str) for m in modalities):  # load_decathlon_datalist resolves "image" paths only
+            record.update({m: str(json_path.parent / item[m]) for m in modalities})
         elif isinstance(item.get("image"), str) and channel_of:
             record.update({m: item["image"] for m in modalities})
         elif isinstance(item.get("image"), list) and len(item["image"]) == len(modalities):
@@ -119,6 +119,50 @@ def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
                 f"'image' list of {len(modalities)} paths nor a 4D 'image' with a 'modality' map: {item}"
             )
         records.append(record)
+    return _with_case_ids(records, json_path, modalities[0], four_d=bool(channel_of))
+
+
+def _case_id(path: Path, modality: str | None) -> str:
+    """A case id from an image path: its name without the image suffix and, for a one-modality file, without
+    a ``_<modality>`` / ``-<modality>`` ending (``sub-01_t1.nii.gz`` → ``sub-01``); the folder's name for a
+    file named after the modality alone (``sub-01/T1.nii.gz`` → ``sub-01``)."""
+    stem = _strip_suffix(path.name) or path.name
+    if modality is None:
+        return stem
+    if stem.lower() == modality.lower():
+        return path.parent.name
+    match = re.fullmatch(rf"(?P<case>.+)[_-]{re.escape(modality)}", stem, flags=re.IGNORECASE)
+    return match["case"] if match else stem
+
+
+def _with_case_ids(records: list[dict], json_path: Path, modality: str, four_d: bool) -> list[dict]:
+    """``records`` with a ``case`` id each, taken from the path of their first modality (the whole 4D file when
+    ``four_d``), so that an id names the same volumes however the datalist is ordered (a run's validation
+    split is recorded by id). Ids that file names alone leave ambiguous are prefixed with the file's folder
+    below the datalist's (``site_a/sub-01``, ``site_b/sub-01``).
+
+    Raises:
+        BadInputError: when two items give the same file, or their files leave two ids equal anyway.
+    """
+    paths = [Path(record[modality]) for record in records]
+    names = [_case_id(path, None if four_d else modality) for path in paths]
+    ids = []
+    for path, case in zip(paths, names):
+        if names.count(case) > 1:
+            folder = path.parent.relative_to(json_path.parent) if path.is_relative_to(json_path.parent) else path.parent
+            case = folder.as_posix() if case == path.parent.name else (folder / case).as_posix()
+        ids.append(case)
+    for index, case in enumerate(ids):
+        if ids.count(case) > 1:
+            path, other = paths[index], paths[ids.index(case, index + 1)]
+            if path == other:
+                raise BadInputError(f"{json_path}: {path} is given by more than one training item; list each case once.")
+            raise BadInputError(
+                f"{json_path}: {path} and {other} give the same case id {case!r} (file name without suffix and "
+                "modality); rename one of them."
+            )
+    for record, case in zip(records, ids):
+        record["case"] = case
     return records
 
 

@@ -11,17 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..diffusion.sampling import SAMPLING_SCHEDULE, check_noise_schedule
 from ..errors import BadInputError
 
 __all__ = [
-    "GEOMETRY_FILE", "SAMPLING_SCHEDULE", "default_affine", "geometry_of", "load_geometry", "recorded_validation_cases"
+    "GEOMETRY_FILE", "default_affine", "geometry_of", "load_geometry", "recorded_validation_cases"
 ]
 
 logger = logging.getLogger(__name__)
 
 GEOMETRY_FILE = "geometry.json"
-SAMPLING_SCHEDULE = "cosine"
-"""The noise schedule of the bundle's samplers (:func:`bundle.diffusion.make_sampling_scheduler`)."""
 
 
 def default_affine(spatial_size: Sequence[int], spacing: float = 1.5) -> np.ndarray:
@@ -83,9 +82,9 @@ def load_geometry(
 ) -> dict:
     """The geometry saved beside ``ckpt_path`` (``geometry.json``), checked against the configuration:
     ``spatial_size``, ``modalities``, ``num_train_timesteps`` and the noise schedule (which must be the samplers'
-    :data:`SAMPLING_SCHEDULE`). A ``geometry.json`` written before the diffusion settings were recorded loads
-    with a warning; a centred 1.5 mm RAS grid of ``spatial_size`` is returned when there is none (e.g. a
-    checkpoint from elsewhere).
+    :data:`~bundle.diffusion.SAMPLING_SCHEDULE`). A ``geometry.json`` written before the diffusion settings were
+    recorded loads with a warning; a centred 1.5 mm RAS grid of ``spatial_size`` is returned when there is none
+    (e.g. a checkpoint from elsewhere).
 
     Raises:
         BadInputError: naming the setting, the training value and the override to pass, for any mismatch.
@@ -115,10 +114,5 @@ def load_geometry(
             f"run has {num_train_timesteps}; pass --num_train_timesteps {diffusion['num_train_timesteps']} (sampling "
             "with another diffusion length gives noise, not images)."
         )
-    if diffusion["schedule"] != SAMPLING_SCHEDULE:
-        raise BadInputError(
-            f"{path} says the model was trained with noise_scheduler#schedule={diffusion['schedule']!r}, but the "
-            f"bundle's samplers implement {SAMPLING_SCHEDULE!r} only; retrain with --noise_scheduler#schedule "
-            f"{SAMPLING_SCHEDULE} to sample from it."
-        )
+    check_noise_schedule(diffusion["schedule"], f"The noise_scheduler#schedule that {path} records")
     return geometry

@@ -9,13 +9,27 @@ from torch import nn
 
 from ..errors import BadInputError
 
-__all__ = ["SAMPLERS", "make_sampling_scheduler", "DiffusionSampler"]
+__all__ = ["SAMPLERS", "SAMPLING_SCHEDULE", "check_noise_schedule", "make_sampling_scheduler", "DiffusionSampler"]
 
 SAMPLERS = ("ddpm", "ddim")
+SAMPLING_SCHEDULE = "cosine"
+"""The noise schedule (β_1 … β_T) that the samplers implement, and so the only one a model can be
+trained with and then sampled from."""
+
+
+def check_noise_schedule(schedule: str, source: str = "noise_scheduler#schedule") -> None:
+    """Raises :class:`BadInputError` unless ``schedule`` is :data:`SAMPLING_SCHEDULE`; ``source`` says where the
+    value came from (the config key, or the file that records the training run's schedule)."""
+    if schedule != SAMPLING_SCHEDULE:
+        raise BadInputError(
+            f"{source} is {schedule!r}, but the bundle's samplers implement the {SAMPLING_SCHEDULE!r} noise schedule "
+            f"only, so a model trained with another could not be sampled; train with --noise_scheduler#schedule "
+            f"{SAMPLING_SCHEDULE}."
+        )
 
 
 def make_sampling_scheduler(sampler: str, num_train_timesteps: int, num_inference_steps: int = 50) -> Scheduler:
-    """The cosine-schedule scheduler of ``sampler``: DDPM over all ``num_train_timesteps`` steps (the paper),
+    """The :data:`SAMPLING_SCHEDULE` scheduler of ``sampler``: DDPM over all ``num_train_timesteps`` steps (the paper),
     or DDIM (η = 0) over ``num_inference_steps`` evenly spaced ones.
 
     Raises:
@@ -26,7 +40,7 @@ def make_sampling_scheduler(sampler: str, num_train_timesteps: int, num_inferenc
     if num_train_timesteps < 1:
         raise BadInputError(f"num_train_timesteps must be ≥ 1, got {num_train_timesteps}.")
     if sampler == "ddpm":
-        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule="cosine")
+        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=SAMPLING_SCHEDULE)
         scheduler.set_timesteps(num_train_timesteps)
         return scheduler
     if not 1 <= int(num_inference_steps) <= num_train_timesteps:
@@ -34,7 +48,7 @@ def make_sampling_scheduler(sampler: str, num_train_timesteps: int, num_inferenc
             f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps} for DDIM, "
             f"got {num_inference_steps}."
         )
-    scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule="cosine")
+    scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule=SAMPLING_SCHEDULE)
     scheduler.set_timesteps(int(num_inference_steps))
     return scheduler
 
