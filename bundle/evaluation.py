@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .diffusion.engines import one_step_denoise, to_model_range
 from .diffusion.sampling import make_sampling_scheduler
 from .errors import BadInputError
+from .flags import as_flag
 from .inference import load_checkpoint
 
 __all__ = ["reconstruct_from", "ms_ssim_settings", "normalised_mmd", "evaluate"]
@@ -113,6 +114,7 @@ def evaluate(
       ``num_generated``) of each; "n/a" with a single validation volume); FID when ``feature_extractor``
       names a TorchScript network mapping (B, 1, *S) volumes to (B, F) features (none is downloaded).
     """
+    overwrite = as_flag(overwrite, "overwrite")
     output_dir = Path(output_dir)
     outputs = [output_dir / "metrics.json", output_dir / "metrics.md"]
     if any(p.exists() for p in outputs) and not overwrite:

@@ -14,6 +14,7 @@ from monai.inferers import Inferer
 from torch import nn
 
 from .errors import BadInputError
+from .flags import as_flag
 from .visualize import save_mid_slices_png
 
 __all__ = ["load_checkpoint", "sample_paths", "earlier_samples", "generate"]
@@ -97,6 +98,7 @@ def generate(
     before sampling, so that none is left beside this run's samples or taken for one of them (also when
     this run has fewer samples, or is stopped part-way).
     """
+    overwrite = as_flag(overwrite, "overwrite")
     if num_samples < 1 or batch_size < 1:
         raise BadInputError(f"num_samples and batch_size must be ≥ 1, got {num_samples} and {batch_size}.")
     paths = sample_paths(output_dir, num_samples, modalities)

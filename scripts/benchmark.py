@@ -43,7 +43,7 @@ from bundle.measure.sweeps import (  # noqa: E402
     resolution_sweep,
 )
 from bundle.measure.workload import NETWORKS  # noqa: E402
-from bundle.networks.invertible_unet import as_flags  # noqa: E402
+from bundle.flags import as_flag  # noqa: E402
 
 QUALITY_REPORT = "benchmark_quality.md"
 PARTIAL_RESULT = "benchmarks.partial.json"
@@ -104,8 +104,7 @@ class Benchmark:
                 spent are reported as skipped (the quality comparison, a fixed training, runs all the same).
             quality: include the quality comparison (trains two networks).
         """
-        quick, gpu, quality = (as_flags([value], name)[0] for value, name in
-                               ((quick, "--quick"), (gpu, "--gpu"), (quality, "--quality")))
+        quick, gpu, quality = as_flag(quick, "--quick"), as_flag(gpu, "--gpu"), as_flag(quality, "--quality")
         if quick and gpu:
             raise SystemExit("ERROR: choose one of --quick and --gpu.")
         if gpu and not torch.cuda.is_available():
@@ -165,7 +164,7 @@ class Benchmark:
         and ``paper_step_profile.json``, or with the memory options ``paper_step_profile_micro<k>.*``
         (``--micro_batch_size k``: back-propagated k samples at a time) and ``…_recompute_norms.*``
         (``--recompute_norms true``: the network's option of that name)."""
-        (recompute_norms,) = as_flags([recompute_norms], "--recompute_norms")
+        recompute_norms = as_flag(recompute_norms, "--recompute_norms")
         try:
             micro_batches(PAPER["workload"].batch_size, micro_batch_size)
         except ValueError as error:

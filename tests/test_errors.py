@@ -14,8 +14,24 @@ from monai.networks.schedulers import DDPMScheduler
 from bundle.data import write_brats_phantoms
 from bundle.diffusion import IDMTrainer, NoiseSampler
 from bundle.errors import BadInputError, NonFiniteLossError, exit_on_bad_input
+from bundle.flags import as_flag, as_flags
 from bundle.handlers import NonFiniteLossGuard, TrainingCheckpoint
 from bundle.networks import InvertibleDiffusionUNet
+
+
+def test_true_false_settings_read_the_command_lines_strings_and_refuse_anything_else():
+    assert [as_flag(v, "x") for v in (True, False, "true", "false", " FALSE ", "True")] == [True, False, True, False, False, True]
+    assert as_flags(["false", True, "TRUE"], "levels") == (False, True, True)
+    for bad in ("no", "0", 1, None):
+        with pytest.raises(BadInputError, match=f"overwrite must be true or false, got {bad!r}"):
+            as_flag(bad, "overwrite")
+    with pytest.raises(BadInputError, match=r"levels must hold true/false values, got \['true', 'maybe'\]"):
+        as_flags(["true", "maybe"], "levels")
+    with pytest.raises(BadInputError, match="levels must be a list of true/false values, got 'true'"):
+        as_flags("true", "levels")
+    network = InvertibleDiffusionUNet(2, 1, 1, channels=(8, 16), num_blocks=1, attention_levels=("false", "false"),
+                                      memory_efficient="false", recompute_norms="false")
+    assert network.memory_efficient is False and network.trunk.attention_levels == (False, False)
 
 
 def _raise_bad_input() -> None:

@@ -210,6 +210,36 @@ def test_a_resumed_cosine_schedule_takes_the_configured_length(tmp_path):
     assert scheduler.get_last_lr() == [rates[-1]] and engine.state.epoch == 1
 
 
+def test_resuming_keeps_the_configured_fused_adamw_and_its_update_matches_the_for_loop_one(tmp_path):
+    """A training state saved by a for-loop AdamW (bundle 0.2.0) restores into train.json's fused AdamW
+    without turning ``fused`` off (load_state_dict copies the saved group options); the fused update is the
+    for-loop one up to rounding."""
+    torch.manual_seed(0)
+    network, twin = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    twin.load_state_dict(network.state_dict())
+    engine = Engine(lambda engine, batch: None)
+    engine.state.epoch, engine.state.iteration, engine.state.max_epochs = 1, 1, 3
+    saved = torch.optim.AdamW(network.parameters(), lr=0.1, weight_decay=0.01, foreach=False)
+    for p in network.parameters():
+        p.grad = torch.randn_like(p)
+    saved.step()
+    TrainingCheckpoint(str(tmp_path), network, saved, torch.optim.lr_scheduler.CosineAnnealingLR(saved, 3),
+                       NoiseSampler(10)).save(engine)
+    fused = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.01, fused=True)
+    TrainingCheckpoint(str(tmp_path), twin, fused, torch.optim.lr_scheduler.CosineAnnealingLR(fused, 3),
+                       NoiseSampler(10)).load(engine)
+    assert fused.param_groups[0]["fused"] is True and saved.param_groups[0]["fused"] is None
+    restored = [q.detach().clone() for q in twin.parameters()]
+    for _ in range(3):
+        for p, q in zip(network.parameters(), twin.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        saved.step()
+        fused.step()
+    for p, q, start in zip(network.parameters(), twin.parameters(), restored):
+        assert not torch.equal(q, start) and torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_resuming_a_finished_run_without_more_epochs_is_refused(six_cases, tmp_path):
     base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
                     "train#trainer#max_epochs": 1}
@@ -227,8 +257,12 @@ def test_existing_checkpoints_are_not_overwritten_and_resume_needs_one(six_cases
     assert missing.returncode == 1 and "no training_state.pt" in missing.stderr
     assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()}
-    again = train(base | {"train#trainer#max_epochs": 1})
+    # the command line delivers "false" as a string, which is truthy: it must still mean false
+    again = train(base | {"train#trainer#max_epochs": 1, "resume": "false", "overwrite": "false"})
     assert again.returncode == 1 and "--resume true" in again.stderr and "--overwrite true" in again.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
+    unclear = train(base | {"train#trainer#max_epochs": 1, "overwrite": "yes"})
+    assert unclear.returncode == 1 and "overwrite must be true or false, got 'yes'" in unclear.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
 
 

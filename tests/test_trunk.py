@@ -145,24 +145,39 @@ def test_attention_flags_from_the_command_line_are_parsed():
 
 def test_backward_leaves_the_output_and_the_gradients_it_was_given_intact():
     """Steps overwrite the states and gradients that the engine owns, never the output state (the caller
-    holds it) or the output gradient (here autograd hands the same tensor to ``z.grad``); a retained
-    graph back-propagates twice to the same gradients."""
+    holds it) or the output gradient it is given (a hook on the output sees the very tensor the engine
+    receives); a retained graph back-propagates twice to the same gradients."""
     trunk = make_trunk()
     x = torch.randn(2, CHANNELS[0], 16, 16, 16, requires_grad=True)
     cond, weight = torch.randn(2, 6), torch.randn(2, CHANNELS[0], 16, 16, 16)
     out = trunk(x, cond)
     out_before = out.detach().clone()
-    z = torch.zeros_like(out, requires_grad=True)
-    loss = ((out + z) * weight).sum()
+    received = []
+    out.register_hook(lambda grad: received.append((grad, grad.clone())))
+    loss = (out * weight).sum()
     loss.backward(retain_graph=True)
     assert torch.equal(out, out_before)
-    assert torch.equal(z.grad, weight)
+    (given, given_before), = received
+    assert torch.equal(given_before, weight) and torch.equal(given, given_before)
     first = [x.grad.clone()] + [p.grad.clone() for p in trunk.parameters()]
     x.grad = None
     trunk.zero_grad(set_to_none=True)
     loss.backward()
     for g_first, g_second in zip(first, [x.grad] + [p.grad for p in trunk.parameters()]):
         assert torch.equal(g_first, g_second)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_handed_over_output_takes_the_expanded_gradient_of_a_reduction(reduction):
+    """``.sum()`` and ``.mean()`` hand down a stride-0 gradient, which cannot be overwritten in place."""
+    trunk = make_trunk()
+    x, cond = torch.randn(2, CHANNELS[0], 16, 16, 16), torch.randn(2, 6)
+    grads = []
+    for hand_over in (False, True):
+        x_leaf = x.clone().requires_grad_(True)
+        getattr(trunk(x_leaf, cond, hand_over_output=hand_over), reduction)().backward()
+        grads.append(x_leaf.grad)
+    assert grads[0].norm() > 0 and torch.equal(grads[0], grads[1])
 
 
 def test_handed_over_output_gives_the_same_gradients_and_refuses_a_second_backward():

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError
+from ..flags import as_flag
 from .discovery import DatasetNotFoundError, discover_cases
 from .phantoms import BRATS_MODALITIES, PHANTOM_FOLDER, PHANTOM_PREFIX, write_brats_phantoms
 from .preflight import preflight
@@ -88,6 +89,7 @@ def training_cases(
     Every case passes :func:`~bundle.data.preflight.preflight` first. Under ``torch.distributed`` rank 0
     prepares the data while the other ranks wait, then they discover what it wrote.
     """
+    skip_invalid = as_flag(skip_invalid, "skip_invalid")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     leader = not distributed or torch.distributed.get_rank() == 0
     if not leader:

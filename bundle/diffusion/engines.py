@@ -11,7 +11,8 @@ from monai.networks.schedulers import Scheduler
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from ..errors import NonFiniteLossError
+from ..errors import BadInputError, NonFiniteLossError
+from ..flags import as_flag
 from .loss import idm_loss, idm_loss_backward, micro_batches, unwrap
 from .noise import NoiseSampler
 
@@ -28,6 +29,21 @@ def one_step_denoise(scheduler: Scheduler, noisy: torch.Tensor, eps: torch.Tenso
     """``x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t`` clipped to [−1, 1] (DDPM, Ho et al. 2020, Eq. 15)."""
     abar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].reshape(-1, *([1] * (noisy.ndim - 1)))
     return ((noisy - torch.sqrt(1 - abar) * eps) / torch.sqrt(abar)).clamp(-1, 1)
+
+
+def autocast_dtype(amp: bool, amp_kwargs: dict | None = None) -> torch.dtype | None:
+    """The autocast dtype of :class:`IDMTrainer`'s ``amp`` setting: bfloat16, or None without ``amp``.
+
+    Raises:
+        BadInputError: for ``amp`` neither true nor false, or ``amp_kwargs`` other than ``{"dtype": torch.bfloat16}``.
+    """
+    amp = as_flag(amp, "amp")
+    if amp_kwargs not in (None, {}, {"dtype": torch.bfloat16}):
+        raise BadInputError(
+            f"amp_kwargs may only be {{'dtype': torch.bfloat16}} (the default); got {amp_kwargs!r}. float16 "
+            "autocast needs loss scaling, whose overflowing steps the non-finite guard would stop."
+        )
+    return torch.bfloat16 if amp else None
 
 
 class IDMTrainer(SupervisedTrainer):
@@ -54,6 +70,10 @@ class IDMTrainer(SupervisedTrainer):
             whole batch, with the activation memory of ``micro_batch_size`` samples), or None for the whole
             batch at once.
         ema: ``torch.optim.swa_utils.AveragedModel`` of the network, updated after each step, or None.
+        amp: mixed precision: the forward passes run under ``torch.autocast`` on the training device in
+            bfloat16 (float32's range, so no loss scaling); the invertible trunk keeps its state in float32
+            (:mod:`bundle.networks.engine`). ``amp_kwargs`` may only repeat ``{"dtype": torch.bfloat16}``:
+            float16 would need a gradient scaler, whose skipped overflow steps the non-finite guard stops.
         Other arguments: as ``SupervisedTrainer`` (``loss_function`` is Eq. 8).
     """
 
@@ -70,9 +90,12 @@ class IDMTrainer(SupervisedTrainer):
         lambda_l2: float = 1e-4,
         micro_batch_size: int | None = None,
         ema: torch.optim.swa_utils.AveragedModel | None = None,
+        amp: bool = False,
+        amp_kwargs: dict | None = None,
         **kwargs,
     ) -> None:
         micro_batches(1, micro_batch_size)  # a bad micro_batch_size fails here, before training starts
+        self.amp_dtype = autocast_dtype(amp, amp_kwargs)
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -105,7 +128,8 @@ class IDMTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         prediction, loss, terms = idm_loss_backward(
-            engine.network, noisy, timesteps, noise, self.lambda_rec, self.lambda_l2, self.micro_batch_size
+            engine.network, noisy, timesteps, noise, self.lambda_rec, self.lambda_l2, self.micro_batch_size,
+            self.amp_dtype,
         )
         engine.state.output.update({Keys.PRED: prediction, Keys.LOSS: loss} | terms)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)

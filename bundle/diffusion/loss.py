@@ -84,10 +84,12 @@ def idm_loss_backward(
     lambda_rec: float = 0.0,
     lambda_l2: float = 1e-4,
     micro_batch_size: int | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Back-propagates the Eq. 8 loss of a batch (:func:`idm_loss`) into ``.grad``, ``micro_batch_size``
     samples at a time (None: the whole batch at once). Gradient accumulation: a step's activation memory
-    is that of one micro-batch.
+    is that of one micro-batch. With ``amp_dtype`` the forward passes run under ``torch.autocast`` in that
+    dtype (mixed precision; the backward passes follow the forward's dtypes).
 
     Micro-batch k of b_k samples contributes ``(b_k / B) (‖ε − U‖² + λ_R ‖x_t − U⁻¹(U)‖²)``, the last
     one also ``λ_L2 ‖W‖₂``; the network treats samples independently (GroupNorm and attention act within
@@ -108,9 +110,10 @@ def idm_loss_backward(
         # the weight term enters once, with the last micro-batch, whose loss is scaled by `fraction` below
         part_lambda_l2 = lambda_l2 / fraction if last else 0.0
         with nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync():
-            prediction, part_loss, part_terms = idm_loss(
-                network, noisy[part], timesteps[part], noise[part], lambda_rec, part_lambda_l2
-            )
+            with nullcontext() if amp_dtype is None else torch.autocast(noisy.device.type, dtype=amp_dtype):
+                prediction, part_loss, part_terms = idm_loss(
+                    network, noisy[part], timesteps[part], noise[part], lambda_rec, part_lambda_l2
+                )
             (fraction * part_loss).backward()
         predictions.append(prediction.detach())
         losses.append(fraction * part_loss.detach())

@@ -19,10 +19,14 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from ..data.geometry import GEOMETRY_FILE
 from ..diffusion.loss import unwrap
 from ..errors import BadInputError
+from ..flags import as_flag
 
 __all__ = ["TrainingCheckpoint", "atomic_save"]
 
 logger = logging.getLogger(__name__)
+
+IMPLEMENTATION_OPTIONS = ("fused", "foreach")
+"""Optimizer options that choose the update kernel, not the training: resuming keeps the configured ones."""
 
 
 def _writes_outputs() -> bool:
@@ -145,6 +149,7 @@ class TrainingCheckpoint:
         event files in ``log_dir`` only get a warning (TensorBoard and :func:`bundle.visualize.read_scalars` merge
         them with this run's).
         """
+        resume, overwrite = as_flag(resume, "resume"), as_flag(overwrite, "overwrite")
         if resume:
             self.load(engine)
             return
@@ -207,14 +212,19 @@ class TrainingCheckpoint:
                 f"{engine.state.max_epochs}: there is nothing left to train. Pass --train#trainer#max_epochs greater "
                 f"than {done} to train longer (the cosine learning-rate schedule continues over the new length)."
             )
-        scheduler = self.objects["lr_scheduler"]
+        scheduler, optimizer = self.objects["lr_scheduler"], self.objects["optimizer"]
         t_max = scheduler.T_max if isinstance(scheduler, CosineAnnealingLR) else None
+        # the configured update kernel (fused AdamW), not the saved one: a state saved by an optimizer
+        # built without ``fused`` would otherwise bring back the slower update and its allocations
+        kernels = [{k: group[k] for k in IMPLEMENTATION_OPTIONS if k in group} for group in optimizer.param_groups]
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
+        for group, options in zip(optimizer.param_groups, kernels):
+            group.update(options)
         if t_max is not None and scheduler.T_max != t_max:
             logger.info("learning-rate schedule length T_max %d → %d (the configured one): the cosine continues "
                         "over the new length", scheduler.T_max, t_max)
-            _continue_cosine_schedule(scheduler, self.objects["optimizer"], t_max)
+            _continue_cosine_schedule(scheduler, optimizer, t_max)
         engine.state.epoch = done
         engine.state.iteration = state["trainer"]["iteration"]
         logger.info("resumed from %s at epoch %d", self.state_path, engine.state.epoch)

@@ -24,12 +24,19 @@ Couplings and channel mixings rebuild their input in the memory of their output,
 in that of the output gradient, wherever the sequence owns those tensors: for every step but the last,
 and for the last too when the caller hands the output over. ``memory_efficient=False`` runs the same
 steps under plain autograd: it is the reference the gradient tests compare against.
+
+Mixed precision (``torch.autocast``): the state stays in float32, so that inversion stays exact to
+float32 rounding; the conditioners run in the autocast dtype, the orthogonal maps of the state in the
+state's dtype (:func:`full_precision`), and each step's backward recomputes under the autocast setting
+of its forward. A state in float16 or bfloat16 outside autocast (a network cast to half precision) is
+refused by the memory-efficient engine: its inversion would lose a few bits at every step.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -45,11 +52,32 @@ __all__ = [
     "OnTensor",
     "on_tensor_steps",
     "InvertibleSequence",
+    "full_precision",
 ]
 
 State = tuple[torch.Tensor, ...]
 # (input state, input gradients, condition gradient or None, parameter gradients in .parameters() order)
 ReverseResult = tuple[State, State, "torch.Tensor | None", list["torch.Tensor | None"]]
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _autocast_setting(device_type: str) -> tuple[bool, torch.dtype | None]:
+    """(whether ``torch.autocast`` is on for ``device_type``, its dtype); off for devices without autocast."""
+    if not torch.amp.is_autocast_available(device_type):
+        return False, None
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast(device_type: str, enabled: bool, dtype: torch.dtype | None) -> AbstractContextManager:
+    return torch.autocast(device_type, dtype, enabled) if torch.amp.is_autocast_available(device_type) else nullcontext()
+
+
+def full_precision(t: torch.Tensor) -> AbstractContextManager:
+    """Autocast off on ``t``'s device: the orthogonal maps of the state run in the state's dtype, so that
+    the state is not rounded to the autocast dtype between steps."""
+    return _autocast(t.device.type, False, None)
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -371,6 +399,8 @@ class _ReconstructingStep(torch.autograd.Function):
             state = tensors[:num_state]
             out = step.inverse(state, cond) if reverse else step(state, cond)
         ctx.step, ctx.reverse, ctx.relay, ctx.is_first, ctx.is_last = step, reverse, relay, is_first, is_last
+        ctx.device_type = tensors[0].device.type
+        ctx.autocast = _autocast_setting(ctx.device_type)  # the backward recomputes under the same setting
         ctx.cond_needs_grad = cond is not None and cond.requires_grad
         ctx.save_for_backward(cond, *(out if is_last else ()))
         return out
@@ -390,8 +420,12 @@ class _ReconstructingStep(torch.autograd.Function):
                 ) from error
             raise
         if ctx.is_last:
-            handed_over = () if relay.output_handed_over else (*out, *grad_out)
-            relay.external = frozenset(_storage(t) for t in handed_over)
+            # a gradient that is not a plain dense tensor (the stride-0 expansion that .sum() hands down)
+            # cannot be overwritten in place, handed over or not
+            kept_intact = (*out, *grad_out) if not relay.output_handed_over else [
+                g for g in grad_out if not g.is_contiguous()
+            ]
+            relay.external = frozenset(_storage(t) for t in kept_intact)
         state, relay.state = (tuple(t.detach() for t in out) if ctx.is_last else relay.state), None
         if state is None:
             raise RuntimeError(
@@ -400,13 +434,14 @@ class _ReconstructingStep(torch.autograd.Function):
             )
         cond_in = None if cond is None else cond.detach().requires_grad_(ctx.cond_needs_grad)
         step = ctx.step
-        if ctx.reverse:  # the step ran as its inverse: rebuild by applying it forward
-            state, grads, grad_cond, grad_params = recompute_reverse(
-                step.inverse, step.forward, _trainable(step), state, tuple(grad_out), cond_in
-            )
-        else:
-            writable = relay.writable(state, grad_out)
-            state, grads, grad_cond, grad_params = step.reverse(state, tuple(grad_out), cond_in, writable)
+        with _autocast(ctx.device_type, *ctx.autocast):
+            if ctx.reverse:  # the step ran as its inverse: rebuild by applying it forward
+                state, grads, grad_cond, grad_params = recompute_reverse(
+                    step.inverse, step.forward, _trainable(step), state, tuple(grad_out), cond_in
+                )
+            else:
+                writable = relay.writable(state, grad_out)
+                state, grads, grad_cond, grad_params = step.reverse(state, tuple(grad_out), cond_in, writable)
         relay.state = None if ctx.is_first else state  # the sequence's input: nothing before it needs it
         return (None, None, None, None, None, grad_cond, None, *grads, *grad_params)
 
@@ -440,11 +475,21 @@ class InvertibleSequence(nn.Module):
     def _apply_steps(self, state: State, cond: torch.Tensor | None, reverse: bool, hand_over_output: bool) -> State:
         steps = list(self.steps)
         params = _trainable(self)
+        autocast_on, _ = _autocast_setting(state[0].device.type)
+        if autocast_on:  # e.g. a stem convolution's bfloat16 output: the state itself stays in float32
+            state = tuple(t.float() if t.dtype in LOW_PRECISION else t for t in state)
         needs_graph = torch.is_grad_enabled() and (
             any(t.requires_grad for t in state) or bool(params) or (cond is not None and cond.requires_grad)
         )
         if not (self.memory_efficient and needs_graph):
             return _run(steps, state, cond, reverse)
+        low = sorted({str(t.dtype) for t in state if t.dtype in LOW_PRECISION})
+        if low:
+            raise TypeError(
+                f"The memory-efficient engine rebuilds activations by inversion, exact only in float32 or float64; "
+                f"got a {', '.join(low)} state. Keep the network in float32 and use torch.autocast for mixed "
+                "precision (IDMTrainer's amp=True), or set memory_efficient=False."
+            )
         relay, last = _Relay(hand_over_output), len(steps) - 1
         for position, step in enumerate(reversed(steps) if reverse else steps):
             state = _ReconstructingStep.apply(

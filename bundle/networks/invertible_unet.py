@@ -7,12 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..flags import as_flag, as_flags
 from .attention import InvertibleAttention
 from .coupling import AdditiveCoupling
 from .engine import InverseOf, InvertibleSequence, InvertibleStep, OnTensor, ReverseResult, State, on_tensor_steps
 from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling
 
-__all__ = ["SkipSplit", "as_flags", "skip_channels", "InvertibleUNet"]
+__all__ = ["SkipSplit", "skip_channels", "InvertibleUNet"]
 
 
 class SkipSplit(InvertibleStep):
@@ -64,20 +65,6 @@ class _SkipMerge(InvertibleStep):
             return (x, skip.clone(), *rest)
 
         return unmerge(state), unmerge(grad_state), None, []
-
-
-def as_flags(values: Sequence[bool | str], name: str) -> tuple[bool, ...]:
-    """Booleans from bools or the strings "true"/"false" (how a command line such as
-    ``--network_def#attention_levels "[false,true,true]"`` delivers them)."""
-    flags = []
-    for value in values:
-        if isinstance(value, str):
-            if value.strip().lower() not in ("true", "false"):
-                raise ValueError(f"{name} must hold true/false values, got {list(values)}.")
-            flags.append(value.strip().lower() == "true")
-        else:
-            flags.append(bool(value))
-    return tuple(flags)
 
 
 def _suggest_channels(spatial_dims: int, levels: int, first: int) -> tuple[int, ...]:
@@ -169,6 +156,9 @@ class InvertibleUNet(nn.Module):
         skips = skip_channels(spatial_dims, channels)
         levels = len(channels)
         attention_levels = as_flags(attention_levels, "attention_levels") if attention_levels is not None else (False,) * levels
+        memory_efficient = as_flag(memory_efficient, "memory_efficient")
+        channel_mixing = as_flag(channel_mixing, "channel_mixing")
+        recompute_norms = as_flag(recompute_norms, "recompute_norms")
         if len(attention_levels) != levels:
             raise ValueError(
                 f"attention_levels has {len(attention_levels)} entries but channels has {levels} levels; "
@@ -216,7 +206,7 @@ class InvertibleUNet(nn.Module):
 
     @memory_efficient.setter
     def memory_efficient(self, value: bool) -> None:
-        self.sequence.memory_efficient = bool(value)
+        self.sequence.memory_efficient = as_flag(value, "memory_efficient")
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raises ``ValueError`` naming sizes that work if ``x`` does not fit the trunk."""

@@ -9,7 +9,7 @@ import torch
 from monai.networks.utils import pixelshuffle, pixelunshuffle
 from torch import nn
 
-from .engine import InvertibleModule, ReverseResult
+from .engine import LOW_PRECISION, InvertibleModule, ReverseResult, full_precision
 
 __all__ = ["cayley", "haar_matrix", "OrthogonalChannelMixing", "OrthogonalDownsampling"]
 
@@ -23,10 +23,14 @@ def cayley(generator: torch.Tensor) -> torch.Tensor:
     ``exp(A − Aᵀ)``: the backward of ``torch.linalg.matrix_exp`` exponentiates a 2n × 2n block matrix,
     which for the paper configuration's 2048-channel mixing was a 0.5 GB working set
     (``scripts/benchmark.py profile``) and took about 20 times as long as the solve on the CPU.
+    Half-precision generators are solved in float32 (the solvers have no half-precision kernels) and ``Q``
+    is returned in their dtype.
     """
-    skew = generator - generator.transpose(-1, -2)
-    identity = torch.eye(generator.shape[-1], dtype=generator.dtype, device=generator.device)
-    return torch.linalg.solve(identity - skew, identity + skew)
+    work = generator.float() if generator.dtype in LOW_PRECISION else generator
+    skew = work - work.transpose(-1, -2)
+    identity = torch.eye(work.shape[-1], dtype=work.dtype, device=work.device)
+    with full_precision(work):
+        return torch.linalg.solve(identity - skew, identity + skew).to(generator.dtype)
 
 
 @lru_cache(maxsize=2)
@@ -68,10 +72,12 @@ class OrthogonalChannelMixing(InvertibleModule):
         return torch.bmm(matrix.expand(x.shape[0], -1, -1), x.flatten(2)).view_as(x)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self._mix(self.matrix().to(x.dtype), x)
+        with full_precision(x):
+            return self._mix(self.matrix().to(x.dtype), x)
 
     def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self._mix(self.matrix().to(y.dtype).T, y)
+        with full_precision(y):
+            return self._mix(self.matrix().to(y.dtype).T, y)
 
     def reverse(
         self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None, overwrite: bool = False
@@ -81,7 +87,7 @@ class OrthogonalChannelMixing(InvertibleModule):
         autograd. With ``overwrite`` the results replace ``y`` and ``grad_y``."""
         with torch.enable_grad():
             matrix = self.matrix()
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(y):
             q_t = matrix.detach().to(y.dtype).T
             x, grad_x = (y, grad_y) if overwrite else (torch.empty_like(y), torch.empty_like(grad_y))
             grad_matrix = torch.zeros_like(q_t)
@@ -124,12 +130,14 @@ class OrthogonalDownsampling(InvertibleModule):
         b, c = x.shape[:2]
         patches = pixelunshuffle(x, self.spatial_dims, 2)
         patches = patches.reshape(b, c, 2**self.spatial_dims, *patches.shape[2:])
-        y = torch.einsum("ckj,bcj...->bck...", self.matrices().to(x.dtype), patches)
+        with full_precision(x):
+            y = torch.einsum("ckj,bcj...->bck...", self.matrices().to(x.dtype), patches)
         return y.reshape(b, -1, *y.shape[3:])
 
     def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         b = y.shape[0]
         patch = 2**self.spatial_dims
         coeffs = y.reshape(b, -1, patch, *y.shape[2:])
-        patches = torch.einsum("cjk,bcj...->bck...", self.matrices().to(y.dtype), coeffs)
+        with full_precision(y):
+            patches = torch.einsum("cjk,bcj...->bck...", self.matrices().to(y.dtype), coeffs)
         return pixelshuffle(patches.reshape(b, -1, *y.shape[2:]), self.spatial_dims, 2)

@@ -1,0 +1,42 @@
+"""Boolean settings as the bundle's command lines deliver them.
+
+``python -m monai.bundle run … --overwrite false`` passes the string ``"false"`` (fire parses only
+``True``/``False`` as booleans), and a non-empty string is truthy: every boolean setting is read through
+:func:`as_flag`, so that ``false`` means false.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import BadInputError
+
+__all__ = ["as_flag", "as_flags"]
+
+
+def as_flag(value: bool | str, name: str) -> bool:
+    """``value`` as a bool: a bool, or the string ``"true"``/``"false"`` in any case.
+
+    Raises:
+        BadInputError: naming ``name`` for anything else (a number, another string).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise BadInputError(f"{name} must be true or false, got {value!r}.")
+
+
+def as_flags(values: Sequence[bool | str], name: str) -> tuple[bool, ...]:
+    """Booleans from bools or the strings "true"/"false" (how a command line such as
+    ``--network_def#attention_levels "[false,true,true]"`` delivers them).
+
+    Raises:
+        BadInputError: naming ``name`` and the values when one of them is neither.
+    """
+    if isinstance(values, (str, bool)) or not all(isinstance(v, (bool, str)) for v in values):
+        raise BadInputError(f"{name} must be a list of true/false values, got {values!r}.")
+    try:
+        return tuple(as_flag(value, name) for value in values)
+    except BadInputError:
+        raise BadInputError(f"{name} must hold true/false values, got {list(values)}.") from None
