@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["BadInputError", "NonFiniteLossError", "exit_on_bad_input"]
+import torch
+from torch import nn
+
+__all__ = ["BadInputError", "NonFiniteLossError", "exit_on_bad_input", "state_dict_mismatch"]
 
 
 class BadInputError(ValueError):
@@ -26,3 +29,20 @@ def exit_on_bad_input(function: Callable[..., Any], *args: Any, **kwargs: Any) -
     except (BadInputError, NonFiniteLossError, FileNotFoundError) as error:
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def state_dict_mismatch(network: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into ``network`` (weights missing, unexpected or of another shape,
+    with examples), or ``""`` when it loads: the message of a checkpoint of another ``network_def``."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    return "; ".join(
+        part for part in (
+            f"{len(missing)} weights missing (e.g. {missing[:3]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+            f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else "",
+        ) if part
+    )

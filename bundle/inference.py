@@ -13,7 +13,7 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
-from .errors import BadInputError
+from .errors import BadInputError, state_dict_mismatch
 from .flags import as_flag
 from .visualize import save_mid_slices_png
 
@@ -40,19 +40,8 @@ def load_checkpoint(network: nn.Module, ckpt_path: str | Path) -> nn.Module:
         raise BadInputError(f"Checkpoint {str(path)!r} is not a readable PyTorch state dict ({error}).") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BadInputError(f"Checkpoint {str(path)!r} is not a state dict of tensors (is it training_state.pt? use model.pt).")
-    expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        details = "; ".join(
-            part for part in (
-                f"{len(missing)} weights missing (e.g. {missing[:3]})" if missing else "",
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-                f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else "",
-            ) if part
-        )
+    details = state_dict_mismatch(network, state)
+    if details:
         raise BadInputError(
             f"Checkpoint {str(path)!r} does not match network_def: {details}. Use the same network_def "
             "overrides (channels, num_blocks, attention_levels, modalities) as the training run."

@@ -18,7 +18,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 from bundle.data import training_cases, write_brats_phantoms
-from bundle.diffusion import NoiseSampler
+from bundle.diffusion import NoiseSampler, ema_with_warmup
 from bundle.errors import BadInputError
 from bundle.handlers import TrainingCheckpoint
 from bundle.visualize import read_scalars
@@ -158,8 +158,17 @@ def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_le
     first = train(common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 1})
     assert first.returncode == 0, first.stderr[-3000:]
     assert _state(tmp_path / "B" / "training_state.pt")["optimizer"]["param_groups"][0]["lr"] == 0.0  # annealed
-    resumed = train(common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 3,
-                              "resume": "true"})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "B").iterdir()}
+    resume = common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 3,
+                       "resume": "true"}
+    # a resume must be the run it continues: other settings are refused by name, before training
+    other_t = train(resume | {"num_train_timesteps": "200"})
+    assert other_t.returncode == 1 and "num_train_timesteps=100, but this run has 200" in other_t.stderr
+    other_net = train(resume | {"network_def#channels": "[8,16,64]"})
+    assert other_net.returncode == 1 and "training_state.pt was written by another network_def" in other_net.stderr
+    assert "of another shape" in other_net.stderr and "Traceback" not in other_net.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "B").iterdir()} == before
+    resumed = train(resume)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _state(tmp_path / "A" / "training_state.pt"), _state(tmp_path / "B" / "training_state.pt")
     assert a["trainer"] == b["trainer"] == {"epoch": 3, "iteration": 9}
@@ -238,6 +247,37 @@ def test_resuming_keeps_the_configured_fused_adamw_and_its_update_matches_the_fo
         fused.step()
     for p, q, start in zip(network.parameters(), twin.parameters(), restored):
         assert not torch.equal(q, start) and torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_every_rank_resumes_its_own_noise_stream():
+    """Under DDP only rank 0 saves the noise state: each rank must still continue its own stream from it."""
+    images = torch.zeros(2, 1, 4, 4, 4)
+    uninterrupted = {rank: NoiseSampler(100, seed=3, rank=rank) for rank in (0, 1)}
+    draws = {rank: [sampler.sample(images) for _ in range(3)] for rank, sampler in uninterrupted.items()}
+    assert not torch.equal(draws[0][2][0], draws[1][2][0])  # ranks draw different noise
+    saved = NoiseSampler(100, seed=3, rank=0)
+    saved.sample(images), saved.sample(images)
+    for rank in (0, 1):
+        resumed = NoiseSampler(100, seed=3, rank=rank)
+        resumed.load_state_dict(saved.state_dict())
+        noise, timesteps = resumed.sample(images)
+        assert torch.equal(noise, draws[rank][2][0]) and torch.equal(timesteps, draws[rank][2][1])
+
+
+def test_the_ema_decay_warms_up_to_its_setting():
+    """Update n (after the first, which copies) uses d = min(decay, (1 + n)/(10 + n)): the average of a short run
+    follows its weights instead of staying at the first ones."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(0.5), use_buffers=True)
+    expected = None
+    for step in range(12):
+        model.weight.data.fill_(float(step))
+        ema.update_parameters(model)
+        d = min(0.5, (1 + step) / (10 + step))  # `step` updates came before; from step 9 on, d is the setting
+        expected = float(step) if step == 0 else d * expected + (1 - d) * step
+        assert ema.module.weight.item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
+        ema_with_warmup(1.0)
 
 
 def test_resuming_a_finished_run_without_more_epochs_is_refused(six_cases, tmp_path):

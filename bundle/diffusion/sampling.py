@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import BadInputError
 
-__all__ = ["SAMPLERS", "SAMPLING_SCHEDULE", "check_noise_schedule", "make_sampling_scheduler", "DiffusionSampler"]
+__all__ = ["SAMPLERS", "SAMPLING_SCHEDULE", "check_noise_schedule", "check_noise_scheduler", "make_sampling_scheduler", "DiffusionSampler"]
 
 SAMPLERS = ("ddpm", "ddim")
 SAMPLING_SCHEDULE = "cosine"
@@ -25,6 +25,31 @@ def check_noise_schedule(schedule: str, source: str = "noise_scheduler#schedule"
             f"{source} is {schedule!r}, but the bundle's samplers implement the {SAMPLING_SCHEDULE!r} noise schedule "
             f"only, so a model trained with another could not be sampled; train with --noise_scheduler#schedule "
             f"{SAMPLING_SCHEDULE}."
+        )
+
+
+def check_noise_scheduler(scheduler: Scheduler, schedule: str) -> None:
+    """For training: ``scheduler`` (the configuration's ``noise_scheduler``, built with ``schedule``) must noise
+    images as the samplers will assume at sampling time, which rebuild the default :data:`SAMPLING_SCHEDULE`
+    scheduler from ``num_train_timesteps`` alone (:func:`make_sampling_scheduler`), and predict ε.
+
+    Raises:
+        BadInputError: for another schedule, other schedule arguments (ᾱ_t differs) or a prediction type
+            other than ``"epsilon"``, naming the override to drop.
+    """
+    check_noise_schedule(schedule)
+    if scheduler.prediction_type != "epsilon":
+        raise BadInputError(
+            f"noise_scheduler#prediction_type is {scheduler.prediction_type!r}, but the loss (Eq. 8) and the "
+            "samplers predict the noise ε; drop the override (or set it to 'epsilon')."
+        )
+    reference = make_sampling_scheduler("ddpm", scheduler.num_train_timesteps).alphas_cumprod
+    if not torch.allclose(scheduler.alphas_cumprod, reference):
+        middle = scheduler.num_train_timesteps // 2
+        raise BadInputError(
+            f"noise_scheduler's schedule arguments differ from the samplers' default {SAMPLING_SCHEDULE} schedule "
+            f"(ᾱ at t={middle}: {scheduler.alphas_cumprod[middle]:.4f} vs {reference[middle]:.4f}), which sampling "
+            "and evaluation rebuild from num_train_timesteps alone; drop the noise_scheduler#… schedule overrides."
         )
 
 

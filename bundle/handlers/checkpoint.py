@@ -16,9 +16,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from ..data.geometry import GEOMETRY_FILE
+from ..data.geometry import GEOMETRY_FILE, load_geometry
 from ..diffusion.loss import unwrap
-from ..errors import BadInputError
+from ..errors import BadInputError, state_dict_mismatch
 from ..flags import as_flag
 
 __all__ = ["TrainingCheckpoint", "atomic_save"]
@@ -198,12 +198,22 @@ class TrainingCheckpoint:
                 f"--resume true, but there is no {self.STATE} in ckpt_dir {str(self.ckpt_dir)!r} to resume "
                 "from; run without --resume to start a new training there."
             )
+        if self.geometry is not None:  # spatial_size, modalities, T and schedule: the run's own
+            diffusion = self.geometry["diffusion"]
+            load_geometry(self.model_path, self.geometry["spatial_size"], self.geometry["modalities"],
+                          diffusion["num_train_timesteps"])
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         missing = [name for name in self.objects if name not in state]
         if missing:
             raise BadInputError(
                 f"{self.state_path} lacks {missing}: it was written with another configuration "
                 "(e.g. EMA on/off); resume with the configuration that wrote it."
+            )
+        mismatch = state_dict_mismatch(self.objects["network"], state["network"])
+        if mismatch:
+            raise BadInputError(
+                f"{self.state_path} was written by another network_def: {mismatch}. Resume with the training "
+                "run's network_def overrides (channels, num_blocks, attention_levels, modalities)."
             )
         done = state["trainer"]["epoch"]
         if done >= engine.state.max_epochs:
