@@ -297,10 +297,13 @@ def test_existing_checkpoints_are_not_overwritten_and_resume_needs_one(six_cases
     assert missing.returncode == 1 and "no training_state.pt" in missing.stderr
     assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()}
+    events = sorted((tmp_path / "R").glob("events.out.tfevents.*"))
     # the command line delivers "false" as a string, which is truthy: it must still mean false
     again = train(base | {"train#trainer#max_epochs": 1, "resume": "false", "overwrite": "false"})
     assert again.returncode == 1 and "--resume true" in again.stderr and "--overwrite true" in again.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
+    # refused before the data is read and the trainer (with its TensorBoard writers) is built
+    assert sorted((tmp_path / "R").glob("events.out.tfevents.*")) == events
     unclear = train(base | {"train#trainer#max_epochs": 1, "overwrite": "yes"})
     assert unclear.returncode == 1 and "overwrite must be true or false, got 'yes'" in unclear.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before

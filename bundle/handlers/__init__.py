@@ -1,6 +1,6 @@
 """Ignite handlers: checkpoints, non-finite guard, step statistics, previews."""
 
-from .checkpoint import TrainingCheckpoint, atomic_save
+from .checkpoint import TrainingCheckpoint, atomic_save, check_checkpoint_folder
 from .nonfinite import NonFiniteLossGuard
 from .previews import PreviewHandler
 from .step_stats import StepStatsHandler, peak_memory_bytes
@@ -11,5 +11,6 @@ __all__ = [
     "StepStatsHandler",
     "TrainingCheckpoint",
     "atomic_save",
+    "check_checkpoint_folder",
     "peak_memory_bytes",
 ]

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from ..diffusion.loss import unwrap
 from ..errors import BadInputError, state_dict_mismatch
 from ..flags import as_flag
 
-__all__ = ["TrainingCheckpoint", "atomic_save"]
+__all__ = ["TrainingCheckpoint", "atomic_save", "check_checkpoint_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +153,7 @@ class TrainingCheckpoint:
         if resume:
             self.load(engine)
             return
-        existing = [str(p) for p in (self.model_path, self.state_path) if p.exists()]
-        if existing and not overwrite:
-            raise BadInputError(
-                f"ckpt_dir {str(self.ckpt_dir)!r} already holds {', '.join(existing)} from an earlier run. "
-                "Pass --resume true to continue that run, --overwrite true to start afresh over it, or "
-                "another --ckpt_dir."
-            )
+        check_checkpoint_folder(self.ckpt_dir, resume, overwrite)
         if not _writes_outputs():
             return
         events = self.earlier_event_files()
@@ -193,15 +187,11 @@ class TrainingCheckpoint:
         logger.info("epoch %d: saved %s and %s", engine.state.epoch, self.model_path, self.state_path)
 
     def load(self, engine: Engine) -> None:
-        if not self.state_path.is_file():
-            raise BadInputError(
-                f"--resume true, but there is no {self.STATE} in ckpt_dir {str(self.ckpt_dir)!r} to resume "
-                "from; run without --resume to start a new training there."
-            )
-        if self.geometry is not None:  # spatial_size, modalities, T and schedule: the run's own
-            diffusion = self.geometry["diffusion"]
-            load_geometry(self.model_path, self.geometry["spatial_size"], self.geometry["modalities"],
-                          diffusion["num_train_timesteps"])
+        """Restores the training state; refused by name when it is not this configuration's run
+        (:func:`check_checkpoint_folder`, then the network's weights and the epochs left)."""
+        geometry = self.geometry or {}
+        check_checkpoint_folder(self.ckpt_dir, True, False, geometry.get("spatial_size"), geometry.get("modalities"),
+                                geometry.get("diffusion", {}).get("num_train_timesteps"))
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         missing = [name for name in self.objects if name not in state]
         if missing:
@@ -238,3 +228,39 @@ class TrainingCheckpoint:
         engine.state.epoch = done
         engine.state.iteration = state["trainer"]["iteration"]
         logger.info("resumed from %s at epoch %d", self.state_path, engine.state.epoch)
+
+
+def check_checkpoint_folder(
+    ckpt_dir: str | Path,
+    resume: bool | str,
+    overwrite: bool | str = False,
+    spatial_size: Sequence[int] | None = None,
+    modalities: Sequence[str] | None = None,
+    num_train_timesteps: int | None = None,
+) -> None:
+    """What :meth:`TrainingCheckpoint.prepare` refuses that the files alone tell, so that ``configs/train.json``
+    checks it before it reads data or builds anything: a resume without ``training_state.pt``, or of a run
+    whose ``geometry.json`` records another ``spatial_size``, ``modalities`` or ``num_train_timesteps``
+    (:func:`~bundle.data.load_geometry`, when they are given); a new run over an earlier run's checkpoints
+    without ``overwrite``.
+
+    Raises:
+        BadInputError: naming the file and the flag or override to pass.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    model, state = ckpt_dir / TrainingCheckpoint.MODEL, ckpt_dir / TrainingCheckpoint.STATE
+    if as_flag(resume, "resume"):
+        if not state.is_file():
+            raise BadInputError(
+                f"--resume true, but there is no {state.name} in ckpt_dir {str(ckpt_dir)!r} to resume from; run "
+                "without --resume to start a new training there."
+            )
+        if spatial_size is not None:
+            load_geometry(model, spatial_size, modalities, num_train_timesteps)
+        return
+    existing = [str(p) for p in (model, state) if p.exists()]
+    if existing and not as_flag(overwrite, "overwrite"):
+        raise BadInputError(
+            f"ckpt_dir {str(ckpt_dir)!r} already holds {', '.join(existing)} from an earlier run. Pass --resume "
+            "true to continue that run, --overwrite true to start afresh over it, or another --ckpt_dir."
+        )
