@@ -49,6 +49,7 @@ def check_training_settings(
     lambda_rec: float,
     lambda_l2: float,
     val_interval: int,
+    drift_interval: int,
     val_timestep_fractions: Sequence[float],
     preview_interval: int,
     device: torch.device | str,
@@ -76,9 +77,10 @@ def check_training_settings(
     for name, value in (("lambda_rec", lambda_rec), ("lambda_l2", lambda_l2)):
         if not _number(value) or value < 0:
             raise BadInputError(f"{name} must be a number ≥ 0 (0 drops its term of Eq. 8); got {value!r}.")
-    for name, value in (("val_interval", val_interval), ("preview_interval", preview_interval)):
+    for name, value in (("val_interval", val_interval), ("drift_interval", drift_interval),
+                        ("preview_interval", preview_interval)):
         if not _positive_int(value):
-            raise BadInputError(f"{name} must be a positive integer (every n-th epoch or validation); got {value!r}.")
+            raise BadInputError(f"{name} must be a positive integer (every n-th epoch, step or validation); got {value!r}.")
     if (isinstance(val_timestep_fractions, (str, bytes)) or not isinstance(val_timestep_fractions, Sequence)
             or not val_timestep_fractions or not all(_number(f) and 0 <= f < 1 for f in val_timestep_fractions)):
         raise BadInputError(

@@ -15,7 +15,7 @@ def _settings(tmp_path, **changes) -> dict:
     return {
         "spatial_size": [16, 16, 16], "batch_size": 2, "micro_batch_size": None, "amp": False,
         "noise_scheduler": DDPMScheduler(100, schedule="cosine"), "schedule": "cosine", "learning_rate": 2e-4,
-        "ema_decay": 0.999, "lambda_rec": 0.0, "lambda_l2": 1e-4, "val_interval": 1,
+        "ema_decay": 0.999, "lambda_rec": 0.0, "lambda_l2": 1e-4, "val_interval": 1, "drift_interval": 100,
         "val_timestep_fractions": [0.05, 0.25, 0.5], "preview_interval": 5, "device": "cpu",
         "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "runs",
     } | changes
@@ -35,6 +35,7 @@ def _settings(tmp_path, **changes) -> dict:
     ({"ema_decay": 1.5}, "ema_decay must be in [0, 1)"),
     ({"lambda_rec": -0.1}, "lambda_rec must be a number ≥ 0"),
     ({"val_interval": 0}, "val_interval must be a positive integer"),
+    ({"drift_interval": "often"}, "drift_interval must be a positive integer"),
     ({"preview_interval": 1.5}, "preview_interval must be a positive integer"),
     ({"val_timestep_fractions": [1.0]}, "val_timestep_fractions must be a list of fractions of T in [0, 1)"),
     ({"device": "cuda:7"}, "device is 'cuda:7', but this machine has"),

@@ -16,11 +16,13 @@ import torch
 from conftest import ROOT, SMALL_TRAINING as SMALL, largest_update_allocation, run_bundle
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
+from monai.networks.schedulers import DDPMScheduler
 
 from bundle.data import training_cases, write_brats_phantoms
 from bundle.diffusion import NoiseSampler, ema_with_warmup
 from bundle.errors import BadInputError
-from bundle.handlers import TrainingCheckpoint
+from bundle.handlers import InversionDriftMonitor, TrainingCheckpoint
+from bundle.networks import InvertibleDiffusionUNet
 from bundle.visualize import read_scalars
 
 TRAIN = "configs/train.json"
@@ -67,7 +69,7 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
         "dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
         "spatial_size": "[32,32,32]", "network_def#channels": "[16,32,64]",
         "network_def#attention_levels": "[false,true,true]", "num_train_timesteps": "100",
-        "batch_size": "2", "train#trainer#max_epochs": "2",
+        "batch_size": "2", "train#trainer#max_epochs": "2", "drift_interval": "2",
     }
     result = train(overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -76,7 +78,8 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
     with torch.no_grad():
         assert network(torch.rand(1, 2, 32, 32, 32), torch.tensor([10])).shape == (1, 2, 32, 32, 32)
     assert "val_eps_mse" in result.stdout + result.stderr
-    assert any((tmp_path / "R").glob("events.out.tfevents.*"))
+    drift = read_scalars(tmp_path / "R", ["train/inversion_drift"])["train/inversion_drift"]
+    assert [step for step, _ in drift] == [2, 4, 6] and all(0 < value < 1e-4 for _, value in drift)
     geometry = json.loads((tmp_path / "C" / "geometry.json").read_text())
     assert geometry["spatial_size"] == [32, 32, 32] and geometry["modalities"] == ["t1", "t2"]
     assert len(geometry["affine"]) == 4 and geometry["affine"][0][0] > 0  # RAS voxel grid of the training volumes
@@ -247,6 +250,34 @@ def test_resuming_keeps_the_configured_fused_adamw_and_its_update_matches_the_fo
         fused.step()
     for p, q, start in zip(network.parameters(), twin.parameters(), restored):
         assert not torch.equal(q, start) and torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_the_drift_monitor_measures_the_trunks_round_trip_and_warns_when_it_is_no_longer_exact(tmp_path, caplog):
+    """The monitor rebuilds x_t from the trainer's decollated output and logs the trunk's round-trip error;
+    weights scaled up (a badly conditioned trunk) push it past the threshold and it says so."""
+    torch.manual_seed(0)
+    network = InvertibleDiffusionUNet(3, 2, 2, channels=(8, 16), num_blocks=1, attention_levels=(False, True))
+    scheduler = DDPMScheduler(100, schedule="cosine")
+    images, noise, timesteps = torch.rand(2, 2, 8, 8, 8) * 2 - 1, torch.randn(2, 2, 8, 8, 8), torch.tensor([5, 60])
+    engine = Engine(lambda engine, batch: None)
+    engine.network, engine.scheduler, engine.state.iteration = network, scheduler, 100
+    engine.state.device = torch.device("cpu")
+    engine.state.output = [{"image": i, "label": n, "timesteps": int(t)} for i, n, t in zip(images, noise, timesteps)]
+    monitor = InversionDriftMonitor(str(tmp_path), interval=100, warn_above=1e-4)
+    monitor.measure(engine)
+    expected = network.trunk_round_trip_error(scheduler.add_noise(images, noise, timesteps), timesteps).max()
+    assert monitor.latest == pytest.approx(float(expected)) and 0 < monitor.latest < 1e-5
+    assert "round trip" not in caplog.text
+    with torch.no_grad():
+        for name, parameter in network.trunk.named_parameters():
+            if "generator" not in name:  # the couplings' and attention's weights: the conditioning
+                parameter.normal_(std=1.0)
+    with caplog.at_level(logging.WARNING):
+        monitor.measure(engine)
+    assert monitor.latest > 1e-4 and "the invertible trunk's round trip is off by" in caplog.text
+    monitor._close(engine)
+    logged = read_scalars(tmp_path, ["train/inversion_drift"])["train/inversion_drift"]
+    assert [step for step, _ in logged] == [100] and logged[0][1] == pytest.approx(monitor.latest)
 
 
 def test_every_rank_resumes_its_own_noise_stream():

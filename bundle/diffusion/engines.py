@@ -57,7 +57,7 @@ class IDMTrainer(SupervisedTrainer):
     iteration as usual (its handlers log the bad loss) and terminates the run (no ``EPOCH_COMPLETED``, hence
     no checkpoint, and no ``COMPLETED``); :meth:`run` raises it once ignite has stopped, so that it reaches
     the caller without ignite's error log and the tracebacks of the ``EXCEPTION_RAISED`` handlers. The
-    output dict holds ``image``, ``label`` (ε), ``pred``, ``loss`` and each Eq. 8 term by name
+    output dict holds ``image``, ``label`` (ε), ``timesteps`` (t), ``pred``, ``loss`` and each Eq. 8 term by name
     (``eps_mse``, ``weight_norm``, ``reconstruction``), decollated per sample after the step as MONAI
     trainers do (so stock handlers such as ``StatsHandler`` and ``MLFlowHandler`` read ``loss`` with their
     defaults).
@@ -124,7 +124,7 @@ class IDMTrainer(SupervisedTrainer):
         images = to_model_range(batchdata["image"].to(engine.state.device))
         noise, timesteps = self.noise_sampler.sample(images)
         noisy = self.scheduler.add_noise(images, noise, timesteps)
-        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: noise}
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: noise, "timesteps": timesteps}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         prediction, loss, terms = idm_loss_backward(
