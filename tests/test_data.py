@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import itk
@@ -10,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import run_bundle
+from conftest import ROOT, run_bundle
 
 from bundle.data import (
     DatasetNotFoundError,
@@ -290,3 +292,26 @@ def test_unknown_modality_names_the_modalities_the_data_has(brats_dir):
     assert "flair, seg, t1, t1ce, t2" in str(info.value)
     with pytest.raises(BadInputError, match="modalities must be"):
         discover_cases(brats_dir, "t1")
+
+
+def _make_phantoms(*args: str) -> subprocess.CompletedProcess:
+    """``python scripts/make_phantoms.py ARGS`` as a user types it."""
+    command = [sys.executable, str(ROOT / "scripts" / "make_phantoms.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_make_phantoms_overwrite_false_keeps_existing_cases(tmp_path):
+    """The command line delivers --overwrite false as the string 'false', which must refuse, not overwrite."""
+    base = ["--output_dir", str(tmp_path), "--num_cases", "1", "--shape", "[8,8,8]"]
+    assert _make_phantoms(*base).returncode == 0
+    t1 = tmp_path / "IDM_Phantom_001" / "IDM_Phantom_001_t1.nii.gz"
+    t1.write_bytes(b"kept")
+    refused = _make_phantoms(*base, "--seed", "3", "--overwrite", "false")
+    assert refused.returncode == 1 and "Refusing to overwrite" in refused.stderr
+    assert "--overwrite true" in refused.stderr
+    assert t1.read_bytes() == b"kept"
+    bad = _make_phantoms(*base, "--overwrite", "no")
+    assert bad.returncode == 1 and "--overwrite must be true or false, got 'no'" in bad.stderr
+    assert t1.read_bytes() == b"kept"
+    assert _make_phantoms(*base, "--overwrite", "true").returncode == 0
+    assert nib.load(t1).shape == (8, 8, 8)
