@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_bundle
+from conftest import ROOT, SMALL_TRAINING, run_bundle
 
 from bundle.data import (
     DatasetNotFoundError,
@@ -224,6 +224,28 @@ def test_empty_dataset_dir_gets_phantoms_and_every_run_on_them_warns(tmp_path, c
     assert "SYNTHETIC PHANTOMS" in caplog.text
     with pytest.raises(FileExistsError, match="Refusing to overwrite"):
         write_brats_phantoms(tmp_path / "empty" / "IDM_phantoms", num_cases=3, prefix="IDM_Phantom")
+
+
+def test_only_a_new_training_run_writes_phantoms(tmp_path):
+    """Evaluation and a resumed run (write_phantoms false) never create data in a missing or empty dataset_dir."""
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        for flag in (False, "false"):
+            with pytest.raises(DatasetNotFoundError, match="Only a new training run writes the built-in") as info:
+                training_cases(folder, num_phantoms=2, write_phantoms=flag)
+            assert str(folder) in str(info.value) and "--dataset_dir" in str(info.value)
+    assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
+    with pytest.raises(BadInputError, match="write_phantoms must be true or false"):
+        training_cases(tmp_path / "missing", write_phantoms="no")
+
+
+def test_a_resumed_run_with_a_missing_dataset_dir_writes_no_phantoms(tmp_path):
+    result = run_bundle("configs/train.json", SMALL_TRAINING | {
+        "dataset_dir": tmp_path / "typo", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R", "resume": "true",
+        "num_phantoms": "2"}, "training")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "typo' does not exist" in result.stderr and "Only a new training run writes" in result.stderr
+    assert not (tmp_path / "typo").exists()
 
 
 def test_phantoms_never_join_real_data(tmp_path, caplog):

@@ -149,6 +149,14 @@ def test_missing_checkpoint_is_named(setup, tmp_path):
     assert not (tmp_path / "O").exists()
 
 
+def test_a_missing_dataset_dir_is_named_and_gets_no_phantoms(setup, tmp_path):
+    """A misspelt --dataset_dir must not be filled with phantoms and evaluated on."""
+    result = evaluate(CLI | {"dataset_dir": tmp_path / "typo", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "O"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "typo' does not exist" in result.stderr and "Only a new training run writes" in result.stderr
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "O").exists()
+
+
 @pytest.mark.parametrize("size, kernel, scales", [(64, 7, 4), (32, 7, 3), (16, 3, 3)])
 def test_ms_ssim_settings_fit_the_volume(size, kernel, scales):
     settings = ms_ssim_settings((size,) * 3)

@@ -76,26 +76,31 @@ def training_cases(
     skip_invalid: bool = False,
     num_phantoms: int = 16,
     validation_cases: Sequence[str] | None = None,
+    write_phantoms: bool | str = True,
 ) -> dict[str, list[dict]]:
     """``{"train": records, "validation": records}`` for the dataset below ``dataset_dir``: the split of
     :func:`split_cases`, by ``seed`` and ``val_fraction`` or, when given, the recorded ``validation_cases``.
 
-    When ``dataset_dir`` does not exist or is empty (hidden files and ``IDM_phantoms`` aside),
-    ``num_phantoms`` synthetic cases ``IDM_Phantom_XXX`` are written to ``dataset_dir/IDM_phantoms``
-    (once; later runs find them) and used; every run that uses them says so loudly in the log, and they
-    are left out as soon as real data is found (:func:`~bundle.data.discovery.discover_cases`). A
-    ``dataset_dir`` that holds other files but no dataset of a known layout raises
-    :class:`~bundle.data.discovery.DatasetNotFoundError` and nothing is written to it.
-    Every case passes :func:`~bundle.data.preflight.preflight` first. Under ``torch.distributed`` rank 0
+    When ``dataset_dir`` does not exist or is empty (hidden files and ``IDM_phantoms`` aside) and
+    ``write_phantoms`` (a new training run), ``num_phantoms`` synthetic cases ``IDM_Phantom_XXX`` are written to
+    ``dataset_dir/IDM_phantoms`` (once; later runs find them) and used; every run that uses them says so loudly in
+    the log, and they are left out as soon as real data is found (:func:`~bundle.data.discovery.discover_cases`).
+    Without ``write_phantoms`` (evaluation, a resumed run: they use the data a run trained on, and never create
+    any) such a ``dataset_dir`` raises :class:`~bundle.data.discovery.DatasetNotFoundError` instead. A
+    ``dataset_dir`` that holds other files but no dataset of a known layout raises it too, and nothing is written
+    to it. Every case passes :func:`~bundle.data.preflight.preflight` first. Under ``torch.distributed`` rank 0
     prepares the data while the other ranks wait, then they discover what it wrote.
     """
     skip_invalid = as_flag(skip_invalid, "skip_invalid")
+    write_phantoms = as_flag(write_phantoms, "write_phantoms")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     leader = not distributed or torch.distributed.get_rank() == 0
     if not leader:
         torch.distributed.barrier()
     try:
-        return _prepare_cases(dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases)
+        return _prepare_cases(
+            dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases, write_phantoms
+        )
     finally:
         if distributed and leader:
             torch.distributed.barrier()
@@ -109,8 +114,16 @@ def _other_entries(root: Path) -> list[str]:
 
 
 def _prepare_cases(
-    dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases
+    dataset_dir: str | Path,
+    modalities: Sequence[str],
+    val_fraction: float,
+    seed: int,
+    skip_invalid: bool,
+    num_phantoms: int,
+    validation_cases: Sequence[str] | None,
+    write_phantoms: bool,
 ) -> dict[str, list[dict]]:
+    """:func:`training_cases` on the leader rank (its arguments, the flags already read)."""
     _check_val_fraction(val_fraction)
     root = Path(dataset_dir)
     try:
@@ -123,6 +136,12 @@ def _prepare_cases(
                 f"{error} It holds {listing}, so no synthetic phantoms are written there: put each case's files in "
                 f"a folder named after the case (<case>/<case>_t1.nii.gz, …), list them in a datalist JSON, or set "
                 f"dataset_dir to a missing or empty folder to train on the built-in phantoms."
+            ) from None
+        if not write_phantoms:
+            raise DatasetNotFoundError(
+                f"{error} Only a new training run writes the built-in synthetic phantoms (into a missing or empty "
+                f"dataset_dir); evaluation and a resumed run (--resume true) never create data: pass --dataset_dir "
+                f"with the folder that the training run used."
             ) from None
         unknown = [m for m in modalities if m.lower() not in BRATS_MODALITIES]
         if unknown:
