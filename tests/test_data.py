@@ -95,6 +95,25 @@ def test_datalist_json_and_itk_formats(tmp_path):
     assert preprocessing(["t1", "t2"], (8, 8, 8))(records[0])["image"].shape == (2, 8, 8, 8)
 
 
+def test_json_files_that_are_not_valid_json_are_skipped_with_a_warning(tmp_path, caplog):
+    """A truncated datalist or a macOS AppleDouble ``._*.json`` (binary, not UTF-8) does not stop discovery of the
+    dataset beside it; the invalid one is named in a warning, AppleDouble files are not even read."""
+    write_brats_phantoms(tmp_path / "BraTS", num_cases=2, shape=SHAPE)
+    (tmp_path / "._dataset.json").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X\xff\xfe")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "datalist.json").write_text('{"training": [{"t1": "a_t1.nii.gz"')  # truncated
+    (tmp_path / "notes" / "latin1.json").write_bytes('{"name": "Müller"}'.encode("latin-1"))
+    records = discover_cases(tmp_path, ["t1", "t2"])
+    assert [r["case"] for r in records] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    assert f"Skipping {tmp_path / 'notes' / 'datalist.json'}: not a valid UTF-8 JSON file" in caplog.text
+    assert str(tmp_path / "notes" / "latin1.json") in caplog.text and "._dataset.json" not in caplog.text
+    # with no dataset at all, the error names the skipped files: one of them may be the intended datalist
+    only = tmp_path / "notes"
+    with pytest.raises(DatasetNotFoundError, match="No dataset found") as info:
+        discover_cases(only, ["t1", "t2"])
+    assert "not valid UTF-8 JSON" in str(info.value) and str(only / "datalist.json") in str(info.value)
+
+
 def test_datalist_case_ids_follow_the_files_not_the_order(tmp_path):
     """Ids name the same files whatever the order of the items (a run's validation split is recorded by id)."""
     items = [{"t1": "site_a/sub-01_t1.nii.gz", "t2": "site_a/sub-01_t2.nii.gz"},

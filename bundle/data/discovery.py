@@ -15,6 +15,10 @@ the channel to take). Three layouts are found anywhere below ``dataset_dir``:
   first modality's file name without suffix and modality (``a``), prefixed with its folder where that name
   is not unique.
 
+``*.json`` files that are not valid UTF-8 JSON (a truncated download, an editor's backup) are skipped with a
+warning naming them, and macOS AppleDouble files (``._*``) are ignored; when no dataset is found the error lists
+the skipped files.
+
 The built-in synthetic phantoms (``dataset_dir/IDM_phantoms``, case ids ``IDM_Phantom_XXX``) never join
 real data: they are used only when nothing else below ``dataset_dir`` is a dataset, with a loud warning
 on every run that uses them.
@@ -86,9 +90,8 @@ def _brats_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
     return records
 
 
-def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
-    with open(json_path) as f:
-        content = json.load(f)
+def _datalist_cases(json_path: Path, content: object, modalities: Sequence[str]) -> list[dict]:
+    """The case records of the datalist ``json_path`` (its parsed ``content``); none when it is not a datalist."""
     if not isinstance(content, dict) or not isinstance(content.get("training"), list):
         return []
     items = load_decathlon_datalist(str(json_path), is_segmentation=False, data_list_key="training")
@@ -166,13 +169,24 @@ def _with_case_ids(records: list[dict], json_path: Path, modality: str, four_d: 
     return records
 
 
-def _find_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
-    """The records of the first datalist JSON below ``root`` that has any, else of its BraTS case folders."""
+def _find_cases(root: Path, modalities: Sequence[str]) -> tuple[list[dict], list[Path]]:
+    """The records of the first datalist JSON below ``root`` that has any, else of its BraTS case folders; and the
+    ``*.json`` files skipped because they are not valid UTF-8 JSON (each named in a warning). AppleDouble files
+    (``._*``, macOS metadata beside every file copied from its disks) are not read at all."""
+    unreadable = []
     for json_path in sorted(root.rglob("*.json")):
-        records = _datalist_cases(json_path, modalities)
+        if json_path.name.startswith("._") or not json_path.is_file():
+            continue
+        try:
+            content = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # ValueError: JSONDecodeError and UnicodeDecodeError
+            logger.warning("Skipping %s: not a valid UTF-8 JSON file (%s).", json_path, error)
+            unreadable.append(json_path)
+            continue
+        records = _datalist_cases(json_path, content, modalities)
         if records:
-            return records
-    return _brats_cases(root, modalities)
+            return records, unreadable
+    return _brats_cases(root, modalities), unreadable
 
 
 def _is_phantom(record: dict, phantom_folder: Path, modality: str) -> bool:
@@ -196,7 +210,8 @@ def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "
     Raises:
         BadInputError: when ``dataset_dir`` is a file, ``modalities`` is not a non-empty list of names, or a
             requested modality is in none of the cases (the message names those the data has).
-        DatasetNotFoundError: when ``dataset_dir`` does not exist or holds none of the three layouts.
+        DatasetNotFoundError: when ``dataset_dir`` does not exist or holds none of the three layouts (the message
+            lists the ``*.json`` files skipped as invalid JSON).
     """
     root = Path(dataset_dir)
     if isinstance(modalities, str) or not modalities or not all(isinstance(m, str) and m for m in modalities):
@@ -213,7 +228,8 @@ def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset_dir {str(root)!r} does not exist.")
     modalities = [m.lower() for m in modalities]
-    records = sorted(_find_cases(root, modalities), key=lambda r: r["case"])
+    found, unreadable = _find_cases(root, modalities)
+    records = sorted(found, key=lambda r: r["case"])
     phantom_folder = root / PHANTOM_FOLDER
     phantoms, real = [], []
     for record in records:
@@ -234,7 +250,13 @@ def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "
             banner, len(phantoms), ", ".join(sorted(_folders(phantoms, modalities[0]))), root, banner,
         )
         return phantoms
+    skipped = ""
+    if unreadable:
+        names = ", ".join(map(str, unreadable[:5])) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        skipped = (f" These *.json files were skipped because they are not valid UTF-8 JSON (repair a datalist "
+                   f"among them): {names}.")
     raise DatasetNotFoundError(
         f"No dataset found below {str(root)!r}: expected BraTS2020 case folders "
         f"(<case>/<case>_{{{','.join(modalities)}}}.nii.gz), a Decathlon Task01 dataset.json, or a datalist JSON."
+        + skipped
     )
