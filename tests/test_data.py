@@ -134,6 +134,40 @@ def test_datalist_case_ids_follow_the_files_not_the_order(tmp_path):
         discover_cases(tmp_path, ["t1", "t2"])
 
 
+def test_a_datalists_validation_list_is_the_validation_split(tmp_path, caplog):
+    """The items of a datalist's "validation" list are the validation split whatever seed and val_fraction say
+    (they were ignored, and the training items re-split); a recorded split still wins."""
+    caplog.set_level("INFO", logger="bundle.data")
+    write_brats_phantoms(tmp_path / "images", num_cases=5, shape=SHAPE)
+    item = lambda i: {m: f"images/BraTS20_Training_{i:03d}/BraTS20_Training_{i:03d}_{m}.nii.gz"  # noqa: E731
+                      for m in ("t1", "t2")}
+    datalist = {"training": [item(i) for i in (1, 2, 3)], "validation": [item(5), item(4)]}
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    records = discover_cases(tmp_path, ["t1", "t2"])
+    assert [(r["case"], r.get("split")) for r in records] == [
+        ("BraTS20_Training_001", None), ("BraTS20_Training_002", None), ("BraTS20_Training_003", None),
+        ("BraTS20_Training_004", "validation"), ("BraTS20_Training_005", "validation")]
+    for seed, val_fraction in ((0, 0.2), (5, 0.6)):
+        cases = training_cases(tmp_path, seed=seed, val_fraction=val_fraction)
+        assert [r["case"] for r in cases["validation"]] == ["BraTS20_Training_004", "BraTS20_Training_005"]
+        assert sorted(r["case"] for r in cases["train"]) == [f"BraTS20_Training_{i:03d}" for i in (1, 2, 3)]
+    assert "Validation split: the 2 cases of the datalist's 'validation' list" in caplog.text
+    caplog.clear()
+    recorded = training_cases(tmp_path, validation_cases=["BraTS20_Training_001"])
+    assert [r["case"] for r in recorded["validation"]] == ["BraTS20_Training_001"]
+    assert len(recorded["train"]) == 4 and "that the training run recorded" in caplog.text
+    # a case in both lists, a validation entry that is not a list, and no training item are named
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist | {"validation": [item(5), item(1)]}))
+    with pytest.raises(BadInputError, match="BraTS20_Training_001_t1.nii.gz is given by more than one training/validation"):
+        discover_cases(tmp_path, ["t1", "t2"])
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist | {"validation": item(5)}))
+    with pytest.raises(BadInputError, match="datalist.json: 'validation' must be a list"):
+        discover_cases(tmp_path, ["t1", "t2"])
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": [item(4), item(5)]}))
+    with pytest.raises(BadInputError, match="none under 'training'"):
+        training_cases(tmp_path)
+
+
 def test_phantom_contrasts_follow_t1_and_t2_physics():
     phantom = make_phantom((48, 48, 40), seed=1)
     labels_seen = set(np.unique(phantom["seg"]).tolist())

@@ -33,16 +33,20 @@ def _check_val_fraction(val_fraction: float) -> None:
 def split_cases(
     records: Sequence[dict], val_fraction: float, seed: int, validation_cases: Sequence[str] | None = None
 ) -> tuple[list[dict], list[dict]]:
-    """Deterministic shuffle by ``seed``, then the last ``val_fraction`` (at least one case) for validation.
+    """``(train, validation)`` records. The validation split is, in this order of precedence (the log says which):
 
-    With ``validation_cases`` (case ids: those a training run recorded,
-    :func:`~bundle.data.geometry.recorded_validation_cases`) the validation split is these cases, in that order,
-    whatever ``seed`` and ``val_fraction`` say, and the training split the other records in the shuffled order; for
-    the ids that the same ``seed`` and records gave, that is the seeded split itself.
+    * with ``validation_cases`` (case ids: those a training run recorded,
+      :func:`~bundle.data.geometry.recorded_validation_cases`), these cases, in that order, whatever ``seed`` and
+      ``val_fraction`` say; for the ids that the same ``seed`` and records gave, that is the seeded split itself;
+    * the records of a datalist's ``validation`` list (marked ``"split": "validation"`` by
+      :func:`~bundle.data.discovery.discover_cases`), sorted by case id;
+    * the last ``val_fraction`` (at least one case) of the records shuffled by ``seed``.
+
+    The training split is the other records, in the order of that deterministic shuffle.
 
     Raises:
-        BadInputError: when ``val_fraction`` is not in (0, 1), there are fewer than 2 records, or a case of
-            ``validation_cases`` is not among ``records`` (naming it).
+        BadInputError: when ``val_fraction`` is not in (0, 1), there are fewer than 2 records, a case of
+            ``validation_cases`` is not among ``records`` (naming it), or a datalist lists every record for validation.
     """
     _check_val_fraction(val_fraction)
     if len(records) < 2:
@@ -52,18 +56,33 @@ def split_cases(
         )
     shuffled = sorted(records, key=lambda r: r["case"])
     random.Random(seed).shuffle(shuffled)
-    if validation_cases is None:
-        n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
-        return shuffled[:-n_val], shuffled[-n_val:]
     by_case = {r["case"]: r for r in records}
-    missing = [case for case in validation_cases if case not in by_case]
-    if missing:
-        raise BadInputError(
-            f"Of the {len(validation_cases)} validation cases that the training run recorded (validation_cases in the "
-            f"geometry.json beside its checkpoint), these are not among the {len(records)} usable cases below "
-            f"dataset_dir: {', '.join(missing)}. Point dataset_dir at the data the run trained on, with these cases "
-            "present and valid: any other validation split could hold cases the run trained on."
-        )
+    listed = sorted(r["case"] for r in records if r.get("split") == "validation")
+    if validation_cases is not None:
+        missing = [case for case in validation_cases if case not in by_case]
+        if missing:
+            raise BadInputError(
+                f"Of the {len(validation_cases)} validation cases that the training run recorded (validation_cases in "
+                f"the geometry.json beside its checkpoint), these are not among the {len(records)} usable cases below "
+                f"dataset_dir: {', '.join(missing)}. Point dataset_dir at the data the run trained on, with these "
+                "cases present and valid: any other validation split could hold cases the run trained on."
+            )
+        logger.info("Validation split: the %d cases that the training run recorded in its geometry.json.",
+                    len(validation_cases))
+    elif listed:
+        if len(listed) == len(records):
+            raise BadInputError(
+                f"The datalist lists all {len(records)} usable cases under 'validation' and none under 'training'; "
+                "training needs at least one: move cases to the datalist's 'training' list."
+            )
+        logger.info("Validation split: the %d cases of the datalist's 'validation' list (val_fraction is not used).",
+                    len(listed))
+        validation_cases = listed
+    else:
+        n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
+        logger.info("Validation split: %d of the %d cases, drawn with seed %s and val_fraction %s.",
+                    n_val, len(shuffled), seed, val_fraction)
+        return shuffled[:-n_val], shuffled[-n_val:]
     held_out = set(validation_cases)
     return [r for r in shuffled if r["case"] not in held_out], [by_case[case] for case in validation_cases]
 
@@ -161,6 +180,5 @@ def _prepare_cases(
         records = discover_cases(root, modalities)
     records = preflight(records, modalities, skip_invalid)
     train, validation = split_cases(records, val_fraction, seed, validation_cases)
-    logger.info("%d training and %d validation cases from %s%s", len(train), len(validation), dataset_dir,
-                "" if validation_cases is None else " (the validation cases that the training run recorded)")
+    logger.info("%d training and %d validation cases from %s", len(train), len(validation), dataset_dir)
     return {"train": train, "validation": validation}
