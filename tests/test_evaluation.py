@@ -157,6 +157,30 @@ def test_a_missing_dataset_dir_is_named_and_gets_no_phantoms(setup, tmp_path):
     assert not (tmp_path / "typo").exists() and not (tmp_path / "O").exists()
 
 
+def test_an_output_dir_that_cannot_hold_the_metrics_is_refused_before_any_work(setup, tmp_path):
+    """It crashed after the whole evaluation, with nothing written."""
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    for output_dir, message in ((afile, "is a file"), (afile / "eval", "cannot be created: '" + str(afile))):
+        result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": output_dir})
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"output_dir '{output_dir}'" in result.stderr and message in result.stderr
+        assert "evaluating" not in result.stderr  # stopped before the first batch
+    assert afile.read_text() == "kept"
+
+
+def test_the_sampler_is_a_name_as_in_inference(setup, tmp_path):
+    """--sampler replaced the sampler object by a string, and evaluation failed after the whole one-step pass."""
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "O",
+                             "sampler": "ddpm"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "O" / "metrics.json").read_text())["generation"]["num_generated"] == 2
+    unknown = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "P",
+                              "sampler": "euler"})
+    assert unknown.returncode == 1 and "sampler must be one of ('ddpm', 'ddim'), got 'euler'" in unknown.stderr
+    assert "evaluating" not in unknown.stderr and not (tmp_path / "P").exists()
+
+
 @pytest.mark.parametrize("size, kernel, scales", [(64, 7, 4), (32, 7, 3), (16, 3, 3)])
 def test_ms_ssim_settings_fit_the_volume(size, kernel, scales):
     settings = ms_ssim_settings((size,) * 3)
