@@ -30,11 +30,26 @@ logger = logging.getLogger(__name__)
 
 def reconstruct_from(network: nn.Module, noisy: torch.Tensor, t_start: int, num_train_timesteps: int,
                      num_inference_steps: int) -> torch.Tensor:
-    """Runs the DDIM chain (cosine schedule, η = 0) from ``x_t`` at ``t_start`` down to x₀ (in [−1, 1]),
-    on the steps of a ``num_inference_steps`` grid that lie at or below ``t_start``."""
+    """Runs the DDIM chain (cosine schedule, η = 0) from ``noisy`` = x_t at exactly ``t = t_start`` down to x₀.
+
+    The steps are those of a ``num_inference_steps`` sampling chain, Δ = ``num_train_timesteps // num_inference_steps``
+    apart, shifted to start at ``t_start``: t_start, t_start − Δ, …, down to the last t ≥ 0, whose step goes to x₀.
+    (Starting at a step of the sampling grid below ``t_start`` would denoise x_{t_start} as if it were less noisy.)
+
+    Args:
+        network: the noise predictor, ``network(x, timesteps)``.
+        noisy: x_{t_start}, (B, C, *S) in the model's [−1, 1] range.
+        t_start: the timestep ``noisy`` was noised to, in [0, num_train_timesteps).
+        num_train_timesteps: T of the trained model.
+        num_inference_steps: the sampling chain whose step size the reconstruction takes.
+
+    Returns:
+        The reconstruction x₀, (B, C, *S), clamped to [−1, 1].
+    """
     scheduler = make_sampling_scheduler("ddim", num_train_timesteps, num_inference_steps)
+    stride = num_train_timesteps // int(num_inference_steps)  # DDIMScheduler.step goes from t to t - stride
     x = noisy
-    for t in [int(t) for t in scheduler.timesteps if int(t) <= t_start]:
+    for t in range(t_start, -1, -stride):
         x, _ = scheduler.step(network(x, torch.full((x.shape[0],), t, device=x.device)), t, x)
     return x.clamp(-1, 1)
 

@@ -12,7 +12,8 @@ from monai.bundle import ConfigParser
 from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 
 from bundle.data import write_brats_phantoms
-from bundle.evaluation import ms_ssim_settings, normalised_mmd
+from bundle.diffusion import make_sampling_scheduler
+from bundle.evaluation import ms_ssim_settings, normalised_mmd, reconstruct_from
 
 CONFIGS = "['configs/train.json','configs/evaluate.json']"
 CLI = {
@@ -78,6 +79,30 @@ def test_mmd_with_unequal_numbers_of_real_and_generated_volumes(setup, tmp_path,
     assert isinstance(generation["mmd"], float)
     assert f"first {generation['mmd_num_volumes']} validation and first 2 generated" in generation["mmd_definition"]
     assert generation["mmd_definition"] in (tmp_path / "metrics.md").read_text()
+
+
+class _NoiseOracle(torch.nn.Module):
+    """Predicts exactly the noise ``x_t`` was made with: the DDIM chain then returns x₀ exactly, if and only if each
+    step is taken at the timestep its input was noised to."""
+
+    def __init__(self, noise: torch.Tensor) -> None:
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.noise
+
+
+@pytest.mark.parametrize("t_start, num_train_timesteps, num_inference_steps", [(500, 2000, 50), (12, 50, 3), (0, 50, 3)])
+def test_reconstruction_starts_at_the_timestep_the_input_was_noised_to(t_start, num_train_timesteps, num_inference_steps):
+    """With T = 2000 and 50 steps, x₅₀₀ was denoised as if it were x₄₉₀ (the first step of the sampling grid ≤ 500)."""
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 2, 6, 6, 6, generator=generator) * 1.8 - 0.9
+    noise = torch.randn(x0.shape, generator=generator)
+    scheduler = make_sampling_scheduler("ddpm", num_train_timesteps)  # the training scheduler's alphas (cosine)
+    noisy = scheduler.add_noise(x0, noise, torch.full((2,), t_start))
+    estimate = reconstruct_from(_NoiseOracle(noise), noisy, t_start, num_train_timesteps, num_inference_steps)
+    torch.testing.assert_close(estimate, x0, atol=1e-4, rtol=0)
 
 
 def test_normalised_mmd_is_monais_mmd_of_equally_many_volumes_per_voxel():
