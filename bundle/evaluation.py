@@ -176,6 +176,10 @@ def evaluate(
       more diverse), MMD to the real volumes (:func:`normalised_mmd` of the first min(validation volumes,
       ``num_generated``) of each; "n/a" with a single validation volume); FID when ``feature_extractor``
       names a TorchScript network mapping (B, 1, *S) volumes to (B, F) features (none is downloaded).
+
+    Raises:
+        BadInputError: for the settings :func:`check_settings` refuses (before any work), a checkpoint that does not
+            fit ``network``, or an empty validation split.
     """
     outputs = check_settings(output_dir, overwrite, reconstruction_timestep, scheduler.num_train_timesteps,
                              feature_extractor)

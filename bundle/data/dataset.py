@@ -98,7 +98,8 @@ def training_cases(
     write_phantoms: bool | str = True,
 ) -> dict[str, list[dict]]:
     """``{"train": records, "validation": records}`` for the dataset below ``dataset_dir``: the split of
-    :func:`split_cases`, by ``seed`` and ``val_fraction`` or, when given, the recorded ``validation_cases``.
+    :func:`split_cases` (the recorded ``validation_cases`` when given, else a datalist's ``validation`` list, else by
+    ``seed`` and ``val_fraction``).
 
     When ``dataset_dir`` does not exist or is empty (hidden files and ``IDM_phantoms`` aside) and
     ``write_phantoms`` (a new training run), ``num_phantoms`` synthetic cases ``IDM_Phantom_XXX`` are written to
