@@ -6,10 +6,12 @@ import itertools
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from monai.inferers import Inferer
 from monai.metrics import FIDMetric, MAEMetric, MMDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from monai.networks.schedulers import Scheduler
 from torch import nn
@@ -21,18 +23,33 @@ from .errors import BadInputError
 from .flags import as_flag
 from .inference import load_checkpoint
 
-__all__ = ["reconstruct_from", "ms_ssim_settings", "normalised_mmd", "evaluate"]
+__all__ = ["reconstruct_from", "ms_ssim_settings", "normalised_mmd", "check_settings", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
 
 def reconstruct_from(network: nn.Module, noisy: torch.Tensor, t_start: int, num_train_timesteps: int,
                      num_inference_steps: int) -> torch.Tensor:
-    """Runs the DDIM chain (cosine schedule, η = 0) from ``x_t`` at ``t_start`` down to x₀ (in [−1, 1]),
-    on the steps of a ``num_inference_steps`` grid that lie at or below ``t_start``."""
+    """Runs the DDIM chain (cosine schedule, η = 0) from ``noisy`` = x_t at exactly ``t = t_start`` down to x₀.
+
+    The steps are those of a ``num_inference_steps`` sampling chain, Δ = ``num_train_timesteps // num_inference_steps``
+    apart, shifted to start at ``t_start``: t_start, t_start − Δ, …, down to the last t ≥ 0, whose step goes to x₀.
+    (Starting at a step of the sampling grid below ``t_start`` would denoise x_{t_start} as if it were less noisy.)
+
+    Args:
+        network: the noise predictor, ``network(x, timesteps)``.
+        noisy: x_{t_start}, (B, C, *S) in the model's [−1, 1] range.
+        t_start: the timestep ``noisy`` was noised to, in [0, num_train_timesteps).
+        num_train_timesteps: T of the trained model.
+        num_inference_steps: the sampling chain whose step size the reconstruction takes.
+
+    Returns:
+        The reconstruction x₀, (B, C, *S), clamped to [−1, 1].
+    """
     scheduler = make_sampling_scheduler("ddim", num_train_timesteps, num_inference_steps)
+    stride = num_train_timesteps // int(num_inference_steps)  # DDIMScheduler.step goes from t to t - stride
     x = noisy
-    for t in [int(t) for t in scheduler.timesteps if int(t) <= t_start]:
+    for t in range(t_start, -1, -stride):
         x, _ = scheduler.step(network(x, torch.full((x.shape[0],), t, device=x.device)), t, x)
     return x.clamp(-1, 1)
 
@@ -71,6 +88,52 @@ def normalised_mmd(real: torch.Tensor, generated: torch.Tensor) -> tuple[float, 
     return MMDMetric()(real[:n], generated[:n]).item() / real[0].numel(), n
 
 
+def check_settings(
+    output_dir: str | Path,
+    overwrite: bool | str,
+    reconstruction_timestep: int,
+    num_train_timesteps: int,
+    feature_extractor: str | None = None,
+) -> list[Path]:
+    """Checks the settings of :func:`evaluate` that need neither data nor network, so that a bad one stops evaluation
+    before any work; returns the paths it will write, ``output_dir/metrics.json`` and ``output_dir/metrics.md``.
+
+    Raises:
+        BadInputError: when ``output_dir`` is a file or cannot be created (naming what is in the way), holds an
+            earlier evaluation's metrics and ``overwrite`` is false, ``reconstruction_timestep`` is outside
+            [0, num_train_timesteps), or ``feature_extractor`` names no file.
+    """
+    overwrite = as_flag(overwrite, "overwrite")
+    output_dir = Path(output_dir)
+    outputs = [output_dir / "metrics.json", output_dir / "metrics.md"]
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BadInputError(
+            f"output_dir {str(output_dir)!r} is a file; give a folder for metrics.json and metrics.md (created if "
+            "missing), e.g. --output_dir eval."
+        )
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())  # the folder itself, or an ancestor
+    if not existing.is_dir():
+        raise BadInputError(
+            f"output_dir {str(output_dir)!r} cannot be created: {str(existing)!r} is a file. Give a folder below an "
+            "existing folder (or a missing path whose existing part is a folder)."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInputError(
+            f"output_dir {str(output_dir)!r} cannot be written: no write permission in {str(existing)!r}. Give a "
+            "folder you can write to."
+        )
+    if any(p.exists() for p in outputs) and not overwrite:
+        raise BadInputError(f"{outputs[0]} already exists; pass --overwrite true or choose another --output_dir.")
+    if not 0 <= reconstruction_timestep < num_train_timesteps:
+        raise BadInputError(
+            f"reconstruction_timestep {reconstruction_timestep} is outside [0, {num_train_timesteps - 1}]; set "
+            "--reconstruction_fraction in [0, 1)."
+        )
+    if feature_extractor is not None and not Path(feature_extractor).is_file():
+        raise BadInputError(f"feature_extractor {feature_extractor!r} does not exist; give a TorchScript file or null.")
+    return outputs
+
+
 def _per_modality(metric, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B, C) metric values, each channel (modality) on its own."""
     return torch.stack(
@@ -96,7 +159,7 @@ def evaluate(
     reconstruction_timestep: int,
     num_inference_steps: int = 50,
     num_generated: int = 4,
-    sampler=None,
+    sampler: Inferer | None = None,
     feature_extractor: str | None = None,
     device: torch.device | str = "cpu",
     overwrite: bool = False,
@@ -113,18 +176,13 @@ def evaluate(
       more diverse), MMD to the real volumes (:func:`normalised_mmd` of the first min(validation volumes,
       ``num_generated``) of each; "n/a" with a single validation volume); FID when ``feature_extractor``
       names a TorchScript network mapping (B, 1, *S) volumes to (B, F) features (none is downloaded).
+
+    Raises:
+        BadInputError: for the settings :func:`check_settings` refuses (before any work), a checkpoint that does not
+            fit ``network``, or an empty validation split.
     """
-    overwrite = as_flag(overwrite, "overwrite")
-    output_dir = Path(output_dir)
-    outputs = [output_dir / "metrics.json", output_dir / "metrics.md"]
-    if any(p.exists() for p in outputs) and not overwrite:
-        raise BadInputError(f"{outputs[0]} already exists; pass --overwrite true or choose another --output_dir.")
-    if not 0 <= reconstruction_timestep < scheduler.num_train_timesteps:
-        raise BadInputError(
-            f"reconstruction_timestep {reconstruction_timestep} is outside [0, {scheduler.num_train_timesteps - 1}]."
-        )
-    if feature_extractor is not None and not Path(feature_extractor).is_file():
-        raise BadInputError(f"feature_extractor {feature_extractor!r} does not exist; give a TorchScript file or null.")
+    outputs = check_settings(output_dir, overwrite, reconstruction_timestep, scheduler.num_train_timesteps,
+                             feature_extractor)
     network = load_checkpoint(network, ckpt_path).to(device).eval()
     size = None
     psnr, ssim, mae = PSNRMetric(max_val=1.0, reduction="none"), None, MAEMetric(reduction="none")
@@ -167,7 +225,7 @@ def evaluate(
         }
     results["generation"] = _generation_quality(network, sampler, torch.cat(reals), num_generated, feature_extractor,
                                                 size, device)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     outputs[0].write_text(json.dumps(results, indent=1))
     outputs[1].write_text(_markdown(results, modalities))
     logger.info("wrote %s and %s", *outputs)

@@ -6,6 +6,7 @@ they are and never mixes them with real data (they are used only when a dataset_
 Usage (from the bundle root):
     python scripts/make_phantoms.py --output_dir data/phantoms --num_cases 16
     python scripts/make_phantoms.py --output_dir /tmp/p --num_cases 4 --shape "[64,64,48]" --spacing 2.0 --seed 7
+    python scripts/make_phantoms.py --output_dir data/phantoms --overwrite true   # replace existing case folders
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bundle.data import PHANTOM_PREFIX, write_brats_phantoms  # noqa: E402
+from bundle.flags import as_flag  # noqa: E402
 
 
-def main(output_dir: str, num_cases: int = 16, shape=(96, 96, 72), spacing: float = 1.5, seed: int = 0,
-         overwrite: bool = False) -> None:
+def main(output_dir: str, num_cases: int = 16, shape: tuple[int, int, int] = (96, 96, 72), spacing: float = 1.5,
+         seed: int = 0, overwrite: bool | str = False) -> None:
     """Writes ``num_cases`` cases as ``output_dir/IDM_Phantom_XXX/IDM_Phantom_XXX_{t1,t1ce,t2,flair,seg}.nii.gz``.
 
     Args:
@@ -30,11 +32,12 @@ def main(output_dir: str, num_cases: int = 16, shape=(96, 96, 72), spacing: floa
         shape: volume size in voxels (three integers ≥ 8).
         spacing: voxel size in mm.
         seed: seed of the first case (case i uses seed + i).
-        overwrite: replace case folders that already exist (otherwise they are refused).
+        overwrite: ``true`` replaces case folders that already exist; ``false`` (the default) refuses them
+            before anything is written. The command line delivers ``true``/``false`` as strings.
     """
     try:
         cases = write_brats_phantoms(output_dir, num_cases, tuple(int(s) for s in shape), float(spacing), seed,
-                                     prefix=PHANTOM_PREFIX, overwrite=overwrite)
+                                     prefix=PHANTOM_PREFIX, overwrite=as_flag(overwrite, "--overwrite"))
     except (ValueError, FileExistsError) as error:
         sys.exit(f"ERROR: {error}")
     print(f"wrote {len(cases)} phantom cases to {output_dir}")

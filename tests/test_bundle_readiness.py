@@ -137,3 +137,15 @@ def test_readme_settings_paragraph_names_every_user_setting_of_the_configs():
     assert not {"imports", "cases", "network", "network_def", "ema", "train", "geometry", "run"} & settings
     missing = sorted(key for key in settings if f"`{key}`" not in paragraph)
     assert not missing, f"README.md's Settings paragraph does not describe {missing}"
+
+
+def test_the_default_output_folders_are_git_ignored():
+    """Runs with the defaults write below the bundle root: their outputs must not show up as changes to commit."""
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    folders = {}
+    for name in USER_CONFIGS:
+        default = json.loads((ROOT / "configs" / name).read_text())["output_dir"]
+        folders[name] = re.fullmatch(r"\$@bundle_root \+ '/(\w+)'", default)[1]
+    assert folders == {"train.json": "runs", "inference.json": "samples", "evaluate.json": "eval"}
+    missing = [folder for folder in folders.values() if f"/{folder}/" not in ignored]
+    assert not missing, f".gitignore does not list {missing}"

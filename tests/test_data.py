@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import itk
@@ -10,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import run_bundle
+from conftest import ROOT, SMALL_TRAINING, run_bundle
 
 from bundle.data import (
     DatasetNotFoundError,
@@ -93,6 +95,25 @@ def test_datalist_json_and_itk_formats(tmp_path):
     assert preprocessing(["t1", "t2"], (8, 8, 8))(records[0])["image"].shape == (2, 8, 8, 8)
 
 
+def test_json_files_that_are_not_valid_json_are_skipped_with_a_warning(tmp_path, caplog):
+    """A truncated datalist or a macOS AppleDouble ``._*.json`` (binary, not UTF-8) does not stop discovery of the
+    dataset beside it; the invalid one is named in a warning, AppleDouble files are not even read."""
+    write_brats_phantoms(tmp_path / "BraTS", num_cases=2, shape=SHAPE)
+    (tmp_path / "._dataset.json").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X\xff\xfe")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "datalist.json").write_text('{"training": [{"t1": "a_t1.nii.gz"')  # truncated
+    (tmp_path / "notes" / "latin1.json").write_bytes('{"name": "Müller"}'.encode("latin-1"))
+    records = discover_cases(tmp_path, ["t1", "t2"])
+    assert [r["case"] for r in records] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    assert f"Skipping {tmp_path / 'notes' / 'datalist.json'}: not a valid UTF-8 JSON file" in caplog.text
+    assert str(tmp_path / "notes" / "latin1.json") in caplog.text and "._dataset.json" not in caplog.text
+    # with no dataset at all, the error names the skipped files: one of them may be the intended datalist
+    only = tmp_path / "notes"
+    with pytest.raises(DatasetNotFoundError, match="No dataset found") as info:
+        discover_cases(only, ["t1", "t2"])
+    assert "not valid UTF-8 JSON" in str(info.value) and str(only / "datalist.json") in str(info.value)
+
+
 def test_datalist_case_ids_follow_the_files_not_the_order(tmp_path):
     """Ids name the same files whatever the order of the items (a run's validation split is recorded by id)."""
     items = [{"t1": "site_a/sub-01_t1.nii.gz", "t2": "site_a/sub-01_t2.nii.gz"},
@@ -111,6 +132,40 @@ def test_datalist_case_ids_follow_the_files_not_the_order(tmp_path):
     (tmp_path / "datalist.json").write_text(json.dumps({"training": items + [clash]}))
     with pytest.raises(BadInputError, match="give the same case id 'site_a/sub-01'.*rename one of them"):
         discover_cases(tmp_path, ["t1", "t2"])
+
+
+def test_a_datalists_validation_list_is_the_validation_split(tmp_path, caplog):
+    """The items of a datalist's "validation" list are the validation split whatever seed and val_fraction say
+    (they were ignored, and the training items re-split); a recorded split still wins."""
+    caplog.set_level("INFO", logger="bundle.data")
+    write_brats_phantoms(tmp_path / "images", num_cases=5, shape=SHAPE)
+    item = lambda i: {m: f"images/BraTS20_Training_{i:03d}/BraTS20_Training_{i:03d}_{m}.nii.gz"  # noqa: E731
+                      for m in ("t1", "t2")}
+    datalist = {"training": [item(i) for i in (1, 2, 3)], "validation": [item(5), item(4)]}
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    records = discover_cases(tmp_path, ["t1", "t2"])
+    assert [(r["case"], r.get("split")) for r in records] == [
+        ("BraTS20_Training_001", None), ("BraTS20_Training_002", None), ("BraTS20_Training_003", None),
+        ("BraTS20_Training_004", "validation"), ("BraTS20_Training_005", "validation")]
+    for seed, val_fraction in ((0, 0.2), (5, 0.6)):
+        cases = training_cases(tmp_path, seed=seed, val_fraction=val_fraction)
+        assert [r["case"] for r in cases["validation"]] == ["BraTS20_Training_004", "BraTS20_Training_005"]
+        assert sorted(r["case"] for r in cases["train"]) == [f"BraTS20_Training_{i:03d}" for i in (1, 2, 3)]
+    assert "Validation split: the 2 cases of the datalist's 'validation' list" in caplog.text
+    caplog.clear()
+    recorded = training_cases(tmp_path, validation_cases=["BraTS20_Training_001"])
+    assert [r["case"] for r in recorded["validation"]] == ["BraTS20_Training_001"]
+    assert len(recorded["train"]) == 4 and "that the training run recorded" in caplog.text
+    # a case in both lists, a validation entry that is not a list, and no training item are named
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist | {"validation": [item(5), item(1)]}))
+    with pytest.raises(BadInputError, match="BraTS20_Training_001_t1.nii.gz is given by more than one training/validation"):
+        discover_cases(tmp_path, ["t1", "t2"])
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist | {"validation": item(5)}))
+    with pytest.raises(BadInputError, match="datalist.json: 'validation' must be a list"):
+        discover_cases(tmp_path, ["t1", "t2"])
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": [item(4), item(5)]}))
+    with pytest.raises(BadInputError, match="none under 'training'"):
+        training_cases(tmp_path)
 
 
 def test_phantom_contrasts_follow_t1_and_t2_physics():
@@ -224,6 +279,28 @@ def test_empty_dataset_dir_gets_phantoms_and_every_run_on_them_warns(tmp_path, c
         write_brats_phantoms(tmp_path / "empty" / "IDM_phantoms", num_cases=3, prefix="IDM_Phantom")
 
 
+def test_only_a_new_training_run_writes_phantoms(tmp_path):
+    """Evaluation and a resumed run (write_phantoms false) never create data in a missing or empty dataset_dir."""
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        for flag in (False, "false"):
+            with pytest.raises(DatasetNotFoundError, match="Only a new training run writes the built-in") as info:
+                training_cases(folder, num_phantoms=2, write_phantoms=flag)
+            assert str(folder) in str(info.value) and "--dataset_dir" in str(info.value)
+    assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
+    with pytest.raises(BadInputError, match="write_phantoms must be true or false"):
+        training_cases(tmp_path / "missing", write_phantoms="no")
+
+
+def test_a_resumed_run_with_a_missing_dataset_dir_writes_no_phantoms(tmp_path):
+    result = run_bundle("configs/train.json", SMALL_TRAINING | {
+        "dataset_dir": tmp_path / "typo", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R", "resume": "true",
+        "num_phantoms": "2"}, "training")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "typo' does not exist" in result.stderr and "Only a new training run writes" in result.stderr
+    assert not (tmp_path / "typo").exists()
+
+
 def test_phantoms_never_join_real_data(tmp_path, caplog):
     """A first run without data left phantoms (here named as before they had their own ids); BraTS was
     unpacked later: only the real cases are used, and the log says the phantoms are left out."""
@@ -290,3 +367,26 @@ def test_unknown_modality_names_the_modalities_the_data_has(brats_dir):
     assert "flair, seg, t1, t1ce, t2" in str(info.value)
     with pytest.raises(BadInputError, match="modalities must be"):
         discover_cases(brats_dir, "t1")
+
+
+def _make_phantoms(*args: str) -> subprocess.CompletedProcess:
+    """``python scripts/make_phantoms.py ARGS`` as a user types it."""
+    command = [sys.executable, str(ROOT / "scripts" / "make_phantoms.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_make_phantoms_overwrite_false_keeps_existing_cases(tmp_path):
+    """The command line delivers --overwrite false as the string 'false', which must refuse, not overwrite."""
+    base = ["--output_dir", str(tmp_path), "--num_cases", "1", "--shape", "[8,8,8]"]
+    assert _make_phantoms(*base).returncode == 0
+    t1 = tmp_path / "IDM_Phantom_001" / "IDM_Phantom_001_t1.nii.gz"
+    t1.write_bytes(b"kept")
+    refused = _make_phantoms(*base, "--seed", "3", "--overwrite", "false")
+    assert refused.returncode == 1 and "Refusing to overwrite" in refused.stderr
+    assert "--overwrite true" in refused.stderr
+    assert t1.read_bytes() == b"kept"
+    bad = _make_phantoms(*base, "--overwrite", "no")
+    assert bad.returncode == 1 and "--overwrite must be true or false, got 'no'" in bad.stderr
+    assert t1.read_bytes() == b"kept"
+    assert _make_phantoms(*base, "--overwrite", "true").returncode == 0
+    assert nib.load(t1).shape == (8, 8, 8)

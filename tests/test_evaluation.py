@@ -12,7 +12,8 @@ from monai.bundle import ConfigParser
 from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 
 from bundle.data import write_brats_phantoms
-from bundle.evaluation import ms_ssim_settings, normalised_mmd
+from bundle.diffusion import make_sampling_scheduler
+from bundle.evaluation import ms_ssim_settings, normalised_mmd, reconstruct_from
 
 CONFIGS = "['configs/train.json','configs/evaluate.json']"
 CLI = {
@@ -78,6 +79,30 @@ def test_mmd_with_unequal_numbers_of_real_and_generated_volumes(setup, tmp_path,
     assert isinstance(generation["mmd"], float)
     assert f"first {generation['mmd_num_volumes']} validation and first 2 generated" in generation["mmd_definition"]
     assert generation["mmd_definition"] in (tmp_path / "metrics.md").read_text()
+
+
+class _NoiseOracle(torch.nn.Module):
+    """Predicts exactly the noise ``x_t`` was made with: the DDIM chain then returns x₀ exactly, if and only if each
+    step is taken at the timestep its input was noised to."""
+
+    def __init__(self, noise: torch.Tensor) -> None:
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.noise
+
+
+@pytest.mark.parametrize("t_start, num_train_timesteps, num_inference_steps", [(500, 2000, 50), (12, 50, 3), (0, 50, 3)])
+def test_reconstruction_starts_at_the_timestep_the_input_was_noised_to(t_start, num_train_timesteps, num_inference_steps):
+    """With T = 2000 and 50 steps, x₅₀₀ was denoised as if it were x₄₉₀ (the first step of the sampling grid ≤ 500)."""
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 2, 6, 6, 6, generator=generator) * 1.8 - 0.9
+    noise = torch.randn(x0.shape, generator=generator)
+    scheduler = make_sampling_scheduler("ddpm", num_train_timesteps)  # the training scheduler's alphas (cosine)
+    noisy = scheduler.add_noise(x0, noise, torch.full((2,), t_start))
+    estimate = reconstruct_from(_NoiseOracle(noise), noisy, t_start, num_train_timesteps, num_inference_steps)
+    torch.testing.assert_close(estimate, x0, atol=1e-4, rtol=0)
 
 
 def test_normalised_mmd_is_monais_mmd_of_equally_many_volumes_per_voxel():
@@ -147,6 +172,38 @@ def test_missing_checkpoint_is_named(setup, tmp_path):
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": tmp_path / "none.pt", "output_dir": tmp_path / "O"})
     assert result.returncode == 1 and "none.pt' does not exist" in result.stderr
     assert not (tmp_path / "O").exists()
+
+
+def test_a_missing_dataset_dir_is_named_and_gets_no_phantoms(setup, tmp_path):
+    """A misspelt --dataset_dir must not be filled with phantoms and evaluated on."""
+    result = evaluate(CLI | {"dataset_dir": tmp_path / "typo", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "O"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "typo' does not exist" in result.stderr and "Only a new training run writes" in result.stderr
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "O").exists()
+
+
+def test_an_output_dir_that_cannot_hold_the_metrics_is_refused_before_any_work(setup, tmp_path):
+    """It crashed after the whole evaluation, with nothing written."""
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    for output_dir, message in ((afile, "is a file"), (afile / "eval", "cannot be created: '" + str(afile))):
+        result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": output_dir})
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"output_dir '{output_dir}'" in result.stderr and message in result.stderr
+        assert "evaluating" not in result.stderr  # stopped before the first batch
+    assert afile.read_text() == "kept"
+
+
+def test_the_sampler_is_a_name_as_in_inference(setup, tmp_path):
+    """--sampler replaced the sampler object by a string, and evaluation failed after the whole one-step pass."""
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "O",
+                             "sampler": "ddpm"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "O" / "metrics.json").read_text())["generation"]["num_generated"] == 2
+    unknown = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "P",
+                              "sampler": "euler"})
+    assert unknown.returncode == 1 and "sampler must be one of ('ddpm', 'ddim'), got 'euler'" in unknown.stderr
+    assert "evaluating" not in unknown.stderr and not (tmp_path / "P").exists()
 
 
 @pytest.mark.parametrize("size, kernel, scales", [(64, 7, 4), (32, 7, 3), (16, 3, 3)])

@@ -417,3 +417,23 @@ def test_two_process_distributed_training(six_cases, tmp_path):
     assert isinstance(network, torch.nn.Module)
     log = result.stdout + result.stderr
     assert log.count("IDMTrainer - INFO - Epoch[1] Complete") == 2  # both ranks trained
+
+
+def test_plot_training_curve_writes_beside_the_event_files_and_keeps_an_existing_figure(tmp_path):
+    """Its default output was docs/training_curve.png, so a run from the bundle root replaced the shipped figure."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path / "R") as writer:
+        for epoch, value in enumerate((1.0, 0.8, 0.7), start=1):
+            writer.add_scalar("val_eps_mse", value, epoch)
+    plot = [sys.executable, str(ROOT / "scripts" / "plot_training_curve.py"), "--log_dir", str(tmp_path / "R")]
+    run = lambda *args: subprocess.run([*plot, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # noqa: E731
+    result = run()
+    assert result.returncode == 0, result.stderr[-3000:]
+    figure = tmp_path / "R" / "training_curve.png"
+    assert figure.read_bytes().startswith(b"\x89PNG") and not (tmp_path / "docs").exists()
+    figure.write_bytes(b"kept")
+    again = run("--overwrite", "false")
+    assert again.returncode == 1 and "already exists" in again.stderr and "--overwrite true" in again.stderr
+    assert figure.read_bytes() == b"kept"
+    assert run("--overwrite", "true").returncode == 0 and figure.read_bytes().startswith(b"\x89PNG")

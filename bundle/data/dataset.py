@@ -33,16 +33,20 @@ def _check_val_fraction(val_fraction: float) -> None:
 def split_cases(
     records: Sequence[dict], val_fraction: float, seed: int, validation_cases: Sequence[str] | None = None
 ) -> tuple[list[dict], list[dict]]:
-    """Deterministic shuffle by ``seed``, then the last ``val_fraction`` (at least one case) for validation.
+    """``(train, validation)`` records. The validation split is, in this order of precedence (the log says which):
 
-    With ``validation_cases`` (case ids: those a training run recorded,
-    :func:`~bundle.data.geometry.recorded_validation_cases`) the validation split is these cases, in that order,
-    whatever ``seed`` and ``val_fraction`` say, and the training split the other records in the shuffled order; for
-    the ids that the same ``seed`` and records gave, that is the seeded split itself.
+    * with ``validation_cases`` (case ids: those a training run recorded,
+      :func:`~bundle.data.geometry.recorded_validation_cases`), these cases, in that order, whatever ``seed`` and
+      ``val_fraction`` say; for the ids that the same ``seed`` and records gave, that is the seeded split itself;
+    * the records of a datalist's ``validation`` list (marked ``"split": "validation"`` by
+      :func:`~bundle.data.discovery.discover_cases`), sorted by case id;
+    * the last ``val_fraction`` (at least one case) of the records shuffled by ``seed``.
+
+    The training split is the other records, in the order of that deterministic shuffle.
 
     Raises:
-        BadInputError: when ``val_fraction`` is not in (0, 1), there are fewer than 2 records, or a case of
-            ``validation_cases`` is not among ``records`` (naming it).
+        BadInputError: when ``val_fraction`` is not in (0, 1), there are fewer than 2 records, a case of
+            ``validation_cases`` is not among ``records`` (naming it), or a datalist lists every record for validation.
     """
     _check_val_fraction(val_fraction)
     if len(records) < 2:
@@ -52,18 +56,33 @@ def split_cases(
         )
     shuffled = sorted(records, key=lambda r: r["case"])
     random.Random(seed).shuffle(shuffled)
-    if validation_cases is None:
-        n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
-        return shuffled[:-n_val], shuffled[-n_val:]
     by_case = {r["case"]: r for r in records}
-    missing = [case for case in validation_cases if case not in by_case]
-    if missing:
-        raise BadInputError(
-            f"Of the {len(validation_cases)} validation cases that the training run recorded (validation_cases in the "
-            f"geometry.json beside its checkpoint), these are not among the {len(records)} usable cases below "
-            f"dataset_dir: {', '.join(missing)}. Point dataset_dir at the data the run trained on, with these cases "
-            "present and valid: any other validation split could hold cases the run trained on."
-        )
+    listed = sorted(r["case"] for r in records if r.get("split") == "validation")
+    if validation_cases is not None:
+        missing = [case for case in validation_cases if case not in by_case]
+        if missing:
+            raise BadInputError(
+                f"Of the {len(validation_cases)} validation cases that the training run recorded (validation_cases in "
+                f"the geometry.json beside its checkpoint), these are not among the {len(records)} usable cases below "
+                f"dataset_dir: {', '.join(missing)}. Point dataset_dir at the data the run trained on, with these "
+                "cases present and valid: any other validation split could hold cases the run trained on."
+            )
+        logger.info("Validation split: the %d cases that the training run recorded in its geometry.json.",
+                    len(validation_cases))
+    elif listed:
+        if len(listed) == len(records):
+            raise BadInputError(
+                f"The datalist lists all {len(records)} usable cases under 'validation' and none under 'training'; "
+                "training needs at least one: move cases to the datalist's 'training' list."
+            )
+        logger.info("Validation split: the %d cases of the datalist's 'validation' list (val_fraction is not used).",
+                    len(listed))
+        validation_cases = listed
+    else:
+        n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
+        logger.info("Validation split: %d of the %d cases, drawn with seed %s and val_fraction %s.",
+                    n_val, len(shuffled), seed, val_fraction)
+        return shuffled[:-n_val], shuffled[-n_val:]
     held_out = set(validation_cases)
     return [r for r in shuffled if r["case"] not in held_out], [by_case[case] for case in validation_cases]
 
@@ -76,26 +95,32 @@ def training_cases(
     skip_invalid: bool = False,
     num_phantoms: int = 16,
     validation_cases: Sequence[str] | None = None,
+    write_phantoms: bool | str = True,
 ) -> dict[str, list[dict]]:
     """``{"train": records, "validation": records}`` for the dataset below ``dataset_dir``: the split of
-    :func:`split_cases`, by ``seed`` and ``val_fraction`` or, when given, the recorded ``validation_cases``.
+    :func:`split_cases` (the recorded ``validation_cases`` when given, else a datalist's ``validation`` list, else by
+    ``seed`` and ``val_fraction``).
 
-    When ``dataset_dir`` does not exist or is empty (hidden files and ``IDM_phantoms`` aside),
-    ``num_phantoms`` synthetic cases ``IDM_Phantom_XXX`` are written to ``dataset_dir/IDM_phantoms``
-    (once; later runs find them) and used; every run that uses them says so loudly in the log, and they
-    are left out as soon as real data is found (:func:`~bundle.data.discovery.discover_cases`). A
-    ``dataset_dir`` that holds other files but no dataset of a known layout raises
-    :class:`~bundle.data.discovery.DatasetNotFoundError` and nothing is written to it.
-    Every case passes :func:`~bundle.data.preflight.preflight` first. Under ``torch.distributed`` rank 0
+    When ``dataset_dir`` does not exist or is empty (hidden files and ``IDM_phantoms`` aside) and
+    ``write_phantoms`` (a new training run), ``num_phantoms`` synthetic cases ``IDM_Phantom_XXX`` are written to
+    ``dataset_dir/IDM_phantoms`` (once; later runs find them) and used; every run that uses them says so loudly in
+    the log, and they are left out as soon as real data is found (:func:`~bundle.data.discovery.discover_cases`).
+    Without ``write_phantoms`` (evaluation, a resumed run: they use the data a run trained on, and never create
+    any) such a ``dataset_dir`` raises :class:`~bundle.data.discovery.DatasetNotFoundError` instead. A
+    ``dataset_dir`` that holds other files but no dataset of a known layout raises it too, and nothing is written
+    to it. Every case passes :func:`~bundle.data.preflight.preflight` first. Under ``torch.distributed`` rank 0
     prepares the data while the other ranks wait, then they discover what it wrote.
     """
     skip_invalid = as_flag(skip_invalid, "skip_invalid")
+    write_phantoms = as_flag(write_phantoms, "write_phantoms")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     leader = not distributed or torch.distributed.get_rank() == 0
     if not leader:
         torch.distributed.barrier()
     try:
-        return _prepare_cases(dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases)
+        return _prepare_cases(
+            dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases, write_phantoms
+        )
     finally:
         if distributed and leader:
             torch.distributed.barrier()
@@ -109,8 +134,16 @@ def _other_entries(root: Path) -> list[str]:
 
 
 def _prepare_cases(
-    dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases
+    dataset_dir: str | Path,
+    modalities: Sequence[str],
+    val_fraction: float,
+    seed: int,
+    skip_invalid: bool,
+    num_phantoms: int,
+    validation_cases: Sequence[str] | None,
+    write_phantoms: bool,
 ) -> dict[str, list[dict]]:
+    """:func:`training_cases` on the leader rank (its arguments, the flags already read)."""
     _check_val_fraction(val_fraction)
     root = Path(dataset_dir)
     try:
@@ -123,6 +156,12 @@ def _prepare_cases(
                 f"{error} It holds {listing}, so no synthetic phantoms are written there: put each case's files in "
                 f"a folder named after the case (<case>/<case>_t1.nii.gz, …), list them in a datalist JSON, or set "
                 f"dataset_dir to a missing or empty folder to train on the built-in phantoms."
+            ) from None
+        if not write_phantoms:
+            raise DatasetNotFoundError(
+                f"{error} Only a new training run writes the built-in synthetic phantoms (into a missing or empty "
+                f"dataset_dir); evaluation and a resumed run (--resume true) never create data: pass --dataset_dir "
+                f"with the folder that the training run used."
             ) from None
         unknown = [m for m in modalities if m.lower() not in BRATS_MODALITIES]
         if unknown:
@@ -142,6 +181,5 @@ def _prepare_cases(
         records = discover_cases(root, modalities)
     records = preflight(records, modalities, skip_invalid)
     train, validation = split_cases(records, val_fraction, seed, validation_cases)
-    logger.info("%d training and %d validation cases from %s%s", len(train), len(validation), dataset_dir,
-                "" if validation_cases is None else " (the validation cases that the training run recorded)")
+    logger.info("%d training and %d validation cases from %s", len(train), len(validation), dataset_dir)
     return {"train": train, "validation": validation}

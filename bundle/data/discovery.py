@@ -2,7 +2,8 @@
 
 A *case record* is ``{"case": id, <modality>: path, ..., "channels": {<modality>: index or None}}``:
 one path per requested modality (the same 4D file for every modality in the Decathlon layout, with
-the channel to take). Three layouts are found anywhere below ``dataset_dir``:
+the channel to take); a datalist's ``validation`` items also carry ``"split": "validation"``. Three layouts are
+found anywhere below ``dataset_dir``:
 
 * **BraTS2020**: ``<case>/<case>_<modality>.<ext>`` (``BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz``),
   with ``<ext>`` one of .nii.gz, .nii, .nrrd, .mha, .mhd, or ``<case>/<case>_<modality>/`` holding a
@@ -13,7 +14,12 @@ the channel to take). Three layouts are found anywhere below ``dataset_dir``:
   give one path per modality (``{"t1": "a_t1.nii.gz", "t2": "a_t2.nii.gz"}``) or an ``image`` that is
   a list of per-modality paths in ``modalities`` order, relative to the JSON's folder. A case's id is its
   first modality's file name without suffix and modality (``a``), prefixed with its folder where that name
-  is not unique.
+  is not unique. Items of its ``validation`` list, in the same format, are returned too, marked as such:
+  :func:`~bundle.data.dataset.split_cases` takes them as the validation split.
+
+``*.json`` files that are not valid UTF-8 JSON (a truncated download, an editor's backup) are skipped with a
+warning naming them, and macOS AppleDouble files (``._*``) are ignored; when no dataset is found the error lists
+the skipped files.
 
 The built-in synthetic phantoms (``dataset_dir/IDM_phantoms``, case ids ``IDM_Phantom_XXX``) never join
 real data: they are used only when nothing else below ``dataset_dir`` is a dataset, with a loud warning
@@ -86,12 +92,24 @@ def _brats_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
     return records
 
 
-def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
-    with open(json_path) as f:
-        content = json.load(f)
+def _datalist_cases(json_path: Path, content: object, modalities: Sequence[str]) -> list[dict]:
+    """The case records of the datalist ``json_path`` (its parsed ``content``): its ``training`` items and, marked
+    ``"split": "validation"``, those of its ``validation`` list; none when it is not a datalist.
+
+    Raises:
+        BadInputError: naming the file, for a ``validation`` entry that is not a list, an item that gives no path
+            per modality, or a modality that a Decathlon ``modality`` map lacks.
+    """
     if not isinstance(content, dict) or not isinstance(content.get("training"), list):
         return []
-    items = load_decathlon_datalist(str(json_path), is_segmentation=False, data_list_key="training")
+    lists = ["training"]
+    if "validation" in content:
+        if not isinstance(content["validation"], list):
+            raise BadInputError(
+                f"{json_path}: 'validation' must be a list of items like those of 'training' (the validation split), "
+                f"got {type(content['validation']).__name__}; remove it to split the training items by val_fraction."
+            )
+        lists.append("validation")
     msd = content.get("modality")
     channel_of = {}
     if isinstance(msd, dict):  # Decathlon 4D volumes: pick channels by name
@@ -105,20 +123,24 @@ def _datalist_cases(json_path: Path, modalities: Sequence[str]) -> list[dict]:
                 )
             channel_of[m] = by_name[name]
     records = []
-    for i, item in enumerate(items):
-        record = {"channels": {m: channel_of.get(m) for m in modalities}}
-        if all(isinstance(item.get(m), str) for m in modalities):  # load_decathlon_datalist resolves "image" paths only
-            record.update({m: str(json_path.parent / item[m]) for m in modalities})
-        elif isinstance(item.get("image"), str) and channel_of:
-            record.update({m: item["image"] for m in modalities})
-        elif isinstance(item.get("image"), list) and len(item["image"]) == len(modalities):
-            record.update(dict(zip(modalities, item["image"])))
-        else:
-            raise BadInputError(
-                f"{json_path}: training item {i} gives neither one path per modality {list(modalities)} nor an "
-                f"'image' list of {len(modalities)} paths nor a 4D 'image' with a 'modality' map: {item}"
-            )
-        records.append(record)
+    for key in lists:
+        items = load_decathlon_datalist(str(json_path), is_segmentation=False, data_list_key=key)
+        for i, item in enumerate(items):
+            record = {"channels": {m: channel_of.get(m) for m in modalities}}
+            if all(isinstance(item.get(m), str) for m in modalities):  # MONAI resolves "image" paths only
+                record.update({m: str(json_path.parent / item[m]) for m in modalities})
+            elif isinstance(item.get("image"), str) and channel_of:
+                record.update({m: item["image"] for m in modalities})
+            elif isinstance(item.get("image"), list) and len(item["image"]) == len(modalities):
+                record.update(dict(zip(modalities, item["image"])))
+            else:
+                raise BadInputError(
+                    f"{json_path}: {key} item {i} gives neither one path per modality {list(modalities)} nor an "
+                    f"'image' list of {len(modalities)} paths nor a 4D 'image' with a 'modality' map: {item}"
+                )
+            if key == "validation":
+                record["split"] = "validation"
+            records.append(record)
     return _with_case_ids(records, json_path, modalities[0], four_d=bool(channel_of))
 
 
@@ -142,7 +164,8 @@ def _with_case_ids(records: list[dict], json_path: Path, modality: str, four_d: 
     below the datalist's (``site_a/sub-01``, ``site_b/sub-01``).
 
     Raises:
-        BadInputError: when two items give the same file, or their files leave two ids equal anyway.
+        BadInputError: when two items (of ``training`` or ``validation``) give the same file, or their files leave
+            two ids equal anyway.
     """
     paths = [Path(record[modality]) for record in records]
     names = [_case_id(path, None if four_d else modality) for path in paths]
@@ -154,9 +177,14 @@ def _with_case_ids(records: list[dict], json_path: Path, modality: str, four_d: 
         ids.append(case)
     for index, case in enumerate(ids):
         if ids.count(case) > 1:
-            path, other = paths[index], paths[ids.index(case, index + 1)]
+            other_index = ids.index(case, index + 1)
+            path, other = paths[index], paths[other_index]
             if path == other:
-                raise BadInputError(f"{json_path}: {path} is given by more than one training item; list each case once.")
+                lists = sorted({records[i].get("split", "training") for i in (index, other_index)})
+                raise BadInputError(
+                    f"{json_path}: {path} is given by more than one {'/'.join(lists)} item; list each case once (a "
+                    "validation case in 'validation' only)."
+                )
             raise BadInputError(
                 f"{json_path}: {path} and {other} give the same case id {case!r} (file name without suffix and "
                 "modality); rename one of them."
@@ -166,13 +194,24 @@ def _with_case_ids(records: list[dict], json_path: Path, modality: str, four_d: 
     return records
 
 
-def _find_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
-    """The records of the first datalist JSON below ``root`` that has any, else of its BraTS case folders."""
+def _find_cases(root: Path, modalities: Sequence[str]) -> tuple[list[dict], list[Path]]:
+    """The records of the first datalist JSON below ``root`` that has any, else of its BraTS case folders; and the
+    ``*.json`` files skipped because they are not valid UTF-8 JSON (each named in a warning). AppleDouble files
+    (``._*``, macOS metadata beside every file copied from its disks) are not read at all."""
+    unreadable = []
     for json_path in sorted(root.rglob("*.json")):
-        records = _datalist_cases(json_path, modalities)
+        if json_path.name.startswith("._") or not json_path.is_file():
+            continue
+        try:
+            content = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # ValueError: JSONDecodeError and UnicodeDecodeError
+            logger.warning("Skipping %s: not a valid UTF-8 JSON file (%s).", json_path, error)
+            unreadable.append(json_path)
+            continue
+        records = _datalist_cases(json_path, content, modalities)
         if records:
-            return records
-    return _brats_cases(root, modalities)
+            return records, unreadable
+    return _brats_cases(root, modalities), unreadable
 
 
 def _is_phantom(record: dict, phantom_folder: Path, modality: str) -> bool:
@@ -196,7 +235,8 @@ def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "
     Raises:
         BadInputError: when ``dataset_dir`` is a file, ``modalities`` is not a non-empty list of names, or a
             requested modality is in none of the cases (the message names those the data has).
-        DatasetNotFoundError: when ``dataset_dir`` does not exist or holds none of the three layouts.
+        DatasetNotFoundError: when ``dataset_dir`` does not exist or holds none of the three layouts (the message
+            lists the ``*.json`` files skipped as invalid JSON).
     """
     root = Path(dataset_dir)
     if isinstance(modalities, str) or not modalities or not all(isinstance(m, str) and m for m in modalities):
@@ -213,7 +253,8 @@ def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset_dir {str(root)!r} does not exist.")
     modalities = [m.lower() for m in modalities]
-    records = sorted(_find_cases(root, modalities), key=lambda r: r["case"])
+    found, unreadable = _find_cases(root, modalities)
+    records = sorted(found, key=lambda r: r["case"])
     phantom_folder = root / PHANTOM_FOLDER
     phantoms, real = [], []
     for record in records:
@@ -234,7 +275,13 @@ def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "
             banner, len(phantoms), ", ".join(sorted(_folders(phantoms, modalities[0]))), root, banner,
         )
         return phantoms
+    skipped = ""
+    if unreadable:
+        names = ", ".join(map(str, unreadable[:5])) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        skipped = (f" These *.json files were skipped because they are not valid UTF-8 JSON (repair a datalist "
+                   f"among them): {names}.")
     raise DatasetNotFoundError(
         f"No dataset found below {str(root)!r}: expected BraTS2020 case folders "
         f"(<case>/<case>_{{{','.join(modalities)}}}.nii.gz), a Decathlon Task01 dataset.json, or a datalist JSON."
+        + skipped
     )

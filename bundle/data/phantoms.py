@@ -148,7 +148,8 @@ def write_brats_phantoms(
         raise FileExistsError(
             f"Refusing to overwrite existing phantom cases: {', '.join(existing[:3])}"
             + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-            + "; pass overwrite=True or choose another output directory."
+            + "; choose another output directory, or replace them with --overwrite true (scripts/make_phantoms.py; "
+            "overwrite=True from Python)."
         )
     affine = brats_affine(tuple(shape), spacing)
     for i, case in enumerate(cases):

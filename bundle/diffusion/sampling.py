@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from monai.inferers import DiffusionInferer, Inferer
+from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import BadInputError
 
-__all__ = ["SAMPLERS", "SAMPLING_SCHEDULE", "check_noise_schedule", "check_noise_scheduler", "make_sampling_scheduler", "DiffusionSampler"]
+__all__ = [
+    "SAMPLERS", "SAMPLING_SCHEDULE", "check_noise_schedule", "check_noise_scheduler", "make_sampling_scheduler",
+    "sample_generator", "DiffusionSampler",
+]
 
 SAMPLERS = ("ddpm", "ddim")
 SAMPLING_SCHEDULE = "cosine"
@@ -78,22 +83,37 @@ def make_sampling_scheduler(sampler: str, num_train_timesteps: int, num_inferenc
     return scheduler
 
 
+def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random generator of sample ``index`` (counted from 0 over a run) of a run with ``seed``, on ``device``.
+
+    It is seeded from the pair through NumPy's ``SeedSequence``, so that every (seed, index) pair gets its own stream:
+    ``seed + index`` would give sample 1 of seed 0 the noise of sample 0 of seed 1. A negative ``seed`` is taken
+    modulo 2⁶⁴, as ``torch.Generator.manual_seed`` takes it.
+    """
+    state = int(np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
 class DiffusionSampler(Inferer):
     """``sampler(inputs, network)`` → images (B, C, *S) in [0, 1], with ``inputs`` only a shape reference.
 
-    Draws x_T ~ N(0, I) of ``inputs``' shape from a generator seeded with ``seed`` plus the call count
-    (so consecutive batches differ and a rerun repeats them), then runs MONAI's
-    ``DiffusionInferer.sample`` loop with the scheduler of ``sampler`` and a progress bar over steps;
-    the result, in the model's [−1, 1], is mapped to [0, 1].
+    Each sample has its own generator (:func:`sample_generator` of ``seed`` and the sample's index, counted over
+    the calls: the first call's samples are 0 … B−1, the next call's continue from B), which draws its x_T ~ N(0, I)
+    and the noise of its DDPM steps. So sample i depends only on ``seed`` and i, not on how the samples are batched,
+    and a rerun repeats them. The chain runs over the steps of ``sampler``'s scheduler with a progress bar; the
+    result, in the model's [−1, 1], is mapped to [0, 1].
 
     Args:
         num_train_timesteps: T of the trained model.
         sampler: ``"ddpm"`` (all T steps) or ``"ddim"``.
         num_inference_steps: DDIM steps (1…T).
-        seed: seed of the first batch.
+        seed: seed of the run's samples.
         progress: show a progress bar over the steps.
         num_channels: channels to generate; default: those of ``inputs`` (set it when the reference
             input is, e.g., a one-channel image given by MONAI Label).
+
+    Raises:
+        BadInputError: for an unknown sampler or ``num_inference_steps`` outside [1, T].
     """
 
     def __init__(
@@ -110,18 +130,23 @@ class DiffusionSampler(Inferer):
         self.scheduler = make_sampling_scheduler(sampler, num_train_timesteps, num_inference_steps)
         self.seed = seed
         self.progress = progress
-        self.calls = 0
+        self.drawn = 0  # samples generated so far: the index of the next one
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
-        seed = self.seed + self.calls
-        self.calls += 1
-        generator = torch.Generator().manual_seed(seed)
-        shape = (inputs.shape[0], self.num_channels or inputs.shape[1], *inputs.shape[2:])
-        noise = torch.randn(shape, generator=generator).to(inputs.device)
-        torch.manual_seed(seed)  # the DDPM step noise comes from the global generator
+        """Samples ``inputs.shape[0]`` images of ``inputs``' spatial shape: (B, C, *S) in [0, 1]."""
+        count, device = inputs.shape[0], inputs.device
+        shape = (self.num_channels or inputs.shape[1], *inputs.shape[2:])
+        generators = [sample_generator(self.seed, self.drawn + i, device) for i in range(count)]
+        self.drawn += count
+        images = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
         was_training = network.training
         network.eval()
         with torch.no_grad():
-            images = DiffusionInferer(self.scheduler).sample(noise, network, self.scheduler, verbose=self.progress)
+            for t in tqdm(self.scheduler.timesteps.tolist(), disable=not self.progress):
+                eps = network(images, torch.full((count,), t, device=device, dtype=torch.long))
+                images = torch.cat([  # one step per sample, each with its own generator (DDPM step noise)
+                    self.scheduler.step(eps[i : i + 1], t, images[i : i + 1], generator=g)[0]
+                    for i, g in enumerate(generators)
+                ])
         network.train(was_training)
         return ((images + 1) / 2).clamp(0, 1)
