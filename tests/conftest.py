@@ -74,3 +74,14 @@ def device(request) -> torch.device:
     """Each test that takes it runs on the CPU and, where one is present, on a CUDA device (cuDNN's
     convolutions, TF32 included as PyTorch sets it by default)."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Runs the test on one torch intra-op thread and restores the setting afterwards. For tests of tiny
+    tensors (gradchecks, float64 twins): there a second thread only adds synchronisation, which on a shared
+    2-core machine made the float64 gradchecks of tiny layers and trunks about 10 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

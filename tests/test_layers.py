@@ -32,12 +32,14 @@ def make_layer(name: str, spatial_dims: int):
         return OrthogonalDownsampling(spatial_dims, 2), 2, False
     if name == "upsampling":
         return InverseOf(OrthogonalDownsampling(spatial_dims, 2)), 2 * 2**spatial_dims, False
+    if name == "attention_heads":  # 2 heads, queries and keys 3 wide (not channels // heads)
+        return InvertibleAttention(spatial_dims, 4, parity=1, num_heads=2, key_channels=3), 4, False
     if name.startswith("attention"):
         return InvertibleAttention(spatial_dims, 2, parity=int(name[-1])), 2, False
     raise KeyError(name)
 
 
-LAYERS = ["coupling", "mixing", "downsampling", "upsampling", "attention0", "attention1"]
+LAYERS = ["coupling", "mixing", "downsampling", "upsampling", "attention0", "attention1", "attention_heads"]
 
 
 def layer_input(channels: int, spatial_dims: int, name: str, dtype=torch.float64) -> torch.Tensor:
@@ -63,7 +65,7 @@ def test_layer_inverse_is_exact(name, spatial_dims):
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
-def test_layer_gradcheck_float64(name, spatial_dims, direction):
+def test_layer_gradcheck_float64(name, spatial_dims, direction, one_torch_thread):
     """gradcheck w.r.t. the input, the condition and every parameter, in both directions."""
     torch.manual_seed(1)
     layer, channels, conditioned = make_layer(name, spatial_dims)
@@ -116,13 +118,25 @@ def test_learned_orthogonal_matrices_stay_orthogonal_after_optimizer_steps(layer
 
 
 def test_attention_weights_are_bounded_and_division_amplifies_rounding_by_at_most_two():
+    """With tanh saturated, f(y₁) spans [1/2, 2]; a perturbation δ of the attended values a (as rounding
+    makes) changes the reconstructed y₂ = a ⊘ f(y₁) by δ ⊘ f(y₁): at most 2|δ| elementwise, with the factor
+    2 nearly reached; the kept half y₁ (and so f) is not changed at all."""
     torch.manual_seed(0)
-    attention = InvertibleAttention(3, 4)
-    redraw_zero_init_(attention, std=50.0)  # saturate tanh
-    kept = torch.randn(2, 4, 32) * 10
-    f = attention.weights(kept)
-    assert f.min() >= 0.5 - 1e-6 and f.max() <= 2.0 + 1e-6
+    attention = redraw_zero_init_(InvertibleAttention(3, 4), std=50.0).double()  # saturate tanh
+    f = attention.weights(torch.randn(2, 4, 32, dtype=torch.float64) * 10)
+    assert f.min() >= 0.5 - 1e-12 and f.max() <= 2.0 + 1e-12
     assert f.max() > 1.9 and f.min() < 0.55
+    x = torch.randn(2, 4, 4, 4, 4, dtype=torch.float64) * 10
+    kept, modified = checkerboard_indices((4, 4, 4), attention.parity, torch.device("cpu"))
+    with torch.no_grad():
+        a = attention(x)
+        delta = torch.zeros_like(a).flatten(2)
+        delta[:, :, modified] = torch.randn(2, 4, len(modified), dtype=torch.float64) * 1e-6
+        change = (attention.inverse(a + delta.view_as(a)) - x).flatten(2)
+    assert torch.equal(change[:, :, kept], torch.zeros_like(change[:, :, kept]))
+    amplification = change[:, :, modified].abs() / delta[:, :, modified].abs()
+    assert amplification.max() <= 2.0 * (1 + 1e-6)
+    assert amplification.max() > 1.9 and amplification.min() < 0.55  # the whole range [1/2, 2] is used
 
 
 def test_checkerboard_pairs_kept_and_modified_voxels():
