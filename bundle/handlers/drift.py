@@ -38,6 +38,12 @@ class InversionDriftMonitor:
         self._writer: SummaryWriter | None = None
 
     def attach(self, engine: Engine) -> None:
+        """Attaches to a trainer of an ``InvertibleDiffusionUNet``; another network (a baseline trained by
+        the same configuration) has no inverse to check, and the monitor stays off with a log line."""
+        if not hasattr(unwrap(engine.network), "trunk_round_trip_error"):
+            logger.info("%s has no invertible trunk: the inversion-drift monitor is off.",
+                        type(unwrap(engine.network)).__name__)
+            return
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.measure)
         engine.add_event_handler(Events.COMPLETED, self._close)
 
