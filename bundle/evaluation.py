@@ -6,7 +6,6 @@ import itertools
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from .diffusion.sampling import make_sampling_scheduler
 from .errors import BadInputError
 from .flags import as_flag
 from .inference import load_checkpoint
+from .settings import check_output_folder
 
 __all__ = ["reconstruct_from", "ms_ssim_settings", "normalised_mmd", "check_settings", "evaluate"]
 
@@ -106,22 +106,7 @@ def check_settings(
     overwrite = as_flag(overwrite, "overwrite")
     output_dir = Path(output_dir)
     outputs = [output_dir / "metrics.json", output_dir / "metrics.md"]
-    if output_dir.exists() and not output_dir.is_dir():
-        raise BadInputError(
-            f"output_dir {str(output_dir)!r} is a file; give a folder for metrics.json and metrics.md (created if "
-            "missing), e.g. --output_dir eval."
-        )
-    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())  # the folder itself, or an ancestor
-    if not existing.is_dir():
-        raise BadInputError(
-            f"output_dir {str(output_dir)!r} cannot be created: {str(existing)!r} is a file. Give a folder below an "
-            "existing folder (or a missing path whose existing part is a folder)."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise BadInputError(
-            f"output_dir {str(output_dir)!r} cannot be written: no write permission in {str(existing)!r}. Give a "
-            "folder you can write to."
-        )
+    check_output_folder(output_dir, "output_dir")
     if any(p.exists() for p in outputs) and not overwrite:
         raise BadInputError(f"{outputs[0]} already exists; pass --overwrite true or choose another --output_dir.")
     if not 0 <= reconstruction_timestep < num_train_timesteps:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import BadInputError, state_dict_mismatch
 from .flags import as_flag
+from .settings import check_output_folder
 from .visualize import save_mid_slices_png
 
 __all__ = ["load_checkpoint", "sample_paths", "earlier_samples", "generate"]
@@ -90,6 +91,7 @@ def generate(
     overwrite = as_flag(overwrite, "overwrite")
     if num_samples < 1 or batch_size < 1:
         raise BadInputError(f"num_samples and batch_size must be ≥ 1, got {num_samples} and {batch_size}.")
+    check_output_folder(output_dir, "output_dir")
     paths = sample_paths(output_dir, num_samples, modalities)
     earlier = earlier_samples(output_dir)
     if earlier and not overwrite:

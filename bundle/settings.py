@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from .diffusion.loss import micro_batches
 from .diffusion.sampling import check_noise_scheduler
 from .errors import BadInputError
 
-__all__ = ["check_training_settings"]
+__all__ = ["check_output_folder", "check_training_settings"]
 
 
 def _positive_int(value: object) -> bool:
@@ -32,9 +33,17 @@ def _check_device(device: torch.device | str) -> None:
         raise BadInputError(f"device is {str(device)!r}, but this machine has {found}; pass --device cpu or another index.")
 
 
-def _check_folder(path: str | Path, name: str) -> None:
-    if Path(path).exists() and not Path(path).is_dir():
+def check_output_folder(path: str | Path, name: str) -> None:
+    """Raises :class:`BadInputError` naming ``name`` unless ``path`` is a folder, or can be created as one, that
+    this process may write to: not a file, not below a file, writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
         raise BadInputError(f"{name} {str(path)!r} is a file; give a folder (it is created when missing).")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the folder itself, or its nearest ancestor
+    if not existing.is_dir():
+        raise BadInputError(f"{name} {str(path)!r} cannot be created: {str(existing)!r} is a file; give another folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInputError(f"{name} {str(path)!r} cannot be written: no write permission in {str(existing)!r}.")
 
 
 def check_training_settings(
@@ -88,5 +97,5 @@ def check_training_settings(
             f"got {val_timestep_fractions!r}."
         )
     _check_device(device)
-    _check_folder(ckpt_dir, "ckpt_dir")
-    _check_folder(output_dir, "output_dir")
+    check_output_folder(ckpt_dir, "ckpt_dir")
+    check_output_folder(output_dir, "output_dir")

@@ -14,6 +14,8 @@ from conftest import ROOT, run_bundle
 from monai.bundle import ConfigParser
 
 from bundle.diffusion import DiffusionSampler
+from bundle.errors import BadInputError
+from bundle.inference import generate
 
 NETWORK = {"network_def#channels": [8, 16, 32], "network_def#attention_levels": [False, True, True]}
 CLI = {
@@ -191,3 +193,12 @@ def test_geometry_without_diffusion_settings_still_loads_with_a_warning(checkpoi
     log = result.stdout + result.stderr
     assert "records no diffusion settings" in log and "num_train_timesteps=50" in log
     np.testing.assert_allclose(nib.load(tmp_path / "O" / "sample_000_t1.nii.gz").affine, AFFINE)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_the_checkpoint_is_read(tmp_path):
+    afile = tmp_path / "samples"
+    afile.write_text("notes")
+    for output_dir, message in ((afile, "output_dir .*samples' is a file"), (afile / "x", "cannot be created")):
+        with pytest.raises(BadInputError, match=message):
+            generate(None, None, tmp_path / "missing.pt", output_dir, 1, 1, ["t1"], {})
+    assert afile.read_text() == "notes"
