@@ -34,20 +34,22 @@ class InversionDriftMonitor:
         self.log_dir = log_dir
         self.interval = interval
         self.warn_above = warn_above
-        self.latest: float | None = None
+        self.latest: float | None = None  # nan for a network without an invertible trunk
         self._writer: SummaryWriter | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Attaches to a trainer of an ``InvertibleDiffusionUNet``; another network (a baseline trained by
-        the same configuration) has no inverse to check, and the monitor stays off with a log line."""
-        if not hasattr(unwrap(engine.network), "trunk_round_trip_error"):
-            logger.info("%s has no invertible trunk: the inversion-drift monitor is off.",
-                        type(unwrap(engine.network)).__name__)
-            return
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.measure)
         engine.add_event_handler(Events.COMPLETED, self._close)
 
     def measure(self, engine: Engine) -> None:
+        """Measures and logs the drift; a network without an invertible trunk (a baseline trained by the same
+        configuration) has nothing to check, which is logged once."""
+        network = unwrap(engine.network)
+        if not hasattr(network, "trunk_round_trip_error"):
+            if self.latest is None:
+                logger.info("%s has no invertible trunk: no inversion drift to monitor.", type(network).__name__)
+                self.latest = float("nan")
+            return
         output = engine.state.output  # decollated per sample after the step, or the batch's dict
 
         def batch(key: str) -> torch.Tensor:  # decollation turns each sample's timestep into a number
@@ -57,7 +59,7 @@ class InversionDriftMonitor:
 
         images, noise, timesteps = batch("image"), batch("label"), batch("timesteps")
         noisy = engine.scheduler.add_noise(images, noise, timesteps)
-        self.latest = float(unwrap(engine.network).trunk_round_trip_error(noisy, timesteps).max())
+        self.latest = float(network.trunk_round_trip_error(noisy, timesteps).max())
         if self._writer is None:
             self._writer = SummaryWriter(log_dir=self.log_dir)
         self._writer.add_scalar("train/inversion_drift", self.latest, engine.state.iteration)
