@@ -293,6 +293,8 @@ def test_only_a_new_training_run_writes_phantoms(tmp_path):
 
 
 def test_a_resumed_run_with_a_missing_dataset_dir_writes_no_phantoms(tmp_path):
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "training_state.pt").write_bytes(b"")  # what the checkpoint-folder check asks of a resume
     result = run_bundle("configs/train.json", SMALL_TRAINING | {
         "dataset_dir": tmp_path / "typo", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R", "resume": "true",
         "num_phantoms": "2"}, "training")
