@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .diffusion.engines import one_step_denoise, to_model_range
+from .diffusion.noise import seeded_generator
 from .diffusion.sampling import make_sampling_scheduler
 from .errors import BadInputError
 from .flags import as_flag
@@ -47,9 +48,9 @@ def reconstruct_from(network: nn.Module, noisy: torch.Tensor, t_start: int, num_
         The reconstruction x₀, (B, C, *S), clamped to [−1, 1].
     """
     scheduler = make_sampling_scheduler("ddim", num_train_timesteps, num_inference_steps)
-    stride = num_train_timesteps // int(num_inference_steps)  # DDIMScheduler.step goes from t to t - stride
+    scheduler.timesteps = torch.arange(t_start, -1, -(num_train_timesteps // int(num_inference_steps)))
     x = noisy
-    for t in range(t_start, -1, -stride):
+    for t in scheduler.timesteps.tolist():
         x, _ = scheduler.step(network(x, torch.full((x.shape[0],), t, device=x.device)), t, x)
     return x.clamp(-1, 1)
 
@@ -149,6 +150,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     pair: int = 2,
+    seed: int = 0,
 ) -> dict:
     """Evaluates ``ckpt_path`` on the images of ``dataloader`` (batches of ``{"image", "case"}``: the validation
     split, which ``configs/evaluate.json`` takes from the training run's ``geometry.json``) and writes
@@ -156,7 +158,8 @@ def evaluate(
 
     * one-step denoising at each of ``timesteps`` and reconstruction through the DDIM chain from
       ``reconstruction_timestep``: PSNR, SSIM and MAE per modality, in [0, 1] intensities, as mean ± std
-      and best-of-batch (best of each consecutive ``pair`` of volumes: the paper's batch-2 protocol);
+      and best-of-batch (best of each consecutive ``pair`` of volumes: the paper's batch-2 protocol); batch i's
+      noise comes from :func:`~bundle.diffusion.noise.seeded_generator` of (``seed``, i);
     * ``num_generated`` samples from ``sampler``: mean pairwise MS-SSIM among them (diversity; lower is
       more diverse), MMD to the real volumes (:func:`normalised_mmd` of the first min(validation volumes,
       ``num_generated``) of each; "n/a" with a single validation volume); FID when ``feature_extractor``
@@ -173,9 +176,9 @@ def evaluate(
     psnr, ssim, mae = PSNRMetric(max_val=1.0, reduction="none"), None, MAEMetric(reduction="none")
     scores: dict[str, dict[str, list[torch.Tensor]]] = {}
     reals, cases = [], []
-    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for batch in tqdm(dataloader, desc="evaluating"):
+        for index, batch in enumerate(tqdm(dataloader, desc="evaluating")):
+            generator = seeded_generator(seed, index)
             x0 = to_model_range(batch["image"].to(device))
             size = size or tuple(x0.shape[2:])
             ssim = ssim or SSIMMetric(spatial_dims=len(size), data_range=1.0, win_size=min(7, min(size)), reduction="none")

@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import ROOT, run_bundle
 from monai.bundle import ConfigParser
+from monai.networks.schedulers import DDIMScheduler
 
-from bundle.diffusion import DiffusionSampler
+from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, seeded_generator
 from bundle.errors import BadInputError
 from bundle.inference import generate
 
@@ -96,6 +97,49 @@ def test_sample_i_depends_on_the_seed_and_i_only(sampler):
     assert torch.equal(together, alone)
     assert not torch.equal(together[0], together[1])
     assert not torch.equal(samples(4, [1])[0], together[1])
+
+
+def test_seeded_streams_are_fixed_by_their_keys_alone():
+    """(0, 1) and (1, 0) get different streams (seed + index would not), and so do the key tuples that share
+    SeedSequence's words when handed to it directly; equal keys get the same stream, and a negative key is taken
+    modulo 2⁶⁴ as torch's manual_seed takes it."""
+    draw = lambda *keys: torch.randn(8, generator=seeded_generator(*keys))  # noqa: E731
+    assert torch.equal(draw(0, 1), draw(0, 1)) and not torch.equal(draw(0, 1), draw(1, 0))
+    assert not torch.equal(draw(0, 1), draw(0, 1, 0)) and not torch.equal(draw(2**32, 1), draw(0, 2**32 + 1))
+    assert torch.equal(draw(-1, 3), draw(2**64 - 1, 3))
+
+
+@pytest.mark.parametrize("num_inference_steps", [3, 5, 7])
+def test_each_ddim_step_lands_on_the_next_timestep_of_the_grid(num_inference_steps):
+    """With ε̂ = 0 a DDIM step multiplies x_t by √(ᾱ_t′ / ᾱ_t), so the chain from t₀ = T − 1 to x₀ (ᾱ = 1) gives
+    x_T / √ᾱ_t₀ exactly when every step goes to the timestep the next step is evaluated at. MONAI's step goes
+    ⌊T / n⌋ down while its grid is (T − 1) / (n − 1) apart, which makes the product 26–32 % smaller here."""
+    def chain(scheduler: DDIMScheduler) -> torch.Tensor:
+        scheduler.set_timesteps(num_inference_steps)
+        x = x_start = torch.linspace(-1, 1, 10, dtype=torch.float64)
+        for t in scheduler.timesteps.tolist():
+            x, _ = scheduler.step(torch.zeros_like(x), t, x)
+        return x / (x_start / scheduler.alphas_cumprod[scheduler.timesteps[0]].double().sqrt())
+
+    settings = {"num_train_timesteps": 1000, "schedule": "cosine", "clip_sample": False}
+    torch.testing.assert_close(chain(GridDDIMScheduler(**settings)), torch.ones(10, dtype=torch.float64))
+    assert (chain(DDIMScheduler(**settings)) - 1).abs().min() > 0.1  # the test tells the two apart
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("num_inference_steps", [1, 40])
+def test_the_grid_ddim_step_is_monais_where_monais_step_lands_on_its_grid(eta, num_inference_steps):
+    """With n = 1 or n = T MONAI's step lands on its own grid: there the two schedulers' steps (x̂₀ clamped, η's
+    noise drawn from the same generator) agree at every timestep."""
+    ours, monais = (cls(num_train_timesteps=40, schedule="cosine") for cls in (GridDDIMScheduler, DDIMScheduler))
+    for scheduler in (ours, monais):
+        scheduler.set_timesteps(num_inference_steps)
+    generator = torch.Generator().manual_seed(0)
+    for t in ours.timesteps.tolist():
+        eps, x = torch.randn(2, 1, 4, 4, generator=generator), 2 * torch.randn(2, 1, 4, 4, generator=generator)
+        expected = monais.step(eps, t, x, eta, torch.Generator().manual_seed(t))
+        for got, want in zip(ours.step(eps, t, x, eta, torch.Generator().manual_seed(t)), expected):
+            torch.testing.assert_close(got, want)
 
 
 def test_samples_are_the_same_whatever_the_batch_size(checkpoint, tmp_path):

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import BadInputError, NonFiniteLossError
 from ..flags import as_flag
 from .loss import idm_loss, idm_loss_backward, micro_batches, unwrap
-from .noise import NoiseSampler
+from .noise import NoiseSampler, seeded_generator
 
 __all__ = ["IDMTrainer", "IDMEvaluator", "to_model_range", "one_step_denoise"]
 
@@ -157,7 +157,8 @@ class IDMEvaluator(SupervisedEvaluator):
     Args:
         scheduler: the DDPM noise scheduler.
         timesteps: the fixed timesteps.
-        seed: seed of the validation noise (the same every validation run).
+        seed: seed of the validation noise: batch i's comes from :func:`seeded_generator` of (seed, i), the same
+            every validation run.
         Other arguments: as ``SupervisedEvaluator``.
     """
 
@@ -183,7 +184,7 @@ class IDMEvaluator(SupervisedEvaluator):
 
     def _iteration(self, engine: IDMEvaluator, batchdata: dict) -> dict:  # type: ignore[override]
         images = to_model_range(batchdata["image"].to(engine.state.device))
-        generator = torch.Generator().manual_seed(self.seed + engine.state.iteration)
+        generator = seeded_generator(self.seed, engine.state.iteration)
         outputs: dict[str, list[torch.Tensor]] = {"eps_pred": [], "noise": [], "denoised": [], "image": []}
         engine.network.eval()
         with torch.no_grad():

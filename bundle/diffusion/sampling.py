@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
@@ -10,10 +9,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import BadInputError
+from .noise import seeded_generator
 
 __all__ = [
-    "SAMPLERS", "SAMPLING_SCHEDULE", "check_noise_schedule", "check_noise_scheduler", "make_sampling_scheduler",
-    "sample_generator", "DiffusionSampler",
+    "SAMPLERS", "SAMPLING_SCHEDULE", "GridDDIMScheduler", "check_noise_schedule", "check_noise_scheduler",
+    "make_sampling_scheduler", "DiffusionSampler",
 ]
 
 SAMPLERS = ("ddpm", "ddim")
@@ -58,9 +58,56 @@ def check_noise_scheduler(scheduler: Scheduler, schedule: str) -> None:
         )
 
 
+class GridDDIMScheduler(DDIMScheduler):
+    """MONAI's :class:`~monai.networks.schedulers.DDIMScheduler` whose :meth:`step` from t goes to the next timestep
+    of its own ``timesteps``, so that the network is always evaluated at the noise level the sample has.
+
+    MONAI's step goes from t to t − ⌊T / n⌋, while ``set_timesteps`` spaces the n timesteps (T − 1) / (n − 1) apart:
+    with T = 2000 and n = 5 every step goes 400 steps down and the next treats the sample as if it were 100 steps
+    less noisy (x̂₀ and ε̂ are then formed at the wrong ᾱ). Here the step is DDIM's Eq. 12 (Song et al., 2021) from
+    t to the next timestep t′ of ``timesteps`` (or to x₀ after the last), with σ_t(η) of Eq. 16:
+
+        x̂₀ = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t   (clamped to ``clip_sample_values`` when ``clip_sample``),
+        x_t′ = √ᾱ_t′ x̂₀ + √(1 − ᾱ_t′ − σ_t²) ε̂ + σ_t z,   z ~ N(0, I).
+
+    ``timesteps`` may be set to any descending sequence (the evaluation's reconstruction starts one at its t).
+    Only ε-prediction is implemented (the bundle trains no other).
+    """
+
+    def previous_timestep(self, timestep: int) -> int:
+        """The timestep of ``timesteps`` after ``timestep``; −1 (x₀, ᾱ = ``final_alpha_cumprod``) after the last."""
+        below = self.timesteps[self.timesteps < timestep]
+        return int(below.max()) if len(below) else -1
+
+    def step(  # type: ignore[override]
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t′, x̂₀)`` from ``model_output`` = ε̂ (B, C, *S) and ``sample`` = x_t (B, C, *S)."""
+        if self.prediction_type != "epsilon":
+            raise NotImplementedError(f"GridDDIMScheduler predicts ε only, got prediction_type={self.prediction_type!r}.")
+        previous = self.previous_timestep(int(timestep))
+        alpha = self.alphas_cumprod[timestep]
+        alpha_previous = self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod
+        original = (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
+        if self.clip_sample:
+            original = original.clamp(*self.clip_sample_values)
+        sigma = eta * self._get_variance(timestep, previous).sqrt()
+        previous_sample = alpha_previous.sqrt() * original + (1 - alpha_previous - sigma**2).sqrt() * model_output
+        if eta > 0:
+            noise = torch.randn(model_output.shape, dtype=model_output.dtype, generator=generator,
+                                device=model_output.device)
+            previous_sample = previous_sample + sigma * noise
+        return previous_sample, original
+
+
 def make_sampling_scheduler(sampler: str, num_train_timesteps: int, num_inference_steps: int = 50) -> Scheduler:
     """The :data:`SAMPLING_SCHEDULE` scheduler of ``sampler``: DDPM over all ``num_train_timesteps`` steps (the paper),
-    or DDIM (η = 0) over ``num_inference_steps`` evenly spaced ones.
+    or DDIM (η = 0, :class:`GridDDIMScheduler`) over ``num_inference_steps`` evenly spaced ones from T − 1 to 0.
 
     Raises:
         BadInputError: for an unknown sampler or ``num_inference_steps`` outside [1, num_train_timesteps].
@@ -78,30 +125,19 @@ def make_sampling_scheduler(sampler: str, num_train_timesteps: int, num_inferenc
             f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps} for DDIM, "
             f"got {num_inference_steps}."
         )
-    scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule=SAMPLING_SCHEDULE)
+    scheduler = GridDDIMScheduler(num_train_timesteps=num_train_timesteps, schedule=SAMPLING_SCHEDULE)
     scheduler.set_timesteps(int(num_inference_steps))
     return scheduler
-
-
-def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The random generator of sample ``index`` (counted from 0 over a run) of a run with ``seed``, on ``device``.
-
-    It is seeded from the pair through NumPy's ``SeedSequence``, so that every (seed, index) pair gets its own stream:
-    ``seed + index`` would give sample 1 of seed 0 the noise of sample 0 of seed 1. A negative ``seed`` is taken
-    modulo 2⁶⁴, as ``torch.Generator.manual_seed`` takes it.
-    """
-    state = int(np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(state)
 
 
 class DiffusionSampler(Inferer):
     """``sampler(inputs, network)`` → images (B, C, *S) in [0, 1], with ``inputs`` only a shape reference.
 
-    Each sample has its own generator (:func:`sample_generator` of ``seed`` and the sample's index, counted over
-    the calls: the first call's samples are 0 … B−1, the next call's continue from B), which draws its x_T ~ N(0, I)
-    and the noise of its DDPM steps. So sample i depends only on ``seed`` and i, not on how the samples are batched,
-    and a rerun repeats them. The chain runs over the steps of ``sampler``'s scheduler with a progress bar; the
-    result, in the model's [−1, 1], is mapped to [0, 1].
+    Each sample has its own generator (:func:`~bundle.diffusion.noise.seeded_generator` of ``seed`` and the sample's
+    index, counted over the calls: the first call's samples are 0 … B−1, the next call's continue from B), which draws
+    its x_T ~ N(0, I) and the noise of its DDPM steps. So sample i depends only on ``seed`` and i, not on how the
+    samples are batched, and a rerun repeats them. The chain runs over the steps of ``sampler``'s scheduler with a
+    progress bar; the result, in the model's [−1, 1], is mapped to [0, 1].
 
     Args:
         num_train_timesteps: T of the trained model.
@@ -136,7 +172,7 @@ class DiffusionSampler(Inferer):
         """Samples ``inputs.shape[0]`` images of ``inputs``' spatial shape: (B, C, *S) in [0, 1]."""
         count, device = inputs.shape[0], inputs.device
         shape = (self.num_channels or inputs.shape[1], *inputs.shape[2:])
-        generators = [sample_generator(self.seed, self.drawn + i, device) for i in range(count)]
+        generators = [seeded_generator(self.seed, self.drawn + i, device=device) for i in range(count)]
         self.drawn += count
         images = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
         was_training = network.training
