@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import subprocess
 import sys
+import tempfile
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -23,15 +27,57 @@ SMALL_TRAINING = {
 }
 
 
+@cache
+def _zygote() -> tuple[subprocess.Popen, Path]:
+    """The suite's ``tests/zygote.py`` process (started on first use, ended with the test session) and the file
+    that collects its own error output."""
+    log = Path(tempfile.mkdtemp(prefix="idm_zygote_")) / "stderr.txt"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT, text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    atexit.register(process.stdin.close)  # its loop ends at the end of its input
+    return process, log
+
+
+def run_python(args: list, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python ARGS`` as a user types it (a script or ``-m module``, run as ``__main__`` with these ``sys.argv``,
+    in ``cwd``, with ``env`` (default: this environment with the bundle root on ``PYTHONPATH``), output captured),
+    in a process forked from :mod:`zygote`, which has imported torch, MONAI and the bundle once for the session.
+
+    Raises:
+        subprocess.TimeoutExpired: when it ran past ``timeout`` seconds (it is killed).
+    """
+    args = [str(a) for a in args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)} if env is None else env
+    zygote, log = _zygote()
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder, "stdout"), Path(folder, "stderr")
+        request = {"argv": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err), "timeout": timeout}
+        zygote.stdin.write(json.dumps(request) + "\n")
+        zygote.stdin.flush()
+        reply = zygote.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"tests/zygote.py ended: {log.read_text()[-3000:]}")
+        returncode = json.loads(reply)["returncode"]
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+    if returncode == -9:
+        raise subprocess.TimeoutExpired([sys.executable, *args], timeout, stdout, stderr)
+    return subprocess.CompletedProcess([sys.executable, *args], returncode, stdout, stderr)
+
+
 def run_bundle(
     config: str, overrides: dict, run_id: str = "run", launcher: list[str] | None = None
 ) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run RUN_ID --config_file CONFIG --key value …`` from the bundle root,
-    as a user types it (``launcher`` replaces ``python -m``, e.g. for torchrun)."""
-    args = [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
-    command = (launcher or [sys.executable, "-m"]) + ["monai.bundle", "run", run_id, "--config_file", config, *args]
+    as a user types it (by :func:`run_python`; ``launcher`` replaces ``python -m`` with a real process, e.g.
+    torchrun's)."""
+    args = ["monai.bundle", "run", run_id, "--config_file", config,
+            *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if launcher is None:
+        return run_python(["-m", *args], env=env)
+    return subprocess.run(launcher + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
 def redraw_zero_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:

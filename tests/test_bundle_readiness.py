@@ -5,15 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import redraw_zero_init_
+from conftest import redraw_zero_init_, run_python
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
 import bundle
@@ -49,10 +47,10 @@ def test_torchscript_export_matches_the_eager_network(tmp_path):
         parser[key] = value
     torch.manual_seed(0)
     torch.save(redraw_zero_init_(parser.get_parsed_content("network_def")).state_dict(), tmp_path / "model.pt")
-    command = [sys.executable, "scripts/export_torchscript.py", "--ckpt_file", str(tmp_path / "model.pt"),
+    command = ["scripts/export_torchscript.py", "--ckpt_file", str(tmp_path / "model.pt"),
                "--filepath", str(tmp_path / "model.ts"),
                "--overrides", str(SMALL | {"spatial_size": [16, 16, 16]})]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_python(command)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max |TorchScript − eager| = 0" in result.stdout
     exported = torch.jit.load(tmp_path / "model.ts")
@@ -61,7 +59,7 @@ def test_torchscript_export_matches_the_eager_network(tmp_path):
     x, t = torch.rand(1, 2, 16, 16, 16), torch.tensor([99])
     with torch.no_grad():
         assert torch.allclose(exported(x, t), eager.eval()(x, t), atol=1e-6)
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = run_python(command)
     assert again.returncode == 1 and "already exists" in again.stderr
 
 

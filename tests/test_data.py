@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import itk
@@ -12,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMALL_TRAINING, run_bundle
+from conftest import ROOT, SMALL_TRAINING, run_bundle, run_python
 
 from bundle.data import (
     DatasetNotFoundError,
@@ -373,8 +372,7 @@ def test_unknown_modality_names_the_modalities_the_data_has(brats_dir):
 
 def _make_phantoms(*args: str) -> subprocess.CompletedProcess:
     """``python scripts/make_phantoms.py ARGS`` as a user types it."""
-    command = [sys.executable, str(ROOT / "scripts" / "make_phantoms.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return run_python([ROOT / "scripts" / "make_phantoms.py", *args], cwd=Path.cwd(), timeout=300)
 
 
 def test_make_phantoms_overwrite_false_keeps_existing_cases(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import SMALL_TRAINING as SMALL, run_bundle
 from monai.networks.schedulers import DDPMScheduler
 

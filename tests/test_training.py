@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMALL_TRAINING as SMALL, largest_update_allocation, run_bundle
+from conftest import ROOT, SMALL_TRAINING as SMALL, largest_update_allocation, run_bundle, run_python
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler
@@ -430,8 +430,8 @@ def test_plot_training_curve_writes_beside_the_event_files_and_keeps_an_existing
     with SummaryWriter(tmp_path / "R") as writer:
         for epoch, value in enumerate((1.0, 0.8, 0.7), start=1):
             writer.add_scalar("val_eps_mse", value, epoch)
-    plot = [sys.executable, str(ROOT / "scripts" / "plot_training_curve.py"), "--log_dir", str(tmp_path / "R")]
-    run = lambda *args: subprocess.run([*plot, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # noqa: E731
+    plot = [ROOT / "scripts" / "plot_training_curve.py", "--log_dir", tmp_path / "R"]
+    run = lambda *args: run_python([*plot, *args], cwd=tmp_path, timeout=300)  # noqa: E731
     result = run()
     assert result.returncode == 0, result.stderr[-3000:]
     figure = tmp_path / "R" / "training_curve.png"
