@@ -77,6 +77,8 @@ def run_bundle(
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     if launcher is None:
         return run_python(["-m", *args], env=env)
+    # a process that aborts (SIGABRT, e.g. a C++ std::terminate) prints every thread's Python stack
+    env["PYTHONFAULTHANDLER"] = "1"
     return subprocess.run(launcher + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
