@@ -59,11 +59,11 @@ def run_python(args: list, cwd: Path = ROOT, env: dict | None = None, timeout: f
         reply = zygote.stdout.readline()
         if not reply:
             raise RuntimeError(f"tests/zygote.py ended: {log.read_text()[-3000:]}")
-        returncode = json.loads(reply)["returncode"]
+        answer = json.loads(reply)
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
-    if returncode == -9:
+    if answer["timed_out"]:
         raise subprocess.TimeoutExpired([sys.executable, *args], timeout, stdout, stderr)
-    return subprocess.CompletedProcess([sys.executable, *args], returncode, stdout, stderr)
+    return subprocess.CompletedProcess([sys.executable, *args], answer["returncode"], stdout, stderr)
 
 
 def run_bundle(

@@ -8,7 +8,7 @@ Request: ``{"argv": [...], "cwd": ..., "env": {...}, "stdout": path, "stderr": p
 directory, writes its standard output and error to the two paths, runs ``argv`` as ``python`` would (the module or
 script as ``__main__``, ``sys.argv`` and ``sys.path[0]`` as the interpreter sets them) and ends like an interpreter
 does (``SystemExit``'s code, 1 and a traceback for an uncaught exception, atexit handlers run). Answer:
-``{"returncode": n}``, −9 when the child was killed at the timeout (with its process group).
+``{"returncode": n, "timed_out": bool}``; a child still running at the timeout is killed with its process group.
 
 The tests' command lines run here because importing MONAI alone takes about 10 s on a 2-core machine, which each
 of some 70 command lines in the suite paid again; a forked child starts in milliseconds from the imported state,
@@ -66,26 +66,27 @@ def _run_as_python(argv: list[str]) -> int:
 def _child(request: dict) -> None:
     """In the forked child: runs the request and leaves through the interpreter's own exit (never returns)."""
     os.setpgrp()  # its own process group, which a timeout kills whole
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
+                            (2, request["stderr"], os.O_WRONLY | os.O_CREAT)):
+        opened = os.open(path, flags, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     sys.exit(_run_as_python(request["argv"]))  # unwinds to the interpreter's exit: atexit, threads, flushes
 
 
-def _wait(pid: int, timeout: float) -> int:
+def _wait(pid: int, timeout: float) -> dict:
+    """The answer for child ``pid``, which is killed with its process group after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return os.waitstatus_to_exitcode(status)
+            return {"returncode": os.waitstatus_to_exitcode(status), "timed_out": False}
         if time.monotonic() > deadline:
             os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return -9
+            return {"returncode": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), "timed_out": True}
         time.sleep(0.05)
 
 
@@ -98,7 +99,7 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:
             _child(request)
-        replies.write(json.dumps({"returncode": _wait(pid, request["timeout"])}) + "\n")
+        replies.write(json.dumps(_wait(pid, request["timeout"])) + "\n")
         replies.flush()
 
 
