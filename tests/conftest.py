@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,8 @@ def _zygote() -> tuple[subprocess.Popen, Path]:
         process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT, text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
-    atexit.register(process.stdin.close)  # its loop ends at the end of its input
+    atexit.register(shutil.rmtree, log.parent, True)
+    atexit.register(process.stdin.close)  # its loop ends at the end of its input (runs first: last registered)
     return process, log
 
 
