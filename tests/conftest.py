@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+from bundle.measure.child_process import child_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 # command-line overrides of configs/train.json for a small, fast training run
@@ -36,7 +37,7 @@ def _zygote() -> tuple[subprocess.Popen, Path]:
     with log.open("w") as stderr:
         process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT, text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                   env=child_environment())
     atexit.register(shutil.rmtree, log.parent, True)
     atexit.register(process.stdin.close)  # its loop ends at the end of its input (runs first: last registered)
     return process, log
@@ -44,14 +45,14 @@ def _zygote() -> tuple[subprocess.Popen, Path]:
 
 def run_python(args: list, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python ARGS`` as a user types it (a script or ``-m module``, run as ``__main__`` with these ``sys.argv``,
-    in ``cwd``, with ``env`` (default: this environment with the bundle root on ``PYTHONPATH``), output captured),
+    in ``cwd``, with ``env`` (default: this environment with the bundle root first on ``PYTHONPATH``), output captured),
     in a process forked from :mod:`zygote`, which has imported torch, MONAI and the bundle once for the session.
 
     Raises:
         subprocess.TimeoutExpired: when it ran past ``timeout`` seconds (it is killed).
     """
     args = [str(a) for a in args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)} if env is None else env
+    env = child_environment() if env is None else env
     zygote, log = _zygote()
     with tempfile.TemporaryDirectory() as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")
@@ -76,7 +77,7 @@ def run_bundle(
     torchrun's)."""
     args = ["monai.bundle", "run", run_id, "--config_file", config,
             *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
+    env = child_environment(GLOO_SOCKET_IFNAME="lo")
     if launcher is None:
         return run_python(["-m", *args], env=env)
     # a process that aborts (SIGABRT, e.g. a C++ std::terminate) prints every thread's Python stack
