@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from .errors import BadInputError, NonFiniteLossError, exit_on_bad_input
-from .flags import as_flag
+from .errors import BadInputError, NonFiniteLossError, install_error_hook
+from .flags import as_flag, as_flags
 
 # the bundle's version is defined once, in configs/metadata.json (which the model zoo reads)
 __version__ = json.loads((Path(__file__).resolve().parents[1] / "configs" / "metadata.json").read_text())["version"]
-__all__ = ["BadInputError", "NonFiniteLossError", "as_flag", "exit_on_bad_input", "__version__"]
+__all__ = ["BadInputError", "NonFiniteLossError", "__version__", "as_flag", "as_flags", "install_error_hook"]

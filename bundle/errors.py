@@ -1,15 +1,11 @@
-"""Errors for bad input and stopped training; the bundle's entry points report them without a traceback."""
+"""Errors for bad input and stopped training, and the hook that reports them without a traceback."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from types import TracebackType
 
-import torch
-from torch import nn
-
-__all__ = ["BadInputError", "NonFiniteLossError", "exit_on_bad_input", "state_dict_mismatch"]
+__all__ = ["BadInputError", "NonFiniteLossError", "bad_input_in", "install_error_hook"]
 
 
 class BadInputError(ValueError):
@@ -20,29 +16,29 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss (or gradient) and was stopped before the weights were updated."""
 
 
-def exit_on_bad_input(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Calls ``function``; a :class:`BadInputError`, :class:`NonFiniteLossError` or missing dataset is
-    printed once, as one paragraph ``ERROR: …`` on stderr (where ``python -m monai.bundle run`` reports
-    errors; the log on stdout does not repeat it), and ends the process with exit code 1, without a traceback."""
-    try:
-        return function(*args, **kwargs)
-    except (BadInputError, NonFiniteLossError, FileNotFoundError) as error:
-        print(f"ERROR: {error}", file=sys.stderr)
-        sys.exit(1)
+def bad_input_in(error: BaseException | None) -> BadInputError | NonFiniteLossError | None:
+    """The :class:`BadInputError` or :class:`NonFiniteLossError` that ``error`` is, or was raised from: MONAI's config
+    parser re-raises an error of an expression or a component as a ``RuntimeError`` from it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (BadInputError, NonFiniteLossError)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
-def state_dict_mismatch(network: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
-    """What keeps ``state`` from loading into ``network`` (weights missing, unexpected or of another shape,
-    with examples), or ``""`` when it loads: the message of a checkpoint of another ``network_def``."""
-    expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    return "; ".join(
-        part for part in (
-            f"{len(missing)} weights missing (e.g. {missing[:3]})" if missing else "",
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-            f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else "",
-        ) if part
-    )
+def _report(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+    found = bad_input_in(error)
+    if found is None:
+        sys.__excepthook__(kind, error, traceback)
+    else:
+        print(f"ERROR: {found}", file=sys.stderr)
+
+
+def install_error_hook() -> None:
+    """Makes an uncaught :class:`BadInputError` or :class:`NonFiniteLossError` (also one wrapped by MONAI's config
+    parser) end the process as one paragraph ``ERROR: …`` on stderr, where ``python -m monai.bundle run`` reports
+    errors, without a traceback; the exit code stays the interpreter's 1. Other errors keep their traceback. Each
+    config's ``initialize`` calls it first."""
+    sys.excepthook = _report

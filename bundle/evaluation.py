@@ -1,4 +1,5 @@
-"""Evaluation of a checkpoint: the paper's Table 1 metrics and generation quality (DESIGN §3, paper §5)."""
+"""Evaluation of a checkpoint: the paper's Table 1 metrics and generation quality (paper §5; docs/README.md,
+"Evaluation")."""
 
 from __future__ import annotations
 
@@ -16,39 +17,38 @@ from monai.networks.schedulers import Scheduler
 from torch import nn
 from tqdm import tqdm
 
-from .diffusion.engines import one_step_denoise, to_model_range
+from .checkpoint import load_checkpoint
+from .diffusion.maths import denoise_at, to_image_range, to_model_range
 from .diffusion.noise import seeded_generator
-from .diffusion.sampling import make_sampling_scheduler
+from .diffusion.sampling import GridDDIMScheduler
 from .errors import BadInputError
-from .flags import as_flag
-from .inference import load_checkpoint
-from .settings import check_output_folder
+from .settings import EvaluationSettings
 
-__all__ = ["reconstruct_from", "ms_ssim_settings", "normalised_mmd", "check_settings", "evaluate"]
+__all__ = ["evaluate", "ms_ssim_settings", "normalised_mmd", "reconstruct_from"]
 
 logger = logging.getLogger(__name__)
 
 
-def reconstruct_from(network: nn.Module, noisy: torch.Tensor, t_start: int, num_train_timesteps: int,
-                     num_inference_steps: int) -> torch.Tensor:
-    """Runs the DDIM chain (cosine schedule, η = 0) from ``noisy`` = x_t at exactly ``t = t_start`` down to x₀.
+def reconstruct_from(
+    network: nn.Module, noisy: torch.Tensor, *, t_start: int, scheduler: GridDDIMScheduler, num_inference_steps: int
+) -> torch.Tensor:
+    """Runs ``scheduler``'s DDIM chain from ``noisy`` = x_t at exactly ``t = t_start`` down to x₀.
 
-    The steps are those of a ``num_inference_steps`` sampling chain, Δ = ``num_train_timesteps // num_inference_steps``
-    apart, shifted to start at ``t_start``: t_start, t_start − Δ, …, down to the last t ≥ 0, whose step goes to x₀.
-    (Starting at a step of the sampling grid below ``t_start`` would denoise x_{t_start} as if it were less noisy.)
+    The steps are those of a ``num_inference_steps`` sampling chain, Δ = T // ``num_inference_steps`` apart, shifted to
+    start at ``t_start``: t_start, t_start − Δ, …, down to the last t ≥ 0, whose step goes to x₀. (Starting at a step
+    of the sampling grid below ``t_start`` would denoise x_{t_start} as if it were less noisy.)
 
     Args:
         network: the noise predictor, ``network(x, timesteps)``.
         noisy: x_{t_start}, (B, C, *S) in the model's [−1, 1] range.
-        t_start: the timestep ``noisy`` was noised to, in [0, num_train_timesteps).
-        num_train_timesteps: T of the trained model.
+        t_start: the timestep ``noisy`` was noised to, in [0, T).
+        scheduler: the DDIM scheduler of the trained model's noise schedule (its ``timesteps`` are replaced).
         num_inference_steps: the sampling chain whose step size the reconstruction takes.
 
     Returns:
         The reconstruction x₀, (B, C, *S), clamped to [−1, 1].
     """
-    scheduler = make_sampling_scheduler("ddim", num_train_timesteps, num_inference_steps)
-    scheduler.timesteps = torch.arange(t_start, -1, -(num_train_timesteps // int(num_inference_steps)))
+    scheduler.timesteps = torch.arange(t_start, -1, -(scheduler.num_train_timesteps // int(num_inference_steps)))
     x = noisy
     for t in scheduler.timesteps.tolist():
         x, _ = scheduler.step(network(x, torch.full((x.shape[0],), t, device=x.device)), t, x)
@@ -89,37 +89,6 @@ def normalised_mmd(real: torch.Tensor, generated: torch.Tensor) -> tuple[float, 
     return MMDMetric()(real[:n], generated[:n]).item() / real[0].numel(), n
 
 
-def check_settings(
-    output_dir: str | Path,
-    overwrite: bool | str,
-    reconstruction_timestep: int,
-    num_train_timesteps: int,
-    feature_extractor: str | None = None,
-) -> list[Path]:
-    """Checks the settings of :func:`evaluate` that need neither data nor network, so that a bad one stops evaluation
-    before any work; returns the paths it will write, ``output_dir/metrics.json`` and ``output_dir/metrics.md``.
-
-    Raises:
-        BadInputError: when ``output_dir`` is a file or cannot be created (naming what is in the way), holds an
-            earlier evaluation's metrics and ``overwrite`` is false, ``reconstruction_timestep`` is outside
-            [0, num_train_timesteps), or ``feature_extractor`` names no file.
-    """
-    overwrite = as_flag(overwrite, "overwrite")
-    output_dir = Path(output_dir)
-    outputs = [output_dir / "metrics.json", output_dir / "metrics.md"]
-    check_output_folder(output_dir, "output_dir")
-    if any(p.exists() for p in outputs) and not overwrite:
-        raise BadInputError(f"{outputs[0]} already exists; pass --overwrite true or choose another --output_dir.")
-    if not 0 <= reconstruction_timestep < num_train_timesteps:
-        raise BadInputError(
-            f"reconstruction_timestep {reconstruction_timestep} is outside [0, {num_train_timesteps - 1}]; set "
-            "--reconstruction_fraction in [0, 1)."
-        )
-    if feature_extractor is not None and not Path(feature_extractor).is_file():
-        raise BadInputError(f"feature_extractor {feature_extractor!r} does not exist; give a TorchScript file or null.")
-    return outputs
-
-
 def _per_modality(metric, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B, C) metric values, each channel (modality) on its own."""
     return torch.stack(
@@ -135,30 +104,27 @@ def _summary(values: torch.Tensor, pair: int, higher_is_better: bool) -> dict:
 
 
 def evaluate(
+    *,
     network: nn.Module,
     ckpt_path: str | Path,
     dataloader,
-    scheduler: Scheduler,
+    noise_scheduler: Scheduler,
+    reconstruction_scheduler: GridDDIMScheduler,
+    num_inference_steps: int,
+    sampler: Inferer,
     modalities: Sequence[str],
-    output_dir: str | Path,
     timesteps: Sequence[int],
-    reconstruction_timestep: int,
-    num_inference_steps: int = 50,
-    num_generated: int = 4,
-    sampler: Inferer | None = None,
-    feature_extractor: str | None = None,
-    device: torch.device | str = "cpu",
-    overwrite: bool = False,
-    pair: int = 2,
+    settings: EvaluationSettings,
     seed: int = 0,
 ) -> dict:
     """Evaluates ``ckpt_path`` on the images of ``dataloader`` (batches of ``{"image", "case"}``: the validation
-    split, which ``configs/evaluate.json`` takes from the training run's ``geometry.json``) and writes
-    ``output_dir/metrics.json`` and ``output_dir/metrics.md``, both naming the evaluated cases.
+    split, which ``configs/evaluate.json`` takes from the training run's ``run.json``) and writes
+    ``settings.outputs`` (``metrics.json`` and ``metrics.md`` in ``output_dir``), both naming the evaluated cases.
 
-    * one-step denoising at each of ``timesteps`` and reconstruction through the DDIM chain from
-      ``reconstruction_timestep``: PSNR, SSIM and MAE per modality, in [0, 1] intensities, as mean ± std
-      and best-of-batch (best of each consecutive ``pair`` of volumes: the paper's batch-2 protocol); batch i's
+    * one-step denoising at each of ``timesteps`` (:func:`~bundle.diffusion.maths.denoise_at`) and reconstruction
+      through ``reconstruction_scheduler``'s DDIM chain from ``settings.reconstruction_timestep``
+      (:func:`reconstruct_from`): PSNR, SSIM and MAE per modality, in [0, 1] intensities, as mean ± std and
+      best-of-batch (best of each consecutive ``evaluate_batch_size`` volumes: the paper's batch-2 protocol); batch i's
       noise comes from :func:`~bundle.diffusion.noise.seeded_generator` of (``seed``, i);
     * ``num_generated`` samples from ``sampler``: mean pairwise MS-SSIM among them (diversity; lower is
       more diverse), MMD to the real volumes (:func:`normalised_mmd` of the first min(validation volumes,
@@ -166,11 +132,12 @@ def evaluate(
       names a TorchScript network mapping (B, 1, *S) volumes to (B, F) features (none is downloaded).
 
     Raises:
-        BadInputError: for the settings :func:`check_settings` refuses (before any work), a checkpoint that does not
-            fit ``network``, or an empty validation split.
+        BadInputError: for a checkpoint that does not fit ``network``, or an empty validation split (the settings
+            were checked when ``settings`` was built).
     """
-    outputs = check_settings(output_dir, overwrite, reconstruction_timestep, scheduler.num_train_timesteps,
-                             feature_extractor)
+    device = torch.device(settings.device)
+    pair = settings.evaluate_batch_size
+    t_rec = settings.reconstruction_timestep
     network = load_checkpoint(network, ckpt_path).to(device).eval()
     size = None
     psnr, ssim, mae = PSNRMetric(max_val=1.0, reduction="none"), None, MAEMetric(reduction="none")
@@ -182,20 +149,19 @@ def evaluate(
             x0 = to_model_range(batch["image"].to(device))
             size = size or tuple(x0.shape[2:])
             ssim = ssim or SSIMMetric(spatial_dims=len(size), data_range=1.0, win_size=min(7, min(size)), reduction="none")
-            reals.append(((x0 + 1) / 2).cpu())
+            target = to_image_range(x0)
+            reals.append(target.cpu())
             cases.extend(batch["case"])
-            target = (x0 + 1) / 2
-            runs = {f"one-step t={t}": t for t in timesteps} | {f"reconstruction from t={reconstruction_timestep}": None}
-            for name, t in runs.items():
-                t_value = reconstruction_timestep if t is None else t
-                noise = torch.randn(x0.shape, generator=generator).to(device)
-                t_batch = torch.full((x0.shape[0],), t_value, device=device, dtype=torch.long)
-                noisy = scheduler.add_noise(x0, noise, t_batch)
-                if t is None:
-                    estimate = reconstruct_from(network, noisy, t_value, scheduler.num_train_timesteps, num_inference_steps)
-                else:
-                    estimate = one_step_denoise(scheduler, noisy, network(noisy, t_batch), t_batch)
-                estimate = (estimate + 1) / 2
+            estimates = {f"one-step t={t}": denoise_at(network, noise_scheduler, x0, t, generator)["denoised"]
+                         for t in timesteps}
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            noisy = noise_scheduler.add_noise(x0, noise, torch.full((x0.shape[0],), t_rec, device=device))
+            estimates[f"reconstruction from t={t_rec}"] = reconstruct_from(
+                network, noisy, t_start=t_rec, scheduler=reconstruction_scheduler,
+                num_inference_steps=num_inference_steps,
+            )
+            for name, estimate in estimates.items():
+                estimate = to_image_range(estimate)
                 entry = scores.setdefault(name, {"psnr": [], "ssim": [], "mae": []})
                 entry["psnr"].append(_per_modality(psnr, estimate, target).cpu())
                 entry["ssim"].append(_per_modality(ssim, estimate, target).cpu())
@@ -211,9 +177,10 @@ def evaluate(
             }
             for c, modality in enumerate(modalities)
         }
-    results["generation"] = _generation_quality(network, sampler, torch.cat(reals), num_generated, feature_extractor,
-                                                size, device)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    results["generation"] = _generation_quality(network, sampler, torch.cat(reals), settings.num_generated,
+                                                settings.feature_extractor, size, device)
+    outputs = settings.outputs
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     outputs[0].write_text(json.dumps(results, indent=1))
     outputs[1].write_text(_markdown(results, modalities))
     logger.info("wrote %s and %s", *outputs)

@@ -29,7 +29,7 @@ def as_flag(value: bool | str, name: str) -> bool:
 
 def as_flags(values: Sequence[bool | str], name: str) -> tuple[bool, ...]:
     """Booleans from bools or the strings "true"/"false" (how a command line such as
-    ``--network_def#attention_levels "[false,true,true]"`` delivers them).
+    ``--attention_levels "[false,true,true]"`` delivers them).
 
     Raises:
         BadInputError: naming ``name`` and the values when one of them is neither.

@@ -1,21 +1,30 @@
-"""The training configuration's settings, checked before anything is built, loaded or written."""
+"""The user settings of each workflow, parsed and checked once, before anything is read, built or written.
+
+Each config builds one settings object from its top-level settings (same names) as the first step of ``initialize``;
+the components then read the parsed values from it (``$@settings.resume``). A setting out of range raises
+:class:`~bundle.errors.BadInputError` naming it and what it accepts, which the configs' error hook reports as one
+paragraph (exit code 1).
+"""
 
 from __future__ import annotations
 
 import numbers
-import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from monai.networks.schedulers import Scheduler
 
+from .checkpoint import check_checkpoint_folder
 from .diffusion.engines import autocast_dtype
 from .diffusion.loss import micro_batches
-from .diffusion.sampling import check_noise_scheduler
 from .errors import BadInputError
+from .flags import as_flag
+from .utils import check_output_folder
 
-__all__ = ["check_output_folder", "check_training_settings"]
+__all__ = ["EvaluationSettings", "InferenceSettings", "TrainingSettings"]
 
 
 def _positive_int(value: object) -> bool:
@@ -26,6 +35,20 @@ def _number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _check_spatial_size(spatial_size: Sequence[int]) -> None:
+    if (isinstance(spatial_size, (str, bytes)) or not isinstance(spatial_size, Sequence) or len(spatial_size) != 3
+            or not all(_positive_int(s) for s in spatial_size)):
+        raise BadInputError(f"spatial_size must be three positive integers such as [64,64,64]; got {spatial_size!r}.")
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not _number(val_fraction) or not 0 < val_fraction < 1:
+        raise BadInputError(
+            f"val_fraction must be a number in (0, 1), the share of cases held out for validation (e.g. 0.2); "
+            f"got {val_fraction!r}."
+        )
+
+
 def _check_device(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
@@ -33,69 +56,194 @@ def _check_device(device: torch.device | str) -> None:
         raise BadInputError(f"device is {str(device)!r}, but this machine has {found}; pass --device cpu or another index.")
 
 
-def check_output_folder(path: str | Path, name: str) -> None:
-    """Raises :class:`BadInputError` naming ``name`` unless ``path`` is a folder, or can be created as one, that
-    this process may write to: not a file, not below a file, writable."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise BadInputError(f"{name} {str(path)!r} is a file; give a folder (it is created when missing).")
-    existing = next(p for p in (path, *path.parents) if p.exists())  # the folder itself, or its nearest ancestor
-    if not existing.is_dir():
-        raise BadInputError(f"{name} {str(path)!r} cannot be created: {str(existing)!r} is a file; give another folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise BadInputError(f"{name} {str(path)!r} cannot be written: no write permission in {str(existing)!r}.")
-
-
-def check_training_settings(
-    spatial_size: Sequence[int],
-    batch_size: int,
-    micro_batch_size: int | None,
-    amp: bool | str,
-    noise_scheduler: Scheduler,
-    schedule: str,
-    learning_rate: float,
-    ema_decay: float,
-    lambda_rec: float,
-    lambda_l2: float,
-    val_interval: int,
-    drift_interval: int,
-    val_timestep_fractions: Sequence[float],
-    preview_interval: int,
-    device: torch.device | str,
-    ckpt_dir: str | Path,
-    output_dir: str | Path,
-) -> None:
-    """Checks the user settings of ``configs/train.json`` (same names) before training builds anything:
-    the batch split (:func:`~bundle.diffusion.micro_batches`), ``amp``
-    (:func:`~bundle.diffusion.autocast_dtype`), the noise scheduler against the samplers'
-    (:func:`~bundle.diffusion.check_noise_scheduler`), the numbers' ranges, the device and the output folders.
+@dataclass(kw_only=True)
+class TrainingSettings:
+    """The settings of ``configs/train.json`` (same names; see the README's table), checked in this order: the
+    true/false flags (:func:`~bundle.flags.as_flag`: a command line gives ``"false"``), the image grid, the batch split
+    (:func:`~bundle.diffusion.micro_batches`), ``amp``, the noise scheduler (ε-prediction), the numbers' ranges, the
+    device, the output folders, and last the checkpoint folder against ``resume`` and ``overwrite``
+    (:func:`~bundle.checkpoint.check_checkpoint_folder`). After the check, ``resume``, ``overwrite``, ``skip_invalid``
+    and ``amp`` are bools.
 
     Raises:
         BadInputError: naming the first setting out of range and what it accepts.
     """
-    if (isinstance(spatial_size, (str, bytes)) or not isinstance(spatial_size, Sequence) or len(spatial_size) != 3
-            or not all(_positive_int(s) for s in spatial_size)):
-        raise BadInputError(f"spatial_size must be three positive integers such as [64,64,64]; got {spatial_size!r}.")
-    micro_batches(batch_size, micro_batch_size)
-    autocast_dtype(amp)
-    check_noise_scheduler(noise_scheduler, schedule)
-    if not _number(learning_rate) or learning_rate <= 0:
-        raise BadInputError(f"learning_rate must be a positive number such as 2e-4; got {learning_rate!r}.")
-    if not _number(ema_decay) or not 0 <= ema_decay < 1:
-        raise BadInputError(f"ema_decay must be in [0, 1) (0 turns EMA off; the default is 0.999); got {ema_decay!r}.")
-    for name, value in (("lambda_rec", lambda_rec), ("lambda_l2", lambda_l2)):
-        if not _number(value) or value < 0:
-            raise BadInputError(f"{name} must be a number ≥ 0 (0 drops its term of Eq. 8); got {value!r}.")
-    for name, value in (("val_interval", val_interval), ("drift_interval", drift_interval),
-                        ("preview_interval", preview_interval)):
-        if not _positive_int(value):
-            raise BadInputError(f"{name} must be a positive integer (every n-th epoch, step or validation); got {value!r}.")
-    if (isinstance(val_timestep_fractions, (str, bytes)) or not isinstance(val_timestep_fractions, Sequence)
-            or not val_timestep_fractions or not all(_number(f) and 0 <= f < 1 for f in val_timestep_fractions)):
-        raise BadInputError(
-            f"val_timestep_fractions must be a list of fractions of T in [0, 1) such as [0.05,0.25,0.5]; "
-            f"got {val_timestep_fractions!r}."
+
+    spatial_size: Sequence[int]
+    modalities: Sequence[str]
+    val_fraction: float
+    skip_invalid: bool | str
+    batch_size: int
+    micro_batch_size: int | None
+    amp: bool | str
+    noise_scheduler: Scheduler
+    schedule: str
+    learning_rate: float
+    ema_decay: float
+    lambda_rec: float
+    lambda_l2: float
+    val_interval: int
+    drift_interval: int
+    preview_interval: int
+    val_timestep_fractions: Sequence[float]
+    device: torch.device | str
+    ckpt_dir: str | Path
+    output_dir: str | Path
+    resume: bool | str
+    overwrite: bool | str
+
+    def __post_init__(self) -> None:
+        for name in ("resume", "overwrite", "skip_invalid", "amp"):
+            setattr(self, name, as_flag(getattr(self, name), name))
+        _check_spatial_size(self.spatial_size)
+        _check_val_fraction(self.val_fraction)
+        micro_batches(self.batch_size, self.micro_batch_size)
+        autocast_dtype(self.amp)
+        if self.noise_scheduler.prediction_type != "epsilon":
+            raise BadInputError(
+                f"noise_scheduler#prediction_type is {self.noise_scheduler.prediction_type!r}, but the loss (Eq. 8) "
+                "and the samplers predict the noise ε; drop the override (or set it to 'epsilon')."
+            )
+        if not _number(self.learning_rate) or self.learning_rate <= 0:
+            raise BadInputError(f"learning_rate must be a positive number such as 2e-4; got {self.learning_rate!r}.")
+        if not _number(self.ema_decay) or not 0 <= self.ema_decay < 1:
+            raise BadInputError(
+                f"ema_decay must be in [0, 1) (0 turns EMA off; the default is 0.999); got {self.ema_decay!r}."
+            )
+        for name in ("lambda_rec", "lambda_l2"):
+            value = getattr(self, name)
+            if not _number(value) or value < 0:
+                raise BadInputError(f"{name} must be a number ≥ 0 (0 drops its term of Eq. 8); got {value!r}.")
+        for name in ("val_interval", "drift_interval", "preview_interval"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise BadInputError(
+                    f"{name} must be a positive integer (every n-th epoch, step or validation); got {value!r}."
+                )
+        fractions = self.val_timestep_fractions
+        if (isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or not fractions
+                or not all(_number(f) and 0 <= f < 1 for f in fractions)):
+            raise BadInputError(
+                f"val_timestep_fractions must be a list of fractions of T in [0, 1) such as [0.05,0.25,0.5]; "
+                f"got {fractions!r}."
+            )
+        _check_device(self.device)
+        check_output_folder(self.ckpt_dir, "ckpt_dir")
+        check_output_folder(self.output_dir, "output_dir")
+        check_checkpoint_folder(
+            self.ckpt_dir, resume=self.resume, overwrite=self.overwrite, spatial_size=self.spatial_size,
+            modalities=self.modalities, noise_scheduler=self.noise_scheduler, schedule=self.schedule,
         )
-    _check_device(device)
-    check_output_folder(ckpt_dir, "ckpt_dir")
-    check_output_folder(output_dir, "output_dir")
+
+    @property
+    def validation_timesteps(self) -> list[int]:
+        """``val_timestep_fractions`` as timesteps of the noise scheduler's T."""
+        return [int(f * self.noise_scheduler.num_train_timesteps) for f in self.val_timestep_fractions]
+
+
+SAMPLE_FILE = re.compile(r"sample_\d{3,}(?:_.+\.nii\.gz|\.png)")
+"""The names of :meth:`InferenceSettings.sample_paths`, for any number of samples and any modalities."""
+
+
+@dataclass(kw_only=True)
+class InferenceSettings:
+    """The settings of ``configs/inference.json`` that need neither network nor checkpoint: ``overwrite`` (a bool
+    after the check), the number of samples, the batch size and the output folder, in which sample files of an earlier
+    run (:meth:`earlier_samples`, whatever their number and modalities) are refused unless ``overwrite``.
+
+    Raises:
+        BadInputError: naming the setting and what it accepts.
+    """
+
+    output_dir: str | Path
+    num_samples: int
+    batch_size: int
+    device: torch.device | str
+    overwrite: bool | str
+
+    def __post_init__(self) -> None:
+        self.overwrite = as_flag(self.overwrite, "overwrite")
+        for name in ("num_samples", "batch_size"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise BadInputError(f"{name} must be a positive integer; got {value!r}.")
+        _check_device(self.device)
+        check_output_folder(self.output_dir, "output_dir")
+        earlier = self.earlier_samples()
+        if earlier and not self.overwrite:
+            raise BadInputError(
+                f"{len(earlier)} sample files of an earlier run already exist in output_dir {str(self.output_dir)!r} "
+                f"(e.g. {earlier[0].name}); pass --overwrite true to replace them all (none is kept beside the new "
+                "samples) or choose another --output_dir."
+            )
+
+    def sample_paths(self, modalities: Sequence[str]) -> list[dict[str, Path]]:
+        """``[{modality: …/sample_000_<modality>.nii.gz, "png": …/sample_000.png}, …]``, ``num_samples`` of them."""
+        out = Path(self.output_dir)
+        return [
+            {m: out / f"sample_{i:03d}_{m}.nii.gz" for m in modalities} | {"png": out / f"sample_{i:03d}.png"}
+            for i in range(self.num_samples)
+        ]
+
+    def earlier_samples(self) -> list[Path]:
+        """The sample files (named as :meth:`sample_paths` names them, of any run) already in ``output_dir``."""
+        out = Path(self.output_dir)
+        if not out.is_dir():
+            return []
+        return sorted(p for p in out.iterdir() if p.is_file() and SAMPLE_FILE.fullmatch(p.name))
+
+
+@dataclass(kw_only=True)
+class EvaluationSettings:
+    """The settings of ``configs/evaluate.json`` (on top of ``train.json``'s data settings), checked before any work:
+    the flags, the output folder and its earlier metrics, the reconstruction timestep, the batch and sample counts and
+    the feature extractor. After the check, ``overwrite`` and ``skip_invalid`` are bools.
+
+    Raises:
+        BadInputError: when ``output_dir`` is a file or cannot be created (naming what is in the way), holds an
+            earlier evaluation's metrics and ``overwrite`` is false, ``reconstruction_fraction`` is outside [0, 1),
+            a count is not a positive integer, or ``feature_extractor`` names no file.
+    """
+
+    output_dir: str | Path
+    val_fraction: float
+    skip_invalid: bool | str
+    evaluate_batch_size: int
+    reconstruction_fraction: float
+    num_train_timesteps: int
+    num_generated: int
+    feature_extractor: str | None
+    device: torch.device | str
+    overwrite: bool | str
+
+    def __post_init__(self) -> None:
+        self.overwrite = as_flag(self.overwrite, "overwrite")
+        self.skip_invalid = as_flag(self.skip_invalid, "skip_invalid")
+        _check_val_fraction(self.val_fraction)
+        check_output_folder(self.output_dir, "output_dir")
+        if any(p.exists() for p in self.outputs) and not self.overwrite:
+            raise BadInputError(f"{self.outputs[0]} already exists; pass --overwrite true or choose another --output_dir.")
+        if not _number(self.reconstruction_fraction) or not 0 <= self.reconstruction_fraction < 1:
+            raise BadInputError(
+                f"reconstruction_fraction must be a fraction of T in [0, 1) such as 0.25; "
+                f"got {self.reconstruction_fraction!r}."
+            )
+        for name in ("evaluate_batch_size", "num_generated"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise BadInputError(f"{name} must be a positive integer; got {value!r}.")
+        if self.feature_extractor is not None and not Path(self.feature_extractor).is_file():
+            raise BadInputError(
+                f"feature_extractor {self.feature_extractor!r} does not exist; give a TorchScript file or null."
+            )
+        _check_device(self.device)
+
+    @property
+    def outputs(self) -> list[Path]:
+        """The files evaluation writes: ``output_dir/metrics.json`` and ``output_dir/metrics.md``."""
+        return [Path(self.output_dir) / "metrics.json", Path(self.output_dir) / "metrics.md"]
+
+    @property
+    def reconstruction_timestep(self) -> int:
+        """The timestep the reconstruction metric noises to: ``reconstruction_fraction`` of T."""
+        return int(self.reconstruction_fraction * self.num_train_timesteps)

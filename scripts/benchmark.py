@@ -25,12 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bundle.diffusion import micro_batches  # noqa: E402
-from bundle.measure.quality import compare_quality, render_quality_markdown, write_quality_report  # noqa: E402
-from bundle.measure.report import machine_description  # noqa: E402
-from bundle.measure.step_profile import profile_step_in_subprocess, render_step_profile  # noqa: E402
-from bundle.process_memory import return_freed_memory_to_os  # noqa: E402
-from bundle.measure.suite_report import cube_limits, plot_suite, render_suite  # noqa: E402
-from bundle.measure.sweeps import (  # noqa: E402
+from bundle.flags import as_flag  # noqa: E402
+from scripts.benchmarking.allocator import return_freed_memory_to_os  # noqa: E402
+from scripts.benchmarking.quality import compare_quality, render_quality_markdown, write_quality_report  # noqa: E402
+from scripts.benchmarking.report import machine_description  # noqa: E402
+from scripts.benchmarking.step_profile import profile_step_in_subprocess, render_step_profile  # noqa: E402
+from scripts.benchmarking.suite_report import cube_limits, plot_suite, render_suite  # noqa: E402
+from scripts.benchmarking.sweeps import (  # noqa: E402
     Budget,
     SuitePlan,
     batch_sweep,
@@ -42,8 +43,7 @@ from bundle.measure.sweeps import (  # noqa: E402
     paper_configuration,
     resolution_sweep,
 )
-from bundle.measure.workload import NETWORKS  # noqa: E402
-from bundle.flags import as_flag  # noqa: E402
+from scripts.benchmarking.workload import NETWORKS  # noqa: E402
 
 QUALITY_REPORT = "benchmark_quality.md"
 PARTIAL_RESULT = "benchmarks.partial.json"

@@ -9,7 +9,7 @@ bundle metadata and config, as ``ckpt_export`` does.
 Usage (from the bundle root):
     python scripts/export_torchscript.py --ckpt_file models/model.pt --filepath models/model.ts
     python scripts/export_torchscript.py --ckpt_file C/model.pt --filepath C/model.ts \\
-        --overrides "{'network_def#channels': [16, 32, 64], 'network_def#attention_levels': [False, True, True], 'spatial_size': [32, 32, 32]}"
+        --overrides "{'network_def#channels': [16, 32, 64], 'attention_levels': [False, True, True], 'spatial_size': [32, 32, 32]}"
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from monai.bundle import ConfigParser  # noqa: E402
 from monai.data import save_net_with_metadata  # noqa: E402
 
-from bundle.errors import BadInputError, exit_on_bad_input  # noqa: E402
-from bundle.inference import load_checkpoint  # noqa: E402
+from bundle.checkpoint import load_checkpoint  # noqa: E402
+from bundle.errors import BadInputError, install_error_hook  # noqa: E402
 
 
 def export(ckpt_file: str, filepath: str, config_file: str = "configs/inference.json",
@@ -53,7 +53,7 @@ def export(ckpt_file: str, filepath: str, config_file: str = "configs/inference.
     except BadInputError as error:  # load_checkpoint's advice is phrased for the bundle's command line
         raise BadInputError(
             f"{error} This script takes network_def overrides as --overrides \"{{'network_def#channels': [...], "
-            "'network_def#attention_levels': [...], 'spatial_size': [...]}\"."
+            "'attention_levels': [...], 'spatial_size': [...]}\"."
         ) from None
     channels, size = len(parser["modalities"]), parser["spatial_size"]
     with torch.no_grad():
@@ -71,4 +71,5 @@ def export(ckpt_file: str, filepath: str, config_file: str = "configs/inference.
 
 
 if __name__ == "__main__":
-    fire.Fire(lambda **kwargs: exit_on_bad_input(export, **kwargs))
+    install_error_hook()
+    fire.Fire(export)

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from bundle.measure.child_process import child_environment
+from scripts.benchmarking.child_process import child_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 # command-line overrides of configs/train.json for a small, fast training run
 SMALL_TRAINING = {
     "spatial_size": "[16,16,16]",
     "network_def#channels": "[8,16,32]",
-    "network_def#attention_levels": "[false,true,true]",
+    "attention_levels": "[false,true,true]",
     "num_train_timesteps": "100",
     "batch_size": "2",
     "num_workers": "0",

@@ -11,11 +11,19 @@ import pytest
 import torch
 from conftest import largest_update_allocation
 
-from bundle.measure import energy
-from bundle.measure.energy import EnergyCounter, measure_energy
-from bundle.measure.suite_report import goals, render_suite
-from bundle.measure.sweeps import MEMORY_OPTIONS, OUT_OF_MEMORY, PAPER, Budget, SuitePlan, largest_cube, measure_row
-from bundle.measure.workload import NETWORKS, Workload
+from scripts.benchmarking import energy
+from scripts.benchmarking.energy import EnergyCounter, measure_energy
+from scripts.benchmarking.suite_report import goals, render_suite
+from scripts.benchmarking.sweeps import (
+    MEMORY_OPTIONS,
+    OUT_OF_MEMORY,
+    PAPER,
+    Budget,
+    SuitePlan,
+    largest_cube,
+    measure_row,
+)
+from scripts.benchmarking.workload import NETWORKS, Workload
 
 MiB = 2**20
 
@@ -222,7 +230,7 @@ def test_rendered_energy_table_says_where_and_how_long_each_network_ran():
 
 
 def test_paired_ratio_is_taken_within_rounds_and_needs_matching_rounds():
-    from bundle.measure.timing import paired_ratio
+    from scripts.benchmarking.timing import paired_ratio
 
     assert paired_ratio([2.0, 6.0, 3.0], [1.0, 4.0, 3.0]) == (1.5, 1.0, 2.0)
     with pytest.raises(ValueError, match="equally long"):
@@ -240,7 +248,7 @@ def test_measured_row_has_fewer_stored_bytes_for_the_memory_efficient_idm():
 
 
 def test_step_times_come_back_per_workload_and_round():
-    from bundle.measure.timing import measure_times_in_subprocess
+    from scripts.benchmarking.timing import measure_times_in_subprocess
 
     small = Workload("idm", 16, channels=(8, 16), attention_levels=(False, True))
     times = measure_times_in_subprocess([small, replace(small, network="idm_plain")], repeats=3)
@@ -248,8 +256,8 @@ def test_step_times_come_back_per_workload_and_round():
 
 
 def test_a_failed_timing_process_is_reported_in_its_rows_and_the_suite_goes_on(monkeypatch):
-    from bundle.measure import sweeps
-    from bundle.measure.suite_report import _row_cells
+    from scripts.benchmarking import sweeps
+    from scripts.benchmarking.suite_report import _row_cells
 
     timeouts = []
 
@@ -266,7 +274,7 @@ def test_a_failed_timing_process_is_reported_in_its_rows_and_the_suite_goes_on(m
 
 
 def test_resolution_sweep_stops_a_network_after_it_runs_out_of_memory_and_the_batch_sweep_reuses_its_rows(monkeypatch):
-    from bundle.measure import sweeps
+    from scripts.benchmarking import sweeps
 
     plan = replace(SuitePlan.quick(), sizes=(16, 32, 48), batch_size_at=16, batch_sizes=(1, 2))
     measured, timed = [], []
@@ -295,7 +303,7 @@ def test_resolution_sweep_stops_a_network_after_it_runs_out_of_memory_and_the_ba
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's peak and memory cap")
 def test_cuda_peak_is_the_allocators_and_the_memory_limit_is_enforced():
-    from bundle.measure.peak_memory import measure_peak_in_subprocess
+    from scripts.benchmarking.peak_memory import measure_peak_in_subprocess
 
     small = Workload("idm", 32, channels=(8, 16), attention_levels=(False, True))
     fits = measure_peak_in_subprocess(small, memory_limit_bytes=8 * 2**30)
@@ -311,7 +319,7 @@ def test_the_cuda_memory_cap_reaches_the_allocator_as_a_fraction_of_the_current_
     import torch.cuda.memory
     from types import SimpleNamespace
 
-    from bundle.measure.peak_memory import cap_cuda_memory
+    from scripts.benchmarking.peak_memory import cap_cuda_memory
 
     calls = []
     monkeypatch.setattr(torch.cuda.memory, "_lazy_init", lambda: None)
@@ -324,7 +332,7 @@ def test_the_cuda_memory_cap_reaches_the_allocator_as_a_fraction_of_the_current_
 
 
 def test_running_out_of_memory_is_recognised_however_the_device_reports_it():
-    from bundle.measure.child_process import is_out_of_memory
+    from scripts.benchmarking.child_process import is_out_of_memory
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
@@ -335,7 +343,7 @@ def test_running_out_of_memory_is_recognised_however_the_device_reports_it():
 
 
 def test_child_processes_find_the_bundle_and_the_packages_already_on_pythonpath(monkeypatch, tmp_path):
-    from bundle.measure.child_process import BUNDLE_ROOT, child_environment
+    from scripts.benchmarking.child_process import BUNDLE_ROOT, child_environment
 
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # e.g. packages installed with pip install --target
     env = child_environment(OMP_NUM_THREADS="1")
@@ -346,7 +354,8 @@ def test_child_processes_find_the_bundle_and_the_packages_already_on_pythonpath(
 
 
 def test_freed_tensors_go_back_to_the_os_after_mallopt():
-    from bundle.process_memory import proc_status_bytes, return_freed_memory_to_os
+    from bundle.process_memory import proc_status_bytes
+    from scripts.benchmarking.allocator import return_freed_memory_to_os
 
     assert return_freed_memory_to_os()
     before = proc_status_bytes("VmRSS")
@@ -358,7 +367,7 @@ def test_freed_tensors_go_back_to_the_os_after_mallopt():
 
 
 def test_the_benchmarked_adamw_update_allocates_nothing_of_a_parameters_size():
-    from bundle.measure.workload import build_network, make_training_step
+    from scripts.benchmarking.workload import build_network, make_training_step
 
     workload = Workload("idm", 16, channels=(16, 32), attention_levels=(False, True))
     optimizer = make_training_step(workload, build_network(workload)).optimizer
@@ -368,8 +377,8 @@ def test_the_benchmarked_adamw_update_allocates_nothing_of_a_parameters_size():
 
 
 def test_step_profile_follows_every_engine_step_and_names_the_phases():
-    from bundle.measure.step_profile import profile_step_in_subprocess, render_step_profile
-    from bundle.measure.workload import build_network
+    from scripts.benchmarking.step_profile import profile_step_in_subprocess, render_step_profile
+    from scripts.benchmarking.workload import build_network
 
     workload = Workload("idm", 32, batch_size=2, channels=(8, 16), attention_levels=(False, True))
     profile = profile_step_in_subprocess(workload)

@@ -19,7 +19,7 @@ from bundle.errors import BadInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
-SMALL = {"network_def#channels": [8, 16, 32], "network_def#attention_levels": [False, True, True]}
+SMALL = {"network_def#channels": [8, 16, 32], "attention_levels": [False, True, True]}
 # the configurations a user runs on their own or on top of train.json, whose settings README.md describes
 USER_CONFIGS = ("train.json", "inference.json", "evaluate.json")
 
@@ -75,7 +75,7 @@ def test_export_errors_name_the_scripts_own_arguments(tmp_path):
     for key, value in SMALL.items():
         parser[key] = value
     torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
-    other = SMALL | {"network_def#attention_levels": [False, False, True], "spatial_size": [16, 16, 16]}
+    other = SMALL | {"attention_levels": [False, False, True], "spatial_size": [16, 16, 16]}
     with pytest.raises(BadInputError, match="does not match network_def") as info:
         script.export(ckpt_file=str(tmp_path / "model.pt"), filepath=str(tmp_path / "model.ts"), overrides=other)
     assert "--overrides" in str(info.value) and not (tmp_path / "model.ts").exists()

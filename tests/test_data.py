@@ -341,7 +341,7 @@ def test_training_on_an_unrecognised_dataset_dir_stops_with_the_discovery_messag
     data.mkdir()
     _write(data / "pat001_t1.nii.gz", make_phantom(SHAPE)["t1"])
     small = {"spatial_size": "[16,16,16]", "network_def#channels": "[8,16,32]",
-             "network_def#attention_levels": "[false,true,true]", "num_train_timesteps": "100",
+             "attention_levels": "[false,true,true]", "num_train_timesteps": "100",
              "batch_size": "2", "num_workers": "0", "num_phantoms": "2", "train#trainer#max_epochs": "1"}
     result = run_bundle("configs/train.json", small | {"dataset_dir": data, "ckpt_dir": tmp_path / "C",
                                                        "output_dir": tmp_path / "R"}, "training")

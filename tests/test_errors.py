@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ from monai.networks.schedulers import DDPMScheduler
 
 from bundle.data import write_brats_phantoms
 from bundle.diffusion import IDMTrainer, NoiseSampler
-from bundle.errors import BadInputError, NonFiniteLossError, exit_on_bad_input
+from bundle.checkpoint import TrainingCheckpoint
+from bundle.errors import BadInputError, NonFiniteLossError, bad_input_in, install_error_hook
 from bundle.flags import as_flag, as_flags
-from bundle.handlers import NonFiniteLossGuard, TrainingCheckpoint
+from bundle.handlers import NonFiniteLossGuard
 from bundle.networks import InvertibleDiffusionUNet
 
 
@@ -29,22 +31,45 @@ def test_true_false_settings_read_the_command_lines_strings_and_refuse_anything_
         as_flags(["true", "maybe"], "levels")
     with pytest.raises(BadInputError, match="levels must be a list of true/false values, got 'true'"):
         as_flags("true", "levels")
-    network = InvertibleDiffusionUNet(2, 1, 1, channels=(8, 16), num_blocks=1, attention_levels=("false", "false"),
-                                      memory_efficient="false", recompute_norms="false")
-    assert network.memory_efficient is False and network.trunk.attention_levels == (False, False)
 
 
-def _raise_bad_input() -> None:
-    raise BadInputError("batch_size must be a positive integer; got 0.")
+def test_the_error_hook_prints_bad_input_once_even_when_monai_wraps_it(capsys, monkeypatch):
+    """MONAI's config parser re-raises an expression's error as a RuntimeError from it: the hook finds the bad input
+    in the chain, prints it as one line, and leaves any other error to Python's own hook (its traceback)."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    install_error_hook()
+    try:
+        try:
+            raise BadInputError("batch_size must be a positive integer; got 0.")
+        except BadInputError as error:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from error
+    except RuntimeError as wrapped:
+        assert isinstance(bad_input_in(wrapped), BadInputError)
+        sys.excepthook(type(wrapped), wrapped, wrapped.__traceback__)
+    assert capsys.readouterr().err == "ERROR: batch_size must be a positive integer; got 0.\n"
+    try:
+        raise KeyError("not a bad input")
+    except KeyError as other:
+        assert bad_input_in(other) is None
+        sys.excepthook(type(other), other, other.__traceback__)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'not a bad input'" in err
 
 
-def test_exit_on_bad_input_reports_once_on_stderr(capsys, caplog):
-    with caplog.at_level(logging.DEBUG), pytest.raises(SystemExit) as info:
-        exit_on_bad_input(_raise_bad_input)
-    assert info.value.code == 1
-    captured = capsys.readouterr()
-    assert captured.err == "ERROR: batch_size must be a positive integer; got 0.\n"
-    assert captured.out == "" and "batch_size" not in caplog.text
+def test_network_def_flags_given_as_command_line_strings_are_parsed_by_the_config(tmp_path):
+    """``--attention_levels "[false,true,true]"`` and ``--memory_efficient false`` reach the network as bools."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config("configs/train.json")
+    parser.update({"attention_levels": ["false", "true", "true"], "memory_efficient": "false",
+                   "network_def#channels": [8, 16, 32]})
+    network = parser.get_parsed_content("network_def")
+    assert network.memory_efficient is False and network.trunk.attention_levels == (False, True, True)
+    parser["memory_efficient"] = "maybe"
+    with pytest.raises(RuntimeError) as info:
+        parser.get_parsed_content("network_def", lazy=False)
+    assert "memory_efficient must be true or false, got 'maybe'" in str(bad_input_in(info.value))
 
 
 def test_a_bad_command_line_prints_its_error_once(tmp_path):

@@ -19,7 +19,7 @@ CONFIGS = "['configs/train.json','configs/evaluate.json']"
 CLI = {
     "spatial_size": "[16,16,16]",
     "network_def#channels": "[8,16,32]",
-    "network_def#attention_levels": "[false,true,true]",
+    "attention_levels": "[false,true,true]",
     "num_train_timesteps": "50",
     "num_inference_steps": "3",
     "num_generated": "2",
@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     write_brats_phantoms(root / "D", num_cases=10, shape=(24, 24, 20))
     parser = ConfigParser()
     parser.read_config(ROOT / "configs/train.json")
-    parser["network_def#channels"], parser["network_def#attention_levels"] = [8, 16, 32], [False, True, True]
+    parser["network_def#channels"], parser["attention_levels"] = [8, 16, 32], [False, True, True]
     torch.manual_seed(0)
     torch.save(redraw_zero_init_(parser.get_parsed_content("network_def")).state_dict(), root / "model.pt")
     return root

@@ -12,8 +12,14 @@ from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDPMScheduler
 
 from bundle.diffusion import idm_loss_backward, micro_batches
-from bundle.measure import count_parameters, matched_monai_unet, saved_activation_bytes
-from bundle.networks import InvertibleDiffusionUNet
+from scripts.benchmarking import count_parameters, matched_monai_unet, saved_activation_bytes
+from bundle.networks import (
+    AttentionPair,
+    CouplingBlock,
+    InvertibleAttention,
+    InvertibleDiffusionUNet,
+    OrthogonalChannelMixing,
+)
 
 SMALL = dict(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 16, 32), attention_levels=(False, True, True))
 
@@ -72,6 +78,35 @@ def test_bad_inputs_are_named():
         model(torch.randn(2, 2, 16, 16, 16), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="unconditional"):
         model(torch.randn(1, 2, 16, 16, 16), torch.tensor([1]), context=torch.randn(1, 4))
+
+
+def test_flags_must_be_bools_and_the_trunk_factories_pass_through():
+    """Command-line strings are the configs' to convert: the network refuses them by name. ``block`` and
+    ``attention`` reach the trunk, whose blocks are conditioned on the time embedding."""
+    tiny = dict(channels=(8, 16), num_blocks=1)
+    with pytest.raises(TypeError, match=r"^memory_efficient must be a bool .*got 'false' .*configs convert"):
+        InvertibleDiffusionUNet(2, 1, 1, attention_levels=(False, False), memory_efficient="false", **tiny)
+    with pytest.raises(TypeError, match=r"^attention_levels must be a sequence of bools"):
+        InvertibleDiffusionUNet(2, 1, 1, attention_levels=("false", "true"), **tiny)
+    with pytest.raises(TypeError, match=r"^recompute_norms must be a bool"):
+        InvertibleDiffusionUNet(2, 1, 1, recompute_norms="false", **tiny)
+    model = InvertibleDiffusionUNet(2, 1, 1, attention_levels=(False, False), **tiny)
+    with pytest.raises(TypeError, match=r"^memory_efficient must be a bool"):
+        model.memory_efficient = "false"
+    built = []
+
+    def block(spatial_dims, channels, cond_dim):
+        built.append((spatial_dims, channels, cond_dim))
+        return CouplingBlock(channel_mixing=False)(spatial_dims, channels, cond_dim)
+
+    model = InvertibleDiffusionUNet(2, 1, 1, attention_levels=(False, True), time_embed_dim=12, block=block,
+                                    attention=AttentionPair(num_heads=2), **tiny)
+    assert sorted(set(built)) == [(2, 8, 12), (2, 16, 12)] and len(built) == 3
+    assert not any(isinstance(m, OrthogonalChannelMixing) for m in model.modules())
+    heads = [m.num_heads for m in model.modules() if isinstance(m, InvertibleAttention)]
+    assert heads == [2, 2]
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 8, 8), torch.tensor([3])).shape == (1, 1, 8, 8)
 
 
 def test_memory_efficient_switch_reaches_the_trunk_and_gradients_agree(device):
@@ -135,7 +170,7 @@ def test_paper_configuration_builds_on_the_meta_device():
 
 
 def test_checkpointed_monai_baseline_matches_plain_autograd_and_stores_less():
-    from bundle.measure import CheckpointedBlock, enable_activation_checkpointing
+    from scripts.benchmarking import CheckpointedBlock, enable_activation_checkpointing
 
     torch.manual_seed(0)
     plain, _ = matched_monai_unet(400_000, 3, 2, 2, (False, True, True))

@@ -18,11 +18,11 @@ from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, seeded_generat
 from bundle.errors import BadInputError
 from bundle.inference import generate
 
-NETWORK = {"network_def#channels": [8, 16, 32], "network_def#attention_levels": [False, True, True]}
+NETWORK = {"network_def#channels": [8, 16, 32], "attention_levels": [False, True, True]}
 CLI = {
     "spatial_size": "[16,16,16]",
     "network_def#channels": "[8,16,32]",
-    "network_def#attention_levels": "[false,true,true]",
+    "attention_levels": "[false,true,true]",
     "num_train_timesteps": "50",
     "sampler": "ddim",
     "num_inference_steps": "3",

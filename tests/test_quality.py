@@ -1,4 +1,4 @@
-"""Quality at equal budget (bundle.measure.quality): both networks trained by configs/train.json, small."""
+"""Quality at equal budget (scripts.benchmarking.quality): both networks trained by configs/train.json, small."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from bundle.measure.quality import compare_quality, render_quality_markdown, write_quality_report
+from scripts.benchmarking.quality import compare_quality, render_quality_markdown, write_quality_report
 
 EPOCHS = 2
 TRAIN_CASES = 3  # of 4 phantoms with val_fraction 0.2

@@ -21,7 +21,8 @@ from monai.networks.schedulers import DDPMScheduler
 from bundle.data import training_cases, write_brats_phantoms
 from bundle.diffusion import NoiseSampler, ema_with_warmup
 from bundle.errors import BadInputError
-from bundle.handlers import InversionDriftMonitor, TrainingCheckpoint
+from bundle.checkpoint import TrainingCheckpoint, check_checkpoint_folder
+from bundle.handlers import InversionDriftMonitor
 from bundle.networks import InvertibleDiffusionUNet
 from bundle.visualize import read_scalars
 
@@ -50,7 +51,7 @@ def test_the_trainers_adamw_update_allocates_nothing_of_a_parameters_size():
     parser = ConfigParser()
     parser.read_config(ROOT / TRAIN)
     parser["network_def#channels"] = [8, 16, 32]
-    parser["network_def#attention_levels"] = [False, True, True]
+    parser["attention_levels"] = [False, True, True]
     parser["device"] = torch.device("cpu")
     largest_allocation, largest_parameter = largest_update_allocation(parser.get_parsed_content("optimizer"))
     assert largest_parameter == 16 * 16 * 27 * 4  # a 16 → 16 3³ convolution of the 32-channel level
@@ -68,7 +69,7 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
     overrides = {
         "dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
         "spatial_size": "[32,32,32]", "network_def#channels": "[16,32,64]",
-        "network_def#attention_levels": "[false,true,true]", "num_train_timesteps": "100",
+        "attention_levels": "[false,true,true]", "num_train_timesteps": "100",
         "batch_size": "2", "train#trainer#max_epochs": "2", "drift_interval": "2",
     }
     result = train(overrides)
@@ -80,12 +81,16 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
     assert "val_eps_mse" in result.stdout + result.stderr
     drift = read_scalars(tmp_path / "R", ["train/inversion_drift"])["train/inversion_drift"]
     assert [step for step, _ in drift] == [2, 4, 6] and all(0 < value < 1e-4 for _, value in drift)
-    geometry = json.loads((tmp_path / "C" / "geometry.json").read_text())
-    assert geometry["spatial_size"] == [32, 32, 32] and geometry["modalities"] == ["t1", "t2"]
-    assert len(geometry["affine"]) == 4 and geometry["affine"][0][0] > 0  # RAS voxel grid of the training volumes
-    assert geometry["diffusion"] == {"num_train_timesteps": 100, "schedule": "cosine"}  # checked at inference
+    record = json.loads((tmp_path / "C" / "run.json").read_text())
+    assert record["spatial_size"] == [32, 32, 32] and record["modalities"] == ["t1", "t2"]
+    assert len(record["affine"]) == 4 and record["affine"][0][0] > 0  # RAS voxel grid of the training volumes
+    schedule = {k: v for k, v in record["noise_scheduler"].items() if k != "alphas_cumprod"}
+    assert schedule == {"class": "DDPMScheduler", "num_train_timesteps": 100, "schedule": "cosine",
+                        "prediction_type": "epsilon"}  # checked at inference, with ᾱ:
+    expected = DDPMScheduler(num_train_timesteps=100, schedule="cosine").alphas_cumprod
+    assert torch.allclose(torch.tensor(record["noise_scheduler"]["alphas_cumprod"]), expected)
     # the validation cases, which evaluation takes from here rather than recomputing the split
-    assert geometry["validation_cases"] == [r["case"] for r in training_cases(six_cases)["validation"]]
+    assert record["validation_cases"] == [r["case"] for r in training_cases(six_cases)["validation"]]
 
 
 def test_empty_dataset_dir_trains_on_phantoms(tmp_path):
@@ -183,15 +188,15 @@ def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_le
 
 def test_a_resumed_run_keeps_the_validation_cases_it_recorded(six_cases, tmp_path):
     """Resumed with another seed and val_fraction, a run still validates on (and does not train on) the cases
-    it recorded at its start, and geometry.json keeps them for evaluation."""
+    it recorded at its start, and run.json keeps them for evaluation."""
     base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"}
     assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
-    recorded = json.loads((tmp_path / "C" / "geometry.json").read_text())["validation_cases"]
+    recorded = json.loads((tmp_path / "C" / "run.json").read_text())["validation_cases"]
     assert len(recorded) == 1  # val_fraction 0.2 of 6; the resumed run's settings would hold out 3
     resumed = train(base | {"train#trainer#max_epochs": 2, "resume": "true", "seed": 5, "val_fraction": 0.5})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "5 training and 1 validation cases" in resumed.stdout + resumed.stderr
-    assert json.loads((tmp_path / "C" / "geometry.json").read_text())["validation_cases"] == recorded
+    assert json.loads((tmp_path / "C" / "run.json").read_text())["validation_cases"] == recorded
 
 
 def _schedule(t_max: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.CosineAnnealingLR]:
@@ -371,7 +376,7 @@ def test_overwrite_keeps_this_runs_event_files_and_refusal_removes_nothing(tmp_p
     ckpt_dir, log_dir = tmp_path / "C", tmp_path / "R"
     ckpt_dir.mkdir()
     log_dir.mkdir()
-    for name in ("model.pt", "training_state.pt", "geometry.json", "model.ts"):
+    for name in ("model.pt", "training_state.pt", "run.json", "model.ts"):
         (ckpt_dir / name).write_text("earlier")
     other = log_dir / f"events.out.tfevents.1700000000.{socket.gethostname()}.{os.getpid() + 1}.0"
     own = log_dir / f"events.out.tfevents.1800000000.{socket.gethostname()}.{os.getpid()}.0"
@@ -380,8 +385,9 @@ def test_overwrite_keeps_this_runs_event_files_and_refusal_removes_nothing(tmp_p
     checkpoint = TrainingCheckpoint(str(ckpt_dir), network, optimizer, scheduler, NoiseSampler(10), log_dir=str(log_dir))
     engine = Engine(lambda engine, batch: None)
     with pytest.raises(BadInputError, match="--overwrite true"):
-        checkpoint.prepare(engine, resume=False, overwrite=False)
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["geometry.json", "model.pt", "model.ts", "training_state.pt"]
+        check_checkpoint_folder(ckpt_dir, resume=False, overwrite=False, spatial_size=[16, 16, 16],
+                                modalities=["t1", "t2"], noise_scheduler=DDPMScheduler(10), schedule="linear_beta")
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["run.json", "model.pt", "model.ts", "training_state.pt"]
     assert other.exists()
     fresh = TrainingCheckpoint(str(tmp_path / "C2"), network, optimizer, scheduler, NoiseSampler(10), log_dir=str(log_dir))
     fresh.prepare(engine, resume=False, overwrite=False)
@@ -441,3 +447,29 @@ def test_plot_training_curve_writes_beside_the_event_files_and_keeps_an_existing
     assert again.returncode == 1 and "already exists" in again.stderr and "--overwrite true" in again.stderr
     assert figure.read_bytes() == b"kept"
     assert run("--overwrite", "true").returncode == 0 and figure.read_bytes().startswith(b"\x89PNG")
+
+
+def test_temporary_files_of_killed_writers_are_removed_when_a_run_starts_or_resumes(tmp_path, caplog):
+    """A process killed while it wrote its checkpoint leaves ``.training_state.pt.tmp<pid>`` (several GB for the
+    paper's network): the next run in that folder removes those of writers that no longer run, and logs them; a
+    running writer's file is left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ckpt_dir = tmp_path / "C"
+        ckpt_dir.mkdir()
+        stale = [ckpt_dir / f".training_state.pt.tmp{dead_pid}", ckpt_dir / f".model.pt.tmp{dead_pid}",
+                 ckpt_dir / f".run.json.tmp{os.getpid()}"]
+        running = ckpt_dir / f".training_state.pt.tmp{alive.pid}"
+        for path in [*stale, running, ckpt_dir / "model.pt"]:
+            path.write_bytes(b"partial")
+        network, optimizer, scheduler = _schedule(1)
+        checkpoint = TrainingCheckpoint(str(ckpt_dir), network, optimizer, scheduler, NoiseSampler(10))
+        with caplog.at_level(logging.WARNING):
+            checkpoint.prepare(Engine(lambda engine, batch: None), resume=False, overwrite=False)
+        assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted([running.name, "model.pt"])
+        assert "Removed 3 temporary files left by writers that no longer run" in caplog.text
+    finally:
+        alive.kill()
+        alive.wait()

@@ -7,11 +7,15 @@ import torch
 from conftest import redraw_zero_init_, relative_error
 from torch.func import functional_call
 
-from bundle.measure import saved_activation_bytes
+from scripts.benchmarking import saved_activation_bytes
 from bundle.networks import (
+    AdditiveCoupling,
+    AttentionPair,
+    CouplingBlock,
     CouplingFunction,
     CouplingLayer,
     InvertibleAttention,
+    InvertibleModule,
     InvertibleUNet,
     OrthogonalChannelMixing,
     OrthogonalDownsampling,
@@ -254,11 +258,112 @@ def test_two_dimensional_trunk_from_the_same_classes():
         assert relative_error(trunk.inverse(trunk(x, cond), cond), x) <= 1e-5
 
 
-def test_attention_flags_from_the_command_line_are_parsed():
-    trunk = InvertibleUNet(3, (8, 16, 32), 1, ["false", "True", "true"])
+def test_flags_must_be_bools_and_strings_are_refused_by_name():
+    """The trunk takes bools only: a command line's "false" is the configs' to convert, and is refused here
+    with the argument, the value and what is accepted (it would otherwise be truthy)."""
+    for name, bad in (("memory_efficient", "false"), ("channel_mixing", "true"), ("recompute_norms", 0)):
+        with pytest.raises(TypeError, match=f"^{name} must be a bool \\(True or False\\), got {bad!r}"):
+            InvertibleUNet(3, (8, 16, 32), 1, **{name: bad})
+    with pytest.raises(TypeError, match="got 'false' \\(a str\\). The bundle's configs convert command-line strings"):
+        InvertibleUNet(3, (8, 16, 32), 1, memory_efficient="false")
+    with pytest.raises(TypeError, match=r"attention_levels must be a sequence of bools, one per level \(e\.g\. "
+                                        r"\(False, True, True\)\), got \['false', 'True', 'true'\]\..*configs convert"):
+        InvertibleUNet(3, (8, 16, 32), 1, ["false", "True", "true"])
+    for bad in (True, "true", (0, 1, 1)):
+        with pytest.raises(TypeError, match="attention_levels must be a sequence of bools"):
+            InvertibleUNet(3, (8, 16, 32), 1, bad)
+    trunk = InvertibleUNet(3, (8, 16, 32), 1, [False, True, True])
     assert trunk.attention_levels == (False, True, True)
-    with pytest.raises(ValueError, match="true/false"):
-        InvertibleUNet(3, (8, 16, 32), 1, ["no", "yes", "yes"])
+    with pytest.raises(TypeError, match="memory_efficient must be a bool"):
+        trunk.memory_efficient = "false"
+    assert trunk.memory_efficient is True
+    with pytest.raises(TypeError, match="channel_mixing must be a bool"):
+        CouplingBlock(channel_mixing="false")
+
+
+class ChannelAffine(InvertibleModule):
+    """A layer that InvertibleUNet does not know: ``y = x·exp(a) + b(cond)`` per channel, with a learned log-scale
+    ``a`` (C,) and a shift that a linear map gives from the condition (B, E)."""
+
+    def __init__(self, channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.zeros(channels))
+        self.shift = torch.nn.Linear(cond_dim, channels)
+
+    def _scale_shift(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        return self.log_scale.exp().reshape(view), self.shift(cond).reshape(cond.shape[0], *view[1:])
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        scale, shift = self._scale_shift(x, cond)
+        return x * scale + shift
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        scale, shift = self._scale_shift(y, cond)
+        return (y - shift) / scale
+
+
+def affine_coupling_block(spatial_dims: int, channels: int, cond_dim: int | None) -> list[InvertibleModule]:
+    """A block of one's own: the new layer, then a coupling without channel mixing."""
+    return [ChannelAffine(channels, cond_dim), AdditiveCoupling(spatial_dims, channels, cond_dim)]
+
+
+def one_parity_attention(spatial_dims: int, channels: int, cond_dim: int | None) -> list[InvertibleModule]:
+    return [InvertibleAttention(spatial_dims, channels, parity=1)]
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_block_and_an_attention_of_ones_own_plug_in_through_the_factories(spatial_dims, one_torch_thread):
+    """A new invertible layer (with the generic reverse step) and a one-parity attention, given to an unchanged
+    InvertibleUNet as ``block`` and ``attention``: exact round trip, and the memory-efficient engine's output and
+    gradients (input, condition, every parameter) equal plain autograd's to 1e-12 in float64."""
+    torch.manual_seed(0)
+    channels, size = TINY_TRUNKS[spatial_dims]
+    trunk = InvertibleUNet(spatial_dims, channels, 2, (True, True), cond_dim=3, block=affine_coupling_block,
+                           attention=one_parity_attention)
+    trunk = redraw_zero_init_(trunk, std=0.1).double()
+    layers = [type(getattr(step, "layer", step)) for step in trunk.sequence.steps]
+    assert layers.count(ChannelAffine) == 2 * (2 * len(channels) - 1)  # 2 blocks per encoder and decoder level
+    assert OrthogonalChannelMixing not in layers and layers.count(InvertibleAttention) == 2  # skip and bottom
+    x = torch.randn(2, channels[0], *size, dtype=torch.float64)
+    cond, weight = torch.randn(2, 3, dtype=torch.float64), torch.randn_like(x)
+    with torch.no_grad():
+        y = trunk(x, cond)
+        assert relative_error(y, x) > 0.1
+        assert relative_error(trunk.inverse(y, cond), x) <= 1e-12
+    out_me, grads_me = _gradients(trunk, x, cond, weight)
+    trunk.memory_efficient = False
+    out_plain, grads_plain = _gradients(trunk, x, cond, weight)
+    assert relative_error(out_me, out_plain) <= 1e-13
+    names = ["input", "cond"] + [n for n, _ in trunk.named_parameters()]
+    assert any("log_scale" in n for n in names) and any(".shift." in n for n in names)
+    for name, g_me, g_plain in zip(names, grads_me, grads_plain, strict=True):
+        assert g_plain.norm() > 0, name
+        assert relative_error(g_me, g_plain) <= 1e-12, name
+
+
+def test_the_default_factories_are_the_blocks_and_attention_of_the_trunks_options():
+    """``block=CouplingBlock(...)``, ``attention=AttentionPair(...)`` build the very trunk (same state_dict keys and
+    initial weights) as the options they replace; those options are refused beside a factory of one's own, and
+    a factory must return invertible modules."""
+    def build(**kwargs):
+        torch.manual_seed(0)
+        return InvertibleUNet(3, (8, 16, 32), 2, (False, True, True), cond_dim=4, **kwargs).state_dict()
+
+    by_options = build(channel_mixing=False, recompute_norms=True, num_heads=2)
+    by_factories = build(block=CouplingBlock(channel_mixing=False, recompute_norms=True), attention=AttentionPair(2))
+    assert list(by_options) == list(by_factories)
+    assert all(torch.equal(by_options[k], by_factories[k]) for k in by_options)
+    assert "sequence.steps.0.layer.generator" in build() and "sequence.steps.1.layer.function.conv1.weight" in build()
+    with pytest.raises(ValueError, match=r"set them in the block instead, e\.g\. block=CouplingBlock\(channel_mixing=False"):
+        InvertibleUNet(3, (8, 16, 32), 1, channel_mixing=False, block=affine_coupling_block)
+    with pytest.raises(ValueError, match=r"e\.g\. attention=AttentionPair\(num_heads=2\)"):
+        InvertibleUNet(3, (8, 16, 32), 1, num_heads=2, attention=one_parity_attention)
+    with pytest.raises(TypeError, match="block must be a LayerFactory"):
+        InvertibleUNet(3, (8, 16, 32), 1, block="coupling")
+    for bad in (lambda d, c, e: AdditiveCoupling(d, c, e), lambda d, c, e: [torch.nn.Identity()]):
+        with pytest.raises(TypeError, match="must return a sequence of InvertibleModule layers"):
+            InvertibleUNet(3, (8, 16, 32), 1, block=bad)
 
 
 def test_backward_leaves_the_output_and_the_gradients_it_was_given_intact():

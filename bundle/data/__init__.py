@@ -2,17 +2,11 @@
 
 from .dataset import split_cases, training_cases
 from .discovery import DatasetNotFoundError, discover_cases
-from .geometry import GEOMETRY_FILE, default_affine, geometry_of, load_geometry, recorded_validation_cases
 from .phantoms import PHANTOM_FOLDER, PHANTOM_PREFIX, make_phantom, write_brats_phantoms
 from .preflight import PreflightError, check_case, preflight
 from .transforms import SelectChanneld, foreground, preprocessing
 
 __all__ = [
-    "GEOMETRY_FILE",
-    "default_affine",
-    "geometry_of",
-    "load_geometry",
-    "recorded_validation_cases",
     "PHANTOM_FOLDER",
     "PHANTOM_PREFIX",
     "DatasetNotFoundError",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import numbers
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError
-from ..flags import as_flag
 from .discovery import DatasetNotFoundError, discover_cases
 from .phantoms import BRATS_MODALITIES, PHANTOM_FOLDER, PHANTOM_PREFIX, write_brats_phantoms
 from .preflight import preflight
@@ -21,34 +19,25 @@ __all__ = ["split_cases", "training_cases"]
 logger = logging.getLogger(__name__)
 
 
-def _check_val_fraction(val_fraction: float) -> None:
-    """Raises :class:`BadInputError` unless ``val_fraction`` is a number strictly between 0 and 1."""
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
-        raise BadInputError(
-            f"val_fraction must be a number in (0, 1), the share of cases held out for validation (e.g. 0.2); "
-            f"got {val_fraction!r}."
-        )
-
-
 def split_cases(
-    records: Sequence[dict], val_fraction: float, seed: int, validation_cases: Sequence[str] | None = None
+    records: Sequence[dict], *, val_fraction: float, seed: int, validation_cases: Sequence[str] | None = None
 ) -> tuple[list[dict], list[dict]]:
     """``(train, validation)`` records. The validation split is, in this order of precedence (the log says which):
 
     * with ``validation_cases`` (case ids: those a training run recorded,
-      :func:`~bundle.data.geometry.recorded_validation_cases`), these cases, in that order, whatever ``seed`` and
+      :func:`~bundle.run_record.recorded_validation_cases`), these cases, in that order, whatever ``seed`` and
       ``val_fraction`` say; for the ids that the same ``seed`` and records gave, that is the seeded split itself;
     * the records of a datalist's ``validation`` list (marked ``"split": "validation"`` by
       :func:`~bundle.data.discovery.discover_cases`), sorted by case id;
-    * the last ``val_fraction`` (at least one case) of the records shuffled by ``seed``.
+    * the last ``val_fraction`` (in (0, 1), checked with the settings: :class:`~bundle.settings.TrainingSettings`;
+      at least one case) of the records shuffled by ``seed``.
 
     The training split is the other records, in the order of that deterministic shuffle.
 
     Raises:
-        BadInputError: when ``val_fraction`` is not in (0, 1), there are fewer than 2 records, a case of
+        BadInputError: when there are fewer than 2 records, a case of
             ``validation_cases`` is not among ``records`` (naming it), or a datalist lists every record for validation.
     """
-    _check_val_fraction(val_fraction)
     if len(records) < 2:
         raise BadInputError(
             f"Training needs at least 2 usable cases (one or more for training, one or more for validation); "
@@ -63,11 +52,11 @@ def split_cases(
         if missing:
             raise BadInputError(
                 f"Of the {len(validation_cases)} validation cases that the training run recorded (validation_cases in "
-                f"the geometry.json beside its checkpoint), these are not among the {len(records)} usable cases below "
+                f"the run.json beside its checkpoint), these are not among the {len(records)} usable cases below "
                 f"dataset_dir: {', '.join(missing)}. Point dataset_dir at the data the run trained on, with these "
                 "cases present and valid: any other validation split could hold cases the run trained on."
             )
-        logger.info("Validation split: the %d cases that the training run recorded in its geometry.json.",
+        logger.info("Validation split: the %d cases that the training run recorded in its run.json.",
                     len(validation_cases))
     elif listed:
         if len(listed) == len(records):
@@ -89,13 +78,14 @@ def split_cases(
 
 def training_cases(
     dataset_dir: str | Path,
+    *,
     modalities: Sequence[str] = ("t1", "t2"),
     val_fraction: float = 0.2,
     seed: int = 0,
     skip_invalid: bool = False,
     num_phantoms: int = 16,
     validation_cases: Sequence[str] | None = None,
-    write_phantoms: bool | str = True,
+    write_phantoms: bool = True,
 ) -> dict[str, list[dict]]:
     """``{"train": records, "validation": records}`` for the dataset below ``dataset_dir``: the split of
     :func:`split_cases` (the recorded ``validation_cases`` when given, else a datalist's ``validation`` list, else by
@@ -111,8 +101,6 @@ def training_cases(
     to it. Every case passes :func:`~bundle.data.preflight.preflight` first. Under ``torch.distributed`` rank 0
     prepares the data while the other ranks wait, then they discover what it wrote.
     """
-    skip_invalid = as_flag(skip_invalid, "skip_invalid")
-    write_phantoms = as_flag(write_phantoms, "write_phantoms")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     leader = not distributed or torch.distributed.get_rank() == 0
     if not leader:
@@ -143,8 +131,7 @@ def _prepare_cases(
     validation_cases: Sequence[str] | None,
     write_phantoms: bool,
 ) -> dict[str, list[dict]]:
-    """:func:`training_cases` on the leader rank (its arguments, the flags already read)."""
-    _check_val_fraction(val_fraction)
+    """:func:`training_cases` on the leader rank (its arguments)."""
     root = Path(dataset_dir)
     try:
         records = discover_cases(root, modalities)
@@ -180,6 +167,6 @@ def _prepare_cases(
         write_brats_phantoms(target, num_cases=num_phantoms, seed=seed, prefix=PHANTOM_PREFIX, overwrite=True)
         records = discover_cases(root, modalities)
     records = preflight(records, modalities, skip_invalid)
-    train, validation = split_cases(records, val_fraction, seed, validation_cases)
+    train, validation = split_cases(records, val_fraction=val_fraction, seed=seed, validation_cases=validation_cases)
     logger.info("%d training and %d validation cases from %s", len(train), len(validation), dataset_dir)
     return {"train": train, "validation": validation}

@@ -216,7 +216,7 @@ def _find_cases(root: Path, modalities: Sequence[str]) -> tuple[list[dict], list
 
 def _is_phantom(record: dict, phantom_folder: Path, modality: str) -> bool:
     """A case of the built-in phantoms: named ``IDM_Phantom_XXX`` (wherever it was written) or in
-    ``dataset_dir/IDM_phantoms`` (where earlier versions of the bundle named them as BraTS does)."""
+    ``dataset_dir/IDM_phantoms`` (the folder a training run writes them to)."""
     return record["case"].startswith(f"{PHANTOM_PREFIX}_") or Path(record[modality]).is_relative_to(phantom_folder)
 
 

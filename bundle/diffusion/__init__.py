@@ -1,9 +1,29 @@
-"""Diffusion: the Eq. 8 loss, noise sampling and the Ignite training/validation engines."""
+"""Diffusion: the maths, the Eq. 8 loss, noise sampling, the samplers and the Ignite training/validation engines."""
 
 from .ema import ema_with_warmup
-from .engines import IDMEvaluator, IDMTrainer, autocast_dtype, one_step_denoise, to_model_range
-from .loss import idm_loss, idm_loss_backward, micro_batches, unwrap, weight_norm
+from .engines import IDMEvaluator, IDMTrainer, autocast_dtype
+from .loss import LOSS_TERMS, idm_loss, idm_loss_backward, micro_batches, weight_norm
+from .maths import denoise_at, predict_start_from_noise, to_image_range, to_model_range
 from .noise import NoiseSampler, seeded_generator
-from .sampling import SAMPLERS, SAMPLING_SCHEDULE, DiffusionSampler, GridDDIMScheduler, check_noise_schedule, check_noise_scheduler, make_sampling_scheduler
+from .sampling import DiffusionSampler, GridDDIMScheduler, choose_sampler
 
-__all__ = ["SAMPLERS", "SAMPLING_SCHEDULE", "DiffusionSampler", "GridDDIMScheduler", "check_noise_schedule", "check_noise_scheduler", "make_sampling_scheduler", "IDMEvaluator", "IDMTrainer", "autocast_dtype", "ema_with_warmup", "NoiseSampler", "seeded_generator", "idm_loss", "idm_loss_backward", "micro_batches", "one_step_denoise", "to_model_range", "unwrap", "weight_norm"]
+__all__ = [
+    "LOSS_TERMS",
+    "DiffusionSampler",
+    "GridDDIMScheduler",
+    "IDMEvaluator",
+    "IDMTrainer",
+    "NoiseSampler",
+    "autocast_dtype",
+    "choose_sampler",
+    "denoise_at",
+    "ema_with_warmup",
+    "idm_loss",
+    "idm_loss_backward",
+    "micro_batches",
+    "predict_start_from_noise",
+    "seeded_generator",
+    "to_image_range",
+    "to_model_range",
+    "weight_norm",
+]

@@ -12,32 +12,20 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from ..errors import BadInputError, NonFiniteLossError
-from ..flags import as_flag
-from .loss import idm_loss, idm_loss_backward, micro_batches, unwrap
+from ..utils import unwrap
+from .loss import idm_loss, idm_loss_backward
+from .maths import denoise_at, to_image_range, to_model_range
 from .noise import NoiseSampler, seeded_generator
 
-__all__ = ["IDMTrainer", "IDMEvaluator", "to_model_range", "one_step_denoise"]
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] on disk → [−1, 1] for the model (as a plain tensor)."""
-    images = images.as_tensor() if hasattr(images, "as_tensor") else images
-    return images * 2 - 1
-
-
-def one_step_denoise(scheduler: Scheduler, noisy: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """``x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t`` clipped to [−1, 1] (DDPM, Ho et al. 2020, Eq. 15)."""
-    abar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].reshape(-1, *([1] * (noisy.ndim - 1)))
-    return ((noisy - torch.sqrt(1 - abar) * eps) / torch.sqrt(abar)).clamp(-1, 1)
+__all__ = ["IDMEvaluator", "IDMTrainer", "autocast_dtype"]
 
 
 def autocast_dtype(amp: bool, amp_kwargs: dict | None = None) -> torch.dtype | None:
     """The autocast dtype of :class:`IDMTrainer`'s ``amp`` setting: bfloat16, or None without ``amp``.
 
     Raises:
-        BadInputError: for ``amp`` neither true nor false, or ``amp_kwargs`` other than ``{"dtype": torch.bfloat16}``.
+        BadInputError: for ``amp_kwargs`` other than ``{"dtype": torch.bfloat16}``.
     """
-    amp = as_flag(amp, "amp")
     if amp_kwargs not in (None, {}, {"dtype": torch.bfloat16}):
         raise BadInputError(
             f"amp_kwargs may only be {{'dtype': torch.bfloat16}} (the default); got {amp_kwargs!r}. float16 "
@@ -94,7 +82,6 @@ class IDMTrainer(SupervisedTrainer):
         amp_kwargs: dict | None = None,
         **kwargs,
     ) -> None:
-        micro_batches(1, micro_batch_size)  # a bad micro_batch_size fails here, before training starts
         self.amp_dtype = autocast_dtype(amp, amp_kwargs)
         super().__init__(
             device=device,
@@ -149,7 +136,7 @@ class IDMTrainer(SupervisedTrainer):
 
 class IDMEvaluator(SupervisedEvaluator):
     """Validation at fixed timesteps with fixed noise: for each t in ``timesteps`` the network predicts ε
-    from ``x_t`` and the one-step estimate x̂₀ is formed (:func:`one_step_denoise`).
+    from ``x_t`` and the one-step estimate x̂₀ is formed (:func:`~bundle.diffusion.maths.denoise_at`).
 
     Output dict: ``eps_pred`` and ``noise`` (ε̂ and ε, stacked over the timesteps along the batch axis),
     ``denoised`` and ``image`` (x̂₀ and x₀ in [0, 1], likewise), for ε-MSE and PSNR/SSIM handlers.
@@ -189,14 +176,11 @@ class IDMEvaluator(SupervisedEvaluator):
         engine.network.eval()
         with torch.no_grad():
             for t in self.timesteps:
-                noise = torch.randn(images.shape, generator=generator).to(images.device)
-                timesteps = torch.full((images.shape[0],), t, device=images.device, dtype=torch.long)
-                noisy = self.scheduler.add_noise(images, noise, timesteps)
-                eps = engine.network(noisy, timesteps)
-                outputs["eps_pred"].append(eps)
-                outputs["noise"].append(noise)
-                outputs["denoised"].append((one_step_denoise(self.scheduler, noisy, eps, timesteps) + 1) / 2)
-                outputs["image"].append((images + 1) / 2)
+                step = denoise_at(engine.network, self.scheduler, images, t, generator)
+                outputs["eps_pred"].append(step["eps_pred"])
+                outputs["noise"].append(step["noise"])
+                outputs["denoised"].append(to_image_range(step["denoised"]))
+                outputs["image"].append(to_image_range(images))
         engine.state.output = {k: torch.cat(v) for k, v in outputs.items()}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

@@ -9,16 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadInputError
+from ..utils import unwrap
 
-__all__ = ["LOSS_TERMS", "unwrap", "weight_norm", "idm_loss", "idm_loss_backward", "micro_batches"]
+__all__ = ["LOSS_TERMS", "idm_loss", "idm_loss_backward", "micro_batches", "weight_norm"]
 
 # names of the Eq. 8 terms that idm_loss reports (the λ-weighted ones only when their λ > 0)
 LOSS_TERMS = ("eps_mse", "reconstruction", "weight_norm")
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or the module itself)."""
-    return getattr(network, "module", network)
 
 
 def weight_norm(network: nn.Module) -> torch.Tensor:

@@ -3,15 +3,10 @@ validation noise, samples), and the training noise and timestep sampling whose s
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
 __all__ = ["NoiseSampler", "seeded_generator"]
-
-logger = logging.getLogger(__name__)
-
 
 def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator on ``device`` whose stream is fixed by the integers ``keys`` alone, e.g. (seed, rank, draw)
@@ -61,8 +56,4 @@ class NoiseSampler:
         return {"draws": self.draws}
 
     def load_state_dict(self, state: dict) -> None:
-        if "draws" not in state:  # written by bundle 0.2 (one generator's state, rank 0's)
-            logger.warning("The checkpoint's noise state is from an older bundle: noise draws restart their "
-                           "stream from its beginning, so this run is not bit-identical with an uninterrupted one.")
-            return
         self.draws = int(state["draws"])

@@ -1,61 +1,36 @@
-"""Sampling: a MONAI ``Inferer`` that turns noise into images with the full DDPM chain or DDIM."""
+"""Sampling: a MONAI ``Inferer`` that turns noise into images with any MONAI noise scheduler's chain, and DDIM that
+steps along its own grid."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+
 import torch
 from monai.inferers import Inferer
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from monai.networks.schedulers import DDIMScheduler, Scheduler
 from torch import nn
 from tqdm import tqdm
 
 from ..errors import BadInputError
+from .maths import predict_start_from_noise, to_image_range
 from .noise import seeded_generator
 
-__all__ = [
-    "SAMPLERS", "SAMPLING_SCHEDULE", "GridDDIMScheduler", "check_noise_schedule", "check_noise_scheduler",
-    "make_sampling_scheduler", "DiffusionSampler",
-]
-
-SAMPLERS = ("ddpm", "ddim")
-SAMPLING_SCHEDULE = "cosine"
-"""The noise schedule (β_1 … β_T) that the samplers implement, and so the only one a model can be
-trained with and then sampled from."""
+__all__ = ["DiffusionSampler", "GridDDIMScheduler", "choose_sampler"]
 
 
-def check_noise_schedule(schedule: str, source: str = "noise_scheduler#schedule") -> None:
-    """Raises :class:`BadInputError` unless ``schedule`` is :data:`SAMPLING_SCHEDULE`; ``source`` says where the
-    value came from (the config key, or the file that records the training run's schedule)."""
-    if schedule != SAMPLING_SCHEDULE:
-        raise BadInputError(
-            f"{source} is {schedule!r}, but the bundle's samplers implement the {SAMPLING_SCHEDULE!r} noise schedule "
-            f"only, so a model trained with another could not be sampled; train with --noise_scheduler#schedule "
-            f"{SAMPLING_SCHEDULE}."
-        )
-
-
-def check_noise_scheduler(scheduler: Scheduler, schedule: str) -> None:
-    """For training: ``scheduler`` (the configuration's ``noise_scheduler``, built with ``schedule``) must noise
-    images as the samplers will assume at sampling time, which rebuild the default :data:`SAMPLING_SCHEDULE`
-    scheduler from ``num_train_timesteps`` alone (:func:`make_sampling_scheduler`), and predict ε.
+def choose_sampler(samplers: Mapping[str, Scheduler], sampler: str) -> Scheduler:
+    """``samplers[sampler]``: the noise scheduler of the sampler that the configuration names.
 
     Raises:
-        BadInputError: for another schedule, other schedule arguments (ᾱ_t differs) or a prediction type
-            other than ``"epsilon"``, naming the override to drop.
+        BadInputError: for a name that is not one of ``samplers`` (the configuration's ``samplers`` section, where a
+            new MONAI scheduler is one more entry).
     """
-    check_noise_schedule(schedule)
-    if scheduler.prediction_type != "epsilon":
+    if sampler not in samplers:
         raise BadInputError(
-            f"noise_scheduler#prediction_type is {scheduler.prediction_type!r}, but the loss (Eq. 8) and the "
-            "samplers predict the noise ε; drop the override (or set it to 'epsilon')."
+            f"sampler must be one of {sorted(samplers)} (the configuration's samplers section), got {sampler!r}."
         )
-    reference = make_sampling_scheduler("ddpm", scheduler.num_train_timesteps).alphas_cumprod
-    if not torch.allclose(scheduler.alphas_cumprod, reference):
-        middle = scheduler.num_train_timesteps // 2
-        raise BadInputError(
-            f"noise_scheduler's schedule arguments differ from the samplers' default {SAMPLING_SCHEDULE} schedule "
-            f"(ᾱ at t={middle}: {scheduler.alphas_cumprod[middle]:.4f} vs {reference[middle]:.4f}), which sampling "
-            "and evaluation rebuild from num_train_timesteps alone; drop the noise_scheduler#… schedule overrides."
-        )
+    return samplers[sampler]
 
 
 class GridDDIMScheduler(DDIMScheduler):
@@ -93,7 +68,7 @@ class GridDDIMScheduler(DDIMScheduler):
         previous = self.previous_timestep(int(timestep))
         alpha = self.alphas_cumprod[timestep]
         alpha_previous = self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod
-        original = (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
+        original = predict_start_from_noise(sample, model_output, alpha)
         if self.clip_sample:
             original = original.clamp(*self.clip_sample_values)
         sigma = eta * self._get_variance(timestep, previous).sqrt()
@@ -105,68 +80,53 @@ class GridDDIMScheduler(DDIMScheduler):
         return previous_sample, original
 
 
-def make_sampling_scheduler(sampler: str, num_train_timesteps: int, num_inference_steps: int = 50) -> Scheduler:
-    """The :data:`SAMPLING_SCHEDULE` scheduler of ``sampler``: DDPM over all ``num_train_timesteps`` steps (the paper),
-    or DDIM (η = 0, :class:`GridDDIMScheduler`) over ``num_inference_steps`` evenly spaced ones from T − 1 to 0.
-
-    Raises:
-        BadInputError: for an unknown sampler or ``num_inference_steps`` outside [1, num_train_timesteps].
-    """
-    if sampler not in SAMPLERS:
-        raise BadInputError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
-    if num_train_timesteps < 1:
-        raise BadInputError(f"num_train_timesteps must be ≥ 1, got {num_train_timesteps}.")
-    if sampler == "ddpm":
-        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=SAMPLING_SCHEDULE)
-        scheduler.set_timesteps(num_train_timesteps)
-        return scheduler
-    if not 1 <= int(num_inference_steps) <= num_train_timesteps:
-        raise BadInputError(
-            f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps} for DDIM, "
-            f"got {num_inference_steps}."
-        )
-    scheduler = GridDDIMScheduler(num_train_timesteps=num_train_timesteps, schedule=SAMPLING_SCHEDULE)
-    scheduler.set_timesteps(int(num_inference_steps))
-    return scheduler
-
-
 class DiffusionSampler(Inferer):
     """``sampler(inputs, network)`` → images (B, C, *S) in [0, 1], with ``inputs`` only a shape reference.
 
-    Each sample has its own generator (:func:`~bundle.diffusion.noise.seeded_generator` of ``seed`` and the sample's
-    index, counted over the calls: the first call's samples are 0 … B−1, the next call's continue from B), which draws
-    its x_T ~ N(0, I) and the noise of its DDPM steps. So sample i depends only on ``seed`` and i, not on how the
-    samples are batched, and a rerun repeats them. The chain runs over the steps of ``sampler``'s scheduler with a
-    progress bar; the result, in the model's [−1, 1], is mapped to [0, 1].
+    The chain runs over ``scheduler.timesteps`` after ``scheduler.set_timesteps(num_inference_steps)`` (at each call,
+    which also resets a multistep scheduler's history, e.g. PNDM's), with a progress bar; the result, in the model's
+    [−1, 1], is mapped to [0, 1]. Each sample has its own generator (:func:`~bundle.diffusion.noise.seeded_generator`
+    of ``seed`` and the sample's index, counted over the calls: the first call's samples are 0 … B−1, the next call's
+    continue from B), which draws its x_T ~ N(0, I) and, for a scheduler whose ``step`` takes a ``generator`` (DDPM,
+    DDIM), the noise of its steps, stepped one sample at a time. So sample i depends only on ``seed`` and i, not on how
+    the samples are batched, and a rerun repeats them. A scheduler whose step draws no noise (PNDM) steps the batch.
 
     Args:
-        num_train_timesteps: T of the trained model.
-        sampler: ``"ddpm"`` (all T steps) or ``"ddim"``.
-        num_inference_steps: DDIM steps (1…T).
+        scheduler: a MONAI noise scheduler (``DDPMScheduler``, :class:`GridDDIMScheduler`, ``PNDMScheduler``, …) of the
+            trained model's noise schedule.
+        num_inference_steps: steps of the chain, in [1, T] (T, ``scheduler.num_train_timesteps``: the full DDPM chain).
         seed: seed of the run's samples.
         progress: show a progress bar over the steps.
         num_channels: channels to generate; default: those of ``inputs`` (set it when the reference
             input is, e.g., a one-channel image given by MONAI Label).
 
     Raises:
-        BadInputError: for an unknown sampler or ``num_inference_steps`` outside [1, T].
+        BadInputError: for ``num_inference_steps`` outside [1, T].
     """
 
     def __init__(
         self,
-        num_train_timesteps: int = 2000,
-        sampler: str = "ddpm",
-        num_inference_steps: int = 50,
+        scheduler: Scheduler,
+        num_inference_steps: int,
         seed: int = 0,
         progress: bool = True,
         num_channels: int | None = None,
     ) -> None:
         super().__init__()
-        self.num_channels = num_channels
-        self.scheduler = make_sampling_scheduler(sampler, num_train_timesteps, num_inference_steps)
+        total = scheduler.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or not 1 <= num_inference_steps <= total:
+            raise BadInputError(
+                f"num_inference_steps must be an integer between 1 and num_train_timesteps={total}, "
+                f"got {num_inference_steps!r}."
+            )
+        self.scheduler = scheduler
+        self.num_inference_steps = num_inference_steps
         self.seed = seed
         self.progress = progress
+        self.num_channels = num_channels
         self.drawn = 0  # samples generated so far: the index of the next one
+        self._noisy_steps = "generator" in inspect.signature(scheduler.step).parameters
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
         """Samples ``inputs.shape[0]`` images of ``inputs``' spatial shape: (B, C, *S) in [0, 1]."""
@@ -175,14 +135,18 @@ class DiffusionSampler(Inferer):
         generators = [seeded_generator(self.seed, self.drawn + i, device=device) for i in range(count)]
         self.drawn += count
         images = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+        self.scheduler.set_timesteps(self.num_inference_steps)
         was_training = network.training
         network.eval()
         with torch.no_grad():
             for t in tqdm(self.scheduler.timesteps.tolist(), disable=not self.progress):
                 eps = network(images, torch.full((count,), t, device=device, dtype=torch.long))
-                images = torch.cat([  # one step per sample, each with its own generator (DDPM step noise)
+                if not self._noisy_steps:
+                    images = self.scheduler.step(eps, t, images)[0]
+                    continue
+                images = torch.cat([  # one step per sample, each with its own generator (its step noise)
                     self.scheduler.step(eps[i : i + 1], t, images[i : i + 1], generator=g)[0]
                     for i, g in enumerate(generators)
                 ])
         network.train(was_training)
-        return ((images + 1) / 2).clamp(0, 1)
+        return to_image_range(images).clamp(0, 1)

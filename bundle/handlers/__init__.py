@@ -1,6 +1,6 @@
-"""Ignite handlers: checkpoints, non-finite guard, step statistics, inversion drift, previews."""
+"""Ignite handlers: non-finite guard, step statistics, inversion drift, previews (the checkpoint handler is
+:class:`bundle.checkpoint.TrainingCheckpoint`)."""
 
-from .checkpoint import TrainingCheckpoint, atomic_save, check_checkpoint_folder
 from .drift import InversionDriftMonitor
 from .nonfinite import NonFiniteLossGuard
 from .previews import PreviewHandler
@@ -11,8 +11,5 @@ __all__ = [
     "NonFiniteLossGuard",
     "PreviewHandler",
     "StepStatsHandler",
-    "TrainingCheckpoint",
-    "atomic_save",
-    "check_checkpoint_folder",
     "peak_memory_bytes",
 ]

@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
-from ..diffusion.loss import unwrap
+from ..utils import unwrap
 
 __all__ = ["InversionDriftMonitor"]
 

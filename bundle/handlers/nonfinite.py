@@ -13,7 +13,7 @@ from torch import nn
 
 from ..diffusion.loss import LOSS_TERMS
 from ..errors import NonFiniteLossError
-from .checkpoint import TrainingCheckpoint
+from ..checkpoint import TrainingCheckpoint
 
 __all__ = ["NonFiniteLossGuard"]
 

@@ -13,22 +13,25 @@ from .engine import (
     on_tensor_steps,
 )
 from .idm import InvertibleDiffusionUNet
-from .invertible_unet import InvertibleUNet, SkipSplit, skip_channels
+from .invertible_unet import AttentionPair, CouplingBlock, InvertibleUNet, LayerFactory, SkipSplit, skip_channels
 from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling, cayley, haar_matrix
 
 __all__ = [
     "AdditiveCoupling",
+    "AttentionPair",
+    "CouplingBlock",
     "CouplingFunction",
     "CouplingLayer",
     "HalfCoupling",
-    "InvertibleChain",
     "InverseOf",
     "InvertibleAttention",
+    "InvertibleChain",
     "InvertibleDiffusionUNet",
     "InvertibleModule",
     "InvertibleSequence",
     "InvertibleStep",
     "InvertibleUNet",
+    "LayerFactory",
     "OnTensor",
     "OrthogonalChannelMixing",
     "OrthogonalDownsampling",

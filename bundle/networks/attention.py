@@ -10,7 +10,7 @@ from torch import nn
 
 from .engine import CouplingLayer
 
-__all__ = ["checkerboard_indices", "InvertibleAttention"]
+__all__ = ["InvertibleAttention", "checkerboard_indices"]
 
 
 def checkerboard_indices(spatial_shape: tuple[int, ...], parity: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

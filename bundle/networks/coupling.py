@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from .convolution import same_conv
 from .engine import CouplingLayer, InvertibleChain
 
-__all__ = ["group_count", "CouplingFunction", "HalfCoupling", "AdditiveCoupling"]
+__all__ = ["AdditiveCoupling", "CouplingFunction", "HalfCoupling", "group_count"]
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:

@@ -42,17 +42,17 @@ import torch
 from torch import nn
 
 __all__ = [
-    "State",
-    "ReverseResult",
-    "InvertibleModule",
-    "InvertibleChain",
     "CouplingLayer",
     "InverseOf",
+    "InvertibleChain",
+    "InvertibleModule",
+    "InvertibleSequence",
     "InvertibleStep",
     "OnTensor",
-    "on_tensor_steps",
-    "InvertibleSequence",
+    "ReverseResult",
+    "State",
     "full_precision",
+    "on_tensor_steps",
 ]
 
 State = tuple[torch.Tensor, ...]
@@ -147,7 +147,8 @@ class InvertibleModule(nn.Module, ABC):
 
 
 class InvertibleChain(InvertibleModule):
-    """Composition ``f_n ∘ … ∘ f_1`` of invertible modules; its reverse chains theirs."""
+    """Composition ``f_n ∘ … ∘ f_1`` of invertible modules. A sequence runs each link as a step of its own
+    (:func:`on_tensor_steps`), with the link's reverse; the chain's own is the generic one."""
 
     def __init__(self, *layers: InvertibleModule) -> None:
         super().__init__()
@@ -162,16 +163,6 @@ class InvertibleChain(InvertibleModule):
         for layer in reversed(self.layers):
             y = layer.inverse(y, cond)
         return y
-
-    def reverse(
-        self, y: torch.Tensor, grad_y: torch.Tensor, cond: torch.Tensor | None, overwrite: bool = False
-    ) -> ReverseResult:
-        grad_cond, grad_params = None, []
-        for position, layer in enumerate(reversed(self.layers)):  # later links get the earlier links' results
-            (y,), (grad_y,), g_cond, g_params = layer.reverse(y, grad_y, cond, overwrite or position > 0)
-            grad_cond = g_cond if grad_cond is None else grad_cond if g_cond is None else grad_cond + g_cond
-            grad_params = g_params + grad_params
-        return (y,), (grad_y,), grad_cond, grad_params
 
 
 class CouplingLayer(InvertibleModule):
@@ -305,13 +296,14 @@ class InvertibleStep(nn.Module, ABC):
     @abstractmethod
     def inverse(self, state: State, cond: torch.Tensor | None = None) -> State: ...
 
+    @abstractmethod
     def reverse(
         self, state: State, grad_state: State, cond: torch.Tensor | None, writable: Sequence[bool] = ()
     ) -> ReverseResult:
-        """Input state, input gradients, condition gradient and parameter gradients from the output
-        state and its gradients (the generic invert-and-recompute step). ``writable[i]``: the step may
-        overwrite ``state[i]`` and ``grad_state[i]`` (nothing else holds them); the generic step does not."""
-        return recompute_reverse(self.forward, self.inverse, _trainable(self), state, grad_state, cond)
+        """Input state, input gradients, condition gradient and parameter gradients (in ``.parameters()``
+        order) from the output state and its gradients. ``writable[i]``: the step may overwrite ``state[i]``
+        and ``grad_state[i]`` (nothing else holds them). ``recompute_reverse(self.forward, self.inverse,
+        trainable parameters, state, grad_state, cond)`` is the generic invert-and-recompute step."""
 
 
 class OnTensor(InvertibleStep):

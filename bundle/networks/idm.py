@@ -10,7 +10,7 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
 from .convolution import same_conv
-from .invertible_unet import InvertibleUNet
+from .invertible_unet import InvertibleUNet, LayerFactory
 
 __all__ = ["InvertibleDiffusionUNet"]
 
@@ -32,15 +32,25 @@ class InvertibleDiffusionUNet(nn.Module):
         out_channels: predicted noise channels.
         channels: trunk widths per level (default: the paper's 64…2048).
         num_blocks: coupling blocks per level in the encoder and the decoder.
-        attention_levels: invertible attention per level (default: the last two, as in the paper).
+        attention_levels: invertible attention per level, one bool each (default: the last two, as in the paper).
         memory_efficient: reconstruct trunk activations in backward; settable on a built model.
-        channel_mixing: orthogonal 1×1 convolution before each coupling.
-        num_heads: attention heads.
+        channel_mixing: orthogonal 1×1 convolution before each coupling (of the default block).
+        num_heads: attention heads (of the default attention).
         time_embed_dim: width of the time embedding (default 4·channels[0]).
-        recompute_norms: the trunk's coupling functions recompute their GroupNorm–SiLU stages in backward
-            instead of storing them: a coupling's reverse step holds 3 fewer half-width tensors (the
-            paper configuration's step peak drops by 0.1 GB in micro-batches of 1), for about 5% more
-            time per training step (``docs/benchmarks.md``, memory options).
+        recompute_norms: the trunk's coupling functions (of the default block) recompute their GroupNorm–SiLU
+            stages in backward instead of storing them: a coupling's reverse step holds 3 fewer half-width
+            tensors (the paper configuration's step peak drops by 0.1 GB in micro-batches of 1), for about 5%
+            more time per training step (``docs/benchmarks.md``, memory options).
+        block: the trunk's block, a :class:`~bundle.networks.invertible_unet.LayerFactory` of layers conditioned
+            on the time embedding (B, time_embed_dim); default: couplings after channel mixing
+            (:class:`~bundle.networks.invertible_unet.CouplingBlock`). See :class:`InvertibleUNet`.
+        attention: the trunk's attention, a ``LayerFactory``; default: invertible checkerboard attention
+            (:class:`~bundle.networks.invertible_unet.AttentionPair`).
+
+    Raises:
+        TypeError: when a flag is not a bool (the configs convert command-line strings), see
+            :class:`InvertibleUNet`.
+        ValueError: for channel counts below 1 and the trunk's invalid settings.
     """
 
     def __init__(
@@ -56,6 +66,8 @@ class InvertibleDiffusionUNet(nn.Module):
         num_heads: int = 1,
         time_embed_dim: int | None = None,
         recompute_norms: bool = False,
+        block: LayerFactory | None = None,
+        attention: LayerFactory | None = None,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -68,8 +80,9 @@ class InvertibleDiffusionUNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(width, embed), nn.SiLU(), nn.Linear(embed, embed))
         self.stem = same_conv(spatial_dims, in_channels, width)
         self.trunk = InvertibleUNet(
-            spatial_dims, channels, num_blocks, attention_levels, embed, memory_efficient, channel_mixing, num_heads,
-            recompute_norms,
+            spatial_dims, channels, num_blocks, attention_levels, cond_dim=embed, memory_efficient=memory_efficient,
+            channel_mixing=channel_mixing, num_heads=num_heads, recompute_norms=recompute_norms, block=block,
+            attention=attention,
         )
         self.head = same_conv(spatial_dims, width, out_channels)
         nn.init.zeros_(self.head.weight)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .engine import LOW_PRECISION, InvertibleModule, ReverseResult, full_precision
 
-__all__ = ["cayley", "haar_matrix", "OrthogonalChannelMixing", "OrthogonalDownsampling"]
+__all__ = ["OrthogonalChannelMixing", "OrthogonalDownsampling", "cayley", "haar_matrix"]
 
 
 def cayley(generator: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ after ``reset_peak_memory_stats``, minus the allocation after the warm-up; with 
 the process may allocate no more than that (``set_per_process_memory_fraction``), so "does it fit in
 24 GiB" is answered by the allocator itself.
 
-Each measurement is a :class:`~bundle.measure.child_process.FreshProcess`: a fresh allocator and no
+Each measurement is a :class:`~scripts.benchmarking.child_process.FreshProcess`: a fresh allocator and no
 tensors of any earlier configuration, without paying the imports (seconds) per configuration.
 """
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..process_memory import proc_status_bytes
+from bundle.process_memory import proc_status_bytes
+
 from .child_process import OUT_OF_MEMORY, FreshProcess, measuring_device
 from .workload import Workload, build_network, make_training_step
 

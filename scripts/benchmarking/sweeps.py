@@ -2,9 +2,9 @@
 paper configuration against its parameter/optimizer floor, and energy (DESIGN §5).
 
 Each measurement is a *row*: the workload's fields plus ``parameters``, ``stored_bytes`` (saved for
-backward), ``peak`` (the fresh-process result of :mod:`bundle.measure.peak_memory`), ``flops`` per
+backward), ``peak`` (the fresh-process result of :mod:`scripts.benchmarking.peak_memory`), ``flops`` per
 step and, where timed, ``step_seconds_per_round`` (one time per round of interleaved repetitions, see
-:mod:`bundle.measure.timing`) and their median ``step_seconds``, or ``step_seconds_error`` where the
+:mod:`scripts.benchmarking.timing`) and their median ``step_seconds``, or ``step_seconds_error`` where the
 timing process failed. A :class:`Budget` bounds the wall time of a suite's measurements (the GPU mode
 must finish in 8 minutes): once it is spent, the remaining rows say ``skipped``.
 """

@@ -1,4 +1,6 @@
-"""Atomic training checkpoints: ``model.pt`` for inference and a full state for ``resume``."""
+"""Checkpoints, written and read in one place: ``model.pt`` (the network's weights, for inference, evaluation and
+export), ``training_state.pt`` (everything a resumed run needs), both written atomically, and the checks of a checkpoint
+folder and of a state dict against a network."""
 
 from __future__ import annotations
 
@@ -6,22 +8,26 @@ import json
 import logging
 import math
 import os
+import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from monai.networks.schedulers import Scheduler
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from ..data.geometry import GEOMETRY_FILE, load_geometry
-from ..diffusion.loss import unwrap
-from ..errors import BadInputError, state_dict_mismatch
-from ..flags import as_flag
+from .errors import BadInputError
+from .run_record import RUN_RECORD, load_run_record
+from .utils import unwrap
 
-__all__ = ["TrainingCheckpoint", "atomic_save", "check_checkpoint_folder"]
+__all__ = [
+    "TrainingCheckpoint", "atomic_save", "check_checkpoint_folder", "load_checkpoint", "remove_stale_temporary_files",
+    "state_dict_mismatch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +40,91 @@ def _writes_outputs() -> bool:
     return not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0)
 
 
+TEMPORARY_FILE = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>\d+)")
+"""The name of the temporary file that process ``pid`` writes before renaming it over ``name``."""
+
+
 def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write`` a temporary file beside ``path``, then rename it over ``path``: a killed process never
     leaves a half-written ``path`` (the previous one stays intact)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporary_files(folder: str | Path) -> list[Path]:
+    """Removes (and logs) the temporary files in ``folder`` of writers that no longer run (:func:`_replace_atomically`
+    of a process killed while it wrote: for the paper's network several GB each); returns them. Files of a running
+    process other than this one are left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = []
+    for path in sorted(folder.iterdir()):
+        match = TEMPORARY_FILE.fullmatch(path.name)
+        if match and path.is_file():
+            pid = int(match["pid"])
+            if pid == os.getpid() or not _running(pid):
+                path.unlink(missing_ok=True)
+                stale.append(path)
+    if stale:
+        logger.warning("Removed %d temporary files left by writers that no longer run: %s.", len(stale),
+                       ", ".join(p.name for p in stale))
+    return stale
+
+
+def state_dict_mismatch(network: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into ``network`` (weights missing, unexpected or of another shape,
+    with examples), or ``""`` when it loads: the message of a checkpoint of another ``network_def``."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    return "; ".join(
+        part for part in (
+            f"{len(missing)} weights missing (e.g. {missing[:3]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+            f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else "",
+        ) if part
+    )
+
+
+def load_checkpoint(network: nn.Module, ckpt_path: str | Path) -> nn.Module:
+    """Loads a ``model.pt`` state dict into ``network``; a missing file or a checkpoint of another
+    architecture raises :class:`BadInputError` naming what differs."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise BadInputError(
+            f"Checkpoint {str(path)!r} does not exist. Pass --ckpt_path with the model.pt that training wrote "
+            "(in its ckpt_dir)."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise BadInputError(f"Checkpoint {str(path)!r} is not a readable PyTorch state dict ({error}).") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInputError(
+            f"Checkpoint {str(path)!r} is not a state dict of tensors (is it training_state.pt? use model.pt)."
+        )
+    details = state_dict_mismatch(network, state)
+    if details:
+        raise BadInputError(
+            f"Checkpoint {str(path)!r} does not match network_def: {details}. Use the same network_def "
+            "overrides (channels, num_blocks, attention_levels, modalities) as the training run."
+        )
+    network.load_state_dict(state)
+    return network
 
 
 def atomic_save(obj: object, path: Path) -> None:
@@ -73,16 +158,18 @@ class TrainingCheckpoint:
     bundle's: ``train#trainer#max_epochs``) replaces the saved one: a run resumed with a larger
     ``max_epochs`` continues the cosine over the new length (:func:`_continue_cosine_schedule`).
 
-    A new run refuses to start over an earlier run's checkpoint unless ``overwrite``; an overwriting run removes
-    the earlier run's files before it trains (:meth:`prepare`).
+    An overwriting run removes the earlier run's files before it trains (:meth:`prepare`); what a checkpoint folder
+    refuses (a new run over an earlier one without ``overwrite``, a resume without a state or of another run) is
+    checked before, with the other settings (:func:`check_checkpoint_folder`, from
+    :class:`~bundle.settings.TrainingSettings`).
 
     Args:
         ckpt_dir: output directory.
         network, optimizer, lr_scheduler, noise_sampler: the training objects to save and restore.
         ema: the ``AveragedModel`` of the network, or None.
-        geometry: the training run's geometry, diffusion settings and validation cases
-            (:func:`bundle.data.geometry_of`), written as ``ckpt_dir/geometry.json`` so inference gives samples the
-            same voxel grid and checks its settings, and evaluation and a resumed run take its validation cases.
+        run_record: the record of the run (:func:`~bundle.run_record.run_record`), written as ``ckpt_dir/run.json``,
+            so that inference gives samples the same voxel grid and checks its settings, and evaluation and a resumed
+            run take its validation cases.
         log_dir: the run's TensorBoard folder (``output_dir``), whose earlier event files an overwriting run
             removes; None: none.
     """
@@ -98,11 +185,11 @@ class TrainingCheckpoint:
         lr_scheduler,
         noise_sampler,
         ema=None,
-        geometry: dict | None = None,
+        run_record: dict | None = None,
         log_dir: str | None = None,
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
-        self.geometry = geometry
+        self.run_record = run_record
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.objects = {
             "network": unwrap(network),
@@ -123,8 +210,8 @@ class TrainingCheckpoint:
         return self.ckpt_dir / self.STATE
 
     @property
-    def geometry_path(self) -> Path:
-        return self.ckpt_dir / GEOMETRY_FILE
+    def record_path(self) -> Path:
+        return self.ckpt_dir / RUN_RECORD
 
     def earlier_event_files(self) -> list[Path]:
         """The TensorBoard event files in ``log_dir`` that other processes wrote: earlier runs'. This run's writers
@@ -139,21 +226,21 @@ class TrainingCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def prepare(self, engine: Engine, resume: bool, overwrite: bool = False) -> None:
-        """Before training: restore the full state when ``resume``; otherwise refuse to overwrite an
-        earlier run's checkpoints unless ``overwrite``.
+        """Before training, once :func:`check_checkpoint_folder` has passed: removes the temporary files of earlier
+        writers that were killed (:func:`remove_stale_temporary_files`), then restores the full state when ``resume``.
 
-        With ``overwrite`` the earlier run's ``model.pt``, ``training_state.pt`` and ``geometry.json`` and the
+        Otherwise, with ``overwrite`` the earlier run's ``model.pt``, ``training_state.pt`` and ``run.json`` and the
         earlier event files in ``log_dir`` (:meth:`earlier_event_files`) are removed now, before training starts,
         and the log lists them: a run stopped before its first checkpoint leaves nothing that ``--resume true``
         would continue as if it were this run, and no curves that would merge with this run's. Without it, earlier
         event files in ``log_dir`` only get a warning (TensorBoard and :func:`bundle.visualize.read_scalars` merge
         them with this run's).
         """
-        resume, overwrite = as_flag(resume, "resume"), as_flag(overwrite, "overwrite")
+        if _writes_outputs():
+            remove_stale_temporary_files(self.ckpt_dir)
         if resume:
             self.load(engine)
             return
-        check_checkpoint_folder(self.ckpt_dir, resume, overwrite)
         if not _writes_outputs():
             return
         events = self.earlier_event_files()
@@ -165,7 +252,7 @@ class TrainingCheckpoint:
                     "remove them, or another --output_dir.", self.log_dir, len(events),
                 )
             return
-        earlier = [p for p in (self.model_path, self.state_path, self.geometry_path) if p.exists()] + events
+        earlier = [p for p in (self.model_path, self.state_path, self.record_path) if p.exists()] + events
         for path in earlier:
             path.unlink(missing_ok=True)
         if earlier:
@@ -181,17 +268,14 @@ class TrainingCheckpoint:
         atomic_save(state, self.state_path)
         weights = self.ema.module if self.ema is not None else self.objects["network"]
         atomic_save(weights.state_dict(), self.model_path)
-        if self.geometry is not None:
-            text = json.dumps(self.geometry, indent=1)
-            _replace_atomically(self.geometry_path, lambda tmp: tmp.write_text(text))
+        if self.run_record is not None:
+            text = json.dumps(self.run_record, indent=1)
+            _replace_atomically(self.record_path, lambda tmp: tmp.write_text(text))
         logger.info("epoch %d: saved %s and %s", engine.state.epoch, self.model_path, self.state_path)
 
     def load(self, engine: Engine) -> None:
-        """Restores the training state; refused by name when it is not this configuration's run
-        (:func:`check_checkpoint_folder`, then the network's weights and the epochs left)."""
-        geometry = self.geometry or {}
-        check_checkpoint_folder(self.ckpt_dir, True, False, geometry.get("spatial_size"), geometry.get("modalities"),
-                                geometry.get("diffusion", {}).get("num_train_timesteps"))
+        """Restores the training state; refused by name when it is not this configuration's run (the objects saved,
+        the network's weights, the epochs left; the run record was checked by :func:`check_checkpoint_folder`)."""
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         missing = [name for name in self.objects if name not in state]
         if missing:
@@ -232,34 +316,35 @@ class TrainingCheckpoint:
 
 def check_checkpoint_folder(
     ckpt_dir: str | Path,
-    resume: bool | str,
-    overwrite: bool | str = False,
-    spatial_size: Sequence[int] | None = None,
-    modalities: Sequence[str] | None = None,
-    num_train_timesteps: int | None = None,
+    *,
+    resume: bool,
+    overwrite: bool,
+    spatial_size: Sequence[int],
+    modalities: Sequence[str],
+    noise_scheduler: Scheduler,
+    schedule: str,
 ) -> None:
-    """What :meth:`TrainingCheckpoint.prepare` refuses that the files alone tell, so that ``configs/train.json``
-    checks it before it reads data or builds anything: a resume without ``training_state.pt``, or of a run
-    whose ``geometry.json`` records another ``spatial_size``, ``modalities`` or ``num_train_timesteps``
-    (:func:`~bundle.data.load_geometry`, when they are given); a new run over an earlier run's checkpoints
-    without ``overwrite``.
+    """What a training run refuses that the files in ``ckpt_dir`` alone tell, checked before data is read or anything
+    is built: a resume without ``training_state.pt``, or of a run whose record (``run.json``) differs in
+    ``spatial_size``, ``modalities`` or noise schedule (:func:`~bundle.run_record.load_run_record`); a new run over an
+    earlier run's checkpoints without ``overwrite``.
 
     Raises:
         BadInputError: naming the file and the flag or override to pass.
     """
     ckpt_dir = Path(ckpt_dir)
     model, state = ckpt_dir / TrainingCheckpoint.MODEL, ckpt_dir / TrainingCheckpoint.STATE
-    if as_flag(resume, "resume"):
+    if resume:
         if not state.is_file():
             raise BadInputError(
                 f"--resume true, but there is no {state.name} in ckpt_dir {str(ckpt_dir)!r} to resume from; run "
                 "without --resume to start a new training there."
             )
-        if spatial_size is not None:
-            load_geometry(model, spatial_size, modalities, num_train_timesteps)
+        load_run_record(model, spatial_size=spatial_size, modalities=modalities, noise_scheduler=noise_scheduler,
+                        schedule=schedule)
         return
     existing = [str(p) for p in (model, state) if p.exists()]
-    if existing and not as_flag(overwrite, "overwrite"):
+    if existing and not overwrite:
         raise BadInputError(
             f"ckpt_dir {str(ckpt_dir)!r} already holds {', '.join(existing)} from an earlier run. Pass --resume "
             "true to continue that run, --overwrite true to start afresh over it, or another --ckpt_dir."

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the tests and the benchmark scripts (DESIGN §5)."""
+"""The measurements of ``scripts/benchmark.py``, their helpers shared with the tests (DESIGN §5)."""
 
 from .baselines import CheckpointedBlock, count_parameters, enable_activation_checkpointing, matched_monai_unet
 from .saved_bytes import saved_activation_bytes

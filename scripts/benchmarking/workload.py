@@ -26,7 +26,7 @@ class Workload:
 
     ``network``: ``"idm"`` (memory-efficient), ``"idm_plain"`` (same network, plain autograd),
     ``"monai"`` (MONAI ``DiffusionModelUNet`` matched to the IDM's parameter count, see
-    :func:`~bundle.measure.baselines.matched_monai_unet`) or ``"monai_checkpointed"`` (the same with
+    :func:`~scripts.benchmarking.baselines.matched_monai_unet`) or ``"monai_checkpointed"`` (the same with
     activation checkpointing on its blocks). The IDM fields describe the IDM that the baselines are
     matched to. ``baseline_widths_at``: ``None`` matches each baseline to this IDM; ``k`` fixes the
     baseline's widths by matching it (``num_res_blocks = k``) to the IDM with ``k`` blocks per level and
@@ -68,7 +68,7 @@ def _idm(workload: Workload, memory_efficient: bool) -> InvertibleDiffusionUNet:
 
 def monai_arguments(workload: Workload) -> dict:
     """Constructor arguments of the MONAI ``DiffusionModelUNet`` of ``workload`` (a ``"monai…"`` network):
-    matched (:func:`~bundle.measure.baselines.matched_monai_unet`, ±10%) to the parameter count of the
+    matched (:func:`~scripts.benchmarking.baselines.matched_monai_unet`, ±10%) to the parameter count of the
     IDM that ``workload`` describes, or to the one with ``baseline_widths_at`` blocks (see :class:`Workload`)."""
     reference = workload.num_blocks if workload.baseline_widths_at is None else workload.baseline_widths_at
     with torch.device("meta"):

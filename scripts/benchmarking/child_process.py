@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..process_memory import MMAP_THRESHOLD_ENV
+from .allocator import MMAP_THRESHOLD_ENV
 
 __all__ = ["BUNDLE_ROOT", "OUT_OF_MEMORY", "FreshProcess", "child_environment", "is_out_of_memory", "measuring_device"]
 
@@ -29,7 +29,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 OUT_OF_MEMORY = "out of memory"
 # What the fork server imports once: the modules whose functions its children run (torch, MONAI and the
 # networks come with them).
-_PRELOAD = ["bundle.measure.peak_memory", "bundle.measure.timing", "bundle.measure.step_profile"]
+_PRELOAD = ["scripts.benchmarking.peak_memory", "scripts.benchmarking.timing", "scripts.benchmarking.step_profile"]
 # How running out of memory reads where it is not a torch.OutOfMemoryError: the CPU allocator's failure,
 # a CUDA error raised outside the caching allocator ("CUDA error: out of memory", e.g. a library handle or
 # a cuDNN workspace) and a cuBLAS/cuDNN allocation status.

@@ -57,7 +57,7 @@ def parameter_count(network_def: Mapping) -> int:
 def network_definitions(workload: Workload) -> dict[str, dict]:
     """``{"idm": network_def, "monai": network_def}``: bundle ``network_def`` configs of the memory-efficient
     IDM that ``workload`` describes and of the MONAI ``DiffusionModelUNet`` that the benchmarks match to it
-    (:func:`~bundle.measure.workload.monai_arguments`, ±10% parameters)."""
+    (:func:`~scripts.benchmarking.workload.monai_arguments`, ±10% parameters)."""
     idm = {
         "_target_": "bundle.networks.InvertibleDiffusionUNet",
         "spatial_dims": workload.spatial_dims,
@@ -258,7 +258,7 @@ def render_quality_markdown(
         f"{s['num_blocks']} blocks per level, attention {tuple(s['attention_levels'])}. MONAI: "
         f"`DiffusionModelUNet` channels {tuple(monai['channels'])}, {monai['num_res_blocks']} res block(s) per "
         "level, same attention levels, the leanest within ±10% of the IDM's parameter count "
-        "(`bundle.measure.matched_monai_unet`). Validation after every epoch (with the EMA weights when EMA is "
+        "(`scripts.benchmarking.matched_monai_unet`). Validation after every epoch (with the EMA weights when EMA is "
         "on): ε-MSE at fixed noise and timesteps (`val_timestep_fractions`), PSNR/SSIM of the one-step "
         "estimate x̂₀. Wall time = the whole training process, start-up included.",
         f"![validation curves]({Path(result['figure']).name})",

@@ -4,7 +4,7 @@ Each round times every workload once, in turn, so a ratio of two workloads' time
 (paired) before a median over rounds: drifts of a shared machine that last longer than a round then
 cancel out of the ratio (:func:`paired_ratio`).
 
-The process (a :class:`~bundle.measure.child_process.FreshProcess`) runs with
+The process (a :class:`~scripts.benchmarking.child_process.FreshProcess`) runs with
 ``MALLOC_MMAP_THRESHOLD_=65536``, as the peak-memory process does: tensors are mapped and unmapped, so
 freed memory goes back to the OS and the process holds no more than one step's working set beyond the
 models (glibc's default would keep growing its heap, and four networks timed side by side at 128³ would

@@ -1,4 +1,4 @@
-"""``benchmarks.md`` and its figures from a suite result (:mod:`bundle.measure.sweeps`).
+"""``benchmarks.md`` and its figures from a suite result (:mod:`scripts.benchmarking.sweeps`).
 
 Every verdict in the report is computed from the figures of the same run; nothing is typed in.
 """
@@ -73,7 +73,7 @@ def _verdict(ok: bool | None) -> str:
 
 
 def paper_peak_minus_floor(paper: dict, option: str = "whole batch") -> float | None:
-    """Peak memory of the paper configuration with one of :data:`~bundle.measure.sweeps.MEMORY_OPTIONS`
+    """Peak memory of the paper configuration with one of :data:`~scripts.benchmarking.sweeps.MEMORY_OPTIONS`
     minus the 16 B/parameter floor: what the network and its warm-up step retain (``retained_bytes``)
     plus the step's peak above that, minus the floor."""
     peak = paper.get("peaks", {}).get(option, {})
@@ -315,12 +315,12 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
         "One training step = forward, ε-MSE loss, backward and an AdamW update, 2 channels (T1, T2). IDM: "
         f"channels {tuple(plan['channels'])}, 2 blocks per level unless swept, attention at the last two levels. "
         "MONAI: the leanest `DiffusionModelUNet` within ±10% of the IDM's parameter count "
-        "(`bundle.measure.matched_monai_unet`); the checkpointed baseline wraps every residual and attention "
+        "(`scripts.benchmarking.matched_monai_unet`); the checkpointed baseline wraps every residual and attention "
         "block in `torch.utils.checkpoint` (non-reentrant). **Stored** = bytes autograd keeps for backward "
         "(`saved_tensors_hooks`, parameters excluded). **Peak** = peak memory of the step above the "
         "post-warm-up baseline (parameters, gradients and optimizer state already allocated), each "
         "configuration in a fresh process: CUDA allocator peak on a GPU, peak RSS on the CPU "
-        "(`bundle/measure/peak_memory.py`). **Step s** = median over rounds of interleaved repetitions in one "
+        "(`scripts/benchmarking/peak_memory.py`). **Step s** = median over rounds of interleaved repetitions in one "
         f"fresh process per group ({plan['repeats']} rounds after a warm-up round; each round times every network "
         "of the group once, in turn; on the CPU under `MALLOC_MMAP_THRESHOLD_=65536`, as the peak processes, so "
         "freed memory returns to the OS). **Time ratios** (a × b–c) = median, minimum and maximum over those "
@@ -362,5 +362,5 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
 
 
 def cube_limits(rows: Sequence[dict], limit_bytes: int) -> dict[str, dict]:
-    """:func:`~bundle.measure.sweeps.largest_cube` for every network."""
+    """:func:`~scripts.benchmarking.sweeps.largest_cube` for every network."""
     return {n: largest_cube(rows, n, limit_bytes) for n in NETWORKS}

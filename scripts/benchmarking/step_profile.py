@@ -4,7 +4,7 @@ peak of the paper configuration.
 
 With a ``micro_batch_size`` the step is followed through each micro-batch's forward and backward in turn.
 
-Same measure as :mod:`~bundle.measure.peak_memory` (a fresh process; CUDA allocator peak on a GPU, peak
+Same measure as :mod:`~scripts.benchmarking.peak_memory` (a fresh process; CUDA allocator peak on a GPU, peak
 RSS under ``MALLOC_MMAP_THRESHOLD_`` on the CPU; bytes above the post-warm-up baseline). The backward
 pass is followed through hooks on the autograd nodes of the engine's steps: the peak is reset before
 each step is reversed and read after it, so every reading belongs to one step (or, read at the next

@@ -1,0 +1,145 @@
+"""The record of a training run, ``run.json`` beside its checkpoint: the voxel grid and modalities of its images, its
+noise schedule and its validation cases. Inference and evaluation check their settings against it, and evaluation and
+a resumed run take its validation cases."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.schedulers import Scheduler
+
+from .errors import BadInputError
+
+__all__ = ["RUN_RECORD", "default_affine", "load_run_record", "recorded_validation_cases", "run_record"]
+
+logger = logging.getLogger(__name__)
+
+RUN_RECORD = "run.json"
+
+
+def default_affine(spatial_size: Sequence[int], spacing: float = 1.5) -> np.ndarray:
+    """RAS affine with isotropic ``spacing`` mm and the origin at the volume centre."""
+    affine = np.diag([spacing] * len(spatial_size) + [1.0])
+    affine[: len(spatial_size), -1] = [-spacing * s / 2 for s in spatial_size]
+    return affine
+
+
+def scheduler_record(scheduler: Scheduler, schedule: str) -> dict:
+    """What a sampler must share with the training run's noise scheduler: T, the schedule's name, the prediction
+    type and ᾱ_0 … ᾱ_{T−1} (which the schedule's arguments, e.g. ``beta_start``, determine)."""
+    return {
+        "class": type(scheduler).__name__,
+        "num_train_timesteps": int(scheduler.num_train_timesteps),
+        "schedule": schedule,
+        "prediction_type": scheduler.prediction_type,
+        "alphas_cumprod": [float(f"{a:.9g}") for a in scheduler.alphas_cumprod.tolist()],
+    }
+
+
+def run_record(
+    *,
+    image: torch.Tensor,
+    modalities: Sequence[str],
+    noise_scheduler: Scheduler,
+    schedule: str,
+    validation_cases: Sequence[str],
+) -> dict:
+    """The record of a training run: the voxel grid (``affine``, ``spatial_size``) of a preprocessed training image
+    (C, *S) MetaTensor, its ``modalities``, the ``noise_scheduler`` built with ``schedule``
+    (:func:`scheduler_record`) and the case ids of its validation split."""
+    affine = np.asarray(getattr(image, "affine", default_affine(image.shape[1:])), dtype=float)
+    return {
+        "affine": affine.tolist(),
+        "spatial_size": list(image.shape[1:]),
+        "modalities": list(modalities),
+        "noise_scheduler": scheduler_record(noise_scheduler, schedule),
+        "validation_cases": list(validation_cases),
+    }
+
+
+def _read(ckpt_path: str | Path) -> dict | None:
+    path = Path(ckpt_path).with_name(RUN_RECORD)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def recorded_validation_cases(ckpt_path: str | Path) -> list[str] | None:
+    """The case ids of the validation split that the training run of ``ckpt_path`` recorded beside it; None, with a
+    warning, when there is no record (a checkpoint from elsewhere): the split is then recomputed from ``seed``,
+    ``val_fraction`` and the cases found (:func:`~bundle.data.split_cases`), which is the training run's only if all
+    three are."""
+    record = _read(ckpt_path)
+    if record is None:
+        logger.warning(
+            "There is no %s beside %s to say which cases its training run validated on: the validation split is "
+            "recomputed from seed, val_fraction and the cases found, and holds training cases unless all three are "
+            "the training run's.", RUN_RECORD, ckpt_path,
+        )
+        return None
+    return record["validation_cases"]
+
+
+def _check_scheduler(recorded: dict, scheduler: Scheduler, schedule: str, path: Path) -> None:
+    """Raises :class:`BadInputError` unless ``scheduler`` (built with ``schedule``) noises as the recorded one did."""
+    if scheduler.num_train_timesteps != recorded["num_train_timesteps"]:
+        raise BadInputError(
+            f"{path} says the model was trained with num_train_timesteps={recorded['num_train_timesteps']}, but this "
+            f"run has {scheduler.num_train_timesteps}; pass --num_train_timesteps {recorded['num_train_timesteps']} "
+            "(sampling with another diffusion length gives noise, not images)."
+        )
+    if schedule != recorded["schedule"]:
+        raise BadInputError(
+            f"{path} says the model was trained with the {recorded['schedule']!r} noise schedule, but this run has "
+            f"{schedule!r}; pass --schedule {recorded['schedule']}."
+        )
+    if scheduler.prediction_type != recorded["prediction_type"]:
+        raise BadInputError(
+            f"{path} says the model predicts {recorded['prediction_type']!r}, but the sampler's prediction_type is "
+            f"{scheduler.prediction_type!r}; drop the sampler's prediction_type override."
+        )
+    expected = torch.tensor(recorded["alphas_cumprod"], dtype=torch.float64)
+    found = scheduler.alphas_cumprod.to(torch.float64)
+    if not torch.allclose(found, expected, rtol=1e-5, atol=1e-7):
+        t = int((found - expected).abs().argmax())
+        raise BadInputError(
+            f"The sampler's noise schedule differs from the one {path} records (ᾱ at t={t}: {found[t]:.6f} vs "
+            f"{expected[t]:.6f}), although both are {schedule!r}: pass the schedule arguments the training run "
+            "overrode (e.g. --noise_scheduler#beta_start in training) to the sampler as well."
+        )
+
+
+def load_run_record(
+    ckpt_path: str | Path,
+    *,
+    spatial_size: Sequence[int],
+    modalities: Sequence[str],
+    noise_scheduler: Scheduler | None = None,
+    schedule: str | None = None,
+) -> dict:
+    """The record beside ``ckpt_path``, checked against this run's ``spatial_size``, ``modalities`` and (when given)
+    the ``noise_scheduler`` built with ``schedule`` that will sample or evaluate. Without a record (a checkpoint from
+    elsewhere) a centred 1.5 mm RAS grid of ``spatial_size`` is returned, with a warning that nothing was checked.
+
+    Raises:
+        BadInputError: naming the setting, the training run's value and the override to pass, for any mismatch.
+    """
+    path = Path(ckpt_path).with_name(RUN_RECORD)
+    record = _read(ckpt_path)
+    if record is None:
+        logger.warning("There is no %s beside %s: its voxel grid, modalities and noise schedule are not checked; "
+                       "they must be those of the training run.", RUN_RECORD, ckpt_path)
+        return {"affine": default_affine(spatial_size).tolist(), "spatial_size": list(spatial_size),
+                "modalities": list(modalities)}
+    if list(record["spatial_size"]) != list(spatial_size) or list(record["modalities"]) != list(modalities):
+        raise BadInputError(
+            f"{path} says the model was trained on spatial_size={record['spatial_size']} with modalities="
+            f"{record['modalities']}, but the configuration asks for spatial_size={list(spatial_size)}, "
+            f"modalities={list(modalities)}; pass the training values (--spatial_size, --modalities)."
+        )
+    if noise_scheduler is not None:
+        _check_scheduler(record["noise_scheduler"], noise_scheduler, schedule, path)
+    return record

@@ -1,0 +1,1 @@
+"""Command-line tools of the bundle; ``scripts.benchmarking`` holds the measurements of ``benchmark.py``."""
