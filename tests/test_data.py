@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, SMALL_TRAINING, run_bundle, run_python
+from monai.networks.schedulers import DDPMScheduler
 
 from bundle.data import (
     DatasetNotFoundError,
     PreflightError,
     discover_cases,
-    geometry_of,
     make_phantom,
     preflight,
     preprocessing,
@@ -25,9 +25,9 @@ from bundle.data import (
     training_cases,
     write_brats_phantoms,
 )
-from bundle.data import recorded_validation_cases
 from bundle.data.phantoms import brats_affine
 from bundle.errors import BadInputError
+from bundle.run_record import RUN_RECORD, recorded_validation_cases, run_record
 
 SHAPE = (24, 24, 20)
 
@@ -213,11 +213,11 @@ def test_preflight_reports_every_bad_case_together(tmp_path):
 
 def test_split_is_deterministic_and_disjoint():
     records = [{"case": f"c{i}"} for i in range(10)]
-    train, val = split_cases(records, 0.2, seed=3)
+    train, val = split_cases(records, val_fraction=0.2, seed=3)
     assert len(val) == 2 and len(train) == 8
     assert {r["case"] for r in train}.isdisjoint(r["case"] for r in val)
-    assert split_cases(list(reversed(records)), 0.2, seed=3) == (train, val)
-    assert split_cases(records, 0.2, seed=4) != (train, val)
+    assert split_cases(list(reversed(records)), val_fraction=0.2, seed=3) == (train, val)
+    assert split_cases(records, val_fraction=0.2, seed=4) != (train, val)
 
 
 def test_split_takes_the_recorded_validation_cases_whatever_the_seed():
@@ -225,14 +225,15 @@ def test_split_takes_the_recorded_validation_cases_whatever_the_seed():
     ``val_fraction`` say (evaluating with others would evaluate on training cases); with the run's own seed and
     cases the split is exactly the seeded one (a resumed run trains on the same order)."""
     records = [{"case": f"c{i}"} for i in range(10)]
-    train, val = split_cases(records, 0.2, seed=3)
+    train, val = split_cases(records, val_fraction=0.2, seed=3)
     recorded = [r["case"] for r in val]
-    assert split_cases(records, 0.2, seed=3, validation_cases=recorded) == (train, val)
-    other_train, other_val = split_cases(records + [{"case": "c10"}], 0.5, seed=4, validation_cases=recorded)
+    assert split_cases(records, val_fraction=0.2, seed=3, validation_cases=recorded) == (train, val)
+    other_train, other_val = split_cases(records + [{"case": "c10"}], val_fraction=0.5, seed=4,
+                                         validation_cases=recorded)
     assert [r["case"] for r in other_val] == recorded
     assert sorted(r["case"] for r in other_train) == sorted({f"c{i}" for i in range(11)} - set(recorded))
     with pytest.raises(BadInputError, match="not among the 9 usable cases") as info:
-        split_cases([r for r in records if r["case"] != "c3"], 0.2, seed=3, validation_cases=recorded)
+        split_cases([r for r in records if r["case"] != "c3"], val_fraction=0.2, seed=3, validation_cases=recorded)
     assert "c3" in str(info.value) and "c8" not in str(info.value)  # names the missing case only
 
 
@@ -246,20 +247,18 @@ def test_training_cases_keep_the_recorded_validation_cases(brats_dir):
     assert "dataset_dir" in str(info.value) and "BraTS20_Training_001" not in str(info.value)
 
 
-def test_geometry_json_records_the_validation_cases(tmp_path, caplog):
+def test_the_run_record_records_the_validation_cases(tmp_path, caplog):
     image = torch.zeros(2, 4, 4, 4)
-    geometry = geometry_of(image, ["t1", "t2"], 100, "cosine", validation_cases=["b", "a"])
-    assert geometry["validation_cases"] == ["b", "a"]
-    (tmp_path / "geometry.json").write_text(json.dumps(geometry))
+    record = run_record(image=image, modalities=["t1", "t2"], noise_scheduler=DDPMScheduler(100, schedule="cosine"),
+                        schedule="cosine", validation_cases=["b", "a"])
+    assert record["validation_cases"] == ["b", "a"]
+    assert RUN_RECORD == "run.json"
+    (tmp_path / RUN_RECORD).write_text(json.dumps(record))
     assert recorded_validation_cases(tmp_path / "model.pt") == ["b", "a"]
-    # an older geometry.json (or none, for a checkpoint from elsewhere): the split is recomputed, with a warning
-    del geometry["validation_cases"]
-    (tmp_path / "geometry.json").write_text(json.dumps(geometry))
-    assert recorded_validation_cases(tmp_path / "model.pt") is None
-    assert "records no validation cases" in caplog.text and "recomputed from seed, val_fraction" in caplog.text
-    caplog.clear()
+    assert "recomputed" not in caplog.text
+    # no record (a checkpoint from elsewhere): the split is recomputed, with a warning
     assert recorded_validation_cases(tmp_path / "elsewhere" / "model.pt") is None
-    assert "no geometry.json" in caplog.text
+    assert "There is no run.json beside" in caplog.text and "recomputed from seed, val_fraction" in caplog.text
 
 
 def test_empty_dataset_dir_gets_phantoms_and_every_run_on_them_warns(tmp_path, caplog):
@@ -282,13 +281,10 @@ def test_only_a_new_training_run_writes_phantoms(tmp_path):
     """Evaluation and a resumed run (write_phantoms false) never create data in a missing or empty dataset_dir."""
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "missing", tmp_path / "empty"):
-        for flag in (False, "false"):
-            with pytest.raises(DatasetNotFoundError, match="Only a new training run writes the built-in") as info:
-                training_cases(folder, num_phantoms=2, write_phantoms=flag)
-            assert str(folder) in str(info.value) and "--dataset_dir" in str(info.value)
+        with pytest.raises(DatasetNotFoundError, match="Only a new training run writes the built-in") as info:
+            training_cases(folder, num_phantoms=2, write_phantoms=False)
+        assert str(folder) in str(info.value) and "--dataset_dir" in str(info.value)
     assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
-    with pytest.raises(BadInputError, match="write_phantoms must be true or false"):
-        training_cases(tmp_path / "missing", write_phantoms="no")
 
 
 def test_a_resumed_run_with_a_missing_dataset_dir_writes_no_phantoms(tmp_path):
@@ -350,16 +346,14 @@ def test_training_on_an_unrecognised_dataset_dir_stops_with_the_discovery_messag
     assert not (data / "IDM_phantoms").exists() and not (tmp_path / "C").exists()
 
 
-def test_bad_split_arguments_are_named_before_any_work(tmp_path):
+def test_a_split_needs_two_cases():
+    """(val_fraction is checked with the training settings, before any data is read or written:
+    tests/test_settings.py.)"""
     records = [{"case": f"c{i}"} for i in range(4)]
-    for bad in (0.0, 1.0, "0.2"):
-        with pytest.raises(BadInputError, match=r"val_fraction must be a number in \(0, 1\)"):
-            split_cases(records, bad, seed=0)
     with pytest.raises(BadInputError, match="at least 2 usable cases"):
-        split_cases(records[:1], 0.2, seed=0)
-    with pytest.raises(BadInputError, match="val_fraction"):
-        training_cases(tmp_path / "none", val_fraction=0.0)
-    assert not (tmp_path / "none").exists()  # no phantoms written for a run that cannot start
+        split_cases(records[:1], val_fraction=0.2, seed=0)
+    with pytest.raises(TypeError):  # keywords only: a fraction and a seed in the wrong order would go unnoticed
+        split_cases(records, 0.2, 0)
 
 
 def test_unknown_modality_names_the_modalities_the_data_has(brats_dir):

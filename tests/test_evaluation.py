@@ -10,10 +10,12 @@ import torch
 from conftest import ROOT, redraw_zero_init_, run_bundle
 from monai.bundle import ConfigParser
 from monai.metrics import MMDMetric, MultiScaleSSIMMetric
+from monai.networks.schedulers import DDPMScheduler
 
 from bundle.data import write_brats_phantoms
-from bundle.diffusion import make_sampling_scheduler
+from bundle.diffusion import GridDDIMScheduler
 from bundle.evaluation import ms_ssim_settings, normalised_mmd, reconstruct_from
+from bundle.run_record import RUN_RECORD, run_record
 
 CONFIGS = "['configs/train.json','configs/evaluate.json']"
 CLI = {
@@ -48,6 +50,10 @@ def test_metrics_json_and_table(setup, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_volumes"] == 2  # the validation split of 10 cases
+    # the setup's checkpoint has no run.json beside it (one from elsewhere): the split is recomputed, with a warning
+    log = result.stdout + result.stderr
+    assert "There is no run.json beside" in log and "recomputed from seed, val_fraction" in log
+    assert len(metrics["cases"]) == 2
     runs = [k for k in metrics if k.startswith(("one-step", "reconstruction"))]
     assert runs == ["one-step t=2", "one-step t=12", "one-step t=25", "reconstruction from t=12"]
     for run in runs:
@@ -93,15 +99,21 @@ class _NoiseOracle(torch.nn.Module):
         return self.noise
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear_beta"])
 @pytest.mark.parametrize("t_start, num_train_timesteps, num_inference_steps", [(500, 2000, 50), (12, 50, 3), (0, 50, 3)])
-def test_reconstruction_starts_at_the_timestep_the_input_was_noised_to(t_start, num_train_timesteps, num_inference_steps):
-    """With T = 2000 and 50 steps, x₅₀₀ was denoised as if it were x₄₉₀ (the first step of the sampling grid ≤ 500)."""
+def test_reconstruction_starts_at_the_timestep_the_input_was_noised_to(
+    t_start, num_train_timesteps, num_inference_steps, schedule
+):
+    """With T = 2000 and 50 steps, x₅₀₀ was denoised as if it were x₄₉₀ (the first step of the sampling grid ≤ 500).
+    The reconstruction's DDIM scheduler has the training run's schedule, whichever it is."""
     generator = torch.Generator().manual_seed(0)
     x0 = torch.rand(2, 2, 6, 6, 6, generator=generator) * 1.8 - 0.9
     noise = torch.randn(x0.shape, generator=generator)
-    scheduler = make_sampling_scheduler("ddpm", num_train_timesteps)  # the training scheduler's alphas (cosine)
-    noisy = scheduler.add_noise(x0, noise, torch.full((2,), t_start))
-    estimate = reconstruct_from(_NoiseOracle(noise), noisy, t_start, num_train_timesteps, num_inference_steps)
+    training = DDPMScheduler(num_train_timesteps, schedule=schedule)  # the training scheduler's alphas
+    noisy = training.add_noise(x0, noise, torch.full((2,), t_start))
+    estimate = reconstruct_from(_NoiseOracle(noise), noisy, t_start=t_start,
+                                scheduler=GridDDIMScheduler(num_train_timesteps, schedule=schedule),
+                                num_inference_steps=num_inference_steps)
     torch.testing.assert_close(estimate, x0, atol=1e-4, rtol=0)
 
 
@@ -118,34 +130,37 @@ def test_normalised_mmd_is_monais_mmd_of_equally_many_volumes_per_voxel():
         normalised_mmd(real[:1], generated)
 
 
-def test_diffusion_settings_of_the_checkpoint_are_checked_before_evaluating(setup, tmp_path):
-    folder = tmp_path / "C"
+def _checkpoint_with_record(setup, folder, validation_cases, num_train_timesteps: int = 50,
+                            schedule: str = "cosine") -> object:
+    """``folder/model.pt`` (the setup's weights) with the ``run.json`` of a training run of the CLI's settings, with
+    this noise schedule and these validation cases."""
     folder.mkdir()
     (folder / "model.pt").write_bytes((setup / "model.pt").read_bytes())
-    geometry = {"affine": [[1.5, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]], "spatial_size": [16, 16, 16],
-                "modalities": ["t1", "t2"], "diffusion": {"num_train_timesteps": 100, "schedule": "cosine"}}
-    (folder / "geometry.json").write_text(json.dumps(geometry))
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": folder / "model.pt", "output_dir": tmp_path / "O"})
-    assert result.returncode == 1
-    assert "num_train_timesteps=100" in result.stderr and "--num_train_timesteps 100" in result.stderr
-    assert not (tmp_path / "O").exists()
-
-
-def _checkpoint_with_geometry(setup, folder, **record) -> object:
-    """``folder/model.pt`` (the setup's weights) with a ``geometry.json`` of the CLI's settings plus ``record``."""
-    folder.mkdir()
-    (folder / "model.pt").write_bytes((setup / "model.pt").read_bytes())
-    geometry = {"affine": [[1.5, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]], "spatial_size": [16, 16, 16],
-                "modalities": ["t1", "t2"], "diffusion": {"num_train_timesteps": 50, "schedule": "cosine"}} | record
-    (folder / "geometry.json").write_text(json.dumps(geometry))
+    record = run_record(image=torch.zeros(2, 16, 16, 16), modalities=["t1", "t2"],
+                        noise_scheduler=DDPMScheduler(num_train_timesteps, schedule=schedule), schedule=schedule,
+                        validation_cases=validation_cases)
+    (folder / RUN_RECORD).write_text(json.dumps(record))
     return folder / "model.pt"
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"num_train_timesteps": 100}, "num_train_timesteps=100, but this run has 50; pass --num_train_timesteps 100"),
+    ({"schedule": "sigmoid_beta"}, "trained with the 'sigmoid_beta' noise schedule, but this run has 'cosine'; "
+                                   "pass --schedule sigmoid_beta"),
+])
+def test_diffusion_settings_of_the_checkpoint_are_checked_before_evaluating(setup, tmp_path, record, message):
+    ckpt = _checkpoint_with_record(setup, tmp_path / "C", ["BraTS20_Training_001"], **record)
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O"})
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "O").exists()
 
 
 def test_evaluation_takes_the_validation_cases_that_training_recorded(setup, tmp_path):
     """Another seed and val_fraction than training's would recompute another split, holding training cases:
-    the cases recorded in geometry.json are evaluated instead, exactly those, in that order."""
+    the cases recorded in run.json are evaluated instead, exactly those, in that order."""
     recorded = ["BraTS20_Training_007", "BraTS20_Training_001", "BraTS20_Training_004"]
-    ckpt = _checkpoint_with_geometry(setup, tmp_path / "C", validation_cases=recorded)
+    ckpt = _checkpoint_with_record(setup, tmp_path / "C", recorded)
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O",
                              "seed": 7, "val_fraction": 0.5})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -153,19 +168,11 @@ def test_evaluation_takes_the_validation_cases_that_training_recorded(setup, tmp
     assert metrics["cases"] == recorded and metrics["num_volumes"] == 3
     assert "BraTS20_Training_007, BraTS20_Training_001, BraTS20_Training_004" in (tmp_path / "O" / "metrics.md").read_text()
     # a recorded case that is no longer found stops evaluation before any work, naming it
-    gone = _checkpoint_with_geometry(setup, tmp_path / "G", validation_cases=["BraTS20_Training_002", "BraTS20_Training_042"])
+    gone = _checkpoint_with_record(setup, tmp_path / "G", ["BraTS20_Training_002", "BraTS20_Training_042"])
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": gone, "output_dir": tmp_path / "P"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "BraTS20_Training_042" in result.stderr and "dataset_dir" in result.stderr
     assert not (tmp_path / "P").exists()
-
-
-def test_an_older_geometry_json_without_validation_cases_recomputes_the_split_with_a_warning(setup, tmp_path):
-    ckpt = _checkpoint_with_geometry(setup, tmp_path / "C")
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "records no validation cases" in result.stdout + result.stderr
-    assert len(json.loads((tmp_path / "O" / "metrics.json").read_text())["cases"]) == 2  # val_fraction 0.2 of 10
 
 
 def test_missing_checkpoint_is_named(setup, tmp_path):
@@ -195,14 +202,18 @@ def test_an_output_dir_that_cannot_hold_the_metrics_is_refused_before_any_work(s
 
 
 def test_the_sampler_is_a_name_as_in_inference(setup, tmp_path):
-    """--sampler replaced the sampler object by a string, and evaluation failed after the whole one-step pass."""
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "O",
-                             "sampler": "ddpm"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "O" / "metrics.json").read_text())["generation"]["num_generated"] == 2
+    """--sampler replaced the sampler object by a string, and evaluation failed after the whole one-step pass; any
+    entry of the samplers section generates."""
+    for sampler in ("ddpm", "pndm"):
+        result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt",
+                                 "output_dir": tmp_path / sampler, "sampler": sampler})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((tmp_path / sampler / "metrics.json").read_text())["generation"]["num_generated"] == 2
     unknown = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "P",
                               "sampler": "euler"})
-    assert unknown.returncode == 1 and "sampler must be one of ('ddpm', 'ddim'), got 'euler'" in unknown.stderr
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert "sampler must be one of ['ddim', 'ddpm', 'pndm'] (the configuration's samplers section), got 'euler'" \
+        in unknown.stderr
     assert "evaluating" not in unknown.stderr and not (tmp_path / "P").exists()
 
 

@@ -1,4 +1,5 @@
-"""Generation through configs/inference.json: outputs, geometry, reproducibility and every bad input."""
+"""Generation through configs/inference.json: outputs, the training run's record, samplers, reproducibility and every
+bad input."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_bundle
+from conftest import ROOT, SMALL_TRAINING, run_bundle
 from monai.bundle import ConfigParser
-from monai.networks.schedulers import DDIMScheduler
+from monai.data import MetaTensor
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
+from bundle.data import write_brats_phantoms
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, seeded_generator
-from bundle.errors import BadInputError
-from bundle.inference import generate
+from bundle.run_record import RUN_RECORD, default_affine, run_record
 
 NETWORK = {"network_def#channels": [8, 16, 32], "attention_levels": [False, True, True]}
 CLI = {
@@ -28,8 +30,17 @@ CLI = {
     "num_inference_steps": "3",
 }
 AFFINE = [[-2.0, 0, 0, 10.0], [0, 2.0, 0, -5.0], [0, 0, 2.5, 3.0], [0, 0, 0, 1.0]]
-GEOMETRY = {"affine": AFFINE, "spatial_size": [16, 16, 16], "modalities": ["t1", "t2"],
-            "diffusion": {"num_train_timesteps": 50, "schedule": "cosine"}}
+
+
+def record_of(schedule: str = "cosine", num_train_timesteps: int = 50, **scheduler_arguments) -> dict:
+    """The run.json of a training run on 16³ t1/t2 volumes of grid ``AFFINE`` with this noise scheduler."""
+    image = MetaTensor(torch.zeros(2, 16, 16, 16), affine=torch.tensor(AFFINE, dtype=torch.float64))
+    scheduler = DDPMScheduler(num_train_timesteps, schedule=schedule, **scheduler_arguments)
+    return run_record(image=image, modalities=["t1", "t2"], noise_scheduler=scheduler, schedule=schedule,
+                      validation_cases=["BraTS20_Training_001"])
+
+
+RECORD = record_of()
 
 
 def infer(overrides: dict) -> subprocess.CompletedProcess:
@@ -49,11 +60,11 @@ def checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     torch.save(network_from_config().state_dict(), folder / "model.pt")
-    (folder / "geometry.json").write_text(json.dumps(GEOMETRY))
+    (folder / RUN_RECORD).write_text(json.dumps(RECORD))
     return folder / "model.pt"
 
 
-def test_samples_are_written_per_modality_with_the_training_geometry(checkpoint, tmp_path):
+def test_samples_are_written_per_modality_on_the_training_voxel_grid(checkpoint, tmp_path):
     result = infer(CLI | {"ckpt_path": checkpoint, "output_dir": tmp_path / "O", "num_samples": 3, "batch_size": 2})
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "O").iterdir())
@@ -83,14 +94,23 @@ class _Damped(torch.nn.Module):
         return 0.5 * x + 0.001 * timesteps.float().view(-1, *([1] * (x.dim() - 1)))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+SCHEDULERS = {
+    "ddpm": lambda: DDPMScheduler(20, schedule="cosine"),
+    "ddim": lambda: GridDDIMScheduler(20, schedule="cosine"),
+    "pndm": lambda: PNDMScheduler(20, schedule="cosine", skip_prk_steps=True),
+}
+
+
+@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
 def test_sample_i_depends_on_the_seed_and_i_only(sampler):
     """The initial noise (and DDPM's step noise) of sample i comes from (seed, i): batches of 3 and 1 give the samples
     that four batches of 1 give (the seed was per call, so a sample depended on the batch size); other seeds differ,
-    also from this seed's later samples (seed + i would repeat them)."""
+    also from this seed's later samples (seed + i would repeat them). PNDM, whose steps draw no noise, steps the
+    batch; its history is reset at each call."""
+    steps = 20 if sampler == "ddpm" else 4  # DDPM: the full chain of T steps
+
     def samples(seed: int, batch_sizes: list[int]) -> torch.Tensor:
-        inferer = DiffusionSampler(num_train_timesteps=20, sampler=sampler, num_inference_steps=4, seed=seed,
-                                   progress=False)
+        inferer = DiffusionSampler(SCHEDULERS[sampler](), num_inference_steps=steps, seed=seed, progress=False)
         return torch.cat([inferer(torch.zeros(b, 2, 4, 4, 4), _Damped()) for b in batch_sizes])
 
     together, alone = samples(3, [3, 1]), samples(3, [1, 1, 1, 1])
@@ -190,15 +210,19 @@ def test_earlier_samples_that_this_run_would_not_rewrite_are_refused_too(checkpo
         ({"network_def#channels": "[16,32,64]"}, "does not match network_def"),
         ({"modalities": "[t1]"}, "modalities=['t1']"),
         ({"num_train_timesteps": "100"}, "trained with num_train_timesteps=50, but this run has 100; pass --num_train_timesteps 50"),
-        ({"num_inference_steps": "0"}, "num_inference_steps must be between 1 and num_train_timesteps=50"),
-        ({"num_inference_steps": "51"}, "num_inference_steps must be between 1"),
-        ({"sampler": "euler"}, "sampler must be one of"),
+        ({"num_inference_steps": "0"}, "num_inference_steps must be an integer between 1 and num_train_timesteps=50"),
+        ({"num_inference_steps": "51"}, "num_inference_steps must be an integer between 1"),
+        ({"sampler": "euler"}, "sampler must be one of ['ddim', 'ddpm', 'pndm'] (the configuration's samplers section)"),
+        ({"schedule": "linear_beta"},
+         "trained with the 'cosine' noise schedule, but this run has 'linear_beta'; pass --schedule cosine"),
+        ({"overwrite": "maybe"}, "overwrite must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_inputs_fail_before_sampling(checkpoint, tmp_path, overrides, message):
     result = infer(CLI | {"ckpt_path": checkpoint, "output_dir": tmp_path / "O", "num_samples": 1} | overrides)
     assert result.returncode == 1
     assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("ERROR: ") == 1
     assert not (tmp_path / "O").exists()
 
 
@@ -211,38 +235,85 @@ def test_mismatched_channel_count_is_named(checkpoint, tmp_path):
     assert "stem.weight: checkpoint (8, 1, 3, 3, 3) vs network (8, 2, 3, 3, 3)" in result.stderr
 
 
-def _checkpoint_with_geometry(checkpoint: Path, folder: Path, geometry: dict) -> Path:
+def _checkpoint_with_record(checkpoint: Path, folder: Path, record: dict | None) -> Path:
+    """A copy of ``checkpoint``'s weights in ``folder``, with ``record`` as its run.json (none when None)."""
     folder.mkdir()
     (folder / "model.pt").write_bytes(checkpoint.read_bytes())
-    (folder / "geometry.json").write_text(json.dumps(geometry))
+    if record is not None:
+        (folder / RUN_RECORD).write_text(json.dumps(record))
     return folder / "model.pt"
 
 
-def test_a_checkpoint_of_another_noise_schedule_is_refused(checkpoint, tmp_path):
-    other = GEOMETRY | {"diffusion": {"num_train_timesteps": 50, "schedule": "linear_beta"}}
-    ckpt = _checkpoint_with_geometry(checkpoint, tmp_path / "linear", other)
+@pytest.mark.parametrize("record, message", [
+    (record_of("linear_beta"), "trained with the 'linear_beta' noise schedule, but this run has 'cosine'; "
+                               "pass --schedule linear_beta"),
+    (record_of(s=0.05), "The sampler's noise schedule differs from the one"),
+    (RECORD | {"noise_scheduler": RECORD["noise_scheduler"] | {"prediction_type": "v_prediction"}},
+     "says the model predicts 'v_prediction', but the sampler's prediction_type is epsilon; drop the sampler's "
+     "prediction_type override"),
+])
+def test_a_checkpoint_of_another_noise_schedule_is_refused(checkpoint, tmp_path, record, message):
+    """The sampler is checked against the training run's T, schedule name, prediction type and ᾱ before any work."""
+    ckpt = _checkpoint_with_record(checkpoint, tmp_path / "other", record)
     result = infer(CLI | {"ckpt_path": ckpt, "output_dir": tmp_path / "O", "num_samples": 1})
     assert result.returncode == 1
-    assert "noise_scheduler#schedule that" in result.stderr and "is 'linear_beta'" in result.stderr
-    assert "implement the 'cosine' noise schedule only" in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "O").exists()
 
 
-def test_geometry_without_diffusion_settings_still_loads_with_a_warning(checkpoint, tmp_path):
-    """geometry.json written before the diffusion settings were recorded: the check is skipped, with a warning."""
-    old = {key: value for key, value in GEOMETRY.items() if key != "diffusion"}
-    ckpt = _checkpoint_with_geometry(checkpoint, tmp_path / "old", old)
+def test_a_checkpoint_without_a_run_record_samples_on_a_default_grid_with_a_warning(checkpoint, tmp_path):
+    """A checkpoint from elsewhere: nothing can be checked; the samples get a centred 1.5 mm RAS grid."""
+    ckpt = _checkpoint_with_record(checkpoint, tmp_path / "elsewhere", None)
     result = infer(CLI | {"ckpt_path": ckpt, "output_dir": tmp_path / "O", "num_samples": 1})
     assert result.returncode == 0, result.stderr[-3000:]
-    log = result.stdout + result.stderr
-    assert "records no diffusion settings" in log and "num_train_timesteps=50" in log
-    np.testing.assert_allclose(nib.load(tmp_path / "O" / "sample_000_t1.nii.gz").affine, AFFINE)
+    assert "There is no run.json beside" in result.stdout + result.stderr
+    np.testing.assert_allclose(nib.load(tmp_path / "O" / "sample_000_t1.nii.gz").affine, default_affine([16, 16, 16]))
+
+
+@pytest.mark.parametrize("sampler, steps", [("pndm", "3/3"), ("ddpm", "50/50")])
+def test_every_configured_sampler_samples(checkpoint, tmp_path, sampler, steps):
+    """--sampler picks an entry of inference.json's samplers; DDPM runs the full chain of T steps by default."""
+    overrides = {k: v for k, v in CLI.items() if not (sampler == "ddpm" and k == "num_inference_steps")}
+    result = infer(overrides | {"ckpt_path": checkpoint, "output_dir": tmp_path / "O", "num_samples": 1,
+                                "sampler": sampler})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert steps in result.stderr  # the progress bar over the chain's steps
+    data = nib.load(tmp_path / "O" / "sample_000_t2.nii.gz").get_fdata()
+    assert data.min() >= 0 and data.max() <= 1 and data.std() > 0
+
+
+@pytest.fixture(scope="module")
+def linear_beta_run(tmp_path_factory) -> Path:
+    """The ckpt_dir of a one-epoch training run on ``--schedule linear_beta`` (T = 50)."""
+    root = tmp_path_factory.mktemp("linear_beta")
+    write_brats_phantoms(root / "D", num_cases=2, shape=(20, 20, 16))
+    result = run_bundle("configs/train.json", SMALL_TRAINING | {
+        "dataset_dir": root / "D", "ckpt_dir": root / "C", "output_dir": root / "R", "schedule": "linear_beta",
+        "num_train_timesteps": "50", "train#trainer#max_epochs": "1"}, "training")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "C"
+
+
+def test_a_model_trained_on_another_schedule_samples_with_it_and_only_with_it(linear_beta_run, tmp_path):
+    record = json.loads((linear_beta_run / RUN_RECORD).read_text())
+    assert record["noise_scheduler"]["schedule"] == "linear_beta"
+    base = CLI | {"ckpt_path": linear_beta_run / "model.pt", "num_samples": 1}
+    refused = infer(base | {"output_dir": tmp_path / "P"})  # inference's default schedule, cosine
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "pass --schedule linear_beta" in refused.stderr and not (tmp_path / "P").exists()
+    for sampler in ("ddim", "pndm"):
+        result = infer(base | {"output_dir": tmp_path / sampler, "schedule": "linear_beta", "sampler": sampler})
+        assert result.returncode == 0, result.stderr[-3000:]
+        image = nib.load(tmp_path / sampler / "sample_000_t1.nii.gz")
+        np.testing.assert_allclose(image.affine, record["affine"])
+        assert 0 <= image.get_fdata().min() and image.get_fdata().max() <= 1
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_the_checkpoint_is_read(tmp_path):
     afile = tmp_path / "samples"
     afile.write_text("notes")
-    for output_dir, message in ((afile, "output_dir .*samples' is a file"), (afile / "x", "cannot be created")):
-        with pytest.raises(BadInputError, match=message):
-            generate(None, None, tmp_path / "missing.pt", output_dir, 1, 1, ["t1"], {})
+    for output_dir, message in ((afile, "output_dir '" + str(afile) + "' is a file"), (afile / "x", "cannot be created")):
+        result = infer(CLI | {"ckpt_path": tmp_path / "missing.pt", "output_dir": output_dir, "num_samples": 1})
+        assert result.returncode == 1 and message in result.stderr
+        assert "does not exist" not in result.stderr  # the checkpoint was not looked at
     assert afile.read_text() == "notes"

@@ -7,7 +7,7 @@ Request: ``{"argv": [...], "cwd": ..., "env": {...}, "stdout": path, "stderr": p
 ``["scripts/x.py", …]``). A child forked for it takes ``env`` as its environment and ``cwd`` as its working
 directory, writes its standard output and error to the two paths, runs ``argv`` as ``python`` would (the module or
 script as ``__main__``, ``sys.argv`` and ``sys.path[0]`` as the interpreter sets them) and ends like an interpreter
-does (``SystemExit``'s code, 1 and a traceback for an uncaught exception, atexit handlers run). Answer:
+does (``SystemExit``'s code, 1 and ``sys.excepthook`` for an uncaught exception, atexit handlers run). Answer:
 ``{"returncode": n, "timed_out": bool}``; a child still running at the timeout is killed with its process group.
 
 The tests' command lines run here because importing MONAI alone takes about 10 s on a 2-core machine, which each
@@ -23,7 +23,6 @@ import runpy
 import signal
 import sys
 import time
-import traceback
 
 # what a command line of the suite imports: MONAI (all of it comes with ``import monai``), Ignite, fire, the bundle
 import fire  # noqa: F401
@@ -57,8 +56,8 @@ def _run_as_python(argv: list[str]) -> int:
             return exit_.code or 0
         print(exit_.code, file=sys.stderr)
         return 1
-    except BaseException:  # noqa: BLE001 - as the interpreter: report and exit 1
-        traceback.print_exc()
+    except BaseException:  # noqa: BLE001 - as the interpreter: report through sys.excepthook and exit 1
+        sys.excepthook(*sys.exc_info())
         return 1
     return 0
 

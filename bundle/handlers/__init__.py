@@ -1,10 +1,11 @@
-"""Ignite handlers: non-finite guard, step statistics, inversion drift, previews (the checkpoint handler is
-:class:`bundle.checkpoint.TrainingCheckpoint`)."""
+"""Ignite handlers: non-finite guard, step statistics, inversion drift, previews, and the run's shared TensorBoard
+writer (the checkpoint handler is :class:`bundle.checkpoint.TrainingCheckpoint`)."""
 
 from .drift import InversionDriftMonitor
 from .nonfinite import NonFiniteLossGuard
 from .previews import PreviewHandler
 from .step_stats import StepStatsHandler, peak_memory_bytes
+from .tensorboard import summary_writer
 
 __all__ = [
     "InversionDriftMonitor",
@@ -12,4 +13,5 @@ __all__ = [
     "PreviewHandler",
     "StepStatsHandler",
     "peak_memory_bytes",
+    "summary_writer",
 ]

@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 class InversionDriftMonitor:
     """Every ``interval`` iterations, the trunk's round-trip error on that step's noisy inputs
     (``InvertibleDiffusionUNet.trunk_round_trip_error``, the largest over the batch), written as
-    ``train/inversion_drift`` to TensorBoard under ``log_dir`` and kept in :attr:`latest`; above
+    ``train/inversion_drift`` to TensorBoard with ``summary_writer`` (the run's shared writer, which it never
+    closes: :func:`bundle.handlers.summary_writer`) and kept in :attr:`latest`; above
     ``warn_above`` a warning says that the memory-efficient gradients are no longer exact to float32
     rounding. The memory-efficient backward rebuilds every activation by inversion, so its gradients are
     as exact as that reconstruction; the drift grows with the weights' conditioning as training goes.
@@ -28,18 +29,16 @@ class InversionDriftMonitor:
     without autograd, about two thirds of a training step.
     """
 
-    def __init__(self, log_dir: str, interval: int = 100, warn_above: float = 1e-3) -> None:
+    def __init__(self, *, summary_writer: SummaryWriter, interval: int = 100, warn_above: float = 1e-3) -> None:
         if interval < 1:
             raise ValueError(f"interval must be ≥ 1, got {interval}.")
-        self.log_dir = log_dir
+        self.summary_writer = summary_writer
         self.interval = interval
         self.warn_above = warn_above
         self.latest: float | None = None  # nan for a network without an invertible trunk
-        self._writer: SummaryWriter | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.measure)
-        engine.add_event_handler(Events.COMPLETED, self._close)
 
     def measure(self, engine: Engine) -> None:
         """Measures and logs the drift; a network without an invertible trunk (a baseline trained by the same
@@ -60,9 +59,7 @@ class InversionDriftMonitor:
         images, noise, timesteps = batch("image"), batch("label"), batch("timesteps")
         noisy = engine.scheduler.add_noise(images, noise, timesteps)
         self.latest = float(network.trunk_round_trip_error(noisy, timesteps).max())
-        if self._writer is None:
-            self._writer = SummaryWriter(log_dir=self.log_dir)
-        self._writer.add_scalar("train/inversion_drift", self.latest, engine.state.iteration)
+        self.summary_writer.add_scalar("train/inversion_drift", self.latest, engine.state.iteration)
         if self.latest > self.warn_above:
             logger.warning(
                 "iteration %d: the invertible trunk's round trip is off by %.1e (relative) on this batch, above %.0e: "
@@ -70,8 +67,3 @@ class InversionDriftMonitor:
                 "--network_def#memory_efficient false (more memory) avoids it.",
                 engine.state.iteration, self.latest, self.warn_above,
             )
-
-    def _close(self, engine: Engine) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None

@@ -26,20 +26,22 @@ def _strip(volume: torch.Tensor) -> torch.Tensor:
 
 class PreviewHandler:
     """Every ``interval`` validation runs, writes for ``num_samples`` validation samples a grid whose rows
-    are (x₀, one-step x̂₀) per modality, each as its three mid-slices, to TensorBoard.
+    are (x₀, one-step x̂₀) per modality, each as its three mid-slices, to TensorBoard with ``summary_writer``
+    (the run's shared writer, which it flushes but never closes: :func:`bundle.handlers.summary_writer`).
 
     Uses the evaluator output keys ``image`` and ``denoised`` (values in [0, 1]) of its last batch.
     """
 
-    def __init__(self, log_dir: str, interval: int = 5, num_samples: int = 2, tag: str = "validation_preview") -> None:
+    def __init__(
+        self, *, summary_writer: SummaryWriter, interval: int = 5, num_samples: int = 2, tag: str = "validation_preview"
+    ) -> None:
         if interval < 1 or num_samples < 1:
             raise ValueError(f"interval and num_samples must be ≥ 1, got {interval}, {num_samples}.")
-        self.log_dir = log_dir
+        self.summary_writer = summary_writer
         self.interval = interval
         self.num_samples = num_samples
         self.tag = tag
         self._runs = 0
-        self._writer: SummaryWriter | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -58,7 +60,5 @@ class PreviewHandler:
                     )
                 )
         grid = torch.cat(rows, 0).clamp(0, 1)
-        if self._writer is None:
-            self._writer = SummaryWriter(log_dir=self.log_dir)
-        self._writer.add_image(self.tag, grid[None], global_step=engine.state.epoch)
-        self._writer.flush()
+        self.summary_writer.add_image(self.tag, grid[None], global_step=engine.state.epoch)
+        self.summary_writer.flush()
