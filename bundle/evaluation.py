@@ -148,7 +148,9 @@ def evaluate(
             generator = seeded_generator(seed, index)
             x0 = to_model_range(batch["image"].to(device))
             size = size or tuple(x0.shape[2:])
-            ssim = ssim or SSIMMetric(spatial_dims=len(size), data_range=1.0, win_size=min(7, min(size)), reduction="none")
+            ssim = ssim or SSIMMetric(
+                spatial_dims=len(size), data_range=1.0, win_size=min(7, min(size)), reduction="none"
+            )
             target = to_image_range(x0)
             reals.append(target.cpu())
             cases.extend(batch["case"])
@@ -187,7 +189,9 @@ def evaluate(
     return results
 
 
-def _generation_quality(network, sampler, reals: torch.Tensor, num_generated: int, feature_extractor, size, device) -> dict:
+def _generation_quality(
+    network, sampler, reals: torch.Tensor, num_generated: int, feature_extractor, size, device
+) -> dict:
     """Diversity, MMD and FID of ``num_generated`` samples against the validation volumes ``reals`` (N, C, *S)."""
     if sampler is None or num_generated < 2:
         return {"note": "skipped (needs a sampler and num_generated ≥ 2)"}
@@ -215,7 +219,7 @@ def _generation_quality(network, sampler, reals: torch.Tensor, num_generated: in
     if feature_extractor is not None:
         extractor = torch.jit.load(feature_extractor, map_location=device).eval()
         with torch.no_grad():
-            features = lambda v: torch.cat([extractor(v[:, c : c + 1].to(device)) for c in range(v.shape[1])]).cpu()  # noqa: E731
+            features = lambda v: torch.cat([extractor(v[:, c : c + 1].to(device)) for c in range(v.shape[1])]).cpu()
             quality["fid"] = FIDMetric()(features(generated), features(reals)).item()
     return quality
 
@@ -224,13 +228,17 @@ def _markdown(results: dict, modalities: Sequence[str]) -> str:
     lines = [
         f"# Evaluation of {results['checkpoint']}",
         "",
-        f"{results['num_volumes']} validation volumes; intensities in [0, 1]. Best-of-batch: the best of each "
-        f"batch of {results['best_of_batch_size']} volumes (the paper's protocol), averaged.",
+        (
+            f"{results['num_volumes']} validation volumes; intensities in [0, 1]. Best-of-batch: the best of each "
+            f"batch of {results['best_of_batch_size']} volumes (the paper's protocol), averaged."
+        ),
         "",
         f"Cases: {', '.join(results['cases'])}.",
         "",
-        "| run | modality | PSNR mean ± std | PSNR best-of-batch | SSIM mean ± std | SSIM best-of-batch | "
-        "MAE mean ± std | MAE best-of-batch |",
+        (
+            "| run | modality | PSNR mean ± std | PSNR best-of-batch | SSIM mean ± std | SSIM best-of-batch | "
+            "MAE mean ± std | MAE best-of-batch |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, per_modality in results.items():

@@ -53,7 +53,9 @@ def _check_device(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
-        raise BadInputError(f"device is {str(device)!r}, but this machine has {found}; pass --device cpu or another index.")
+        raise BadInputError(
+            f"device is {str(device)!r}, but this machine has {found}; pass --device cpu or another index."
+        )
 
 
 @dataclass(kw_only=True)
@@ -222,7 +224,9 @@ class EvaluationSettings:
         _check_val_fraction(self.val_fraction)
         check_output_folder(self.output_dir, "output_dir")
         if any(p.exists() for p in self.outputs) and not self.overwrite:
-            raise BadInputError(f"{self.outputs[0]} already exists; pass --overwrite true or choose another --output_dir.")
+            raise BadInputError(
+                f"{self.outputs[0]} already exists; pass --overwrite true or choose another --output_dir."
+            )
         if not _number(self.reconstruction_fraction) or not 0 <= self.reconstruction_fraction < 1:
             raise BadInputError(
                 f"reconstruction_fraction must be a fraction of T in [0, 1) such as 0.25; "

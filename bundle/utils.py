@@ -25,6 +25,8 @@ def check_output_folder(path: str | Path, name: str) -> None:
         raise BadInputError(f"{name} {str(path)!r} is a file; give a folder (it is created when missing).")
     existing = next(p for p in (path, *path.parents) if p.exists())  # the folder itself, or its nearest ancestor
     if not existing.is_dir():
-        raise BadInputError(f"{name} {str(path)!r} cannot be created: {str(existing)!r} is a file; give another folder.")
+        raise BadInputError(
+            f"{name} {str(path)!r} cannot be created: {str(existing)!r} is a file; give another folder."
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BadInputError(f"{name} {str(path)!r} cannot be written: no write permission in {str(existing)!r}.")

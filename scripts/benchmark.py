@@ -1,11 +1,12 @@
-"""Benchmarks of the IDM network against plain autograd and MONAI's DiffusionModelUNet (DESIGN §5).
+"""Benchmarks of the IDM network against plain autograd and MONAI's DiffusionModelUNet
+(docs/architecture.md, "Measuring").
 
 Usage (from the bundle root):
-    python scripts/benchmark.py suite            # every figure on this machine → docs/benchmarks.md + PNGs
-    python scripts/benchmark.py suite --quick    # small sizes, < 5 min on 2 CPU cores → runs/benchmarks_quick/
-    python scripts/benchmark.py suite --gpu      # one GPU, 8 minutes, sizes until 24 GiB is spent → runs/benchmarks_gpu/
-    python scripts/benchmark.py quality          # the equal-budget quality comparison alone → docs/benchmark_quality.md
-    python scripts/benchmark.py profile          # where the paper configuration's step peaks → docs/paper_step_profile.md
+    python scripts/benchmark.py suite          # every figure on this machine → docs/benchmarks.md + PNGs
+    python scripts/benchmark.py suite --quick  # small sizes, < 5 min on 2 CPU cores → runs/benchmarks_quick/
+    python scripts/benchmark.py suite --gpu    # one GPU, 8 minutes, sizes until 24 GiB is spent → runs/benchmarks_gpu/
+    python scripts/benchmark.py quality        # the equal-budget quality comparison alone → docs/benchmark_quality.md
+    python scripts/benchmark.py profile        # where the paper configuration's step peaks → docs/paper_step_profile.md
     python scripts/benchmark.py profile --micro_batch_size 1 --recompute_norms true   # with the memory options
 """
 
@@ -24,26 +25,26 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.diffusion import micro_batches  # noqa: E402
-from bundle.flags import as_flag  # noqa: E402
-from scripts.benchmarking.allocator import return_freed_memory_to_os  # noqa: E402
-from scripts.benchmarking.quality import compare_quality, render_quality_markdown, write_quality_report  # noqa: E402
-from scripts.benchmarking.report import machine_description  # noqa: E402
-from scripts.benchmarking.step_profile import profile_step_in_subprocess, render_step_profile  # noqa: E402
-from scripts.benchmarking.suite_report import cube_limits, plot_suite, render_suite  # noqa: E402
-from scripts.benchmarking.sweeps import (  # noqa: E402
+from bundle.diffusion import micro_batches
+from bundle.flags import as_flag
+from scripts.benchmarking.allocator import return_freed_memory_to_os
+from scripts.benchmarking.quality import compare_quality, render_quality_markdown, write_quality_report
+from scripts.benchmarking.report import machine_description
+from scripts.benchmarking.step_profile import profile_step_in_subprocess, render_step_profile
+from scripts.benchmarking.suite_report import cube_limits, plot_suite, render_suite
+from scripts.benchmarking.sweeps import (
+    MEMORY_OPTIONS,
+    PAPER,
     Budget,
     SuitePlan,
     batch_sweep,
     depth_sweep,
     energy_per_network,
-    MEMORY_OPTIONS,
     memory_options,
-    PAPER,
     paper_configuration,
     resolution_sweep,
 )
-from scripts.benchmarking.workload import NETWORKS  # noqa: E402
+from scripts.benchmarking.workload import NETWORKS
 
 QUALITY_REPORT = "benchmark_quality.md"
 PARTIAL_RESULT = "benchmarks.partial.json"
@@ -158,7 +159,9 @@ class Benchmark:
         command = f"python scripts/benchmark.py quality --epochs {epochs} --size {size} --channels '{list(channels)}'"
         print(write_quality_report(result, command, output_dir).read_text())
 
-    def profile(self, micro_batch_size: int | None = None, recompute_norms: bool = False, output_dir: str = "docs") -> None:
+    def profile(
+        self, micro_batch_size: int | None = None, recompute_norms: bool = False, output_dir: str = "docs"
+    ) -> None:
         """Where the paper configuration's training step (batch 4, 64³) reaches its peak memory: per phase and
         per engine step, in a fresh process (about 3 minutes on 2 CPU cores); writes ``paper_step_profile.md``
         and ``paper_step_profile.json``, or with the memory options ``paper_step_profile_micro<k>.*``

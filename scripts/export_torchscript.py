@@ -8,8 +8,8 @@ bundle metadata and config, as ``ckpt_export`` does.
 
 Usage (from the bundle root):
     python scripts/export_torchscript.py --ckpt_file models/model.pt --filepath models/model.ts
-    python scripts/export_torchscript.py --ckpt_file C/model.pt --filepath C/model.ts \\
-        --overrides "{'network_def#channels': [16, 32, 64], 'attention_levels': [False, True, True], 'spatial_size': [32, 32, 32]}"
+    python scripts/export_torchscript.py --ckpt_file C/model.pt --filepath C/model.ts --overrides \\
+        "{'network_def#channels': [16, 32, 64], 'attention_levels': [False, True, True], 'spatial_size': [32, 32, 32]}"
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from monai.bundle import ConfigParser  # noqa: E402
-from monai.data import save_net_with_metadata  # noqa: E402
+from monai.bundle import ConfigParser
+from monai.data import save_net_with_metadata
 
-from bundle.checkpoint import load_checkpoint  # noqa: E402
-from bundle.errors import BadInputError, install_error_hook  # noqa: E402
+from bundle.checkpoint import load_checkpoint
+from bundle.errors import BadInputError, install_error_hook
 
 
 def export(ckpt_file: str, filepath: str, config_file: str = "configs/inference.json",

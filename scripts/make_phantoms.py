@@ -18,8 +18,8 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundle.data import PHANTOM_PREFIX, write_brats_phantoms  # noqa: E402
-from bundle.flags import as_flag  # noqa: E402
+from bundle.data import PHANTOM_PREFIX, write_brats_phantoms
+from bundle.flags import as_flag
 
 
 def main(output_dir: str, num_cases: int = 16, shape: tuple[int, int, int] = (96, 96, 72), spacing: float = 1.5,

@@ -21,14 +21,14 @@ import fire
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.errors import BadInputError  # noqa: E402
-from bundle.flags import as_flag  # noqa: E402
-from bundle.visualize import read_scalars  # noqa: E402
+from bundle.errors import BadInputError
+from bundle.flags import as_flag
+from bundle.visualize import read_scalars
 
 
 def main(log_dir: str = "runs", output: str | None = None, title: str = "", overwrite: bool | str = False) -> None:
@@ -48,7 +48,9 @@ def main(log_dir: str = "runs", output: str | None = None, title: str = "", over
     if output_path.is_dir():
         sys.exit(f"ERROR: --output {str(output_path)!r} is a folder; give the PNG file to write.")
     if output_path.exists() and not overwrite:
-        sys.exit(f"ERROR: {str(output_path)!r} already exists; pass --overwrite true to replace it, or another --output.")
+        sys.exit(
+            f"ERROR: {str(output_path)!r} already exists; pass --overwrite true to replace it, or another --output."
+        )
     scalars = read_scalars(log_dir, ["val_eps_mse", "val_psnr", "val_ssim"])
     if "val_eps_mse" not in scalars:
         sys.exit(f"ERROR: no val_eps_mse scalars in TensorBoard event files under {log_dir!r}; point --log_dir at a "

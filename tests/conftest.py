@@ -43,7 +43,9 @@ def _zygote() -> tuple[subprocess.Popen, Path]:
     return process, log
 
 
-def run_python(args: list, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_python(
+    args: list, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``python ARGS`` as a user types it (a script or ``-m module``, run as ``__main__`` with these ``sys.argv``,
     in ``cwd``, with ``env`` (default: this environment with the bundle root first on ``PYTHONPATH``), output captured),
     in a process forked from :mod:`zygote`, which has imported torch, MONAI and the bundle once for the session.
@@ -56,7 +58,9 @@ def run_python(args: list, cwd: Path = ROOT, env: dict | None = None, timeout: f
     zygote, log = _zygote()
     with tempfile.TemporaryDirectory() as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")
-        request = {"argv": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err), "timeout": timeout}
+        request = {
+            "argv": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err), "timeout": timeout
+        }
         zygote.stdin.write(json.dumps(request) + "\n")
         zygote.stdin.flush()
         reply = zygote.stdout.readline()
@@ -82,7 +86,9 @@ def run_bundle(
         return run_python(["-m", *args], env=env)
     # a process that aborts (SIGABRT, e.g. a C++ std::terminate) prints every thread's Python stack
     env["PYTHONFAULTHANDLER"] = "1"
-    return subprocess.run(launcher + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        launcher + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False
+    )
 
 
 def redraw_zero_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT
 from test_benchmarks import MiB, _synthetic_result
 

@@ -56,8 +56,11 @@ def test_nvml_counter_reads_the_device_torch_maps_and_is_unreadable_without_a_te
             raise RuntimeError("Not Supported")
         return readings["celsius"]
 
-    fake_nvml = SimpleNamespace(NVML_TEMPERATURE_GPU=0, nvmlDeviceGetTemperature=temperature,
-                                nvmlDeviceGetTotalEnergyConsumption=lambda handle: handles.append(handle) or readings["mJ"])
+    fake_nvml = SimpleNamespace(
+        NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetTemperature=temperature,
+        nvmlDeviceGetTotalEnergyConsumption=lambda handle: handles.append(handle) or readings["mJ"],
+    )
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "_get_pynvml_handler", lambda: "handle of NVML device 3")
@@ -148,8 +151,11 @@ def _synthetic_result(me_peak_64: int, paper_peak: int, options_peak: int | None
     plan = SuitePlan.quick()
     depth = [_row(n, plan.depth_size, peak, stored_bytes=stored, num_blocks=d)
              for d, scale in ((1, 1), (8, 3)) for n, peak, stored in (
-                 ("idm", 10 * MiB, 1 * MiB), ("idm_plain", 20 * MiB * scale, 9 * MiB * scale),
-                 ("monai", 30 * MiB * scale, 9 * MiB * scale), ("monai_checkpointed", 15 * MiB * scale, 3 * MiB * scale))]
+                 ("idm", 10 * MiB, 1 * MiB),
+                 ("idm_plain", 20 * MiB * scale, 9 * MiB * scale),
+                 ("monai", 30 * MiB * scale, 9 * MiB * scale),
+                 ("monai_checkpointed", 15 * MiB * scale, 3 * MiB * scale),
+             )]
     peaks = {"idm": me_peak_64, "idm_plain": 60 * MiB, "monai": 100 * MiB, "monai_checkpointed": 40 * MiB}
     # Round 2 was slow for every network: paired ratios 1.3, 1.3, 1.5 (median 1.3), while the ratio of the
     # medians would be 2.25 / 1.5 = 1.5.
@@ -159,12 +165,13 @@ def _synthetic_result(me_peak_64: int, paper_peak: int, options_peak: int | None
                        **_timed(rounds[n])) for n in NETWORKS]
     floor = 16 * 100
     peak = {"baseline_bytes": 50 * MiB + floor, "retained_bytes": floor, "device": "cpu"}
-    paper = {"parameters": {"total": 100}, "flops_per_step": 1e12, "forward_flops_per_sample": 1e11, "floor_bytes": floor,
+    paper = {"parameters": {"total": 100}, "flops_per_step": 1e12, "forward_flops_per_sample": 1e11,
+             "floor_bytes": floor,
              "peaks": {option: {"peak_bytes": paper_peak if option == "whole batch" or options_peak is None
                                 else options_peak, **peak} for option in MEMORY_OPTIONS}}
     options = [_row("idm", plan.batch_size_at, peak_mb * MiB, option=option, stored_bytes=MiB, flops=1e9,
-                    **_timed([seconds, 2 * seconds, seconds])) for option, peak_mb, seconds in zip(MEMORY_OPTIONS, (40, 20, 15),
-                                                                                          (2.0, 2.5, 2.75))]
+                    **_timed([seconds, 2 * seconds, seconds]))
+               for option, peak_mb, seconds in zip(MEMORY_OPTIONS, (40, 20, 15), (2.0, 2.5, 2.75))]
     cubes = {n: {"measured": plan.batch_size_at, "first_out_of_memory": None, "extrapolated": 64 if n == "idm" else 48}
              for n in NETWORKS}
     return {"plan": asdict(plan), "machine": "test machine", "command": "python x", "depth": depth,
@@ -188,15 +195,18 @@ def test_goal_verdicts_follow_the_figures():
         "2.25 vs 2.40 s, ratio 0.87× (0.87–0.94)", "met"]
     with_options = {g[0]: g for g in goals(_synthetic_result(10 * MiB, int(0.6e9), options_peak=int(0.4e9)))}
     paper = with_options["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"]
-    assert paper[1] == "whole batch: 0.60 GB; micro-batches of 1: 0.40 GB; micro-batches of 1 + recompute_norms: 0.40 GB"
+    assert paper[1] == (
+        "whole batch: 0.60 GB; micro-batches of 1: 0.40 GB; micro-batches of 1 + recompute_norms: 0.40 GB"
+    )
     assert paper[2] == "met with micro-batches of 1; **missed** with the whole batch at once"
     cut_short = _synthetic_result(10 * MiB, int(0.6e9))
     for option in list(MEMORY_OPTIONS)[1:]:
         cut_short["paper"]["peaks"][option] = {"skipped": "skipped (time budget spent)"}
     paper = {g[0]: g for g in goals(cut_short)}["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"]
-    assert paper[1:] == ["whole batch: 0.60 GB; micro-batches of 1: n/a; micro-batches of 1 + recompute_norms: n/a",
-                         "**missed** with what was measured; not measured: micro-batches of 1, micro-batches of 1 + "
-                         "recompute_norms"]
+    assert paper[1:] == [
+        "whole batch: 0.60 GB; micro-batches of 1: n/a; micro-batches of 1 + recompute_norms: n/a",
+        "**missed** with what was measured; not measured: micro-batches of 1, micro-batches of 1 + recompute_norms",
+    ]
     cubes = {n: {"measured": None, "first_out_of_memory": None} for n in NETWORKS}
     largest = {g[0]: g for g in goals({**cut_short, "largest_cube": cubes})}[
         "largest cube at batch 1 within the memory limit: IDM's the largest"]
@@ -316,8 +326,9 @@ def test_cuda_peak_is_the_allocators_and_the_memory_limit_is_enforced():
 def test_the_cuda_memory_cap_reaches_the_allocator_as_a_fraction_of_the_current_device(monkeypatch):
     """Runs torch's own ``set_per_process_memory_fraction`` (its argument checks included) with only the
     driver calls stubbed, so a device torch would refuse fails here, without a GPU."""
-    import torch.cuda.memory
     from types import SimpleNamespace
+
+    import torch.cuda.memory
 
     from scripts.benchmarking.peak_memory import cap_cuda_memory
 
@@ -384,7 +395,9 @@ def test_step_profile_follows_every_engine_step_and_names_the_phases():
     profile = profile_step_in_subprocess(workload)
     assert "error" not in profile, profile
     assert len(profile["steps"]) == len(build_network(workload).trunk.sequence.steps)
-    assert {s["step"] for s in profile["steps"]} >= {"OnTensor(HalfCoupling)", "OnTensor(InvertibleAttention)", "SkipSplit"}
+    assert {s["step"] for s in profile["steps"]} >= {
+        "OnTensor(HalfCoupling)", "OnTensor(InvertibleAttention)", "SkipSplit"
+    }
     assert profile["steps"][0]["state"] == [(8, 32, 32, 32)]  # backward starts at the trunk's output
     assert all(s["peak_bytes"] >= s["before_bytes"] for s in profile["steps"])
     assert profile["backward_peak_bytes"] >= max(s["peak_bytes"] for s in profile["steps"]) > 0

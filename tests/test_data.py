@@ -138,7 +138,7 @@ def test_a_datalists_validation_list_is_the_validation_split(tmp_path, caplog):
     (they were ignored, and the training items re-split); a recorded split still wins."""
     caplog.set_level("INFO", logger="bundle.data")
     write_brats_phantoms(tmp_path / "images", num_cases=5, shape=SHAPE)
-    item = lambda i: {m: f"images/BraTS20_Training_{i:03d}/BraTS20_Training_{i:03d}_{m}.nii.gz"  # noqa: E731
+    item = lambda i: {m: f"images/BraTS20_Training_{i:03d}/BraTS20_Training_{i:03d}_{m}.nii.gz"
                       for m in ("t1", "t2")}
     datalist = {"training": [item(i) for i in (1, 2, 3)], "validation": [item(5), item(4)]}
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
@@ -187,7 +187,7 @@ def _write(path, array):
 
 def test_preflight_reports_every_bad_case_together(tmp_path):
     write_brats_phantoms(tmp_path, num_cases=7, shape=SHAPE)
-    case = lambda i: tmp_path / f"BraTS20_Training_{i:03d}"  # noqa: E731
+    case = lambda i: tmp_path / f"BraTS20_Training_{i:03d}"
     (case(1) / "BraTS20_Training_001_t2.nii.gz").unlink()  # missing
     (case(2) / "BraTS20_Training_002_t1.nii.gz").write_bytes(b"not a nifti file")  # unreadable
     _write(case(3) / "BraTS20_Training_003_t1.nii.gz", np.ones((24, 24), np.float32) + np.eye(24, dtype=np.float32))  # 2D

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
-import pytest
 import torch.multiprocessing as mp
 from conftest import redraw_zero_init_, relative_error
 from torch.nn.parallel import DistributedDataParallel

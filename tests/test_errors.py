@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_TRAINING as SMALL, run_bundle
+from conftest import SMALL_TRAINING as SMALL
+from conftest import run_bundle
 from ignite.engine import Engine, Events
 from monai.networks.schedulers import DDPMScheduler
 
+from bundle.checkpoint import TrainingCheckpoint
 from bundle.data import write_brats_phantoms
 from bundle.diffusion import IDMTrainer, NoiseSampler
-from bundle.checkpoint import TrainingCheckpoint
 from bundle.errors import BadInputError, NonFiniteLossError, bad_input_in, install_error_hook
 from bundle.flags import as_flag, as_flags
 from bundle.handlers import NonFiniteLossGuard
@@ -22,7 +23,9 @@ from bundle.networks import InvertibleDiffusionUNet
 
 
 def test_true_false_settings_read_the_command_lines_strings_and_refuse_anything_else():
-    assert [as_flag(v, "x") for v in (True, False, "true", "false", " FALSE ", "True")] == [True, False, True, False, False, True]
+    assert [as_flag(v, "x") for v in (True, False, "true", "false", " FALSE ", "True")] == [
+        True, False, True, False, False, True
+    ]
     assert as_flags(["false", True, "TRUE"], "levels") == (False, True, True)
     for bad in ("no", "0", 1, None):
         with pytest.raises(BadInputError, match=f"overwrite must be true or false, got {bad!r}"):

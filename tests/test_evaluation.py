@@ -145,8 +145,8 @@ def _checkpoint_with_record(setup, folder, validation_cases, num_train_timesteps
 
 @pytest.mark.parametrize("record, message", [
     ({"num_train_timesteps": 100}, "num_train_timesteps=100, but this run has 50; pass --num_train_timesteps 100"),
-    ({"schedule": "sigmoid_beta"}, "trained with the 'sigmoid_beta' noise schedule, but this run has 'cosine'; "
-                                   "pass --schedule sigmoid_beta"),
+    ({"schedule": "sigmoid_beta"}, ("trained with the 'sigmoid_beta' noise schedule, but this run has 'cosine'; "
+                                    "pass --schedule sigmoid_beta")),
 ])
 def test_diffusion_settings_of_the_checkpoint_are_checked_before_evaluating(setup, tmp_path, record, message):
     ckpt = _checkpoint_with_record(setup, tmp_path / "C", ["BraTS20_Training_001"], **record)

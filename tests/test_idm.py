@@ -12,7 +12,6 @@ from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDPMScheduler
 
 from bundle.diffusion import idm_loss_backward, micro_batches
-from scripts.benchmarking import count_parameters, matched_monai_unet, saved_activation_bytes
 from bundle.networks import (
     AttentionPair,
     CouplingBlock,
@@ -20,8 +19,15 @@ from bundle.networks import (
     InvertibleDiffusionUNet,
     OrthogonalChannelMixing,
 )
+from scripts.benchmarking import count_parameters, matched_monai_unet, saved_activation_bytes
 
-SMALL = dict(spatial_dims=3, in_channels=2, out_channels=2, channels=(8, 16, 32), attention_levels=(False, True, True))
+SMALL = {
+    "spatial_dims": 3,
+    "in_channels": 2,
+    "out_channels": 2,
+    "channels": (8, 16, 32),
+    "attention_levels": (False, True, True),
+}
 
 
 def make_idm(**overrides) -> InvertibleDiffusionUNet:
@@ -83,7 +89,7 @@ def test_bad_inputs_are_named():
 def test_flags_must_be_bools_and_the_trunk_factories_pass_through():
     """Command-line strings are the configs' to convert: the network refuses them by name. ``block`` and
     ``attention`` reach the trunk, whose blocks are conditioned on the time embedding."""
-    tiny = dict(channels=(8, 16), num_blocks=1)
+    tiny = {"channels": (8, 16), "num_blocks": 1}
     with pytest.raises(TypeError, match=r"^memory_efficient must be a bool .*got 'false' .*configs convert"):
         InvertibleDiffusionUNet(2, 1, 1, attention_levels=(False, False), memory_efficient="false", **tiny)
     with pytest.raises(TypeError, match=r"^attention_levels must be a sequence of bools"):
@@ -148,7 +154,7 @@ def _stored_bytes(model, size=32):
 
 
 def test_stored_bytes_flat_in_depth_and_far_below_monai_diffusion_unet():
-    config = dict(channels=(16, 32, 64, 128), attention_levels=(False, False, True, True))
+    config = {"channels": (16, 32, 64, 128), "attention_levels": (False, False, True, True)}
     stored = {}
     for num_blocks in (1, 8):
         model = InvertibleDiffusionUNet(3, 2, 2, num_blocks=num_blocks, **config)

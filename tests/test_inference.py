@@ -82,7 +82,7 @@ def test_seed_makes_samples_reproducible(checkpoint, tmp_path):
         assert infer(CLI | {"ckpt_path": checkpoint, "output_dir": tmp_path / name, "num_samples": 1}).returncode == 0
     other = infer(CLI | {"ckpt_path": checkpoint, "output_dir": tmp_path / "C", "num_samples": 1, "seed": 5})
     assert other.returncode == 0
-    load = lambda d: nib.load(tmp_path / d / "sample_000_t1.nii.gz").get_fdata()  # noqa: E731
+    load = lambda d: nib.load(tmp_path / d / "sample_000_t1.nii.gz").get_fdata()
     assert np.array_equal(load("A"), load("B"))
     assert not np.array_equal(load("A"), load("C"))
 
@@ -123,7 +123,7 @@ def test_seeded_streams_are_fixed_by_their_keys_alone():
     """(0, 1) and (1, 0) get different streams (seed + index would not), and so do the key tuples that share
     SeedSequence's words when handed to it directly; equal keys get the same stream, and a negative key is taken
     modulo 2⁶⁴ as torch's manual_seed takes it."""
-    draw = lambda *keys: torch.randn(8, generator=seeded_generator(*keys))  # noqa: E731
+    draw = lambda *keys: torch.randn(8, generator=seeded_generator(*keys))
     assert torch.equal(draw(0, 1), draw(0, 1)) and not torch.equal(draw(0, 1), draw(1, 0))
     assert not torch.equal(draw(0, 1), draw(0, 1, 0)) and not torch.equal(draw(2**32, 1), draw(0, 2**32 + 1))
     assert torch.equal(draw(-1, 3), draw(2**64 - 1, 3))
@@ -245,12 +245,12 @@ def _checkpoint_with_record(checkpoint: Path, folder: Path, record: dict | None)
 
 
 @pytest.mark.parametrize("record, message", [
-    (record_of("linear_beta"), "trained with the 'linear_beta' noise schedule, but this run has 'cosine'; "
-                               "pass --schedule linear_beta"),
+    (record_of("linear_beta"), ("trained with the 'linear_beta' noise schedule, but this run has 'cosine'; "
+                                "pass --schedule linear_beta")),
     (record_of(s=0.05), "The sampler's noise schedule differs from the one"),
     (RECORD | {"noise_scheduler": RECORD["noise_scheduler"] | {"prediction_type": "v_prediction"}},
-     "says the model predicts 'v_prediction', but the sampler's prediction_type is epsilon; drop the sampler's "
-     "prediction_type override"),
+     ("says the model predicts 'v_prediction', but the sampler's prediction_type is epsilon; drop the sampler's "
+      "prediction_type override")),
 ])
 def test_a_checkpoint_of_another_noise_schedule_is_refused(checkpoint, tmp_path, record, message):
     """The sampler is checked against the training run's T, schedule name, prediction type and ᾱ before any work."""

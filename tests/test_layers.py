@@ -252,7 +252,9 @@ def test_recompute_norms_stores_fewer_tensors_and_keeps_values_and_gradients():
     for name, layer in (("default", default), ("lean", lean)):
         stored = []
         x_leaf = x.clone().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: stored.append(t.shape) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, stored=stored: stored.append(t.shape) or t, lambda t: t
+        ):
             y = layer.layers[0].function(x_leaf[:, 2:], cond)
         results[name + "_stored"] = sum(shape == half for shape in stored)
         y = layer(x_leaf, cond)

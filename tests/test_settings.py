@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL_TRAINING as SMALL, run_bundle
+from conftest import SMALL_TRAINING as SMALL
+from conftest import run_bundle
 from monai.networks.schedulers import DDPMScheduler
 
 from bundle.errors import BadInputError

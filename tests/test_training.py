@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMALL_TRAINING as SMALL, largest_update_allocation, run_bundle, run_python
+from conftest import ROOT, largest_update_allocation, run_bundle, run_python
+from conftest import SMALL_TRAINING as SMALL
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler
+from torch.utils.tensorboard import SummaryWriter
 
+from bundle.checkpoint import TrainingCheckpoint, check_checkpoint_folder
 from bundle.data import training_cases, write_brats_phantoms
 from bundle.diffusion import NoiseSampler, ema_with_warmup
 from bundle.errors import BadInputError
-from bundle.checkpoint import TrainingCheckpoint, check_checkpoint_folder
 from bundle.handlers import InversionDriftMonitor
 from bundle.networks import InvertibleDiffusionUNet
 from bundle.visualize import read_scalars
@@ -37,7 +39,7 @@ def load_network(overrides: dict, weights: Path) -> torch.nn.Module:
     parser = ConfigParser()
     parser.read_config(ROOT / TRAIN)
     for key, value in overrides.items():
-        if key.startswith("network_def#"):
+        if key.startswith("network_def#") or key == "attention_levels":
             parser[key] = [v.strip() == "true" if v.strip() in ("true", "false") else int(v) for v in value.strip("[]").split(",")]
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
@@ -109,12 +111,13 @@ def test_bad_micro_batch_size_stops_training_before_it_starts(six_cases, tmp_pat
     assert not (tmp_path / "C").exists()
 
 
-def test_a_noise_schedule_the_samplers_cannot_sample_stops_training_before_it_starts(six_cases, tmp_path):
+def test_an_unknown_noise_schedule_stops_training_before_it_starts(six_cases, tmp_path):
     result = train(SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-                            "noise_scheduler#schedule": "linear_beta"})
+                            "schedule": "karras"})
     assert result.returncode == 1
-    assert "noise_scheduler#schedule is 'linear_beta'" in result.stderr
-    assert "train with --noise_scheduler#schedule cosine" in result.stderr
+    assert ("schedule must be one of ['cosine', 'linear_beta', 'scaled_linear_beta', 'sigmoid_beta'] (MONAI's noise "
+            "schedules), got 'karras'") in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "C").exists() and not (tmp_path / "R").exists()
 
 
@@ -268,7 +271,8 @@ def test_the_drift_monitor_measures_the_trunks_round_trip_and_warns_when_it_is_n
     engine.network, engine.scheduler, engine.state.iteration = network, scheduler, 100
     engine.state.device = torch.device("cpu")
     engine.state.output = [{"image": i, "label": n, "timesteps": int(t)} for i, n, t in zip(images, noise, timesteps)]
-    monitor = InversionDriftMonitor(str(tmp_path), interval=100, warn_above=1e-4)
+    writer = SummaryWriter(str(tmp_path))
+    monitor = InversionDriftMonitor(summary_writer=writer, interval=100, warn_above=1e-4)
     monitor.measure(engine)
     expected = network.trunk_round_trip_error(scheduler.add_noise(images, noise, timesteps), timesteps).max()
     assert monitor.latest == pytest.approx(float(expected)) and 0 < monitor.latest < 1e-5
@@ -280,11 +284,13 @@ def test_the_drift_monitor_measures_the_trunks_round_trip_and_warns_when_it_is_n
     with caplog.at_level(logging.WARNING):
         monitor.measure(engine)
     assert monitor.latest > 1e-4 and "the invertible trunk's round trip is off by" in caplog.text
-    monitor._close(engine)
+    writer.close()
     engine.network = torch.nn.Conv3d(2, 2, 3)  # a baseline trained by the same configuration: nothing to invert
-    baseline = InversionDriftMonitor(str(tmp_path / "baseline"))
+    unused = SummaryWriter(str(tmp_path / "baseline"))
+    baseline = InversionDriftMonitor(summary_writer=unused)
     baseline.measure(engine)
-    assert math.isnan(baseline.latest) and not (tmp_path / "baseline").exists()
+    unused.close()
+    assert math.isnan(baseline.latest) and not read_scalars(tmp_path / "baseline", ["train/inversion_drift"])
     logged = read_scalars(tmp_path, ["train/inversion_drift"])["train/inversion_drift"]
     assert [step for step, _ in logged] == [100] and logged[0][1] == pytest.approx(monitor.latest)
 
@@ -387,7 +393,7 @@ def test_overwrite_keeps_this_runs_event_files_and_refusal_removes_nothing(tmp_p
     with pytest.raises(BadInputError, match="--overwrite true"):
         check_checkpoint_folder(ckpt_dir, resume=False, overwrite=False, spatial_size=[16, 16, 16],
                                 modalities=["t1", "t2"], noise_scheduler=DDPMScheduler(10), schedule="linear_beta")
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["run.json", "model.pt", "model.ts", "training_state.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt", "model.ts", "run.json", "training_state.pt"]
     assert other.exists()
     fresh = TrainingCheckpoint(str(tmp_path / "C2"), network, optimizer, scheduler, NoiseSampler(10), log_dir=str(log_dir))
     fresh.prepare(engine, resume=False, overwrite=False)
@@ -437,7 +443,7 @@ def test_plot_training_curve_writes_beside_the_event_files_and_keeps_an_existing
         for epoch, value in enumerate((1.0, 0.8, 0.7), start=1):
             writer.add_scalar("val_eps_mse", value, epoch)
     plot = [ROOT / "scripts" / "plot_training_curve.py", "--log_dir", tmp_path / "R"]
-    run = lambda *args: run_python([*plot, *args], cwd=tmp_path, timeout=300)  # noqa: E731
+    run = lambda *args: run_python([*plot, *args], cwd=tmp_path, timeout=300)
     result = run()
     assert result.returncode == 0, result.stderr[-3000:]
     figure = tmp_path / "R" / "training_curve.png"
@@ -453,7 +459,8 @@ def test_temporary_files_of_killed_writers_are_removed_when_a_run_starts_or_resu
     """A process killed while it wrote its checkpoint leaves ``.training_state.pt.tmp<pid>`` (several GB for the
     paper's network): the next run in that folder removes those of writers that no longer run, and logs them; a
     running writer's file is left alone."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     dead_pid = int(dead.stdout)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

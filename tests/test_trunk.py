@@ -7,7 +7,6 @@ import torch
 from conftest import redraw_zero_init_, relative_error
 from torch.func import functional_call
 
-from scripts.benchmarking import saved_activation_bytes
 from bundle.networks import (
     AdditiveCoupling,
     AttentionPair,
@@ -22,6 +21,7 @@ from bundle.networks import (
     SkipSplit,
     skip_channels,
 )
+from scripts.benchmarking import saved_activation_bytes
 
 CHANNELS = (8, 16, 32, 64)  # 4 levels in 3D
 ATTENTION = (False, False, True, True)  # the deepest two
@@ -355,7 +355,9 @@ def test_the_default_factories_are_the_blocks_and_attention_of_the_trunks_option
     assert list(by_options) == list(by_factories)
     assert all(torch.equal(by_options[k], by_factories[k]) for k in by_options)
     assert "sequence.steps.0.layer.generator" in build() and "sequence.steps.1.layer.function.conv1.weight" in build()
-    with pytest.raises(ValueError, match=r"set them in the block instead, e\.g\. block=CouplingBlock\(channel_mixing=False"):
+    with pytest.raises(
+        ValueError, match=r"set them in the block instead, e\.g\. block=CouplingBlock\(channel_mixing=False"
+    ):
         InvertibleUNet(3, (8, 16, 32), 1, channel_mixing=False, block=affine_coupling_block)
     with pytest.raises(ValueError, match=r"e\.g\. attention=AttentionPair\(num_heads=2\)"):
         InvertibleUNet(3, (8, 16, 32), 1, num_heads=2, attention=one_parity_attention)

@@ -36,7 +36,9 @@ def script(tmp_path):
 def test_a_command_ends_as_under_the_interpreter(script, tmp_path, mode, returncode):
     env = {**os.environ, "IDM_ZYGOTE_TEST": "set"}
     result = run_python([script, mode], cwd=tmp_path, env=env)
-    expected = subprocess.run([sys.executable, script, mode], cwd=tmp_path, env=env, capture_output=True, text=True)
+    expected = subprocess.run(
+        [sys.executable, script, mode], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
     assert (result.returncode, result.stdout) == (expected.returncode, expected.stdout) == (
         returncode, f"out {tmp_path} set ['{mode}']\n")
     assert result.stderr.startswith("err\n") and result.stderr.splitlines()[-1] == expected.stderr.splitlines()[-1]

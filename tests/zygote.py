@@ -29,17 +29,17 @@ import fire  # noqa: F401
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot  # noqa: E402, F401
-import monai.bundle.scripts  # noqa: E402, F401
-import torch  # noqa: E402, F401
+import matplotlib.pyplot
+import monai.bundle.scripts  # noqa: F401
+import torch  # noqa: F401
 
-import bundle.data  # noqa: E402, F401
-import bundle.diffusion  # noqa: E402, F401
-import bundle.evaluation  # noqa: E402, F401
-import bundle.handlers  # noqa: E402, F401
-import bundle.inference  # noqa: E402, F401
-import bundle.settings  # noqa: E402, F401
-import bundle.visualize  # noqa: E402, F401
+import bundle.data
+import bundle.diffusion
+import bundle.evaluation
+import bundle.handlers
+import bundle.inference
+import bundle.settings
+import bundle.visualize  # noqa: F401
 
 
 def _run_as_python(argv: list[str]) -> int:

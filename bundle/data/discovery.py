@@ -1,4 +1,4 @@
-"""One dataset discovery for training, evaluation and inference (DESIGN §4).
+"""One dataset discovery for training, evaluation and inference (docs/architecture.md, "Data").
 
 A *case record* is ``{"case": id, <modality>: path, ..., "channels": {<modality>: index or None}}``:
 one path per requested modality (the same 4D file for every modality in the Decathlon layout, with
@@ -39,7 +39,7 @@ from monai.data import load_decathlon_datalist
 from ..errors import BadInputError
 from .phantoms import PHANTOM_FOLDER, PHANTOM_PREFIX
 
-__all__ = ["IMAGE_SUFFIXES", "MSD_CHANNELS", "discover_cases", "DatasetNotFoundError"]
+__all__ = ["IMAGE_SUFFIXES", "MSD_CHANNELS", "DatasetNotFoundError", "discover_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,8 @@ def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "
         return phantoms
     skipped = ""
     if unreadable:
-        names = ", ".join(map(str, unreadable[:5])) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        names = ", ".join(map(str, unreadable[:5]))
+        names += f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
         skipped = (f" These *.json files were skipped because they are not valid UTF-8 JSON (repair a datalist "
                    f"among them): {names}.")
     raise DatasetNotFoundError(

@@ -1,4 +1,5 @@
-"""Checks every case before any work starts (DESIGN §6): all problems reported together, with paths."""
+"""Checks every case before any work starts (docs/architecture.md, "Bad input"): all problems reported
+together, with paths."""
 
 from __future__ import annotations
 
@@ -46,12 +47,13 @@ def check_case(record: dict, modalities: Sequence[str]) -> list[str]:
             continue
         try:
             array = _load(path, channel)
-        except Exception as error:  # any reader failure is a problem of this file, reported with the rest
+        except Exception as error:  # noqa: BLE001 - any reader failure is a problem of this file, reported with the rest
             problems.append(f"{where}: unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
             continue
         if array.ndim != 4 or array.shape[0] != 1:
             expected = "a 3D volume" if channel is None else f"a 4D volume with channel {channel}"
-            problems.append(f"{where}: has shape {tuple(array.shape[1:]) if array.ndim > 1 else array.shape}, expected {expected}")
+            shape = tuple(array.shape[1:]) if array.ndim > 1 else array.shape
+            problems.append(f"{where}: has shape {shape}, expected {expected}")
             continue
         if not np.isfinite(array).all():
             problems.append(f"{where}: contains {int((~np.isfinite(array)).sum())} non-finite values")

@@ -1,5 +1,5 @@
 """The preprocessing chain: load each modality → channel-first → RAS → foreground crop → resize →
-robust per-channel scaling to [0, 1] (DESIGN §4). NIfTI is read by NiBabel, NRRD/MHA/DICOM by ITK
+robust per-channel scaling to [0, 1] (docs/architecture.md, "Data"). NIfTI is read by NiBabel, NRRD/MHA/DICOM by ITK
 (MONAI's ``LoadImage`` picks the reader by file type)."""
 
 from __future__ import annotations

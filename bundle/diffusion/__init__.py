@@ -5,7 +5,7 @@ from .engines import IDMEvaluator, IDMTrainer, autocast_dtype
 from .loss import LOSS_TERMS, idm_loss, idm_loss_backward, micro_batches, weight_norm
 from .maths import denoise_at, predict_start_from_noise, to_image_range, to_model_range
 from .noise import NoiseSampler, seeded_generator
-from .sampling import DiffusionSampler, GridDDIMScheduler, choose_sampler
+from .sampling import DiffusionSampler, GridDDIMScheduler, choose_sampler, noise_schedule
 
 __all__ = [
     "LOSS_TERMS",
@@ -21,6 +21,7 @@ __all__ = [
     "idm_loss",
     "idm_loss_backward",
     "micro_batches",
+    "noise_schedule",
     "predict_start_from_noise",
     "seeded_generator",
     "to_image_range",

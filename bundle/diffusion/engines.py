@@ -163,7 +163,8 @@ class IDMEvaluator(SupervisedEvaluator):
         bad = [t for t in timesteps if not 0 <= int(t) < scheduler.num_train_timesteps]
         if bad or not timesteps:
             raise ValueError(
-                f"Validation timesteps {list(timesteps)} must be non-empty and in [0, {scheduler.num_train_timesteps - 1}]."
+                f"Validation timesteps {list(timesteps)} must be non-empty and in "
+                f"[0, {scheduler.num_train_timesteps - 1}]."
             )
         self.scheduler = scheduler
         self.timesteps = [int(t) for t in timesteps]

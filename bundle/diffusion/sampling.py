@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler, Scheduler
+from monai.networks.schedulers.scheduler import NoiseSchedules
 from torch import nn
 from tqdm import tqdm
 
@@ -16,7 +17,19 @@ from ..errors import BadInputError
 from .maths import predict_start_from_noise, to_image_range
 from .noise import seeded_generator
 
-__all__ = ["DiffusionSampler", "GridDDIMScheduler", "choose_sampler"]
+__all__ = ["DiffusionSampler", "GridDDIMScheduler", "choose_sampler", "noise_schedule"]
+
+
+def noise_schedule(schedule: str) -> str:
+    """``schedule``, the name of one of MONAI's noise schedules (β_1 … β_T), which every MONAI scheduler takes.
+
+    Raises:
+        BadInputError: for another name, listing the schedules there are.
+    """
+    names = sorted(NoiseSchedules.names)
+    if schedule not in names:
+        raise BadInputError(f"schedule must be one of {names} (MONAI's noise schedules), got {schedule!r}.")
+    return schedule
 
 
 def choose_sampler(samplers: Mapping[str, Scheduler], sampler: str) -> Scheduler:
@@ -64,7 +77,9 @@ class GridDDIMScheduler(DDIMScheduler):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_t′, x̂₀)`` from ``model_output`` = ε̂ (B, C, *S) and ``sample`` = x_t (B, C, *S)."""
         if self.prediction_type != "epsilon":
-            raise NotImplementedError(f"GridDDIMScheduler predicts ε only, got prediction_type={self.prediction_type!r}.")
+            raise NotImplementedError(
+                f"GridDDIMScheduler predicts ε only, got prediction_type={self.prediction_type!r}."
+            )
         previous = self.previous_timestep(int(timestep))
         alpha = self.alphas_cumprod[timestep]
         alpha_previous = self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod

@@ -64,6 +64,6 @@ class InversionDriftMonitor:
             logger.warning(
                 "iteration %d: the invertible trunk's round trip is off by %.1e (relative) on this batch, above %.0e: "
                 "the memory-efficient gradients are exact only to about that much. A lower learning rate or "
-                "--network_def#memory_efficient false (more memory) avoids it.",
+                "--memory_efficient false (more memory) avoids it.",
                 engine.state.iteration, self.latest, self.warn_above,
             )

@@ -11,9 +11,9 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from ..checkpoint import TrainingCheckpoint
 from ..diffusion.loss import LOSS_TERMS
 from ..errors import NonFiniteLossError
-from ..checkpoint import TrainingCheckpoint
 
 __all__ = ["NonFiniteLossGuard"]
 

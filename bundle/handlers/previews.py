@@ -18,7 +18,9 @@ def _strip(volume: torch.Tensor) -> torch.Tensor:
     slices = mid_slices(volume)
     height = max(s.shape[0] for s in slices)
     resized = [
-        torch.nn.functional.interpolate(s[None, None].float(), size=(height, max(1, s.shape[1] * height // s.shape[0])))[0, 0]
+        torch.nn.functional.interpolate(
+            s[None, None].float(), size=(height, max(1, s.shape[1] * height // s.shape[0]))
+        )[0, 0]
         for s in slices
     ]
     return torch.cat(resized, dim=1)

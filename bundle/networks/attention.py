@@ -13,7 +13,9 @@ from .engine import CouplingLayer
 __all__ = ["InvertibleAttention", "checkerboard_indices"]
 
 
-def checkerboard_indices(spatial_shape: tuple[int, ...], parity: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def checkerboard_indices(
+    spatial_shape: tuple[int, ...], parity: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat voxel indices of the kept and the modified halves of a checkerboard partition.
 
     Kept voxels have ``(Σ spatial indices) mod 2 == parity`` (the mask M of iTrans, paper Eq. 1, in d

@@ -38,7 +38,12 @@ class CouplingFunction(nn.Module):
     """
 
     def __init__(
-        self, spatial_dims: int, channels: int, cond_dim: int | None, max_groups: int = 32, recompute_norms: bool = False
+        self,
+        spatial_dims: int,
+        channels: int,
+        cond_dim: int | None,
+        max_groups: int = 32,
+        recompute_norms: bool = False,
     ) -> None:
         super().__init__()
         self.recompute_norms = recompute_norms

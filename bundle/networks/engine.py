@@ -71,7 +71,9 @@ def _autocast_setting(device_type: str) -> tuple[bool, torch.dtype | None]:
 
 
 def _autocast(device_type: str, enabled: bool, dtype: torch.dtype | None) -> AbstractContextManager:
-    return torch.autocast(device_type, dtype, enabled) if torch.amp.is_autocast_available(device_type) else nullcontext()
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, dtype, enabled)
+    return nullcontext()
 
 
 def full_precision(t: torch.Tensor) -> AbstractContextManager:
@@ -142,7 +144,12 @@ class InvertibleModule(nn.Module, ABC):
         module docstring); results are one-tensor states. With ``overwrite`` the layer may write its
         results into ``y`` and ``grad_y`` (the engine passes it for tensors that nothing else holds)."""
         return recompute_reverse(
-            lambda s, c: (self(s[0], c),), lambda s, c: (self.inverse(s[0], c),), _trainable(self), (y,), (grad_y,), cond
+            lambda s, c: (self(s[0], c),),
+            lambda s, c: (self.inverse(s[0], c),),
+            _trainable(self),
+            (y,),
+            (grad_y,),
+            cond,
         )
 
 

@@ -85,20 +85,21 @@ def _leanest_arguments(
                 widths = [width]
                 for r in ratios:
                     widths.append(widths[-1] * r)
-                kwargs = dict(
-                    spatial_dims=spatial_dims,
-                    in_channels=in_channels,
-                    out_channels=out_channels,
-                    channels=tuple(widths),
-                    num_res_blocks=blocks,
-                    attention_levels=attention_levels,
-                    norm_num_groups=8,
-                    num_head_channels=8,
-                )
+                kwargs = {
+                    "spatial_dims": spatial_dims,
+                    "in_channels": in_channels,
+                    "out_channels": out_channels,
+                    "channels": tuple(widths),
+                    "num_res_blocks": blocks,
+                    "attention_levels": attention_levels,
+                    "norm_num_groups": 8,
+                    "num_head_channels": 8,
+                }
                 with torch.device("meta"):
                     size = count_parameters(DiffusionModelUNet(**kwargs))
                 if abs(size / target_parameters - 1.0) <= tolerance:
                     return kwargs
     raise ValueError(
-        f"No DiffusionModelUNet with first width ≤ {max_width} within ±{tolerance:.0%} of {target_parameters} parameters."
+        f"No DiffusionModelUNet with first width ≤ {max_width} within ±{tolerance:.0%} of {target_parameters} "
+        "parameters."
     )

@@ -112,7 +112,7 @@ class FreshProcess:
 def _run_in_child(function: Callable[..., dict], args: tuple, sender) -> None:
     try:
         result = function(*args)
-    except Exception as error:  # reported in the row; the suite goes on
+    except Exception as error:  # noqa: BLE001 - any failure of the child is reported in the row; the suite goes on
         result = {"error": OUT_OF_MEMORY if is_out_of_memory(error) else f"{type(error).__name__}: {error}"}
     sender.send(result)
     sender.close()

@@ -41,7 +41,7 @@ def _nvml_counter() -> EnergyCounter | str:
         handle = torch.cuda._get_pynvml_handler()
         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
         pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
-    except Exception as error:  # missing library, driver or a GPU without these counters
+    except Exception as error:  # noqa: BLE001 - missing library, driver or a GPU without these counters
         return f"NVML unreadable ({error})"
     return EnergyCounter(
         "NVML",

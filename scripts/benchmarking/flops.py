@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -15,7 +17,7 @@ class _GlobalOnly:
     that PyTorch forbids during the ``autograd.grad`` calls the memory-efficient engine makes inside its
     backward; the total count does not need them."""
 
-    parents = {"Global"}
+    parents: ClassVar[set[str]] = {"Global"}
 
     def __enter__(self):
         return self

@@ -1,4 +1,5 @@
-"""Peak memory of one training step above the post-warm-up baseline, in a fresh process (DESIGN §5).
+"""Peak memory of one training step above the post-warm-up baseline, in a fresh process
+(docs/architecture.md, "Measuring").
 
 On the CPU: the process's peak RSS (``VmHWM``) minus its RSS after a warm-up step, so parameters,
 gradients and optimizer state are already allocated. The process runs with
@@ -32,7 +33,9 @@ def start_peak_measurement(workload: Workload, memory_limit_bytes: int | None = 
     return FreshProcess(_measure, workload, memory_limit_bytes)
 
 
-def measure_peak_in_subprocess(workload: Workload, memory_limit_bytes: int | None = None, timeout: float = 3600) -> dict:
+def measure_peak_in_subprocess(
+    workload: Workload, memory_limit_bytes: int | None = None, timeout: float = 3600
+) -> dict:
     """Runs the measurement in a fresh process and returns its result dict.
 
     Keys: ``peak_bytes`` (peak above baseline), ``baseline_bytes`` (after the warm-up step: parameters,

@@ -33,10 +33,16 @@ from .report import machine_description, markdown_table
 from .workload import Workload, monai_arguments
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 __all__ = [
-    "NETWORKS", "TAGS", "compare_quality", "network_definitions", "plot_quality", "render_quality_markdown", "train_run",
+    "NETWORKS",
+    "TAGS",
+    "compare_quality",
+    "network_definitions",
+    "plot_quality",
+    "render_quality_markdown",
+    "train_run",
     "write_quality_report",
 ]
 
@@ -69,7 +75,8 @@ def network_definitions(workload: Workload) -> dict[str, dict]:
         "memory_efficient": True,
     }
     monai = {"_target_": "monai.networks.nets.DiffusionModelUNet"} | {
-        k: list(v) if isinstance(v, tuple) else v for k, v in monai_arguments(replace(workload, network="monai")).items()
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in monai_arguments(replace(workload, network="monai")).items()
     }
     return {"idm": idm, "monai": monai}
 
@@ -131,8 +138,9 @@ def plot_quality(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     settings = result["settings"]
     fig.suptitle(
-        f"phantoms at {settings['size']}³, {result['networks']['idm']['steps']} steps of batch {settings['batch_size']}, "
-        f"seed {settings['seed']}, EMA {settings['ema_decay'] or 'off'}, lr {settings['learning_rate']}",
+        f"phantoms at {settings['size']}³, {result['networks']['idm']['steps']} steps of batch "
+        f"{settings['batch_size']}, seed {settings['seed']}, EMA {settings['ema_decay'] or 'off'}, "
+        f"lr {settings['learning_rate']}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -251,16 +259,18 @@ def render_quality_markdown(
     sections = [
         f"{heading} Quality at equal budget: IDM vs MONAI DiffusionModelUNet",
         f"Command: `{command}`  \nMachine: {result['machine']} (the calling process{threads})",
-        f"Both networks trained by `configs/train.json` (`monai.bundle run training`, one fresh process each) on "
-        f"the same {s['num_phantoms']} built-in phantoms at {s['size']}³, seed {s['seed']}, batch "
-        f"{s['batch_size']}, {s['epochs']} epochs, AdamW lr {s['learning_rate']} with cosine annealing, EMA decay "
-        f"{s['ema_decay'] or 'off'}; only `network_def` differs.{overrides} IDM: channels {tuple(s['channels'])}, "
-        f"{s['num_blocks']} blocks per level, attention {tuple(s['attention_levels'])}. MONAI: "
-        f"`DiffusionModelUNet` channels {tuple(monai['channels'])}, {monai['num_res_blocks']} res block(s) per "
-        "level, same attention levels, the leanest within ±10% of the IDM's parameter count "
-        "(`scripts.benchmarking.matched_monai_unet`). Validation after every epoch (with the EMA weights when EMA is "
-        "on): ε-MSE at fixed noise and timesteps (`val_timestep_fractions`), PSNR/SSIM of the one-step "
-        "estimate x̂₀. Wall time = the whole training process, start-up included.",
+        (
+            f"Both networks trained by `configs/train.json` (`monai.bundle run training`, one fresh process each) on "
+            f"the same {s['num_phantoms']} built-in phantoms at {s['size']}³, seed {s['seed']}, batch "
+            f"{s['batch_size']}, {s['epochs']} epochs, AdamW lr {s['learning_rate']} with cosine annealing, EMA decay "
+            f"{s['ema_decay'] or 'off'}; only `network_def` differs.{overrides} IDM: channels {tuple(s['channels'])}, "
+            f"{s['num_blocks']} blocks per level, attention {tuple(s['attention_levels'])}. MONAI: "
+            f"`DiffusionModelUNet` channels {tuple(monai['channels'])}, {monai['num_res_blocks']} res block(s) per "
+            "level, same attention levels, the leanest within ±10% of the IDM's parameter count "
+            "(`scripts.benchmarking.matched_monai_unet`). Validation after every epoch (with the EMA weights when "
+            "EMA is on): ε-MSE at fixed noise and timesteps (`val_timestep_fractions`), PSNR/SSIM of the one-step "
+            "estimate x̂₀. Wall time = the whole training process, start-up included."
+        ),
         f"![validation curves]({Path(result['figure']).name})",
         markdown_table(["network", "params", "steps", "final ε-MSE", "PSNR (dB)", "SSIM", "wall min"], finals),
         f"IDM / MONAI final validation ε-MSE: **{ratio:.3f}**, {verdict} the {1 + tolerance:.2f} goal.",

@@ -17,7 +17,7 @@ from bundle.networks import (
     OrthogonalDownsampling,
 )
 
-__all__ = ["machine_description", "parameter_breakdown", "markdown_table"]
+__all__ = ["machine_description", "markdown_table", "parameter_breakdown"]
 
 
 def machine_description() -> str:

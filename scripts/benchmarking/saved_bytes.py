@@ -15,7 +15,7 @@ def saved_activation_bytes(forward: Callable[[], torch.Tensor], model: nn.Module
 
     Every tensor autograd saves while ``forward`` runs is recorded by a pack hook; tensors sharing a
     storage are counted once (by storage size), and the model's parameters and buffers, which exist
-    regardless of training, are not counted. Deterministic and device-free (DESIGN §5).
+    regardless of training, are not counted. Deterministic and device-free (docs/architecture.md, "Measuring").
 
     Args:
         forward: computes the loss (or output) under autograd; it is called once.

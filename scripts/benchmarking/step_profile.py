@@ -1,6 +1,6 @@
 """Where a training step reaches its peak memory: per phase (forward, backward, AdamW update) and, for a
-memory-efficient IDM, per reversed step of the engine (DESIGN §5). It says which working set limits the
-peak of the paper configuration.
+memory-efficient IDM, per reversed step of the engine (docs/architecture.md, "Measuring"). It says which
+working set limits the peak of the paper configuration.
 
 With a ``micro_batch_size`` the step is followed through each micro-batch's forward and backward in turn.
 
@@ -87,7 +87,9 @@ def _profile(workload: Workload) -> dict:
         meter.reset()
         loss.backward()
         del loss
-        backward_peak = max([backward_peak, between["peak"], meter.peak() - baseline, *(s["peak_bytes"] for s in steps)])
+        backward_peak = max(
+            [backward_peak, between["peak"], meter.peak() - baseline, *(s["peak_bytes"] for s in steps)]
+        )
     meter.reset()
     training.optimizer.step()
     update_peak = meter.peak() - baseline
@@ -129,12 +131,15 @@ def render_step_profile(profile: dict, workload: Workload, command: str, machine
         ["AdamW update", _mb(profile["update_peak_bytes"])],
     ])
     ranked = sorted(profile["steps"], key=lambda s: s["peak_bytes"], reverse=True)[:top]
-    steps = markdown_table(["step", "state (channels, size) per tensor", "alive at its start", "its working set", "peak"], [
-        [s["step"], ", ".join(f"{shape[0]} × {shape[1]}^{len(shape) - 1}" if len(shape) > 1 else str(shape)
-                              for shape in s["state"]),
-         _mb(s["before_bytes"]), _mb(s["peak_bytes"] - s["before_bytes"]), _mb(s["peak_bytes"])]
-        for s in ranked
-    ])
+    steps = markdown_table(
+        ["step", "state (channels, size) per tensor", "alive at its start", "its working set", "peak"],
+        [
+            [s["step"], ", ".join(f"{shape[0]} × {shape[1]}^{len(shape) - 1}" if len(shape) > 1 else str(shape)
+                                  for shape in s["state"]),
+             _mb(s["before_bytes"]), _mb(s["peak_bytes"] - s["before_bytes"]), _mb(s["peak_bytes"])]
+            for s in ranked
+        ],
+    )
     samples = workload.micro_batch_size or workload.batch_size
     level0 = samples * workload.channels[0] * workload.size**workload.spatial_dims * 4
     bound = (
@@ -150,8 +155,10 @@ def render_step_profile(profile: dict, workload: Workload, command: str, machine
     return "\n\n".join([
         title, header, "## Phases", phases,
         f"## Backward: the {len(ranked)} engine steps with the highest peak (of {len(profile['steps'])})",
-        "*Alive at its start*: the memory in use above the baseline when the step begins (the states and "
-        "gradients of the levels not yet reversed, the skips, the trunk's inputs). *Its working set*: what the "
-        "step adds at its peak (rebuilt tensors, the conditioner's recomputed activations, parameter gradients).",
+        (
+            "*Alive at its start*: the memory in use above the baseline when the step begins (the states and "
+            "gradients of the levels not yet reversed, the skips, the trunk's inputs). *Its working set*: what the "
+            "step adds at its peak (rebuilt tensors, the conditioner's recomputed activations, parameter gradients)."
+        ),
         steps, "## What bounds the peak", bound,
     ]) + "\n"

@@ -16,7 +16,7 @@ from .timing import paired_ratio
 from .workload import NETWORKS
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 __all__ = ["LABELS", "goals", "plot_suite", "render_suite"]
 
@@ -138,8 +138,11 @@ def goals(result: dict) -> list[list[str]]:
         faster = against_ckpt[0] < 1 and _peak(me) <= _peak(ckpt)
     rows.append([
         f"faster than MONAI + checkpointing at equal or lower memory ({size}³, batch 1)",
-        f"{_fmt(me.get('step_seconds'), '.2f')} vs {_fmt(ckpt.get('step_seconds'), '.2f')} s, "
-        f"ratio {_ratio_text(against_ckpt)}", _verdict(faster),
+        (
+            f"{_fmt(me.get('step_seconds'), '.2f')} vs {_fmt(ckpt.get('step_seconds'), '.2f')} s, "
+            f"ratio {_ratio_text(against_ckpt)}"
+        ),
+        _verdict(faster),
     ])
     rows.append(_paper_goal(result["paper"]))
     rows.append(_largest_cube_goal(result["largest_cube"]))
@@ -238,9 +241,9 @@ def _paper_section(paper: dict) -> str:
     ])
     options = markdown_table(["memory option", "peak memory of a training step", "peak − floor"],
                              [[option, *_peak_cells(paper, option)] for option in MEMORY_OPTIONS])
-    return "\n\n".join([
-        "## Paper configuration: channels 64…2048, attention at the last two levels, 2 blocks, batch 4, 64³",
-        table,
+    return (
+        "## Paper configuration: channels 64…2048, attention at the last two levels, 2 blocks, batch 4, 64³\n\n"
+        f"{table}\n\n"
         "Peak memory = what building the network and a warm-up step leave allocated (post-warm-up) plus the "
         "step's peak above that. Post-warm-up counts the process's own allocations: on the CPU the anonymous "
         "resident memory (`RssAnon`) after the warm-up minus before the network was built, so neither the "
@@ -248,17 +251,17 @@ def _paper_section(paper: dict) -> str:
         "neither). "
         "FLOPs are counted by `FlopCounterMode` on the meta device for the whole batch of 4. Where this step "
         "reaches its peak, phase by phase and engine step by engine step, and what bounds it: "
-        "`python scripts/benchmark.py profile` (docs/paper_step_profile.md).",
-        "### With the memory options",
+        "`python scripts/benchmark.py profile` (docs/paper_step_profile.md).\n\n"
+        "### With the memory options\n\n"
         "The same step of batch 4 back-propagated one sample at a time (the trainer's `micro_batch_size`: "
         "gradient accumulation, the same gradient), and additionally with the network's `recompute_norms` "
         "(the coupling functions recompute their GroupNorm–SiLU stages in backward). Their cost in time is in "
         "the memory-options section below; `python scripts/benchmark.py profile --micro_batch_size 1 "
-        "--recompute_norms true` profiles that step.",
-        options,
-        "### Parameters by layer kind",
-        breakdown,
-    ])
+        "--recompute_norms true` profiles that step.\n\n"
+        f"{options}\n\n"
+        "### Parameters by layer kind\n\n"
+        f"{breakdown}"
+    )
 
 
 def _memory_options_section(rows: Sequence[dict], plan: dict) -> str:
@@ -268,8 +271,10 @@ def _memory_options_section(rows: Sequence[dict], plan: dict) -> str:
              for r in rows]
     return "\n\n".join([
         f"## Memory options: the memory-efficient IDM at {plan['batch_size_at']}³, batch {max(plan['batch_sizes'])}",
-        "Stored = bytes saved for backward by one micro-batch's forward. Step times measured together, "
-        "interleaved, in one fresh process; × whole batch = median (min–max) over rounds of the paired ratio.",
+        (
+            "Stored = bytes saved for backward by one micro-batch's forward. Step times measured together, "
+            "interleaved, in one fresh process; × whole batch = median (min–max) over rounds of the paired ratio."
+        ),
         markdown_table(["memory option", "stored MB", "peak MB", "GFLOPs / step", "step s", "× whole batch"], table),
     ])
 
@@ -284,9 +289,11 @@ def _energy_section(energy: dict, plan: dict) -> str:
     source = next((e["source"] for e in energy.values() if "source" in e), "n/a")
     return "\n\n".join([
         f"## Energy and temperature ({source})",
-        f"Training steps of each network at {plan['batch_size_at']}³, batch 1, for {plan['energy_seconds']:.0f} s, "
-        "one network after another at the start of the suite (before the sweeps; the first starts on an idle "
-        "device).",
+        (
+            f"Training steps of each network at {plan['batch_size_at']}³, batch 1, for {plan['energy_seconds']:.0f} s, "
+            "one network after another at the start of the suite (before the sweeps; the first starts on an idle "
+            "device)."
+        ),
         markdown_table(["network", "seconds", "steps", "mean W", "J / step", "°C start", "°C max"], rows),
     ]) + "\n"
 
@@ -310,29 +317,35 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
     header = ["{}", "network", "params", "stored MB", "peak MB", "GFLOPs / step", "step s"]
     sections = [
         "# Benchmarks: IDM vs plain autograd vs MONAI DiffusionModelUNet (with and without checkpointing)",
-        f"Command: `{result['command']}`  \nMachine: {result['machine']}  \nWall time of the run: "
-        f"{result['wall_seconds'] / 60:.1f} min",
-        "One training step = forward, ε-MSE loss, backward and an AdamW update, 2 channels (T1, T2). IDM: "
-        f"channels {tuple(plan['channels'])}, 2 blocks per level unless swept, attention at the last two levels. "
-        "MONAI: the leanest `DiffusionModelUNet` within ±10% of the IDM's parameter count "
-        "(`scripts.benchmarking.matched_monai_unet`); the checkpointed baseline wraps every residual and attention "
-        "block in `torch.utils.checkpoint` (non-reentrant). **Stored** = bytes autograd keeps for backward "
-        "(`saved_tensors_hooks`, parameters excluded). **Peak** = peak memory of the step above the "
-        "post-warm-up baseline (parameters, gradients and optimizer state already allocated), each "
-        "configuration in a fresh process: CUDA allocator peak on a GPU, peak RSS on the CPU "
-        "(`scripts/benchmarking/peak_memory.py`). **Step s** = median over rounds of interleaved repetitions in one "
-        f"fresh process per group ({plan['repeats']} rounds after a warm-up round; each round times every network "
-        "of the group once, in turn; on the CPU under `MALLOC_MMAP_THRESHOLD_=65536`, as the peak processes, so "
-        "freed memory returns to the OS). **Time ratios** (a × b–c) = median, minimum and maximum over those "
-        "rounds of the ratio of two networks' times in the same round, so that the machine's slower drifts "
-        "cancel out. **GFLOPs** = `FlopCounterMode` over forward and backward (the memory-efficient IDM's "
-        "reconstruction included).",
+        (
+            f"Command: `{result['command']}`  \nMachine: {result['machine']}  \nWall time of the run: "
+            f"{result['wall_seconds'] / 60:.1f} min"
+        ),
+        (
+            "One training step = forward, ε-MSE loss, backward and an AdamW update, 2 channels (T1, T2). IDM: "
+            f"channels {tuple(plan['channels'])}, 2 blocks per level unless swept, attention at the last two levels. "
+            "MONAI: the leanest `DiffusionModelUNet` within ±10% of the IDM's parameter count "
+            "(`scripts.benchmarking.matched_monai_unet`); the checkpointed baseline wraps every residual and attention "
+            "block in `torch.utils.checkpoint` (non-reentrant). **Stored** = bytes autograd keeps for backward "
+            "(`saved_tensors_hooks`, parameters excluded). **Peak** = peak memory of the step above the "
+            "post-warm-up baseline (parameters, gradients and optimizer state already allocated), each "
+            "configuration in a fresh process: CUDA allocator peak on a GPU, peak RSS on the CPU "
+            "(`scripts/benchmarking/peak_memory.py`). **Step s** = median over rounds of interleaved repetitions in "
+            f"one fresh process per group ({plan['repeats']} rounds after a warm-up round; each round times every "
+            "network of the group once, in turn; on the CPU under `MALLOC_MMAP_THRESHOLD_=65536`, as the peak "
+            "processes, so freed memory returns to the OS). **Time ratios** (a × b–c) = median, minimum and maximum "
+            "over those rounds of the ratio of two networks' times in the same round, so that the machine's slower "
+            "drifts cancel out. **GFLOPs** = `FlopCounterMode` over forward and backward (the memory-efficient "
+            "IDM's reconstruction included)."
+        ),
         "## Goals",
         markdown_table(["goal", "measured", "verdict"], goals(result)),
         f"## Depth sweep at {plan['depth_size']}³, batch 1",
-        "The MONAI baselines keep the widths matched (±10%) to the 2-block IDM with 2 residual blocks per level "
-        "and get `num_res_blocks` = blocks per level, so they deepen as the IDM does (parameter counts in the "
-        "table).",
+        (
+            "The MONAI baselines keep the widths matched (±10%) to the 2-block IDM with 2 residual blocks per level "
+            "and get `num_res_blocks` = blocks per level, so they deepen as the IDM does (parameter counts in the "
+            "table)."
+        ),
         f"![memory vs depth]({FIGURES['depth']})",
         markdown_table([header[0].format("blocks"), *header[1:]], depth_rows),
         f"### Growth from {plan['depths'][0]} to {plan['depths'][-1]} blocks per level",
@@ -343,11 +356,13 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
         "### Step time relative to IDM plain autograd",
         markdown_table(["size", *(LABELS[n] for n in NETWORKS)], _time_ratios(result["resolution"], "size")),
         f"### Largest cube that trains at batch 1 within {limit:.0f} GiB",
-        "Measured = the largest size of the sweep that ran; out of memory = the smallest that did not; where "
-        "the sweep ended before that (the time budget spent, or a failure given in the table above), the "
-        "measured size is only a lower bound. Where every size ran, the limit is extrapolated: total memory (post-warm-up baseline + step peak) grows "
-        "linearly with the voxel count at fixed width, fitted through the two largest sizes, rounded down to "
-        "a multiple of 16.",
+        (
+            "Measured = the largest size of the sweep that ran; out of memory = the smallest that did not; where "
+            "the sweep ended before that (the time budget spent, or a failure given in the table above), the "
+            "measured size is only a lower bound. Where every size ran, the limit is extrapolated: total memory "
+            "(post-warm-up baseline + step peak) grows linearly with the voxel count at fixed width, fitted through "
+            "the two largest sizes, rounded down to a multiple of 16."
+        ),
         markdown_table(["network", "measured", "out of memory at", "extrapolated"], cubes),
         f"## Batch sweep at {plan['batch_size_at']}³",
         markdown_table([header[0].format("batch"), *header[1:]], batch_rows),

@@ -1,5 +1,5 @@
 """The benchmark suite's measurements: depth, resolution and batch sweeps over the four networks, the
-paper configuration against its parameter/optimizer floor, and energy (DESIGN §5).
+paper configuration against its parameter/optimizer floor, and energy (docs/architecture.md, "Measuring").
 
 Each measurement is a *row*: the workload's fields plus ``parameters``, ``stored_bytes`` (saved for
 backward), ``peak`` (the fresh-process result of :mod:`scripts.benchmarking.peak_memory`), ``flops`` per
@@ -31,18 +31,18 @@ from .timing import measure_times_in_subprocess
 from .workload import NETWORKS, Workload, build_network, make_training_step
 
 __all__ = [
+    "MEMORY_OPTIONS",
+    "PAPER",
     "Budget",
     "SuitePlan",
-    "PAPER",
-    "measure_row",
-    "depth_sweep",
-    "resolution_sweep",
     "batch_sweep",
-    "largest_cube",
-    "paper_configuration",
-    "memory_options",
-    "MEMORY_OPTIONS",
+    "depth_sweep",
     "energy_per_network",
+    "largest_cube",
+    "measure_row",
+    "memory_options",
+    "paper_configuration",
+    "resolution_sweep",
 ]
 
 GiB = 2**30

@@ -1,4 +1,4 @@
-"""Step times over interleaved repetitions, in a fresh process (DESIGN §5).
+"""Step times over interleaved repetitions, in a fresh process (docs/architecture.md, "Measuring").
 
 Each round times every workload once, in turn, so a ratio of two workloads' times is taken within a round
 (paired) before a median over rounds: drifts of a shared machine that last longer than a round then
