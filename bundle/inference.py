@@ -20,6 +20,7 @@ __all__ = ["generate"]
 
 logger = logging.getLogger(__name__)
 
+
 def generate(
     *,
     network: nn.Module,

@@ -49,6 +49,20 @@ def _check_val_fraction(val_fraction: float) -> None:
         )
 
 
+def _check_val_timestep_fractions(fractions: Sequence[float]) -> None:
+    if (isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or not fractions
+            or not all(_number(f) and 0 <= f < 1 for f in fractions)):
+        raise BadInputError(
+            f"val_timestep_fractions must be a list of fractions of T in [0, 1) such as [0.05,0.25,0.5]; "
+            f"got {fractions!r}."
+        )
+
+
+def _timesteps(fractions: Sequence[float], num_train_timesteps: int) -> list[int]:
+    """Fractions of T as timesteps: ``int(f T)``."""
+    return [int(f * num_train_timesteps) for f in fractions]
+
+
 def _check_device(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
@@ -122,13 +136,7 @@ class TrainingSettings:
                 raise BadInputError(
                     f"{name} must be a positive integer (every n-th epoch, step or validation); got {value!r}."
                 )
-        fractions = self.val_timestep_fractions
-        if (isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or not fractions
-                or not all(_number(f) and 0 <= f < 1 for f in fractions)):
-            raise BadInputError(
-                f"val_timestep_fractions must be a list of fractions of T in [0, 1) such as [0.05,0.25,0.5]; "
-                f"got {fractions!r}."
-            )
+        _check_val_timestep_fractions(self.val_timestep_fractions)
         _check_device(self.device)
         check_output_folder(self.ckpt_dir, "ckpt_dir")
         check_output_folder(self.output_dir, "output_dir")
@@ -140,7 +148,7 @@ class TrainingSettings:
     @property
     def validation_timesteps(self) -> list[int]:
         """``val_timestep_fractions`` as timesteps of the noise scheduler's T."""
-        return [int(f * self.noise_scheduler.num_train_timesteps) for f in self.val_timestep_fractions]
+        return _timesteps(self.val_timestep_fractions, self.noise_scheduler.num_train_timesteps)
 
 
 SAMPLE_FILE = re.compile(r"sample_\d{3,}(?:_.+\.nii\.gz|\.png)")
@@ -211,6 +219,7 @@ class EvaluationSettings:
     val_fraction: float
     skip_invalid: bool | str
     evaluate_batch_size: int
+    val_timestep_fractions: Sequence[float]
     reconstruction_fraction: float
     num_train_timesteps: int
     num_generated: int
@@ -227,6 +236,7 @@ class EvaluationSettings:
             raise BadInputError(
                 f"{self.outputs[0]} already exists; pass --overwrite true or choose another --output_dir."
             )
+        _check_val_timestep_fractions(self.val_timestep_fractions)
         if not _number(self.reconstruction_fraction) or not 0 <= self.reconstruction_fraction < 1:
             raise BadInputError(
                 f"reconstruction_fraction must be a fraction of T in [0, 1) such as 0.25; "
@@ -248,6 +258,11 @@ class EvaluationSettings:
         return [Path(self.output_dir) / "metrics.json", Path(self.output_dir) / "metrics.md"]
 
     @property
+    def validation_timesteps(self) -> list[int]:
+        """``val_timestep_fractions`` as timesteps of T: those of the one-step metrics."""
+        return _timesteps(self.val_timestep_fractions, self.num_train_timesteps)
+
+    @property
     def reconstruction_timestep(self) -> int:
         """The timestep the reconstruction metric noises to: ``reconstruction_fraction`` of T."""
-        return int(self.reconstruction_fraction * self.num_train_timesteps)
+        return _timesteps([self.reconstruction_fraction], self.num_train_timesteps)[0]

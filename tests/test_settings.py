@@ -150,7 +150,7 @@ def test_inference_settings_name_the_sample_files_and_refuse_earlier_ones_withou
 
 def _evaluation(tmp_path, **changes) -> dict:
     return {"output_dir": tmp_path / "eval", "val_fraction": 0.2, "skip_invalid": False, "evaluate_batch_size": 2,
-            "reconstruction_fraction": 0.25, "num_train_timesteps": 100, "num_generated": 4,
+            "val_timestep_fractions": [0.05, 0.25, 0.5], "reconstruction_fraction": 0.25, "num_train_timesteps": 100, "num_generated": 4,
             "feature_extractor": None, "device": "cpu", "overwrite": False} | changes
 
 
@@ -158,6 +158,7 @@ def _evaluation(tmp_path, **changes) -> dict:
     ({"val_fraction": 1.5}, "val_fraction must be a number in (0, 1)"),
     ({"skip_invalid": "maybe"}, "skip_invalid must be true or false, got 'maybe'"),
     ({"overwrite": "no"}, "overwrite must be true or false, got 'no'"),
+    ({"val_timestep_fractions": [0.5, 1.0]}, "val_timestep_fractions must be a list of fractions of T in [0, 1)"),
     ({"reconstruction_fraction": 1.0}, "reconstruction_fraction must be a fraction of T in [0, 1)"),
     ({"evaluate_batch_size": 0}, "evaluate_batch_size must be a positive integer; got 0"),
     ({"num_generated": 2.0}, "num_generated must be a positive integer; got 2.0"),
@@ -174,7 +175,7 @@ def test_evaluation_settings_refuse_earlier_metrics_unless_overwrite(tmp_path):
     settings = EvaluationSettings(**_evaluation(tmp_path, skip_invalid="true"))
     assert settings.skip_invalid is True and settings.overwrite is False
     assert settings.outputs == [tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "metrics.md"]
-    assert settings.reconstruction_timestep == 25
+    assert settings.reconstruction_timestep == 25 and settings.validation_timesteps == [5, 25, 50]
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "metrics.md").write_text("")
     with pytest.raises(BadInputError, match="already exists; pass --overwrite true"):

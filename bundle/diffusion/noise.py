@@ -8,6 +8,7 @@ import torch
 
 __all__ = ["NoiseSampler", "seeded_generator"]
 
+
 def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator on ``device`` whose stream is fixed by the integers ``keys`` alone, e.g. (seed, rank, draw)
     or (seed, sample index).
