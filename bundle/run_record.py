@@ -62,8 +62,12 @@ def run_record(
     }
 
 
-def _read(ckpt_path: str | Path) -> dict | None:
-    path = Path(ckpt_path).with_name(RUN_RECORD)
+def _record_path(ckpt_path: str | Path) -> Path:
+    """The run record beside the checkpoint ``ckpt_path``."""
+    return Path(ckpt_path).with_name(RUN_RECORD)
+
+
+def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -72,7 +76,7 @@ def recorded_validation_cases(ckpt_path: str | Path) -> list[str] | None:
     warning, when there is no record (a checkpoint from elsewhere): the split is then recomputed from ``seed``,
     ``val_fraction`` and the cases found (:func:`~bundle.data.split_cases`), which is the training run's only if all
     three are."""
-    record = _read(ckpt_path)
+    record = _read(_record_path(ckpt_path))
     if record is None:
         logger.warning(
             "There is no %s beside %s to say which cases its training run validated on: the validation split is "
@@ -127,8 +131,8 @@ def load_run_record(
     Raises:
         BadInputError: naming the setting, the training run's value and the override to pass, for any mismatch.
     """
-    path = Path(ckpt_path).with_name(RUN_RECORD)
-    record = _read(ckpt_path)
+    path = _record_path(ckpt_path)
+    record = _read(path)
     if record is None:
         logger.warning("There is no %s beside %s: its voxel grid, modalities and noise schedule are not checked; "
                        "they must be those of the training run.", RUN_RECORD, ckpt_path)
