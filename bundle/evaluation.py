@@ -6,13 +6,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from monai.inferers import Inferer
-from monai.metrics import FIDMetric, MAEMetric, MMDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+from monai.metrics import FIDMetric, MAEMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from monai.networks.schedulers import Scheduler
 from torch import nn
 from tqdm import tqdm
@@ -22,9 +21,10 @@ from .diffusion.maths import denoise_at, to_image_range, to_model_range
 from .diffusion.noise import seeded_generator
 from .diffusion.sampling import GridDDIMScheduler
 from .errors import BadInputError
+from .sample_quality import compare_to_real, ms_ssim_settings, normalised_mmd, quality_summary
 from .settings import EvaluationSettings
 
-__all__ = ["evaluate", "ms_ssim_settings", "normalised_mmd", "reconstruct_from"]
+__all__ = ["evaluate", "reconstruct_from"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,40 +55,6 @@ def reconstruct_from(
     return x.clamp(-1, 1)
 
 
-def ms_ssim_settings(spatial_size: Sequence[int]) -> dict:
-    """A kernel size and scale weights for MS-SSIM that fit a volume of ``spatial_size``: each scale halves
-    the volume and must still hold the kernel; at 64³ that is kernel 7 with 4 scales."""
-    smallest = min(spatial_size)
-    kernel = 7 if smallest >= 32 else 3
-    scales = max(1, min(5, int(math.log2(smallest / kernel)) + 1))
-    return {"kernel_size": kernel, "weights": tuple([1.0 / scales] * scales)}
-
-
-def normalised_mmd(real: torch.Tensor, generated: torch.Tensor) -> tuple[float, int]:
-    """MONAI's :class:`~monai.metrics.MMDMetric` (the unbiased estimate of MMD² with a linear kernel) between the
-    first ``n = min(len(real), len(generated))`` volumes of each set (it needs equally many), divided by the
-    number of values per volume (channels × voxels).
-
-    So normalised it reads, whatever the volume size, as the mean over voxels of the squared difference between
-    the two sets' mean volumes, less each set's per-voxel variance / (n − 1): at most 1 for intensities in
-    [0, 1], about 0 when the sets come from one distribution (the unbiased estimate can then be slightly negative).
-
-    Args:
-        real: (N, C, *S) volumes.
-        generated: (M, C, *S) volumes.
-
-    Returns:
-        The normalised MMD and ``n``.
-
-    Raises:
-        ValueError: when either set has fewer than 2 volumes.
-    """
-    n = min(len(real), len(generated))
-    if n < 2:
-        raise ValueError(f"MMD needs at least 2 volumes in each set, got {len(real)} and {len(generated)}.")
-    return MMDMetric()(real[:n], generated[:n]).item() / real[0].numel(), n
-
-
 def _per_modality(metric, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B, C) metric values, each channel (modality) on its own."""
     return torch.stack(
@@ -115,6 +81,7 @@ def evaluate(
     modalities: Sequence[str],
     timesteps: Sequence[int],
     settings: EvaluationSettings,
+    reference: Sequence[dict] | None = None,
     seed: int = 0,
 ) -> dict:
     """Evaluates ``ckpt_path`` on the images of ``dataloader`` (batches of ``{"image", "case"}``: the validation
@@ -129,7 +96,11 @@ def evaluate(
     * ``num_generated`` samples from ``sampler``: mean pairwise MS-SSIM among them (diversity; lower is
       more diverse), MMD to the real volumes (:func:`normalised_mmd` of the first min(validation volumes,
       ``num_generated``) of each; "n/a" with a single validation volume); FID when ``feature_extractor``
-      names a TorchScript network mapping (B, 1, *S) volumes to (B, F) features (none is downloaded).
+      names a TorchScript network mapping (B, 1, *S) volumes to (B, F) features (none is downloaded);
+    * the same samples against the ``reference`` volumes (records with an ``image`` in [0, 1]: the validation or the
+      training split, ``settings.generation_reference``; default: the evaluated volumes): every measure of
+      :mod:`bundle.sample_quality` beside the real-vs-real spread (:func:`~bundle.sample_quality.compare_to_real`;
+      "n/a" with fewer than 4 reference volumes).
 
     Raises:
         BadInputError: for a checkpoint that does not fit ``network``, or an empty validation split (the settings
@@ -179,8 +150,10 @@ def evaluate(
             }
             for c, modality in enumerate(modalities)
         }
-    results["generation"] = _generation_quality(network, sampler, torch.cat(reals), settings.num_generated,
-                                                settings.feature_extractor, size, device)
+    reals = torch.cat(reals)
+    references = reals if reference is None else torch.stack([torch.as_tensor(r["image"]) for r in reference])
+    results["generation"] = _generation_quality(network, sampler, reals, references.float(), modalities, settings,
+                                                size, device, seed)
     outputs = settings.outputs
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     outputs[0].write_text(json.dumps(results, indent=1))
@@ -190,9 +163,12 @@ def evaluate(
 
 
 def _generation_quality(
-    network, sampler, reals: torch.Tensor, num_generated: int, feature_extractor, size, device
+    network, sampler, reals: torch.Tensor, references: torch.Tensor, modalities: Sequence[str],
+    settings: EvaluationSettings, size, device, seed: int,
 ) -> dict:
-    """Diversity, MMD and FID of ``num_generated`` samples against the validation volumes ``reals`` (N, C, *S)."""
+    """Diversity, MMD and FID of ``settings.num_generated`` samples against the validation volumes ``reals``
+    (N, C, *S), and the measures of :mod:`bundle.sample_quality` against ``references`` (R, C, *S)."""
+    num_generated, feature_extractor = settings.num_generated, settings.feature_extractor
     if sampler is None or num_generated < 2:
         return {"note": "skipped (needs a sampler and num_generated ≥ 2)"}
     generated = torch.cat(
@@ -215,6 +191,12 @@ def _generation_quality(
             f"MONAI MMDMetric (unbiased MMD², linear kernel) between the first {n} validation and first {n} generated "
             f"volumes, divided by the {reals[0].numel()} values per volume (channels × voxels)"
         )
+    quality["reference"] = f"{settings.generation_reference} split, {len(references)} volumes"
+    if len(references) < 4:
+        quality["comparison"] = "n/a (the real-vs-real spread needs at least 4 reference volumes)"
+    else:
+        quality["comparison"] = compare_to_real(generated, references, modalities, seed=seed)
+        logger.info("generated vs %s: %s", settings.generation_reference, quality_summary(quality["comparison"]))
     quality["fid"] = "n/a (pass --feature_extractor with a TorchScript feature network)"
     if feature_extractor is not None:
         extractor = torch.jit.load(feature_extractor, map_location=device).eval()
@@ -252,5 +234,27 @@ def _markdown(results: dict, modalities: Sequence[str]) -> str:
                 f"{m['ssim']['best_of_batch']:.3f} | {m['mae']['mean']:.3f} ± {m['mae']['std']:.3f} | "
                 f"{m['mae']['best_of_batch']:.3f} |"
             )
-    lines += ["", "## Generation", ""] + [f"- {k}: {v}" for k, v in results["generation"].items()]
+    generation = results["generation"]
+    lines += ["", "## Generation", ""] + [f"- {k}: {v}" for k, v in generation.items() if k != "comparison"]
+    comparison = generation.get("comparison")
+    if isinstance(comparison, dict):
+        lines += [
+            "",
+            f"### Generated vs real ({generation['reference']})",
+            "",
+            (f"{quality_summary(comparison)}. Distance between {comparison['set_size']} generated and "
+             f"{comparison['set_size']} real volumes (mean over {comparison['num_splits']} random splits), beside the "
+             "distance between two disjoint halves of the real volumes over the same splits (bundle.sample_quality)."),
+            "",
+            "| measure | generated vs real | real vs real mean | real vs real max | within |",
+            "|---|---|---|---|---|",
+        ] + [
+            f"| {name} | {m['generated_vs_real']:.4g} | {m['real_vs_real_mean']:.4g} | {m['real_vs_real_max']:.4g} | "
+            f"{'yes' if m['within_spread'] else 'no'} |"
+            for name, m in comparison["measures"].items()
+        ] + ["", "| statistic (set mean) | generated | real |", "|---|---|---|"] + [
+            f"| {name} | {v['generated']:.3f} | {v['real']:.3f} |" for name, v in comparison["statistics"].items()
+        ]
+    elif comparison is not None:
+        lines.append(f"- comparison with real volumes: {comparison}")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,8 @@ from .utils import check_output_folder
 
 __all__ = ["EvaluationSettings", "InferenceSettings", "TrainingSettings"]
 
+GENERATION_REFERENCES = ("validation", "training")  # the splits evaluation compares generated samples with
+
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
@@ -212,7 +214,8 @@ class EvaluationSettings:
     Raises:
         BadInputError: when ``output_dir`` is a file or cannot be created (naming what is in the way), holds an
             earlier evaluation's metrics and ``overwrite`` is false, ``reconstruction_fraction`` is outside [0, 1),
-            a count is not a positive integer, or ``feature_extractor`` names no file.
+            a count is not a positive integer, ``feature_extractor`` names no file, or ``generation_reference`` is
+            not a split name.
     """
 
     output_dir: str | Path
@@ -226,11 +229,15 @@ class EvaluationSettings:
     feature_extractor: str | None
     device: torch.device | str
     overwrite: bool | str
+    generation_reference: str = "validation"
 
     def __post_init__(self) -> None:
         self.overwrite = as_flag(self.overwrite, "overwrite")
         self.skip_invalid = as_flag(self.skip_invalid, "skip_invalid")
         _check_val_fraction(self.val_fraction)
+        if self.generation_reference not in GENERATION_REFERENCES:
+            raise BadInputError(f"generation_reference must be one of {list(GENERATION_REFERENCES)} (the split the "
+                                f"samples are compared with); got {self.generation_reference!r}.")
         check_output_folder(self.output_dir, "output_dir")
         if any(p.exists() for p in self.outputs) and not self.overwrite:
             raise BadInputError(

@@ -14,8 +14,9 @@ from monai.networks.schedulers import DDPMScheduler
 
 from bundle.data import write_brats_phantoms
 from bundle.diffusion import GridDDIMScheduler
-from bundle.evaluation import ms_ssim_settings, normalised_mmd, reconstruct_from
+from bundle.evaluation import reconstruct_from
 from bundle.run_record import RUN_RECORD, run_record
+from bundle.sample_quality import ms_ssim_settings, normalised_mmd
 
 CONFIGS = "['configs/train.json','configs/evaluate.json']"
 CLI = {
@@ -66,10 +67,36 @@ def test_metrics_json_and_table(setup, tmp_path):
     assert generation["num_generated"] == 2 and -1 <= generation["ms_ssim_pairwise_mean"] <= 1
     assert generation["mmd_num_volumes"] == 2 and 0 <= generation["mmd"] < 1  # per voxel, [0, 1] intensities
     assert generation["fid"].startswith("n/a")
+    assert generation["reference"] == "validation split, 2 volumes" and generation["comparison"].startswith("n/a")
     table = (tmp_path / "metrics.md").read_text()
     assert "| reconstruction from t=12 | t2 |" in table and "best-of-batch" in table
     again = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path})
     assert again.returncode == 1 and "--overwrite true" in again.stderr
+
+
+def test_generated_samples_against_the_training_split(setup, tmp_path):
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path,
+                             "generation_reference": "training", "num_generated": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    generation = json.loads((tmp_path / "metrics.json").read_text())["generation"]
+    comparison = generation["comparison"]
+    assert generation["reference"] == "training split, 8 volumes" and comparison["num_real"] == 8
+    assert comparison["set_size"] == 3 and len(comparison["measures"]) == 12
+    # an untrained network's samples are noise: no neighbour correlation, unlike the phantoms
+    autocorrelation = comparison["statistics"]["autocorrelation/t1"]
+    assert abs(autocorrelation["generated"]) < 0.2 < autocorrelation["real"]
+    assert not comparison["measures"]["autocorrelation/t1"]["within_spread"]
+    table = (tmp_path / "metrics.md").read_text()
+    assert "### Generated vs real (training split, 8 volumes)" in table
+    assert "| autocorrelation/t1 |" in table and "| correlation/t1_t2 |" in table
+
+
+def test_an_unknown_generation_reference_is_refused(setup, tmp_path):
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path,
+                             "generation_reference": "test"})
+    assert result.returncode == 1
+    assert "generation_reference must be one of ['validation', 'training']" in result.stderr
+    assert not (tmp_path / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("num_generated, val_fraction, num_real", [(3, 0.2, 2), (2, 0.4, 4)])

@@ -1,13 +1,15 @@
-"""Ignite handlers: non-finite guard, step statistics, inversion drift, previews, and the run's shared TensorBoard
-writer (the checkpoint handler is :class:`bundle.checkpoint.TrainingCheckpoint`)."""
+"""Ignite handlers: non-finite guard, step statistics, inversion drift, previews, generation quality, and the run's
+shared TensorBoard writer (the checkpoint handler is :class:`bundle.checkpoint.TrainingCheckpoint`)."""
 
 from .drift import InversionDriftMonitor
+from .generation import GenerationMonitor
 from .nonfinite import NonFiniteLossGuard
 from .previews import PreviewHandler
 from .step_stats import StepStatsHandler, peak_memory_bytes
 from .tensorboard import summary_writer
 
 __all__ = [
+    "GenerationMonitor",
     "InversionDriftMonitor",
     "NonFiniteLossGuard",
     "PreviewHandler",

@@ -1,0 +1,302 @@
+"""Does a trained model generate volumes like its data? IDM and MONAI's ``DiffusionModelUNet`` (matched parameter
+count, the quality benchmark's pairing) trained by ``configs/train.json`` on the built-in phantoms with the generation
+monitor on (:class:`bundle.handlers.GenerationMonitor`): the generation measures against the validation volumes over
+training, samples of the final models beside real volumes, and the measures side by side at equal steps.
+
+Both trainings run at once, one torch thread each (two cores), so their wall times compare.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import matplotlib
+import torch
+from monai.bundle import ConfigParser
+
+from bundle.checkpoint import load_checkpoint
+from bundle.data import training_cases
+from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, noise_schedule
+from bundle.sample_quality import compare_to_real
+from bundle.visualize import read_scalars
+
+from .child_process import BUNDLE_ROOT
+from .quality import NETWORKS, STEP_TAG, TRAIN_CONFIG, network_definitions, parameter_count, train_run
+from .report import machine_description, markdown_table
+from .workload import Workload
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+__all__ = ["compare_generation", "render_generation_markdown", "write_generation_report"]
+
+CURVES_FIGURE = "generation_curves.png"
+SAMPLES_FIGURE = "generation_samples.png"
+CURVE_MEASURES = ("autocorrelation/t1", "histogram/t1", "power_spectrum/t2", "correlation/t1_t2", "mmd")
+DONE = "done.json"  # written beside a finished run: its wall seconds (a rerun with the same work_dir reuses it)
+
+
+def _run_config(run_dir: Path) -> ConfigParser:
+    """``configs/train.json`` with the overrides that trained ``run_dir``, as a resume of it reads them (its recorded
+    validation cases, no phantoms written)."""
+    parser = ConfigParser()
+    parser.read_config(BUNDLE_ROOT / TRAIN_CONFIG)
+    parser.update(json.loads((run_dir / "args.json").read_text()) | {"resume": True})
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    return parser
+
+
+def validation_volumes(run_dir: Path) -> torch.Tensor:
+    """(N, C, *S) validation volumes in [0, 1] of the run in ``run_dir``, preprocessed as its training read them."""
+    dataset = _run_config(run_dir).get_parsed_content("validate#dataset")
+    return torch.stack([torch.as_tensor(dataset[i]["image"]) for i in range(len(dataset))]).float()
+
+
+def final_samples(run_dir: Path, num_samples: int, seed: int, num_inference_steps: int = 50) -> torch.Tensor:
+    """(num_samples, C, *S) samples in [0, 1] of the run's ``model.pt`` (its EMA weights), DDIM on the run's
+    schedule, four at a time."""
+    parser = _run_config(run_dir)
+    network = load_checkpoint(parser.get_parsed_content("network_def"), run_dir / "models" / "model.pt").eval()
+    scheduler = GridDDIMScheduler(num_train_timesteps=parser.get_parsed_content("num_train_timesteps"),
+                                  schedule=noise_schedule(parser.get_parsed_content("schedule")))
+    sampler = DiffusionSampler(scheduler, num_inference_steps, seed=seed, progress=False)
+    shape = (len(parser.get_parsed_content("modalities")), *parser.get_parsed_content("spatial_size"))
+    return torch.cat([sampler(torch.zeros((min(4, num_samples - s), *shape)), network)
+                      for s in range(0, num_samples, 4)])
+
+
+def _curves(run_dir: Path, steps_per_epoch: int) -> dict:
+    """The run's generation and validation scalars against training steps: ``{tag: [(step, value), …]}``."""
+    runs = run_dir / "runs"
+    tags = [t for t in _scalar_tags(runs) if t.startswith("generation/")] + ["val_eps_mse"]
+    return {tag: [(epoch * steps_per_epoch, value) for epoch, value in values]
+            for tag, values in read_scalars(runs, tags).items()}
+
+
+def _scalar_tags(log_dir: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in log_dir.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return sorted(tags)
+
+
+def first_step_within(curves: Mapping, fraction: float = 1.0) -> int | None:
+    """The first checked step at which at least ``fraction`` of the measures were within the real-vs-real spread."""
+    return next((step for step, value in curves["generation/within_spread"] if value >= fraction - 1e-9), None)
+
+
+def compare_generation(
+    work_dir: str | Path,
+    steps: int = 6000,
+    check_every: int = 240,
+    size: int = 16,
+    channels: Sequence[int] = (16, 32, 64),
+    attention_levels: Sequence[bool] = (False, True, True),
+    num_blocks: int = 2,
+    batch_size: int = 8,
+    learning_rate: float = 5e-4,
+    ema_decay: float = 0.995,
+    num_train_timesteps: int = 1000,
+    num_phantoms: int = 64,
+    val_fraction: float = 0.25,
+    num_samples: int = 8,
+    final_samples_count: int = 16,
+    seed: int = 0,
+) -> dict:
+    """Trains both networks (concurrently, one torch thread each; a network whose run in ``work_dir`` finished
+    earlier is reused) for ``steps`` steps with the generation monitor every ``check_every`` steps, then samples
+    ``final_samples_count`` volumes from each final model and compares them with the validation volumes.
+
+    Returns:
+        ``{"settings", "machine", "networks": {name: {"label", "parameters", "wall_seconds", "steps", "curves",
+        "first_within", "first_within_90", "final"}}, "real_vs_real": {...}}``; ``final`` is
+        :func:`~bundle.sample_quality.compare_to_real` of the final samples.
+    """
+    work = Path(work_dir)
+    num_train = num_phantoms - max(1, round(num_phantoms * val_fraction))
+    steps_per_epoch = math.ceil(num_train / batch_size)
+    epochs_per_check = max(1, round(check_every / steps_per_epoch))
+    epochs = max(epochs_per_check, round(steps / steps_per_epoch / epochs_per_check) * epochs_per_check)
+    settings = {
+        "size": size, "channels": list(channels), "attention_levels": list(attention_levels), "num_blocks": num_blocks,
+        "batch_size": batch_size, "learning_rate": learning_rate, "ema_decay": ema_decay,
+        "num_train_timesteps": num_train_timesteps, "num_phantoms": num_phantoms, "val_fraction": val_fraction,
+        "num_samples": num_samples, "final_samples": final_samples_count, "seed": seed, "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch, "epochs_per_check": epochs_per_check,
+    }
+    shared = {
+        "spatial_size": [size] * 3, "batch_size": batch_size, "seed": seed, "num_phantoms": num_phantoms,
+        "val_fraction": val_fraction, "learning_rate": learning_rate, "ema_decay": ema_decay,
+        "num_train_timesteps": num_train_timesteps, "train#trainer#max_epochs": epochs, "num_workers": 0,
+        "val_interval": epochs_per_check, "generation_interval": epochs_per_check,
+        "generation_samples": num_samples, "preview_interval": 1000, "dataset_dir": str(work / "data"),
+    }
+    training_cases(work / "data", seed=seed, num_phantoms=num_phantoms)  # written once, outside the timed runs
+    workload = Workload("idm", size, channels=tuple(channels), num_blocks=num_blocks,
+                        attention_levels=tuple(attention_levels))
+    definitions = network_definitions(workload)
+
+    def train(name: str) -> float:
+        run_dir = work / name
+        if (run_dir / DONE).exists():
+            return json.loads((run_dir / DONE).read_text())["wall_seconds"]
+        seconds = train_run(run_dir, shared | {"network_def": definitions[name]}, num_threads=1)
+        (run_dir / DONE).write_text(json.dumps({"wall_seconds": seconds}))
+        return seconds
+
+    with ThreadPoolExecutor(len(definitions)) as pool:
+        walls = dict(zip(definitions, pool.map(train, definitions)))
+    real = validation_volumes(work / "idm")
+    networks, samples = {}, {}
+    for name, definition in definitions.items():
+        curves = _curves(work / name, steps_per_epoch)
+        samples[name] = final_samples(work / name, final_samples_count, seed)
+        trained = read_scalars(work / name / "runs", [STEP_TAG])[STEP_TAG][-1][0]
+        networks[name] = {
+            "label": NETWORKS[name], "parameters": parameter_count(definition), "wall_seconds": walls[name],
+            "steps": trained, "seconds_per_step": walls[name] / trained, "curves": curves,
+            "first_within": first_step_within(curves), "first_within_90": first_step_within(curves, 0.9),
+            "final": compare_to_real(samples[name], real, ["t1", "t2"], seed=seed),
+        }
+    figures = {"curves": CURVES_FIGURE, "samples": SAMPLES_FIGURE}
+    result = {"settings": settings, "machine": machine_description(), "networks": networks, "figures": figures,
+              "num_real": len(real)}
+    return result | {"_samples": samples, "_real": real}
+
+
+def plot_samples(real: torch.Tensor, samples: Mapping[str, torch.Tensor], path: Path, columns: int = 6) -> None:
+    """Axial mid-slices: rows real T1, real T2, then each network's T1 and T2; ``columns`` volumes per row."""
+    sets = {"real": real, **{NETWORKS[name].split(" (")[0]: s for name, s in samples.items()}}
+    fig, axes = plt.subplots(2 * len(sets), columns, figsize=(1.3 * columns, 1.35 * 2 * len(sets)), squeeze=False)
+    for r, (label, volumes) in enumerate(sets.items()):
+        for c, modality in enumerate(("T1", "T2")):
+            row = 2 * r + c
+            for col in range(columns):
+                image = volumes[col, c, :, :, volumes.shape[-1] // 2].T.flip(0)
+                axes[row][col].imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
+                axes[row][col].set_xticks([])
+                axes[row][col].set_yticks([])
+            axes[row][0].set_ylabel(f"{label}\n{modality}", fontsize=7)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(result: dict, path: Path) -> None:
+    """Fraction of measures within the spread, validation ε-MSE and a few measures (with the real spread) vs steps."""
+    panels = ["generation/within_spread", "val_eps_mse", *[f"generation/{m}" for m in CURVE_MEASURES]]
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(3.6 * cols, 2.9 * 2), squeeze=False)
+    for ax, tag in zip(axes.flat, panels):
+        for name, run in result["networks"].items():
+            if tag in run["curves"]:
+                x, y = zip(*run["curves"][tag])
+                ax.plot(x, y, marker="o", markersize=2, label=NETWORKS[name].split(" (")[0])
+            spread = run["curves"].get(f"{tag}_real_spread")
+            if spread and name == "idm":
+                x, y = zip(*spread)
+                ax.plot(x, y, color="grey", linestyle="--", label="real vs real (max)")
+        ax.set_title(tag.removeprefix("generation/"), fontsize=9)
+        ax.set_xlabel("training steps", fontsize=8)
+        ax.grid(alpha=0.3)
+        if tag not in ("generation/within_spread", "val_eps_mse", "generation/correlation/t1_t2"):
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_axis_off()
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _at_step(curve: Sequence, step: int) -> float | None:
+    return dict(curve).get(step)
+
+
+def render_generation_markdown(result: dict, command: str) -> str:
+    """``docs/generation.md``: the settings, the samples figure, the curves, steps to phantom-like and the tables."""
+    s, runs = result["settings"], result["networks"]
+    idm, monai = runs["idm"], runs["monai"]
+    rows = []
+    for name, m in idm["final"]["measures"].items():
+        other = monai["final"]["measures"][name]
+        rows.append([name, f"{m['generated_vs_real']:.4g}", f"{other['generated_vs_real']:.4g}",
+                     f"{m['real_vs_real_mean']:.4g}", f"{m['real_vs_real_max']:.4g}",
+                     ("✓" if m["within_spread"] else "✗") + " / "
+                     + ("✓" if other["within_spread"] else "✗")])
+    monai_statistics = monai["final"]["statistics"]
+    stats = [[name, f"{v['real']:.3f}", f"{v['generated']:.3f}", f"{monai_statistics[name]['generated']:.3f}"]
+             for name, v in idm["final"]["statistics"].items()]
+    checks = sorted(dict(idm["curves"]["generation/within_spread"]))
+    shown = sorted(set(checks[:: max(1, len(checks) // 8)]) | {checks[-1]})
+    per_step = [[step] + [
+        f"{_at_step(runs[n]['curves']['generation/within_spread'], step):.2f}" for n in NETWORKS
+    ] + [f"{_at_step(runs[n]['curves']['generation/autocorrelation/t1'], step):.3f}" for n in NETWORKS]
+        + [f"{_at_step(runs[n]['curves']['val_eps_mse'], step) or float('nan'):.3f}" for n in NETWORKS]
+        for step in shown]
+    spread = idm["curves"]["generation/autocorrelation/t1_real_spread"][-1][1]
+
+    def reached(run: dict, key: str) -> str:
+        step = run[key]
+        return "not reached" if step is None else f"{step} steps ({step * run['seconds_per_step'] / 60:.0f} min)"
+
+    timing = [[r["label"], f"{r['parameters'] / 1e6:.3f}M", r["steps"], f"{r['wall_seconds'] / 60:.1f}",
+               f"{r['seconds_per_step']:.2f}", reached(r, "first_within_90"), reached(r, "first_within")]
+              for r in runs.values()]
+    return "\n\n".join([
+        "# Generation: does a trained model generate volumes like its data?",
+        f"Command: `{command}`  \nMachine: {result['machine']}; both trainings ran at once, one torch thread each.",
+        (f"Both networks trained by `configs/train.json` on {s['num_phantoms']} built-in phantoms at {s['size']}³ "
+         f"({round(s['num_phantoms'] * s['val_fraction'])} held out for validation), batch {s['batch_size']}, AdamW lr "
+         f"{s['learning_rate']} with cosine annealing over {s['epochs']} epochs ({s['steps_per_epoch']} steps each), "
+         f"T = {s['num_train_timesteps']} (cosine schedule), EMA {s['ema_decay']}, seed {s['seed']}; only "
+         f"`network_def` differs (IDM channels {tuple(s['channels'])}, {s['num_blocks']} blocks per level, attention "
+         f"{tuple(s['attention_levels'])}; MONAI's `DiffusionModelUNet` the leanest within ±10% of its parameters). "
+         f"Every {s['epochs_per_check'] * s['steps_per_epoch']} steps the generation monitor "
+         f"(`--generation_interval {s['epochs_per_check']}`) drew {s['num_samples']} samples (DDIM, 50 steps, the same "
+         "noise each time, EMA weights) and compared them with the validation volumes "
+         "(`bundle.sample_quality.compare_to_real`: each measure against the largest distance between two random "
+         "halves of the real volumes over 10 splits)."),
+        "## Samples of the final models beside real volumes",
+        (f"Axial mid-slices; first rows: validation phantoms; then the first six of {s['final_samples']} samples per "
+         "network (seed 0)."),
+        f"![samples]({SAMPLES_FIGURE})",
+        "## Steps to phantom-like",
+        ("*Phantom-like* here: all 12 measures within the real-vs-real spread at a check (also given: 90%, i.e. 11 of "
+         "12). Minutes are steps × the run's mean wall seconds per step (validation and monitor included)."),
+        markdown_table(["network", "params", "steps", "wall min", "s/step", "≥ 90% within", "all within"], timing),
+        "## Over training",
+        f"![curves]({CURVES_FIGURE})",
+        (f"Fraction of the measures within the spread, T1 lag-1 autocorrelation distance (real-vs-real max at the end "
+         f"{spread:.3f}) and validation ε-MSE, at equal steps:"),
+        markdown_table(["step", "IDM within", "MONAI within", "IDM autocorr. dist.", "MONAI autocorr. dist.",
+                        "IDM ε-MSE", "MONAI ε-MSE"], per_step),
+        f"## Final measures ({s['final_samples']} samples per network against {result['num_real']} validation volumes)",
+        ("Distance generated-vs-real (mean over 10 splits into sets of "
+         f"{idm['final']['set_size']}) beside the real-vs-real distance (mean and max over the same splits); "
+         "✓: within the spread (IDM / MONAI)."),
+        markdown_table(["measure", "IDM", "MONAI", "real vs real mean", "real vs real max", "within"], rows),
+        "Set means of the interpretable statistics:",
+        markdown_table(["statistic", "real", "IDM", "MONAI"], stats),
+    ]) + "\n"
+
+
+def write_generation_report(result: dict, command: str, output_dir: str | Path = "docs") -> Path:
+    """Writes ``generation.md``, ``generation.json`` and the two figures to ``output_dir``; returns the markdown."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_samples(result["_real"], result["_samples"], out / SAMPLES_FIGURE)
+    plot_curves(result, out / CURVES_FIGURE)
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    (out / "generation.json").write_text(json.dumps(public, indent=1))
+    path = out / "generation.md"
+    path.write_text(render_generation_markdown(public, command))
+    return path
