@@ -149,9 +149,10 @@ def test_each_ddim_step_lands_on_the_next_timestep_of_the_grid(num_inference_ste
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 @pytest.mark.parametrize("num_inference_steps", [1, 40])
 def test_the_grid_ddim_step_is_monais_where_monais_step_lands_on_its_grid(eta, num_inference_steps):
-    """With n = 1 or n = T MONAI's step lands on its own grid: there the two schedulers' steps (x̂₀ clamped, η's
+    """With n = 1 or n = T MONAI's step lands on its own grid: there the two schedulers' steps (x̂₀ not clamped, η's
     noise drawn from the same generator) agree at every timestep."""
-    ours, monais = (cls(num_train_timesteps=40, schedule="cosine") for cls in (GridDDIMScheduler, DDIMScheduler))
+    ours, monais = (cls(num_train_timesteps=40, schedule="cosine", clip_sample=False)
+                    for cls in (GridDDIMScheduler, DDIMScheduler))
     for scheduler in (ours, monais):
         scheduler.set_timesteps(num_inference_steps)
     generator = torch.Generator().manual_seed(0)
@@ -160,6 +161,23 @@ def test_the_grid_ddim_step_is_monais_where_monais_step_lands_on_its_grid(eta, n
         expected = monais.step(eps, t, x, eta, torch.Generator().manual_seed(t))
         for got, want in zip(ours.step(eps, t, x, eta, torch.Generator().manual_seed(t)), expected):
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("error", [0.98, 1.02])
+@pytest.mark.parametrize("num_inference_steps", [50, 1000])
+def test_ddim_stays_on_the_data_with_a_slightly_wrong_noise_estimate(error, num_inference_steps):
+    """Data of one volume c, and ε̂ the exact noise of x_t given c times ``error``: every chain must end at c. Where
+    ᾱ is near 0 (cosine schedule, T = 1000: 2.4·10⁻⁹ at t = 999) a step with ε̂ beside the clamped x̂₀ (MONAI's)
+    multiplies the sample by ``error`` and, with 1000 steps, ends 0.57 away from c; ε̃, the noise that the clamped
+    x̂₀ implies, keeps it on c."""
+    c = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    x = torch.randn(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(1))
+    scheduler = GridDDIMScheduler(num_train_timesteps=1000, schedule="cosine")
+    scheduler.set_timesteps(num_inference_steps)
+    for t in scheduler.timesteps.tolist():
+        alpha = scheduler.alphas_cumprod[t]
+        x, _ = scheduler.step(error * (x - alpha.sqrt() * c) / (1 - alpha).sqrt(), t, x)
+    assert (x - c).abs().max() < 2e-3
 
 
 def test_samples_are_the_same_whatever_the_batch_size(checkpoint, tmp_path):
