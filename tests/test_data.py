@@ -42,7 +42,8 @@ def brats_dir(tmp_path_factory):
 def test_brats_layout_is_found_at_any_depth(brats_dir):
     records = discover_cases(brats_dir, ["t1", "t2"])
     assert [r["case"] for r in records] == [f"BraTS20_Training_{i:03d}" for i in (1, 2, 3)]
-    assert records[0]["t1"].endswith("MICCAI_BraTS2020_TrainingData/BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz")
+    assert records[0]["t1"].endswith(
+        "MICCAI_BraTS2020_TrainingData/BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz")
     assert records[0]["channels"] == {"t1": None, "t2": None}
 
 
@@ -73,7 +74,8 @@ def test_decathlon_task01_takes_t1w_and_t2w_channels(tmp_path):
     for channel, modality in enumerate(["t1", "t2"]):
         path = tmp_path / f"separate_{modality}.nii.gz"
         nib.save(nib.Nifti1Image(phantom[modality], brats_affine(SHAPE, 1.5)), path)
-        alone = preprocessing([modality], (12, 12, 12))({"case": "x", modality: str(path), "channels": {modality: None}})
+        record = {"case": "x", modality: str(path), "channels": {modality: None}}
+        alone = preprocessing([modality], (12, 12, 12))(record)
         assert torch.allclose(image[channel], alone["image"][0], atol=1e-5)
     with pytest.raises(BadInputError, match="modality 'pd' is not among its channels"):
         discover_cases(tmp_path, ["pd"])
@@ -121,11 +123,13 @@ def test_datalist_case_ids_follow_the_files_not_the_order(tmp_path):
              {"t1": "sub-03/t1.nii.gz", "t2": "sub-03/t2.nii.gz"}]
     for order in (items, items[::-1]):
         (tmp_path / "datalist.json").write_text(json.dumps({"training": order}))
-        cases = {r["case"]: Path(r["t1"]).relative_to(tmp_path).as_posix() for r in discover_cases(tmp_path, ["t1", "t2"])}
+        cases = {r["case"]: Path(r["t1"]).relative_to(tmp_path).as_posix()
+                 for r in discover_cases(tmp_path, ["t1", "t2"])}
         assert cases == {"site_a/sub-01": "site_a/sub-01_t1.nii.gz", "site_b/sub-01": "site_b/sub-01_T1.nii.gz",
                          "sub-02": "sub-02-t1.nii.gz", "sub-03": "sub-03/t1.nii.gz"}
     (tmp_path / "datalist.json").write_text(json.dumps({"training": items + items[:1]}))
-    with pytest.raises(BadInputError, match=r"datalist.json: .*sub-01_t1.nii.gz is given by more than one training item"):
+    with pytest.raises(BadInputError,
+                       match=r"datalist.json: .*sub-01_t1.nii.gz is given by more than one training item"):
         discover_cases(tmp_path, ["t1", "t2"])
     clash = {"t1": "site_a/sub-01-t1.nii.gz", "t2": "site_a/sub-01-t2.nii.gz"}
     (tmp_path / "datalist.json").write_text(json.dumps({"training": items + [clash]}))
@@ -157,7 +161,8 @@ def test_a_datalists_validation_list_is_the_validation_split(tmp_path, caplog):
     assert len(recorded["train"]) == 4 and "that the training run recorded" in caplog.text
     # a case in both lists, a validation entry that is not a list, and no training item are named
     (tmp_path / "datalist.json").write_text(json.dumps(datalist | {"validation": [item(5), item(1)]}))
-    with pytest.raises(BadInputError, match="BraTS20_Training_001_t1.nii.gz is given by more than one training/validation"):
+    with pytest.raises(BadInputError,
+                       match="BraTS20_Training_001_t1.nii.gz is given by more than one training/validation"):
         discover_cases(tmp_path, ["t1", "t2"])
     (tmp_path / "datalist.json").write_text(json.dumps(datalist | {"validation": item(5)}))
     with pytest.raises(BadInputError, match="datalist.json: 'validation' must be a list"):
@@ -190,7 +195,8 @@ def test_preflight_reports_every_bad_case_together(tmp_path):
     case = lambda i: tmp_path / f"BraTS20_Training_{i:03d}"
     (case(1) / "BraTS20_Training_001_t2.nii.gz").unlink()  # missing
     (case(2) / "BraTS20_Training_002_t1.nii.gz").write_bytes(b"not a nifti file")  # unreadable
-    _write(case(3) / "BraTS20_Training_003_t1.nii.gz", np.ones((24, 24), np.float32) + np.eye(24, dtype=np.float32))  # 2D
+    flat = np.ones((24, 24), np.float32) + np.eye(24, dtype=np.float32)  # 2D
+    _write(case(3) / "BraTS20_Training_003_t1.nii.gz", flat)
     bad = make_phantom(SHAPE)["t1"]
     bad[3, 3, 3] = np.nan
     _write(case(4) / "BraTS20_Training_004_t1.nii.gz", bad)  # non-finite
@@ -204,7 +210,8 @@ def test_preflight_reports_every_bad_case_together(tmp_path):
     for text in ["BraTS20_Training_001_t2.nii.gz: file missing", "BraTS20_Training_002_t1.nii.gz: unreadable",
                  "BraTS20_Training_003_t1.nii.gz: has shape (24, 24), expected a 3D volume",
                  "BraTS20_Training_004_t1.nii.gz: contains 1 non-finite values",
-                 "BraTS20_Training_005_t2.nii.gz: is constant", "case BraTS20_Training_006: modalities differ in shape"]:
+                 "BraTS20_Training_005_t2.nii.gz: is constant",
+                 "case BraTS20_Training_006: modalities differ in shape"]:
         assert text in message, text
     assert "skip_invalid: true" in message
     valid = preflight(records, ["t1", "t2"], skip_invalid=True)

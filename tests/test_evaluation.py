@@ -127,7 +127,8 @@ class _NoiseOracle(torch.nn.Module):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear_beta"])
-@pytest.mark.parametrize("t_start, num_train_timesteps, num_inference_steps", [(500, 2000, 50), (12, 50, 3), (0, 50, 3)])
+@pytest.mark.parametrize("t_start, num_train_timesteps, num_inference_steps",
+                         [(500, 2000, 50), (12, 50, 3), (0, 50, 3)])
 def test_reconstruction_starts_at_the_timestep_the_input_was_noised_to(
     t_start, num_train_timesteps, num_inference_steps, schedule
 ):
@@ -193,7 +194,8 @@ def test_evaluation_takes_the_validation_cases_that_training_recorded(setup, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "O" / "metrics.json").read_text())
     assert metrics["cases"] == recorded and metrics["num_volumes"] == 3
-    assert "BraTS20_Training_007, BraTS20_Training_001, BraTS20_Training_004" in (tmp_path / "O" / "metrics.md").read_text()
+    cases = "BraTS20_Training_007, BraTS20_Training_001, BraTS20_Training_004"
+    assert cases in (tmp_path / "O" / "metrics.md").read_text()
     # a recorded case that is no longer found stops evaluation before any work, naming it
     gone = _checkpoint_with_record(setup, tmp_path / "G", ["BraTS20_Training_002", "BraTS20_Training_042"])
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": gone, "output_dir": tmp_path / "P"})
@@ -203,14 +205,16 @@ def test_evaluation_takes_the_validation_cases_that_training_recorded(setup, tmp
 
 
 def test_missing_checkpoint_is_named(setup, tmp_path):
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": tmp_path / "none.pt", "output_dir": tmp_path / "O"})
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": tmp_path / "none.pt",
+                             "output_dir": tmp_path / "O"})
     assert result.returncode == 1 and "none.pt' does not exist" in result.stderr
     assert not (tmp_path / "O").exists()
 
 
 def test_a_missing_dataset_dir_is_named_and_gets_no_phantoms(setup, tmp_path):
     """A misspelt --dataset_dir must not be filled with phantoms and evaluated on."""
-    result = evaluate(CLI | {"dataset_dir": tmp_path / "typo", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "O"})
+    result = evaluate(CLI | {"dataset_dir": tmp_path / "typo", "ckpt_path": setup / "model.pt",
+                             "output_dir": tmp_path / "O"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "typo' does not exist" in result.stderr and "Only a new training run writes" in result.stderr
     assert not (tmp_path / "typo").exists() and not (tmp_path / "O").exists()

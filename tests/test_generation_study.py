@@ -34,7 +34,7 @@ def test_both_networks_are_checked_at_the_same_steps(study):
 
 
 def test_report_figures_and_tables(study, tmp_path):
-    root, result = study
+    _, result = study
     path = write_generation_report(result, "python scripts/benchmark.py generation", tmp_path)
     text = path.read_text()
     assert text.startswith("# Generation") and "`python scripts/benchmark.py generation`" in text

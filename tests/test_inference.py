@@ -227,10 +227,12 @@ def test_earlier_samples_that_this_run_would_not_rewrite_are_refused_too(checkpo
         ({"ckpt_path": "/nonexistent/model.pt"}, "does not exist"),
         ({"network_def#channels": "[16,32,64]"}, "does not match network_def"),
         ({"modalities": "[t1]"}, "modalities=['t1']"),
-        ({"num_train_timesteps": "100"}, "trained with num_train_timesteps=50, but this run has 100; pass --num_train_timesteps 50"),
+        ({"num_train_timesteps": "100"},
+         "trained with num_train_timesteps=50, but this run has 100; pass --num_train_timesteps 50"),
         ({"num_inference_steps": "0"}, "num_inference_steps must be an integer between 1 and num_train_timesteps=50"),
         ({"num_inference_steps": "51"}, "num_inference_steps must be an integer between 1"),
-        ({"sampler": "euler"}, "sampler must be one of ['ddim', 'ddpm', 'pndm'] (the configuration's samplers section)"),
+        ({"sampler": "euler"},
+         "sampler must be one of ['ddim', 'ddpm', 'pndm'] (the configuration's samplers section)"),
         ({"schedule": "linear_beta"},
          "trained with the 'cosine' noise schedule, but this run has 'linear_beta'; pass --schedule cosine"),
         ({"overwrite": "maybe"}, "overwrite must be true or false, got 'maybe'"),
@@ -330,7 +332,8 @@ def test_a_model_trained_on_another_schedule_samples_with_it_and_only_with_it(li
 def test_an_output_dir_that_is_a_file_is_refused_before_the_checkpoint_is_read(tmp_path):
     afile = tmp_path / "samples"
     afile.write_text("notes")
-    for output_dir, message in ((afile, "output_dir '" + str(afile) + "' is a file"), (afile / "x", "cannot be created")):
+    refusals = ((afile, "output_dir '" + str(afile) + "' is a file"), (afile / "x", "cannot be created"))
+    for output_dir, message in refusals:
         result = infer(CLI | {"ckpt_path": tmp_path / "missing.pt", "output_dir": output_dir, "num_samples": 1})
         assert result.returncode == 1 and message in result.stderr
         assert "does not exist" not in result.stderr  # the checkpoint was not looked at

@@ -97,7 +97,8 @@ def test_the_checkpoint_folder_is_checked_last_against_resume_and_overwrite(tmp_
         TrainingSettings(**_settings(tmp_path, resume=True))
     (models / "training_state.pt").write_bytes(b"")
     _record_beside(models, "linear_beta")
-    with pytest.raises(BadInputError, match="trained with the 'linear_beta' noise schedule.*pass --schedule linear_beta"):
+    with pytest.raises(BadInputError,
+                       match="trained with the 'linear_beta' noise schedule.*pass --schedule linear_beta"):
         TrainingSettings(**_settings(tmp_path, resume=True))
     TrainingSettings(**_settings(tmp_path, resume=True, schedule="linear_beta",
                                  noise_scheduler=DDPMScheduler(100, schedule="linear_beta")))
@@ -131,14 +132,16 @@ def test_inference_settings_name_the_sample_files_and_refuse_earlier_ones_withou
     assert settings.overwrite is False and settings.earlier_samples() == []  # output_dir need not exist
     out = tmp_path / "samples"
     assert settings.sample_paths(["t1", "t2"]) == [
-        {"t1": out / f"sample_{i:03d}_t1.nii.gz", "t2": out / f"sample_{i:03d}_t2.nii.gz", "png": out / f"sample_{i:03d}.png"}
+        {"t1": out / f"sample_{i:03d}_t1.nii.gz", "t2": out / f"sample_{i:03d}_t2.nii.gz",
+         "png": out / f"sample_{i:03d}.png"}
         for i in range(2)
     ]
     out.mkdir()
     # an earlier run's samples of any number and modality, not other files
     for name in ("sample_007_flair.nii.gz", "sample_1234.png", "notes.txt", "sample_x_t1.nii.gz"):
         (out / name).write_text("")
-    with pytest.raises(BadInputError, match="2 sample files of an earlier run .*sample_007_flair.nii.gz.*--overwrite true"):
+    with pytest.raises(BadInputError,
+                       match="2 sample files of an earlier run .*sample_007_flair.nii.gz.*--overwrite true"):
         InferenceSettings(**_inference(tmp_path))
     settings = InferenceSettings(**_inference(tmp_path, overwrite="true"))
     assert [p.name for p in settings.earlier_samples()] == ["sample_007_flair.nii.gz", "sample_1234.png"]
@@ -150,7 +153,8 @@ def test_inference_settings_name_the_sample_files_and_refuse_earlier_ones_withou
 
 def _evaluation(tmp_path, **changes) -> dict:
     return {"output_dir": tmp_path / "eval", "val_fraction": 0.2, "skip_invalid": False, "evaluate_batch_size": 2,
-            "val_timestep_fractions": [0.05, 0.25, 0.5], "reconstruction_fraction": 0.25, "num_train_timesteps": 100, "num_generated": 4,
+            "val_timestep_fractions": [0.05, 0.25, 0.5], "reconstruction_fraction": 0.25, "num_train_timesteps": 100,
+            "num_generated": 4,
             "feature_extractor": None, "device": "cpu", "overwrite": False} | changes
 
 

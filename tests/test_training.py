@@ -40,7 +40,8 @@ def load_network(overrides: dict, weights: Path) -> torch.nn.Module:
     parser.read_config(ROOT / TRAIN)
     for key, value in overrides.items():
         if key.startswith("network_def#") or key == "attention_levels":
-            parser[key] = [v.strip() == "true" if v.strip() in ("true", "false") else int(v) for v in value.strip("[]").split(",")]
+            parser[key] = [v.strip() == "true" if v.strip() in ("true", "false") else int(v)
+                           for v in value.strip("[]").split(",")]
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     return network
@@ -388,14 +389,16 @@ def test_overwrite_keeps_this_runs_event_files_and_refusal_removes_nothing(tmp_p
     own = log_dir / f"events.out.tfevents.1800000000.{socket.gethostname()}.{os.getpid()}.0"
     other.write_text("earlier")
     own.write_text("this run")
-    checkpoint = TrainingCheckpoint(str(ckpt_dir), network, optimizer, scheduler, NoiseSampler(10), log_dir=str(log_dir))
+    checkpoint = TrainingCheckpoint(str(ckpt_dir), network, optimizer, scheduler, NoiseSampler(10),
+                                    log_dir=str(log_dir))
     engine = Engine(lambda engine, batch: None)
     with pytest.raises(BadInputError, match="--overwrite true"):
         check_checkpoint_folder(ckpt_dir, resume=False, overwrite=False, spatial_size=[16, 16, 16],
                                 modalities=["t1", "t2"], noise_scheduler=DDPMScheduler(10), schedule="linear_beta")
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt", "model.ts", "run.json", "training_state.pt"]
     assert other.exists()
-    fresh = TrainingCheckpoint(str(tmp_path / "C2"), network, optimizer, scheduler, NoiseSampler(10), log_dir=str(log_dir))
+    fresh = TrainingCheckpoint(str(tmp_path / "C2"), network, optimizer, scheduler, NoiseSampler(10),
+                               log_dir=str(log_dir))
     fresh.prepare(engine, resume=False, overwrite=False)
     assert "already holds 1 TensorBoard event files of earlier runs" in caplog.text and other.exists()
     caplog.clear()
@@ -426,7 +429,8 @@ def test_two_process_distributed_training(six_cases, tmp_path):
     """Two ranks, each back-propagating its batch of 2 one sample at a time."""
     overrides = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
                          "train#trainer#max_epochs": 1, "micro_batch_size": 1}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={_free_port()}", "-m"]
     result = train(overrides, config="['configs/train.json','configs/multi_gpu_train.json']", launcher=launcher)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     network = load_network(overrides, tmp_path / "C" / "model.pt")
