@@ -3,12 +3,17 @@ generation monitor on, tiny."""
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
+import re
+import shlex
 
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from scripts.benchmarking.generation import compare_generation, write_generation_report
+from scripts.benchmarking.generation import compare_generation, recipe, write_generation_report
 
 SETTINGS = {"steps": 8, "check_every": 4, "size": 16, "channels": (8, 16, 32), "batch_size": 4, "num_phantoms": 12,
             "val_fraction": 0.34, "num_samples": 2, "final_samples_count": 6}  # 8 training cases: 2 steps per epoch
@@ -41,7 +46,8 @@ def test_report_figures_and_tables(study, tmp_path):
     for measure in result["networks"]["idm"]["final"]["measures"]:
         assert f"| {measure} |" in text
     assert "## Steps to phantom-like" in text and "generation_samples.png" in text and "generation_curves.png" in text
-    for name in ("generation_samples.png", "generation_curves.png"):
+    assert "generation_progress.png" in text
+    for name in ("generation_samples.png", "generation_curves.png", "generation_progress.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 400
     written = json.loads((tmp_path / "generation.json").read_text())
@@ -55,3 +61,23 @@ def test_a_rerun_reuses_the_finished_runs(study):
     assert again["networks"]["idm"]["wall_seconds"] == result["networks"]["idm"]["wall_seconds"]
     assert sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*")) == events
     assert again["networks"]["idm"]["final"]["measures"] == result["networks"]["idm"]["final"]["measures"]
+
+
+def test_the_readmes_phantom_recipe_is_the_studys():
+    """README.md's training command with --generation_interval trains what `scripts/benchmark.py generation` trains
+    for IDM (its default settings), so the recipe's samples are those docs/generation.md shows."""
+    overrides, _ = recipe()
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    commands = [shlex.split(block.replace("\\\n", " ")) for block in blocks if "--generation_interval" in block]
+    assert len(commands) == 1, "README.md should have one phantom recipe"
+    starts = [i for i, token in enumerate(commands[0]) if token == "python"] + [len(commands[0])]
+    training = commands[0][starts[0] : starts[1]]  # the block's first command
+    assert "training" in training
+    flags = {key[2:]: value for key, value in itertools.pairwise(training) if key.startswith("--")}
+    for key, value in overrides.items():
+        if key not in ("seed", "generation_samples"):  # train.json's defaults, not passed
+            assert json.loads(flags[key]) == value, key
+    assert json.loads(flags["network_def#channels"]) == list(inspect.signature(compare_generation)
+                                                             .parameters["channels"].default)
+    assert json.loads(flags["attention_levels"]) == list(inspect.signature(compare_generation)
+                                                         .parameters["attention_levels"].default)

@@ -63,10 +63,10 @@ class GridDDIMScheduler(DDIMScheduler):
     MONAI steps with ε̂ itself, beside the clamped x̂₀. Where the signal-to-noise ratio is near zero (the cosine
     schedule's ᾱ at T = 1000 is 2.4·10⁻⁹ at t = 999 and 2·10⁻⁴ at 990) x̂₀ is an error of ε̂ times 1/√ᾱ, clamped, and
     x_t′ is then mostly √(1 − ᾱ_t′) ε̂: a network whose ε̂ is 2 % too large grows the sample by 2 % a step there, so
-    chains with many steps diverge (NaN at 1000 steps) and 50-step samples of a network in training look like
-    noise (on the phantoms, lag-1 autocorrelation 0.72 with ε̂, 0.90 with ε̃, 0.92 for the data:
-    ``docs/generation.md``). ε̃ is the noise that x_t and the clamped x̂₀ imply (GLIDE's "clipped model output"); at
-    zero signal it is x_t itself, the exact answer.
+    chains with many steps diverge (NaN at 1000 steps for a network in training) and the 50-step samples of such a
+    network look noisier than its DDPM samples (``docs/generation.md`` compares the samplers on trained models).
+    ε̃ is the noise that x_t and the clamped x̂₀ imply (GLIDE's "clipped model output"); at zero signal it is x_t
+    itself, the exact answer.
 
     ``timesteps`` may be set to any descending sequence (the evaluation's reconstruction starts one at its t).
     Only ε-prediction is implemented (the bundle trains no other).

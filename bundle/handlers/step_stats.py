@@ -120,7 +120,9 @@ class StepStatsHandler:
             parameters = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
             logger.warning(
                 "training this %s-parameter network on the CPU would take about %s. The default configuration "
-                "trains the paper's 426M-parameter network, which needs a GPU; README.md's small model trains on a "
-                "CPU in minutes: python -m monai.bundle run training --config_file configs/train.json %s",
+                "trains the paper's 426M-parameter network, which needs a GPU. README.md's smoke test trains a small "
+                "model on a CPU in a minute (python -m monai.bundle run training --config_file configs/train.json "
+                "%s); its phantom recipe (docs/generation.md) one whose samples look like the phantoms, in about an "
+                "hour.",
                 f"{parameters:,}", readable_duration(seconds), SMALL_CPU_RECIPE,
             )

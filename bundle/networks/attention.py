@@ -33,7 +33,9 @@ def checkerboard_indices(
         )
     grids = torch.meshgrid(*(torch.arange(s, device=device) for s in spatial_shape), indexing="ij")
     parity_map = torch.stack(grids).sum(0).flatten() % 2
-    kept = torch.nonzero(parity_map == parity).squeeze(1)
+    # of each pair (w even, w + 1) along the last axis exactly one voxel has the parity: no data-dependent shape,
+    # so the indices can be built under FakeTensorMode too
+    kept = torch.arange(0, parity_map.numel(), 2, device=device) + (parity_map[0::2] != parity).long()
     last = kept % spatial_shape[-1]
     return kept, kept - last + (last ^ 1)
 

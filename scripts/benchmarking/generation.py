@@ -8,6 +8,7 @@ Both trainings run at once, one torch thread each (two cores), so their wall tim
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -15,8 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from PIL import Image
 
 from bundle.checkpoint import load_checkpoint
 from bundle.data import training_cases
@@ -32,11 +36,13 @@ from .workload import Workload
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["compare_generation", "render_generation_markdown", "write_generation_report"]
+__all__ = ["compare_generation", "recipe", "render_generation_markdown", "write_generation_report"]
 
 CURVES_FIGURE = "generation_curves.png"
 SAMPLES_FIGURE = "generation_samples.png"
+PROGRESS_FIGURE = "generation_progress.png"
 CURVE_MEASURES = ("autocorrelation/t1", "histogram/t1", "power_spectrum/t2", "correlation/t1_t2", "mmd")
+SHORT = {"idm": "IDM", "monai": "MONAI"}  # labels in the figures
 DONE = "done.json"  # written beside a finished run: its wall seconds (a rerun with the same work_dir reuses it)
 
 
@@ -56,16 +62,26 @@ def validation_volumes(run_dir: Path) -> torch.Tensor:
     return torch.stack([torch.as_tensor(dataset[i]["image"]) for i in range(len(dataset))]).float()
 
 
-def final_samples(run_dir: Path, num_samples: int, seed: int, num_inference_steps: int = 50) -> torch.Tensor:
-    """(num_samples, C, *S) samples in [0, 1] of the run's ``model.pt`` (its EMA weights), DDIM on the run's
-    schedule, four at a time."""
+SAMPLERS = {  # the final models are sampled by each: (scheduler class, steps), on the run's T and schedule
+    "bundle DDIM (GridDDIMScheduler), 50 steps": (GridDDIMScheduler, 50),
+    "MONAI DDIMScheduler, 50 steps": (DDIMScheduler, 50),
+    "DDPM, T steps": (DDPMScheduler, None),
+}
+FINAL_SAMPLER = next(iter(SAMPLERS))  # the one of the figures and the final measures
+
+
+def final_samples(run_dir: Path, num_samples: int, seed: int, sampler: str = FINAL_SAMPLER) -> torch.Tensor:
+    """(num_samples, C, *S) samples in [0, 1] of the run's ``model.pt`` (its EMA weights) by ``sampler`` (a key of
+    :data:`SAMPLERS`) on the run's T and schedule, four at a time."""
     parser = _run_config(run_dir)
     network = load_checkpoint(parser.get_parsed_content("network_def"), run_dir / "models" / "model.pt").eval()
-    scheduler = GridDDIMScheduler(num_train_timesteps=parser.get_parsed_content("num_train_timesteps"),
-                                  schedule=noise_schedule(parser.get_parsed_content("schedule")))
-    sampler = DiffusionSampler(scheduler, num_inference_steps, seed=seed, progress=False)
+    total = parser.get_parsed_content("num_train_timesteps")
+    scheduler_class, steps = SAMPLERS[sampler]
+    schedule = noise_schedule(parser.get_parsed_content("schedule"))
+    scheduler = scheduler_class(num_train_timesteps=total, schedule=schedule)
+    chain = DiffusionSampler(scheduler, steps or total, seed=seed, progress=False)
     shape = (len(parser.get_parsed_content("modalities")), *parser.get_parsed_content("spatial_size"))
-    return torch.cat([sampler(torch.zeros((min(4, num_samples - s), *shape)), network)
+    return torch.cat([chain(torch.zeros((min(4, num_samples - s), *shape)), network)
                       for s in range(0, num_samples, 4)])
 
 
@@ -88,9 +104,55 @@ def _scalar_tags(log_dir: Path) -> list[str]:
     return sorted(tags)
 
 
+def monitor_images(run_dir: Path, steps_per_epoch: int) -> dict[int, np.ndarray]:
+    """``{step: image}``: the generation monitor's ``generation_samples`` images of the run (rows T1 and T2, a column
+    per sample: the same noise at every check), as grey-scale arrays in [0, 1]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = {}
+    for events in sorted((run_dir / "runs").glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+        accumulator.Reload()
+        if "generation_samples" in accumulator.Tags()["images"]:
+            for event in accumulator.Images("generation_samples"):
+                with Image.open(io.BytesIO(event.encoded_image_string)) as image:
+                    images[event.step * steps_per_epoch] = np.asarray(image.convert("L"), dtype=np.float32) / 255
+    return images
+
+
 def first_step_within(curves: Mapping, fraction: float = 1.0) -> int | None:
     """The first checked step at which at least ``fraction`` of the measures were within the real-vs-real spread."""
     return next((step for step, value in curves["generation/within_spread"] if value >= fraction - 1e-9), None)
+
+
+def recipe(
+    steps: int = 6000,
+    check_every: int = 240,
+    size: int = 16,
+    batch_size: int = 8,
+    learning_rate: float = 5e-4,
+    ema_decay: float = 0.995,
+    num_train_timesteps: int = 1000,
+    num_phantoms: int = 64,
+    val_fraction: float = 0.25,
+    num_samples: int = 8,
+    seed: int = 0,
+) -> tuple[dict, dict]:
+    """The ``configs/train.json`` overrides of the phantom recipe (README.md's, with these defaults), less the network:
+    epochs of whole ``steps_per_epoch`` as near ``steps`` as whole checks allow, a validation and a generation check
+    every ``epochs_per_check`` epochs (≈ ``check_every`` steps). Returns the overrides and ``{"epochs",
+    "steps_per_epoch", "epochs_per_check"}``."""
+    num_train = num_phantoms - max(1, round(num_phantoms * val_fraction))
+    steps_per_epoch = math.ceil(num_train / batch_size)
+    epochs_per_check = max(1, round(check_every / steps_per_epoch))
+    epochs = max(epochs_per_check, round(steps / steps_per_epoch / epochs_per_check) * epochs_per_check)
+    overrides = {
+        "spatial_size": [size] * 3, "batch_size": batch_size, "seed": seed, "num_phantoms": num_phantoms,
+        "val_fraction": val_fraction, "learning_rate": learning_rate, "ema_decay": ema_decay,
+        "num_train_timesteps": num_train_timesteps, "train#trainer#max_epochs": epochs,
+        "val_interval": epochs_per_check, "generation_interval": epochs_per_check, "generation_samples": num_samples,
+    }
+    return overrides, {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "epochs_per_check": epochs_per_check}
 
 
 def compare_generation(
@@ -112,33 +174,27 @@ def compare_generation(
     seed: int = 0,
 ) -> dict:
     """Trains both networks (concurrently, one torch thread each; a network whose run in ``work_dir`` finished
-    earlier is reused) for ``steps`` steps with the generation monitor every ``check_every`` steps, then samples
-    ``final_samples_count`` volumes from each final model and compares them with the validation volumes.
+    earlier is reused) for ``steps`` steps with the generation monitor (``num_samples`` samples) every
+    ``check_every`` steps, then samples ``final_samples_count`` volumes from each final model with the bundle's DDIM
+    and ``num_samples`` with each other sampler of :data:`SAMPLERS`, and compares them with the validation volumes.
 
     Returns:
-        ``{"settings", "machine", "networks": {name: {"label", "parameters", "wall_seconds", "steps", "curves",
-        "first_within", "first_within_90", "final"}}, "real_vs_real": {...}}``; ``final`` is
-        :func:`~bundle.sample_quality.compare_to_real` of the final samples.
+        ``{"settings", "machine", "networks": {name: {"label", "parameters", "wall_seconds", "steps",
+        "seconds_per_step", "curves", "first_within", "first_within_90", "final", "samplers"}}, "figures",
+        "num_real"}`` and, for :func:`write_generation_report`, ``_samples``, ``_real`` and ``_images``; ``final`` and
+        each of ``samplers`` is :func:`~bundle.sample_quality.compare_to_real` of the final model's samples.
     """
     work = Path(work_dir)
-    num_train = num_phantoms - max(1, round(num_phantoms * val_fraction))
-    steps_per_epoch = math.ceil(num_train / batch_size)
-    epochs_per_check = max(1, round(check_every / steps_per_epoch))
-    epochs = max(epochs_per_check, round(steps / steps_per_epoch / epochs_per_check) * epochs_per_check)
+    overrides, schedule = recipe(steps, check_every, size, batch_size, learning_rate, ema_decay, num_train_timesteps,
+                                 num_phantoms, val_fraction, num_samples, seed)
     settings = {
         "size": size, "channels": list(channels), "attention_levels": list(attention_levels), "num_blocks": num_blocks,
         "batch_size": batch_size, "learning_rate": learning_rate, "ema_decay": ema_decay,
         "num_train_timesteps": num_train_timesteps, "num_phantoms": num_phantoms, "val_fraction": val_fraction,
-        "num_samples": num_samples, "final_samples": final_samples_count, "seed": seed, "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch, "epochs_per_check": epochs_per_check,
+        "num_samples": num_samples, "final_samples": final_samples_count, "seed": seed, **schedule,
     }
-    shared = {
-        "spatial_size": [size] * 3, "batch_size": batch_size, "seed": seed, "num_phantoms": num_phantoms,
-        "val_fraction": val_fraction, "learning_rate": learning_rate, "ema_decay": ema_decay,
-        "num_train_timesteps": num_train_timesteps, "train#trainer#max_epochs": epochs, "num_workers": 0,
-        "val_interval": epochs_per_check, "generation_interval": epochs_per_check,
-        "generation_samples": num_samples, "preview_interval": 1000, "dataset_dir": str(work / "data"),
-    }
+    steps_per_epoch = schedule["steps_per_epoch"]
+    shared = overrides | {"num_workers": 0, "preview_interval": 1000, "dataset_dir": str(work / "data")}
     training_cases(work / "data", seed=seed, num_phantoms=num_phantoms)  # written once, outside the timed runs
     workload = Workload("idm", size, channels=tuple(channels), num_blocks=num_blocks,
                         attention_levels=tuple(attention_levels))
@@ -155,10 +211,13 @@ def compare_generation(
     with ThreadPoolExecutor(len(definitions)) as pool:
         walls = dict(zip(definitions, pool.map(train, definitions)))
     real = validation_volumes(work / "idm")
-    networks, samples = {}, {}
+    networks, samples, images = {}, {}, {}
     for name, definition in definitions.items():
         curves = _curves(work / name, steps_per_epoch)
+        images[name] = monitor_images(work / name, steps_per_epoch)
         samples[name] = final_samples(work / name, final_samples_count, seed)
+        by_sampler = {sampler: compare_to_real(final_samples(work / name, num_samples, seed, sampler), real,
+                                               ["t1", "t2"], seed=seed) for sampler in list(SAMPLERS)[1:]}
         trained = read_scalars(work / name / "runs", [STEP_TAG])[STEP_TAG][-1][0]
         networks[name] = {
             "label": NETWORKS[name], "parameters": parameter_count(definition), "wall_seconds": walls[name],
@@ -166,15 +225,16 @@ def compare_generation(
             "first_within": first_step_within(curves), "first_within_90": first_step_within(curves, 0.9),
             "final": compare_to_real(samples[name], real, ["t1", "t2"], seed=seed),
         }
-    figures = {"curves": CURVES_FIGURE, "samples": SAMPLES_FIGURE}
+        networks[name]["samplers"] = {FINAL_SAMPLER: networks[name]["final"]} | by_sampler
+    figures = {"curves": CURVES_FIGURE, "samples": SAMPLES_FIGURE, "progress": PROGRESS_FIGURE}
     result = {"settings": settings, "machine": machine_description(), "networks": networks, "figures": figures,
               "num_real": len(real)}
-    return result | {"_samples": samples, "_real": real}
+    return result | {"_samples": samples, "_real": real, "_images": images}
 
 
 def plot_samples(real: torch.Tensor, samples: Mapping[str, torch.Tensor], path: Path, columns: int = 6) -> None:
     """Axial mid-slices: rows real T1, real T2, then each network's T1 and T2; ``columns`` volumes per row."""
-    sets = {"real": real, **{NETWORKS[name].split(" (")[0]: s for name, s in samples.items()}}
+    sets = {"real": real, **{SHORT[name]: s for name, s in samples.items()}}
     fig, axes = plt.subplots(2 * len(sets), columns, figsize=(1.3 * columns, 1.35 * 2 * len(sets)), squeeze=False)
     for r, (label, volumes) in enumerate(sets.items()):
         for c, modality in enumerate(("T1", "T2")):
@@ -190,6 +250,25 @@ def plot_samples(real: torch.Tensor, samples: Mapping[str, torch.Tensor], path: 
     plt.close(fig)
 
 
+def plot_progress(images: Mapping[str, Mapping[int, np.ndarray]], path: Path, rows: int = 6) -> None:
+    """The monitor's samples at ``rows`` checks spread over training (the same noise at each), one column per
+    network: in each cell the first samples' axial mid-slices, T1 above T2."""
+    steps = sorted(set.intersection(*[set(i) for i in images.values()]))
+    chosen = steps if len(steps) <= rows else sorted({steps[round(k * (len(steps) - 1) / (rows - 1))]
+                                                      for k in range(rows)})
+    fig, axes = plt.subplots(len(chosen), len(images), figsize=(3.3 * len(images), 1.75 * len(chosen)), squeeze=False)
+    for col, (name, per_step) in enumerate(images.items()):
+        for row, step in enumerate(chosen):
+            axes[row][col].imshow(per_step[step], cmap="gray", vmin=0, vmax=1)
+            axes[row][col].set_xticks([])
+            axes[row][col].set_yticks([])
+            axes[row][0].set_ylabel(f"step {step}", fontsize=8)
+        axes[0][col].set_title(SHORT[name], fontsize=9)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_curves(result: dict, path: Path) -> None:
     """Fraction of measures within the spread, validation ε-MSE and a few measures (with the real spread) vs steps."""
     panels = ["generation/within_spread", "val_eps_mse", *[f"generation/{m}" for m in CURVE_MEASURES]]
@@ -199,7 +278,7 @@ def plot_curves(result: dict, path: Path) -> None:
         for name, run in result["networks"].items():
             if tag in run["curves"]:
                 x, y = zip(*run["curves"][tag])
-                ax.plot(x, y, marker="o", markersize=2, label=NETWORKS[name].split(" (")[0])
+                ax.plot(x, y, marker="o", markersize=2, label=SHORT[name])
             spread = run["curves"].get(f"{tag}_real_spread")
             if spread and name == "idm":
                 x, y = zip(*spread)
@@ -207,11 +286,13 @@ def plot_curves(result: dict, path: Path) -> None:
         ax.set_title(tag.removeprefix("generation/"), fontsize=9)
         ax.set_xlabel("training steps", fontsize=8)
         ax.grid(alpha=0.3)
-        if tag not in ("generation/within_spread", "val_eps_mse", "generation/correlation/t1_t2"):
+        if tag == "generation/within_spread":
+            ax.set_ylim(-0.05, 1.05)
+        elif tag not in ("val_eps_mse", "generation/correlation/t1_t2"):
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_axis_off()
-    axes[0][0].legend(fontsize=7)
+    axes.flat[2].legend(fontsize=7)  # a panel with the real-vs-real line
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -219,6 +300,18 @@ def plot_curves(result: dict, path: Path) -> None:
 
 def _at_step(curve: Sequence, step: int) -> float | None:
     return dict(curve).get(step)
+
+
+def _sampler_rows(runs: Mapping[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the sampler table: per sampler, each network's fraction within the spread and T1
+    autocorrelation."""
+    header = ["sampler", *[f"{SHORT[n]} within" for n in runs], *[f"{SHORT[n]} autocorr. T1" for n in runs]]
+    rows = []
+    for sampler in runs["idm"]["samplers"]:
+        results = [run["samplers"][sampler] for run in runs.values()]
+        rows.append([sampler, *[f"{r['within_spread']:.2f}" for r in results],
+                     *[f"{r['statistics']['autocorrelation/t1']['generated']:.3f}" for r in results]])
+    return header, rows
 
 
 def render_generation_markdown(result: dict, command: str) -> str:
@@ -251,8 +344,22 @@ def render_generation_markdown(result: dict, command: str) -> str:
     timing = [[r["label"], f"{r['parameters'] / 1e6:.3f}M", r["steps"], f"{r['wall_seconds'] / 60:.1f}",
                f"{r['seconds_per_step']:.2f}", reached(r, "first_within_90"), reached(r, "first_within")]
               for r in runs.values()]
+    last = min(idm["steps"], monai["steps"])
+    last_check = max(step for step, _ in idm["curves"]["generation/within_spread"] if step <= last)
+    at_last = {n: _at_step(runs[n]["curves"]["generation/within_spread"], last_check) for n in NETWORKS}
+
+    def milestone(name: str) -> str:
+        parts = [f"{share} of the measures within the spread: {reached(runs[name], key)}"
+                 for share, key in (("90%", "first_within_90"), ("all", "first_within"))]
+        return f"{SHORT[name]}: " + "; ".join(parts)
+
+    findings = (f"**Findings.** {milestone('idm')}. {milestone('monai')}. At step {last_check}, the last check of "
+                f"both, {at_last['idm']:.0%} of the measures are within the spread for IDM and "
+                f"{at_last['monai']:.0%} for MONAI's network; the final IDM samples have "
+                f"{idm['final']['within_spread']:.0%} within, MONAI's {monai['final']['within_spread']:.0%}.")
     return "\n\n".join([
         "# Generation: does a trained model generate volumes like its data?",
+        findings,
         f"Command: `{command}`  \nMachine: {result['machine']}; both trainings ran at once, one torch thread each.",
         (f"Both networks trained by `configs/train.json` on {s['num_phantoms']} built-in phantoms at {s['size']}³ "
          f"({round(s['num_phantoms'] * s['val_fraction'])} held out for validation), batch {s['batch_size']}, AdamW lr "
@@ -269,6 +376,10 @@ def render_generation_markdown(result: dict, command: str) -> str:
         (f"Axial mid-slices; first rows: validation phantoms; then the first six of {s['final_samples']} samples per "
          "network (seed 0)."),
         f"![samples]({SAMPLES_FIGURE})",
+        "## Samples over training",
+        ("The generation monitor's first samples at checks spread over training, each from the same noise (axial "
+         "mid-slices, T1 above T2):"),
+        f"![samples over training]({PROGRESS_FIGURE})",
         "## Steps to phantom-like",
         ("*Phantom-like* here: all 12 measures within the real-vs-real spread at a check (also given: 90%, i.e. 11 of "
          "12). Minutes are steps × the run's mean wall seconds per step (validation and monitor included)."),
@@ -286,6 +397,13 @@ def render_generation_markdown(result: dict, command: str) -> str:
         markdown_table(["measure", "IDM", "MONAI", "real vs real mean", "real vs real max", "within"], rows),
         "Set means of the interpretable statistics:",
         markdown_table(["statistic", "real", "IDM", "MONAI"], stats),
+        "## The same final models, other samplers",
+        ("The measures within the spread and the T1 lag-1 autocorrelation (real: "
+         f"{idm['final']['statistics']['autocorrelation/t1']['real']:.3f}) of the final models' samples, the same "
+         "noise, by each sampler. MONAI's DDIM steps with ε̂ beside the clipped x̂₀; the bundle's with the noise "
+         "that the clipped x̂₀ implies (`GridDDIMScheduler`'s docstring: near zero signal-to-noise the first "
+         "diverges)."),
+        markdown_table(*_sampler_rows(runs)),
     ]) + "\n"
 
 
@@ -295,6 +413,7 @@ def write_generation_report(result: dict, command: str, output_dir: str | Path =
     out.mkdir(parents=True, exist_ok=True)
     plot_samples(result["_real"], result["_samples"], out / SAMPLES_FIGURE)
     plot_curves(result, out / CURVES_FIGURE)
+    plot_progress(result["_images"], out / PROGRESS_FIGURE)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     (out / "generation.json").write_text(json.dumps(public, indent=1))
     path = out / "generation.md"
