@@ -16,7 +16,8 @@ from PIL import Image
 from scripts.benchmarking.generation import compare_generation, recipe, write_generation_report
 
 SETTINGS = {"steps": 8, "check_every": 4, "size": 16, "channels": (8, 16, 32), "batch_size": 4, "num_phantoms": 12,
-            "val_fraction": 0.34, "num_samples": 2, "final_samples_count": 6}  # 8 training cases: 2 steps per epoch
+            "val_fraction": 0.34, "num_samples": 2, "final_samples_count": 6,  # 8 training cases: 2 steps an epoch
+            "num_train_timesteps": 50}
 
 
 @pytest.fixture(scope="module")

@@ -235,6 +235,7 @@ def compare_generation(
 def plot_samples(real: torch.Tensor, samples: Mapping[str, torch.Tensor], path: Path, columns: int = 6) -> None:
     """Axial mid-slices: rows real T1, real T2, then each network's T1 and T2; ``columns`` volumes per row."""
     sets = {"real": real, **{SHORT[name]: s for name, s in samples.items()}}
+    columns = min(columns, *[len(volumes) for volumes in sets.values()])
     fig, axes = plt.subplots(2 * len(sets), columns, figsize=(1.3 * columns, 1.35 * 2 * len(sets)), squeeze=False)
     for r, (label, volumes) in enumerate(sets.items()):
         for c, modality in enumerate(("T1", "T2")):
