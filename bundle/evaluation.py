@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 def reconstruct_from(
     network: nn.Module, noisy: torch.Tensor, *, t_start: int, scheduler: GridDDIMScheduler, num_inference_steps: int
 ) -> torch.Tensor:
-    """Runs ``scheduler``'s DDIM chain from ``noisy`` = x_t at exactly ``t = t_start`` down to x₀.
+    """Runs ``scheduler``'s deterministic DDIM chain (η = 0, whatever the scheduler's own) from ``noisy`` = x_t at
+    exactly ``t = t_start`` down to x₀.
 
     The steps are those of a ``num_inference_steps`` sampling chain, Δ = T // ``num_inference_steps`` apart, shifted to
     start at ``t_start``: t_start, t_start − Δ, …, down to the last t ≥ 0, whose step goes to x₀. (Starting at a step
@@ -51,7 +52,7 @@ def reconstruct_from(
     scheduler.timesteps = torch.arange(t_start, -1, -(scheduler.num_train_timesteps // int(num_inference_steps)))
     x = noisy
     for t in scheduler.timesteps.tolist():
-        x, _ = scheduler.step(network(x, torch.full((x.shape[0],), t, device=x.device)), t, x)
+        x, _ = scheduler.step(network(x, torch.full((x.shape[0],), t, device=x.device)), t, x, eta=0.0)
     return x.clamp(-1, 1)
 
 

@@ -129,18 +129,20 @@ class _NoiseOracle(torch.nn.Module):
 @pytest.mark.parametrize("schedule", ["cosine", "linear_beta"])
 @pytest.mark.parametrize("t_start, num_train_timesteps, num_inference_steps",
                          [(500, 2000, 50), (12, 50, 3), (0, 50, 3)])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_reconstruction_starts_at_the_timestep_the_input_was_noised_to(
-    t_start, num_train_timesteps, num_inference_steps, schedule
+    t_start, num_train_timesteps, num_inference_steps, schedule, eta
 ):
     """With T = 2000 and 50 steps, x₅₀₀ was denoised as if it were x₄₉₀ (the first step of the sampling grid ≤ 500).
-    The reconstruction's DDIM scheduler has the training run's schedule, whichever it is."""
+    The reconstruction's DDIM scheduler has the training run's schedule, whichever it is, and steps without noise
+    whatever the scheduler's η (the sampling one's, --eta)."""
     generator = torch.Generator().manual_seed(0)
     x0 = torch.rand(2, 2, 6, 6, 6, generator=generator) * 1.8 - 0.9
     noise = torch.randn(x0.shape, generator=generator)
     training = DDPMScheduler(num_train_timesteps, schedule=schedule)  # the training scheduler's alphas
     noisy = training.add_noise(x0, noise, torch.full((2,), t_start))
     estimate = reconstruct_from(_NoiseOracle(noise), noisy, t_start=t_start,
-                                scheduler=GridDDIMScheduler(num_train_timesteps, schedule=schedule),
+                                scheduler=GridDDIMScheduler(num_train_timesteps, schedule=schedule, eta=eta),
                                 num_inference_steps=num_inference_steps)
     torch.testing.assert_close(estimate, x0, atol=1e-4, rtol=0)
 

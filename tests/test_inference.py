@@ -163,6 +163,21 @@ def test_the_grid_ddim_step_is_monais_where_monais_step_lands_on_its_grid(eta, n
             torch.testing.assert_close(got, want)
 
 
+def test_the_schedulers_eta_is_that_of_its_steps():
+    scheduler = GridDDIMScheduler(num_train_timesteps=40, schedule="cosine", eta=0.6)
+    scheduler.set_timesteps(5)
+    eps, x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)).unbind(0)
+    t = int(scheduler.timesteps[1])
+    draw = lambda: torch.Generator().manual_seed(3)
+    torch.testing.assert_close(scheduler.step(eps, t, x, generator=draw())[0],
+                               scheduler.step(eps, t, x, eta=0.6, generator=draw())[0])
+    assert not torch.allclose(scheduler.step(eps, t, x, generator=draw())[0],
+                              scheduler.step(eps, t, x, eta=0.0, generator=draw())[0])
+    for eta in (-0.1, 1.5, "1", True):
+        with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\]"):
+            GridDDIMScheduler(num_train_timesteps=40, eta=eta)
+
+
 @pytest.mark.parametrize("error", [0.98, 1.02])
 @pytest.mark.parametrize("num_inference_steps", [50, 1000])
 def test_ddim_stays_on_the_data_with_a_slightly_wrong_noise_estimate(error, num_inference_steps):

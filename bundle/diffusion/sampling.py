@@ -70,7 +70,23 @@ class GridDDIMScheduler(DDIMScheduler):
 
     ``timesteps`` may be set to any descending sequence (the evaluation's reconstruction starts one at its t).
     Only ε-prediction is implemented (the bundle trains no other).
+
+    Args:
+        eta: η of the steps that are not given one: 0 is deterministic DDIM (what inversion and reconstruction need),
+            1 draws as much fresh noise as DDPM does. At equal steps the noisy chain's samples are the closer to the
+            data (on the phantoms the deterministic chain leaves a grey background: ``docs/generation.md``).
+        kwargs: MONAI's ``DDIMScheduler`` arguments (``num_train_timesteps``, ``schedule``, ``clip_sample``, …).
+
+    Raises:
+        BadInputError: for ``eta`` outside [0, 1] (``--eta``).
     """
+
+    def __init__(self, *args, eta: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+            raise BadInputError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: as noisy as DDPM), "
+                                f"got {eta!r}.")
+        self.eta = float(eta)
 
     def previous_timestep(self, timestep: int) -> int:
         """The timestep of ``timesteps`` after ``timestep``; −1 (x₀, ᾱ = ``final_alpha_cumprod``) after the last."""
@@ -82,10 +98,12 @@ class GridDDIMScheduler(DDIMScheduler):
         model_output: torch.Tensor,
         timestep: int,
         sample: torch.Tensor,
-        eta: float = 0.0,
+        eta: float | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_t′, x̂₀)`` from ``model_output`` = ε̂ (B, C, *S) and ``sample`` = x_t (B, C, *S)."""
+        """``(x_t′, x̂₀)`` from ``model_output`` = ε̂ (B, C, *S) and ``sample`` = x_t (B, C, *S); ``eta`` None: the
+        scheduler's."""
+        eta = self.eta if eta is None else eta
         if self.prediction_type != "epsilon":
             raise NotImplementedError(
                 f"GridDDIMScheduler predicts ε only, got prediction_type={self.prediction_type!r}."

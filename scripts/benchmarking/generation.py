@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -63,11 +64,12 @@ def validation_volumes(run_dir: Path) -> torch.Tensor:
 
 
 SAMPLERS = {  # the final models are sampled by each: (scheduler class, steps), on the run's T and schedule
-    "bundle DDIM (GridDDIMScheduler), 50 steps": (GridDDIMScheduler, 50),
-    "MONAI DDIMScheduler, 50 steps": (DDIMScheduler, 50),
+    "bundle DDIM η = 1, 200 steps (the monitor's)": (partial(GridDDIMScheduler, eta=1.0), 200),
+    "bundle DDIM η = 0, 50 steps": (GridDDIMScheduler, 50),
+    "MONAI DDIMScheduler η = 0, 50 steps": (DDIMScheduler, 50),
     "DDPM, T steps": (DDPMScheduler, None),
 }
-FINAL_SAMPLER = next(iter(SAMPLERS))  # the one of the figures and the final measures
+FINAL_SAMPLER = next(iter(SAMPLERS))  # the one of the figures and the final measures: the generation monitor's
 
 
 def final_samples(run_dir: Path, num_samples: int, seed: int, sampler: str = FINAL_SAMPLER) -> torch.Tensor:
@@ -369,8 +371,8 @@ def render_generation_markdown(result: dict, command: str) -> str:
          f"`network_def` differs (IDM channels {tuple(s['channels'])}, {s['num_blocks']} blocks per level, attention "
          f"{tuple(s['attention_levels'])}; MONAI's `DiffusionModelUNet` the leanest within ±10% of its parameters). "
          f"Every {s['epochs_per_check'] * s['steps_per_epoch']} steps the generation monitor "
-         f"(`--generation_interval {s['epochs_per_check']}`) drew {s['num_samples']} samples (DDIM, 50 steps, the same "
-         "noise each time, EMA weights) and compared them with the validation volumes "
+         f"(`--generation_interval {s['epochs_per_check']}`) drew {s['num_samples']} samples (DDIM with η = 1, 200 "
+         "steps, the same noise each time, EMA weights) and compared them with the validation volumes "
          "(`bundle.sample_quality.compare_to_real`: each measure against the largest distance between two random "
          "halves of the real volumes over 10 splits)."),
         "## Samples of the final models beside real volumes",
