@@ -195,6 +195,8 @@ def _generation_quality(
     quality["reference"] = f"{settings.generation_reference} split, {len(references)} volumes"
     if len(references) < 4:
         quality["comparison"] = "n/a (the real-vs-real spread needs at least 4 reference volumes)"
+    elif not torch.isfinite(generated).all():
+        quality["comparison"] = "n/a (the samples hold non-finite values: the sampling chain diverged)"
     else:
         quality["comparison"] = compare_to_real(generated, references, modalities, seed=seed)
         logger.info("generated vs %s: %s", settings.generation_reference, quality_summary(quality["comparison"]))

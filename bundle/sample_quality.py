@@ -232,12 +232,15 @@ def compare_to_real(
         correlation per pair).
 
     Raises:
-        ValueError: for channels that do not match ``modalities``, or fewer than 2 generated or 4 real volumes
-            (two halves of two).
+        ValueError: for channels that do not match ``modalities``, fewer than 2 generated or 4 real volumes (two
+            halves of two), or non-finite values.
     """
     if generated.shape[1:] != real.shape[1:] or real.shape[1] != len(modalities):
         raise ValueError(f"generated {tuple(generated.shape)} and real {tuple(real.shape)} volumes must share their "
                          f"shape (N, C, *S) with C = {len(modalities)} modalities {list(modalities)}.")
+    for name, volumes in (("generated", generated), ("real", real)):
+        if not torch.isfinite(volumes).all():
+            raise ValueError(f"The {name} volumes hold non-finite values (NaN or ±inf): nothing to compare.")
     n = min(len(generated), len(real) // 2)
     if n < 2:
         raise ValueError(f"Comparing with the real-vs-real spread needs at least 2 generated and 4 real volumes, got "

@@ -88,6 +88,10 @@ def test_bad_inputs_are_named(phantoms):
         compare_to_real(phantoms[:8], phantoms[:3], MODALITIES)
     with pytest.raises(ValueError, match="C = 2 modalities"):
         compare_to_real(phantoms[:8, :1], phantoms[:8, :1], MODALITIES)
+    diverged = phantoms[:8].clone()
+    diverged[3, 0, 2, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="generated volumes hold non-finite values"):
+        compare_to_real(diverged, phantoms[8:], MODALITIES)
 
 
 class _Writer:

@@ -95,6 +95,11 @@ class GenerationMonitor:
                     network).cpu()
             for start in range(0, self.num_samples, self.batch_size)
         ])
+        if not torch.isfinite(generated).all():
+            logger.warning("Epoch %d generation: the samples hold non-finite values (the sampling chain diverged); "
+                           "no measures this time.", epoch)
+            self.summary_writer.add_scalar("generation/within_spread", 0.0, epoch)
+            return
         self.latest = compare_to_real(generated, real, self.modalities, seed=self.seed)
         for name, measure in self.latest["measures"].items():
             self.summary_writer.add_scalar(f"generation/{name}", measure["generated_vs_real"], epoch)

@@ -74,14 +74,14 @@ FINAL_SAMPLER = next(iter(SAMPLERS))  # the one of the figures and the final mea
 
 def final_samples(run_dir: Path, num_samples: int, seed: int, sampler: str = FINAL_SAMPLER) -> torch.Tensor:
     """(num_samples, C, *S) samples in [0, 1] of the run's ``model.pt`` (its EMA weights) by ``sampler`` (a key of
-    :data:`SAMPLERS`) on the run's T and schedule, four at a time."""
+    :data:`SAMPLERS`; at most T steps) on the run's T and schedule, four at a time."""
     parser = _run_config(run_dir)
     network = load_checkpoint(parser.get_parsed_content("network_def"), run_dir / "models" / "model.pt").eval()
     total = parser.get_parsed_content("num_train_timesteps")
     scheduler_class, steps = SAMPLERS[sampler]
     schedule = noise_schedule(parser.get_parsed_content("schedule"))
     scheduler = scheduler_class(num_train_timesteps=total, schedule=schedule)
-    chain = DiffusionSampler(scheduler, steps or total, seed=seed, progress=False)
+    chain = DiffusionSampler(scheduler, min(steps or total, total), seed=seed, progress=False)
     shape = (len(parser.get_parsed_content("modalities")), *parser.get_parsed_content("spatial_size"))
     return torch.cat([chain(torch.zeros((min(4, num_samples - s), *shape)), network)
                       for s in range(0, num_samples, 4)])
