@@ -73,8 +73,8 @@ class GridDDIMScheduler(DDIMScheduler):
 
     Args:
         eta: η of the steps that are not given one: 0 is deterministic DDIM (what inversion and reconstruction need),
-            1 draws as much fresh noise as DDPM does. At equal steps the noisy chain's samples are the closer to the
-            data (on the phantoms the deterministic chain leaves a grey background: ``docs/generation.md``).
+            1 draws as much fresh noise as DDPM does. At equal steps the noisy chain's samples came the closer to
+            the data on the phantoms (docs/README.md, "Sampling").
         kwargs: MONAI's ``DDIMScheduler`` arguments (``num_train_timesteps``, ``schedule``, ``clip_sample``, …).
 
     Raises:

@@ -291,7 +291,7 @@ def plot_curves(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         if tag == "generation/within_spread":
             ax.set_ylim(-0.05, 1.05)
-        elif tag not in ("val_eps_mse", "generation/correlation/t1_t2"):
+        elif tag not in ("val_eps_mse", "generation/correlation/t1_t2", "generation/mmd"):  # MMD can dip below 0
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_axis_off()
