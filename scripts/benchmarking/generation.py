@@ -352,8 +352,13 @@ def render_generation_markdown(result: dict, command: str) -> str:
     at_last = {n: _at_step(runs[n]["curves"]["generation/within_spread"], last_check) for n in NETWORKS}
 
     def milestone(name: str) -> str:
-        parts = [f"{share} of the measures within the spread: {reached(runs[name], key)}"
-                 for share, key in (("90%", "first_within_90"), ("all", "first_within"))]
+        curve = runs[name]["curves"]["generation/within_spread"]
+        best = max(value for _, value in curve)
+        first = next(step for step, value in curve if value == best)
+        minutes = first * runs[name]["seconds_per_step"] / 60
+        parts = [f"at best {best:.0%} of the measures within the spread, first at step {first} ({minutes:.0f} min)"]
+        parts += [f"{share} within: {reached(runs[name], key)}"
+                  for share, key in (("90%", "first_within_90"), ("all", "first_within"))]
         return f"{SHORT[name]}: " + "; ".join(parts)
 
     findings = (f"**Findings.** {milestone('idm')}. {milestone('monai')}. At step {last_check}, the last check of "
