@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import torch
 from monai.inferers import Inferer
-from monai.metrics import FIDMetric, MAEMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+from monai.metrics import FIDMetric, MAEMetric, PSNRMetric, SSIMMetric
 from monai.networks.schedulers import Scheduler
 from torch import nn
 from tqdm import tqdm
@@ -21,7 +20,14 @@ from .diffusion.maths import denoise_at, to_image_range, to_model_range
 from .diffusion.noise import seeded_generator
 from .diffusion.sampling import GridDDIMScheduler
 from .errors import BadInputError
-from .sample_quality import compare_to_real, ms_ssim_settings, normalised_mmd, quality_summary
+from .sample_quality import (
+    compare_to_real,
+    mean_pairwise,
+    ms_ssim_settings,
+    normalised_mmd,
+    pairwise_ms_ssim,
+    quality_summary,
+)
 from .settings import EvaluationSettings
 
 __all__ = ["evaluate", "reconstruct_from"]
@@ -172,15 +178,10 @@ def _generation_quality(
     num_generated, feature_extractor = settings.num_generated, settings.feature_extractor
     if sampler is None or num_generated < 2:
         return {"note": "skipped (needs a sampler and num_generated ≥ 2)"}
-    generated = torch.cat(
-        [sampler(torch.zeros((1, *reals.shape[1:]), device=device), network).cpu() for _ in range(num_generated)]
-    )
-    ms_ssim = MultiScaleSSIMMetric(spatial_dims=len(size), data_range=1.0, **ms_ssim_settings(size))
-    pairwise = [ms_ssim(generated[i : i + 1], generated[j : j + 1]).item()
-                for i, j in itertools.combinations(range(len(generated)), 2)]
+    generated = sampler.draw(network, num_generated, tuple(reals.shape[1:]), 1, device)
     quality = {
         "num_generated": num_generated,
-        "ms_ssim_pairwise_mean": sum(pairwise) / len(pairwise),
+        "ms_ssim_pairwise_mean": mean_pairwise(pairwise_ms_ssim(generated)),
         "ms_ssim_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in ms_ssim_settings(size).items()},
     }
     if len(reals) < 2:

@@ -35,8 +35,10 @@ from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 __all__ = [
     "FOREGROUND_THRESHOLD",
     "compare_to_real",
+    "mean_pairwise",
     "ms_ssim_settings",
     "normalised_mmd",
+    "pairwise_ms_ssim",
     "quality_summary",
     "volume_statistics",
 ]
@@ -156,7 +158,7 @@ def _joint_histogram(volumes: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return counts / counts.sum()
 
 
-def _pairwise_ms_ssim(volumes: torch.Tensor) -> torch.Tensor:
+def pairwise_ms_ssim(volumes: torch.Tensor) -> torch.Tensor:
     """(N, N) MS-SSIM between every two of ``volumes`` (N, C, *S), the mean over channels; 1 on the diagonal."""
     metric = MultiScaleSSIMMetric(spatial_dims=volumes.ndim - 2, data_range=1.0,
                                   **ms_ssim_settings(volumes.shape[2:]))
@@ -166,12 +168,11 @@ def _pairwise_ms_ssim(volumes: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
-def _diversity(statistics: dict[str, torch.Tensor]) -> float:
-    """Mean pairwise MS-SSIM within a set, from the ``ms_ssim`` rows of its volumes (:func:`_subset` keeps the
-    set's own columns)."""
-    matrix = statistics["ms_ssim"]
+def mean_pairwise(matrix: torch.Tensor) -> float:
+    """The mean of the off-diagonal entries of a (N, N) :func:`pairwise_ms_ssim` matrix (N ≥ 2): a set's diversity,
+    1 for copies of one volume, lower for a more diverse set."""
     n = len(matrix)
-    return ((matrix.sum() - n) / (n * (n - 1))).item()
+    return ((matrix.sum() - matrix.diagonal().sum()) / (n * (n - 1))).item()
 
 
 def _distances(
@@ -192,7 +193,7 @@ def _distances(
         distances[f"joint_histogram/{pair}"] = 0.5 * (_joint_histogram(a, i, j)
                                                       - _joint_histogram(b, i, j)).abs().sum().item()
     distances["mmd"] = normalised_mmd(a, b)[0]
-    distances["diversity"] = abs(_diversity(stats_a) - _diversity(stats_b))
+    distances["diversity"] = abs(mean_pairwise(stats_a["ms_ssim"]) - mean_pairwise(stats_b["ms_ssim"]))
     return distances
 
 
@@ -247,7 +248,7 @@ def compare_to_real(
                          f"{len(generated)} and {len(real)}.")
     generated, real = generated.detach().float().cpu().clamp(0, 1), real.detach().float().cpu().clamp(0, 1)
     stats_g, stats_r = volume_statistics(generated, threshold), volume_statistics(real, threshold)
-    stats_g["ms_ssim"], stats_r["ms_ssim"] = _pairwise_ms_ssim(generated), _pairwise_ms_ssim(real)
+    stats_g["ms_ssim"], stats_r["ms_ssim"] = pairwise_ms_ssim(generated), pairwise_ms_ssim(real)
     rng = torch.Generator().manual_seed(seed)
     gen_vs_real, real_vs_real = [], []
     for _ in range(num_splits):

@@ -194,3 +194,14 @@ class DiffusionSampler(Inferer):
                 ])
         network.train(was_training)
         return to_image_range(images).clamp(0, 1)
+
+    def draw(
+        self, network: nn.Module, num_samples: int, shape: tuple[int, ...], batch_size: int,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """``num_samples`` images of ``shape`` (C, *S), sampled ``batch_size`` at a time on ``device`` (which batch
+        size changes nothing: sample i depends on ``seed`` and i alone): (num_samples, C, *S) in [0, 1], on the CPU."""
+        return torch.cat([
+            self(torch.zeros((min(batch_size, num_samples - start), *shape), device=device), network).cpu()
+            for start in range(0, num_samples, batch_size)
+        ])

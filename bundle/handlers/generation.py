@@ -90,11 +90,7 @@ class GenerationMonitor:
         network = unwrap(engine.network)
         device = next(network.parameters()).device
         sampler = DiffusionSampler(self.scheduler, self.num_inference_steps, seed=self.seed, progress=False)
-        generated = torch.cat([
-            sampler(torch.zeros((min(self.batch_size, self.num_samples - start), *real.shape[1:]), device=device),
-                    network).cpu()
-            for start in range(0, self.num_samples, self.batch_size)
-        ])
+        generated = sampler.draw(network, self.num_samples, tuple(real.shape[1:]), self.batch_size, device)
         if not torch.isfinite(generated).all():
             logger.warning("Epoch %d generation: the samples hold non-finite values (the sampling chain diverged); "
                            "no measures this time.", epoch)

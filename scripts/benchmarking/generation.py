@@ -72,38 +72,37 @@ SAMPLERS = {  # the final models are sampled by each: (scheduler class, steps), 
 FINAL_SAMPLER = next(iter(SAMPLERS))  # the one of the figures and the final measures: the generation monitor's
 
 
-def final_samples(run_dir: Path, num_samples: int, seed: int, sampler: str = FINAL_SAMPLER) -> torch.Tensor:
-    """(num_samples, C, *S) samples in [0, 1] of the run's ``model.pt`` (its EMA weights) by ``sampler`` (a key of
-    :data:`SAMPLERS`; at most T steps) on the run's T and schedule, four at a time."""
+def final_model(run_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """The run's ``model.pt`` (its EMA weights) in its network, and ``{"num_train_timesteps", "schedule", "shape"}``
+    (shape: (C, *S)) of the run."""
     parser = _run_config(run_dir)
     network = load_checkpoint(parser.get_parsed_content("network_def"), run_dir / "models" / "model.pt").eval()
-    total = parser.get_parsed_content("num_train_timesteps")
+    return network, {
+        "num_train_timesteps": parser.get_parsed_content("num_train_timesteps"),
+        "schedule": noise_schedule(parser.get_parsed_content("schedule")),
+        "shape": (len(parser.get_parsed_content("modalities")), *parser.get_parsed_content("spatial_size")),
+    }
+
+
+def final_samples(model: tuple[torch.nn.Module, dict], num_samples: int, seed: int, sampler: str = FINAL_SAMPLER
+                  ) -> torch.Tensor:
+    """(num_samples, C, *S) samples in [0, 1] of a :func:`final_model` by ``sampler`` (a key of :data:`SAMPLERS`; at
+    most T steps) on the run's T and schedule, four at a time."""
+    network, run = model
+    total = run["num_train_timesteps"]
     scheduler_class, steps = SAMPLERS[sampler]
-    schedule = noise_schedule(parser.get_parsed_content("schedule"))
-    scheduler = scheduler_class(num_train_timesteps=total, schedule=schedule)
+    scheduler = scheduler_class(num_train_timesteps=total, schedule=run["schedule"])
     chain = DiffusionSampler(scheduler, min(steps or total, total), seed=seed, progress=False)
-    shape = (len(parser.get_parsed_content("modalities")), *parser.get_parsed_content("spatial_size"))
-    return torch.cat([chain(torch.zeros((min(4, num_samples - s), *shape)), network)
-                      for s in range(0, num_samples, 4)])
+    return chain.draw(network, num_samples, run["shape"], batch_size=4)
 
 
-def _curves(run_dir: Path, steps_per_epoch: int) -> dict:
-    """The run's generation and validation scalars against training steps: ``{tag: [(step, value), …]}``."""
-    runs = run_dir / "runs"
-    tags = [t for t in _scalar_tags(runs) if t.startswith("generation/")] + ["val_eps_mse"]
+def _curves(run_dir: Path, steps_per_epoch: int, measures: Sequence[str]) -> dict:
+    """The run's generation scalars of ``measures`` (each with its real spread), the fraction within the spread and
+    the validation ε-MSE, against training steps: ``{tag: [(step, value), …]}``."""
+    tags = ["generation/within_spread", "val_eps_mse"]
+    tags += [f"generation/{m}{suffix}" for m in measures for suffix in ("", "_real_spread")]
     return {tag: [(epoch * steps_per_epoch, value) for epoch, value in values]
-            for tag, values in read_scalars(runs, tags).items()}
-
-
-def _scalar_tags(log_dir: Path) -> list[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags: set[str] = set()
-    for events in log_dir.glob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        tags |= set(accumulator.Tags()["scalars"])
-    return sorted(tags)
+            for tag, values in read_scalars(run_dir / "runs", tags).items()}
 
 
 def monitor_images(run_dir: Path, steps_per_epoch: int) -> dict[int, np.ndarray]:
@@ -159,26 +158,18 @@ def recipe(
 
 def compare_generation(
     work_dir: str | Path,
-    steps: int = 6000,
-    check_every: int = 240,
-    size: int = 16,
     channels: Sequence[int] = (16, 32, 64),
     attention_levels: Sequence[bool] = (False, True, True),
     num_blocks: int = 2,
-    batch_size: int = 8,
-    learning_rate: float = 5e-4,
-    ema_decay: float = 0.995,
-    num_train_timesteps: int = 1000,
-    num_phantoms: int = 64,
-    val_fraction: float = 0.25,
-    num_samples: int = 8,
     final_samples_count: int = 16,
-    seed: int = 0,
+    **recipe_settings,
 ) -> dict:
     """Trains both networks (concurrently, one torch thread each; a network whose run in ``work_dir`` finished
-    earlier is reused) for ``steps`` steps with the generation monitor (``num_samples`` samples) every
-    ``check_every`` steps, then samples ``final_samples_count`` volumes from each final model with the bundle's DDIM
-    and ``num_samples`` with each other sampler of :data:`SAMPLERS`, and compares them with the validation volumes.
+    earlier is reused) by :func:`recipe` of ``recipe_settings`` (its keyword arguments: ``steps``, ``check_every``,
+    ``size``, ``num_samples`` …; its defaults are README.md's phantom recipe), with the generation monitor's
+    ``num_samples`` samples every ``check_every`` steps, then samples ``final_samples_count`` volumes from each final
+    model with the monitor's sampler and ``num_samples`` with each other sampler of :data:`SAMPLERS`, and compares
+    them with the validation volumes.
 
     Returns:
         ``{"settings", "machine", "networks": {name: {"label", "parameters", "wall_seconds", "steps",
@@ -187,17 +178,18 @@ def compare_generation(
         each of ``samplers`` is :func:`~bundle.sample_quality.compare_to_real` of the final model's samples.
     """
     work = Path(work_dir)
-    overrides, schedule = recipe(steps, check_every, size, batch_size, learning_rate, ema_decay, num_train_timesteps,
-                                 num_phantoms, val_fraction, num_samples, seed)
+    overrides, schedule = recipe(**recipe_settings)
+    size, seed, num_samples = overrides["spatial_size"][0], overrides["seed"], overrides["generation_samples"]
     settings = {
         "size": size, "channels": list(channels), "attention_levels": list(attention_levels), "num_blocks": num_blocks,
-        "batch_size": batch_size, "learning_rate": learning_rate, "ema_decay": ema_decay,
-        "num_train_timesteps": num_train_timesteps, "num_phantoms": num_phantoms, "val_fraction": val_fraction,
+        **{key: overrides[key] for key in ("batch_size", "learning_rate", "ema_decay", "num_train_timesteps",
+                                           "num_phantoms", "val_fraction")},
         "num_samples": num_samples, "final_samples": final_samples_count, "seed": seed, **schedule,
     }
     steps_per_epoch = schedule["steps_per_epoch"]
     shared = overrides | {"num_workers": 0, "preview_interval": 1000, "dataset_dir": str(work / "data")}
-    training_cases(work / "data", seed=seed, num_phantoms=num_phantoms)  # written once, outside the timed runs
+    # the phantoms, written once outside the timed runs
+    training_cases(work / "data", seed=seed, num_phantoms=overrides["num_phantoms"])
     workload = Workload("idm", size, channels=tuple(channels), num_blocks=num_blocks,
                         attention_levels=tuple(attention_levels))
     definitions = network_definitions(workload)
@@ -215,19 +207,20 @@ def compare_generation(
     real = validation_volumes(work / "idm")
     networks, samples, images = {}, {}, {}
     for name, definition in definitions.items():
-        curves = _curves(work / name, steps_per_epoch)
+        model = final_model(work / name)
+        samples[name] = final_samples(model, final_samples_count, seed)
+        final = compare_to_real(samples[name], real, ["t1", "t2"], seed=seed)
+        by_sampler = {sampler: compare_to_real(final_samples(model, num_samples, seed, sampler), real, ["t1", "t2"],
+                                               seed=seed) for sampler in list(SAMPLERS)[1:]}
+        curves = _curves(work / name, steps_per_epoch, list(final["measures"]))
         images[name] = monitor_images(work / name, steps_per_epoch)
-        samples[name] = final_samples(work / name, final_samples_count, seed)
-        by_sampler = {sampler: compare_to_real(final_samples(work / name, num_samples, seed, sampler), real,
-                                               ["t1", "t2"], seed=seed) for sampler in list(SAMPLERS)[1:]}
         trained = read_scalars(work / name / "runs", [STEP_TAG])[STEP_TAG][-1][0]
         networks[name] = {
             "label": NETWORKS[name], "parameters": parameter_count(definition), "wall_seconds": walls[name],
             "steps": trained, "seconds_per_step": walls[name] / trained, "curves": curves,
             "first_within": first_step_within(curves), "first_within_90": first_step_within(curves, 0.9),
-            "final": compare_to_real(samples[name], real, ["t1", "t2"], seed=seed),
+            "final": final, "samplers": {FINAL_SAMPLER: final} | by_sampler,
         }
-        networks[name]["samplers"] = {FINAL_SAMPLER: networks[name]["final"]} | by_sampler
     figures = {"curves": CURVES_FIGURE, "samples": SAMPLES_FIGURE, "progress": PROGRESS_FIGURE}
     result = {"settings": settings, "machine": machine_description(), "networks": networks, "figures": figures,
               "num_real": len(real)}
