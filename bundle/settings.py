@@ -92,7 +92,7 @@ class TrainingSettings:
     val_fraction: float
     skip_invalid: bool | str
     batch_size: int
-    micro_batch_size: int | None
+    micro_batch_size: int | str | None
     amp: bool | str
     noise_scheduler: Scheduler
     schedule: str
@@ -115,7 +115,7 @@ class TrainingSettings:
             setattr(self, name, as_flag(getattr(self, name), name))
         _check_spatial_size(self.spatial_size)
         _check_val_fraction(self.val_fraction)
-        micro_batches(self.batch_size, self.micro_batch_size)
+        micro_batches(self.batch_size, None if self.micro_batch_size == "auto" else self.micro_batch_size)
         autocast_dtype(self.amp)
         if self.noise_scheduler.prediction_type != "epsilon":
             raise BadInputError(

@@ -9,6 +9,7 @@ Usage (from the bundle root):
     python scripts/benchmark.py generation --work_dir runs/generation   # samples like the data? → docs/generation.md
     python scripts/benchmark.py profile        # where the paper configuration's step peaks → docs/paper_step_profile.md
     python scripts/benchmark.py profile --micro_batch_size 1 --recompute_norms true   # with the memory options
+    python scripts/benchmark.py planner        # the memory planner against measured peaks → docs/memory_planner.md
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from bundle.diffusion import micro_batches
 from bundle.flags import as_flag
 from scripts.benchmarking.allocator import return_freed_memory_to_os
 from scripts.benchmarking.generation import compare_generation, write_generation_report
+from scripts.benchmarking.plan_accuracy import (
+    ACCURACY_CONFIGURATIONS,
+    QUICK_CONFIGURATIONS,
+    planner_accuracy,
+    render_planner_accuracy,
+)
 from scripts.benchmarking.quality import compare_quality, render_quality_markdown, write_quality_report
 from scripts.benchmarking.report import machine_description
 from scripts.benchmarking.step_profile import profile_step_in_subprocess, render_step_profile
@@ -51,6 +58,7 @@ from scripts.benchmarking.workload import NETWORKS
 QUALITY_REPORT = "benchmark_quality.md"
 PARTIAL_RESULT = "benchmarks.partial.json"
 PROFILE_REPORT = "paper_step_profile"
+PLANNER_REPORT = "memory_planner"
 
 
 def _attention_at_last_two(channels: tuple[int, ...]) -> tuple[bool, ...]:
@@ -162,18 +170,19 @@ class Benchmark:
         print(write_quality_report(result, command, output_dir).read_text())
 
     def generation(self, work_dir: str = "runs/generation", steps: int = 6000, check_every: int = 240,
-                   size: int = 16, output_dir: str = "docs") -> None:
+                   size: int = 16, num_phantoms: int = 64, output_dir: str = "docs") -> None:
         """IDM and its parameter-matched MONAI ``DiffusionModelUNet`` trained by ``configs/train.json`` on the
         built-in phantoms, both at once on one torch thread each, with the generation monitor every
         ``check_every`` steps (about 50 minutes for 6000 steps at 16³ on 2 CPU cores); writes ``generation.md``,
         ``generation.json``, ``generation_samples.png`` and ``generation_curves.png``. The runs are kept in
         ``work_dir``: a rerun with the same one reuses the finished runs and only redraws the report."""
-        if steps < 1 or check_every < 1 or size < 16:
-            raise SystemExit(f"ERROR: need --steps ≥ 1, --check_every ≥ 1 and --size ≥ 16, got {steps}, "
-                             f"{check_every} and {size}.")
-        result = compare_generation(work_dir, steps=steps, check_every=check_every, size=size)
+        if steps < 1 or check_every < 1 or size < 16 or num_phantoms < 8:
+            raise SystemExit(f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --size ≥ 16 and --num_phantoms ≥ 8, got "
+                             f"{steps}, {check_every}, {size} and {num_phantoms}.")
+        result = compare_generation(work_dir, steps=steps, check_every=check_every, size=size,
+                                    num_phantoms=num_phantoms)
         command = (f"python scripts/benchmark.py generation --work_dir {work_dir} --steps {steps} "
-                   f"--check_every {check_every} --size {size}")
+                   f"--check_every {check_every} --size {size} --num_phantoms {num_phantoms}")
         print(write_generation_report(result, command, output_dir).read_text())
 
     def profile(
@@ -201,6 +210,23 @@ class Benchmark:
             "_recompute_norms" if recompute_norms else "")
         (out / f"{name}.json").write_text(json.dumps({"workload": workload.to_dict(), **result}, indent=1))
         (out / f"{name}.md").write_text(report)
+        print(report)
+
+    def planner(self, quick: bool = False, output_dir: str = "docs") -> None:
+        """The memory planner's prediction against the measured peak of the same training steps, for each
+        configuration of ``scripts.benchmarking.plan_accuracy.ACCURACY_CONFIGURATIONS`` (about 25 minutes on 2 CPU
+        cores; ``--quick true``: two of them, about 2 minutes, to ``runs/planner_quick``); writes
+        ``memory_planner.md`` and ``memory_planner.json``."""
+        quick = as_flag(quick, "--quick")
+        configurations = ({name: ACCURACY_CONFIGURATIONS[name] for name in QUICK_CONFIGURATIONS} if quick
+                          else ACCURACY_CONFIGURATIONS)
+        out = Path("runs/planner_quick" if quick and output_dir == "docs" else output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result = planner_accuracy(configurations)
+        command = "python scripts/benchmark.py planner" + (" --quick true" if quick else "")
+        report = render_planner_accuracy(result, command, machine_description())
+        (out / f"{PLANNER_REPORT}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{PLANNER_REPORT}.md").write_text(report)
         print(report)
 
 

@@ -87,11 +87,12 @@ def idm_loss_backward(
     is that of one micro-batch. With ``amp_dtype`` the forward passes run under ``torch.autocast`` in that
     dtype (mixed precision; the backward passes follow the forward's dtypes).
 
-    Micro-batch k of b_k samples contributes ``(b_k / B) (‖ε − U‖² + λ_R ‖x_t − U⁻¹(U)‖²)``, the last
-    one also ``λ_L2 ‖W‖₂``; the network treats samples independently (GroupNorm and attention act within
-    a sample), so the gradient is the whole batch's up to float rounding. Under
-    ``DistributedDataParallel`` every micro-batch but the last runs in ``no_sync()``: gradients are
-    all-reduced once per batch.
+    Micro-batch k of b_k samples contributes ``(b_k / B) (‖ε − U‖² + λ_R ‖x_t − U⁻¹(U)‖²)``; the network treats
+    samples independently (GroupNorm and attention act within a sample), so the gradient is the whole batch's up to
+    float rounding. The weight term ``λ_L2 ‖W‖₂`` is back-propagated on its own, before the micro-batches: inside
+    the network's backward its gradient for each weight would wait for the network's gradient of that weight (a
+    copy of every weight, alive through the whole backward pass). Under ``DistributedDataParallel`` every backward
+    but the last micro-batch's runs in ``no_sync()``: gradients are all-reduced once per batch.
 
     Returns:
         ``(prediction U(x_t, t) (B, C, *S), total loss, {term name: value})``, all detached; the loss and
@@ -99,20 +100,27 @@ def idm_loss_backward(
     """
     batch = noisy.shape[0]
     parts = micro_batches(batch, micro_batch_size)
+    no_sync = network.no_sync if hasattr(network, "no_sync") else nullcontext
     predictions, losses, terms = [], [], {}
+    norm = None
+    if lambda_l2 > 0:
+        with no_sync():
+            norm = weight_norm(network)
+            (lambda_l2 * norm).backward()
+        norm = norm.detach()
     for part in parts:
         fraction = (part.stop - part.start) / batch
-        last = part is parts[-1]
-        # the weight term enters once, with the last micro-batch, whose loss is scaled by `fraction` below
-        part_lambda_l2 = lambda_l2 / fraction if last else 0.0
-        with nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync():
+        with nullcontext() if part is parts[-1] else no_sync():
             with nullcontext() if amp_dtype is None else torch.autocast(noisy.device.type, dtype=amp_dtype):
                 prediction, part_loss, part_terms = idm_loss(
-                    network, noisy[part], timesteps[part], noise[part], lambda_rec, part_lambda_l2
+                    network, noisy[part], timesteps[part], noise[part], lambda_rec, lambda_l2=0.0
                 )
             (fraction * part_loss).backward()
         predictions.append(prediction.detach())
         losses.append(fraction * part_loss.detach())
         for name, value in part_terms.items():
-            terms.setdefault(name, []).append(value.detach() if name == "weight_norm" else fraction * value.detach())
+            terms.setdefault(name, []).append(fraction * value.detach())
+    if norm is not None:
+        losses.append(lambda_l2 * norm)
+        terms["weight_norm"] = [norm]
     return torch.cat(predictions), torch.stack(losses).sum(), {k: torch.stack(v).sum() for k, v in terms.items()}

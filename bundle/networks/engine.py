@@ -360,7 +360,8 @@ def _run(steps: Sequence[InvertibleStep], state: State, cond: torch.Tensor | Non
 
 
 def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    """The identity of ``t``'s storage (its ``StorageImpl``; unlike the data pointer, defined for FakeTensors too)."""
+    return t.untyped_storage()._cdata
 
 
 class _Relay:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 from monai.networks.utils import pixelshuffle, pixelunshuffle
@@ -33,7 +32,6 @@ def cayley(generator: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve(identity - skew, identity + skew).to(generator.dtype)
 
 
-@lru_cache(maxsize=2)
 def haar_matrix(spatial_dims: int) -> torch.Tensor:
     """The orthonormal Haar transform of a 2^d-voxel patch, (2^d, 2^d), rows = basis functions.
 

@@ -1,0 +1,507 @@
+"""What a training step needs in memory, known before the run starts: the configured trainer's iteration is run on
+FakeTensors (shapes, dtypes and devices without storage: no GPU, no data and no time beyond the Python of one
+step), while a ``TorchDispatchMode`` adds up the bytes of the storages alive after every operation.
+
+The step is the trainer's own (:class:`~bundle.diffusion.IDMTrainer`: noise, Eq. 8 loss and its backward in
+micro-batches, AdamW, EMA), run on fake twins of the network, the optimizer and the EMA model after a warm-up that
+leaves what a first step would (gradients, the optimizer's state, the EMA's first update): the planned step is the
+steady state, in which all of them are alive throughout.
+The engine really runs, so its in-place reconstruction and its one-step-at-a-time backward are what is counted.
+
+What a FakeTensor cannot show is left out and said: memory an operator takes for itself (a convolution library's
+workspace, the CPU's oneDNN buffers, ~30 MB of a CPU process's caches and generated code), the CUDA context
+(outside the allocator: :data:`CUDA_HEADROOM_BYTES` is kept free for it and the allocator's slack), and the
+allocator's fragmentation. On a GPU each storage is rounded up to the allocator's 512-byte blocks, as
+``torch.cuda.max_memory_allocated`` counts them.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import inspect
+import itertools
+import logging
+import math
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Self
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .errors import BadInputError, bad_input_in
+from .utils import unwrap
+
+# torch's own deepcopy of a FakeTensor reads its data pointer (harmless, and deprecated with a warning)
+_FAKE_DATA_POINTER = "Accessing the data pointer of FakeTensor is deprecated"
+
+__all__ = [
+    "CUDA_HEADROOM_BYTES",
+    "LiveBytes",
+    "MemoryPlan",
+    "TrainingMemoryPlan",
+    "device_memory_bytes",
+    "plan_config",
+    "plan_training_step",
+]
+
+logger = logging.getLogger(__name__)
+
+CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator's rounding of every block
+CUDA_HEADROOM_BYTES = 2**30  # kept free on a GPU: the CUDA context, library workspaces, the allocator's slack
+GIB = 2**30
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages on ``device_type`` alive after each operation, their peak, and where it was reached.
+
+    A storage is counted once (views share it) from the operation that made it until it is freed (a weak reference's
+    callback). Where: :attr:`phase` (set by the caller: ``"forward"``, ``"update"`` …) or, inside a backward pass,
+    ``"backward"``; and the module whose forward ran last (in a memory-efficient backward: the block being
+    recomputed) or else the autograd node running.
+
+    Args:
+        device_type: the device whose storages count (``"cuda"``: the noise drawn on the CPU does not).
+        block_bytes: each storage is rounded up to a multiple of this (the CUDA allocator's 512).
+        module_names: ``{id(module): name}`` of the modules to name in :attr:`peak_where`.
+    """
+
+    def __init__(self, device_type: str, block_bytes: int = 1, module_names: dict[int, str] | None = None) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.block_bytes = block_bytes
+        self.module_names = module_names or {}
+        self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage → [its counted bytes]
+        self.live = 0
+        self.peak = 0
+        self.peak_where = ("", "")
+        self.phase = "build"
+        self.phase_peaks: dict[str, int] = {}
+        self._module = ""
+        self._task = -1
+        self._hooks: list = []
+
+    def __enter__(self) -> Self:
+        self._hooks = [nn.modules.module.register_module_forward_pre_hook(self._entered)]
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        super().__exit__(*exc)
+
+    def _entered(self, module: nn.Module, args) -> None:
+        name = self.module_names.get(id(module))
+        if name is not None:
+            self._module = name
+
+    def _rounded(self, nbytes: int) -> int:
+        return -(-nbytes // self.block_bytes) * self.block_bytes
+
+    def _freed(self, size: list[int]) -> None:
+        self.live -= size[0]
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != self.device_type:
+            return
+        storage = tensor.untyped_storage()
+        nbytes = self._rounded(storage.nbytes())
+        size = self._sizes.get(storage)
+        if size is None:  # a new storage: counted until it is freed
+            size = self._sizes[storage] = [0]
+            weakref.finalize(storage, self._freed, size)
+        self.live += nbytes - size[0]  # (a storage resized in place by an out= operation changes its size)
+        size[0] = nbytes
+
+    def count(self, tensors) -> None:
+        """Counts ``tensors`` that no operator has made yet (a no-op for those it has)."""
+        for t in tensors:
+            self._count(t)
+
+    def start_step(self) -> None:
+        """Forgets the peaks so far: what follows is the step (phase ``"forward"`` until the caller says)."""
+        self.peak, self.peak_where, self.phase_peaks, self.phase = self.live, ("", ""), {}, "forward"
+
+    def where(self) -> tuple[str, str]:
+        """(phase, module or autograd node) of the operation running now."""
+        task = torch._C._current_graph_task_id()  # -1 outside a backward pass
+        if task != -1 and self._task == -1:  # a backward pass begins: the forward's last module is not its place
+            self._module = ""
+        self._task = task
+        if task == -1:
+            return self.phase, self._module
+        node = torch._C._current_autograd_node()
+        return "backward", self._module or (type(node).__name__ if node is not None else "")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._count(leaf)
+        phase, module = self.where()
+        if self.live > self.phase_peaks.get(phase, -1):
+            self.phase_peaks[phase] = self.live
+        if self.live > self.peak:
+            self.peak, self.peak_where = self.live, (phase, module)
+        return out
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
+
+
+def _tensors_in(value, depth: int = 3):
+    """The tensors in ``value`` and in the dicts, lists and tuples it holds (``depth`` levels deep)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth and isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item, depth - 1)
+    elif depth and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item, depth - 1)
+
+
+def _fake_twin(module: nn.Module, device: torch.device) -> nn.Module:
+    """A deep copy of ``module`` whose tensors are new (fake, under the active FakeTensorMode) empty tensors on
+    ``device`` of the same shapes and dtypes: its parameters (``requires_grad`` kept; shared ones stay shared), its
+    buffers and the tensors its modules hold otherwise (caches, MONAI's attention matrices kept for display)."""
+    memo: dict[int, torch.Tensor] = {}
+    for p in module.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), p.requires_grad)
+    held = (t for m in module.modules() for key, value in vars(m).items() if key not in ("_parameters", "_modules")
+            for t in _tensors_in(value))
+    for t in itertools.chain(module.buffers(), held):
+        if id(t) not in memo:
+            memo[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=device)
+    return copy.deepcopy(module, memo)
+
+
+def _warm_up(network: nn.Module, optimizer: torch.optim.Optimizer,
+             ema: torch.optim.swa_utils.AveragedModel | None) -> None:
+    """What a first training step leaves behind, without its cost: gradients, the optimizer's state and the EMA's
+    first update, so that the step planned next is the steady state (all of them alive throughout)."""
+    for p in network.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    if ema is not None:
+        ema.update_parameters(network)
+
+
+def _twin_ema(ema: torch.optim.swa_utils.AveragedModel, network: nn.Module,
+              device: torch.device) -> torch.optim.swa_utils.AveragedModel:
+    """An EMA of ``network`` with ``ema``'s settings. Its copy of the network is made again by :func:`_fake_twin`: the
+    storages of ``AveragedModel``'s deep copy are made without an operator, and FakeTensors do not keep their
+    identity through later views."""
+    twin = torch.optim.swa_utils.AveragedModel(network, avg_fn=ema.avg_fn, multi_avg_fn=ema.multi_avg_fn,
+                                               use_buffers=ema.use_buffers)
+    twin.module = _fake_twin(twin.module, device)
+    return twin
+
+
+def _kept_tensors(network: nn.Module, optimizer: torch.optim.Optimizer,
+                  ema: torch.optim.swa_utils.AveragedModel | None) -> dict[str, list[torch.Tensor]]:
+    """The tensors kept between steps, by kind: ``parameter_bytes`` (and buffers), ``gradient_bytes``,
+    ``optimizer_bytes`` and ``ema_bytes``."""
+    return {
+        "parameter_bytes": [*network.parameters(), *network.buffers()],
+        "gradient_bytes": [p.grad for p in network.parameters() if p.grad is not None],
+        "optimizer_bytes": [t for state in optimizer.state.values() for t in state.values()
+                            if isinstance(t, torch.Tensor)],
+        "ema_bytes": [] if ema is None else list(ema.state_dict().values()),
+    }
+
+
+def _twin_optimizer(optimizer: torch.optim.Optimizer, twins: dict[int, nn.Parameter]) -> torch.optim.Optimizer:
+    """A new optimizer of ``optimizer``'s class and settings over the twins of its parameters."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [twins[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return type(optimizer)(groups, **defaults)
+
+
+@dataclass
+class MemoryPlan:
+    """The predicted memory of one training step (bytes), see :func:`plan_training_step`.
+
+    ``peak_bytes``: all tensors alive at the step's peak; ``floor_bytes``: what stays alive between steps
+    (``parameter_bytes`` + ``gradient_bytes`` + ``optimizer_bytes`` + ``ema_bytes``); ``phase_peaks``: the peak
+    during the forward pass, the backward pass and the update; ``peak_phase`` and ``peak_module``: where the
+    peak is reached; ``usable_bytes``: the device memory the peak must fit in (None: unknown); ``fits``.
+    """
+
+    device: str
+    batch_size: int
+    micro_batch_size: int | None
+    image_shape: list[int]
+    amp: bool
+    params: int
+    peak_bytes: int
+    floor_bytes: int
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    ema_bytes: int
+    phase_peaks: dict[str, int]
+    peak_phase: str
+    peak_module: str
+    usable_bytes: int | None
+    fits: bool | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """The plan as a text table, for the log and the command line."""
+        samples = self.micro_batch_size or self.batch_size
+        rows = [
+            ("step", f"batch {self.batch_size}" + (f" in micro-batches of {self.micro_batch_size}"
+                                                   if self.micro_batch_size else "")
+             + f", {samples} × {self.image_shape}, " + ("bf16 autocast" if self.amp else "float32")
+             + f" on {self.device}"),
+            ("parameters", f"{self.params:,}"),
+            ("weights (and buffers)", _gb(self.parameter_bytes)),
+            ("gradients", _gb(self.gradient_bytes)),
+            ("optimizer state", _gb(self.optimizer_bytes)),
+            ("EMA weights", _gb(self.ema_bytes)),
+            ("floor (kept between steps)", _gb(self.floor_bytes)),
+            *((f"peak during {phase}", _gb(value)) for phase, value in self.phase_peaks.items()),
+            ("peak of the step", _gb(self.peak_bytes)),
+            ("reached in", f"{self.peak_phase}" + (f", at {self.peak_module}" if self.peak_module else "")),
+            ("usable memory", "unknown" if self.usable_bytes is None else _gb(self.usable_bytes)),
+            ("fits", {True: "yes", False: "NO", None: "unknown"}[self.fits]),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join([f"{k:<{width}}  {v}" for k, v in rows] + [f"note: {n}" for n in self.notes])
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:8.3f} GB"
+
+
+def device_memory_bytes(device: torch.device | str, device_memory_gb: float | None = None) -> int | None:
+    """Memory a run on ``device`` may use: ``device_memory_gb`` GiB (or a GPU's total memory) less
+    :data:`CUDA_HEADROOM_BYTES` on a GPU; on the CPU ``device_memory_gb`` GiB or the memory available now
+    (``MemAvailable``); None where unknown (a GPU that is not here, with no ``device_memory_gb``)."""
+    kind = torch.device(device).type
+    if device_memory_gb is not None:
+        if isinstance(device_memory_gb, bool) or not isinstance(device_memory_gb, (int, float)) \
+                or not device_memory_gb > 0:
+            raise BadInputError(f"device_memory_gb must be a positive number of GiB such as 24; "
+                                f"got {device_memory_gb!r}.")
+        total = int(device_memory_gb * GIB)
+    elif kind == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    elif kind == "cpu" and Path("/proc/meminfo").exists():
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    else:
+        return None
+    return total - CUDA_HEADROOM_BYTES if kind == "cuda" else total
+
+
+def plan_training_step(
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    noise_sampler,
+    batch_size: int,
+    image_shape: Sequence[int],
+    micro_batch_size: int | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    amp: bool = False,
+    lambda_rec: float = 0.0,
+    lambda_l2: float = 1e-4,
+    device: torch.device | str = "cpu",
+    usable_bytes: int | None = None,
+) -> MemoryPlan:
+    """Predicts the memory of one training step of :class:`~bundle.diffusion.IDMTrainer` with these arguments,
+    without touching ``network``, ``optimizer``, ``ema`` or ``noise_sampler`` (real, meta or fake: only their
+    shapes and settings are read) and without allocating their memory.
+
+    Args:
+        network, optimizer, scheduler, noise_sampler, micro_batch_size, ema, amp, lambda_rec, lambda_l2: as the
+            trainer's.
+        batch_size: samples per step; image_shape: (C, *S) of one sample.
+        device: where the run trains (its kind decides the allocator's rounding).
+        usable_bytes: the memory the peak must fit in (:func:`device_memory_bytes`), or None.
+    """
+    from .diffusion.engines import IDMTrainer  # the trainer imports this module's caller, not this module
+
+    kind = torch.device(device).type
+    device = torch.device(device)
+    start = time.perf_counter()
+    network = unwrap(network)
+    notes = ["predicted, not measured: tensors only (no operator workspaces, CUDA context or fragmentation)"]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # fake CUDA tensors need CUDA's operators (e.g. to choose an attention kernel)
+        notes.append("planned with the CPU's operators: no GPU here (a GPU's attention and convolution kernels "
+                     "may keep other working sets)")
+        device = torch.device("cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
+        tracker = LiveBytes(device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1)
+        with tracker:
+            twin = _fake_twin(network, device)
+            twins = dict(zip(map(id, network.parameters()), twin.parameters()))
+            twin_optimizer = _twin_optimizer(optimizer, twins)
+            twin_ema = None if ema is None else _twin_ema(ema, twin, device)
+            tracker.module_names = {id(m): name or "network" for name, m in twin.named_modules()}
+            trainer = IDMTrainer(
+                device=device, max_epochs=1, train_data_loader=[], network=twin, optimizer=twin_optimizer,
+                scheduler=scheduler, noise_sampler=copy.copy(noise_sampler), lambda_rec=lambda_rec,
+                lambda_l2=lambda_l2, micro_batch_size=micro_batch_size, ema=twin_ema, amp=amp, decollate=False,
+            )
+            _warm_up(twin, twin_optimizer, twin_ema)
+            kept = _kept_tensors(twin, twin_optimizer, twin_ema)
+            tracker.count(itertools.chain.from_iterable(kept.values()))  # (a no-op unless no operator made one)
+            tracker.start_step()
+            trainer.optimizer.register_step_pre_hook(lambda *_: setattr(tracker, "phase", "update"))
+            images = torch.zeros(batch_size, *image_shape, device=device)
+            trainer._iteration(trainer, {"image": images})
+            floor = {name: _tensor_bytes(tensors) for name, tensors in _kept_tensors(twin, twin_optimizer,
+                                                                                     twin_ema).items()}
+            params = sum(p.numel() for p in twin.parameters())
+            del trainer, twin, twins, twin_optimizer, twin_ema, images, kept
+    gc.collect()
+    fits = None if usable_bytes is None else tracker.peak <= usable_bytes
+    return MemoryPlan(
+        device=kind, batch_size=batch_size, micro_batch_size=micro_batch_size, image_shape=list(image_shape),
+        amp=bool(amp), params=params, peak_bytes=tracker.peak, floor_bytes=sum(floor.values()), **floor,
+        phase_peaks={k: tracker.phase_peaks[k] for k in ("forward", "backward", "update") if k in tracker.phase_peaks},
+        peak_phase=tracker.peak_where[0], peak_module=tracker.peak_where[1], usable_bytes=usable_bytes, fits=fits,
+        seconds=time.perf_counter() - start, notes=notes,
+    )
+
+
+def _candidate_micro_batch_sizes(batch_size: int) -> list[int]:
+    """Micro-batch sizes worth trying, largest first: the smallest size for each number of micro-batches."""
+    return sorted({math.ceil(batch_size / k) for k in range(1, batch_size + 1)}, reverse=True)
+
+
+class TrainingMemoryPlan:
+    """The plan of ``configs/train.json``'s training step, made when the run starts (before its data is read) and
+    logged; with ``micro_batch_size="auto"`` it picks the largest micro-batch predicted to fit, and it refuses a
+    run predicted not to fit even in micro-batches of 1, saying what would.
+
+    Args:
+        device_memory_gb: GiB the run may use (None: the device's, see :func:`device_memory_bytes`).
+        check: refuse a run predicted not to fit (False: only log the plan).
+        Other arguments: as :func:`plan_training_step`; ``micro_batch_size`` may also be ``"auto"``.
+
+    Attributes:
+        micro_batch_size: the micro-batch size to train with (``micro_batch_size``, or the one ``"auto"`` chose).
+        plan: the :class:`MemoryPlan` of that size.
+
+    Raises:
+        BadInputError: for a run predicted not to fit (with ``check``), or a ``micro_batch_size`` that is neither
+            None, a positive integer nor ``"auto"``.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        noise_sampler,
+        batch_size: int,
+        image_shape: Sequence[int],
+        micro_batch_size: int | str | None = None,
+        ema: torch.optim.swa_utils.AveragedModel | None = None,
+        amp: bool = False,
+        lambda_rec: float = 0.0,
+        lambda_l2: float = 1e-4,
+        device: torch.device | str = "cpu",
+        device_memory_gb: float | None = None,
+        check: bool = True,
+    ) -> None:
+        usable = device_memory_bytes(device, device_memory_gb)
+
+        def plan(micro: int, with_amp: bool = amp) -> MemoryPlan:
+            return plan_training_step(
+                network, optimizer, scheduler, noise_sampler, batch_size, image_shape,
+                None if micro == batch_size else micro, ema, with_amp, lambda_rec, lambda_l2, device, usable)
+
+        if micro_batch_size == "auto":
+            candidates = _candidate_micro_batch_sizes(batch_size)
+        elif micro_batch_size is None or (isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool)
+                                          and micro_batch_size >= 1):
+            candidates = [micro_batch_size or batch_size]
+        else:
+            raise BadInputError(f"micro_batch_size must be a positive integer, null (the whole batch at once) or "
+                                f"'auto' (the largest predicted to fit); got {micro_batch_size!r}.")
+        for micro in candidates:
+            self.plan = plan(micro)
+            if self.plan.fits is not False:
+                break
+        self.micro_batch_size = self.plan.micro_batch_size
+        chosen = " (chosen by micro_batch_size 'auto')" if micro_batch_size == "auto" else ""
+        logger.info("Memory plan of one training step%s:\n%s", chosen, self.plan.table())
+        if check and self.plan.fits is False:
+            raise BadInputError(self._refusal(plan, micro_batch_size == "auto" or candidates == [1]))
+
+    def _refusal(self, plan: Callable[..., MemoryPlan], smallest: bool) -> str:
+        p = self.plan
+        message = (f"This run is predicted not to fit: one training step peaks at {p.peak_bytes / 1e9:.2f} GB "
+                   f"({p.floor_bytes / 1e9:.2f} GB of it weights, gradients, optimizer state and EMA) on {p.device} "
+                   f"with {p.usable_bytes / 1e9:.2f} GB usable, "
+                   + ("even in micro-batches of 1 sample. " if smallest else
+                      f"with micro-batches of {p.micro_batch_size or p.batch_size}; --micro_batch_size auto picks the "
+                      "largest that fits, if one does. "))
+        hints = []
+        if smallest and p.usable_bytes > p.floor_bytes:
+            working = p.peak_bytes - p.floor_bytes
+            scale = ((p.usable_bytes - p.floor_bytes) / working) ** (1 / (len(p.image_shape) - 1))
+            size = [max(1, int(s * scale)) for s in p.image_shape[1:]]
+            hints.append(f"a spatial_size of about {size} (activations scale with voxels; plan it with "
+                         "scripts/plan_memory.py), or a coarser spacing")
+        if not p.amp:
+            with_amp = plan(p.micro_batch_size or p.batch_size, with_amp=True)
+            hints.append(f"--amp true ({with_amp.peak_bytes / 1e9:.2f} GB" + (", fits)" if with_amp.fits else ")"))
+        if p.ema_bytes:
+            hints.append(f"--ema_decay 0 (EMA off saves {p.ema_bytes / 1e9:.2f} GB)")
+        if p.floor_bytes >= p.usable_bytes:
+            hints.append("a narrower network: its weights, gradients and optimizer state alone do not fit")
+        return message + ("What would lower it: " + "; ".join(hints) + "." if hints else "")
+
+
+def plan_config(config_file: str | Path | Sequence[str | Path], overrides: dict | None = None,
+                check: bool = False) -> TrainingMemoryPlan:
+    """The :class:`TrainingMemoryPlan` of ``configs/train.json`` (or ``config_file``'s) ``memory_plan`` with
+    ``overrides`` (``{"spatial_size": [128, 128, 128], "network_def#channels": [...]}``), its network, optimizer and
+    EMA built as FakeTensors: no memory, no device, no data read, and ``check=False`` reports a plan that does not
+    fit instead of refusing it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.update(overrides or {})
+    parser["network"] = "@network_def"  # not moved to the device: FakeTensors of the plan's device are made from it
+    parser["memory_plan"]["check"] = check
+    for name in ("noise_scheduler", "noise_sampler"):  # real: their set-up reads values (the schedule's)
+        parser.get_parsed_content(name)
+    try:
+        with FakeTensorMode(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
+            for name in ("network", "optimizer", "ema"):
+                parser.get_parsed_content(name)
+        return parser.get_parsed_content("memory_plan")
+    except RuntimeError as error:  # the config parser's wrapping of a component's error
+        found = bad_input_in(error)
+        if found is None:
+            raise
+        raise found from None
