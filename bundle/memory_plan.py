@@ -65,7 +65,7 @@ class LiveBytes(TorchDispatchMode):
     """Bytes of the storages on ``device_type`` alive after each operation, their peak, and where it was reached.
 
     A storage is counted once (views share it) from the operation that made it until it is freed (a weak reference's
-    callback). Where: :attr:`phase` (set by the caller: ``"forward"``, ``"update"`` …) or, inside a backward pass,
+    callback). Where: the phase (:meth:`set_phase`: ``"forward"``, ``"update"`` …) or, inside a backward pass,
     ``"backward"``; and the module whose forward ran last (in a memory-efficient backward: the block being
     recomputed) or else the autograd node running.
 
@@ -84,7 +84,7 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.peak_where = ("", "")
-        self.phase = "build"
+        self.phase = "build"  # until start_step
         self.phase_peaks: dict[str, int] = {}
         self._module = ""
         self._task = -1
@@ -128,8 +128,13 @@ class LiveBytes(TorchDispatchMode):
             self._count(t)
 
     def start_step(self) -> None:
-        """Forgets the peaks so far: what follows is the step (phase ``"forward"`` until the caller says)."""
-        self.peak, self.peak_where, self.phase_peaks, self.phase = self.live, ("", ""), {}, "forward"
+        """Forgets the peaks so far: what follows is the step (phase ``"forward"`` until :meth:`set_phase`)."""
+        self.peak, self.peak_where, self.phase_peaks = self.live, ("", ""), {}
+        self.set_phase("forward")
+
+    def set_phase(self, phase: str) -> None:
+        """Names what runs from now on outside a backward pass (and forgets the module of the phase before)."""
+        self.phase, self._module = phase, ""
 
     def where(self) -> tuple[str, str]:
         """(phase, module or autograd node) of the operation running now."""
@@ -370,7 +375,7 @@ def plan_training_step(
             kept = _kept_tensors(twin, twin_optimizer, twin_ema)
             tracker.count(itertools.chain.from_iterable(kept.values()))  # (a no-op unless no operator made one)
             tracker.start_step()
-            trainer.optimizer.register_step_pre_hook(lambda *_: setattr(tracker, "phase", "update"))
+            trainer.optimizer.register_step_pre_hook(lambda *_: tracker.set_phase("update"))
             images = torch.zeros(batch_size, *image_shape, device=device)
             trainer._iteration(trainer, {"image": images})
             floor = {name: _tensor_bytes(tensors) for name, tensors in _kept_tensors(twin, twin_optimizer,

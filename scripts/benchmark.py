@@ -169,11 +169,11 @@ class Benchmark:
         command = f"python scripts/benchmark.py quality --epochs {epochs} --size {size} --channels '{list(channels)}'"
         print(write_quality_report(result, command, output_dir).read_text())
 
-    def generation(self, work_dir: str = "runs/generation", steps: int = 6000, check_every: int = 240,
-                   size: int = 16, num_phantoms: int = 64, output_dir: str = "docs") -> None:
+    def generation(self, work_dir: str = "runs/generation", steps: int = 8000, check_every: int = 240,
+                   size: int = 16, num_phantoms: int = 256, output_dir: str = "docs") -> None:
         """IDM and its parameter-matched MONAI ``DiffusionModelUNet`` trained by ``configs/train.json`` on the
         built-in phantoms, both at once on one torch thread each, with the generation monitor every
-        ``check_every`` steps (about 50 minutes for 6000 steps at 16³ on 2 CPU cores); writes ``generation.md``,
+        ``check_every`` steps (about 70 minutes for 8000 steps at 16³ on 2 idle CPU cores); writes ``generation.md``,
         ``generation.json``, ``generation_samples.png`` and ``generation_curves.png``. The runs are kept in
         ``work_dir``: a rerun with the same one reuses the finished runs and only redraws the report."""
         if steps < 1 or check_every < 1 or size < 16 or num_phantoms < 8:

@@ -127,14 +127,14 @@ def first_step_within(curves: Mapping, fraction: float = 1.0) -> int | None:
 
 
 def recipe(
-    steps: int = 6000,
+    steps: int = 8000,
     check_every: int = 240,
     size: int = 16,
     batch_size: int = 8,
     learning_rate: float = 5e-4,
     ema_decay: float = 0.995,
     num_train_timesteps: int = 1000,
-    num_phantoms: int = 64,
+    num_phantoms: int = 256,
     val_fraction: float = 0.25,
     num_samples: int = 8,
     seed: int = 0,
