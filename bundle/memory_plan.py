@@ -473,7 +473,7 @@ class TrainingMemoryPlan:
             scale = ((p.usable_bytes - p.floor_bytes) / working) ** (1 / (len(p.image_shape) - 1))
             size = [max(1, int(s * scale)) for s in p.image_shape[1:]]
             hints.append(f"a spatial_size of about {size} (activations scale with voxels; plan it with "
-                         "scripts/plan_memory.py), or a coarser spacing")
+                         "scripts/plan_memory.py)")
         if not p.amp:
             with_amp = plan(p.micro_batch_size or p.batch_size, with_amp=True)
             hints.append(f"--amp true ({with_amp.peak_bytes / 1e9:.2f} GB" + (", fits)" if with_amp.fits else ")"))
