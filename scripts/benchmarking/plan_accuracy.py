@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
@@ -20,6 +19,7 @@ from bundle.memory_plan import plan_config
 from bundle.process_memory import proc_status_bytes
 
 from .child_process import BUNDLE_ROOT, FreshProcess, measuring_device
+from .peak_memory import PeakMeter
 from .quality import TRAIN_CONFIG, network_definitions
 from .report import markdown_table
 from .workload import Workload
@@ -69,23 +69,17 @@ def _measure(config_file: str, overrides: Mapping) -> dict:
         parser.get_parsed_content(name)
     shape = [parser.get_parsed_content("batch_size"), len(parser.get_parsed_content("modalities")),
              *parser.get_parsed_content("spatial_size")]
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = proc_status_bytes("RssAnon")
-        Path("/proc/self/clear_refs").write_text("5")
+    meter = PeakMeter(device)
+    before = meter.allocated()
+    meter.reset()
     start = time.perf_counter()
     engine = parser.get_parsed_content("train#trainer")
     images = torch.rand(shape, device=device)
     for _ in range(2):
         engine._iteration(engine, {"image": images})
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = proc_status_bytes("VmHWM") - proc_status_bytes("RssFile") - proc_status_bytes("RssShmem") - before
+    # on the CPU the peak RSS less the pages no allocator hands out (file-backed and shared)
+    not_allocated = 0 if device.type == "cuda" else proc_status_bytes("RssFile") + proc_status_bytes("RssShmem")
+    peak = meter.peak() - not_allocated - before
     return {"peak_bytes": peak, "seconds": time.perf_counter() - start, "device": device.type}
 
 
