@@ -323,11 +323,12 @@ def check_checkpoint_folder(
     modalities: Sequence[str],
     noise_scheduler: Scheduler,
     schedule: str,
+    spacing: float | Sequence[float] | None = None,
 ) -> None:
     """What a training run refuses that the files in ``ckpt_dir`` alone tell, checked before data is read or anything
     is built: a resume without ``training_state.pt``, or of a run whose record (``run.json``) differs in
-    ``spatial_size``, ``modalities`` or noise schedule (:func:`~bundle.run_record.load_run_record`); a new run over an
-    earlier run's checkpoints without ``overwrite``.
+    ``spatial_size``, ``spacing``, ``modalities`` or noise schedule (:func:`~bundle.run_record.load_run_record`); a
+    new run over an earlier run's checkpoints without ``overwrite``.
 
     Raises:
         BadInputError: naming the file and the flag or override to pass.
@@ -341,7 +342,7 @@ def check_checkpoint_folder(
                 "without --resume to start a new training there."
             )
         load_run_record(model, spatial_size=spatial_size, modalities=modalities, noise_scheduler=noise_scheduler,
-                        schedule=schedule)
+                        schedule=schedule, spacing=spacing)
         return
     existing = [str(p) for p in (model, state) if p.exists()]
     if existing and not overwrite:

@@ -1,4 +1,5 @@
-"""Generation: checkpoint → N synthetic volumes, one NIfTI per modality plus a mid-slice PNG per sample."""
+"""Generation: checkpoint → N synthetic volumes, one NIfTI per modality plus a mid-slice PNG per sample, on the
+training grid or, for a registered dataset trained on its native grid, on the dataset's own grid."""
 
 from __future__ import annotations
 
@@ -9,16 +10,35 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.transforms import SpatialResample
 from torch import nn
 
 from .checkpoint import load_checkpoint
 from .settings import InferenceSettings
 from .visualize import save_mid_slices_png
 
-__all__ = ["generate"]
+__all__ = ["generate", "to_original_grid"]
 
 logger = logging.getLogger(__name__)
+
+
+def to_original_grid(sample: torch.Tensor, run_record: dict) -> tuple[torch.Tensor, np.ndarray]:
+    """``sample`` (C, *S) on the training grid (``run_record["affine"]``) → (the sample on the dataset's own grid,
+    its affine): resampled (trilinear) onto ``run_record["original_grid"]`` where the run record has one (a registered
+    dataset on the native grid, :func:`~bundle.run_record.run_record`), zero outside the training box; else
+    ``sample`` and the training grid's affine."""
+    affine = np.asarray(run_record["affine"], dtype=float)
+    grid = run_record.get("original_grid")
+    if grid is None:
+        return sample, affine
+    target = np.asarray(grid["affine"], dtype=float)
+    moved = SpatialResample(mode="bilinear", padding_mode="zeros", align_corners=True)(
+        MetaTensor(sample, affine=torch.as_tensor(affine)), dst_affine=torch.as_tensor(target),
+        spatial_size=grid["spatial_size"],
+    )
+    return moved.as_tensor(), target
 
 
 def generate(
@@ -31,8 +51,9 @@ def generate(
     settings: InferenceSettings,
 ) -> list[dict[str, Path]]:
     """Samples ``settings.num_samples`` volumes, ``settings.batch_size`` at a time, and writes them to
-    ``settings.output_dir`` (:meth:`~bundle.settings.InferenceSettings.sample_paths`; values in [0, 1], on the training
-    voxel grid ``run_record["affine"]``).
+    ``settings.output_dir`` (:meth:`~bundle.settings.InferenceSettings.sample_paths`; values in [0, 1], on the
+    dataset's own grid where the run record has one, else on the training grid ``run_record["affine"]``:
+    :func:`to_original_grid`).
 
     The settings were checked when ``settings`` was built, earlier samples included; with ``overwrite`` every sample
     file of an earlier run is removed once the checkpoint has loaded, before sampling, so that none is left beside this
@@ -51,15 +72,18 @@ def generate(
     if earlier:
         logger.warning("--overwrite true: removed %d sample files of an earlier run from %s.", len(earlier), output_dir)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    affine = np.asarray(run_record["affine"], dtype=float)
     shape = (len(modalities), *run_record["spatial_size"])
+    if "original_grid" in run_record:
+        logger.info("samples are written on the dataset's grid (%s voxels), the training box padded back",
+                    "×".join(map(str, run_record["original_grid"]["spatial_size"])))
     for start in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - start)
         samples = inferer(torch.zeros((count, *shape), device=device), network).cpu()
         for offset, sample in enumerate(samples):
             entry = paths[start + offset]
+            written, affine = to_original_grid(sample, run_record)
             for channel, modality in enumerate(modalities):
-                nib.save(nib.Nifti1Image(sample[channel].numpy().astype(np.float32), affine), entry[modality])
+                nib.save(nib.Nifti1Image(written[channel].numpy().astype(np.float32), affine), entry[modality])
             save_mid_slices_png(sample, modalities, entry["png"])
         logger.info("wrote samples %d–%d of %d to %s", start, start + count - 1, num_samples, output_dir)
     return paths

@@ -51,7 +51,9 @@ __all__ = [
     "TrainingMemoryPlan",
     "device_memory_bytes",
     "plan_config",
+    "plan_sampling_step",
     "plan_training_step",
+    "warm_up",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,9 +67,10 @@ class LiveBytes(TorchDispatchMode):
     """Bytes of the storages on ``device_type`` alive after each operation, their peak, and where it was reached.
 
     A storage is counted once (views share it) from the operation that made it until it is freed (a weak reference's
-    callback). Where: the phase (:meth:`set_phase`: ``"forward"``, ``"update"`` …) or, inside a backward pass,
-    ``"backward"``; and the module whose forward ran last (in a memory-efficient backward: the block being
-    recomputed) or else the autograd node running.
+    callback); :meth:`alive_at_peak` lists those alive at the step's peak that the step made. Where: the phase
+    (:meth:`set_phase`: ``"forward"``, ``"update"`` …) or, inside a backward pass, ``"backward"``; and the module
+    whose forward ran last (in a memory-efficient backward: the block being recomputed) or else the autograd node
+    running.
 
     Args:
         device_type: the device whose storages count (``"cuda"``: the noise drawn on the CPU does not).
@@ -80,10 +83,12 @@ class LiveBytes(TorchDispatchMode):
         self.device_type = device_type
         self.block_bytes = block_bytes
         self.module_names = module_names or {}
-        self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage → [its counted bytes]
+        self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage → [its counted bytes, what made it]
         self.live = 0
         self.peak = 0
         self.peak_where = ("", "")
+        self._alive_at_peak: list[tuple[int, tuple]] = []  # (bytes, what made it) of the storages at the peak
+        self._snapshot_bytes = 0
         self.phase = "build"  # until start_step
         self.phase_peaks: dict[str, int] = {}
         self._module = ""
@@ -110,14 +115,16 @@ class LiveBytes(TorchDispatchMode):
     def _freed(self, size: list[int]) -> None:
         self.live -= size[0]
 
-    def _count(self, tensor: torch.Tensor) -> None:
+    def _count(self, tensor: torch.Tensor, made_by: tuple[str, str, str] | None = None) -> None:
+        """Counts ``tensor``'s storage; ``made_by``: (phase, operator, module) of a new one."""
         if tensor.device.type != self.device_type:
             return
         storage = tensor.untyped_storage()
         nbytes = self._rounded(storage.nbytes())
         size = self._sizes.get(storage)
         if size is None:  # a new storage: counted until it is freed
-            size = self._sizes[storage] = [0]
+            size = self._sizes[storage] = [0, (*(made_by or (self.phase, "", "")),
+                                               str(tensor.dtype).removeprefix("torch."), list(tensor.shape))]
             weakref.finalize(storage, self._freed, size)
         self.live += nbytes - size[0]  # (a storage resized in place by an out= operation changes its size)
         size[0] = nbytes
@@ -129,8 +136,23 @@ class LiveBytes(TorchDispatchMode):
 
     def start_step(self) -> None:
         """Forgets the peaks so far: what follows is the step (phase ``"forward"`` until :meth:`set_phase`)."""
-        self.peak, self.peak_where, self.phase_peaks = self.live, ("", ""), {}
+        self.peak, self.peak_where, self.phase_peaks, self._alive_at_peak = self.live, ("", ""), {}, []
+        self._snapshot_bytes = 0
         self.set_phase("forward")
+
+    def alive_at_peak(self, count: int = 8) -> list[dict]:
+        """The ``count`` largest groups of storages alive at the step's peak that the step made (what was alive
+        before it, the floor, left out), largest first: ``{"bytes", "count", "made_by", "where", "dtype",
+        "shape"}`` (``made_by``: the operator; ``where``: phase and module, as in :attr:`peak_where`), storages of
+        one operator, place, dtype and shape grouped."""
+        groups: dict[tuple, list[int]] = {}
+        for nbytes, (phase, op, module, dtype, shape) in self._alive_at_peak:
+            group = groups.setdefault((op, f"{phase}, {module}" if module else phase, dtype, str(shape)), [0, 0])
+            group[0] += nbytes
+            group[1] += 1
+        ordered = sorted(groups.items(), key=lambda item: -item[1][0])[:count]
+        return [{"bytes": b, "count": n, "made_by": op, "where": where, "dtype": dtype, "shape": shape}
+                for (op, where, dtype, shape), (b, n) in ordered]
 
     def set_phase(self, phase: str) -> None:
         """Names what runs from now on outside a backward pass (and forgets the module of the phase before)."""
@@ -149,13 +171,18 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        phase, module = self.where()
+        made_by = (phase, str(func.overloadpacket.__name__), module)
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
-                self._count(leaf)
-        phase, module = self.where()
+                self._count(leaf, made_by)
         if self.live > self.phase_peaks.get(phase, -1):
             self.phase_peaks[phase] = self.live
         if self.live > self.peak:
+            if self.phase != "build" and self.live > self._snapshot_bytes * 1.001:  # (again once it has grown)
+                self._alive_at_peak = [(size[0], size[1]) for size in self._sizes.values()
+                                       if size[1][0] != "build" and size[0]]
+                self._snapshot_bytes = self.live
             self.peak, self.peak_where = self.live, (phase, module)
         return out
 
@@ -192,7 +219,7 @@ def _fake_twin(module: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _warm_up(network: nn.Module, optimizer: torch.optim.Optimizer,
+def warm_up(network: nn.Module, optimizer: torch.optim.Optimizer,
              ema: torch.optim.swa_utils.AveragedModel | None) -> None:
     """What a first training step leaves behind, without its cost: gradients, the optimizer's state and the EMA's
     first update, so that the step planned next is the steady state (all of them alive throughout)."""
@@ -244,7 +271,9 @@ class MemoryPlan:
     ``peak_bytes``: all tensors alive at the step's peak; ``floor_bytes``: what stays alive between steps
     (``parameter_bytes`` + ``gradient_bytes`` + ``optimizer_bytes`` + ``ema_bytes``); ``phase_peaks``: the peak
     during the forward pass, the backward pass and the update; ``peak_phase`` and ``peak_module``: where the
-    peak is reached; ``usable_bytes``: the device memory the peak must fit in (None: unknown); ``fits``.
+    peak is reached; ``alive_at_peak``: the largest of the step's own tensors alive then, above the floor
+    (:meth:`LiveBytes.alive_at_peak`); ``usable_bytes``: the device memory the peak must fit in (None: unknown);
+    ``fits``.
     """
 
     device: str
@@ -265,6 +294,7 @@ class MemoryPlan:
     usable_bytes: int | None
     fits: bool | None
     seconds: float
+    alive_at_peak: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -291,7 +321,11 @@ class MemoryPlan:
             ("fits", {True: "yes", False: "NO", None: "unknown"}[self.fits]),
         ]
         width = max(len(k) for k, _ in rows)
-        return "\n".join([f"{k:<{width}}  {v}" for k, v in rows] + [f"note: {n}" for n in self.notes])
+        alive = [f"  {_gb(t['bytes'])}  {t['count']} × {t['dtype']} {t['shape']} from {t['made_by']} "
+                 f"({t['where']})" for t in self.alive_at_peak]
+        return "\n".join([f"{k:<{width}}  {v}" for k, v in rows]
+                         + (["alive at the peak above the floor (largest first):", *alive] if alive else [])
+                         + [f"note: {n}" for n in self.notes])
 
 
 def _gb(nbytes: int) -> str:
@@ -352,6 +386,12 @@ def plan_training_step(
     start = time.perf_counter()
     network = unwrap(network)
     notes = ["predicted, not measured: tensors only (no operator workspaces, CUDA context or fragmentation)"]
+    padded_size = getattr(network, "padded_size", None)
+    if padded_size is not None and list(padded_size(image_shape[1:])) != list(image_shape[1:]):
+        padded = list(padded_size(image_shape[1:]))
+        notes.append(f"the network pads {list(image_shape[1:])} to {padded} inside (its levels need multiples of "
+                     f"{network.trunk.size_divisor}): the step costs what {padded} costs; a spatial_size of multiples "
+                     "of it uses every voxel it pays for")
     if device.type == "cuda" and not torch.cuda.is_available():
         # fake CUDA tensors need CUDA's operators (e.g. to choose an attention kernel)
         notes.append("planned with the CPU's operators: no GPU here (a GPU's attention and convolution kernels "
@@ -371,7 +411,7 @@ def plan_training_step(
                 scheduler=scheduler, noise_sampler=copy.copy(noise_sampler), lambda_rec=lambda_rec,
                 lambda_l2=lambda_l2, micro_batch_size=micro_batch_size, ema=twin_ema, amp=amp, decollate=False,
             )
-            _warm_up(twin, twin_optimizer, twin_ema)
+            warm_up(twin, twin_optimizer, twin_ema)
             kept = _kept_tensors(twin, twin_optimizer, twin_ema)
             tracker.count(itertools.chain.from_iterable(kept.values()))  # (a no-op unless no operator made one)
             tracker.start_step()
@@ -389,7 +429,42 @@ def plan_training_step(
         amp=bool(amp), params=params, peak_bytes=tracker.peak, floor_bytes=sum(floor.values()), **floor,
         phase_peaks={k: tracker.phase_peaks[k] for k in ("forward", "backward", "update") if k in tracker.phase_peaks},
         peak_phase=tracker.peak_where[0], peak_module=tracker.peak_where[1], usable_bytes=usable_bytes, fits=fits,
-        seconds=time.perf_counter() - start, notes=notes,
+        seconds=time.perf_counter() - start, alive_at_peak=tracker.alive_at_peak(), notes=notes,
+    )
+
+
+def plan_sampling_step(
+    network: nn.Module, batch_size: int, image_shape: Sequence[int], device: torch.device | str = "cpu"
+) -> MemoryPlan:
+    """Predicts the memory of one sampling step (one evaluation of ``network`` without gradients, as every DDPM or
+    DDIM step makes, on ``batch_size`` samples of ``image_shape`` (C, *S)), like :func:`plan_training_step`: the
+    weights, the sample and the noise estimate, and the forward pass's working set. There is no optimizer or
+    EMA in sampling (the EMA weights are the network's)."""
+    kind = torch.device(device).type
+    device = torch.device("cpu") if kind == "cuda" and not torch.cuda.is_available() else torch.device(device)
+    start = time.perf_counter()
+    network = unwrap(network)
+    notes = ["predicted, not measured: tensors only (no operator workspaces, CUDA context or fragmentation)"]
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
+        tracker = LiveBytes(device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1)
+        with tracker:
+            twin = _fake_twin(network, device).eval()
+            tracker.module_names = {id(m): name or "network" for name, m in twin.named_modules()}
+            weights = _tensor_bytes([*twin.parameters(), *twin.buffers()])
+            params = sum(p.numel() for p in twin.parameters())
+            tracker.start_step()
+            sample = torch.zeros(batch_size, *image_shape, device=device)
+            with torch.no_grad():
+                eps = twin(sample, torch.zeros(batch_size, dtype=torch.long, device=device))
+            del twin, sample, eps
+    gc.collect()
+    return MemoryPlan(
+        device=kind, batch_size=batch_size, micro_batch_size=None, image_shape=list(image_shape), amp=False,
+        params=params, peak_bytes=tracker.peak, floor_bytes=weights, parameter_bytes=weights, gradient_bytes=0,
+        optimizer_bytes=0, ema_bytes=0, phase_peaks={"forward": tracker.peak}, peak_phase=tracker.peak_where[0],
+        peak_module=tracker.peak_where[1], usable_bytes=None, fits=None, seconds=time.perf_counter() - start,
+        alive_at_peak=tracker.alive_at_peak(), notes=notes,
     )
 
 

@@ -1,4 +1,5 @@
-"""The record of a training run, ``run.json`` beside its checkpoint: the voxel grid and modalities of its images, its
+"""The record of a training run, ``run.json`` beside its checkpoint: the voxel grid and modalities of its images (and,
+for a registered dataset on the native grid, the dataset's own grid, on which inference writes its samples), its
 noise schedule and its validation cases. Inference and evaluation check their settings against it, and evaluation and
 a resumed run take its validation cases."""
 
@@ -6,13 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.networks.schedulers import Scheduler
 
+from .data.transforms import ATLAS_FRAME
 from .errors import BadInputError
 
 __all__ = ["RUN_RECORD", "default_affine", "load_run_record", "recorded_validation_cases", "run_record"]
@@ -41,25 +43,41 @@ def scheduler_record(scheduler: Scheduler, schedule: str) -> dict:
     }
 
 
+def _spacing_record(spacing: float | Sequence[float] | None) -> list[float] | None:
+    return None if spacing is None else [float(s) for s in ([spacing] * 3 if np.isscalar(spacing) else spacing)]
+
+
 def run_record(
     *,
-    image: torch.Tensor,
+    case: Mapping,
     modalities: Sequence[str],
     noise_scheduler: Scheduler,
     schedule: str,
     validation_cases: Sequence[str],
+    spacing: float | Sequence[float] | None = None,
 ) -> dict:
-    """The record of a training run: the voxel grid (``affine``, ``spatial_size``) of a preprocessed training image
-    (C, *S) MetaTensor, its ``modalities``, the ``noise_scheduler`` built with ``schedule``
-    (:func:`scheduler_record`) and the case ids of its validation split."""
+    """The record of a training run: the voxel grid (``affine``, ``spatial_size``) of a preprocessed training case's
+    ``"image"`` (C, *S) MetaTensor, its ``spacing`` (None: the resized grid), its ``modalities``, the
+    ``noise_scheduler`` built with ``schedule`` (:func:`scheduler_record`) and the case ids of its validation split.
+    On the native grid, for a case of a registered dataset (``case["frame"]`` is
+    :data:`~bundle.data.transforms.ATLAS_FRAME`: one box of one frame for every case) also ``original_grid``, the
+    affine and shape of the case's files, on which inference writes its samples."""
+    image = case["image"]
     affine = np.asarray(getattr(image, "affine", default_affine(image.shape[1:])), dtype=float)
-    return {
+    record = {
         "affine": affine.tolist(),
         "spatial_size": list(image.shape[1:]),
+        "spacing": _spacing_record(spacing),
         "modalities": list(modalities),
         "noise_scheduler": scheduler_record(noise_scheduler, schedule),
         "validation_cases": list(validation_cases),
     }
+    if spacing is not None and case.get("frame") == ATLAS_FRAME:
+        record["original_grid"] = {
+            "affine": np.asarray(image.meta["original_affine"], dtype=float).tolist(),
+            "spatial_size": [int(s) for s in image.meta["spatial_shape"]],
+        }
+    return record
 
 
 def _record_path(ckpt_path: str | Path) -> Path:
@@ -123,9 +141,11 @@ def load_run_record(
     modalities: Sequence[str],
     noise_scheduler: Scheduler | None = None,
     schedule: str | None = None,
+    spacing: float | Sequence[float] | None | str = "recorded",
 ) -> dict:
-    """The record beside ``ckpt_path``, checked against this run's ``spatial_size``, ``modalities`` and (when given)
-    the ``noise_scheduler`` built with ``schedule`` that will sample or evaluate. Without a record (a checkpoint from
+    """The record beside ``ckpt_path``, checked against this run's ``spatial_size``, ``modalities``, ``spacing``
+    (unless ``"recorded"``: a run that reads no images takes the record's) and (when given) the ``noise_scheduler``
+    built with ``schedule`` that will sample or evaluate. Without a record (a checkpoint from
     elsewhere) a centred 1.5 mm RAS grid of ``spatial_size`` is returned, with a warning that nothing was checked.
 
     Raises:
@@ -143,6 +163,14 @@ def load_run_record(
             f"{path} says the model was trained on spatial_size={record['spatial_size']} with modalities="
             f"{record['modalities']}, but the configuration asks for spatial_size={list(spatial_size)}, "
             f"modalities={list(modalities)}; pass the training values (--spatial_size, --modalities)."
+        )
+    if spacing != "recorded" and record.get("spacing") != _spacing_record(spacing):
+        recorded = record.get("spacing")
+        raise BadInputError(
+            f"{path} says the model was trained on "
+            + (f"a {recorded} mm native grid" if recorded else "the resized grid (spacing null)")
+            + f", but the configuration asks for spacing={spacing!r}; pass --spacing "
+            + (f"{recorded[0] if len(set(recorded)) == 1 else recorded}" if recorded else "null") + "."
         )
     if noise_scheduler is not None:
         _check_scheduler(record["noise_scheduler"], noise_scheduler, schedule, path)

@@ -18,6 +18,7 @@ import torch
 from monai.networks.schedulers import Scheduler
 
 from .checkpoint import check_checkpoint_folder
+from .data.transforms import check_spacing
 from .diffusion.engines import autocast_dtype
 from .diffusion.loss import micro_batches
 from .errors import BadInputError
@@ -88,6 +89,7 @@ class TrainingSettings:
     """
 
     spatial_size: Sequence[int]
+    spacing: float | Sequence[float] | None
     modalities: Sequence[str]
     val_fraction: float
     skip_invalid: bool | str
@@ -114,6 +116,7 @@ class TrainingSettings:
         for name in ("resume", "overwrite", "skip_invalid", "amp"):
             setattr(self, name, as_flag(getattr(self, name), name))
         _check_spatial_size(self.spatial_size)
+        check_spacing(self.spacing)
         _check_val_fraction(self.val_fraction)
         micro_batches(self.batch_size, None if self.micro_batch_size == "auto" else self.micro_batch_size)
         autocast_dtype(self.amp)
@@ -145,6 +148,7 @@ class TrainingSettings:
         check_checkpoint_folder(
             self.ckpt_dir, resume=self.resume, overwrite=self.overwrite, spatial_size=self.spatial_size,
             modalities=self.modalities, noise_scheduler=self.noise_scheduler, schedule=self.schedule,
+            spacing=self.spacing,
         )
 
     @property

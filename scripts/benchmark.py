@@ -10,6 +10,7 @@ Usage (from the bundle root):
     python scripts/benchmark.py profile        # where the paper configuration's step peaks → docs/paper_step_profile.md
     python scripts/benchmark.py profile --micro_batch_size 1 --recompute_norms true   # with the memory options
     python scripts/benchmark.py planner        # the memory planner against measured peaks → docs/memory_planner.md
+    python scripts/benchmark.py native         # the paper's network at 1 mm → docs/native_resolution.md
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bundle.diffusion import micro_batches
 from bundle.flags import as_flag
 from scripts.benchmarking.allocator import return_freed_memory_to_os
 from scripts.benchmarking.generation import compare_generation, write_generation_report
+from scripts.benchmarking.native_resolution import native_resolution, plot_aspect_ratio, render_native_resolution
 from scripts.benchmarking.plan_accuracy import (
     ACCURACY_CONFIGURATIONS,
     QUICK_CONFIGURATIONS,
@@ -59,6 +61,7 @@ QUALITY_REPORT = "benchmark_quality.md"
 PARTIAL_RESULT = "benchmarks.partial.json"
 PROFILE_REPORT = "paper_step_profile"
 PLANNER_REPORT = "memory_planner"
+NATIVE_REPORT = "native_resolution"
 
 
 def _attention_at_last_two(channels: tuple[int, ...]) -> tuple[bool, ...]:
@@ -170,19 +173,22 @@ class Benchmark:
         print(write_quality_report(result, command, output_dir).read_text())
 
     def generation(self, work_dir: str = "runs/generation", steps: int = 8000, check_every: int = 240,
-                   size: int = 16, num_phantoms: int = 256, output_dir: str = "docs") -> None:
+                   size: int = 16, num_phantoms: int = 256, continue_steps: int = 0, output_dir: str = "docs") -> None:
         """IDM and its parameter-matched MONAI ``DiffusionModelUNet`` trained by ``configs/train.json`` on the
         built-in phantoms, both at once on one torch thread each, with the generation monitor every
         ``check_every`` steps (about 70 minutes for 8000 steps at 16³ on 2 idle CPU cores); writes ``generation.md``,
         ``generation.json``, ``generation_samples.png`` and ``generation_curves.png``. The runs are kept in
-        ``work_dir``: a rerun with the same one reuses the finished runs and only redraws the report."""
+        ``work_dir``: a rerun with the same one reuses the finished runs and only redraws the report. With
+        ``--continue_steps`` (more than ``--steps``), the IDM run is then trained on to that many steps as a resume
+        of a copy of it, and reported too."""
         if steps < 1 or check_every < 1 or size < 16 or num_phantoms < 8:
             raise SystemExit(f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --size ≥ 16 and --num_phantoms ≥ 8, got "
                              f"{steps}, {check_every}, {size} and {num_phantoms}.")
         result = compare_generation(work_dir, steps=steps, check_every=check_every, size=size,
-                                    num_phantoms=num_phantoms)
+                                    num_phantoms=num_phantoms, continue_steps=continue_steps)
         command = (f"python scripts/benchmark.py generation --work_dir {work_dir} --steps {steps} "
-                   f"--check_every {check_every} --size {size} --num_phantoms {num_phantoms}")
+                   f"--check_every {check_every} --size {size} --num_phantoms {num_phantoms}"
+                   + (f" --continue_steps {continue_steps}" if continue_steps else ""))
         print(write_generation_report(result, command, output_dir).read_text())
 
     def profile(
@@ -227,6 +233,24 @@ class Benchmark:
         report = render_planner_accuracy(result, command, machine_description())
         (out / f"{PLANNER_REPORT}.json").write_text(json.dumps(result, indent=1))
         (out / f"{PLANNER_REPORT}.md").write_text(report)
+        print(report)
+
+    def native(self, measure: bool = True, output_dir: str = "docs", work_dir: str = "runs/native") -> None:
+        """The paper's network on the BraTS 1 mm grid: planned peaks under each memory option and grid, MONAI's
+        matched network, the largest cube of each benchmark configuration in 24 GiB, a figure of the two grids and
+        (``--measure true``, about an hour on 2 CPU cores, 20 GB of memory) one training step and one sampling step
+        measured; writes ``native_resolution.md``, ``.json`` and ``.png`` (``--measure false``: the plans only,
+        a few minutes, to ``runs/native`` unless ``--output_dir`` is given)."""
+        measure = as_flag(measure, "--measure")
+        out = Path(output_dir if measure or output_dir != "docs" else work_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        figure = f"{NATIVE_REPORT}.png"
+        aspect = plot_aspect_ratio(out / figure, Path(work_dir))
+        result = native_resolution(measure, progress=lambda line: print(line, flush=True)) | {"aspect": aspect}
+        (out / f"{NATIVE_REPORT}.json").write_text(json.dumps(result, indent=1))
+        command = "python scripts/benchmark.py native" + ("" if measure else " --measure false")
+        report = render_native_resolution(result, command, machine_description(), figure)
+        (out / f"{NATIVE_REPORT}.md").write_text(report)
         print(report)
 
 

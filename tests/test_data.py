@@ -256,7 +256,8 @@ def test_training_cases_keep_the_recorded_validation_cases(brats_dir):
 
 def test_the_run_record_records_the_validation_cases(tmp_path, caplog):
     image = torch.zeros(2, 4, 4, 4)
-    record = run_record(image=image, modalities=["t1", "t2"], noise_scheduler=DDPMScheduler(100, schedule="cosine"),
+    record = run_record(case={"image": image}, modalities=["t1", "t2"],
+                        noise_scheduler=DDPMScheduler(100, schedule="cosine"),
                         schedule="cosine", validation_cases=["b", "a"])
     assert record["validation_cases"] == ["b", "a"]
     assert RUN_RECORD == "run.json"

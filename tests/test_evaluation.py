@@ -166,7 +166,7 @@ def _checkpoint_with_record(setup, folder, validation_cases, num_train_timesteps
     this noise schedule and these validation cases."""
     folder.mkdir()
     (folder / "model.pt").write_bytes((setup / "model.pt").read_bytes())
-    record = run_record(image=torch.zeros(2, 16, 16, 16), modalities=["t1", "t2"],
+    record = run_record(case={"image": torch.zeros(2, 16, 16, 16)}, modalities=["t1", "t2"],
                         noise_scheduler=DDPMScheduler(num_train_timesteps, schedule=schedule), schedule=schedule,
                         validation_cases=validation_cases)
     (folder / RUN_RECORD).write_text(json.dumps(record))

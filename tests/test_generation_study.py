@@ -64,6 +64,26 @@ def test_a_rerun_reuses_the_finished_runs(study):
     assert again["networks"]["idm"]["final"]["measures"] == result["networks"]["idm"]["final"]["measures"]
 
 
+def test_the_idm_run_is_trained_on_as_a_resume_of_a_copy(study, tmp_path):
+    """continue_steps: the finished IDM run is copied and resumed to the longer schedule; the first run and its
+    event files stay as they were, the copy's curves go on from where they stopped, and the report has a section."""
+    root, result = study
+    events = sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*"))
+    longer = compare_generation(root / "work", **SETTINGS, continue_steps=16)
+    assert sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*")) == events
+    assert longer["networks"]["idm"]["final"]["measures"] == result["networks"]["idm"]["final"]["measures"]
+    run = longer["networks"]["idm_continued"]
+    assert longer["settings"]["continued_epochs"] == 8 and run["steps"] == 16
+    assert [step for step, _ in run["curves"]["generation/within_spread"]] == [4, 8, 12, 16]
+    assert run["curves"]["generation/within_spread"][:2] == result["networks"]["idm"]["curves"][
+        "generation/within_spread"]
+    assert run["wall_seconds"] > result["networks"]["idm"]["wall_seconds"]
+    text = write_generation_report(longer, "python scripts/benchmark.py generation", tmp_path).read_text()
+    assert "## IDM trained on to 16 steps" in text and "--train#trainer#max_epochs 8 --resume true" in text
+    with pytest.raises(ValueError, match="continue_steps=8 gives 4 epochs, not more than the 4"):
+        compare_generation(root / "work", **SETTINGS, continue_steps=8)
+
+
 def test_the_readmes_phantom_recipe_is_the_studys():
     """README.md's training command with --generation_interval trains what `scripts/benchmark.py generation` trains
     for IDM (its default settings), so the recipe's samples are those docs/generation.md shows."""

@@ -36,7 +36,7 @@ def record_of(schedule: str = "cosine", num_train_timesteps: int = 50, **schedul
     """The run.json of a training run on 16³ t1/t2 volumes of grid ``AFFINE`` with this noise scheduler."""
     image = MetaTensor(torch.zeros(2, 16, 16, 16), affine=torch.tensor(AFFINE, dtype=torch.float64))
     scheduler = DDPMScheduler(num_train_timesteps, schedule=schedule, **scheduler_arguments)
-    return run_record(image=image, modalities=["t1", "t2"], noise_scheduler=scheduler, schedule=schedule,
+    return run_record(case={"image": image}, modalities=["t1", "t2"], noise_scheduler=scheduler, schedule=schedule,
                       validation_cases=["BraTS20_Training_001"])
 
 

@@ -50,6 +50,26 @@ def test_live_bytes_counts_each_storage_once_until_it_is_freed():
         assert live.live == 512
 
 
+def test_what_is_alive_at_the_peak_is_named_by_operator_place_and_shape():
+    """The floor (what was alive when the step started) is left out; the step's tensors at its peak are grouped
+    and listed largest first, a tensor freed before the peak is not among them."""
+    with FakeTensorMode(), LiveBytes("cpu") as live:
+        floor = torch.empty(10_000)  # noqa: F841 - alive through the step
+        live.start_step()
+        gone = torch.empty(500).exp()
+        del gone
+        x = torch.empty(2, 100)
+        big = x.repeat(1, 10)  # noqa: F841 - alive at the peak
+        live.set_phase("update")
+        small = [x.sin(), x.cos()]  # noqa: F841 - alive at the peak
+    assert live.alive_at_peak() == [
+        {"bytes": 8000, "count": 1, "made_by": "repeat", "where": "forward", "dtype": "float32", "shape": "[2, 1000]"},
+        {"bytes": 800, "count": 1, "made_by": "empty", "where": "forward", "dtype": "float32", "shape": "[2, 100]"},
+        {"bytes": 800, "count": 1, "made_by": "sin", "where": "update", "dtype": "float32", "shape": "[2, 100]"},
+        {"bytes": 800, "count": 1, "made_by": "cos", "where": "update", "dtype": "float32", "shape": "[2, 100]"},
+    ]
+
+
 def test_the_floor_is_weights_gradients_adamw_state_and_ema():
     """4 B of weights, 4 of gradients, 8 of AdamW moments (and one step counter per tensor) and 4 of EMA per
     parameter; EMA off leaves its 4 out; the step's peak lies above the floor."""
@@ -164,3 +184,15 @@ def test_plan_memory_command_prints_one_json_object_and_exits_1_when_it_does_not
     assert "planned with the CPU's operators" in table.stdout
     bad = run_python([*args, "--micro_batch_size", "0"])
     assert bad.returncode == 1 and "ERROR: micro_batch_size must be a positive integer" in bad.stderr
+
+
+def test_a_size_the_network_pads_is_planned_at_the_padded_size_and_said():
+    """[12, 16, 20] runs at [16, 16, 24] inside the network (multiples of 8 for three levels with attention at the
+    bottom): the plan costs what the padded size costs and its note says so; a multiple gets no note."""
+    padded = plan_config(TRAIN, TINY | {"spatial_size": [12, 16, 20]}).plan
+    multiple = plan_config(TRAIN, TINY | {"spatial_size": [16, 16, 24]}).plan
+    assert _network().padded_size([12, 16, 20]) == (16, 16, 24)
+    assert any("pads [12, 16, 20] to [16, 16, 24] inside" in note for note in padded.notes)
+    assert not any("pads" in note for note in multiple.notes)
+    # the same trunk activations; only the input, its noise and the output are smaller
+    assert 0.8 * multiple.peak_bytes < padded.peak_bytes <= multiple.peak_bytes

@@ -17,8 +17,8 @@ from bundle.settings import EvaluationSettings, InferenceSettings, TrainingSetti
 
 def _settings(tmp_path, **changes) -> dict:
     return {
-        "spatial_size": [16, 16, 16], "modalities": ["t1", "t2"], "val_fraction": 0.2, "skip_invalid": False,
-        "batch_size": 2, "micro_batch_size": None, "amp": False,
+        "spatial_size": [16, 16, 16], "spacing": None, "modalities": ["t1", "t2"], "val_fraction": 0.2,
+        "skip_invalid": False, "batch_size": 2, "micro_batch_size": None, "amp": False,
         "noise_scheduler": DDPMScheduler(100, schedule="cosine"), "schedule": "cosine", "learning_rate": 2e-4,
         "ema_decay": 0.999, "lambda_rec": 0.0, "lambda_l2": 1e-4, "val_interval": 1, "drift_interval": 100,
         "val_timestep_fractions": [0.05, 0.25, 0.5], "preview_interval": 5, "device": "cpu",
@@ -29,6 +29,9 @@ def _settings(tmp_path, **changes) -> dict:
 @pytest.mark.parametrize("changes, message", [
     ({"spatial_size": 64}, "spatial_size must be three positive integers such as [64,64,64]; got 64"),
     ({"spatial_size": [16, 16]}, "spatial_size must be three positive integers"),
+    ({"spacing": 0}, "spacing must be null (each case's box resized to spatial_size), a voxel size in mm such as 1.0"),
+    ({"spacing": [1.0, 1.0]}, "or three such as [1.0,1.0,1.5]; got [1.0, 1.0]"),
+    ({"spacing": "1mm"}, "spacing must be null"),
     ({"val_fraction": 0.0}, "val_fraction must be a number in (0, 1)"),
     ({"val_fraction": 1.0}, "val_fraction must be a number in (0, 1)"),
     ({"val_fraction": "0.2"}, "val_fraction must be a number in (0, 1)"),
@@ -78,7 +81,8 @@ def _record_beside(folder, schedule: str = "cosine", spatial_size=(16, 16, 16)) 
     """``folder/run.json`` of a run on ``spatial_size`` with the ``schedule`` noise schedule of T = 100."""
     folder.mkdir(exist_ok=True)
     image = torch.zeros(2, *spatial_size)
-    record = run_record(image=image, modalities=["t1", "t2"], noise_scheduler=DDPMScheduler(100, schedule=schedule),
+    record = run_record(case={"image": image}, modalities=["t1", "t2"],
+                        noise_scheduler=DDPMScheduler(100, schedule=schedule),
                         schedule=schedule, validation_cases=["a"])
     (folder / RUN_RECORD).write_text(json.dumps(record))
 

@@ -2,17 +2,22 @@
 
 from .dataset import split_cases, training_cases
 from .discovery import DatasetNotFoundError, discover_cases
-from .phantoms import PHANTOM_FOLDER, PHANTOM_PREFIX, make_phantom, write_brats_phantoms
+from .phantoms import BRATS_GRID, PHANTOM_FOLDER, PHANTOM_GRID, PHANTOM_PREFIX, make_phantom, write_brats_phantoms
 from .preflight import PreflightError, check_case, preflight
-from .transforms import SelectChanneld, foreground, preprocessing
+from .transforms import ATLAS_FRAME, NativeBoxd, SelectChanneld, check_spacing, foreground, preprocessing
 
 __all__ = [
+    "ATLAS_FRAME",
+    "BRATS_GRID",
     "PHANTOM_FOLDER",
+    "PHANTOM_GRID",
     "PHANTOM_PREFIX",
     "DatasetNotFoundError",
+    "NativeBoxd",
     "PreflightError",
     "SelectChanneld",
     "check_case",
+    "check_spacing",
     "discover_cases",
     "foreground",
     "make_phantom",

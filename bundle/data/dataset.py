@@ -11,7 +11,7 @@ import torch
 
 from ..errors import BadInputError
 from .discovery import DatasetNotFoundError, discover_cases
-from .phantoms import BRATS_MODALITIES, PHANTOM_FOLDER, PHANTOM_PREFIX, write_brats_phantoms
+from .phantoms import BRATS_MODALITIES, PHANTOM_FOLDER, PHANTOM_GRID, PHANTOM_PREFIX, write_brats_phantoms
 from .preflight import preflight
 
 __all__ = ["split_cases", "training_cases"]
@@ -86,6 +86,7 @@ def training_cases(
     num_phantoms: int = 16,
     validation_cases: Sequence[str] | None = None,
     write_phantoms: bool = True,
+    phantom_grid: tuple[Sequence[int], float] = PHANTOM_GRID,
 ) -> dict[str, list[dict]]:
     """``{"train": records, "validation": records}`` for the dataset below ``dataset_dir``: the split of
     :func:`split_cases` (the recorded ``validation_cases`` when given, else a datalist's ``validation`` list, else by
@@ -93,8 +94,9 @@ def training_cases(
 
     When ``dataset_dir`` does not exist or is empty (hidden files and ``IDM_phantoms`` aside) and
     ``write_phantoms`` (a new training run), ``num_phantoms`` synthetic cases ``IDM_Phantom_XXX`` are written to
-    ``dataset_dir/IDM_phantoms`` (once; later runs find them) and used; every run that uses them says so loudly in
-    the log, and they are left out as soon as real data is found (:func:`~bundle.data.discovery.discover_cases`).
+    ``dataset_dir/IDM_phantoms`` (once, on ``phantom_grid``: (shape, spacing in mm); later runs find them) and used;
+    every run that uses them says so loudly in the log, and they are left out as soon as real data is found
+    (:func:`~bundle.data.discovery.discover_cases`).
     Without ``write_phantoms`` (evaluation, a resumed run: they use the data a run trained on, and never create
     any) such a ``dataset_dir`` raises :class:`~bundle.data.discovery.DatasetNotFoundError` instead. A
     ``dataset_dir`` that holds other files but no dataset of a known layout raises it too, and nothing is written
@@ -107,7 +109,8 @@ def training_cases(
         torch.distributed.barrier()
     try:
         return _prepare_cases(
-            dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases, write_phantoms
+            dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases, write_phantoms,
+            phantom_grid,
         )
     finally:
         if distributed and leader:
@@ -130,6 +133,7 @@ def _prepare_cases(
     num_phantoms: int,
     validation_cases: Sequence[str] | None,
     write_phantoms: bool,
+    phantom_grid: tuple[Sequence[int], float],
 ) -> dict[str, list[dict]]:
     """:func:`training_cases` on the leader rank (its arguments)."""
     root = Path(dataset_dir)
@@ -162,9 +166,12 @@ def _prepare_cases(
                 f"(training and validation need one case each); got {num_phantoms!r}."
             ) from None
         target = root / PHANTOM_FOLDER
-        logger.warning("No dataset below %s: writing %d synthetic phantoms to %s.", root, num_phantoms, target)
+        shape, spacing = phantom_grid
+        logger.warning("No dataset below %s: writing %d synthetic phantoms (%s voxels of %g mm) to %s.", root,
+                       num_phantoms, "×".join(map(str, shape)), spacing, target)
         # nothing usable is in target (discovery found no case), so only an interrupted earlier write is replaced
-        write_brats_phantoms(target, num_cases=num_phantoms, seed=seed, prefix=PHANTOM_PREFIX, overwrite=True)
+        write_brats_phantoms(target, num_cases=num_phantoms, shape=tuple(shape), spacing=spacing, seed=seed,
+                             prefix=PHANTOM_PREFIX, overwrite=True)
         records = discover_cases(root, modalities)
     records = preflight(records, modalities, skip_invalid)
     train, validation = split_cases(records, val_fraction=val_fraction, seed=seed, validation_cases=validation_cases)

@@ -2,7 +2,9 @@
 
 A *case record* is ``{"case": id, <modality>: path, ..., "channels": {<modality>: index or None}}``:
 one path per requested modality (the same 4D file for every modality in the Decathlon layout, with
-the channel to take); a datalist's ``validation`` items also carry ``"split": "validation"``. Three layouts are
+the channel to take); a datalist's ``validation`` items also carry ``"split": "validation"``, and the cases of
+the two registered layouts (BraTS and the Decathlon: one atlas frame, 240×240×155 at 1 mm) carry
+``"frame": "atlas"`` (the native grid's box, :class:`~bundle.data.transforms.NativeBoxd`). Three layouts are
 found anywhere below ``dataset_dir``:
 
 * **BraTS2020**: ``<case>/<case>_<modality>.<ext>`` (``BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz``),
@@ -38,6 +40,7 @@ from monai.data import load_decathlon_datalist
 
 from ..errors import BadInputError
 from .phantoms import PHANTOM_FOLDER, PHANTOM_PREFIX
+from .transforms import ATLAS_FRAME
 
 __all__ = ["IMAGE_SUFFIXES", "MSD_CHANNELS", "DatasetNotFoundError", "discover_cases"]
 
@@ -86,7 +89,7 @@ def _brats_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
     records = []
     for folder, files in found.items():
         if any(m in files for m in modalities):
-            record = {"case": folder.name, "channels": {m: None for m in modalities}}
+            record = {"case": folder.name, "channels": {m: None for m in modalities}, "frame": ATLAS_FRAME}
             record.update({m: files.get(m, str(folder / f"{folder.name}_{m}.nii.gz")) for m in modalities})
             records.append(record)
     return records
@@ -127,6 +130,8 @@ def _datalist_cases(json_path: Path, content: object, modalities: Sequence[str])
         items = load_decathlon_datalist(str(json_path), is_segmentation=False, data_list_key=key)
         for i, item in enumerate(items):
             record = {"channels": {m: channel_of.get(m) for m in modalities}}
+            if channel_of:  # the Decathlon's volumes are BraTS volumes, in its atlas frame
+                record["frame"] = ATLAS_FRAME
             if all(isinstance(item.get(m), str) for m in modalities):  # MONAI resolves "image" paths only
                 record.update({m: str(json_path.parent / item[m]) for m in modalities})
             elif isinstance(item.get("image"), str) and channel_of:

@@ -43,6 +43,8 @@ __all__ = [
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 PHANTOM_FOLDER = "IDM_phantoms"  # the built-in default data set, below dataset_dir
 PHANTOM_PREFIX = "IDM_Phantom"  # its case ids: IDM_Phantom_001, … (never a real dataset's)
+PHANTOM_GRID = ((96, 96, 72), 1.5)  # (shape, mm) of the built-in phantoms for the resized grid (spacing None)
+BRATS_GRID = ((240, 240, 155), 1.0)  # BraTS2020's atlas frame: the built-in phantoms of the native grid
 
 # relative intensities per tissue label: background, scalp/skull, CSF, grey, white, oedema, tumour core
 TISSUE_CONTRAST = {

@@ -1,6 +1,16 @@
-"""The preprocessing chain: load each modality → channel-first → RAS → foreground crop → resize →
-robust per-channel scaling to [0, 1] (docs/architecture.md, "Data"). NIfTI is read by NiBabel, NRRD/MHA/DICOM by ITK
-(MONAI's ``LoadImage`` picks the reader by file type)."""
+"""The preprocessing chain: load each modality → channel-first → RAS → the grid → robust per-channel scaling to
+[0, 1] (docs/architecture.md, "Data"). NIfTI is read by NiBabel, NRRD/MHA/DICOM by ITK (MONAI's ``LoadImage`` picks
+the reader by file type).
+
+Two grids (``docs/native_resolution.md``):
+
+* **resized** (``spacing`` None, the paper's): each case's foreground box is resized to ``spatial_size``, whatever
+  its shape, so the voxels are anisotropic and differ between cases;
+* **native** (``spacing`` in mm): resampled to ``spacing`` (``Spacingd``, no resize), then a box of
+  ``spatial_size`` voxels (:class:`NativeBoxd`): for a case in a registered atlas frame (``"frame": "atlas"``: the
+  BraTS and Decathlon layouts and the phantoms, :mod:`~bundle.data.discovery`) the box centred on the frame, one
+  box and one affine for every case; for other cases (a datalist) a box centred on the case's own foreground.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +21,7 @@ from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     ConcatItemsd,
+    CropForeground,
     CropForegroundd,
     DeleteItemsd,
     EnsureTyped,
@@ -18,10 +29,18 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     Resized,
+    ResizeWithPadOrCrop,
     ScaleIntensityRangePercentilesd,
+    Spacingd,
 )
 
-__all__ = ["SelectChanneld", "foreground", "preprocessing"]
+from ..errors import BadInputError
+
+__all__ = ["ATLAS_FRAME", "NativeBoxd", "SelectChanneld", "check_spacing", "foreground", "preprocessing"]
+
+ATLAS_FRAME = "atlas"
+"""A case record's ``"frame"`` when its volumes lie in one registered atlas frame (BraTS2020 and Decathlon Task01:
+240×240×155 at 1 mm), which every case of the dataset shares."""
 
 
 class SelectChanneld(MapTransform):
@@ -48,9 +67,60 @@ def foreground(image: torch.Tensor) -> torch.Tensor:
     return image > threshold
 
 
-def preprocessing(modalities: Sequence[str], spatial_size: Sequence[int]) -> Compose:
-    """Case record → ``{"image": (len(modalities), *spatial_size) float32 in [0, 1]}`` with its affine."""
+class NativeBoxd(MapTransform):
+    """The box of ``spatial_size`` voxels of each key's (C, *S) image on its native grid, cropped or zero-padded
+    around its centre (``ResizeWithPadOrCrop``; the affine follows): the centre of the volume for a case whose
+    ``data[frame_key]`` is :data:`ATLAS_FRAME` (so that every case of a registered dataset gets the same box), else the
+    centre of the case's :func:`foreground` (its own box)."""
+
+    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], frame_key: str = "frame") -> None:
+        super().__init__(keys)
+        self.frame_key = frame_key
+        self.box = ResizeWithPadOrCrop(spatial_size=tuple(spatial_size))
+        self.crop_foreground = CropForeground(select_fn=foreground, margin=0, allow_smaller=True)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key] if d.get(self.frame_key) == ATLAS_FRAME else self.crop_foreground(d[key])
+            d[key] = self.box(image)
+        return d
+
+
+def check_spacing(spacing: float | Sequence[float] | None) -> None:
+    """Raises :class:`BadInputError` unless ``spacing`` is None, one positive number (mm) or three."""
+    if spacing is None:
+        return
+    numbers = [spacing] if isinstance(spacing, (int, float)) else spacing
+    if (isinstance(spacing, (bool, str, bytes)) or not isinstance(numbers, Sequence) or len(numbers) not in (1, 3)
+            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in numbers)):
+        raise BadInputError(
+            f"spacing must be null (each case's box resized to spatial_size), a voxel size in mm such as 1.0, or "
+            f"three such as [1.0,1.0,1.5]; got {spacing!r}."
+        )
+
+
+def preprocessing(
+    modalities: Sequence[str], spatial_size: Sequence[int], spacing: float | Sequence[float] | None = None
+) -> Compose:
+    """Case record → ``{"image": (len(modalities), *spatial_size) float32 in [0, 1]}`` with its affine, on the
+    resized grid (``spacing`` None) or the native grid of ``spacing`` mm (see the module docstring).
+
+    Raises:
+        BadInputError: for a ``spacing`` that is not None, one positive number or three.
+    """
     keys = list(modalities)
+    if spacing is None:
+        grid = [
+            CropForegroundd(keys="image", source_key="image", select_fn=foreground, margin=2, allow_smaller=True),
+            Resized(keys="image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True),
+        ]
+    else:
+        check_spacing(spacing)
+        grid = [
+            Spacingd(keys="image", pixdim=spacing, mode="bilinear", padding_mode="zeros"),
+            NativeBoxd(keys="image", spatial_size=spatial_size),
+        ]
     return Compose(
         [
             LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
@@ -58,8 +128,7 @@ def preprocessing(modalities: Sequence[str], spatial_size: Sequence[int]) -> Com
             ConcatItemsd(keys=keys, name="image"),
             DeleteItemsd(keys=[*keys, "channels"]),
             Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            CropForegroundd(keys="image", source_key="image", select_fn=foreground, margin=2, allow_smaller=True),
-            Resized(keys="image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True),
+            *grid,
             ScaleIntensityRangePercentilesd(
                 keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
             ),

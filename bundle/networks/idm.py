@@ -106,10 +106,15 @@ class InvertibleDiffusionUNet(nn.Module):
             raise ValueError(f"timesteps must have one entry per sample ({batch}), got {timesteps.numel()}.")
         return self.time_mlp(get_timestep_embedding(timesteps, self.stem.out_channels).to(dtype))
 
+    def padded_size(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """The spatial size the trunk runs at for inputs of size ``spatial``: each side rounded up to a multiple of
+        its ``size_divisor`` (the input is zero-padded at the far end, the output cropped back)."""
+        div = self.trunk.size_divisor
+        return tuple(-(-int(s) // div) * div for s in spatial)
+
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         spatial = tuple(x.shape[2:])
-        div = self.trunk.size_divisor
-        pad = [(-s) % div for s in spatial]
+        pad = [p - s for p, s in zip(self.padded_size(spatial), spatial)]
         if any(pad):
             x = F.pad(x, [p for extra in reversed(pad) for p in (0, extra)])
         return x, spatial

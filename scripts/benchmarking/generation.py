@@ -3,7 +3,9 @@ count, the quality benchmark's pairing) trained by ``configs/train.json`` on the
 monitor on (:class:`bundle.handlers.GenerationMonitor`): the generation measures against the validation volumes over
 training, samples of the final models beside real volumes, and the measures side by side at equal steps.
 
-Both trainings run at once, one torch thread each (two cores), so their wall times compare.
+Both trainings run at once, one torch thread each (two cores), so their wall times compare. Optionally the IDM run
+is then trained on, as a resume of a copy of it, to a longer schedule (the cosine learning rate continued over the new
+length): what more steps buy.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -29,7 +35,7 @@ from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, noise_schedule
 from bundle.sample_quality import compare_to_real
 from bundle.visualize import read_scalars
 
-from .child_process import BUNDLE_ROOT
+from .child_process import BUNDLE_ROOT, child_environment
 from .quality import NETWORKS, STEP_TAG, TRAIN_CONFIG, network_definitions, parameter_count, train_run
 from .report import machine_description, markdown_table
 from .workload import Workload
@@ -43,7 +49,8 @@ CURVES_FIGURE = "generation_curves.png"
 SAMPLES_FIGURE = "generation_samples.png"
 PROGRESS_FIGURE = "generation_progress.png"
 CURVE_MEASURES = ("autocorrelation/t1", "histogram/t1", "power_spectrum/t2", "correlation/t1_t2", "mmd")
-SHORT = {"idm": "IDM", "monai": "MONAI"}  # labels in the figures
+CONTINUED = "idm_continued"  # the IDM run trained on to a longer schedule
+SHORT = {"idm": "IDM", "monai": "MONAI", CONTINUED: "IDM, longer"}  # labels in the figures
 DONE = "done.json"  # written beside a finished run: its wall seconds (a rerun with the same work_dir reuses it)
 
 
@@ -126,6 +133,53 @@ def first_step_within(curves: Mapping, fraction: float = 1.0) -> int | None:
     return next((step for step, value in curves["generation/within_spread"] if value >= fraction - 1e-9), None)
 
 
+def continue_run(source: Path, target: Path, epochs: int) -> float:
+    """Trains the finished run in ``source`` on to ``epochs`` epochs: a copy of it in ``target`` (made once), resumed
+    by ``configs/train.json --resume true`` on one torch thread (log: ``target/train_continued.log``; an
+    interrupted continuation resumes again). Returns the continuation's wall seconds (kept in ``target/done.json``).
+
+    Raises:
+        RuntimeError: the training process failed (with the end of its log).
+    """
+    if (target / DONE).exists():
+        return json.loads((target / DONE).read_text())["wall_seconds"]
+    if not target.exists():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(DONE))
+        args = json.loads((target / "args.json").read_text()) | {
+            "ckpt_dir": str(target / "models"), "output_dir": str(target / "runs"), "train#trainer#max_epochs": epochs}
+        (target / "args.json").write_text(json.dumps(args, indent=1))
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG,
+               "--args_file", str(target / "args.json"), "--resume", "true"]
+    start = time.perf_counter()
+    with open(target / "train_continued.log", "a") as log:
+        result = subprocess.run(command, cwd=BUNDLE_ROOT, env=child_environment(OMP_NUM_THREADS="1"), stdout=log,
+                                stderr=subprocess.STDOUT, check=False)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        tail = (target / "train_continued.log").read_text()[-3000:]
+        raise RuntimeError(f"Continuing the training in {target} exited with {result.returncode}:\n{tail}")
+    (target / DONE).write_text(json.dumps({"wall_seconds": seconds}))
+    return seconds
+
+
+def _summary(run_dir: Path, label: str, parameters: int, wall_seconds: float, real: torch.Tensor, num_samples: int,
+             final_samples_count: int, seed: int, steps_per_epoch: int) -> tuple[dict, torch.Tensor]:
+    """One network's entry of :func:`compare_generation`'s ``networks`` and its final samples."""
+    model = final_model(run_dir)
+    samples = final_samples(model, final_samples_count, seed)
+    final = compare_to_real(samples, real, ["t1", "t2"], seed=seed)
+    by_sampler = {sampler: compare_to_real(final_samples(model, num_samples, seed, sampler), real, ["t1", "t2"],
+                                           seed=seed) for sampler in list(SAMPLERS)[1:]}
+    curves = _curves(run_dir, steps_per_epoch, list(final["measures"]))
+    trained = read_scalars(run_dir / "runs", [STEP_TAG])[STEP_TAG][-1][0]
+    return {
+        "label": label, "parameters": parameters, "wall_seconds": wall_seconds, "steps": trained,
+        "seconds_per_step": wall_seconds / trained, "curves": curves, "first_within": first_step_within(curves),
+        "first_within_90": first_step_within(curves, 0.9), "final": final,
+        "samplers": {FINAL_SAMPLER: final} | by_sampler,
+    }, samples
+
+
 def recipe(
     steps: int = 8000,
     check_every: int = 240,
@@ -162,6 +216,7 @@ def compare_generation(
     attention_levels: Sequence[bool] = (False, True, True),
     num_blocks: int = 2,
     final_samples_count: int = 16,
+    continue_steps: int = 0,
     **recipe_settings,
 ) -> dict:
     """Trains both networks (concurrently, one torch thread each; a network whose run in ``work_dir`` finished
@@ -169,7 +224,9 @@ def compare_generation(
     ``size``, ``num_samples`` …; its defaults are README.md's phantom recipe), with the generation monitor's
     ``num_samples`` samples every ``check_every`` steps, then samples ``final_samples_count`` volumes from each final
     model with the monitor's sampler and ``num_samples`` with each other sampler of :data:`SAMPLERS`, and compares
-    them with the validation volumes.
+    them with the validation volumes. With ``continue_steps`` (more than ``steps``) the IDM run is then trained on to
+    :func:`recipe`'s epochs for that many steps (:func:`continue_run`, in ``work_dir/idm_continued``) and measured
+    the same way (``networks["idm_continued"]``, whose wall seconds include the first run's).
 
     Returns:
         ``{"settings", "machine", "networks": {name: {"label", "parameters", "wall_seconds", "steps",
@@ -207,20 +264,20 @@ def compare_generation(
     real = validation_volumes(work / "idm")
     networks, samples, images = {}, {}, {}
     for name, definition in definitions.items():
-        model = final_model(work / name)
-        samples[name] = final_samples(model, final_samples_count, seed)
-        final = compare_to_real(samples[name], real, ["t1", "t2"], seed=seed)
-        by_sampler = {sampler: compare_to_real(final_samples(model, num_samples, seed, sampler), real, ["t1", "t2"],
-                                               seed=seed) for sampler in list(SAMPLERS)[1:]}
-        curves = _curves(work / name, steps_per_epoch, list(final["measures"]))
+        networks[name], samples[name] = _summary(work / name, NETWORKS[name], parameter_count(definition),
+                                                 walls[name], real, num_samples, final_samples_count, seed,
+                                                 steps_per_epoch)
         images[name] = monitor_images(work / name, steps_per_epoch)
-        trained = read_scalars(work / name / "runs", [STEP_TAG])[STEP_TAG][-1][0]
-        networks[name] = {
-            "label": NETWORKS[name], "parameters": parameter_count(definition), "wall_seconds": walls[name],
-            "steps": trained, "seconds_per_step": walls[name] / trained, "curves": curves,
-            "first_within": first_step_within(curves), "first_within_90": first_step_within(curves, 0.9),
-            "final": final, "samplers": {FINAL_SAMPLER: final} | by_sampler,
-        }
+    if continue_steps:
+        epochs = recipe(**(recipe_settings | {"steps": continue_steps}))[1]["epochs"]
+        if epochs <= schedule["epochs"]:
+            raise ValueError(f"continue_steps={continue_steps} gives {epochs} epochs, not more than the "
+                             f"{schedule['epochs']} of steps={recipe_settings.get('steps')}.")
+        seconds = continue_run(work / "idm", work / CONTINUED, epochs)
+        networks[CONTINUED], samples[CONTINUED] = _summary(
+            work / CONTINUED, f"{NETWORKS['idm']}, trained on to {epochs} epochs", parameter_count(definitions["idm"]),
+            walls["idm"] + seconds, real, num_samples, final_samples_count, seed, steps_per_epoch)
+        settings["continued_epochs"] = epochs
     figures = {"curves": CURVES_FIGURE, "samples": SAMPLES_FIGURE, "progress": PROGRESS_FIGURE}
     result = {"settings": settings, "machine": machine_description(), "networks": networks, "figures": figures,
               "num_real": len(real)}
@@ -358,6 +415,10 @@ def render_generation_markdown(result: dict, command: str) -> str:
                 f"both, {at_last['idm']:.0%} of the measures are within the spread for IDM and "
                 f"{at_last['monai']:.0%} for MONAI's network; the final IDM samples have "
                 f"{idm['final']['within_spread']:.0%} within, MONAI's {monai['final']['within_spread']:.0%}.")
+    if CONTINUED in runs:
+        longer = runs[CONTINUED]
+        findings += (f" Trained on to {longer['steps']} steps, IDM: {milestone(CONTINUED).split(': ', 1)[1]}; its "
+                     f"final samples have {longer['final']['within_spread']:.0%} within.")
     return "\n\n".join([
         "# Generation: does a trained model generate volumes like its data?",
         findings,
@@ -405,7 +466,41 @@ def render_generation_markdown(result: dict, command: str) -> str:
          "that the clipped x̂₀ implies (`GridDDIMScheduler`'s docstring: near zero signal-to-noise the first "
          "diverges)."),
         markdown_table(*_sampler_rows(runs)),
+        *(_continued_section(result) if CONTINUED in runs else []),
     ]) + "\n"
+
+
+def _continued_section(result: dict) -> list[str]:
+    """The markdown blocks of the IDM run trained on (:func:`continue_run`)."""
+    s, idm, longer = result["settings"], result["networks"]["idm"], result["networks"][CONTINUED]
+    curves = longer["curves"]
+    after = [step for step, _ in curves["generation/within_spread"] if step > idm["steps"]]
+    shown = sorted(set(after[:: max(1, len(after) // 8)]) | {after[-1]})
+    measure = "generation/histogram/t2"
+    per_step = [[step, f"{_at_step(curves['generation/within_spread'], step):.2f}",
+                 f"{_at_step(curves[measure], step):.4f}", f"{_at_step(curves[measure + '_real_spread'], step):.4f}",
+                 f"{_at_step(curves['val_eps_mse'], step) or float('nan'):.4f}"] for step in shown]
+    rows = [[name, f"{m['generated_vs_real']:.4g}", f"{idm['final']['measures'][name]['generated_vs_real']:.4g}",
+             f"{m['real_vs_real_max']:.4g}", ("✓" if m["within_spread"] else "✗") + " / "
+             + ("✓" if idm["final"]["measures"][name]["within_spread"] else "✗")]
+            for name, m in longer["final"]["measures"].items()]
+    stats = [[name, f"{v['real']:.3f}", f"{idm['final']['statistics'][name]['generated']:.3f}",
+              f"{v['generated']:.3f}"] for name, v in longer["final"]["statistics"].items()]
+    return [
+        f"## IDM trained on to {longer['steps']} steps",
+        (f"The IDM run above resumed from its last checkpoint with `--train#trainer#max_epochs "
+         f"{s['continued_epochs']} --resume true`: the cosine learning rate continues over the new length (it "
+         f"restarts at half its initial value), the data, the monitor and every other setting unchanged (the "
+         "same noise for the monitor's samples). Its curves in the figure above are the line that goes on. Wall "
+         f"time of both parts: {longer['wall_seconds'] / 60:.0f} min, on a machine running other jobs as well."),
+        markdown_table(["step", "within", "histogram/t2", "its real-vs-real max", "val ε-MSE"], per_step),
+        (f"Final measures ({s['final_samples']} samples by the monitor's sampler, against {result['num_real']} "
+         f"validation volumes), beside those of the run at {idm['steps']} steps; ✓: within the spread (longer / "
+         f"{idm['steps']} steps):"),
+        markdown_table(["measure", f"IDM {longer['steps']} steps", f"IDM {idm['steps']} steps", "real vs real max",
+                        "within"], rows),
+        markdown_table(["statistic", "real", f"IDM {idm['steps']} steps", f"IDM {longer['steps']} steps"], stats),
+    ]
 
 
 def write_generation_report(result: dict, command: str, output_dir: str | Path = "docs") -> Path:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from bundle.memory_plan import plan_config
+from bundle.memory_plan import plan_config, warm_up
 from bundle.process_memory import proc_status_bytes
 
 from .child_process import BUNDLE_ROOT, FreshProcess, measuring_device
@@ -54,7 +54,9 @@ ACCURACY_CONFIGURATIONS: dict[str, dict] = {  # name: train.json overrides (EMA,
 QUICK_CONFIGURATIONS = ("IDM 16–128, 64³, batch 4", "MONAI DiffusionModelUNet (matched to IDM 16–128), 64³, batch 2")
 
 
-def _measure(config_file: str, overrides: Mapping) -> dict:
+def _measure(config_file: str, overrides: Mapping, real_first_step: bool = True) -> dict:
+    """The peak of two training steps, or with ``real_first_step`` False of one after :func:`warm_up` (what a
+    first step leaves, as the plan's steady state, at the cost of no step)."""
     from monai.bundle import ConfigParser
 
     device = measuring_device()
@@ -75,7 +77,9 @@ def _measure(config_file: str, overrides: Mapping) -> dict:
     start = time.perf_counter()
     engine = parser.get_parsed_content("train#trainer")
     images = torch.rand(shape, device=device)
-    for _ in range(2):
+    if not real_first_step:
+        warm_up(engine.network, engine.optimizer, engine.ema)
+    for _ in range(2 if real_first_step else 1):
         engine._iteration(engine, {"image": images})
     # on the CPU the peak RSS less the pages no allocator hands out (file-backed and shared)
     not_allocated = 0 if device.type == "cuda" else proc_status_bytes("RssFile") + proc_status_bytes("RssShmem")
@@ -83,10 +87,12 @@ def _measure(config_file: str, overrides: Mapping) -> dict:
     return {"peak_bytes": peak, "seconds": time.perf_counter() - start, "device": device.type}
 
 
-def measure_configured_step(overrides: Mapping, config_file: str = CONFIG, timeout: float = 7200) -> dict:
-    """The measured peak of two training steps of ``config_file`` with ``overrides`` in a fresh process:
-    ``{"peak_bytes", "seconds", "device"}`` or ``{"error"}``."""
-    return FreshProcess(_measure, config_file, dict(overrides)).result(timeout)
+def measure_configured_step(overrides: Mapping, config_file: str = CONFIG, timeout: float = 7200,
+                            real_first_step: bool = True) -> dict:
+    """The measured peak of two training steps of ``config_file`` with ``overrides`` (or, with ``real_first_step``
+    False, of one after :func:`~bundle.memory_plan.warm_up`) in a fresh process: ``{"peak_bytes", "seconds",
+    "device"}`` or ``{"error"}``."""
+    return FreshProcess(_measure, config_file, dict(overrides), real_first_step).result(timeout)
 
 
 def planner_accuracy(configurations: Mapping[str, Mapping] = ACCURACY_CONFIGURATIONS) -> dict:

@@ -1,0 +1,120 @@
+"""The native grid (``spacing`` set): resampled, not resized; one box and one affine for a registered dataset, a box
+around each case's foreground otherwise; samples written back on the dataset's own grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_TRAINING, run_bundle
+from monai.data import MetaTensor
+from monai.transforms import Orientation, ResizeWithPadOrCrop
+
+from bundle.data import PHANTOM_FOLDER, PHANTOM_PREFIX, discover_cases, preprocessing, write_brats_phantoms
+from bundle.data.phantoms import brats_affine
+from bundle.errors import BadInputError
+from bundle.inference import to_original_grid
+from bundle.run_record import RUN_RECORD, load_run_record
+
+GRID = ((60, 64, 40), 2.0)  # the phantoms' own grid: a small BraTS-like frame, 2 mm
+BOX = [24, 28, 20]  # voxels of 4 mm: a non-cubic box, cropped in x and y, padded in z
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    """A dataset_dir holding 4 built-in phantoms on :data:`GRID` (as a native-grid training run writes them)."""
+    root = tmp_path_factory.mktemp("data")
+    shape, spacing = GRID
+    write_brats_phantoms(root / PHANTOM_FOLDER, num_cases=4, shape=shape, spacing=spacing, prefix=PHANTOM_PREFIX)
+    return root
+
+
+def test_registered_cases_share_one_box_and_one_affine(phantoms):
+    images = [preprocessing(["t1", "t2"], BOX, spacing=4.0)(r)["image"] for r in discover_cases(phantoms)]
+    assert all(image.shape == (2, *BOX) for image in images)
+    for image in images[1:]:
+        np.testing.assert_array_equal(image.affine, images[0].affine)
+    affine = images[0].affine.numpy()
+    np.testing.assert_allclose(np.abs(affine[:3, :3]), 4.0 * np.eye(3))  # RAS, 4 mm, no resize
+    # the box is centred on the frame: its centre maps to the frame's centre (the phantoms' origin is their centre)
+    frame_centre = brats_affine(GRID[0], GRID[1]) @ np.array([*(np.array(GRID[0]) / 2), 1.0])
+    box_centre = affine @ np.array([*((np.array(BOX) - 1) / 2), 1.0])
+    np.testing.assert_allclose(box_centre[:3], frame_centre[:3], atol=4.0)
+
+
+def test_a_datalist_case_gets_a_box_around_its_own_foreground(phantoms, tmp_path):
+    case = discover_cases(phantoms)[0]
+    for modality in ("t1", "t2"):  # the same head 20 mm away (10 voxels along the stored x axis), in a larger frame
+        image = nib.load(case[modality])
+        moved = np.pad(image.get_fdata(), ((10, 20), (0, 0), (0, 0))).astype(np.float32)
+        nib.save(nib.Nifti1Image(moved, image.affine), tmp_path / f"moved_{modality}.nii.gz")
+    (tmp_path / "list.json").write_text(json.dumps({"training": [{"t1": "moved_t1.nii.gz", "t2": "moved_t2.nii.gz"}]}))
+    [record] = discover_cases(tmp_path)
+    assert "frame" not in record  # a datalist is not taken as registered
+    transform = preprocessing(["t1", "t2"], [12, 12, 10], spacing=4.0)
+    moved = transform(record)["image"]
+    centred = transform(case)["image"]
+    assert moved.shape == centred.shape == (2, 12, 12, 10)
+    # the box followed the head: 20 mm towards −x in RAS (the stored x axis points to −x), the same image inside
+    shift = (moved.affine - centred.affine)[:3, 3].numpy()
+    np.testing.assert_allclose(shift, [-20.0, 0.0, 0.0], atol=4.0)
+    assert (moved[:, :, 4:8, 4:8] - centred[:, :, 4:8, 4:8]).abs().mean() < 0.1 * centred[:, :, 4:8, 4:8].mean()
+
+
+def test_bad_spacing_is_refused_by_name():
+    with pytest.raises(BadInputError, match=r"spacing must be null .* got -1"):
+        preprocessing(["t1"], BOX, spacing=-1)
+
+
+def test_a_sample_goes_back_to_the_dataset_grid_voxel_for_voxel():
+    shape, spacing = GRID
+    original = brats_affine(shape, spacing)
+    frame = MetaTensor(torch.zeros(1, *shape), affine=torch.as_tensor(original))
+    on_box = ResizeWithPadOrCrop(BOX)(Orientation("RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(frame))
+    sample = torch.rand(2, *BOX)
+    record = {"affine": on_box.affine.tolist(), "original_grid": {"affine": original.tolist(),
+                                                                  "spatial_size": list(shape)}}
+    written, affine = to_original_grid(sample, record)
+    np.testing.assert_allclose(affine, original)
+    assert written.shape == (2, *shape)
+    # the training box (cropped at the frame's centre, at the frame's own spacing) goes back where it came from,
+    # flipped back to the frame's LPS storage, and the rest of the frame is zero
+    x, y, z = (slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(shape, BOX))
+    torch.testing.assert_close(written[:, x, y, z].flip(1, 2), sample, atol=1e-5, rtol=0)
+    outside = torch.ones(shape, dtype=torch.bool)
+    outside[x, y, z] = False
+    assert written[:, outside].abs().max() < 1e-6
+
+
+def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_grid(phantoms, tmp_path):
+    train = run_bundle("configs/train.json", SMALL_TRAINING | {
+        "dataset_dir": phantoms, "spatial_size": str(BOX).replace(" ", ""), "spacing": "4.0", "val_fraction": "0.25",
+        "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "runs", "train#trainer#max_epochs": "1",
+    })
+    assert train.returncode == 0, train.stderr[-3000:]
+    record = json.loads((tmp_path / "models" / RUN_RECORD).read_text())
+    assert record["spatial_size"] == BOX and record["spacing"] == [4.0, 4.0, 4.0]
+    assert record["original_grid"]["spatial_size"] == list(GRID[0])
+    np.testing.assert_allclose(record["original_grid"]["affine"], brats_affine(*GRID))
+    np.testing.assert_allclose(np.abs(np.asarray(record["affine"])[:3, :3]), 4.0 * np.eye(3))
+
+    with pytest.raises(BadInputError, match=r"a \[4.0, 4.0, 4.0\] mm native grid.*pass --spacing 4.0"):
+        load_run_record(tmp_path / "models" / "model.pt", spatial_size=BOX, modalities=["t1", "t2"], spacing=2.0)
+
+    infer = run_bundle("configs/inference.json", {
+        "ckpt_path": tmp_path / "models" / "model.pt", "output_dir": tmp_path / "samples", "num_samples": "1",
+        "spatial_size": str(BOX).replace(" ", ""), "network_def#channels": SMALL_TRAINING["network_def#channels"],
+        "attention_levels": SMALL_TRAINING["attention_levels"], "num_train_timesteps": "100", "sampler": "ddim",
+        "num_inference_steps": "2",
+    })
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    written = nib.load(tmp_path / "samples" / "sample_000_t2.nii.gz")
+    assert written.shape == GRID[0]  # overlays any case of the dataset voxel for voxel
+    np.testing.assert_allclose(written.affine, brats_affine(*GRID))
+    data = written.get_fdata()
+    assert data[0].max() == 0 and data[-1].max() == 0  # outside the 96 mm-wide training box (the frame is 120 mm)
+    assert data.std() > 0
