@@ -547,7 +547,8 @@ class TrainingMemoryPlan:
             working = p.peak_bytes - p.floor_bytes
             scale = ((p.usable_bytes - p.floor_bytes) / working) ** (1 / (len(p.image_shape) - 1))
             size = [max(1, int(s * scale)) for s in p.image_shape[1:]]
-            hints.append(f"a spatial_size of about {size} (activations scale with voxels; plan it with "
+            hints.append(f"a spatial_size of about {size} (activations scale with voxels; on the native grid with "
+                         "a coarser --spacing, so that the box still holds the head; plan it with "
                          "scripts/plan_memory.py)")
         if not p.amp:
             with_amp = plan(p.micro_batch_size or p.batch_size, with_amp=True)

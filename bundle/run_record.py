@@ -77,6 +77,12 @@ def run_record(
             "affine": np.asarray(image.meta["original_affine"], dtype=float).tolist(),
             "spatial_size": [int(s) for s in image.meta["spatial_shape"]],
         }
+        logger.info("native grid: one box of %s voxels in the dataset's atlas frame for every case; samples are "
+                    "written back on its %s grid", record["spatial_size"], record["original_grid"]["spatial_size"])
+    elif spacing is not None:
+        logger.info("native grid: the cases are not in one registered frame (a datalist), so each is cropped to a box "
+                    "of %s voxels around its own foreground, and samples stay on the training grid",
+                    record["spatial_size"])
     return record
 
 

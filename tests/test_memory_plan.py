@@ -141,6 +141,7 @@ def test_micro_batch_size_auto_picks_the_largest_that_fits_and_a_run_that_cannot
         plan_config(TRAIN, base | {"micro_batch_size": "auto", "device_memory_gb": too_small}, check=True)
     message = str(refused.value)
     assert "even in micro-batches of 1 sample" in message and "spatial_size of about" in message
+    assert "a coarser --spacing" in message
     assert "--amp true" in message and "--ema_decay 0" in message
     with pytest.raises(BadInputError, match="micro_batch_size must be a positive integer, null .* or 'auto'"):
         plan_config(TRAIN, base | {"micro_batch_size": "all"})
