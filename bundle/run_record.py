@@ -44,7 +44,11 @@ def scheduler_record(scheduler: Scheduler, schedule: str) -> dict:
 
 
 def _spacing_record(spacing: float | Sequence[float] | None) -> list[float] | None:
-    return None if spacing is None else [float(s) for s in ([spacing] * 3 if np.isscalar(spacing) else spacing)]
+    """``spacing`` as three floats (mm per axis), None for the resized grid."""
+    if spacing is None:
+        return None
+    values = [spacing] if np.isscalar(spacing) else list(spacing)
+    return [float(v) for v in (values * 3 if len(values) == 1 else values)]
 
 
 def run_record(
@@ -172,12 +176,11 @@ def load_run_record(
         )
     if spacing != "recorded" and record.get("spacing") != _spacing_record(spacing):
         recorded = record.get("spacing")
-        raise BadInputError(
-            f"{path} says the model was trained on "
-            + (f"a {recorded} mm native grid" if recorded else "the resized grid (spacing null)")
-            + f", but the configuration asks for spacing={spacing!r}; pass --spacing "
-            + (f"{recorded[0] if len(set(recorded)) == 1 else recorded}" if recorded else "null") + "."
-        )
+        trained = f"a {recorded} mm native grid" if recorded else "the resized grid (spacing null)"
+        value = ("null" if recorded is None else str(recorded[0]) if len(set(recorded)) == 1
+                 else f"'{json.dumps(recorded).replace(' ', '')}'")
+        raise BadInputError(f"{path} says the model was trained on {trained}, but the configuration asks for "
+                            f"spacing={spacing!r}; pass --spacing {value}.")
     if noise_scheduler is not None:
         _check_scheduler(record["noise_scheduler"], noise_scheduler, schedule, path)
     return record

@@ -118,3 +118,17 @@ def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_gr
     data = written.get_fdata()
     assert data[0].max() == 0 and data[-1].max() == 0  # outside the 96 mm-wide training box (the frame is 120 mm)
     assert data.std() > 0
+
+
+@pytest.mark.parametrize("recorded, asked, message", [
+    (None, 4.0, "trained on the resized grid (spacing null), but the configuration asks for spacing=4.0; "
+                "pass --spacing null."),
+    ([4.0, 4.0, 8.0], None, "trained on a [4.0, 4.0, 8.0] mm native grid, but the configuration asks for "
+                            "spacing=None; pass --spacing '[4.0,4.0,8.0]'."),
+])
+def test_another_spacing_than_the_training_runs_is_refused_with_the_value_to_pass(tmp_path, recorded, asked, message):
+    (tmp_path / RUN_RECORD).write_text(json.dumps({"spatial_size": BOX, "modalities": ["t1"], "spacing": recorded}))
+    with pytest.raises(BadInputError) as error:
+        load_run_record(tmp_path / "model.pt", spatial_size=BOX, modalities=["t1"], spacing=asked)
+    assert message in str(error.value)
+    assert load_run_record(tmp_path / "model.pt", spatial_size=BOX, modalities=["t1"], spacing=recorded)
