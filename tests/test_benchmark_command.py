@@ -82,3 +82,21 @@ def test_suite_writes_its_report_and_keeps_the_finished_parts_of_a_run_that_stop
     assert report.startswith("# ") and "`python scripts/benchmark.py suite --quick --quality false`" in report
     assert all((out / name).stat().st_size > 0 for name in ("memory_vs_depth.png", "memory_vs_resolution.png",
                                                              "step_time.png"))
+
+
+@pytest.mark.parametrize("limit_voxels, step, expected", [(100, 16, 96), (64, 64, 64), (15, 16, None), (10_000, 16, 512)])
+def test_the_largest_cube_is_the_largest_multiple_that_the_plan_fits(monkeypatch, limit_voxels, step, expected):
+    from scripts.benchmarking import native_resolution
+
+    planned = []
+
+    def plan(overrides: dict) -> dict:
+        size = overrides["spatial_size"][0]
+        planned.append(size)
+        return {"fits": size <= limit_voxels, "peak_bytes": size}
+
+    monkeypatch.setattr(native_resolution, "_plan", plan)
+    found = native_resolution.largest_cube({"batch_size": 1}, step)
+    assert found["size"] == expected
+    assert (found["plan"] or {}).get("peak_bytes") == expected
+    assert all(size % step == 0 for size in planned) and len(planned) <= 12

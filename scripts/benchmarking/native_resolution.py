@@ -148,6 +148,7 @@ def native_resolution(measure: bool = True, progress: Callable[[str], None] = pr
         progress(f"plan: {name}")
         result["grids"][name] = _plan(PAPER | STEP | {"spatial_size": size, "recompute_norms": True})
     monai = network_definitions(PAPER_WORKLOAD)["monai"]
+    result["monai_network"] = monai
     checkpointed = {"_target_": "scripts.benchmarking.baselines.enable_activation_checkpointing", "model": monai}
     for name, definition in (("plain", monai), ("activation checkpointing", checkpointed)):
         progress(f"plan: MONAI {name}")
@@ -210,6 +211,14 @@ def _gb(nbytes: float | None) -> str:
 def _alive(plan: dict, count: int = 3) -> str:
     return "; ".join(f"{t['count']}× {t['shape']} {t['made_by']} ({_gb(t['bytes'])} GB)"
                      for t in plan["alive_at_peak"][:count])
+
+
+def _held_by_attention(plan: dict) -> bool:
+    """Whether softmax outputs (attention score matrices) are the largest tensor at the peak and, together, a third
+    or more of the peak above the floor."""
+    scores = sum(t["bytes"] for t in plan["alive_at_peak"] if "softmax" in t["made_by"])
+    return ("softmax" in plan["alive_at_peak"][0]["made_by"]
+            and scores >= (plan["peak_bytes"] - plan["floor_bytes"]) / 3)
 
 
 def _plan_row(name: str, plan: dict) -> list[str]:
@@ -291,14 +300,33 @@ def render_native_resolution(result: dict, command: str, machine: str, figure: s
          "the GPU (−1.7 GB), and conditioners convolved in spatial tiles (their level-0 working set)."),
         "## MONAI DiffusionModelUNet matched to the paper's network (±10% parameters), same grid and batch",
         monai,
+        (f"The matched network (the benchmarks' pairing: the leanest `DiffusionModelUNet` within ±10% of the "
+         f"parameters) has widths {result['monai_network']['channels']} with "
+         f"{result['monai_network']['num_res_blocks']} block per level: it spends its parameters at depth, and its "
+         f"full-resolution tensors have {result['monai_network']['channels'][0]} channels where IDM's have "
+         f"{PAPER_WORKLOAD.channels[0]}. So it is not a network of the paper's width at full resolution: one "
+         f"{PAPER_WORKLOAD.channels[0]} channels wide there would hold "
+         f"{PAPER_WORKLOAD.channels[0] // result['monai_network']['channels'][0]} times its level-0 activations."),
         "## The largest cube each benchmark configuration fits in 24 GiB (planned)",
         largest,
+        ("Where the attention's score matrices (N × N for N tokens, kept for backward) hold the peak: "
+         + "; ".join(f"{name}: {_alive(r['plan'], 1)}" for name, r in result["largest"].items()
+                     if r["plan"] and _held_by_attention(r["plan"]))
+         + ". They grow with the square of the voxels, so the largest cube of a network with attention at a fine "
+         "level is set by them, not by the convolutions: `docs/benchmarks.md` extrapolates its largest cubes "
+         "linearly in voxels from the sizes it measured, which leaves this term out. IDM's attention runs through "
+         "PyTorch's `scaled_dot_product_attention`, which has kernels that never form the N × N matrix; they are "
+         "not chosen here because the value tensor the attention hands it is not contiguous in its last dimension "
+         "(found while writing this page; making it contiguous changes the figures of `docs/benchmarks.md`, so it "
+         "goes with their rerun)."),
         "## Measured on this machine (CPU)",
         measured,
         ("The training step is measured once after a warm-up that leaves what a first step would (gradients, AdamW "
          "state), as the plan's steady state, in a fresh process: its peak anonymous RSS above the value before the "
-         "network was built. Batch 1 without EMA: the default's 20.5 GB plan does not fit this machine's 24 GB "
-         "beside the operating system; the EMA adds its 1.7 GB of weights and nothing else. The sampling step is "
+         "network was built. Batch 1 (one micro-batch of the step above) without EMA: with EMA the plan is "
+         f"{_gb(step['plan_cpu']['peak_bytes'] + result['options']['recompute_norms, EMA']['ema_bytes'])} GB, "
+         "which does not fit this 24 GB machine beside its operating system and the other job it ran; the EMA adds "
+         "its weights and nothing else. The sampling step is "
          "one DDIM step (one network evaluation without gradients) of one sample; "
          f"its planned GPU peak is {_gb(sampling['plan_cuda']['peak_bytes'])} GB, and a GPU's time per step is "
          "not measured here. `inference.json` shows a progress bar over the steps."),
