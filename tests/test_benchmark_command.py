@@ -84,7 +84,8 @@ def test_suite_writes_its_report_and_keeps_the_finished_parts_of_a_run_that_stop
                                                              "step_time.png"))
 
 
-@pytest.mark.parametrize("limit_voxels, step, expected", [(100, 16, 96), (64, 64, 64), (15, 16, None), (10_000, 16, 512)])
+@pytest.mark.parametrize("limit_voxels, step, expected",
+                         [(100, 16, 96), (64, 64, 64), (15, 16, None), (10_000, 16, 512)])
 def test_the_largest_cube_is_the_largest_multiple_that_the_plan_fits(monkeypatch, limit_voxels, step, expected):
     from scripts.benchmarking import native_resolution
 
