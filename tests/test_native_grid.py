@@ -121,10 +121,10 @@ def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_gr
 
 
 @pytest.mark.parametrize("recorded, asked, message", [
-    (None, 4.0, "trained on the resized grid (spacing null), but the configuration asks for spacing=4.0; "
-                "pass --spacing null."),
-    ([4.0, 4.0, 8.0], None, "trained on a [4.0, 4.0, 8.0] mm native grid, but the configuration asks for "
-                            "spacing=None; pass --spacing '[4.0,4.0,8.0]'."),
+    (None, 4.0, ("trained on the resized grid (spacing null), but the configuration asks for spacing=4.0; "
+                 "pass --spacing null.")),
+    ([4.0, 4.0, 8.0], None, ("trained on a [4.0, 4.0, 8.0] mm native grid, but the configuration asks for "
+                             "spacing=None; pass --spacing '[4.0,4.0,8.0]'.")),
 ])
 def test_another_spacing_than_the_training_runs_is_refused_with_the_value_to_pass(tmp_path, recorded, asked, message):
     (tmp_path / RUN_RECORD).write_text(json.dumps({"spatial_size": BOX, "modalities": ["t1"], "spacing": recorded}))
