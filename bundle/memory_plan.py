@@ -353,6 +353,27 @@ def device_memory_bytes(device: torch.device | str, device_memory_gb: float | No
     return total - CUDA_HEADROOM_BYTES if kind == "cuda" else total
 
 
+def _planning_device(device: torch.device | str, network: nn.Module,
+                     image_shape: Sequence[int]) -> tuple[str, torch.device, list[str]]:
+    """(the planned device's kind, the device of the fake tensors, the plan's notes) for a plan of ``network`` on
+    images of ``image_shape`` (C, *S): without a GPU a CUDA plan runs the CPU's operators, and says so; a size the
+    network pads inside is said too."""
+    kind, device = torch.device(device).type, torch.device(device)
+    notes = ["predicted, not measured: tensors only (no operator workspaces, CUDA context or fragmentation)"]
+    padded_size = getattr(network, "padded_size", None)
+    if padded_size is not None and list(padded_size(image_shape[1:])) != list(image_shape[1:]):
+        padded = list(padded_size(image_shape[1:]))
+        notes.append(f"the network pads {list(image_shape[1:])} to {padded} inside (its levels need multiples of "
+                     f"{network.trunk.size_divisor}): the step costs what {padded} costs; a spatial_size of multiples "
+                     "of it uses every voxel it pays for")
+    if kind == "cuda" and not torch.cuda.is_available():
+        # fake CUDA tensors need CUDA's operators (e.g. to choose an attention kernel)
+        notes.append("planned with the CPU's operators: no GPU here (a GPU's attention and convolution kernels "
+                     "may keep other working sets)")
+        device = torch.device("cpu")
+    return kind, device, notes
+
+
 def plan_training_step(
     network: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -381,22 +402,9 @@ def plan_training_step(
     """
     from .diffusion.engines import IDMTrainer  # the trainer imports this module's caller, not this module
 
-    kind = torch.device(device).type
-    device = torch.device(device)
     start = time.perf_counter()
     network = unwrap(network)
-    notes = ["predicted, not measured: tensors only (no operator workspaces, CUDA context or fragmentation)"]
-    padded_size = getattr(network, "padded_size", None)
-    if padded_size is not None and list(padded_size(image_shape[1:])) != list(image_shape[1:]):
-        padded = list(padded_size(image_shape[1:]))
-        notes.append(f"the network pads {list(image_shape[1:])} to {padded} inside (its levels need multiples of "
-                     f"{network.trunk.size_divisor}): the step costs what {padded} costs; a spatial_size of multiples "
-                     "of it uses every voxel it pays for")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        # fake CUDA tensors need CUDA's operators (e.g. to choose an attention kernel)
-        notes.append("planned with the CPU's operators: no GPU here (a GPU's attention and convolution kernels "
-                     "may keep other working sets)")
-        device = torch.device("cpu")
+    kind, device, notes = _planning_device(device, network, image_shape)
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
         tracker = LiveBytes(device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1)
@@ -440,11 +448,9 @@ def plan_sampling_step(
     DDIM step makes, on ``batch_size`` samples of ``image_shape`` (C, *S)), like :func:`plan_training_step`: the
     weights, the sample and the noise estimate, and the forward pass's working set. There is no optimizer or
     EMA in sampling (the EMA weights are the network's)."""
-    kind = torch.device(device).type
-    device = torch.device("cpu") if kind == "cuda" and not torch.cuda.is_available() else torch.device(device)
     start = time.perf_counter()
     network = unwrap(network)
-    notes = ["predicted, not measured: tensors only (no operator workspaces, CUDA context or fragmentation)"]
+    kind, device, notes = _planning_device(device, network, image_shape)
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
         tracker = LiveBytes(device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1)
