@@ -324,10 +324,11 @@ def check_checkpoint_folder(
     noise_scheduler: Scheduler,
     schedule: str,
     spacing: float | Sequence[float] | None = None,
+    condition_modalities: Sequence[str] = (),
 ) -> None:
     """What a training run refuses that the files in ``ckpt_dir`` alone tell, checked before data is read or anything
     is built: a resume without ``training_state.pt``, or of a run whose record (``run.json``) differs in
-    ``spatial_size``, ``spacing``, ``modalities`` or noise schedule (:func:`~bundle.run_record.load_run_record`); a
+    ``spatial_size``, ``spacing``, ``modalities``, ``condition_modalities`` or noise schedule (:func:`~bundle.run_record.load_run_record`); a
     new run over an earlier run's checkpoints without ``overwrite``.
 
     Raises:
@@ -342,7 +343,7 @@ def check_checkpoint_folder(
                 "without --resume to start a new training there."
             )
         load_run_record(model, spatial_size=spatial_size, modalities=modalities, noise_scheduler=noise_scheduler,
-                        schedule=schedule, spacing=spacing)
+                        schedule=schedule, spacing=spacing, condition_modalities=condition_modalities)
         return
     existing = [str(p) for p in (model, state) if p.exists()]
     if existing and not overwrite:

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .diffusion.maths import denoise_at, to_image_range, to_model_range
+from .diffusion.maths import denoise_at, to_image_range, to_model_range, with_condition
 from .diffusion.noise import seeded_generator
 from .diffusion.sampling import GridDDIMScheduler
 from .errors import BadInputError
@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 
 def reconstruct_from(
-    network: nn.Module, noisy: torch.Tensor, *, t_start: int, scheduler: GridDDIMScheduler, num_inference_steps: int
+    network: nn.Module, noisy: torch.Tensor, *, t_start: int, scheduler: GridDDIMScheduler, num_inference_steps: int,
+    condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Runs ``scheduler``'s deterministic DDIM chain (η = 0, whatever the scheduler's own) from ``noisy`` = x_t at
     exactly ``t = t_start`` down to x₀.
@@ -51,6 +52,7 @@ def reconstruct_from(
         t_start: the timestep ``noisy`` was noised to, in [0, T).
         scheduler: the DDIM scheduler of the trained model's noise schedule (its ``timesteps`` are replaced).
         num_inference_steps: the sampling chain whose step size the reconstruction takes.
+        condition: a conditioned model's given modalities (B, K, *S) in [−1, 1], or None.
 
     Returns:
         The reconstruction x₀, (B, C, *S), clamped to [−1, 1].
@@ -58,7 +60,8 @@ def reconstruct_from(
     scheduler.timesteps = torch.arange(t_start, -1, -(scheduler.num_train_timesteps // int(num_inference_steps)))
     x = noisy
     for t in scheduler.timesteps.tolist():
-        x, _ = scheduler.step(network(x, torch.full((x.shape[0],), t, device=x.device)), t, x, eta=0.0)
+        eps = network(with_condition(x, condition), torch.full((x.shape[0],), t, device=x.device))
+        x, _ = scheduler.step(eps, t, x, eta=0.0)
     return x.clamp(-1, 1)
 
 

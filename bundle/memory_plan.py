@@ -388,6 +388,7 @@ def plan_training_step(
     lambda_l2: float = 1e-4,
     device: torch.device | str = "cpu",
     usable_bytes: int | None = None,
+    condition_channels: int = 0,
 ) -> MemoryPlan:
     """Predicts the memory of one training step of :class:`~bundle.diffusion.IDMTrainer` with these arguments,
     without touching ``network``, ``optimizer``, ``ema`` or ``noise_sampler`` (real, meta or fake: only their
@@ -399,6 +400,7 @@ def plan_training_step(
         batch_size: samples per step; image_shape: (C, *S) of one sample.
         device: where the run trains (its kind decides the allocator's rounding).
         usable_bytes: the memory the peak must fit in (:func:`device_memory_bytes`), or None.
+        condition_channels: a conditioned model's given modalities (K: the batch's ``condition`` is (B, K, *S)).
     """
     from .diffusion.engines import IDMTrainer  # the trainer imports this module's caller, not this module
 
@@ -425,11 +427,16 @@ def plan_training_step(
             tracker.start_step()
             trainer.optimizer.register_step_pre_hook(lambda *_: tracker.set_phase("update"))
             images = torch.zeros(batch_size, *image_shape, device=device)
-            trainer._iteration(trainer, {"image": images})
+            batch = {"image": images}
+            if condition_channels:
+                batch["condition"] = torch.zeros(batch_size, condition_channels, *image_shape[1:], device=device)
+                notes.append(f"conditioned on {condition_channels} given channel(s) beside the {image_shape[0]} "
+                             "generated ones")
+            trainer._iteration(trainer, batch)
             floor = {name: _tensor_bytes(tensors) for name, tensors in _kept_tensors(twin, twin_optimizer,
                                                                                      twin_ema).items()}
             params = sum(p.numel() for p in twin.parameters())
-            del trainer, twin, twins, twin_optimizer, twin_ema, images, kept
+            del trainer, twin, twins, twin_optimizer, twin_ema, images, batch, kept
     gc.collect()
     fits = None if usable_bytes is None else tracker.peak <= usable_bytes
     return MemoryPlan(
@@ -514,13 +521,15 @@ class TrainingMemoryPlan:
         device: torch.device | str = "cpu",
         device_memory_gb: float | None = None,
         check: bool = True,
+        condition_channels: int = 0,
     ) -> None:
         usable = device_memory_bytes(device, device_memory_gb)
 
         def plan(micro: int, with_amp: bool = amp) -> MemoryPlan:
             return plan_training_step(
                 network, optimizer, scheduler, noise_sampler, batch_size, image_shape,
-                None if micro == batch_size else micro, ema, with_amp, lambda_rec, lambda_l2, device, usable)
+                None if micro == batch_size else micro, ema, with_amp, lambda_rec, lambda_l2, device, usable,
+                condition_channels)
 
         if micro_batch_size == "auto":
             candidates = _candidate_micro_batch_sizes(batch_size)

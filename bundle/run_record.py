@@ -59,9 +59,11 @@ def run_record(
     schedule: str,
     validation_cases: Sequence[str],
     spacing: float | Sequence[float] | None = None,
+    condition_modalities: Sequence[str] = (),
 ) -> dict:
     """The record of a training run: the voxel grid (``affine``, ``spatial_size``) of a preprocessed training case's
-    ``"image"`` (C, *S) MetaTensor, its ``spacing`` (None: the resized grid), its ``modalities``, the
+    ``"image"`` (C, *S) MetaTensor, its ``spacing`` (None: the resized grid), its ``modalities`` (the generated ones)
+    and ``condition_modalities`` (the given ones of a conditioned model; empty: unconditional), the
     ``noise_scheduler`` built with ``schedule`` (:func:`scheduler_record`) and the case ids of its validation split.
     On the native grid, for a case of a registered dataset (``case["frame"]`` is
     :data:`~bundle.data.transforms.ATLAS_FRAME`: one box of one frame for every case) also ``original_grid``, the
@@ -73,6 +75,7 @@ def run_record(
         "spatial_size": list(image.shape[1:]),
         "spacing": _spacing_record(spacing),
         "modalities": list(modalities),
+        "condition_modalities": list(condition_modalities),
         "noise_scheduler": scheduler_record(noise_scheduler, schedule),
         "validation_cases": list(validation_cases),
     }
@@ -152,8 +155,10 @@ def load_run_record(
     noise_scheduler: Scheduler | None = None,
     schedule: str | None = None,
     spacing: float | Sequence[float] | None | str = "recorded",
+    condition_modalities: Sequence[str] = (),
 ) -> dict:
-    """The record beside ``ckpt_path``, checked against this run's ``spatial_size``, ``modalities``, ``spacing``
+    """The record beside ``ckpt_path``, checked against this run's ``spatial_size``, ``modalities``,
+    ``condition_modalities`` (a record without them is of an unconditional model), ``spacing``
     (unless ``"recorded"``: a run that reads no images takes the record's) and (when given) the ``noise_scheduler``
     built with ``schedule`` that will sample or evaluate. Without a record (a checkpoint from
     elsewhere) a centred 1.5 mm RAS grid of ``spatial_size`` is returned, with a warning that nothing was checked.
@@ -167,12 +172,21 @@ def load_run_record(
         logger.warning("There is no %s beside %s: its voxel grid, modalities and noise schedule are not checked; "
                        "they must be those of the training run.", RUN_RECORD, ckpt_path)
         return {"affine": default_affine(spatial_size).tolist(), "spatial_size": list(spatial_size),
-                "modalities": list(modalities)}
+                "modalities": list(modalities), "condition_modalities": list(condition_modalities)}
     if list(record["spatial_size"]) != list(spatial_size) or list(record["modalities"]) != list(modalities):
         raise BadInputError(
             f"{path} says the model was trained on spatial_size={record['spatial_size']} with modalities="
             f"{record['modalities']}, but the configuration asks for spatial_size={list(spatial_size)}, "
             f"modalities={list(modalities)}; pass the training values (--spatial_size, --modalities)."
+        )
+    given = list(record.get("condition_modalities", []))
+    if given != list(condition_modalities):
+        trained = f"generate {record['modalities']} from {given}" if given else "generate unconditionally"
+        value = json.dumps(given).replace(" ", "").replace('"', "'")
+        raise BadInputError(
+            f"{path} says the model was trained to {trained}, but the configuration gives condition_modalities="
+            f"{list(condition_modalities)}; pass --condition_modalities \"{value}\" (a model reads only the "
+            "modalities it was trained on), or train a model for this condition."
         )
     if spacing != "recorded" and record.get("spacing") != _spacing_record(spacing):
         recorded = record.get("spacing")

@@ -25,7 +25,7 @@ from .errors import BadInputError
 from .flags import as_flag
 from .utils import check_output_folder
 
-__all__ = ["EvaluationSettings", "InferenceSettings", "TrainingSettings"]
+__all__ = ["EvaluationSettings", "InferenceSettings", "TrainingSettings", "check_modalities"]
 
 GENERATION_REFERENCES = ("validation", "training")  # the splits evaluation compares generated samples with
 
@@ -42,6 +42,29 @@ def _check_spatial_size(spatial_size: Sequence[int]) -> None:
     if (isinstance(spatial_size, (str, bytes)) or not isinstance(spatial_size, Sequence) or len(spatial_size) != 3
             or not all(_positive_int(s) for s in spatial_size)):
         raise BadInputError(f"spatial_size must be three positive integers such as [64,64,64]; got {spatial_size!r}.")
+
+
+def _names(value: object) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+            and all(isinstance(v, str) and v for v in value))
+
+
+def check_modalities(modalities: Sequence[str], condition_modalities: Sequence[str] = ()) -> None:
+    """Raises :class:`BadInputError` unless ``modalities`` (generated) is a non-empty list of names and
+    ``condition_modalities`` (given) a list of other names."""
+    if not _names(modalities) or not modalities or len(set(modalities)) != len(modalities):
+        raise BadInputError(f"modalities must be a list of distinct names such as ['t1','t2'] (the generated "
+                            f"sequences); got {modalities!r}.")
+    if not _names(condition_modalities) or len(set(condition_modalities)) != len(condition_modalities):
+        raise BadInputError(f"condition_modalities must be a list of distinct names such as ['t1'] (the given "
+                            f"sequences; [] for unconditional generation); got {condition_modalities!r}.")
+    both = [m for m in condition_modalities if m in modalities]
+    if both:
+        raise BadInputError(
+            f"{', '.join(map(repr, both))} is in both modalities {list(modalities)} (generated) and "
+            f"condition_modalities {list(condition_modalities)} (given): a model generates only what it is not "
+            f"given, e.g. --condition_modalities \"['t1']\" --modalities \"['t2']\"."
+        )
 
 
 def _check_val_fraction(val_fraction: float) -> None:
@@ -91,6 +114,7 @@ class TrainingSettings:
     spatial_size: Sequence[int]
     spacing: float | Sequence[float] | None
     modalities: Sequence[str]
+    condition_modalities: Sequence[str] = ()
     val_fraction: float
     skip_invalid: bool | str
     batch_size: int
@@ -106,6 +130,7 @@ class TrainingSettings:
     drift_interval: int
     preview_interval: int
     val_timestep_fractions: Sequence[float]
+    generation_interval: int = 0
     device: torch.device | str
     ckpt_dir: str | Path
     output_dir: str | Path
@@ -117,6 +142,14 @@ class TrainingSettings:
             setattr(self, name, as_flag(getattr(self, name), name))
         _check_spatial_size(self.spatial_size)
         check_spacing(self.spacing)
+        check_modalities(self.modalities, self.condition_modalities)
+        if self.condition_modalities and self.generation_interval:
+            raise BadInputError(
+                f"generation_interval is {self.generation_interval}, but the generation monitor compares unconditional "
+                f"samples with the data, and this model generates {list(self.modalities)} from "
+                f"{list(self.condition_modalities)}: pass --generation_interval 0 (its validation's PSNR and SSIM "
+                "measure the translation; configs/evaluate.json measures whole chains against the real volumes)."
+            )
         _check_val_fraction(self.val_fraction)
         micro_batches(self.batch_size, None if self.micro_batch_size == "auto" else self.micro_batch_size)
         autocast_dtype(self.amp)
@@ -148,7 +181,7 @@ class TrainingSettings:
         check_checkpoint_folder(
             self.ckpt_dir, resume=self.resume, overwrite=self.overwrite, spatial_size=self.spatial_size,
             modalities=self.modalities, noise_scheduler=self.noise_scheduler, schedule=self.schedule,
-            spacing=self.spacing,
+            spacing=self.spacing, condition_modalities=self.condition_modalities,
         )
 
     @property

@@ -14,7 +14,8 @@ Two grids (``docs/native_resolution.md``):
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from functools import partial
 
 import torch
 from monai.config import KeysCollection
@@ -36,7 +37,15 @@ from monai.transforms import (
 
 from ..errors import BadInputError
 
-__all__ = ["ATLAS_FRAME", "NativeBoxd", "SelectChanneld", "check_spacing", "foreground", "preprocessing"]
+__all__ = [
+    "ATLAS_FRAME",
+    "NativeBoxd",
+    "SelectChanneld",
+    "SplitConditiond",
+    "check_spacing",
+    "foreground",
+    "preprocessing",
+]
 
 ATLAS_FRAME = "atlas"
 """A case record's ``"frame"`` when its volumes lie in one registered atlas frame (BraTS2020 and Decathlon Task01:
@@ -61,23 +70,42 @@ class SelectChanneld(MapTransform):
         return d
 
 
-def foreground(image: torch.Tensor) -> torch.Tensor:
-    """Voxels brighter than 5% of the image's 99th percentile: the head, not the noisy background."""
+def foreground(image: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """Voxels brighter than 5% of the image's 99th percentile: the head, not the noisy background; of the first
+    ``channels`` channels of a (C, *S) image only (None: all), the ones a conditioned model is given."""
+    image = image if channels is None else image[:channels]
     threshold = 0.05 * torch.quantile(image.float().flatten()[:: max(1, image.numel() // 1_000_000)], 0.99)
     return image > threshold
+
+
+class SplitConditiond(MapTransform):
+    """Splits the (K + C, *S) ``"image"`` of a conditioned model's case into ``"condition"``, its first K channels
+    (the given modalities), and ``"image"``, the other C (the generated ones); both keep the image's metadata."""
+
+    def __init__(self, num_condition: int) -> None:
+        super().__init__(keys="image")
+        self.num_condition = num_condition
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        d["condition"], d["image"] = d["image"][: self.num_condition], d["image"][self.num_condition :]
+        return d
 
 
 class NativeBoxd(MapTransform):
     """The box of ``spatial_size`` voxels of each key's (C, *S) image on its native grid, cropped or zero-padded
     around its centre (``ResizeWithPadOrCrop``; the affine follows): the centre of the volume for a case whose
     ``data[frame_key]`` is :data:`ATLAS_FRAME` (so that every case of a registered dataset gets the same box), else the
-    centre of the case's :func:`foreground` (its own box)."""
+    centre of the case's foreground (``select_fn``; its own box)."""
 
-    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], frame_key: str = "frame") -> None:
+    def __init__(
+        self, keys: KeysCollection, spatial_size: Sequence[int], frame_key: str = "frame",
+        select_fn: Callable[[torch.Tensor], torch.Tensor] = foreground,
+    ) -> None:
         super().__init__(keys)
         self.frame_key = frame_key
         self.box = ResizeWithPadOrCrop(spatial_size=tuple(spatial_size))
-        self.crop_foreground = CropForeground(select_fn=foreground, margin=0, allow_smaller=True)
+        self.crop_foreground = CropForeground(select_fn=select_fn, margin=0, allow_smaller=True)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -101,25 +129,34 @@ def check_spacing(spacing: float | Sequence[float] | None) -> None:
 
 
 def preprocessing(
-    modalities: Sequence[str], spatial_size: Sequence[int], spacing: float | Sequence[float] | None = None
+    modalities: Sequence[str],
+    spatial_size: Sequence[int],
+    spacing: float | Sequence[float] | None = None,
+    condition_modalities: Sequence[str] = (),
 ) -> Compose:
     """Case record → ``{"image": (len(modalities), *spatial_size) float32 in [0, 1]}`` with its affine, on the
     resized grid (``spacing`` None) or the native grid of ``spacing`` mm (see the module docstring).
 
+    With ``condition_modalities`` (a conditioned model's given modalities) also ``"condition"``
+    (len(condition_modalities), *spatial_size) on the same grid (:class:`SplitConditiond`), and a case's own box is
+    that of the given modalities' foreground, so that a case that has only those (inference on a study with a missing
+    sequence) gets the box that training gave it.
+
     Raises:
         BadInputError: for a ``spacing`` that is not None, one positive number or three.
     """
-    keys = list(modalities)
+    keys = [*condition_modalities, *modalities]
+    select_fn = partial(foreground, channels=len(condition_modalities) or None)
     if spacing is None:
         grid = [
-            CropForegroundd(keys="image", source_key="image", select_fn=foreground, margin=2, allow_smaller=True),
+            CropForegroundd(keys="image", source_key="image", select_fn=select_fn, margin=2, allow_smaller=True),
             Resized(keys="image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True),
         ]
     else:
         check_spacing(spacing)
         grid = [
             Spacingd(keys="image", pixdim=spacing, mode="bilinear", padding_mode="zeros"),
-            NativeBoxd(keys="image", spatial_size=spatial_size),
+            NativeBoxd(keys="image", spatial_size=spatial_size, select_fn=select_fn),
         ]
     return Compose(
         [
@@ -133,5 +170,6 @@ def preprocessing(
                 keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
             ),
             EnsureTyped(keys="image", dtype=torch.float32),
+            *([SplitConditiond(len(condition_modalities))] if condition_modalities else []),
         ]
     )

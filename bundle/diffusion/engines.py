@@ -17,7 +17,14 @@ from .loss import idm_loss, idm_loss_backward
 from .maths import denoise_at, to_image_range, to_model_range
 from .noise import NoiseSampler, seeded_generator
 
-__all__ = ["IDMEvaluator", "IDMTrainer", "autocast_dtype"]
+__all__ = ["IDMEvaluator", "IDMTrainer", "autocast_dtype", "given_modalities"]
+
+
+def given_modalities(batchdata: dict, device: torch.device | str) -> torch.Tensor | None:
+    """A batch's ``"condition"`` (the given modalities of a conditioned model, :func:`~bundle.data.preprocessing`) in
+    the model's [−1, 1] on ``device``; None for an unconditional model's batch."""
+    condition = batchdata.get("condition")
+    return None if condition is None else to_model_range(condition.to(device))
 
 
 def autocast_dtype(amp: bool, amp_kwargs: dict | None = None) -> torch.dtype | None:
@@ -36,7 +43,8 @@ def autocast_dtype(amp: bool, amp_kwargs: dict | None = None) -> torch.dtype | N
 
 class IDMTrainer(SupervisedTrainer):
     """One iteration: x₀ ∈ [−1, 1], ε and t from ``noise_sampler``, ``x_t = scheduler.add_noise``, Eq. 8
-    loss and its backward, ``micro_batch_size`` samples at a time
+    loss and its backward (a conditioned model's batches also hold ``condition``, the given modalities, which the
+    network reads beside x_t and which the output dict keeps), ``micro_batch_size`` samples at a time
     (:func:`~bundle.diffusion.loss.idm_loss_backward`), AdamW step, EMA update.
 
     ``LOSS_COMPLETED`` fires once the whole batch is back-propagated and before the optimizer step, so a
@@ -109,14 +117,17 @@ class IDMTrainer(SupervisedTrainer):
 
     def _iteration(self, engine: IDMTrainer, batchdata: dict) -> dict:  # type: ignore[override]
         images = to_model_range(batchdata["image"].to(engine.state.device))
+        condition = given_modalities(batchdata, engine.state.device)
         noise, timesteps = self.noise_sampler.sample(images)
         noisy = self.scheduler.add_noise(images, noise, timesteps)
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: noise, "timesteps": timesteps}
+        if condition is not None:
+            engine.state.output["condition"] = condition
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         prediction, loss, terms = idm_loss_backward(
             engine.network, noisy, timesteps, noise, self.lambda_rec, self.lambda_l2, self.micro_batch_size,
-            self.amp_dtype,
+            self.amp_dtype, condition,
         )
         engine.state.output.update({Keys.PRED: prediction, Keys.LOSS: loss} | terms)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
@@ -136,7 +147,7 @@ class IDMTrainer(SupervisedTrainer):
 
 class IDMEvaluator(SupervisedEvaluator):
     """Validation at fixed timesteps with fixed noise: for each t in ``timesteps`` the network predicts ε
-    from ``x_t`` and the one-step estimate x̂₀ is formed (:func:`~bundle.diffusion.maths.denoise_at`).
+    from ``x_t`` (and a conditioned model's ``condition``) and the one-step estimate x̂₀ is formed (:func:`~bundle.diffusion.maths.denoise_at`).
 
     Output dict: ``eps_pred`` and ``noise`` (ε̂ and ε, stacked over the timesteps along the batch axis),
     ``denoised`` and ``image`` (x̂₀ and x₀ in [0, 1], likewise), for ε-MSE and PSNR/SSIM handlers.
@@ -172,12 +183,13 @@ class IDMEvaluator(SupervisedEvaluator):
 
     def _iteration(self, engine: IDMEvaluator, batchdata: dict) -> dict:  # type: ignore[override]
         images = to_model_range(batchdata["image"].to(engine.state.device))
+        condition = given_modalities(batchdata, engine.state.device)
         generator = seeded_generator(self.seed, engine.state.iteration)
         outputs: dict[str, list[torch.Tensor]] = {"eps_pred": [], "noise": [], "denoised": [], "image": []}
         engine.network.eval()
         with torch.no_grad():
             for t in self.timesteps:
-                step = denoise_at(engine.network, self.scheduler, images, t, generator)
+                step = denoise_at(engine.network, self.scheduler, images, t, generator, condition)
                 outputs["eps_pred"].append(step["eps_pred"])
                 outputs["noise"].append(step["noise"])
                 outputs["denoised"].append(to_image_range(step["denoised"]))

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..utils import unwrap
+from .maths import with_condition
 
 __all__ = ["LOSS_TERMS", "idm_loss", "idm_loss_backward", "micro_batches", "weight_norm"]
 
@@ -29,6 +30,7 @@ def idm_loss(
     noise: torch.Tensor,
     lambda_rec: float = 0.0,
     lambda_l2: float = 1e-4,
+    condition: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``‖ε − U(x_t, t)‖² + λ_R ‖x_t − U⁻¹(U(x_t, t))‖² + λ_L2 ‖W‖₂`` (paper Eq. 8; squared norms as means).
 
@@ -36,17 +38,20 @@ def idm_loss(
         network: the noise predictor U (an ``InvertibleDiffusionUNet``, possibly DDP-wrapped; the λ_R
             term calls its approximate inverse).
         noisy: x_t (B, C, *S); timesteps: t (B,); noise: ε (B, C, *S).
+        condition: a conditioned model's given modalities (B, K, *S), which U reads beside x_t
+            (:func:`~bundle.diffusion.maths.with_condition`; the λ_R term then rebuilds both), or None.
 
     Returns:
         ``(prediction U(x_t, t), total loss, {term name: value})``.
     """
-    prediction = network(noisy, timesteps)
+    inputs = with_condition(noisy, condition)
+    prediction = network(inputs, timesteps)
     dtype = torch.promote_types(prediction.dtype, torch.float32)  # half precision predictions: a float32 loss
     eps_mse = F.mse_loss(prediction.to(dtype), noise.to(dtype))
     terms = {"eps_mse": eps_mse}
     total = eps_mse
     if lambda_rec > 0:
-        terms["reconstruction"] = F.mse_loss(unwrap(network).inverse(prediction, timesteps), noisy)
+        terms["reconstruction"] = F.mse_loss(unwrap(network).inverse(prediction, timesteps), inputs)
         total = total + lambda_rec * terms["reconstruction"]
     if lambda_l2 > 0:
         terms["weight_norm"] = weight_norm(network)
@@ -81,11 +86,12 @@ def idm_loss_backward(
     lambda_l2: float = 1e-4,
     micro_batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    condition: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Back-propagates the Eq. 8 loss of a batch (:func:`idm_loss`) into ``.grad``, ``micro_batch_size``
     samples at a time (None: the whole batch at once). Gradient accumulation: a step's activation memory
     is that of one micro-batch. With ``amp_dtype`` the forward passes run under ``torch.autocast`` in that
-    dtype (mixed precision; the backward passes follow the forward's dtypes).
+    dtype (mixed precision; the backward passes follow the forward's dtypes). ``condition``: as :func:`idm_loss`.
 
     Micro-batch k of b_k samples contributes ``(b_k / B) (‖ε − U‖² + λ_R ‖x_t − U⁻¹(U)‖²)``; the network treats
     samples independently (GroupNorm and attention act within a sample), so the gradient is the whole batch's up to
@@ -113,7 +119,8 @@ def idm_loss_backward(
         with nullcontext() if part is parts[-1] else no_sync():
             with nullcontext() if amp_dtype is None else torch.autocast(noisy.device.type, dtype=amp_dtype):
                 prediction, part_loss, part_terms = idm_loss(
-                    network, noisy[part], timesteps[part], noise[part], lambda_rec, lambda_l2=0.0
+                    network, noisy[part], timesteps[part], noise[part], lambda_rec, lambda_l2=0.0,
+                    condition=None if condition is None else condition[part],
                 )
             (fraction * part_loss).backward()
         predictions.append(prediction.detach())

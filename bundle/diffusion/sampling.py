@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import BadInputError
-from .maths import predict_start_from_noise, to_image_range
+from .maths import predict_start_from_noise, to_image_range, to_model_range, with_condition
 from .noise import seeded_generator
 
 __all__ = ["DiffusionSampler", "GridDDIMScheduler", "choose_sampler", "noise_schedule"]
@@ -125,7 +125,9 @@ class GridDDIMScheduler(DDIMScheduler):
 
 
 class DiffusionSampler(Inferer):
-    """``sampler(inputs, network)`` → images (B, C, *S) in [0, 1], with ``inputs`` only a shape reference.
+    """``sampler(inputs, network)`` → images (B, C, *S) in [0, 1], with ``inputs`` only a shape reference; for a
+    conditioned model (``conditioned``) ``inputs`` are the given modalities (B, K, *S) in [0, 1], which the network
+    reads beside the sample at every step (:func:`~bundle.diffusion.maths.with_condition`): image in, image out.
 
     The chain runs over ``scheduler.timesteps`` after ``scheduler.set_timesteps(num_inference_steps)`` (at each call,
     which also resets a multistep scheduler's history, e.g. PNDM's), with a progress bar; the result, in the model's
@@ -142,7 +144,8 @@ class DiffusionSampler(Inferer):
         seed: seed of the run's samples.
         progress: show a progress bar over the steps.
         num_channels: channels to generate; default: those of ``inputs`` (set it when the reference
-            input is, e.g., a one-channel image given by MONAI Label).
+            input is, e.g., a one-channel image given by MONAI Label, and for a conditioned model).
+        conditioned: ``inputs`` are the condition of a conditioned model (``condition_modalities``), not only a shape.
 
     Raises:
         BadInputError: for ``num_inference_steps`` outside [1, T].
@@ -155,6 +158,7 @@ class DiffusionSampler(Inferer):
         seed: int = 0,
         progress: bool = True,
         num_channels: int | None = None,
+        conditioned: bool = False,
     ) -> None:
         super().__init__()
         total = scheduler.num_train_timesteps
@@ -169,12 +173,14 @@ class DiffusionSampler(Inferer):
         self.seed = seed
         self.progress = progress
         self.num_channels = num_channels
+        self.conditioned = conditioned
         self.drawn = 0  # samples generated so far: the index of the next one
         self._noisy_steps = "generator" in inspect.signature(scheduler.step).parameters
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
         """Samples ``inputs.shape[0]`` images of ``inputs``' spatial shape: (B, C, *S) in [0, 1]."""
         count, device = inputs.shape[0], inputs.device
+        condition = to_model_range(inputs) if self.conditioned else None
         shape = (self.num_channels or inputs.shape[1], *inputs.shape[2:])
         generators = [seeded_generator(self.seed, self.drawn + i, device=device) for i in range(count)]
         self.drawn += count
@@ -184,7 +190,8 @@ class DiffusionSampler(Inferer):
         network.eval()
         with torch.no_grad():
             for t in tqdm(self.scheduler.timesteps.tolist(), disable=not self.progress):
-                eps = network(images, torch.full((count,), t, device=device, dtype=torch.long))
+                eps = network(with_condition(images, condition),
+                              torch.full((count,), t, device=device, dtype=torch.long))
                 if not self._noisy_steps:
                     images = self.scheduler.step(eps, t, images)[0]
                     continue

@@ -8,6 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
+from ..diffusion.maths import with_condition
 from ..utils import unwrap
 
 __all__ = ["InversionDriftMonitor"]
@@ -24,7 +25,7 @@ class InversionDriftMonitor:
     rounding. The memory-efficient backward rebuilds every activation by inversion, so its gradients are
     as exact as that reconstruction; the drift grows with the weights' conditioning as training goes.
 
-    It reads ``image`` (x₀), ``label`` (ε) and ``timesteps`` from the :class:`~bundle.diffusion.IDMTrainer`
+    It reads ``image`` (x₀), ``label`` (ε), ``timesteps`` and a conditioned model's ``condition`` from the :class:`~bundle.diffusion.IDMTrainer`
     output and rebuilds ``x_t`` with the trainer's ``scheduler``. One check costs a trunk forward and inverse
     without autograd, about two thirds of a training step.
     """
@@ -57,7 +58,9 @@ class InversionDriftMonitor:
             return torch.stack([torch.as_tensor(sample[key], device=engine.state.device) for sample in output])
 
         images, noise, timesteps = batch("image"), batch("label"), batch("timesteps")
-        noisy = engine.scheduler.add_noise(images, noise, timesteps)
+        conditioned = "condition" in (output[0] if isinstance(output, list) else output)
+        noisy = with_condition(engine.scheduler.add_noise(images, noise, timesteps),
+                               batch("condition") if conditioned else None)
         self.latest = float(network.trunk_round_trip_error(noisy, timesteps).max())
         self.summary_writer.add_scalar("train/inversion_drift", self.latest, engine.state.iteration)
         if self.latest > self.warn_above:
