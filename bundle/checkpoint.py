@@ -328,8 +328,8 @@ def check_checkpoint_folder(
 ) -> None:
     """What a training run refuses that the files in ``ckpt_dir`` alone tell, checked before data is read or anything
     is built: a resume without ``training_state.pt``, or of a run whose record (``run.json``) differs in
-    ``spatial_size``, ``spacing``, ``modalities``, ``condition_modalities`` or noise schedule (:func:`~bundle.run_record.load_run_record`); a
-    new run over an earlier run's checkpoints without ``overwrite``.
+    ``spatial_size``, ``spacing``, ``modalities``, ``condition_modalities`` or noise schedule
+    (:func:`~bundle.run_record.load_run_record`); a new run over an earlier run's checkpoints without ``overwrite``.
 
     Raises:
         BadInputError: naming the file and the flag or override to pass.

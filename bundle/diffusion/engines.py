@@ -147,7 +147,8 @@ class IDMTrainer(SupervisedTrainer):
 
 class IDMEvaluator(SupervisedEvaluator):
     """Validation at fixed timesteps with fixed noise: for each t in ``timesteps`` the network predicts ε
-    from ``x_t`` (and a conditioned model's ``condition``) and the one-step estimate x̂₀ is formed (:func:`~bundle.diffusion.maths.denoise_at`).
+    from ``x_t`` (and a conditioned model's ``condition``) and the one-step estimate x̂₀ is formed
+    (:func:`~bundle.diffusion.maths.denoise_at`).
 
     Output dict: ``eps_pred`` and ``noise`` (ε̂ and ε, stacked over the timesteps along the batch axis),
     ``denoised`` and ``image`` (x̂₀ and x₀ in [0, 1], likewise), for ε-MSE and PSNR/SSIM handlers.

@@ -25,9 +25,9 @@ class InversionDriftMonitor:
     rounding. The memory-efficient backward rebuilds every activation by inversion, so its gradients are
     as exact as that reconstruction; the drift grows with the weights' conditioning as training goes.
 
-    It reads ``image`` (x₀), ``label`` (ε), ``timesteps`` and a conditioned model's ``condition`` from the :class:`~bundle.diffusion.IDMTrainer`
-    output and rebuilds ``x_t`` with the trainer's ``scheduler``. One check costs a trunk forward and inverse
-    without autograd, about two thirds of a training step.
+    It reads ``image`` (x₀), ``label`` (ε), ``timesteps`` and a conditioned model's ``condition`` from the
+    :class:`~bundle.diffusion.IDMTrainer` output and rebuilds ``x_t`` with the trainer's ``scheduler``. One check
+    costs a trunk forward and inverse without autograd, about two thirds of a training step.
     """
 
     def __init__(self, *, summary_writer: SummaryWriter, interval: int = 100, warn_above: float = 1e-3) -> None:
