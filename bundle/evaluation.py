@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
+from .diffusion.engines import given_modalities
 from .diffusion.maths import denoise_at, to_image_range, to_model_range, with_condition
 from .diffusion.noise import seeded_generator
 from .diffusion.sampling import GridDDIMScheduler
@@ -29,6 +29,7 @@ from .sample_quality import (
     quality_summary,
 )
 from .settings import EvaluationSettings
+from .synthesis import translate_split, translation_markdown, write_metrics
 
 __all__ = ["evaluate", "reconstruct_from"]
 
@@ -93,6 +94,7 @@ def evaluate(
     settings: EvaluationSettings,
     reference: Sequence[dict] | None = None,
     seed: int = 0,
+    condition_modalities: Sequence[str] = (),
 ) -> dict:
     """Evaluates ``ckpt_path`` on the images of ``dataloader`` (batches of ``{"image", "case"}``: the validation
     split, which ``configs/evaluate.json`` takes from the training run's ``run.json``) and writes
@@ -112,6 +114,11 @@ def evaluate(
       :mod:`bundle.sample_quality` beside the real-vs-real spread (:func:`~bundle.sample_quality.compare_to_real`;
       "n/a" with fewer than 4 reference volumes).
 
+    A conditioned model (``condition_modalities``; its batches hold ``condition``) is given its condition in each of
+    these, and instead of unconditional samples ``sampler`` (conditioned) translates every case: PSNR, SSIM and MAE
+    against the real volume, whole and in the head, its sharpness, and the identity baseline
+    (:func:`~bundle.synthesis.translate_split`).
+
     Raises:
         BadInputError: for a checkpoint that does not fit ``network``, or an empty validation split (the settings
             were checked when ``settings`` was built).
@@ -128,6 +135,7 @@ def evaluate(
         for index, batch in enumerate(tqdm(dataloader, desc="evaluating")):
             generator = seeded_generator(seed, index)
             x0 = to_model_range(batch["image"].to(device))
+            condition = given_modalities(batch, device)
             size = size or tuple(x0.shape[2:])
             ssim = ssim or SSIMMetric(
                 spatial_dims=len(size), data_range=1.0, win_size=min(7, min(size)), reduction="none"
@@ -135,13 +143,15 @@ def evaluate(
             target = to_image_range(x0)
             reals.append(target.cpu())
             cases.extend(batch["case"])
-            estimates = {f"one-step t={t}": denoise_at(network, noise_scheduler, x0, t, generator)["denoised"]
-                         for t in timesteps}
+            estimates = {
+                f"one-step t={t}": denoise_at(network, noise_scheduler, x0, t, generator, condition)["denoised"]
+                for t in timesteps
+            }
             noise = torch.randn(x0.shape, generator=generator).to(device)
             noisy = noise_scheduler.add_noise(x0, noise, torch.full((x0.shape[0],), t_rec, device=device))
             estimates[f"reconstruction from t={t_rec}"] = reconstruct_from(
                 network, noisy, t_start=t_rec, scheduler=reconstruction_scheduler,
-                num_inference_steps=num_inference_steps,
+                num_inference_steps=num_inference_steps, condition=condition,
             )
             for name, estimate in estimates.items():
                 estimate = to_image_range(estimate)
@@ -161,14 +171,19 @@ def evaluate(
             for c, modality in enumerate(modalities)
         }
     reals = torch.cat(reals)
-    references = reals if reference is None else torch.stack([torch.as_tensor(r["image"]) for r in reference])
-    results["generation"] = _generation_quality(network, sampler, reals, references.float(), modalities, settings,
-                                                size, device, seed)
-    outputs = settings.outputs
-    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-    outputs[0].write_text(json.dumps(results, indent=1))
-    outputs[1].write_text(_markdown(results, modalities))
-    logger.info("wrote %s and %s", *outputs)
+    if condition_modalities:
+        results["generation"] = {"note": "a conditioned model: its samples are measured as translations"}
+        with torch.no_grad():
+            results["translation"] = translate_split(network, sampler, dataloader, modalities, condition_modalities,
+                                                     pair, device)
+    else:
+        references = reals if reference is None else torch.stack([torch.as_tensor(r["image"]) for r in reference])
+        results["generation"] = _generation_quality(network, sampler, reals, references.float(), modalities,
+                                                    settings, size, device, seed)
+    lines = _markdown(results, modalities)
+    if condition_modalities:
+        lines += ["", *translation_markdown(results["translation"], modalities, "IDM")]
+    write_metrics(settings, results, lines)
     return results
 
 
@@ -213,7 +228,7 @@ def _generation_quality(
     return quality
 
 
-def _markdown(results: dict, modalities: Sequence[str]) -> str:
+def _markdown(results: dict, modalities: Sequence[str]) -> list[str]:
     lines = [
         f"# Evaluation of {results['checkpoint']}",
         "",
@@ -264,4 +279,4 @@ def _markdown(results: dict, modalities: Sequence[str]) -> str:
         ]
     elif comparison is not None:
         lines.append(f"- comparison with real volumes: {comparison}")
-    return "\n".join(lines) + "\n"
+    return lines

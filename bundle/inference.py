@@ -19,9 +19,19 @@ from .checkpoint import load_checkpoint
 from .settings import InferenceSettings
 from .visualize import save_mid_slices_png
 
-__all__ = ["generate", "to_original_grid"]
+__all__ = ["generate", "onto_grid", "to_original_grid"]
 
 logger = logging.getLogger(__name__)
+
+
+def onto_grid(sample: torch.Tensor, affine: torch.Tensor | np.ndarray, target_affine: np.ndarray,
+              spatial_size: Sequence[int]) -> torch.Tensor:
+    """``sample`` (C, *S) on the grid of ``affine`` resampled (trilinear, by the affines: the same world points)
+    onto the grid of ``target_affine`` and ``spatial_size``; zero outside the sample's box."""
+    return SpatialResample(mode="bilinear", padding_mode="zeros", align_corners=True)(
+        MetaTensor(sample, affine=torch.as_tensor(affine, dtype=torch.float64)),
+        dst_affine=torch.as_tensor(target_affine, dtype=torch.float64), spatial_size=list(spatial_size),
+    ).as_tensor()
 
 
 def to_original_grid(sample: torch.Tensor, run_record: dict) -> tuple[torch.Tensor, np.ndarray]:
@@ -34,11 +44,7 @@ def to_original_grid(sample: torch.Tensor, run_record: dict) -> tuple[torch.Tens
     if grid is None:
         return sample, affine
     target = np.asarray(grid["affine"], dtype=float)
-    moved = SpatialResample(mode="bilinear", padding_mode="zeros", align_corners=True)(
-        MetaTensor(sample, affine=torch.as_tensor(affine)), dst_affine=torch.as_tensor(target),
-        spatial_size=grid["spatial_size"],
-    )
-    return moved.as_tensor(), target
+    return onto_grid(sample, affine, target, grid["spatial_size"]), target
 
 
 def generate(

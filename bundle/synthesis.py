@@ -1,0 +1,340 @@
+"""Missing-modality synthesis: a conditioned model generates the modalities a study lacks from those it has
+(``docs/synthesis.md``). Here: the inference on real inputs (:func:`synthesize`), the measures against ground truth
+with the identity baseline (:func:`translation_scores`, :func:`evaluate_translation`) and the classic baseline, a
+deterministic L1 regression trained and evaluated by the same configs (:func:`condition_and_target`,
+:class:`RegressionInferer`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.metrics.regression import compute_ssim_and_cs
+from monai.transforms import Compose, MapTransform
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint
+from .data.discovery import discover_cases
+from .data.preflight import preflight
+from .data.transforms import foreground
+from .diffusion.maths import to_image_range, to_model_range
+from .errors import BadInputError
+from .inference import onto_grid
+from .settings import EvaluationSettings
+from .utils import check_output_folder
+from .visualize import save_mid_slices_png
+
+__all__ = [
+    "OntoInputGridd",
+    "RegressionInferer",
+    "condition_and_target",
+    "evaluate_translation",
+    "input_cases",
+    "regression_inputs",
+    "synthesize",
+    "translation_scores",
+]
+
+logger = logging.getLogger(__name__)
+
+SSIM_WINDOW = 7  # the validation's and the evaluation's SSIM window (Gaussian, σ 1.5)
+
+
+def regression_inputs(condition_modalities: Sequence[str]) -> int:
+    """The input channels of a regression baseline (``configs/regression.json``): one per given modality.
+
+    Raises:
+        BadInputError: without given modalities (a regression has nothing to map from).
+    """
+    if not condition_modalities:
+        raise BadInputError(
+            "configs/regression.json trains a regression from the given to the generated modalities, but "
+            "condition_modalities is empty: pass e.g. --condition_modalities \"['t1']\" --modalities \"['t2']\"."
+        )
+    return len(condition_modalities)
+
+
+def condition_and_target(batchdata: Mapping, device: torch.device | str, non_blocking: bool = False, **kwargs):
+    """``(condition, image)`` of a batch in the model's [−1, 1]: the inputs and targets of a supervised regression from
+    the given to the generated modalities (MONAI ``SupervisedTrainer``'s ``prepare_batch``)."""
+    move = lambda key: to_model_range(batchdata[key].to(device, non_blocking=non_blocking))
+    return move("condition"), move("image")
+
+
+class RegressionInferer(Inferer):
+    """``inferer(condition, network)`` → the generated modalities (B, C, *S) in [0, 1] of a deterministic regression
+    network from the given ones (B, K, *S) in [0, 1] (trained on [−1, 1], :func:`condition_and_target`): one forward
+    pass, image in, image out, like :class:`~bundle.diffusion.DiffusionSampler` with ``conditioned``."""
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        was_training = network.training
+        network.eval()
+        with torch.no_grad():
+            output = network(to_model_range(inputs))
+        network.train(was_training)
+        return to_image_range(output).clamp(0, 1)
+
+
+class OntoInputGridd(MapTransform):
+    """Puts each key's volume (C, *S), made on the preprocessed grid of ``data[source_key]`` (a MetaTensor whose meta
+    has the file's ``original_affine`` and ``spatial_shape``, as ``LoadImage`` records them), onto the grid and affine
+    of that input's file: resampled by the affines (:func:`~bundle.inference.onto_grid`), zero outside the
+    preprocessed box. MONAI Label's and :func:`synthesize`'s postprocessing: the output overlays the input."""
+
+    def __init__(self, keys: KeysCollection = "pred", source_key: str = "image") -> None:
+        super().__init__(keys)
+        self.source_key = source_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        source = d[self.source_key]
+        target = torch.as_tensor(np.asarray(source.meta["original_affine"], dtype=float))
+        shape = [int(s) for s in source.meta["spatial_shape"]]
+        for key in self.key_iterator(d):
+            volume = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            d[key] = MetaTensor(onto_grid(volume, source.affine, target, shape), affine=target)
+        return d
+
+
+def _masked_ssim(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(SSIM over the volume, SSIM over ``mask``) of two (1, *S) volumes: the mean of the SSIM map (Gaussian window of
+    :data:`SSIM_WINDOW` voxels, σ 1.5, data range 1, as MONAI's ``SSIMMetric``), whose windows lie inside the volume,
+    over all of them and over those centred in the mask."""
+    dims = target.ndim - 1
+    window = min(SSIM_WINDOW, *target.shape[1:])
+    ssim_map = compute_ssim_and_cs(prediction[None], target[None], dims, [window] * dims, [1.5] * dims)[0][0, 0]
+    margin = window // 2
+    inner = mask[0][tuple(slice(margin, s - margin) for s in mask.shape[1:])]
+    return ssim_map.mean().item(), ssim_map[inner].mean().item() if inner.any() else float("nan")
+
+
+def _sharpness(volume: torch.Tensor, mask: torch.Tensor) -> float:
+    """The mean gradient magnitude (central differences, per voxel) of a (1, *S) volume inside ``mask``."""
+    grads = torch.gradient(volume[0])
+    return torch.sqrt(sum(g.square() for g in grads))[mask[0]].mean().item()
+
+
+def translation_scores(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """PSNR (dB), SSIM and MAE of a generated (1, *S) volume against the real one, both in [0, 1], over the whole
+    volume and inside the head (``head_`` prefix: the real volume's :func:`~bundle.data.transforms.foreground`), and
+    ``sharpness``: the generated volume's mean gradient magnitude inside the head over the real one's (1: as sharp
+    as the data; a regression's blur gives less)."""
+    mask = foreground(target)
+    error = prediction - target
+    psnr = lambda mse: (10 * torch.log10(1 / mse.clamp_min(1e-12))).item()
+    ssim, head_ssim = _masked_ssim(prediction, target, mask)
+    return {
+        "psnr": psnr(error.square().mean()),
+        "ssim": ssim,
+        "mae": error.abs().mean().item(),
+        "head_psnr": psnr(error[mask].square().mean()),
+        "head_ssim": head_ssim,
+        "head_mae": error[mask].abs().mean().item(),
+        "sharpness": _sharpness(prediction, mask) / max(_sharpness(target, mask), 1e-12),
+    }
+
+
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mae": False, "head_psnr": True, "head_ssim": True,
+                    "head_mae": False, "sharpness": True}
+
+
+def _summary(values: list[float], pair: int, higher_is_better: bool) -> dict:
+    """Mean ± std over the cases, and the mean of the best case of each consecutive ``pair`` (the paper's
+    best-of-batch protocol)."""
+    v = torch.tensor(values, dtype=torch.float64)
+    groups = v[: len(v) // pair * pair].reshape(-1, pair) if len(v) >= pair else v.reshape(1, -1)
+    best = groups.max(1).values if higher_is_better else groups.min(1).values
+    return {"mean": v.mean().item(), "std": v.std(unbiased=False).item(), "best_of_batch": best.mean().item()}
+
+
+def translate_split(
+    network: nn.Module, inferer: Inferer, dataloader, modalities: Sequence[str], condition_modalities: Sequence[str],
+    pair: int, device: torch.device | str,
+) -> dict:
+    """The translation measures (:func:`translation_scores`) of ``inferer``'s outputs from each batch's
+    ``condition`` against its ``image`` (batches of ``{"image", "condition", "case"}`` in [0, 1]), per generated
+    modality, for the model (``"model"``) and the identity baseline (``"identity"``: the first given modality itself,
+    after the same preprocessing), each as :func:`_summary` over the cases; also the per-case values and ``cases``."""
+    per_case: dict[str, dict[str, dict[str, list[float]]]] = {"model": {}, "identity": {}}
+    cases = []
+    for batch in tqdm(dataloader, desc="translating"):
+        condition, target = batch["condition"].to(device), batch["image"].to(device)
+        generated = inferer(condition, network)
+        cases.extend(batch["case"])
+        for i in range(target.shape[0]):
+            for c, modality in enumerate(modalities):
+                real = target[i, c : c + 1].float()
+                for name, estimate in (("model", generated[i, c : c + 1]), ("identity", condition[i, :1])):
+                    entry = per_case[name].setdefault(modality, {})
+                    for metric, value in translation_scores(estimate.float(), real).items():
+                        entry.setdefault(metric, []).append(value)
+    if not cases:
+        raise BadInputError("The validation split is empty: there is nothing to evaluate.")
+    return {
+        "given": list(condition_modalities),
+        "cases": cases,
+        "best_of_batch_size": pair,
+        **{name: {modality: {metric: _summary(values, pair, HIGHER_IS_BETTER[metric])
+                             for metric, values in entry.items()} for modality, entry in runs.items()}
+           for name, runs in per_case.items()},
+        "per_case": per_case,
+    }
+
+
+def translation_markdown(translation: dict, modalities: Sequence[str], label: str = "model") -> list[str]:
+    """The table of :func:`translate_split`'s results (model and identity baseline), as Markdown lines."""
+    lines = [
+        f"## Translation from {', '.join(translation['given'])} to {', '.join(modalities)}",
+        "",
+        (f"{len(translation['cases'])} validation cases; [0, 1] intensities; head: the real volume's foreground; "
+         f"best-of-batch: the best of each {translation['best_of_batch_size']} consecutive cases, averaged; "
+         "sharpness: the mean gradient magnitude in the head, generated over real. Identity: the given "
+         f"{translation['given'][0]} volume itself."),
+        "",
+        ("| run | modality | PSNR | SSIM | MAE | head PSNR | head SSIM | head MAE | PSNR best-of-batch | "
+         "SSIM best-of-batch | sharpness |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("model", "identity"):
+        for modality in modalities:
+            m = translation[name][modality]
+
+            def mean_std(k: str, f: str, m: dict = m) -> str:
+                return f"{m[k]['mean']:{f}} ± {m[k]['std']:{f}}"
+
+            lines.append(
+                f"| {label if name == 'model' else 'identity'} | {modality} | {mean_std('psnr', '.2f')} | "
+                f"{mean_std('ssim', '.3f')} | {mean_std('mae', '.3f')} | {mean_std('head_psnr', '.2f')} | "
+                f"{mean_std('head_ssim', '.3f')} | {mean_std('head_mae', '.3f')} | "
+                f"{m['psnr']['best_of_batch']:.2f} | {m['ssim']['best_of_batch']:.3f} | "
+                f"{m['sharpness']['mean']:.2f} |"
+            )
+    return lines
+
+
+def evaluate_translation(
+    *,
+    network: nn.Module,
+    ckpt_path: str | Path,
+    inferer: Inferer,
+    dataloader,
+    modalities: Sequence[str],
+    condition_modalities: Sequence[str],
+    settings: EvaluationSettings,
+) -> dict:
+    """Evaluates a regression checkpoint (the baseline, e.g. MONAI's ``UNet`` trained by ``configs/regression.json``)
+    as a translator from ``condition_modalities`` to ``modalities`` on the validation split
+    (:func:`translate_split`) and writes ``metrics.json`` and ``metrics.md`` to ``settings.output_dir``.
+
+    Raises:
+        BadInputError: for a checkpoint that does not fit ``network``, or an empty validation split.
+    """
+    device = torch.device(settings.device)
+    network = load_checkpoint(network, ckpt_path).to(device).eval()
+    with torch.no_grad():
+        translation = translate_split(network, inferer, dataloader, modalities, condition_modalities,
+                                      settings.evaluate_batch_size, device)
+    results = {"checkpoint": str(ckpt_path), "translation": translation}
+    lines = [f"# Evaluation of {ckpt_path}", "", *translation_markdown(translation, modalities, type(network).__name__)]
+    write_metrics(settings, results, lines)
+    return results
+
+
+def write_metrics(settings: EvaluationSettings, results: dict, lines: Sequence[str]) -> None:
+    """Writes ``results`` to ``metrics.json`` and ``lines`` to ``metrics.md`` in ``settings.output_dir``."""
+    outputs = settings.outputs
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    outputs[0].write_text(json.dumps(results, indent=1))
+    outputs[1].write_text("\n".join(lines) + "\n")
+    logger.info("wrote %s and %s", *outputs)
+
+
+def input_cases(
+    dataset_dir: str | Path | None, input_files: Mapping[str, str] | None, condition_modalities: Sequence[str],
+    skip_invalid: bool = False,
+) -> list[dict]:
+    """The case records to translate: the one case of ``input_files`` (``{modality: path}``, every given modality;
+    its id is the first file's name less the modality suffix and the extension), else every case below
+    ``dataset_dir`` that has the given modalities (:func:`~bundle.data.discover_cases`: BraTS layout, Decathlon,
+    datalist), each checked by :func:`~bundle.data.preflight` (a missing or unreadable file names its case; with
+    ``skip_invalid`` such cases are left out with a warning).
+
+    Raises:
+        BadInputError: for ``input_files`` that miss a given modality or name one the model is not given.
+    """
+    if input_files:
+        if not isinstance(input_files, Mapping) or set(input_files) != set(condition_modalities):
+            raise BadInputError(
+                f"input_files must give one file for each of the model's given modalities {list(condition_modalities)}"
+                f", e.g. \"{{'{condition_modalities[0]}': 'path/to/case_{condition_modalities[0]}.nii.gz'}}\"; got "
+                f"{input_files!r}."
+            )
+        first = Path(str(input_files[condition_modalities[0]]))
+        name = first.name.split(".")[0]
+        suffix = f"_{condition_modalities[0]}"
+        case = name[: -len(suffix)] if name.lower().endswith(suffix) and len(name) > len(suffix) else name
+        records = [{"case": case, "channels": {m: None for m in condition_modalities},
+                    **{m: str(input_files[m]) for m in condition_modalities}}]
+    else:
+        records = discover_cases(dataset_dir, condition_modalities)
+    return preflight(records, condition_modalities, skip_invalid)
+
+
+def synthesize(
+    *,
+    network: nn.Module,
+    inferer: Inferer,
+    ckpt_path: str | Path,
+    cases: Sequence[dict],
+    preprocessing: Compose,
+    modalities: Sequence[str],
+    condition_modalities: Sequence[str],
+    output_dir: str | Path,
+    overwrite: bool,
+    device: torch.device | str,
+) -> list[dict[str, Path]]:
+    """Generates ``modalities`` from ``condition_modalities`` for every case of ``cases`` and writes, for each,
+    ``<case>_<modality>.nii.gz`` on the grid and affine of the case's own given files (the sample, on the preprocessed
+    grid, resampled by the affines onto the file's grid: :func:`~bundle.inference.onto_grid`; zero outside the
+    preprocessed box; values in [0, 1]) and ``<case>.png`` (the mid-slices of the given and the generated volumes).
+
+    The output files of all cases are checked first: existing ones are refused unless ``overwrite`` (nothing is
+    written then).
+
+    Raises:
+        BadInputError: for existing outputs without ``overwrite``, or a checkpoint that does not fit ``network``.
+    """
+    out = Path(output_dir)
+    check_output_folder(out, "output_dir")
+    paths = [{m: out / f"{r['case']}_{m}.nii.gz" for m in modalities} | {"png": out / f"{r['case']}.png"}
+             for r in cases]
+    existing = [p for entry in paths for p in entry.values() if p.exists()]
+    if existing and not overwrite:
+        raise BadInputError(
+            f"{len(existing)} output files already exist in output_dir {str(out)!r} (e.g. {existing[0].name}); pass "
+            "--overwrite true to replace them or choose another --output_dir."
+        )
+    network = load_checkpoint(network, ckpt_path).to(device).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    onto_input_grid = OntoInputGridd()
+    for record, entry in zip(tqdm(cases, desc="synthesizing"), paths):
+        condition = preprocessing(record)["image"]
+        generated = inferer(condition[None].to(device), network)[0].cpu()
+        written = onto_input_grid({"image": condition, "pred": generated})["pred"]
+        affine, shape = written.affine.numpy(), written.shape[1:]
+        for channel, modality in enumerate(modalities):
+            nib.save(nib.Nifti1Image(written[channel].numpy().astype(np.float32), affine), entry[modality])
+        save_mid_slices_png(torch.cat([condition.as_tensor(), generated]), [*condition_modalities, *modalities],
+                            entry["png"])
+        logger.info("%s: wrote %s (%s voxels) from %s", record["case"], ", ".join(p.name for p in entry.values()),
+                    "×".join(map(str, shape)), ", ".join(condition_modalities))
+    return paths
