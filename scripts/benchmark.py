@@ -7,6 +7,7 @@ Usage (from the bundle root):
     python scripts/benchmark.py suite --gpu    # one GPU, 8 minutes, sizes until 24 GiB is spent → runs/benchmarks_gpu/
     python scripts/benchmark.py quality        # the equal-budget quality comparison alone → docs/benchmark_quality.md
     python scripts/benchmark.py generation --work_dir runs/generation   # samples like the data? → docs/generation.md
+    python scripts/benchmark.py synthesis --work_dir runs/synthesis     # a T2 from a T1 → docs/synthesis.md
     python scripts/benchmark.py profile        # where the paper configuration's step peaks → docs/paper_step_profile.md
     python scripts/benchmark.py profile --micro_batch_size 1 --recompute_norms true   # with the memory options
     python scripts/benchmark.py planner        # the memory planner against measured peaks → docs/memory_planner.md
@@ -55,6 +56,7 @@ from scripts.benchmarking.sweeps import (
     paper_configuration,
     resolution_sweep,
 )
+from scripts.benchmarking.synthesis import compare_synthesis, write_synthesis_report
 from scripts.benchmarking.workload import NETWORKS
 
 QUALITY_REPORT = "benchmark_quality.md"
@@ -190,6 +192,23 @@ class Benchmark:
                    f"--check_every {check_every} --size {size} --num_phantoms {num_phantoms}"
                    + (f" --continue_steps {continue_steps}" if continue_steps else ""))
         print(write_generation_report(result, command, output_dir).read_text())
+
+    def synthesis(self, work_dir: str = "runs/synthesis", steps: tuple[int, ...] = (250, 500, 1000, 2000),
+                  size: int = 16, num_phantoms: int = 128, output_dir: str = "docs") -> None:
+        """Missing-modality synthesis on the built-in phantoms: the conditioned IDM and MONAI's ``UNet`` as an L1
+        regression (``configs/regression.json``, matched parameters) trained by the bundle's configs on the same data
+        and steps, T1→T2 and T2→T1, each evaluated by ``configs/evaluate.json`` after training to each of ``--steps``
+        (learning curves; identity baseline beside). Two runs at a time on one torch thread each (about an hour for the
+        defaults on 2 idle CPU cores); writes ``synthesis.md``, ``synthesis.json``, ``synthesis_curves.png`` and
+        ``synthesis_examples.png``. The runs are kept in ``work_dir``: a rerun reuses every stage evaluated before."""
+        steps = (steps,) if isinstance(steps, int) else tuple(steps)
+        if not steps or min(steps) < 1 or size < 16 or num_phantoms < 8:
+            raise SystemExit(f"ERROR: need --steps of positive integers such as '[250,500]', --size ≥ 16 and "
+                             f"--num_phantoms ≥ 8, got {steps}, {size} and {num_phantoms}.")
+        result = compare_synthesis(work_dir, steps=steps, size=size, num_phantoms=num_phantoms)
+        command = (f"python scripts/benchmark.py synthesis --work_dir {work_dir} --steps '{list(steps)}' "
+                   f"--size {size} --num_phantoms {num_phantoms}")
+        print(write_synthesis_report(result, command, output_dir).read_text())
 
     def profile(
         self, micro_batch_size: int | None = None, recompute_norms: bool = False, output_dir: str = "docs"
