@@ -286,7 +286,7 @@ def input_cases(
                     **{m: str(input_files[m]) for m in condition_modalities}}]
     else:
         records = discover_cases(dataset_dir, condition_modalities)
-    return preflight(records, condition_modalities, skip_invalid)
+    return preflight(records, condition_modalities, skip_invalid, purpose="translate")
 
 
 def synthesize(

@@ -163,7 +163,7 @@ def preprocessing(
             LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
             SelectChanneld(keys=keys),
             ConcatItemsd(keys=keys, name="image"),
-            DeleteItemsd(keys=[*keys, "channels"]),
+            DeleteItemsd(keys=[*(k for k in keys if k != "image"), "channels"]),
             Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             *grid,
             ScaleIntensityRangePercentilesd(

@@ -1,9 +1,9 @@
 """Diffusion: the maths, the Eq. 8 loss, noise sampling, the samplers and the Ignite training/validation engines."""
 
 from .ema import ema_with_warmup
-from .engines import IDMEvaluator, IDMTrainer, autocast_dtype
+from .engines import IDMEvaluator, IDMTrainer, autocast_dtype, given_modalities
 from .loss import LOSS_TERMS, idm_loss, idm_loss_backward, micro_batches, weight_norm
-from .maths import denoise_at, predict_start_from_noise, to_image_range, to_model_range
+from .maths import denoise_at, predict_start_from_noise, to_image_range, to_model_range, with_condition
 from .noise import NoiseSampler, seeded_generator
 from .sampling import DiffusionSampler, GridDDIMScheduler, choose_sampler, noise_schedule
 
@@ -18,6 +18,7 @@ __all__ = [
     "choose_sampler",
     "denoise_at",
     "ema_with_warmup",
+    "given_modalities",
     "idm_loss",
     "idm_loss_backward",
     "micro_batches",
@@ -27,4 +28,5 @@ __all__ = [
     "to_image_range",
     "to_model_range",
     "weight_norm",
+    "with_condition",
 ]

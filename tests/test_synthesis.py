@@ -1,0 +1,305 @@
+"""Missing-modality synthesis: conditioned training, resume and refusals, inference on real inputs onto their own grid,
+evaluation against ground truth with both baselines, and the MONAI Label image-in/image-out task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SMALL_TRAINING, redraw_zero_init_, relative_error, run_bundle
+from monai.bundle import ConfigParser
+
+from bundle.data import preprocessing, write_brats_phantoms
+from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, idm_loss_backward, with_condition
+from bundle.errors import BadInputError
+from bundle.memory_plan import plan_training_step
+from bundle.networks import InvertibleDiffusionUNet
+from bundle.settings import check_modalities
+from bundle.synthesis import OntoInputGridd, RegressionInferer, input_cases, translation_scores
+
+T1_TO_T2 = {"condition_modalities": "['t1']", "modalities": "['t2']"}
+SAMPLING = {"sampler": "ddim", "num_inference_steps": "3", "num_train_timesteps": "100"}
+NETWORK = {k: SMALL_TRAINING[k] for k in ("spatial_size", "network_def#channels", "attention_levels")}
+
+
+REGRESSION = {k: v for k, v in SMALL_TRAINING.items() if k != "network_def#channels"} | {"regression_channels": "[4,8]"}
+
+
+def _train(folder: Path, configs: str = "configs/train.json", **overrides) -> object:
+    small = REGRESSION if "regression" in configs else SMALL_TRAINING
+    return run_bundle(configs, small | T1_TO_T2 | {
+        "dataset_dir": folder / "data", "ckpt_dir": folder / "models", "output_dir": folder / "runs",
+        "num_phantoms": 6, "train#trainer#max_epochs": 1} | overrides)
+
+
+@pytest.fixture(scope="module")
+def conditioned(tmp_path_factory) -> Path:
+    """A T1→T2 IDM trained one epoch on 6 phantoms at 16³, then resumed for a second."""
+    folder = tmp_path_factory.mktemp("conditioned")
+    first = _train(folder)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _train(folder, **{"train#trainer#max_epochs": 2, "resume": "true"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    return folder
+
+
+def _inference(folder: Path, output: Path, **overrides) -> object:
+    return run_bundle("configs/inference.json", NETWORK | SAMPLING | T1_TO_T2 | {
+        "ckpt_path": folder / "models" / "model.pt", "output_dir": output} | overrides)
+
+
+def test_the_run_record_names_the_condition_and_the_network_reads_it(conditioned):
+    record = json.loads((conditioned / "models" / "run.json").read_text())
+    assert record["modalities"] == ["t2"] and record["condition_modalities"] == ["t1"]
+    weights = torch.load(conditioned / "models" / "model.pt", weights_only=True)
+    assert weights["stem.weight"].shape[1] == 2 and weights["head.weight"].shape[0] == 1
+
+
+@pytest.mark.parametrize(("condition", "named"), [("[]", "condition_modalities=[]"),
+                                                  ("['flair']", "condition_modalities=['flair']")])
+def test_a_resume_with_another_condition_is_refused_by_name(conditioned, condition, named):
+    result = _train(conditioned, **{"condition_modalities": condition, "train#trainer#max_epochs": 3,
+                                    "resume": "true"})
+    assert result.returncode == 1
+    message = result.stderr.replace("\n", " ")
+    assert "trained to generate ['t2'] from ['t1']" in message and named in message
+    assert "--condition_modalities \"['t1']\"" in message
+
+
+def test_inference_with_another_condition_is_refused_by_name(conditioned, tmp_path):
+    result = _inference(conditioned, tmp_path / "out", condition_modalities="['t1ce']",
+                        input_files="{'t1ce': 'x.nii.gz'}")
+    assert result.returncode == 1 and "condition_modalities" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _study(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> Path:
+    """A T1 file of ``shape`` and ``affine`` that is not on any training grid: a bright ellipsoid in noise."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    volume = (np.sqrt((grid**2).sum(0)) < 0.7) * 300.0 + np.random.default_rng(0).random(shape) * 10
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), path)
+    return path
+
+
+def test_inference_from_input_files_writes_on_the_inputs_grid(conditioned, tmp_path):
+    affine = np.array([[0.0, -1.2, 0, 30], [0.9, 0, 0, -20], [0, 0, 2.0, 5], [0, 0, 0, 1]])
+    study = _study(tmp_path / "patient7_t1.nii.gz", (30, 22, 17), affine)
+    result = _inference(conditioned, tmp_path / "out", input_files=f"{{'t1': '{study}'}}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = nib.load(tmp_path / "out" / "patient7_t2.nii.gz")
+    assert written.shape == (30, 22, 17)
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    values = written.get_fdata()
+    assert 0 <= values.min() and values.max() <= 1 and values.std() > 0
+    assert (tmp_path / "out" / "patient7.png").stat().st_size > 0
+    again = _inference(conditioned, tmp_path / "out", input_files=f"{{'t1': '{study}'}}")
+    assert again.returncode == 1 and "--overwrite true" in again.stderr
+    assert nib.load(tmp_path / "out" / "patient7_t2.nii.gz").get_fdata().tolist() == values.tolist()
+
+
+def test_inference_from_a_dataset_folder_writes_each_case_on_its_own_grid(conditioned, tmp_path):
+    data = tmp_path / "studies"
+    write_brats_phantoms(data, num_cases=2, shape=(20, 24, 18), spacing=2.0, seed=5, prefix="Study")
+    (data / "Study_002" / "Study_002_t2.nii.gz").unlink()  # the missing sequence: not needed
+    result = _inference(conditioned, tmp_path / "out", dataset_dir=data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for case in ("Study_001", "Study_002"):
+        source = nib.load(data / case / f"{case}_t1.nii.gz")
+        written = nib.load(tmp_path / "out" / f"{case}_t2.nii.gz")
+        assert written.shape == source.shape
+        np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+
+
+def test_a_case_whose_given_modality_is_unreadable_is_named_and_skipped_only_when_asked(conditioned, tmp_path):
+    data = tmp_path / "studies"
+    write_brats_phantoms(data, num_cases=2, shape=(20, 24, 18), spacing=2.0, seed=5, prefix="Study")
+    (data / "Study_002" / "Study_002_t1.nii.gz").write_bytes(b"not a volume")
+    refused = _inference(conditioned, tmp_path / "out", dataset_dir=data)
+    assert refused.returncode == 1 and "Study_002" in refused.stderr and "skip_invalid" in refused.stderr
+    assert not (tmp_path / "out").exists()
+    skipped = _inference(conditioned, tmp_path / "out", dataset_dir=data, skip_invalid="true")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Study_001.png", "Study_001_t2.nii.gz"]
+
+
+def test_input_files_must_give_every_given_modality():
+    with pytest.raises(BadInputError, match="one file for each of the model's given modalities"):
+        input_cases(None, {"t2": "x.nii.gz"}, ["t1"])
+    with pytest.raises(BadInputError, match="case x, t1: /nonexistent/x_t1.nii.gz: file missing"):
+        input_cases(None, {"t1": "/nonexistent/x_t1.nii.gz"}, ["t1"])
+
+
+def test_evaluation_measures_the_translation_against_the_real_volume_and_the_identity(conditioned, tmp_path):
+    result = run_bundle("['configs/train.json','configs/evaluate.json']", SMALL_TRAINING | T1_TO_T2 | {
+        "dataset_dir": conditioned / "data", "ckpt_dir": conditioned / "models", "output_dir": tmp_path / "eval",
+        "num_inference_steps": 3})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    translation = metrics["translation"]
+    assert translation["given"] == ["t1"] and translation["cases"] == metrics["cases"]
+    for run in ("model", "identity"):
+        assert set(translation[run]["t2"]) == {"psnr", "ssim", "mae", "head_psnr", "head_ssim", "head_mae",
+                                               "sharpness"}
+    # the identity baseline is the given T1 itself against the real T2: recompute it from the preprocessed volumes
+    record = next(r for r in _validation_records(conditioned) if r["case"] == translation["cases"][0])
+    case = preprocessing(["t2"], [16, 16, 16], condition_modalities=["t1"])(record)
+    expected = translation_scores(case["condition"].as_tensor(), case["image"].as_tensor())
+    assert translation["per_case"]["identity"]["t2"]["psnr"][0] == pytest.approx(expected["psnr"], rel=1e-5)
+    markdown = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "## Translation from t1 to t2" in markdown and "| identity | t2 |" in markdown
+
+
+def _validation_records(folder: Path) -> list[dict]:
+    from bundle.data import training_cases
+
+    recorded = json.loads((folder / "models" / "run.json").read_text())["validation_cases"]
+    return training_cases(folder / "data", modalities=["t1", "t2"], validation_cases=recorded,
+                          write_phantoms=False)["validation"]
+
+
+def test_the_l1_regression_baseline_trains_and_evaluates_by_the_bundles_configs(conditioned, tmp_path):
+    trained = _train(tmp_path, "['configs/train.json','configs/regression.json']",
+                     dataset_dir=conditioned / "data", **{"train#trainer#max_epochs": 2})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "val_l1" in trained.stderr + trained.stdout
+    evaluated = run_bundle("['configs/train.json','configs/evaluate.json','configs/regression.json']",
+                           REGRESSION | T1_TO_T2 | {"dataset_dir": conditioned / "data",
+                                                    "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "eval"},
+                           run_id="evaluating")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    translation = json.loads((tmp_path / "eval" / "metrics.json").read_text())["translation"]
+    assert translation["cases"] == _validation_cases(conditioned)
+    assert translation["model"]["t2"]["psnr"]["mean"] != translation["identity"]["t2"]["psnr"]["mean"]
+
+
+def _validation_cases(folder: Path) -> list[str]:
+    return json.loads((folder / "models" / "run.json").read_text())["validation_cases"]
+
+
+def test_a_regression_without_given_modalities_is_refused(tmp_path):
+    result = _train(tmp_path, "['configs/train.json','configs/regression.json']", condition_modalities="[]",
+                    modalities="['t1','t2']")
+    assert result.returncode == 1 and "condition_modalities is empty" in result.stderr.replace("\n", " ")
+
+
+@pytest.mark.parametrize(("modalities", "condition", "message"), [
+    (["t2"], ["t2"], "in both modalities"),
+    ([], ["t1"], "modalities must be a list of distinct names"),
+    (["t2"], "t1", "condition_modalities must be a list"),
+])
+def test_bad_modality_lists_are_named(modalities, condition, message):
+    with pytest.raises(BadInputError, match=message):
+        check_modalities(modalities, condition)
+
+
+def test_the_generation_monitor_is_refused_for_a_conditioned_model(tmp_path):
+    result = _train(tmp_path, generation_interval="1")
+    assert result.returncode == 1 and "--generation_interval 0" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_conditioned_gradients_of_the_memory_efficient_backward_equal_plain_autograds():
+    torch.manual_seed(0)
+    network = redraw_zero_init_(InvertibleDiffusionUNet(3, 2, 1, (4, 8), 1, (False, True)).double(), seed=1)
+    noisy, noise, condition = (torch.randn(2, 1, 8, 8, 8, dtype=torch.float64) for _ in range(3))
+    timesteps = torch.tensor([3, 40])
+
+    def stem_gradient(memory_efficient: bool, given: torch.Tensor) -> list[torch.Tensor]:
+        network.memory_efficient = memory_efficient
+        network.zero_grad()
+        idm_loss_backward(network, noisy, timesteps, noise, lambda_rec=0.1, micro_batch_size=1, condition=given)
+        return [p.grad.clone() for p in network.parameters()]
+
+    efficient, plain = stem_gradient(True, condition), stem_gradient(False, condition)
+    for a, b in zip(efficient, plain):
+        assert relative_error(a, b) < 1e-9
+    other = stem_gradient(True, torch.zeros_like(condition))
+    assert relative_error(other[0], efficient[0]) > 1e-3  # the condition reaches the loss
+
+
+def test_the_sampler_reads_its_inputs_as_the_condition_when_conditioned():
+    seen = []
+
+    def network(x, t):
+        seen.append(x.clone())
+        return torch.zeros_like(x[:, :1])
+
+    network.training, network.train, network.eval = False, lambda mode=True: None, lambda: None
+    condition = torch.rand(2, 1, 4, 4, 4)
+    sampler = DiffusionSampler(GridDDIMScheduler(num_train_timesteps=10), 2, num_channels=1, conditioned=True,
+                               progress=False)
+    out = sampler(condition, network)
+    assert out.shape == (2, 1, 4, 4, 4)
+    assert all(x.shape[1] == 2 and torch.allclose(x[:, 1:], condition * 2 - 1) for x in seen)
+    assert torch.equal(with_condition(out, None), out)
+
+
+def test_translation_scores_separate_a_perfect_a_blurred_and_an_unrelated_volume():
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 16)] * 3, indexing="ij"))
+    real = ((grid.norm(dim=0) < 0.7).float() * (0.5 + 0.3 * torch.sin(6 * grid[0])))[None]
+    blurred = torch.nn.functional.avg_pool3d(real[None], 3, 1, 1)[0]
+    perfect, soft, noise = (translation_scores(v, real) for v in (real, blurred, torch.rand_like(real)))
+    assert perfect["psnr"] > 100 and perfect["ssim"] == pytest.approx(1) and perfect["head_mae"] == 0
+    assert perfect["sharpness"] == pytest.approx(1)
+    assert noise["psnr"] < soft["psnr"] < perfect["psnr"] and soft["sharpness"] < 0.9
+    assert soft["head_mae"] > soft["mae"]  # the blur's errors are at the head's edges and inside, not in the air
+
+
+def test_the_preprocessed_input_put_back_on_its_grid_overlays_the_file(tmp_path):
+    affine = np.array([[0.0, -1.2, 0, 30], [0.9, 0, 0, -20], [0, 0, 2.0, 5], [0, 0, 0, 1]])
+    path = _study(tmp_path / "x_t1.nii.gz", (30, 22, 17), affine)
+    for spacing in (None, 2.0):
+        data = preprocessing(["image"], [16, 16, 16], spacing)({"image": str(path)})
+        back = OntoInputGridd(keys="pred")({"image": data["image"], "pred": data["image"].clone()})["pred"]
+        original = nib.load(path).get_fdata()
+        assert tuple(back.shape[1:]) == original.shape
+        np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-5)
+        correlation = np.corrcoef(back[0].numpy().ravel(), original.ravel())[0, 1]
+        assert correlation > 0.9, (spacing, correlation)
+
+
+def test_monai_label_style_image_in_image_out(conditioned, tmp_path):
+    """MONAI Label's BundleInferTask: inference.json's network_def, weights, preprocessing of one T1 file, the
+    inferer as inferer(inputs, network), postprocessing: a T2 of the T1's shape and affine."""
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs/inference.json")
+    overrides = {"spatial_size": [16, 16, 16], "network_def#channels": [8, 16, 32],
+                 "attention_levels": [False, True, True], "num_train_timesteps": 100, "sampler": "ddim",
+                 "num_inference_steps": 2, "condition_modalities": ["t1"], "modalities": ["t2"],
+                 "ckpt_path": str(conditioned / "models" / "model.pt")}
+    for key, value in overrides.items():
+        parser[key] = value
+    network = parser.get_parsed_content("network_def", lazy=False)
+    network.load_state_dict(torch.load(conditioned / "models" / "model.pt", weights_only=True))
+    affine = np.diag([1.1, 0.9, 1.6, 1.0])
+    path = _study(tmp_path / "t1.nii.gz", (20, 26, 14), affine)
+    data = parser.get_parsed_content("preprocessing")({"image": str(path)})
+    data["pred"] = parser.get_parsed_content("inferer")(inputs=data["image"][None], network=network)[0]
+    data = parser.get_parsed_content("postprocessing")(data)
+    assert tuple(data["pred"].shape) == (1, 20, 26, 14)
+    np.testing.assert_allclose(data["pred"].affine.numpy(), affine, atol=1e-6)
+    assert 0 <= data["pred"].min() and data["pred"].max() <= 1
+
+
+def test_the_regression_inferer_maps_the_condition_through_the_model_range():
+    network = torch.nn.Identity()
+    condition = torch.rand(1, 1, 4, 4, 4)
+    assert torch.allclose(RegressionInferer()(condition, network), condition, atol=1e-6)
+
+
+def test_the_planner_counts_the_given_channels():
+    network = InvertibleDiffusionUNet(3, 2, 1, (4, 8), 1, (False, True))
+    optimizer = torch.optim.AdamW(network.parameters())
+    from monai.networks.schedulers import DDPMScheduler
+
+    from bundle.diffusion import NoiseSampler
+
+    plan = plan_training_step(network, optimizer, DDPMScheduler(100), NoiseSampler(100), 2, [1, 16, 16, 16],
+                              condition_channels=1)
+    assert any("conditioned on 1 given channel" in note for note in plan.notes)
+    assert plan.peak_bytes > 0
