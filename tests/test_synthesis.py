@@ -303,3 +303,21 @@ def test_the_planner_counts_the_given_channels():
                               condition_channels=1)
     assert any("conditioned on 1 given channel" in note for note in plan.notes)
     assert plan.peak_bytes > 0
+
+
+def test_the_conditional_network_matches_its_metadata(tmp_path):
+    """``conditional_network_data_format`` of metadata.json, checked as MONAI's ``verify_net_in_out`` checks the
+    unconditional one, on inference.json's network for T1 → T2."""
+    from monai.bundle import verify_net_in_out
+
+    metadata = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    conditional = metadata["conditional_network_data_format"]
+    meta_file = tmp_path / "metadata.json"
+    meta_file.write_text(json.dumps(metadata | {"network_data_format": {k: conditional[k] for k in ("inputs",
+                                                                                                  "outputs")}}))
+    verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=str(ROOT / "configs/inference.json"),
+                      extra_forward_args={"timesteps": torch.tensor([10])}, condition_modalities=["t1"],
+                      modalities=["t2"], **{"network_def#channels": [8, 16, 32]},
+                      attention_levels=[False, True, True])
+    assert conditional["task_inputs"]["image"]["num_channels"] == 1
+    assert conditional["task_outputs"]["pred"]["num_channels"] == 1
