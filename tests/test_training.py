@@ -134,7 +134,7 @@ def test_bad_cases_stop_training_before_it_starts(six_cases, tmp_path):
     result = train(SMALL | {"dataset_dir": data, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
                                  "skip_invalid": "true", "train#trainer#max_epochs": 1})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "training on the 2 valid cases" in result.stdout + result.stderr
+    assert "going on to train on the 2 valid cases" in result.stdout + result.stderr
 
 
 def _state(path: Path) -> dict:
