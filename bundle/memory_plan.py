@@ -45,6 +45,7 @@ from .utils import unwrap
 _FAKE_DATA_POINTER = "Accessing the data pointer of FakeTensor is deprecated"
 
 __all__ = [
+    "AUTO_MARGIN",
     "CUDA_HEADROOM_BYTES",
     "LiveBytes",
     "MemoryPlan",
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator's rounding of every block
 CUDA_HEADROOM_BYTES = 2**30  # kept free on a GPU: the CUDA context, library workspaces, the allocator's slack
+AUTO_MARGIN = 0.1  # memory_budget "auto" leaves this share of the spare memory unspent
 GIB = 2**30
 
 
@@ -273,7 +275,8 @@ class MemoryPlan:
     during the forward pass, the backward pass and the update; ``peak_phase`` and ``peak_module``: where the
     peak is reached; ``alive_at_peak``: the largest of the step's own tensors alive then, above the floor
     (:meth:`LiveBytes.alive_at_peak`); ``usable_bytes``: the device memory the peak must fit in (None: unknown);
-    ``fits``.
+    ``fits``; ``memory_budget``: the bytes of activations the network's memory-efficient forward keeps;
+    ``optimizer_in_backward``: the update ran inside backward.
     """
 
     device: str
@@ -296,6 +299,8 @@ class MemoryPlan:
     seconds: float
     alive_at_peak: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    memory_budget: float = 0.0
+    optimizer_in_backward: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -309,6 +314,9 @@ class MemoryPlan:
              + f", {samples} × {self.image_shape}, " + ("bf16 autocast" if self.amp else "float32")
              + f" on {self.device}"),
             ("parameters", f"{self.params:,}"),
+            ("activations kept (memory_budget)", "none" if not self.memory_budget else "all" if math.isinf(
+                self.memory_budget) else _gb(int(self.memory_budget)).strip() + " at most"),
+            ("update", "inside backward (optimizer_in_backward)" if self.optimizer_in_backward else "after backward"),
             ("weights (and buffers)", _gb(self.parameter_bytes)),
             ("gradients", _gb(self.gradient_bytes)),
             ("optimizer state", _gb(self.optimizer_bytes)),
@@ -389,6 +397,7 @@ def plan_training_step(
     device: torch.device | str = "cpu",
     usable_bytes: int | None = None,
     condition_channels: int = 0,
+    optimizer_in_backward: bool = False,
 ) -> MemoryPlan:
     """Predicts the memory of one training step of :class:`~bundle.diffusion.IDMTrainer` with these arguments,
     without touching ``network``, ``optimizer``, ``ema`` or ``noise_sampler`` (real, meta or fake: only their
@@ -401,6 +410,9 @@ def plan_training_step(
         device: where the run trains (its kind decides the allocator's rounding).
         usable_bytes: the memory the peak must fit in (:func:`device_memory_bytes`), or None.
         condition_channels: a conditioned model's given modalities (K: the batch's ``condition`` is (B, K, *S)).
+        optimizer_in_backward: the update runs inside backward (no gradients kept between steps).
+
+    The network's ``memory_budget`` (activations its memory-efficient forward keeps) is planned as it is set.
     """
     from .diffusion.engines import IDMTrainer  # the trainer imports this module's caller, not this module
 
@@ -420,8 +432,12 @@ def plan_training_step(
                 device=device, max_epochs=1, train_data_loader=[], network=twin, optimizer=twin_optimizer,
                 scheduler=scheduler, noise_sampler=copy.copy(noise_sampler), lambda_rec=lambda_rec,
                 lambda_l2=lambda_l2, micro_batch_size=micro_batch_size, ema=twin_ema, amp=amp, decollate=False,
+                optimizer_in_backward=optimizer_in_backward,
             )
             warm_up(twin, twin_optimizer, twin_ema)
+            if optimizer_in_backward:  # its step leaves no gradients behind
+                for p in twin.parameters():
+                    p.grad = None
             kept = _kept_tensors(twin, twin_optimizer, twin_ema)
             tracker.count(itertools.chain.from_iterable(kept.values()))  # (a no-op unless no operator made one)
             tracker.start_step()
@@ -445,6 +461,7 @@ def plan_training_step(
         phase_peaks={k: tracker.phase_peaks[k] for k in ("forward", "backward", "update") if k in tracker.phase_peaks},
         peak_phase=tracker.peak_where[0], peak_module=tracker.peak_where[1], usable_bytes=usable_bytes, fits=fits,
         seconds=time.perf_counter() - start, alive_at_peak=tracker.alive_at_peak(), notes=notes,
+        memory_budget=float(getattr(network, "memory_budget", 0.0)), optimizer_in_backward=optimizer_in_backward,
     )
 
 
@@ -491,14 +508,22 @@ class TrainingMemoryPlan:
     logged; with ``micro_batch_size="auto"`` it picks the largest micro-batch predicted to fit, and it refuses a
     run predicted not to fit even in micro-batches of 1, saying what would.
 
+    With ``memory_budget="auto"`` it then gives the network's memory-efficient forward what the device has to spare
+    as its ``memory_budget``: the usable memory less the peak planned at budget 0, less :data:`AUTO_MARGIN` of that
+    (the plan's unseen workspaces and fragmentation), halved until the plan at that budget fits; 0 where the
+    device's memory is unknown. A number is the network's own budget, planned as it is.
+
     Args:
         device_memory_gb: GiB the run may use (None: the device's, see :func:`device_memory_bytes`).
         check: refuse a run predicted not to fit (False: only log the plan).
-        Other arguments: as :func:`plan_training_step`; ``micro_batch_size`` may also be ``"auto"``.
+        memory_budget: ``"auto"``, or the bytes the network was built with (None: the network's, unchanged).
+        Other arguments: as :func:`plan_training_step`; ``micro_batch_size`` may also be ``"auto"`` (the whole
+            batch only, with ``optimizer_in_backward``).
 
     Attributes:
         micro_batch_size: the micro-batch size to train with (``micro_batch_size``, or the one ``"auto"`` chose).
-        plan: the :class:`MemoryPlan` of that size.
+        memory_budget: the network's budget in bytes after the plan (the one ``"auto"`` chose).
+        plan: the :class:`MemoryPlan` of that size and budget.
 
     Raises:
         BadInputError: for a run predicted not to fit (with ``check``), or a ``micro_batch_size`` that is neither
@@ -522,6 +547,8 @@ class TrainingMemoryPlan:
         device_memory_gb: float | None = None,
         check: bool = True,
         condition_channels: int = 0,
+        memory_budget: float | str | None = None,
+        optimizer_in_backward: bool = False,
     ) -> None:
         usable = device_memory_bytes(device, device_memory_gb)
 
@@ -529,9 +556,14 @@ class TrainingMemoryPlan:
             return plan_training_step(
                 network, optimizer, scheduler, noise_sampler, batch_size, image_shape,
                 None if micro == batch_size else micro, ema, with_amp, lambda_rec, lambda_l2, device, usable,
-                condition_channels)
+                condition_channels, optimizer_in_backward)
 
-        if micro_batch_size == "auto":
+        trunk = unwrap(network)
+        if memory_budget == "auto" and hasattr(trunk, "memory_budget"):
+            trunk.memory_budget = 0
+        if micro_batch_size == "auto" and optimizer_in_backward:
+            candidates = [batch_size]
+        elif micro_batch_size == "auto":
             candidates = _candidate_micro_batch_sizes(batch_size)
         elif micro_batch_size is None or (isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool)
                                           and micro_batch_size >= 1):
@@ -544,10 +576,30 @@ class TrainingMemoryPlan:
             if self.plan.fits is not False:
                 break
         self.micro_batch_size = self.plan.micro_batch_size
-        chosen = " (chosen by micro_batch_size 'auto')" if micro_batch_size == "auto" else ""
+        if memory_budget == "auto":
+            self._spend_spare_memory(trunk, plan)
+        self.memory_budget = float(getattr(trunk, "memory_budget", 0.0))
+        chosen = [name for name, value in (("micro_batch_size", micro_batch_size), ("memory_budget", memory_budget))
+                  if value == "auto"]
+        chosen = f" ({' and '.join(chosen)} chosen by 'auto')" if chosen else ""
         logger.info("Memory plan of one training step%s:\n%s", chosen, self.plan.table())
         if check and self.plan.fits is False:
             raise BadInputError(self._refusal(plan, micro_batch_size == "auto" or candidates == [1]))
+
+    def _spend_spare_memory(self, trunk: nn.Module, plan: Callable[..., MemoryPlan]) -> None:
+        """Sets ``trunk.memory_budget`` to what the device has to spare beyond the plan at budget 0 (see the class
+        docstring) and :attr:`plan` to the plan at that budget."""
+        base = self.plan
+        if base.usable_bytes is None or not base.fits or not hasattr(trunk, "memory_budget"):
+            return
+        budget = (base.usable_bytes - base.peak_bytes) * (1 - AUTO_MARGIN)
+        for _ in range(4):
+            trunk.memory_budget = budget
+            self.plan = plan(self.micro_batch_size or base.batch_size)
+            if self.plan.fits:
+                return
+            budget /= 2
+        trunk.memory_budget, self.plan = 0, base
 
     def _refusal(self, plan: Callable[..., MemoryPlan], smallest: bool) -> str:
         p = self.plan

@@ -22,7 +22,7 @@ from .data.transforms import check_spacing
 from .diffusion.engines import autocast_dtype
 from .diffusion.loss import micro_batches
 from .errors import BadInputError
-from .flags import as_flag
+from .flags import as_flag, as_memory_budget
 from .utils import check_output_folder
 
 __all__ = ["EvaluationSettings", "InferenceSettings", "TrainingSettings", "check_modalities"]
@@ -102,10 +102,11 @@ def _check_device(device: torch.device | str) -> None:
 class TrainingSettings:
     """The settings of ``configs/train.json`` (same names; see the README's table), checked in this order: the
     true/false flags (:func:`~bundle.flags.as_flag`: a command line gives ``"false"``), the image grid, the batch split
-    (:func:`~bundle.diffusion.micro_batches`), ``amp``, the noise scheduler (ε-prediction), the numbers' ranges, the
+    (:func:`~bundle.diffusion.micro_batches`; a whole batch with ``optimizer_in_backward``), ``memory_budget``
+    (:func:`~bundle.flags.as_memory_budget`), ``amp``, the noise scheduler (ε-prediction), the numbers' ranges, the
     device, the output folders, and last the checkpoint folder against ``resume`` and ``overwrite``
-    (:func:`~bundle.checkpoint.check_checkpoint_folder`). After the check, ``resume``, ``overwrite``, ``skip_invalid``
-    and ``amp`` are bools.
+    (:func:`~bundle.checkpoint.check_checkpoint_folder`). After the check, ``resume``, ``overwrite``, ``skip_invalid``,
+    ``amp`` and ``optimizer_in_backward`` are bools.
 
     Raises:
         BadInputError: naming the first setting out of range and what it accepts.
@@ -120,6 +121,8 @@ class TrainingSettings:
     batch_size: int
     micro_batch_size: int | str | None
     amp: bool | str
+    optimizer_in_backward: bool | str = False
+    memory_budget: float | str = 0
     noise_scheduler: Scheduler
     schedule: str
     learning_rate: float
@@ -138,8 +141,9 @@ class TrainingSettings:
     overwrite: bool | str
 
     def __post_init__(self) -> None:
-        for name in ("resume", "overwrite", "skip_invalid", "amp"):
+        for name in ("resume", "overwrite", "skip_invalid", "amp", "optimizer_in_backward"):
             setattr(self, name, as_flag(getattr(self, name), name))
+        self.memory_budget = as_memory_budget(self.memory_budget)
         _check_spatial_size(self.spatial_size)
         check_spacing(self.spacing)
         check_modalities(self.modalities, self.condition_modalities)
@@ -152,6 +156,13 @@ class TrainingSettings:
             )
         _check_val_fraction(self.val_fraction)
         micro_batches(self.batch_size, None if self.micro_batch_size == "auto" else self.micro_batch_size)
+        if self.optimizer_in_backward and self.micro_batch_size not in (None, self.batch_size):
+            raise BadInputError(
+                f"optimizer_in_backward updates each weight as soon as its gradient is complete, so the batch of "
+                f"{self.batch_size} is back-propagated at once, and micro_batch_size {self.micro_batch_size!r} would "
+                "need the whole gradient kept between micro-batches: pass --micro_batch_size null (or a smaller "
+                "--batch_size), or --optimizer_in_backward false to keep micro-batches."
+            )
         autocast_dtype(self.amp)
         if self.noise_scheduler.prediction_type != "epsilon":
             raise BadInputError(

@@ -16,6 +16,7 @@ from ..utils import unwrap
 from .loss import idm_loss, idm_loss_backward
 from .maths import denoise_at, to_image_range, to_model_range
 from .noise import NoiseSampler, seeded_generator
+from .update_in_backward import UpdateInBackward
 
 __all__ = ["IDMEvaluator", "IDMTrainer", "autocast_dtype", "given_modalities"]
 
@@ -70,6 +71,10 @@ class IDMTrainer(SupervisedTrainer):
             bfloat16 (float32's range, so no loss scaling); the invertible trunk keeps its state in float32
             (:mod:`bundle.networks.engine`). ``amp_kwargs`` may only repeat ``{"dtype": torch.bfloat16}``:
             float16 would need a gradient scaler, whose skipped overflow steps the non-finite guard stops.
+        optimizer_in_backward: each weight's AdamW and EMA updates run as soon as its gradient is complete, and the
+            gradient is freed (:class:`~bundle.diffusion.update_in_backward.UpdateInBackward`): no full set of
+            gradients exists (4 bytes per parameter less at the peak). Needs the whole batch at once
+            (``micro_batch_size`` None), one process (no DDP) and a fused AdamW.
         Other arguments: as ``SupervisedTrainer`` (``loss_function`` is Eq. 8).
     """
 
@@ -88,9 +93,16 @@ class IDMTrainer(SupervisedTrainer):
         ema: torch.optim.swa_utils.AveragedModel | None = None,
         amp: bool = False,
         amp_kwargs: dict | None = None,
+        optimizer_in_backward: bool = False,
         **kwargs,
     ) -> None:
         self.amp_dtype = autocast_dtype(amp, amp_kwargs)
+        if optimizer_in_backward and micro_batch_size is not None:
+            raise BadInputError(
+                f"optimizer_in_backward updates each weight as soon as its gradient is complete, so the batch is "
+                f"back-propagated at once; micro_batch_size {micro_batch_size} would need the whole gradient kept "
+                "between micro-batches. Pass micro_batch_size None, or optimizer_in_backward False."
+            )
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -106,6 +118,7 @@ class IDMTrainer(SupervisedTrainer):
         self.lambda_l2 = lambda_l2
         self.micro_batch_size = micro_batch_size
         self.ema = ema
+        self.update_in_backward = UpdateInBackward(network, optimizer, ema) if optimizer_in_backward else None
         self.stopped_by: NonFiniteLossError | None = None
 
     def run(self) -> None:
@@ -127,7 +140,7 @@ class IDMTrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         prediction, loss, terms = idm_loss_backward(
             engine.network, noisy, timesteps, noise, self.lambda_rec, self.lambda_l2, self.micro_batch_size,
-            self.amp_dtype, condition,
+            self.amp_dtype, condition, self.update_in_backward,
         )
         engine.state.output.update({Keys.PRED: prediction, Keys.LOSS: loss} | terms)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
@@ -138,9 +151,10 @@ class IDMTrainer(SupervisedTrainer):
             engine.terminate(skip_completed=True)
         else:
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-            if self.ema is not None:
-                self.ema.update_parameters(unwrap(engine.network))
+            if self.update_in_backward is None:  # (else the weights and the EMA were updated in backward)
+                engine.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update_parameters(unwrap(engine.network))
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import BadInputError
 from ..utils import unwrap
 from .maths import with_condition
+from .update_in_backward import UpdateInBackward
 
 __all__ = ["LOSS_TERMS", "idm_loss", "idm_loss_backward", "micro_batches", "weight_norm"]
 
@@ -87,6 +88,7 @@ def idm_loss_backward(
     micro_batch_size: int | None = None,
     amp_dtype: torch.dtype | None = None,
     condition: torch.Tensor | None = None,
+    update: UpdateInBackward | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Back-propagates the Eq. 8 loss of a batch (:func:`idm_loss`) into ``.grad``, ``micro_batch_size``
     samples at a time (None: the whole batch at once). Gradient accumulation: a step's activation memory
@@ -100,16 +102,26 @@ def idm_loss_backward(
     copy of every weight, alive through the whole backward pass). Under ``DistributedDataParallel`` every backward
     but the last micro-batch's runs in ``no_sync()``: gradients are all-reduced once per batch.
 
+    With ``update`` (:class:`~bundle.diffusion.update_in_backward.UpdateInBackward`) the optimizer steps inside the
+    backward pass instead: the batch goes at once, the weight term is added to each gradient by the update (with
+    ‖W‖₂ of the weights before the step) instead of back-propagated, and no gradient is left in ``.grad``.
+
     Returns:
         ``(prediction U(x_t, t) (B, C, *S), total loss, {term name: value})``, all detached; the loss and
         the terms are those of the whole batch.
     """
     batch = noisy.shape[0]
     parts = micro_batches(batch, micro_batch_size)
+    if update is not None and len(parts) > 1:
+        raise BadInputError(f"The optimizer step inside backward needs the batch of {batch} back-propagated at once; "
+                            f"got micro_batch_size {micro_batch_size}.")
     no_sync = network.no_sync if hasattr(network, "no_sync") else nullcontext
     predictions, losses, terms = [], [], {}
     norm = None
-    if lambda_l2 > 0:
+    if lambda_l2 > 0 and update is not None:
+        with torch.no_grad():
+            norm = weight_norm(network)
+    elif lambda_l2 > 0:
         with no_sync():
             norm = weight_norm(network)
             (lambda_l2 * norm).backward()
@@ -122,7 +134,11 @@ def idm_loss_backward(
                     network, noisy[part], timesteps[part], noise[part], lambda_rec, lambda_l2=0.0,
                     condition=None if condition is None else condition[part],
                 )
+            if update is not None:
+                update.arm(torch.isfinite(part_loss), lambda_l2, norm)
             (fraction * part_loss).backward()
+            if update is not None:
+                update.finish()
         predictions.append(prediction.detach())
         losses.append(fraction * part_loss.detach())
         for name, value in part_terms.items():

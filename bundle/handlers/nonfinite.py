@@ -31,7 +31,9 @@ class NonFiniteLossGuard:
 
     Attached to ``IterationEvents.LOSS_COMPLETED``, which the IDM trainer fires after the backward pass and
     before the optimizer step: the weights never see the bad step, and checkpoints written at earlier
-    epochs stay as they are. :class:`~bundle.diffusion.IDMTrainer` stops the run there and raises the error
+    epochs stay as they are. With ``optimizer_in_backward`` the update in backward skips every weight's update
+    from the first non-finite value on (all of them for a non-finite loss) and the guard reads its flag.
+    :class:`~bundle.diffusion.IDMTrainer` stops the run there and raises the error
     from ``run``, so that the entry point reports it once.
 
     Args:
@@ -49,7 +51,8 @@ class NonFiniteLossGuard:
     def __call__(self, engine: Engine) -> None:
         loss = engine.state.output[Keys.LOSS]
         finite_loss = bool(torch.isfinite(loss).all())
-        if finite_loss and _gradients_are_finite(engine.network):
+        update = getattr(engine, "update_in_backward", None)  # the weights were updated in backward
+        if finite_loss and (update.all_finite() if update is not None else _gradients_are_finite(engine.network)):
             return
         epoch = engine.state.epoch
         what = (f"the loss became {loss.item()}" if not finite_loss
@@ -67,7 +70,11 @@ class NonFiniteLossGuard:
                 "no checkpoint has been written yet (it is written at the end of each epoch), so there is "
                 "nothing to resume from. Lower learning_rate or check the data for extreme values, and train again."
             )
+        updated = ("The weights were not updated with it" if update is None or not finite_loss else
+                   "With optimizer_in_backward no weight was updated from the first non-finite gradient on (the "
+                   "weights whose gradients were complete before it took this step's finite update in memory; "
+                   "nothing was checkpointed since)")
         raise NonFiniteLossError(
             f"Training stopped: {what} at epoch {epoch}, iteration {engine.state.iteration} "
-            f"(terms: {terms}). The weights were not updated with it; {advice}"
+            f"(terms: {terms}). {updated}; {advice}"
         )

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .engine import CouplingLayer
 
@@ -88,11 +89,14 @@ class InvertibleAttention(CouplingLayer):
 
     def _indices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(x.shape[2:]), x.device)
-        if key not in self._index_cache:
-            # built on the CPU (once per shape and device) so that shape-only meta tensors work too
-            kept, modified = checkerboard_indices(tuple(x.shape[2:]), self.parity, torch.device("cpu"))
-            self._index_cache[key] = (kept.to(x.device), modified.to(x.device))
-        return self._index_cache[key]
+        if key in self._index_cache:
+            return self._index_cache[key]
+        # built on the CPU (once per shape and device) so that shape-only meta tensors work too
+        kept, modified = checkerboard_indices(tuple(x.shape[2:]), self.parity, torch.device("cpu"))
+        indices = (kept.to(x.device), modified.to(x.device))
+        if not isinstance(kept, FakeTensor):  # a memory plan's fake indices would serve the real run
+            self._index_cache[key] = indices
+        return indices
 
     def weights(self, kept: torch.Tensor) -> torch.Tensor:
         """``f(y₁)`` for kept tokens (B, C, N) → (B, C, N), values in ``[e^{-α}, e^{α}]``."""

@@ -41,6 +41,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
+from .storage_plan import check_memory_budget, choose_stored, passed_through, step_costs
+
 __all__ = [
     "CouplingLayer",
     "InverseOf",
@@ -382,6 +384,36 @@ class _Relay:
                      for t, g in zip(state, grads))
 
 
+def _output_state(ctx, grad_out: State) -> tuple[torch.Tensor | None, State]:
+    """(the condition, the output state) of a step's backward: the saved output for the last step (which also
+    tells the relay which storages the caller may hold), else the state that the step after it rebuilt."""
+    relay = ctx.relay
+    try:
+        cond, *out = ctx.saved_tensors
+    except RuntimeError as error:  # the version check of a saved output that a first backward overwrote
+        if relay.output_handed_over:
+            raise RuntimeError(
+                "This memory-efficient InvertibleSequence was called with hand_over_output=True, so its first "
+                "backward pass overwrote its output; it cannot be back-propagated twice (retain_graph). "
+                "Call it with hand_over_output=False to back-propagate more than once."
+            ) from error
+        raise
+    if ctx.is_last:
+        # a gradient that is not a plain dense tensor (the stride-0 expansion that .sum() hands down)
+        # cannot be overwritten in place, handed over or not
+        kept_intact = (*out, *grad_out) if not relay.output_handed_over else [
+            g for g in grad_out if not g.is_contiguous()
+        ]
+        relay.external = frozenset(_storage(t) for t in kept_intact)
+    state, relay.state = (tuple(t.detach() for t in out) if ctx.is_last else relay.state), None
+    if state is None:
+        raise RuntimeError(
+            "A memory-efficient InvertibleSequence was back-propagated from an intermediate step; "
+            "gradients must flow from the sequence's output."
+        )
+    return cond, state
+
+
 class _ReconstructingStep(torch.autograd.Function):
     """One step of a memory-efficient sequence: runs it without storing activations and, in backward,
     rebuilds its input from its output (handed over by the next step through the relay; the last step
@@ -409,29 +441,7 @@ class _ReconstructingStep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_out):  # type: ignore[override]
         relay = ctx.relay
-        try:
-            cond, *out = ctx.saved_tensors
-        except RuntimeError as error:  # the version check of a saved output that a first backward overwrote
-            if relay.output_handed_over:
-                raise RuntimeError(
-                    "This memory-efficient InvertibleSequence was called with hand_over_output=True, so its first "
-                    "backward pass overwrote its output; it cannot be back-propagated twice (retain_graph). "
-                    "Call it with hand_over_output=False to back-propagate more than once."
-                ) from error
-            raise
-        if ctx.is_last:
-            # a gradient that is not a plain dense tensor (the stride-0 expansion that .sum() hands down)
-            # cannot be overwritten in place, handed over or not
-            kept_intact = (*out, *grad_out) if not relay.output_handed_over else [
-                g for g in grad_out if not g.is_contiguous()
-            ]
-            relay.external = frozenset(_storage(t) for t in kept_intact)
-        state, relay.state = (tuple(t.detach() for t in out) if ctx.is_last else relay.state), None
-        if state is None:
-            raise RuntimeError(
-                "A memory-efficient InvertibleSequence was back-propagated from an intermediate step; "
-                "gradients must flow from the sequence's output."
-            )
+        cond, state = _output_state(ctx, grad_out)
         cond_in = None if cond is None else cond.detach().requires_grad_(ctx.cond_needs_grad)
         step = ctx.step
         with _autocast(ctx.device_type, *ctx.autocast):
@@ -446,6 +456,62 @@ class _ReconstructingStep(torch.autograd.Function):
         return (None, None, None, None, None, grad_cond, None, *grads, *grad_params)
 
 
+class _StoredSegment(torch.autograd.Function):
+    """Consecutive steps that the memory budget stores, as one link of the relay chain: forward runs them under
+    autograd and keeps their graph (their activations), backward differentiates that graph, as plain autograd
+    does, and hands the step before it the input state it kept. Inputs that the steps return untouched and
+    nothing else reads (the skips carried past a level's blocks) are not kept: they come back with the state that
+    the step after the segment hands over, as for a reconstructing step."""
+
+    @staticmethod
+    def forward(ctx, steps, relay, is_first, is_last, cond, num_state, *tensors):  # type: ignore[override]
+        inputs = tuple(_leaf(t) for t in tensors[:num_state])
+        cond_in = None if cond is None else cond.detach().requires_grad_(cond.requires_grad)
+        with torch.enable_grad():
+            out = _run(steps, inputs, cond_in, reverse=False)
+        identical = {j: i for j, o in enumerate(out) for i, t in enumerate(inputs) if o is t}
+        ctx.passed = passed_through(inputs, out)
+        ctx.identical = identical
+        ctx.kept = [None if i in ctx.passed.values() else t for i, t in enumerate(inputs)]
+        ctx.edges = [(j, torch.autograd.graph.get_gradient_edge(o)) for j, o in enumerate(out)
+                     if j not in identical and o.requires_grad]
+        ctx.cond_in, ctx.params = cond_in, tensors[num_state:]
+        ctx.relay, ctx.is_first, ctx.is_last = relay, is_first, is_last
+        returned = tuple(o.detach() for o in out)
+        ctx.save_for_backward(cond, *(returned if is_last else ()))
+        return returned
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_out):  # type: ignore[override]
+        if ctx.edges is None:
+            raise RuntimeError("A memory-efficient InvertibleSequence with steps stored by its memory_budget frees "
+                               "their activations in its first backward pass; it cannot be back-propagated twice "
+                               "(retain_graph). Set memory_budget=0 to back-propagate more than once.")
+        relay = ctx.relay
+        _, state = _output_state(ctx, grad_out)
+        kept = [t for t in ctx.kept if t is not None]
+        with_cond = ctx.cond_in is not None and ctx.cond_in.requires_grad
+        wrt = [*kept, *([ctx.cond_in] if with_cond else []), *ctx.params]
+        if ctx.edges:
+            grads = torch.autograd.grad([e for _, e in ctx.edges], wrt, [grad_out[j] for j, _ in ctx.edges],
+                                        allow_unused=True)
+        else:
+            grads = (None,) * len(wrt)
+        grad_kept = iter(grads[: len(kept)])
+        inputs, grad_in = list(ctx.kept), [None if t is None else next(grad_kept) for t in ctx.kept]
+        for j, i in ctx.passed.items():
+            inputs[i] = state[j]
+        for j, i in ctx.identical.items():
+            grad_in[i] = grad_out[j] if grad_in[i] is None else grad_in[i] + grad_out[j]
+        inputs = [t.detach() for t in inputs]
+        grad_cond = grads[len(kept)] if with_cond else None
+        ctx.kept = ctx.edges = ctx.cond_in = None  # the graph is spent: let its tensors go
+        relay.state = None if ctx.is_first else tuple(inputs)
+        return (None, None, None, None, grad_cond, None, *_zeros_for_none(grad_in, inputs),
+                *grads[len(kept) + with_cond:])
+
+
 class InvertibleSequence(nn.Module):
     """Composition of :class:`InvertibleStep` s, with the memory-saving engine.
 
@@ -454,6 +520,12 @@ class InvertibleSequence(nn.Module):
         memory_efficient: ``True`` stores only the output state and reconstructs activations in
             backward; ``False`` runs plain autograd (same maths, same results up to rounding). Under
             ``torch.no_grad()`` both run the steps directly: nothing is stored or recomputed.
+        memory_budget: bytes of activations the memory-efficient forward pass may keep (0: none, every step is
+            rebuilt; ``float("inf")``: every step keeps its activations, as plain autograd). The steps kept are
+            those whose recomputation costs the most FLOPs per byte kept, measured once per input shape on
+            FakeTensors (:mod:`~bundle.networks.storage_plan`); consecutive kept steps run as one plain-autograd
+            segment of the chain. Gradients are the same at every budget; only ``forward`` keeps steps (the
+            ``inverse`` under autograd rebuilds them all). Settable on a built model.
 
     ``forward(state, cond, hand_over_output=True)`` tells the engine that nothing will read the output
     state after the backward pass and that its gradient is not needed elsewhere: the backward pass then
@@ -461,16 +533,40 @@ class InvertibleSequence(nn.Module):
     fewer at the peak), and the graph cannot be back-propagated twice.
     """
 
-    def __init__(self, steps: Sequence[InvertibleStep], memory_efficient: bool = True) -> None:
+    def __init__(self, steps: Sequence[InvertibleStep], memory_efficient: bool = True,
+                 memory_budget: float = 0) -> None:
         super().__init__()
         self.steps = nn.ModuleList(steps)
         self.memory_efficient = memory_efficient
+        self.memory_budget = memory_budget
+        self._costs: dict[tuple, list] = {}  # the steps' costs per input signature (storage_plan.step_costs)
+
+    @property
+    def memory_budget(self) -> float:
+        """Bytes of activations the memory-efficient forward pass may keep (see the class docstring)."""
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: float) -> None:
+        self._memory_budget = check_memory_budget(value)
 
     def forward(self, state: State, cond: torch.Tensor | None = None, hand_over_output: bool = False) -> State:
         return self._apply_steps(state, cond, reverse=False, hand_over_output=hand_over_output)
 
     def inverse(self, state: State, cond: torch.Tensor | None = None) -> State:
         return self._apply_steps(state, cond, reverse=True, hand_over_output=False)
+
+    def stored_steps(self, state: State, cond: torch.Tensor | None = None) -> tuple[bool, ...]:
+        """Which steps a memory-efficient ``forward(state, cond)`` under autograd keeps, at the current
+        :attr:`memory_budget` (the costs are measured at the first call of each input signature)."""
+        if self.memory_budget == 0:
+            return (False,) * len(self.steps)
+        signature = (tuple((tuple(t.shape), t.dtype, t.device.type) for t in state),
+                     None if cond is None else (tuple(cond.shape), cond.dtype, cond.requires_grad),
+                     _autocast_setting(state[0].device.type))
+        if signature not in self._costs:
+            self._costs[signature] = step_costs(list(self.steps), state, cond)
+        return choose_stored(self._costs[signature], self.memory_budget)
 
     def _apply_steps(self, state: State, cond: torch.Tensor | None, reverse: bool, hand_over_output: bool) -> State:
         steps = list(self.steps)
@@ -490,9 +586,23 @@ class InvertibleSequence(nn.Module):
                 f"got a {', '.join(low)} state. Keep the network in float32 and use torch.autocast for mixed "
                 "precision (IDMTrainer's amp=True), or set memory_efficient=False."
             )
-        relay, last = _Relay(hand_over_output), len(steps) - 1
-        for position, step in enumerate(reversed(steps) if reverse else steps):
-            state = _ReconstructingStep.apply(
-                step, reverse, relay, position == 0, position == last, cond, len(state), *state, *_trainable(step)
-            )
+        stored = (False,) * len(steps) if reverse else self.stored_steps(state, cond)
+        if all(stored):  # the whole sequence kept: plain autograd itself
+            return _run(steps, state, cond, reverse)
+        links: list[tuple[bool, list[InvertibleStep]]] = []  # a reconstructing step, or a segment of stored ones
+        for step, keep in zip(reversed(steps) if reverse else steps, stored):
+            if keep and links and links[-1][0]:
+                links[-1][1].append(step)
+            else:
+                links.append((keep, [step]))
+        relay, last = _Relay(hand_over_output), len(links) - 1
+        for position, (keep, group) in enumerate(links):
+            first, final = position == 0, position == last
+            if keep:
+                group_params = list({id(p): p for step in group for p in _trainable(step)}.values())
+                state = _StoredSegment.apply(group, relay, first, final, cond, len(state), *state, *group_params)
+            else:
+                state = _ReconstructingStep.apply(
+                    group[0], reverse, relay, first, final, cond, len(state), *state, *_trainable(group[0])
+                )
         return state

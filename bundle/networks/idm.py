@@ -46,6 +46,12 @@ class InvertibleDiffusionUNet(nn.Module):
             (:class:`~bundle.networks.invertible_unet.CouplingBlock`). See :class:`InvertibleUNet`.
         attention: the trunk's attention, a ``LayerFactory``; default: invertible checkerboard attention
             (:class:`~bundle.networks.invertible_unet.AttentionPair`).
+        memory_budget: bytes of trunk activations the memory-efficient forward pass may keep instead of
+            rebuilding them: 0 rebuilds all (the least memory), ``float("inf")`` keeps all (plain autograd's
+            speed); in between, the steps whose recomputation costs the most FLOPs per byte are kept (see
+            :class:`~bundle.networks.engine.InvertibleSequence`). Gradients are the same at every budget.
+            Settable on a built model; ``configs/train.json`` also takes ``"auto"`` (what the device has to
+            spare, by the memory plan).
 
     Raises:
         TypeError: when a flag is not a bool (the configs convert command-line strings), see
@@ -68,6 +74,7 @@ class InvertibleDiffusionUNet(nn.Module):
         recompute_norms: bool = False,
         block: LayerFactory | None = None,
         attention: LayerFactory | None = None,
+        memory_budget: float = 0,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -82,7 +89,7 @@ class InvertibleDiffusionUNet(nn.Module):
         self.trunk = InvertibleUNet(
             spatial_dims, channels, num_blocks, attention_levels, cond_dim=embed, memory_efficient=memory_efficient,
             channel_mixing=channel_mixing, num_heads=num_heads, recompute_norms=recompute_norms, block=block,
-            attention=attention,
+            attention=attention, memory_budget=memory_budget,
         )
         self.head = same_conv(spatial_dims, width, out_channels)
         nn.init.zeros_(self.head.weight)
@@ -96,6 +103,15 @@ class InvertibleDiffusionUNet(nn.Module):
     @memory_efficient.setter
     def memory_efficient(self, value: bool) -> None:
         self.trunk.memory_efficient = value
+
+    @property
+    def memory_budget(self) -> float:
+        """Bytes of trunk activations the memory-efficient forward pass may keep (see :class:`InvertibleUNet`)."""
+        return self.trunk.memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: float) -> None:
+        self.trunk.memory_budget = value
 
     def time_embedding(self, timesteps: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """``MLP(sinusoid(t))`` (B, E) for timesteps of shape (B,) or a scalar."""

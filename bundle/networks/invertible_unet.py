@@ -239,6 +239,9 @@ class InvertibleUNet(nn.Module):
         cond_dim: width E of the conditioning vector ``cond`` (B, E) fed to every block and attention, or None.
         memory_efficient: reconstruct activations in backward instead of storing them (see
             :class:`~bundle.networks.engine.InvertibleSequence`); settable on a built model.
+        memory_budget: bytes of activations the memory-efficient forward pass may keep instead of rebuilding them
+            (0: rebuild all; ``float("inf")``: keep all; see :class:`~bundle.networks.engine.InvertibleSequence`);
+            settable on a built model.
         channel_mixing: the default block puts an orthogonal 1×1 convolution before each coupling.
         num_heads: attention heads of the default attention.
         recompute_norms: the default block's coupling functions store only their convolutions' inputs and
@@ -279,6 +282,7 @@ class InvertibleUNet(nn.Module):
         recompute_norms: bool = False,
         block: LayerFactory | None = None,
         attention: LayerFactory | None = None,
+        memory_budget: float = 0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -346,7 +350,7 @@ class InvertibleUNet(nn.Module):
             steps.append(OnTensor(InverseOf(OrthogonalDownsampling(spatial_dims, self.channels[i + 1] // patch))))
             steps.append(_SkipMerge(skips[i]))
             steps += blocks(self.channels[i])
-        self.sequence = InvertibleSequence(steps, memory_efficient)
+        self.sequence = InvertibleSequence(steps, memory_efficient, memory_budget)
 
     @property
     def memory_efficient(self) -> bool:
@@ -357,6 +361,15 @@ class InvertibleUNet(nn.Module):
     def memory_efficient(self, value: bool) -> None:
         _check_bool(value, "memory_efficient")
         self.sequence.memory_efficient = value
+
+    @property
+    def memory_budget(self) -> float:
+        """Bytes of activations the memory-efficient forward pass may keep (see :class:`InvertibleSequence`)."""
+        return self.sequence.memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: float) -> None:
+        self.sequence.memory_budget = value
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raises ``ValueError`` naming sizes that work if ``x`` does not fit the trunk."""
