@@ -511,7 +511,8 @@ class TrainingMemoryPlan:
     With ``memory_budget="auto"`` it then gives the network's memory-efficient forward what the device has to spare
     as its ``memory_budget``: the usable memory less the peak planned at budget 0, less :data:`AUTO_MARGIN` of that
     (the plan's unseen workspaces and fragmentation), halved until the plan at that budget fits; 0 where the
-    device's memory is unknown. A number is the network's own budget, planned as it is.
+    device's memory is unknown, and on the CPU unless ``device_memory_gb`` is given (its memory also holds the
+    cached dataset and other processes). A number is the network's own budget, planned as it is.
 
     Args:
         device_memory_gb: GiB the run may use (None: the device's, see :func:`device_memory_bytes`).
@@ -576,8 +577,12 @@ class TrainingMemoryPlan:
             if self.plan.fits is not False:
                 break
         self.micro_batch_size = self.plan.micro_batch_size
-        if memory_budget == "auto":
+        if memory_budget == "auto" and (torch.device(device).type == "cuda" or device_memory_gb is not None):
             self._spend_spare_memory(trunk, plan)
+        elif memory_budget == "auto":
+            self.plan.notes.append("memory_budget auto keeps no activations on the CPU unless device_memory_gb says "
+                                   "how much it may use: its memory also holds the cached dataset and other "
+                                   "processes, which the plan does not see")
         self.memory_budget = float(getattr(trunk, "memory_budget", 0.0))
         chosen = [name for name, value in (("micro_batch_size", micro_batch_size), ("memory_budget", memory_budget))
                   if value == "auto"]

@@ -12,6 +12,7 @@ Usage (from the bundle root):
     python scripts/benchmark.py profile --micro_batch_size 1 --recompute_norms true   # with the memory options
     python scripts/benchmark.py planner        # the memory planner against measured peaks → docs/memory_planner.md
     python scripts/benchmark.py native         # the paper's network at 1 mm → docs/native_resolution.md
+    python scripts/benchmark.py budget         # memory_budget and optimizer_in_backward → docs/memory_budget.md
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ sys.path.insert(0, str(ROOT))
 from bundle.diffusion import micro_batches
 from bundle.flags import as_flag
 from scripts.benchmarking.allocator import return_freed_memory_to_os
+from scripts.benchmarking.budget_curve import (
+    budget_curve,
+    budget_summary,
+    paper_update,
+    plot_curve,
+    render_budget_report,
+    replace_budget_section,
+)
 from scripts.benchmarking.generation import compare_generation, write_generation_report
 from scripts.benchmarking.native_resolution import native_resolution, plot_aspect_ratio, render_native_resolution
 from scripts.benchmarking.plan_accuracy import (
@@ -270,6 +279,31 @@ class Benchmark:
         command = "python scripts/benchmark.py native" + ("" if measure else " --measure false")
         report = render_native_resolution(result, command, machine_description(), figure)
         (out / f"{NATIVE_REPORT}.md").write_text(report)
+        print(report)
+
+    def budget(self, quick: bool = False, output_dir: str | None = None) -> None:
+        """The engine's memory_budget from 0 to unlimited at 64³, batch 4 (peak and step time against plain autograd,
+        MONAI plain and checkpointed as points) and the paper's network with the optimizer step inside backward
+        (peak per parameter, EMA off and on, step time, planned peaks at budgets); about 45 minutes on 2 CPU cores
+        and 12 GB; writes ``memory_budget.md``, ``.json`` and ``.png`` to ``docs`` (``--quick``: 16³, batch 1, a
+        narrower paper network at batch 1, a few minutes, to ``runs/budget_quick``)."""
+        quick = as_flag(quick, "--quick")
+        out = Path(output_dir or ("runs/budget_quick" if quick else "docs"))
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        return_freed_memory_to_os()
+        curve = budget_curve(size=16, batch_size=1, repeats=1) if quick else budget_curve()
+        paper = paper_update(quick=quick)
+        command = "python scripts/benchmark.py budget" + (" --quick" if quick else "")
+        result = {"curve": curve, "paper": paper, "machine": machine_description(), "command": command,
+                  "minutes": (time.perf_counter() - start) / 60}
+        (out / "memory_budget.json").write_text(json.dumps(result, indent=1, default=str))
+        plot_curve(curve, out / "memory_budget.png")
+        report = render_budget_report(result, command, "memory_budget.png")
+        (out / "memory_budget.md").write_text(report)
+        benchmarks = out / "benchmarks.md"  # its section on the budget, as the suite writes it from this result
+        if benchmarks.exists():
+            benchmarks.write_text(replace_budget_section(benchmarks.read_text(), budget_summary(result)))
         print(report)
 
 

@@ -1,5 +1,6 @@
 """DistributedDataParallel over two CPU processes (gloo) equals one process on the joint batch, with each
-rank back-propagating its half at once or one sample at a time (gradient accumulation under ``no_sync``)."""
+rank back-propagating its half at once or one sample at a time (gradient accumulation under ``no_sync``), and with
+the engine keeping some of its steps (``memory_budget``)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _batch():
     return x, t, target
 
 
-def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | None) -> None:
+def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | None, memory_budget: float) -> None:
     # a file store: no rank hosts a TCP store that the other could still be talking to when it exits
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
@@ -39,16 +40,19 @@ def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | No
         timeout=timedelta(seconds=120),
     )
     torch.set_num_threads(1)
-    model = DistributedDataParallel(_model())
+    model = _model()
+    model.memory_budget = memory_budget
+    model = DistributedDataParallel(model)
     x, t, target = (v.chunk(world_size)[rank] for v in _batch())
     idm_loss_backward(model, x, t, target, lambda_rec=0.0, lambda_l2=0.0, micro_batch_size=micro_batch_size)
     torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("micro_batch_size", [None, 1])
-def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path, micro_batch_size):
-    context = mp.start_processes(_worker, args=(2, str(tmp_path), micro_batch_size), nprocs=2, join=False)
+@pytest.mark.parametrize("micro_batch_size, memory_budget", [(None, 0), (1, 0), (1, 2e5)])
+def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path, micro_batch_size, memory_budget):
+    context = mp.start_processes(_worker, args=(2, str(tmp_path), micro_batch_size, memory_budget), nprocs=2,
+                                 join=False)
     try:
         for _ in range(300):  # at most 5 minutes; each join() raises if a worker failed
             if context.join(timeout=1):

@@ -17,6 +17,8 @@ from bundle.memory_plan import GIB, plan_config
 from bundle.networks import CouplingLayer, InvertibleAttention, InvertibleDiffusionUNet, InvertibleUNet
 from bundle.networks.storage_plan import StepCost, choose_stored, step_costs
 from scripts.benchmarking import saved_activation_bytes
+from scripts.benchmarking.child_process import measuring_device
+from scripts.benchmarking.plan_accuracy import measure_configured_step
 from tests.test_memory_plan import TINY, TRAIN
 
 CHANNELS = (8, 16, 32)
@@ -182,3 +184,17 @@ def test_the_plan_follows_the_budget_and_auto_spends_what_the_device_has_to_spar
     assert "activations kept (memory_budget)" in auto.plan.table()
     unknown = plan_config(TRAIN, base | {"memory_budget": "auto", "device": "cuda"})
     assert unknown.memory_budget == 0  # a GPU that is not here, of unknown memory: nothing to spend
+
+
+def test_the_plan_predicts_the_measured_peak_at_a_budget_with_the_update_in_backward():
+    """A budget that keeps some steps, the update inside backward and EMA, measured in a fresh process like
+    test_memory_plan's configurations: the plan is below the measurement by no more than the CPU process's own
+    allocations (< 64 MB)."""
+    network = TINY["network_def"] | {"memory_budget": 2e7}
+    overrides = TINY | {"network_def": network, "spatial_size": [32, 32, 32], "batch_size": 4,
+                        "optimizer_in_backward": True}
+    planned = plan_config(TRAIN, overrides | {"device": measuring_device().type}).plan
+    assert planned.gradient_bytes == 0 and planned.memory_budget == 2e7
+    result = measure_configured_step(overrides, timeout=600)
+    assert "error" not in result, result
+    assert 0 <= result["peak_bytes"] - planned.peak_bytes < 64e6, (planned.peak_bytes, result)

@@ -15,9 +15,10 @@ from bundle.errors import BadInputError
 from bundle.networks import InvertibleDiffusionUNet, InvertibleUNet
 
 
-def make_trunk() -> InvertibleUNet:
+def make_trunk(memory_budget: float = 0) -> InvertibleUNet:
     torch.manual_seed(0)
-    return redraw_zero_init_(InvertibleUNet(3, (8, 16, 32), 2, (False, True, True), cond_dim=6), std=0.05)
+    return redraw_zero_init_(InvertibleUNet(3, (8, 16, 32), 2, (False, True, True), cond_dim=6,
+                                            memory_budget=memory_budget), std=0.05)
 
 
 def _gradients(trunk, x, cond, weight, autocast: bool):
@@ -44,11 +45,14 @@ def test_under_autocast_the_state_stays_float32_and_every_step_inverts_to_float3
             state = out
 
 
-def test_memory_efficient_gradients_under_autocast_are_as_accurate_as_plain_autograd_under_autocast(device):
+@pytest.mark.parametrize("memory_budget", [0, 1e6])
+def test_memory_efficient_gradients_under_autocast_are_as_accurate_as_plain_autograd_under_autocast(
+    device, memory_budget
+):
     """Against the float32 gradient, per tensor: bfloat16 itself moves gradients by about 1e-2; the
     memory-efficient engine must not add to that (its reconstruction is exact to float32 rounding, and each
-    step's backward recomputes under its forward's autocast setting)."""
-    trunk = make_trunk().to(device)
+    step's backward recomputes under its forward's autocast setting), with every step rebuilt or some kept."""
+    trunk = make_trunk(memory_budget=memory_budget).to(device)
     x = torch.randn(2, 8, 16, 16, 16, device=device)
     cond, weight = torch.randn(2, 6, device=device), torch.randn_like(x)
     trunk.memory_efficient = False
@@ -56,6 +60,9 @@ def test_memory_efficient_gradients_under_autocast_are_as_accurate_as_plain_auto
     out_plain, plain = _gradients(trunk, x, cond, weight, autocast=True)
     trunk.memory_efficient = True
     out_me, memory_efficient = _gradients(trunk, x, cond, weight, autocast=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        kept = trunk.sequence.stored_steps((x,), cond.detach().requires_grad_())
+    assert (0 < sum(kept) < len(kept)) if memory_budget else not any(kept)
     assert out_me.dtype == torch.float32 and relative_error(out_me, out_plain) <= 1e-6
     error_plain = [relative_error(g, e) for g, e in zip(plain, exact)]
     error_me = [relative_error(g, e) for g, e in zip(memory_efficient, exact)]

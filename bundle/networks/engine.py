@@ -25,6 +25,11 @@ in that of the output gradient, wherever the sequence owns those tensors: for ev
 and for the last too when the caller hands the output over. ``memory_efficient=False`` runs the same
 steps under plain autograd: it is the reference the gradient tests compare against.
 
+Memory the device has to spare buys time: with a ``memory_budget`` the steps whose recomputation costs the most
+FLOPs per byte (:mod:`~bundle.networks.storage_plan`, measured on FakeTensors) keep their activations instead, and
+each run of consecutive kept steps is one plain-autograd link of the same chain (:class:`_StoredSegment`), which
+hands the step before it the input it kept.
+
 Mixed precision (``torch.autocast``): the state stays in float32, so that inversion stays exact to
 float32 rounding; the conditioners run in the autocast dtype, the orthogonal maps of the state in the
 state's dtype (:func:`full_precision`), and each step's backward recomputes under the autocast setting

@@ -102,6 +102,7 @@ def step_costs(steps: Sequence[nn.Module], state: Sequence[torch.Tensor],
             for step in steps:
                 cost, state = _step_cost(step, state, cond)
                 costs.append(cost)
+    torch.clear_autocast_cache()  # autocast keeps the casts of real weights it made: fake ones, here
     return costs
 
 

@@ -74,7 +74,9 @@ def _benchmark_networks() -> dict[str, tuple[dict, int]]:
 
 
 def _plan(overrides: Mapping) -> dict:
-    return plan_config(CONFIG, {"device": "cuda", "device_memory_gb": DEVICE_GB, **overrides}).plan.to_json()
+    """The plan at memory_budget 0: the least each configuration needs (``auto`` would spend the rest)."""
+    return plan_config(CONFIG, {"device": "cuda", "device_memory_gb": DEVICE_GB, "memory_budget": 0,
+                                **overrides}).plan.to_json()
 
 
 def largest_cube(overrides: Mapping, step: int, limit: int = 512) -> dict:

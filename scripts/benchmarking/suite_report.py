@@ -5,11 +5,13 @@ Every verdict in the report is computed from the figures of the same run; nothin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
 
+from .budget_curve import BUDGET_SECTION, budget_summary
 from .report import markdown_table
 from .sweeps import MEMORY_OPTIONS, PAPER, largest_cube
 from .timing import paired_ratio
@@ -298,6 +300,15 @@ def _energy_section(energy: dict, plan: dict) -> str:
     ]) + "\n"
 
 
+def _budget_section() -> str:
+    """The section of ``python scripts/benchmark.py budget``'s last result (``docs/memory_budget.json``), which that
+    command also writes into ``benchmarks.md``; a pointer to the command before it has run."""
+    path = Path(__file__).resolve().parents[2] / "docs" / "memory_budget.json"
+    if path.exists():
+        return budget_summary(json.loads(path.read_text()))
+    return f"{BUDGET_SECTION}\n\nNot measured yet: `python scripts/benchmark.py budget` writes it."
+
+
 def render_suite(result: dict, quality_markdown: str | None) -> str:
     """The whole ``benchmarks.md``."""
     plan = result["plan"]
@@ -369,6 +380,7 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
         markdown_table(["batch", *(LABELS[n] for n in NETWORKS)], _time_ratios(result["batch"], "batch_size")),
         _paper_section(result["paper"]),
         _memory_options_section(result["memory_options"], plan),
+        _budget_section(),
         _energy_section(result["energy"], plan),
     ]
     if quality_markdown:

@@ -10,7 +10,8 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from bundle.diffusion import idm_loss, idm_loss_backward
+from bundle.diffusion import ema_with_warmup, idm_loss, idm_loss_backward
+from bundle.diffusion.update_in_backward import UpdateInBackward
 from bundle.networks import InvertibleDiffusionUNet
 
 from .baselines import count_parameters, enable_activation_checkpointing, matched_monai_unet
@@ -32,8 +33,10 @@ class Workload:
     baseline's widths by matching it (``num_res_blocks = k``) to the IDM with ``k`` blocks per level and
     then gives it ``num_res_blocks = num_blocks``, so that a depth sweep adds blocks to the baseline
     instead of changing its widths. ``micro_batch_size``: samples back-propagated at once (gradient
-    accumulation, as the trainer's ``micro_batch_size``); ``None`` is the whole batch. ``recompute_norms``:
-    the IDM's option of that name.
+    accumulation, as the trainer's ``micro_batch_size``); ``None`` is the whole batch. ``recompute_norms``
+    and ``memory_budget``: the IDM's options of those names. ``optimizer_in_backward``: the AdamW (and EMA) update
+    inside backward (:class:`~bundle.diffusion.update_in_backward.UpdateInBackward`). ``ema``: an EMA of the weights
+    (decay 0.999, updated every step, as the trainer's).
     """
 
     network: str
@@ -48,6 +51,9 @@ class Workload:
     baseline_widths_at: int | None = None
     micro_batch_size: int | None = None
     recompute_norms: bool = False
+    memory_budget: float = 0.0
+    optimizer_in_backward: bool = False
+    ema: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +69,7 @@ def _idm(workload: Workload, memory_efficient: bool) -> InvertibleDiffusionUNet:
         workload.attention_levels,
         memory_efficient=memory_efficient,
         recompute_norms=workload.recompute_norms,
+        memory_budget=workload.memory_budget,
     )
 
 
@@ -117,13 +124,19 @@ def make_training_step(workload: Workload, model: nn.Module, device: torch.devic
     # every second moment at the update; the meta device (FLOP counting) has no fused kernel
     fused = torch.device(device).type != "meta"
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, fused=fused)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(0.999),
+                                              use_buffers=True) if workload.ema else None
+    update = UpdateInBackward(model, optimizer, ema) if workload.optimizer_in_backward else None
 
     def loss(part: slice = slice(None)) -> torch.Tensor:
         return idm_loss(model, x[part], timesteps[part], noise[part], lambda_rec=0.0, lambda_l2=0.0)[1]
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=False)
-        idm_loss_backward(model, x, timesteps, noise, 0.0, 0.0, workload.micro_batch_size)
-        optimizer.step()
+        optimizer.zero_grad(set_to_none=update is not None)
+        idm_loss_backward(model, x, timesteps, noise, 0.0, 0.0, workload.micro_batch_size, update=update)
+        if update is None:
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
 
     return TrainingStep(step, loss, optimizer)
