@@ -512,7 +512,8 @@ class TrainingMemoryPlan:
     as its ``memory_budget``: the usable memory less the peak planned at budget 0, less :data:`AUTO_MARGIN` of that
     (the plan's unseen workspaces and fragmentation), halved until the plan at that budget fits; 0 where the
     device's memory is unknown, and on the CPU unless ``device_memory_gb`` is given (its memory also holds the
-    cached dataset and other processes). A number is the network's own budget, planned as it is.
+    cached dataset and other processes). A number, or a network built with a budget of its own
+    (``--network_def#memory_budget``), is planned as it is.
 
     Args:
         device_memory_gb: GiB the run may use (None: the device's, see :func:`device_memory_bytes`).
@@ -560,8 +561,8 @@ class TrainingMemoryPlan:
                 condition_channels, optimizer_in_backward)
 
         trunk = unwrap(network)
-        if memory_budget == "auto" and hasattr(trunk, "memory_budget"):
-            trunk.memory_budget = 0
+        # "auto" spends what is spare unless the network was built with a budget of its own (--network_def#…)
+        auto = memory_budget == "auto" and getattr(trunk, "memory_budget", None) == 0
         if micro_batch_size == "auto" and optimizer_in_backward:
             candidates = [batch_size]
         elif micro_batch_size == "auto":
@@ -577,15 +578,15 @@ class TrainingMemoryPlan:
             if self.plan.fits is not False:
                 break
         self.micro_batch_size = self.plan.micro_batch_size
-        if memory_budget == "auto" and (torch.device(device).type == "cuda" or device_memory_gb is not None):
+        if auto and (torch.device(device).type == "cuda" or device_memory_gb is not None):
             self._spend_spare_memory(trunk, plan)
-        elif memory_budget == "auto":
+        elif auto:
             self.plan.notes.append("memory_budget auto keeps no activations on the CPU unless device_memory_gb says "
                                    "how much it may use: its memory also holds the cached dataset and other "
                                    "processes, which the plan does not see")
         self.memory_budget = float(getattr(trunk, "memory_budget", 0.0))
-        chosen = [name for name, value in (("micro_batch_size", micro_batch_size), ("memory_budget", memory_budget))
-                  if value == "auto"]
+        chosen = [name for name, value in (("micro_batch_size", micro_batch_size),
+                                           ("memory_budget", "auto" if auto else None)) if value == "auto"]
         chosen = f" ({' and '.join(chosen)} chosen by 'auto')" if chosen else ""
         logger.info("Memory plan of one training step%s:\n%s", chosen, self.plan.table())
         if check and self.plan.fits is False:

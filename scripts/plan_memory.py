@@ -6,6 +6,7 @@ Usage (from the bundle root):
     python scripts/plan_memory.py --spatial_size "[192,224,160]" --micro_batch_size 1 --device cuda \\
         --device_memory_gb 24                                          # a 24 GiB GPU that is not here
     python scripts/plan_memory.py --batch_size 8 --micro_batch_size auto --json true
+    python scripts/plan_memory.py --device cuda --device_memory_gb 24 --memory_budget 0   # the least the run needs
 """
 
 from __future__ import annotations

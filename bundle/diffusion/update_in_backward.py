@@ -37,7 +37,8 @@ class UpdateInBackward:
         ema: the ``AveragedModel`` of ``network``, or None.
 
     Raises:
-        BadInputError: for another optimizer, one without ``fused=True``, or a DDP-wrapped network.
+        BadInputError: for another optimizer, one without ``fused=True`` or without all of the network's parameters,
+            an EMA without ``multi_avg_fn``, or a DDP-wrapped network.
     """
 
     def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer,
@@ -54,6 +55,9 @@ class UpdateInBackward:
                 f"optimizer_in_backward needs torch.optim.AdamW with fused=True (as configs/train.json builds it); "
                 f"got {type(optimizer).__name__} with fused={[g.get('fused') for g in optimizer.param_groups]}."
             )
+        if ema is not None and ema.multi_avg_fn is None:
+            raise BadInputError("optimizer_in_backward updates the EMA one parameter at a time through its "
+                                "multi_avg_fn (configs/train.json's ema_with_warmup); this AveragedModel has none.")
         self.network, self.optimizer, self.ema = network, optimizer, ema
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         trainable = [p for p in network.parameters() if p.requires_grad]
@@ -72,12 +76,8 @@ class UpdateInBackward:
         self._l2_scale: torch.Tensor | None = None  # λ_L2 / (2‖W‖₂)
         self._n_averaged: torch.Tensor | None = None
         self.bad = torch.zeros((), dtype=torch.float32, device=trainable[0].device)
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in trainable]
-
-    def remove(self) -> None:
-        """Removes the hooks: the network's gradients are left in ``.grad`` again."""
-        for handle in self._handles:
-            handle.remove()
+        for p in trainable:
+            p.register_post_accumulate_grad_hook(self._hook)
 
     def arm(self, loss_is_finite: torch.Tensor, lambda_l2: float = 0.0, norm: torch.Tensor | None = None) -> None:
         """Starts a step: ``loss_is_finite`` (a device bool), the weight term's λ_L2 and ‖W‖₂ (before the step)."""
@@ -127,9 +127,11 @@ class UpdateInBackward:
         self._pending = set()
         self.optimizer._opt_called = True  # it stepped, one parameter at a time: what an LR scheduler checks for
         if self.ema is not None:
-            if self.ema.use_buffers:
-                for ema_b, b in zip(self.ema.module.buffers(), unwrap(self.network).buffers()):
+            for ema_b, b in zip(self.ema.module.buffers(), unwrap(self.network).buffers()):
+                if self.ema.use_buffers:
                     self._follow(ema_b, b)
+                else:  # AveragedModel keeps such buffers equal to the model's
+                    ema_b.copy_(torch.where(self.bad > 0, ema_b, b))
             self.ema.n_averaged += (self.bad == 0).long()
 
     def all_finite(self) -> bool:

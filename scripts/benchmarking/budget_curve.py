@@ -181,7 +181,7 @@ def _paper_goals(paper: dict) -> list[list[str]]:
 
     def row(goal: str, labels: tuple[str, ...], limit: float) -> list[str]:
         values = [(label, v[label]["bytes_per_parameter"]) for label in labels if label in v]
-        measured = "; ".join(f"{label}: {value:.1f} B" for label, value in values)
+        measured = "; ".join(f"{label}: {value:.3f} B" for label, value in values)
         return [goal, measured, "met" if any(value <= limit for _, value in values) else "**missed**"]
 
     return [row("peak ≤ 15 B/parameter, in backward, EMA off",
@@ -203,7 +203,7 @@ def budget_summary(result: dict) -> str:
         "`optimizer_in_backward`:"), "",
         markdown_table(["goal", "measured", "verdict"], _curve_goals(curve) + _paper_goals(paper)), "",
         "| update | measured peak | bytes / parameter |", "|---|---|---|",
-        *(f"| {label} | {v['total_bytes'] / 1e9:.2f} GB | {v['bytes_per_parameter']:.1f} |"
+        *(f"| {label} | {v['total_bytes'] / 1e9:.2f} GB | {v['bytes_per_parameter']:.2f} |"
           for label, v in paper["variants"].items() if "error" not in v["peak"]),
         "",
         f"Step time with the update inside backward / ordinary: {_ratio(paper['ratio'])}.",
@@ -264,7 +264,7 @@ def render_budget_report(result: dict, command: str, png_name: str) -> str:
     for label, v in paper["variants"].items():
         ok = "error" not in v["peak"]
         table.append([label, f"{v['total_bytes'] / 1e9:.2f} GB" if ok else v["peak"]["error"],
-                      f"{v['bytes_per_parameter']:.1f}" if ok else "n/a",
+                      f"{v['bytes_per_parameter']:.2f}" if ok else "n/a",
                       (f"{paper['planned'][label]['peak_bytes'] / 1e9:.2f} GB "
                       f"({paper['planned'][label]['bytes_per_parameter']:.1f} B)")])
     lines += [markdown_table(["update", "measured peak", "bytes / parameter", "planned on CUDA (B / parameter)"],
