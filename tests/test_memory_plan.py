@@ -23,7 +23,8 @@ from tests.conftest import ROOT, SMALL_TRAINING, redraw_zero_init_, relative_err
 
 TRAIN = str(ROOT / "configs" / "train.json")
 NETWORKS = network_definitions(Workload("idm", 16, channels=(8, 16, 32), attention_levels=(False, True, True)))
-TINY = {"network_def": NETWORKS["idm"], "spatial_size": [16, 16, 16], "batch_size": 2, "num_train_timesteps": 100}
+TINY = {"network_def": NETWORKS["idm"], "spatial_size": [16, 16, 16], "batch_size": 2, "num_train_timesteps": 100,
+        "memory_budget": 0}  # (the planner's other features; tests/test_memory_budget.py plans budgets)
 MB = 1e6
 
 
