@@ -46,7 +46,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from .storage_plan import check_memory_budget, choose_stored, passed_through, step_costs
+from .storage_plan import check_memory_budget, choose_stored, passed_through, step_costs, storage_id
 
 __all__ = [
     "CouplingLayer",
@@ -366,11 +366,6 @@ def _run(steps: Sequence[InvertibleStep], state: State, cond: torch.Tensor | Non
     return state
 
 
-def _storage(t: torch.Tensor) -> int:
-    """The identity of ``t``'s storage (its ``StorageImpl``; unlike the data pointer, defined for FakeTensors too)."""
-    return t.untyped_storage()._cdata
-
-
 class _Relay:
     """Carries the state rebuilt by one step's backward to the backward of the step before it, so that
     no step but the last stores its output. ``external`` holds the storages of the tensors that the
@@ -385,7 +380,7 @@ class _Relay:
         self.external: frozenset[int] = frozenset()
 
     def writable(self, state: State, grads: State) -> tuple[bool, ...]:
-        return tuple(_storage(t) not in self.external and _storage(g) not in self.external
+        return tuple(storage_id(t) not in self.external and storage_id(g) not in self.external
                      for t, g in zip(state, grads))
 
 
@@ -409,7 +404,7 @@ def _output_state(ctx, grad_out: State) -> tuple[torch.Tensor | None, State]:
         kept_intact = (*out, *grad_out) if not relay.output_handed_over else [
             g for g in grad_out if not g.is_contiguous()
         ]
-        relay.external = frozenset(_storage(t) for t in kept_intact)
+        relay.external = frozenset(storage_id(t) for t in kept_intact)
     state, relay.state = (tuple(t.detach() for t in out) if ctx.is_last else relay.state), None
     if state is None:
         raise RuntimeError(
@@ -474,8 +469,7 @@ class _StoredSegment(torch.autograd.Function):
         cond_in = None if cond is None else cond.detach().requires_grad_(cond.requires_grad)
         with torch.enable_grad():
             out = _run(steps, inputs, cond_in, reverse=False)
-        identical = {j: i for j, o in enumerate(out) for i, t in enumerate(inputs) if o is t}
-        ctx.passed = passed_through(inputs, out)
+        identical, ctx.passed = passed_through(inputs, out)
         ctx.identical = identical
         ctx.kept = [None if i in ctx.passed.values() else t for i, t in enumerate(inputs)]
         ctx.edges = [(j, torch.autograd.graph.get_gradient_edge(o)) for j, o in enumerate(out)

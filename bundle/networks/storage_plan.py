@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["StepCost", "check_memory_budget", "choose_stored", "passed_through", "step_costs"]
+__all__ = ["StepCost", "check_memory_budget", "choose_stored", "passed_through", "step_costs", "storage_id"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def check_memory_budget(value: float, name: str = "memory_budget") -> float:
     return float(value)
 
 
-def _storage(t: torch.Tensor) -> int:
+def storage_id(t: torch.Tensor) -> int:
+    """The identity of ``t``'s storage (its ``StorageImpl``; unlike the data pointer, defined for FakeTensors too)."""
     return t.untyped_storage()._cdata
 
 
@@ -70,14 +71,15 @@ def _leaves_reached(outputs: Sequence[torch.Tensor]) -> set[int]:
     return reached
 
 
-def passed_through(inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> dict[int, int]:
-    """``{output position: input position}`` of the inputs that a step returned untouched and that none of its
-    other outputs depends on (the skips that a step on the running feature map carries along): a stored step
-    need not keep them, since the state handed back in backward has them."""
+def passed_through(inputs: Sequence[torch.Tensor],
+                   outputs: Sequence[torch.Tensor]) -> tuple[dict[int, int], dict[int, int]]:
+    """``({output position: input position} of the inputs that a step returned as they were, the same for those of
+    them that none of its other outputs depends on either)``: the second are the skips that a step on the running
+    feature map carries along, which a stored step need not keep (the state handed back in backward has them)."""
     identical = {j: i for j, o in enumerate(outputs) for i, t in enumerate(inputs) if o is t}
     computed = [o for j, o in enumerate(outputs) if j not in identical]
     reached = _leaves_reached(computed)
-    return {j: i for j, i in identical.items() if id(inputs[i]) not in reached}
+    return identical, {j: i for j, i in identical.items() if id(inputs[i]) not in reached}
 
 
 def _fake_context(tensors: Sequence[torch.Tensor]):
@@ -110,21 +112,21 @@ def _step_cost(step: nn.Module, state: tuple[torch.Tensor, ...],
                cond: torch.Tensor | None) -> tuple[StepCost, tuple[torch.Tensor, ...]]:
     """(the cost of ``step`` on ``state``, its output state), under autograd on FakeTensors."""
     leaves = tuple(s.detach().requires_grad_(True) for s in state)
-    inputs = {_storage(t) for t in leaves}
+    inputs = {storage_id(t) for t in leaves}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if not (t.is_leaf and _storage(t) not in inputs):  # parameters and the condition excluded
-            saved[_storage(t)] = t.untyped_storage().nbytes()
+        if not (t.is_leaf and storage_id(t) not in inputs):  # parameters and the condition excluded
+            saved[storage_id(t)] = t.untyped_storage().nbytes()
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             FlopCounterMode(display=False) as counter:
         out = step(leaves, cond)
-    kept = set(passed_through(leaves, out).values())
+    kept = set(passed_through(leaves, out)[1].values())
     for i, leaf in enumerate(leaves):  # a stored step keeps the inputs it does not pass through
         if i not in kept:
-            saved[_storage(leaf)] = leaf.untyped_storage().nbytes()
+            saved[storage_id(leaf)] = leaf.untyped_storage().nbytes()
     return StepCost(sum(saved.values()), counter.get_total_flops()), tuple(o.detach() for o in out)
 
 
