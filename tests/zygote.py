@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import runpy
 import signal
 import sys
@@ -31,7 +32,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot
 import monai.bundle.scripts  # noqa: F401
-import torch  # noqa: F401
+import numpy
+import torch
 
 import bundle.data
 import bundle.diffusion
@@ -62,6 +64,15 @@ def _run_as_python(argv: list[str]) -> int:
     return 0
 
 
+def _fresh_random_state() -> None:
+    """Seeds torch's, NumPy's and Python's generators from the OS, as a new interpreter does: a forked child
+    otherwise starts from the zygote's state, the same in every child, which would hide a run that depends on an
+    unseeded draw (two command lines would agree only because they were forked from one process)."""
+    torch.seed()
+    numpy.random.seed()
+    random.seed()
+
+
 def _child(request: dict) -> None:
     """In the forked child: runs the request and leaves through the interpreter's own exit (never returns)."""
     os.setpgrp()  # its own process group, which a timeout kills whole
@@ -73,6 +84,7 @@ def _child(request: dict) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
+    _fresh_random_state()
     sys.exit(_run_as_python(request["argv"]))  # unwinds to the interpreter's exit: atexit, threads, flushes
 
 
