@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from .errors import BadInputError
-from .run_record import RUN_RECORD, load_run_record
+from .run_record import RUN_RECORD, check_resumed_run
 from .utils import unwrap
 
 __all__ = [
@@ -329,7 +329,7 @@ def check_checkpoint_folder(
     """What a training run refuses that the files in ``ckpt_dir`` alone tell, checked before data is read or anything
     is built: a resume without ``training_state.pt``, or of a run whose record (``run.json``) differs in
     ``spatial_size``, ``spacing``, ``modalities``, ``condition_modalities`` or noise schedule
-    (:func:`~bundle.run_record.load_run_record`); a new run over an earlier run's checkpoints without ``overwrite``.
+    (:func:`~bundle.run_record.check_resumed_run`); a new run over an earlier run's checkpoints without ``overwrite``.
 
     Raises:
         BadInputError: naming the file and the flag or override to pass.
@@ -342,8 +342,8 @@ def check_checkpoint_folder(
                 f"--resume true, but there is no {state.name} in ckpt_dir {str(ckpt_dir)!r} to resume from; run "
                 "without --resume to start a new training there."
             )
-        load_run_record(model, spatial_size=spatial_size, modalities=modalities, noise_scheduler=noise_scheduler,
-                        schedule=schedule, spacing=spacing, condition_modalities=condition_modalities)
+        check_resumed_run(model, spatial_size=spatial_size, modalities=modalities, noise_scheduler=noise_scheduler,
+                          schedule=schedule, spacing=spacing, condition_modalities=condition_modalities)
         return
     existing = [str(p) for p in (model, state) if p.exists()]
     if existing and not overwrite:

@@ -58,7 +58,8 @@ def reconstruct_from(
     Returns:
         The reconstruction x₀, (B, C, *S), clamped to [−1, 1].
     """
-    scheduler.timesteps = torch.arange(t_start, -1, -(scheduler.num_train_timesteps // int(num_inference_steps)))
+    step = max(1, scheduler.num_train_timesteps // int(num_inference_steps))  # a chain longer than T: every timestep
+    scheduler.timesteps = torch.arange(t_start, -1, -step)
     x = noisy
     for t in scheduler.timesteps.tolist():
         eps = network(with_condition(x, condition), torch.full((x.shape[0],), t, device=x.device))
@@ -87,7 +88,6 @@ def evaluate(
     dataloader,
     noise_scheduler: Scheduler,
     reconstruction_scheduler: GridDDIMScheduler,
-    num_inference_steps: int,
     sampler: Inferer,
     modalities: Sequence[str],
     timesteps: Sequence[int],
@@ -101,7 +101,8 @@ def evaluate(
     ``settings.outputs`` (``metrics.json`` and ``metrics.md`` in ``output_dir``), both naming the evaluated cases.
 
     * one-step denoising at each of ``timesteps`` (:func:`~bundle.diffusion.maths.denoise_at`) and reconstruction
-      through ``reconstruction_scheduler``'s DDIM chain from ``settings.reconstruction_timestep``
+      through ``reconstruction_scheduler``'s DDIM chain from ``settings.reconstruction_timestep`` in steps of a
+      ``settings.reconstruction_steps`` chain
       (:func:`reconstruct_from`): PSNR, SSIM and MAE per modality, in [0, 1] intensities, as mean ± std and
       best-of-batch (best of each consecutive ``evaluate_batch_size`` volumes: the paper's batch-2 protocol); batch i's
       noise comes from :func:`~bundle.diffusion.noise.seeded_generator` of (``seed``, i);
@@ -151,7 +152,7 @@ def evaluate(
             noisy = noise_scheduler.add_noise(x0, noise, torch.full((x0.shape[0],), t_rec, device=device))
             estimates[f"reconstruction from t={t_rec}"] = reconstruct_from(
                 network, noisy, t_start=t_rec, scheduler=reconstruction_scheduler,
-                num_inference_steps=num_inference_steps, condition=condition,
+                num_inference_steps=settings.reconstruction_steps, condition=condition,
             )
             for name, estimate in estimates.items():
                 estimate = to_image_range(estimate)

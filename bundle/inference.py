@@ -16,6 +16,7 @@ from monai.transforms import SpatialResample
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .run_record import TrainedModel
 from .settings import InferenceSettings
 from .visualize import save_mid_slices_png
 
@@ -51,15 +52,13 @@ def generate(
     *,
     network: nn.Module,
     inferer: Inferer,
-    ckpt_path: str | Path,
-    modalities: Sequence[str],
-    run_record: dict,
+    model: TrainedModel,
     settings: InferenceSettings,
 ) -> list[dict[str, Path]]:
-    """Samples ``settings.num_samples`` volumes, ``settings.batch_size`` at a time, and writes them to
-    ``settings.output_dir`` (:meth:`~bundle.settings.InferenceSettings.sample_paths`; values in [0, 1], on the
-    dataset's own grid where the run record has one, else on the training grid ``run_record["affine"]``:
-    :func:`to_original_grid`).
+    """Samples ``settings.num_samples`` volumes of the trained ``model`` (``network`` is built from it, and its
+    checkpoint loaded here), ``settings.batch_size`` at a time, and writes them to ``settings.output_dir``
+    (:meth:`~bundle.settings.InferenceSettings.sample_paths`; values in [0, 1], on the dataset's own grid where the
+    run record has one, else on the training grid ``model.record["affine"]``: :func:`to_original_grid`).
 
     The settings were checked when ``settings`` was built, earlier samples included; with ``overwrite`` every sample
     file of an earlier run is removed once the checkpoint has loaded, before sampling, so that none is left beside this
@@ -70,9 +69,10 @@ def generate(
     """
     device, output_dir = torch.device(settings.device), settings.output_dir
     num_samples, batch_size = settings.num_samples, settings.batch_size
+    modalities, run_record = model.modalities, model.record
     paths = settings.sample_paths(modalities)
     earlier = settings.earlier_samples()
-    load_checkpoint(network, ckpt_path).to(device)
+    load_checkpoint(network, model.ckpt_path).to(device)
     for path in earlier:
         path.unlink()
     if earlier:

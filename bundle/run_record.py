@@ -1,7 +1,12 @@
-"""The record of a training run, ``run.json`` beside its checkpoint: the voxel grid and modalities of its images (and,
-for a registered dataset on the native grid, the dataset's own grid, on which inference writes its samples), its
-noise schedule and its validation cases. Inference and evaluation check their settings against it, and evaluation and
-a resumed run take its validation cases."""
+"""The record of a training run, ``run.json`` beside its checkpoint: what the trained model is, so that it is loaded
+rather than described again (as diffusers' ``from_pretrained`` reads ``config.json``). It holds the task
+(generation, or translation from given modalities), the modalities, the voxel grid of its images (and, for a
+registered dataset on the native grid, the dataset's own grid, on which inference writes its samples), the noise
+schedule, the network's constructor arguments and the validation cases.
+
+:func:`run_record` writes it; :class:`TrainedModel` reads it and builds the network, the noise scheduler and the
+samplers from it for inference, evaluation and MONAI Label, refusing by name any setting given that disagrees with it;
+a resumed run checks its settings against it and takes its validation cases."""
 
 from __future__ import annotations
 
@@ -13,15 +18,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.networks.schedulers import Scheduler
+from monai.utils import instantiate
+from torch import nn
 
 from .data.transforms import ATLAS_FRAME
+from .diffusion.sampling import make_sampler
 from .errors import BadInputError
+from .utils import unwrap
 
-__all__ = ["RUN_RECORD", "default_affine", "load_run_record", "recorded_validation_cases", "run_record"]
+__all__ = [
+    "RUN_RECORD", "TASKS", "TrainedModel", "check_resumed_run", "default_affine", "network_record",
+    "recorded_validation_cases", "run_record",
+]
 
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
+TASKS = ("generation", "translation")
+"""What a trained model does: generate its modalities from noise, or translate given modalities into them."""
 
 
 def default_affine(spatial_size: Sequence[int], spacing: float = 1.5) -> np.ndarray:
@@ -51,6 +65,17 @@ def _spacing_record(spacing: float | Sequence[float] | None) -> list[float] | No
     return [float(v) for v in (values * 3 if len(values) == 1 else values)]
 
 
+def network_record(network: nn.Module) -> dict | None:
+    """``{"_target_": the network's class, **its constructor arguments}``, a MONAI bundle component that builds the
+    network again, from the network's ``config`` (:class:`~bundle.networks.InvertibleDiffusionUNet`'s); None for a
+    network without one (e.g. the regression baseline's MONAI ``UNet``, which its config describes)."""
+    network = unwrap(network)
+    config = getattr(network, "config", None)
+    if config is None:
+        return None
+    return {"_target_": f"{type(network).__module__}.{type(network).__qualname__}", **config}
+
+
 def run_record(
     *,
     case: Mapping,
@@ -58,25 +83,29 @@ def run_record(
     noise_scheduler: Scheduler,
     schedule: str,
     validation_cases: Sequence[str],
+    network: nn.Module,
     spacing: float | Sequence[float] | None = None,
     condition_modalities: Sequence[str] = (),
 ) -> dict:
-    """The record of a training run: the voxel grid (``affine``, ``spatial_size``) of a preprocessed training case's
-    ``"image"`` (C, *S) MetaTensor, its ``spacing`` (None: the resized grid), its ``modalities`` (the generated ones)
-    and ``condition_modalities`` (the given ones of a conditioned model; empty: unconditional), the
-    ``noise_scheduler`` built with ``schedule`` (:func:`scheduler_record`) and the case ids of its validation split.
+    """The record of a training run: its ``task`` (:data:`TASKS`: translation when it has ``condition_modalities``,
+    the given ones; generation when they are empty), its ``modalities`` (the generated ones), the voxel grid
+    (``affine``, ``spatial_size``) of a preprocessed training case's ``"image"`` (C, *S) MetaTensor, its ``spacing``
+    (None: the resized grid), the ``noise_scheduler`` built with ``schedule`` (:func:`scheduler_record`), the
+    ``network``'s constructor arguments (:func:`network_record`) and the case ids of its validation split.
     On the native grid, for a case of a registered dataset (``case["frame"]`` is
     :data:`~bundle.data.transforms.ATLAS_FRAME`: one box of one frame for every case) also ``original_grid``, the
     affine and shape of the case's files, on which inference writes its samples."""
     image = case["image"]
     affine = np.asarray(getattr(image, "affine", default_affine(image.shape[1:])), dtype=float)
     record = {
+        "task": TASKS[1] if condition_modalities else TASKS[0],
         "affine": affine.tolist(),
         "spatial_size": list(image.shape[1:]),
         "spacing": _spacing_record(spacing),
         "modalities": list(modalities),
         "condition_modalities": list(condition_modalities),
         "noise_scheduler": scheduler_record(noise_scheduler, schedule),
+        "network": network_record(network),
         "validation_cases": list(validation_cases),
     }
     if spacing is not None and case.get("frame") == ATLAS_FRAME:
@@ -118,6 +147,146 @@ def recorded_validation_cases(ckpt_path: str | Path) -> list[str] | None:
     return record["validation_cases"]
 
 
+def _flag(value: object, name: str = "") -> str:
+    """``value`` of setting ``name`` as a command line takes it: ``"[64,64,64]"``, ``1.5``, ``cosine``, ``null``; a
+    spacing that is the same on every axis as one number."""
+    if name == "spacing" and isinstance(value, list) and len(set(value)) == 1:
+        return str(value[0])
+    if isinstance(value, list):
+        text = json.dumps(value).replace(" ", "").replace('"', "'")
+        return f'"{text}"'
+    return "null" if value is None else str(value)
+
+
+class TrainedModel:
+    """A checkpoint and the record of its training run beside it (``run.json``, :func:`run_record`): the model is
+    read, not described again. Inference, evaluation and MONAI Label build the network (:meth:`network_def`), the
+    noise scheduler (:meth:`noise_scheduler`) and the samplers (:meth:`sampler`) from it, and take its task, modalities
+    and grid from the attributes below; :meth:`check` refuses a setting given on the command line that disagrees.
+
+    Raises:
+        BadInputError: when there is no checkpoint at ``ckpt_path`` or no record beside it.
+    """
+
+    def __init__(self, ckpt_path: str | Path) -> None:
+        self.ckpt_path = Path(ckpt_path)
+        if not self.ckpt_path.is_file():
+            raise BadInputError(f"The checkpoint {str(ckpt_path)!r} does not exist; pass --ckpt_path with the model.pt "
+                                "that training wrote (in its ckpt_dir).")
+        self.path = _record_path(ckpt_path)
+        record = _read(self.path)
+        if record is None:
+            raise BadInputError(
+                f"There is no {RUN_RECORD} beside {ckpt_path}: the record of its training run, which says what the "
+                "model is (modalities, grid, noise schedule, network). configs/train.json writes it beside model.pt; "
+                "copy it with the checkpoint (a model zoo bundle ships models/run.json), or pass the --ckpt_path of a "
+                "model this bundle trained."
+            )
+        self.record = record
+
+    def check(self, task: str | None = None, **settings: object) -> TrainedModel:
+        """Raises :class:`BadInputError` unless each of ``settings`` (``modalities``, ``condition_modalities``,
+        ``spatial_size``, ``spacing``, ``num_train_timesteps``, ``schedule``: a workflow's values, which are the
+        recorded ones unless the command line gave others) equals the recorded value, naming the first that does not,
+        and unless the model does ``task`` (:data:`TASKS`; None: any), naming the config that runs it. Returns the
+        model."""
+        for name, value in settings.items():
+            recorded = getattr(self, name)
+            given = _spacing_record(value) if name == "spacing" else list(value) if isinstance(value, tuple) else value
+            if given != recorded:
+                raise BadInputError(
+                    f"{self.path} says the model was trained with {name}={_flag(recorded, name)}, but this run gives "
+                    f"{name}={_flag(given, name)}; pass --{name} {_flag(recorded, name)}, or leave it out where the "
+                    "workflow reads the model (inference and evaluation take the recorded value)."
+                )
+        if task is not None and task != self.task:
+            raise BadInputError(self._task_refusal(task))
+        return self
+
+    def _task_refusal(self, task: str) -> str:
+        if self.task == "translation":
+            return (
+                f"{self.ckpt_path} translates {self.condition_modalities} into {self.modalities} (its {RUN_RECORD}), "
+                "it does not generate from noise: run it with the translation overlay, --config_file "
+                "\"['configs/inference.json','configs/translate.json']\" and --input_files or --dataset_dir."
+            )
+        return (f"{self.ckpt_path} generates {self.modalities} from noise (its {RUN_RECORD}); it translates nothing: "
+                f"run it with configs/inference.json alone (task {task!r} asked).")
+
+    @property
+    def task(self) -> str:
+        """``"generation"`` or ``"translation"`` (:data:`TASKS`)."""
+        return self.record["task"]
+
+    @property
+    def modalities(self) -> list[str]:
+        """The generated modalities, in the network's output channel order."""
+        return list(self.record["modalities"])
+
+    @property
+    def condition_modalities(self) -> list[str]:
+        """The given modalities (a translation model's; empty for generation), in the network's input order."""
+        return list(self.record["condition_modalities"])
+
+    @property
+    def spatial_size(self) -> list[int]:
+        """The training images' voxel grid size (the network's input size)."""
+        return list(self.record["spatial_size"])
+
+    @property
+    def spacing(self) -> list[float] | None:
+        """The native grid's spacing in mm per axis; None for the resized grid."""
+        return self.record["spacing"]
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T of the noise schedule."""
+        return self.record["noise_scheduler"]["num_train_timesteps"]
+
+    @property
+    def schedule(self) -> str:
+        """The name of MONAI's noise schedule the model was trained with."""
+        return self.record["noise_scheduler"]["schedule"]
+
+    @property
+    def validation_cases(self) -> list[str]:
+        """The case ids of the training run's validation split."""
+        return list(self.record["validation_cases"])
+
+    def network_def(self) -> nn.Module:
+        """A new network of the recorded constructor arguments (its weights are loaded from the checkpoint by the
+        workflow).
+
+        Raises:
+            BadInputError: for a record without them (a network the bundle cannot describe, e.g. the regression
+                baseline, whose config builds it).
+        """
+        spec = self.record.get("network")
+        if spec is None:
+            raise BadInputError(
+                f"{self.path} does not record its network's constructor arguments (a network built outside "
+                "InvertibleDiffusionUNet's own arguments, e.g. the regression baseline): run it with the config that "
+                "trained it (e.g. configs/regression.json), which builds its network_def."
+            )
+        arguments = dict(spec)
+        return instantiate(arguments.pop("_target_"), "default", **arguments)
+
+    def noise_scheduler(self) -> Scheduler:
+        """The training run's noise scheduler (DDPM with the recorded schedule and T)."""
+        return self.sampler("ddpm")
+
+    def sampler(self, name: str, eta: float = 0.0) -> Scheduler:
+        """The sampler ``name`` (:data:`~bundle.diffusion.sampling.SAMPLERS`) along the recorded noise schedule.
+
+        Raises:
+            BadInputError: for an unknown name or an ``eta`` it does not take, and when the schedule's ᾱ differs from
+                the recorded one (a training run that overrode the schedule's arguments).
+        """
+        scheduler = make_sampler(name, self.num_train_timesteps, self.schedule, eta)
+        _check_scheduler(self.record["noise_scheduler"], scheduler, self.schedule, self.path)
+        return scheduler
+
+
 def _check_scheduler(recorded: dict, scheduler: Scheduler, schedule: str, path: Path) -> None:
     """Raises :class:`BadInputError` unless ``scheduler`` (built with ``schedule``) noises as the recorded one did."""
     if scheduler.num_train_timesteps != recorded["num_train_timesteps"]:
@@ -133,68 +302,41 @@ def _check_scheduler(recorded: dict, scheduler: Scheduler, schedule: str, path: 
         )
     if scheduler.prediction_type != recorded["prediction_type"]:
         raise BadInputError(
-            f"{path} says the model predicts {recorded['prediction_type']!r}, but the sampler's prediction_type is "
-            f"{scheduler.prediction_type!r}; drop the sampler's prediction_type override."
+            f"{path} says the model predicts {recorded['prediction_type']!r}, but the scheduler's prediction_type is "
+            f"{scheduler.prediction_type!r}: the bundle trains and samples ε-prediction models (drop any "
+            "prediction_type override)."
         )
     expected = torch.tensor(recorded["alphas_cumprod"], dtype=torch.float64)
     found = scheduler.alphas_cumprod.to(torch.float64)
     if not torch.allclose(found, expected, rtol=1e-5, atol=1e-7):
         t = int((found - expected).abs().argmax())
         raise BadInputError(
-            f"The sampler's noise schedule differs from the one {path} records (ᾱ at t={t}: {found[t]:.6f} vs "
-            f"{expected[t]:.6f}), although both are {schedule!r}: pass the schedule arguments the training run "
-            "overrode (e.g. --noise_scheduler#beta_start in training) to the sampler as well."
+            f"The noise schedule differs from the one {path} records (ᾱ at t={t}: {found[t]:.6f} vs "
+            f"{expected[t]:.6f}), although both are {schedule!r}: its training run overrode the schedule's arguments "
+            "(e.g. --noise_scheduler#beta_start). A resumed run must pass the same; inference and evaluation build the "
+            "named schedule with its own arguments, so train such a model without overrides (or choose another "
+            "--schedule)."
         )
 
 
-def load_run_record(
+def check_resumed_run(
     ckpt_path: str | Path,
     *,
     spatial_size: Sequence[int],
     modalities: Sequence[str],
-    noise_scheduler: Scheduler | None = None,
-    schedule: str | None = None,
-    spacing: float | Sequence[float] | None | str = "recorded",
-    condition_modalities: Sequence[str] = (),
-) -> dict:
-    """The record beside ``ckpt_path``, checked against this run's ``spatial_size``, ``modalities``,
-    ``condition_modalities`` (a record without them is of an unconditional model), ``spacing``
-    (unless ``"recorded"``: a run that reads no images takes the record's) and (when given) the ``noise_scheduler``
-    built with ``schedule`` that will sample or evaluate. Without a record (a checkpoint from
-    elsewhere) a centred 1.5 mm RAS grid of ``spatial_size`` is returned, with a warning that nothing was checked.
+    condition_modalities: Sequence[str],
+    spacing: float | Sequence[float] | None,
+    noise_scheduler: Scheduler,
+    schedule: str,
+) -> None:
+    """Checks a resumed run's settings against the record of the run it continues (:meth:`TrainedModel.check`), and
+    that its ``noise_scheduler`` (built with ``schedule``) noises as the recorded one did.
 
     Raises:
-        BadInputError: naming the setting, the training run's value and the override to pass, for any mismatch.
+        BadInputError: naming the setting, the recorded value and the flag to pass.
     """
-    path = _record_path(ckpt_path)
-    record = _read(path)
-    if record is None:
-        logger.warning("There is no %s beside %s: its voxel grid, modalities and noise schedule are not checked; "
-                       "they must be those of the training run.", RUN_RECORD, ckpt_path)
-        return {"affine": default_affine(spatial_size).tolist(), "spatial_size": list(spatial_size),
-                "modalities": list(modalities), "condition_modalities": list(condition_modalities)}
-    if list(record["spatial_size"]) != list(spatial_size) or list(record["modalities"]) != list(modalities):
-        raise BadInputError(
-            f"{path} says the model was trained on spatial_size={record['spatial_size']} with modalities="
-            f"{record['modalities']}, but the configuration asks for spatial_size={list(spatial_size)}, "
-            f"modalities={list(modalities)}; pass the training values (--spatial_size, --modalities)."
-        )
-    given = list(record.get("condition_modalities", []))
-    if given != list(condition_modalities):
-        trained = f"generate {record['modalities']} from {given}" if given else "generate unconditionally"
-        value = json.dumps(given).replace(" ", "").replace('"', "'")
-        raise BadInputError(
-            f"{path} says the model was trained to {trained}, but the configuration gives condition_modalities="
-            f"{list(condition_modalities)}; pass --condition_modalities \"{value}\" (a model reads only the "
-            "modalities it was trained on), or train a model for this condition."
-        )
-    if spacing != "recorded" and record.get("spacing") != _spacing_record(spacing):
-        recorded = record.get("spacing")
-        trained = f"a {recorded} mm native grid" if recorded else "the resized grid (spacing null)"
-        value = ("null" if recorded is None else str(recorded[0]) if len(set(recorded)) == 1
-                 else f"'{json.dumps(recorded).replace(' ', '')}'")
-        raise BadInputError(f"{path} says the model was trained on {trained}, but the configuration asks for "
-                            f"spacing={spacing!r}; pass --spacing {value}.")
-    if noise_scheduler is not None:
-        _check_scheduler(record["noise_scheduler"], noise_scheduler, schedule, path)
-    return record
+    model = TrainedModel(ckpt_path).check(
+        modalities=modalities, condition_modalities=condition_modalities, spatial_size=spatial_size, spacing=spacing,
+        num_train_timesteps=noise_scheduler.num_train_timesteps, schedule=schedule,
+    )
+    _check_scheduler(model.record["noise_scheduler"], noise_scheduler, schedule, model.path)

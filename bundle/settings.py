@@ -272,6 +272,7 @@ class EvaluationSettings:
     evaluate_batch_size: int
     val_timestep_fractions: Sequence[float]
     reconstruction_fraction: float
+    reconstruction_steps: int = 50
     num_train_timesteps: int
     num_generated: int
     feature_extractor: str | None
@@ -297,7 +298,7 @@ class EvaluationSettings:
                 f"reconstruction_fraction must be a fraction of T in [0, 1) such as 0.25; "
                 f"got {self.reconstruction_fraction!r}."
             )
-        for name in ("evaluate_batch_size", "num_generated"):
+        for name in ("evaluate_batch_size", "num_generated", "reconstruction_steps"):
             value = getattr(self, name)
             if not _positive_int(value):
                 raise BadInputError(f"{name} must be a positive integer; got {value!r}.")

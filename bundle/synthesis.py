@@ -29,6 +29,7 @@ from .data.transforms import foreground
 from .diffusion.maths import to_image_range, to_model_range
 from .errors import BadInputError
 from .inference import onto_grid
+from .run_record import TrainedModel
 from .settings import EvaluationSettings
 from .utils import check_output_folder
 from .visualize import save_mid_slices_png
@@ -293,16 +294,15 @@ def synthesize(
     *,
     network: nn.Module,
     inferer: Inferer,
-    ckpt_path: str | Path,
+    model: TrainedModel,
     cases: Sequence[dict],
     preprocessing: Compose,
-    modalities: Sequence[str],
-    condition_modalities: Sequence[str],
     output_dir: str | Path,
     overwrite: bool,
     device: torch.device | str,
 ) -> list[dict[str, Path]]:
-    """Generates ``modalities`` from ``condition_modalities`` for every case of ``cases`` and writes, for each,
+    """Generates the trained translation ``model``'s modalities from its given ones (``network`` is built from it, and
+    its checkpoint loaded here) for every case of ``cases`` and writes, for each,
     ``<case>_<modality>.nii.gz`` on the grid and affine of the case's own given files (the sample, on the preprocessed
     grid, resampled by the affines onto the file's grid: :func:`~bundle.inference.onto_grid`; zero outside the
     preprocessed box; values in [0, 1]) and ``<case>.png`` (the mid-slices of the given and the generated volumes).
@@ -313,6 +313,7 @@ def synthesize(
     Raises:
         BadInputError: for existing outputs without ``overwrite``, or a checkpoint that does not fit ``network``.
     """
+    modalities, condition_modalities = model.modalities, model.condition_modalities
     out = Path(output_dir)
     check_output_folder(out, "output_dir")
     paths = [{m: out / f"{r['case']}_{m}.nii.gz" for m in modalities} | {"png": out / f"{r['case']}.png"}
@@ -323,7 +324,7 @@ def synthesize(
             f"{len(existing)} output files already exist in output_dir {str(out)!r} (e.g. {existing[0].name}); pass "
             "--overwrite true to replace them or choose another --output_dir."
         )
-    network = load_checkpoint(network, ckpt_path).to(device).eval()
+    network = load_checkpoint(network, model.ckpt_path).to(device).eval()
     out.mkdir(parents=True, exist_ok=True)
     onto_input_grid = OntoInputGridd()
     for record, entry in zip(tqdm(cases, desc="synthesizing"), paths):

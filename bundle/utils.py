@@ -1,20 +1,37 @@
-"""Small helpers shared by the workflows: the module inside a DDP wrapper, and output-folder checks."""
+"""Small helpers shared by the workflows: the module inside a DDP wrapper, the process's rank and process group, and
+output-folder checks."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .errors import BadInputError
 
-__all__ = ["check_output_folder", "unwrap"]
+__all__ = ["check_output_folder", "init_process_group", "is_not_rank0", "unwrap"]
 
 
 def unwrap(network: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or the module itself)."""
     return getattr(network, "module", network)
+
+
+def is_not_rank0() -> bool:
+    """Whether this process is a rank > 0 of a ``torch.distributed`` group: such ranks train, but leave the run's
+    files, logs and progress bars to rank 0."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0
+
+
+def init_process_group(device: torch.device) -> None:
+    """Joins the process group that ``torchrun`` set up (NCCL for a CUDA ``device``, else gloo) unless this process
+    already has one, and makes ``device`` the current CUDA device."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def check_output_folder(path: str | Path, name: str) -> None:

@@ -6,10 +6,10 @@ autograd function. Tracing under ``torch.no_grad()`` with both inputs works: wit
 network is a fixed sequence of tensor operations. This tool traces it that way and saves it with the
 bundle metadata and config, as ``ckpt_export`` does.
 
+The network and its input size come from the record of the training run beside the checkpoint (``run.json``).
+
 Usage (from the bundle root):
     python scripts/export_torchscript.py --ckpt_file models/model.pt --filepath models/model.ts
-    python scripts/export_torchscript.py --ckpt_file C/model.pt --filepath C/model.ts --overrides \\
-        "{'network_def#channels': [16, 32, 64], 'attention_levels': [False, True, True], 'spatial_size': [32, 32, 32]}"
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ from monai.data import save_net_with_metadata
 
 from bundle.checkpoint import load_checkpoint
 from bundle.errors import BadInputError, install_error_hook
+from bundle.run_record import TrainedModel
 
 
 def export(ckpt_file: str, filepath: str, config_file: str = "configs/inference.json",
-           meta_file: str = "configs/metadata.json", overrides: dict | None = None, tolerance: float = 1e-5) -> float:
-    """Traces ``network_def`` loaded with ``ckpt_file`` and writes ``filepath``; returns the largest
+           meta_file: str = "configs/metadata.json", tolerance: float = 1e-5) -> float:
+    """Traces the network of ``ckpt_file`` (built from the ``run.json`` beside it) loaded with its weights and writes
+    ``filepath``; returns the largest
     difference between the saved TorchScript module and the eager network on a fresh input (another
     batch size and other timesteps than the tracing example). Refuses an existing ``filepath``."""
     if Path(filepath).exists():
@@ -43,19 +45,13 @@ def export(ckpt_file: str, filepath: str, config_file: str = "configs/inference.
             f"Checkpoint {ckpt_file!r} does not exist. Pass --ckpt_file with the model.pt that training wrote "
             "(in its ckpt_dir)."
         )
+    TrainedModel(ckpt_file)  # its record, before the config wraps a refusal in its own error
     parser = ConfigParser()
     parser.read_config(ROOT / config_file)
     parser.read_meta(ROOT / meta_file)
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-    try:
-        network = load_checkpoint(parser.get_parsed_content("network_def"), ckpt_file).eval()
-    except BadInputError as error:  # load_checkpoint's advice is phrased for the bundle's command line
-        raise BadInputError(
-            f"{error} This script takes network_def overrides as --overrides \"{{'network_def#channels': [...], "
-            "'attention_levels': [...], 'spatial_size': [...]}\"."
-        ) from None
-    channels, size = len(parser["modalities"]), parser["spatial_size"]
+    parser["ckpt_path"] = str(ckpt_file)
+    network = load_checkpoint(parser.get_parsed_content("network_def"), ckpt_file).eval()
+    channels, size = network.in_channels, parser.get_parsed_content("spatial_size")
     with torch.no_grad():
         traced = torch.jit.trace(network, (torch.rand(1, channels, *size), torch.tensor([1])), check_trace=False)
         save_net_with_metadata(traced, filepath, include_config_vals=False, append_timestamp=False,

@@ -105,6 +105,32 @@ def redraw_zero_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.
     return model
 
 
+def recorded_checkpoint(
+    folder: Path, modalities: tuple[str, ...] = ("t1", "t2"), condition_modalities: tuple[str, ...] = (),
+    num_train_timesteps: int = 20, schedule: str = "cosine", validation_cases: tuple[str, ...] = (), seed: int = 0,
+) -> Path:
+    """``folder/model.pt``, a small IDM (channels 8–32, attention at the two coarse levels, identity initialisation
+    re-drawn; the same weights for the same ``seed``) for 16³ volumes, with the ``run.json`` that a training run of
+    this noise schedule and these validation cases would write beside it; its path."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    from bundle.networks import InvertibleDiffusionUNet
+    from bundle.run_record import RUN_RECORD, run_record
+
+    torch.manual_seed(seed)
+    network = redraw_zero_init_(InvertibleDiffusionUNet(
+        3, len(modalities) + len(condition_modalities), len(modalities), (8, 16, 32),
+        attention_levels=(False, True, True)), seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), folder / "model.pt")
+    record = run_record(case={"image": torch.zeros(len(modalities), 16, 16, 16)}, modalities=modalities,
+                        condition_modalities=condition_modalities, network=network, schedule=schedule,
+                        noise_scheduler=DDPMScheduler(num_train_timesteps, schedule=schedule),
+                        validation_cases=validation_cases)
+    (folder / RUN_RECORD).write_text(json.dumps(record))
+    return folder / "model.pt"
+
+
 def largest_update_allocation(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """``(largest allocation of one update, largest parameter)`` in bytes, for an optimizer of CPU
     parameters: the update runs once on random gradients (its state comes to exist) and once under

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import redraw_zero_init_, run_python
+from conftest import recorded_checkpoint, run_python
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
 import bundle
@@ -21,9 +21,9 @@ from bundle.errors import BadInputError
 ROOT = Path(__file__).resolve().parents[1]
 # a local copy of the MONAI metadata schema (metadata.json's "schema" URL); the test never downloads it
 SCHEMA_VARIABLE = "IDM_BUNDLE_SCHEMA"
-SMALL = {"network_def#channels": [8, 16, 32], "attention_levels": [False, True, True]}
-# the configurations a user runs on their own or on top of train.json, whose settings README.md describes
-USER_CONFIGS = ("train.json", "inference.json", "evaluate.json")
+# the configurations a user runs on their own or as an overlay on another (BASES), whose settings README.md describes
+USER_CONFIGS = ("train.json", "inference.json", "translate.json", "evaluate.json")
+BASES = {"evaluate.json": "train.json", "translate.json": "inference.json"}
 
 
 def test_metadata_passes_the_bundle_schema(monkeypatch):
@@ -48,30 +48,31 @@ def test_package_version_is_the_metadata_version():
     assert bundle.__version__ == json.loads((ROOT / "configs" / "metadata.json").read_text())["version"]
 
 
-def test_network_input_and_output_match_the_metadata():
+def _parser(ckpt_path: Path) -> ConfigParser:
+    """inference.json as MONAI Label and the model zoo's checks read it, for the model at ``ckpt_path``."""
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs/inference.json")
+    parser["ckpt_path"] = str(ckpt_path)
+    return parser
+
+
+def test_network_input_and_output_match_the_metadata(tmp_path):
     verify_net_in_out(
         net_id="network_def", meta_file=str(ROOT / "configs/metadata.json"),
         config_file=str(ROOT / "configs/inference.json"), extra_forward_args={"timesteps": torch.tensor([10])},
-        **SMALL,
+        ckpt_path=str(recorded_checkpoint(tmp_path)),
     )
 
 
 def test_torchscript_export_matches_the_eager_network(tmp_path):
-    parser = ConfigParser()
-    parser.read_config(ROOT / "configs/inference.json")
-    for key, value in SMALL.items():
-        parser[key] = value
-    torch.manual_seed(0)
-    torch.save(redraw_zero_init_(parser.get_parsed_content("network_def")).state_dict(), tmp_path / "model.pt")
-    command = ["scripts/export_torchscript.py", "--ckpt_file", str(tmp_path / "model.pt"),
-               "--filepath", str(tmp_path / "model.ts"),
-               "--overrides", str(SMALL | {"spatial_size": [16, 16, 16]})]
+    checkpoint = recorded_checkpoint(tmp_path)
+    command = ["scripts/export_torchscript.py", "--ckpt_file", checkpoint, "--filepath", tmp_path / "model.ts"]
     result = run_python(command)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max |TorchScript − eager| = 0" in result.stdout
     exported = torch.jit.load(tmp_path / "model.ts")
-    eager = parser.get_parsed_content("network_def")
-    eager.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    eager = _parser(checkpoint).get_parsed_content("network_def")
+    eager.load_state_dict(torch.load(checkpoint, weights_only=True))
     x, t = torch.rand(1, 2, 16, 16, 16), torch.tensor([99])
     with torch.no_grad():
         assert torch.allclose(exported(x, t), eager.eval()(x, t), atol=1e-6)
@@ -86,31 +87,23 @@ def test_export_errors_name_the_scripts_own_arguments(tmp_path):
     with pytest.raises(BadInputError, match="--ckpt_file") as info:
         script.export(ckpt_file=str(tmp_path / "missing.pt"), filepath=str(tmp_path / "model.ts"))
     assert "--ckpt_path" not in str(info.value)
-    parser = ConfigParser()
-    parser.read_config(ROOT / "configs/inference.json")
-    for key, value in SMALL.items():
-        parser[key] = value
-    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
-    other = SMALL | {"attention_levels": [False, False, True], "spatial_size": [16, 16, 16]}
-    with pytest.raises(BadInputError, match="does not match network_def") as info:
-        script.export(ckpt_file=str(tmp_path / "model.pt"), filepath=str(tmp_path / "model.ts"), overrides=other)
-    assert "--overrides" in str(info.value) and not (tmp_path / "model.ts").exists()
+    checkpoint = recorded_checkpoint(tmp_path / "other")
+    (checkpoint.parent / "run.json").unlink()
+    with pytest.raises(BadInputError, match="There is no run.json beside"):
+        script.export(ckpt_file=str(checkpoint), filepath=str(tmp_path / "model.ts"))
+    assert not (tmp_path / "model.ts").exists()
 
 
 def test_monai_label_style_bundle_inference(tmp_path):
     """What MONAI Label's BundleInferTask does: read inference.json, build network_def, load the weights,
     run preprocessing on an image file, call the inferer as inferer(inputs, network), postprocess."""
-    parser = ConfigParser()
-    parser.read_config(ROOT / "configs/inference.json")
+    checkpoint = recorded_checkpoint(tmp_path)
+    parser = _parser(checkpoint)
     parser["bundle_root"] = str(ROOT)
-    overrides = SMALL | {"spatial_size": [16, 16, 16], "num_train_timesteps": 20, "sampler": "ddim",
-                         "num_inference_steps": 2}
-    for key, value in overrides.items():
+    for key, value in {"sampler": "ddim", "num_inference_steps": 2}.items():
         parser[key] = value
-    torch.manual_seed(0)
-    torch.save(redraw_zero_init_(parser.get_parsed_content("network_def")).state_dict(), tmp_path / "model.pt")
     network = parser.get_parsed_content("network_def", lazy=False)  # a fresh instance, as the task builds it
-    network.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    network.load_state_dict(torch.load(checkpoint, weights_only=True))
     image_path = tmp_path / "t1.nii.gz"
     nib.save(nib.Nifti1Image(np.random.rand(20, 24, 18).astype(np.float32), np.eye(4)), image_path)
     data = parser.get_parsed_content("preprocessing")({"image": str(image_path)})
@@ -143,10 +136,10 @@ def _is_user_setting(value, key: str = "") -> bool:
 
 
 def test_readme_settings_paragraph_names_every_user_setting_of_the_configs():
-    """Every user setting of train.json, inference.json and evaluate.json is a row (`` `name` `` | default | meaning)
-    of its config's table in the README's "## Settings" section (the table under the "### " heading that names
-    ``configs/<name>``); a setting of inference.json or evaluate.json with train.json's default may rely on
-    train.json's row. Every row names an id that its config has (evaluate.json's: on top of train.json's)."""
+    """Every user setting of the user configs is a row (`` `name` `` | default | meaning) of its config's table in the
+    README's "## Settings" section (the table under the "### " heading that names ``configs/<name>``); a setting with
+    train.json's default (or, for an overlay, its base's) may rely on that row. Every row names an id that its config
+    has (an overlay's: on top of its base's)."""
     readme = (ROOT / "README.md").read_text()
     assert "\n## Settings\n" in readme, "README.md has no '## Settings' section"
     section = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
@@ -158,18 +151,19 @@ def test_readme_settings_paragraph_names_every_user_setting_of_the_configs():
         tables[named[0]] = re.findall(r"^\| `([^`]+)` \|", body, flags=re.MULTILINE)
     assert set(USER_CONFIGS) <= set(tables), f"README.md's Settings section has tables for {sorted(tables)} only"
     configs = {name: json.loads((ROOT / "configs" / name).read_text()) for name in USER_CONFIGS}
-    train = configs["train.json"]
     settings = {name: {k for k, v in config.items() if _is_user_setting(v, k)} for name, config in configs.items()}
     every = set().union(*settings.values())
     assert {"bundle_root", "dataset_dir", "device", "micro_batch_size", "ckpt_path", "feature_extractor", "schedule",
             "attention_levels", "memory_efficient", "sampler", "num_inference_steps"} <= every
     assert not {"imports", "cases", "network", "network_def", "ema", "train", "run", "settings", "samplers",
                 "run_record", "summary_writer", "noise_scheduler", "checkpoint", "cases#write_phantoms"} & every
+    def described_by_base(name: str, key: str) -> bool:
+        base = BASES.get(name, "train.json")
+        return key in tables[base] and configs[name][key] == configs[base].get(key)
+
     missing = sorted(
-        f"{name}: {key}"
-        for name, keys in settings.items()
-        for key in keys
-        if key not in tables[name] and not (key in tables["train.json"] and configs[name][key] == train.get(key))
+        f"{name}: {key}" for name, keys in settings.items() for key in keys
+        if key not in tables[name] and not described_by_base(name, key)
     )
     assert not missing, f"README.md's settings tables do not describe {missing}"
 
@@ -183,7 +177,7 @@ def test_readme_settings_paragraph_names_every_user_setting_of_the_configs():
                 return False
         return True
 
-    scopes = {name: train | configs[name] if name == "evaluate.json" else configs[name] for name in USER_CONFIGS}
+    scopes = {name: configs[BASES[name]] | configs[name] if name in BASES else configs[name] for name in USER_CONFIGS}
     unknown = sorted(f"{name}: {row}" for name in USER_CONFIGS for row in tables[name] if not has_id(scopes[name], row))
     assert not unknown, f"README.md's settings tables name ids that the configs do not have: {unknown}"
     repeated = sorted(f"{name}: {row}" for name, rows in tables.items() for row in set(rows) if rows.count(row) > 1)
@@ -194,7 +188,7 @@ def test_the_default_output_folders_are_git_ignored():
     """Runs with the defaults write below the bundle root: their outputs must not show up as changes to commit."""
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     folders = {}
-    for name in USER_CONFIGS:
+    for name in ("train.json", "inference.json", "evaluate.json"):
         default = json.loads((ROOT / "configs" / name).read_text())["output_dir"]
         folders[name] = re.fullmatch(r"\$@bundle_root \+ '/(\w+)'", default)[1]
     assert folders == {"train.json": "runs", "inference.json": "samples", "evaluate.json": "eval"}

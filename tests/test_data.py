@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMALL_TRAINING, run_bundle, run_python
+from conftest import ROOT, SMALL_TRAINING, recorded_checkpoint, run_bundle, run_python
 from monai.networks.schedulers import DDPMScheduler
 
 from bundle.data import (
@@ -258,7 +258,7 @@ def test_the_run_record_records_the_validation_cases(tmp_path, caplog):
     image = torch.zeros(2, 4, 4, 4)
     record = run_record(case={"image": image}, modalities=["t1", "t2"],
                         noise_scheduler=DDPMScheduler(100, schedule="cosine"),
-                        schedule="cosine", validation_cases=["b", "a"])
+                        schedule="cosine", validation_cases=["b", "a"], network=torch.nn.Identity())
     assert record["validation_cases"] == ["b", "a"]
     assert RUN_RECORD == "run.json"
     (tmp_path / RUN_RECORD).write_text(json.dumps(record))
@@ -296,7 +296,7 @@ def test_only_a_new_training_run_writes_phantoms(tmp_path):
 
 
 def test_a_resumed_run_with_a_missing_dataset_dir_writes_no_phantoms(tmp_path):
-    (tmp_path / "C").mkdir()
+    recorded_checkpoint(tmp_path / "C", num_train_timesteps=100)  # the run the resume continues
     (tmp_path / "C" / "training_state.pt").write_bytes(b"")  # what the checkpoint-folder check asks of a resume
     result = run_bundle("configs/train.json", SMALL_TRAINING | {
         "dataset_dir": tmp_path / "typo", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R", "resume": "true",

@@ -4,6 +4,7 @@ the engine keeping some of its steps (``memory_budget``)."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from datetime import timedelta
 
@@ -32,7 +33,12 @@ def _batch():
     return x, t, target
 
 
+WATCHDOG_SECONDS = 240  # a worker still running then writes every thread's stack and exits (the test waits 300 s)
+
+
 def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | None, memory_budget: float) -> None:
+    stacks = open(os.path.join(out_dir, f"stacks{rank}.txt"), "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True, file=stacks)
     # a file store: no rank hosts a TCP store that the other could still be talking to when it exits
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
@@ -46,7 +52,9 @@ def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | No
     x, t, target = (v.chunk(world_size)[rank] for v in _batch())
     idm_loss_backward(model, x, t, target, lambda_rec=0.0, lambda_l2=0.0, micro_batch_size=micro_batch_size)
     torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
+    dist.barrier()  # as multi_gpu_train.json's finalize: no rank tears down while the other still reads its last bytes
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.mark.parametrize("micro_batch_size, memory_budget", [(None, 0), (1, 0), (1, 2e5)])
@@ -59,6 +67,9 @@ def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path, micro_
                 break
         else:
             raise TimeoutError("the two DDP workers did not finish in 5 minutes")
+    except Exception as error:  # where each worker was: the stacks its watchdog wrote
+        stacks = "".join(f"\nrank {rank}:\n{(tmp_path / f'stacks{rank}.txt').read_text()}" for rank in range(2))
+        raise AssertionError(f"{error}\nthe workers' stacks after {WATCHDOG_SECONDS} s:{stacks}") from error
     finally:
         for process in context.processes:
             if process.is_alive():

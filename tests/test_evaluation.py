@@ -7,27 +7,19 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, redraw_zero_init_, run_bundle
-from monai.bundle import ConfigParser
+from conftest import recorded_checkpoint, run_bundle
 from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 from monai.networks.schedulers import DDPMScheduler
 
 from bundle.data import write_brats_phantoms
 from bundle.diffusion import GridDDIMScheduler
 from bundle.evaluation import reconstruct_from
-from bundle.run_record import RUN_RECORD, run_record
 from bundle.sample_quality import ms_ssim_settings, normalised_mmd
 
 CONFIGS = "['configs/train.json','configs/evaluate.json']"
-CLI = {
-    "spatial_size": "[16,16,16]",
-    "network_def#channels": "[8,16,32]",
-    "attention_levels": "[false,true,true]",
-    "num_train_timesteps": "50",
-    "num_inference_steps": "3",
-    "num_generated": "2",
-    "num_workers": "0",
-}
+# the model's settings come from its run.json: the command line names only what to measure
+CLI = {"num_inference_steps": "3", "num_generated": "2", "num_workers": "0"}
+VALIDATION = ("BraTS20_Training_003", "BraTS20_Training_008")
 
 
 def evaluate(overrides: dict) -> subprocess.CompletedProcess:
@@ -38,11 +30,7 @@ def evaluate(overrides: dict) -> subprocess.CompletedProcess:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluation")
     write_brats_phantoms(root / "D", num_cases=10, shape=(24, 24, 20))
-    parser = ConfigParser()
-    parser.read_config(ROOT / "configs/train.json")
-    parser["network_def#channels"], parser["attention_levels"] = [8, 16, 32], [False, True, True]
-    torch.manual_seed(0)
-    torch.save(redraw_zero_init_(parser.get_parsed_content("network_def")).state_dict(), root / "model.pt")
+    recorded_checkpoint(root, num_train_timesteps=50, validation_cases=VALIDATION)
     return root
 
 
@@ -50,11 +38,7 @@ def test_metrics_json_and_table(setup, tmp_path):
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path})
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["num_volumes"] == 2  # the validation split of 10 cases
-    # the setup's checkpoint has no run.json beside it (one from elsewhere): the split is recomputed, with a warning
-    log = result.stdout + result.stderr
-    assert "There is no run.json beside" in log and "recomputed from seed, val_fraction" in log
-    assert len(metrics["cases"]) == 2
+    assert metrics["num_volumes"] == 2 and metrics["cases"] == list(VALIDATION)  # the recorded validation split
     runs = [k for k in metrics if k.startswith(("one-step", "reconstruction"))]
     assert runs == ["one-step t=2", "one-step t=12", "one-step t=25", "reconstruction from t=12"]
     for run in runs:
@@ -99,19 +83,21 @@ def test_an_unknown_generation_reference_is_refused(setup, tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("num_generated, val_fraction, num_real", [(3, 0.2, 2), (2, 0.4, 4)])
-def test_mmd_with_unequal_numbers_of_real_and_generated_volumes(setup, tmp_path, num_generated, val_fraction, num_real):
+@pytest.mark.parametrize("num_generated, num_real", [(3, 2), (2, 4)])
+def test_mmd_with_unequal_numbers_of_real_and_generated_volumes(setup, tmp_path, num_generated, num_real):
     """MONAI's MMDMetric needs as many volumes on each side: the first min(real, generated) of each are compared."""
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path,
-                             "num_generated": num_generated, "val_fraction": val_fraction})
+    ckpt = recorded_checkpoint(tmp_path / "C", num_train_timesteps=50,
+                               validation_cases=[f"BraTS20_Training_{i:03d}" for i in range(1, num_real + 1)])
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O",
+                             "num_generated": num_generated})
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "O" / "metrics.json").read_text())
     assert metrics["num_volumes"] == num_real
     generation = metrics["generation"]
     assert generation["num_generated"] == num_generated and generation["mmd_num_volumes"] == 2
     assert isinstance(generation["mmd"], float)
     assert f"first {generation['mmd_num_volumes']} validation and first 2 generated" in generation["mmd_definition"]
-    assert generation["mmd_definition"] in (tmp_path / "metrics.md").read_text()
+    assert generation["mmd_definition"] in (tmp_path / "O" / "metrics.md").read_text()
 
 
 class _NoiseOracle(torch.nn.Module):
@@ -160,27 +146,17 @@ def test_normalised_mmd_is_monais_mmd_of_equally_many_volumes_per_voxel():
         normalised_mmd(real[:1], generated)
 
 
-def _checkpoint_with_record(setup, folder, validation_cases, num_train_timesteps: int = 50,
-                            schedule: str = "cosine") -> object:
-    """``folder/model.pt`` (the setup's weights) with the ``run.json`` of a training run of the CLI's settings, with
-    this noise schedule and these validation cases."""
-    folder.mkdir()
-    (folder / "model.pt").write_bytes((setup / "model.pt").read_bytes())
-    record = run_record(case={"image": torch.zeros(2, 16, 16, 16)}, modalities=["t1", "t2"],
-                        noise_scheduler=DDPMScheduler(num_train_timesteps, schedule=schedule), schedule=schedule,
-                        validation_cases=validation_cases)
-    (folder / RUN_RECORD).write_text(json.dumps(record))
-    return folder / "model.pt"
-
-
-@pytest.mark.parametrize("record, message", [
-    ({"num_train_timesteps": 100}, "num_train_timesteps=100, but this run has 50; pass --num_train_timesteps 100"),
-    ({"schedule": "sigmoid_beta"}, ("trained with the 'sigmoid_beta' noise schedule, but this run has 'cosine'; "
-                                    "pass --schedule sigmoid_beta")),
+@pytest.mark.parametrize("recorded, given, message", [
+    ({"num_train_timesteps": 100}, {"num_train_timesteps": 50},
+     "trained with num_train_timesteps=100, but this run gives num_train_timesteps=50; pass --num_train_timesteps 100"),
+    ({"schedule": "sigmoid_beta"}, {"schedule": "cosine"},
+     "trained with schedule=sigmoid_beta, but this run gives schedule=cosine; pass --schedule sigmoid_beta"),
+    ({}, {"spatial_size": "[32,32,32]"}, "pass --spatial_size \"[16,16,16]\""),
 ])
-def test_diffusion_settings_of_the_checkpoint_are_checked_before_evaluating(setup, tmp_path, record, message):
-    ckpt = _checkpoint_with_record(setup, tmp_path / "C", ["BraTS20_Training_001"], **record)
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O"})
+def test_model_settings_that_disagree_with_the_record_are_refused_before_evaluating(setup, tmp_path, recorded, given,
+                                                                                 message):
+    ckpt = recorded_checkpoint(tmp_path / "C", **{"num_train_timesteps": 50, "validation_cases": VALIDATION} | recorded)
+    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O"} | given)
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "O").exists()
@@ -190,7 +166,7 @@ def test_evaluation_takes_the_validation_cases_that_training_recorded(setup, tmp
     """Another seed and val_fraction than training's would recompute another split, holding training cases:
     the cases recorded in run.json are evaluated instead, exactly those, in that order."""
     recorded = ["BraTS20_Training_007", "BraTS20_Training_001", "BraTS20_Training_004"]
-    ckpt = _checkpoint_with_record(setup, tmp_path / "C", recorded)
+    ckpt = recorded_checkpoint(tmp_path / "C", num_train_timesteps=50, validation_cases=recorded)
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O",
                              "seed": 7, "val_fraction": 0.5})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -199,7 +175,8 @@ def test_evaluation_takes_the_validation_cases_that_training_recorded(setup, tmp
     cases = "BraTS20_Training_007, BraTS20_Training_001, BraTS20_Training_004"
     assert cases in (tmp_path / "O" / "metrics.md").read_text()
     # a recorded case that is no longer found stops evaluation before any work, naming it
-    gone = _checkpoint_with_record(setup, tmp_path / "G", ["BraTS20_Training_002", "BraTS20_Training_042"])
+    gone = recorded_checkpoint(tmp_path / "G", num_train_timesteps=50,
+                               validation_cases=["BraTS20_Training_002", "BraTS20_Training_042"])
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": gone, "output_dir": tmp_path / "P"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "BraTS20_Training_042" in result.stderr and "dataset_dir" in result.stderr
@@ -245,8 +222,7 @@ def test_the_sampler_is_a_name_as_in_inference(setup, tmp_path):
     unknown = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "P",
                               "sampler": "euler"})
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
-    assert "sampler must be one of ['ddim', 'ddpm', 'pndm'] (the configuration's samplers section), got 'euler'" \
-        in unknown.stderr
+    assert "sampler must be one of ['ddim', 'ddpm', 'pndm']; got 'euler'" in unknown.stderr
     assert "evaluating" not in unknown.stderr and not (tmp_path / "P").exists()
 
 

@@ -18,26 +18,26 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMSchedule
 
 from bundle.data import write_brats_phantoms
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, seeded_generator
-from bundle.run_record import RUN_RECORD, default_affine, run_record
+from bundle.networks import InvertibleDiffusionUNet
+from bundle.run_record import RUN_RECORD, run_record
 
-NETWORK = {"network_def#channels": [8, 16, 32], "attention_levels": [False, True, True]}
-CLI = {
-    "spatial_size": "[16,16,16]",
-    "network_def#channels": "[8,16,32]",
-    "attention_levels": "[false,true,true]",
-    "num_train_timesteps": "50",
-    "sampler": "ddim",
-    "num_inference_steps": "3",
-}
+# the model describes itself (run.json): a command line names only what to sample
+CLI = {"sampler": "ddim", "num_inference_steps": "3"}
 AFFINE = [[-2.0, 0, 0, 10.0], [0, 2.0, 0, -5.0], [0, 0, 2.5, 3.0], [0, 0, 0, 1.0]]
 
 
+def small_network(in_channels: int = 2) -> InvertibleDiffusionUNet:
+    torch.manual_seed(0)
+    return InvertibleDiffusionUNet(3, in_channels, 2, channels=(8, 16, 32), attention_levels=(False, True, True))
+
+
 def record_of(schedule: str = "cosine", num_train_timesteps: int = 50, **scheduler_arguments) -> dict:
-    """The run.json of a training run on 16³ t1/t2 volumes of grid ``AFFINE`` with this noise scheduler."""
+    """The run.json of a training run of :func:`small_network` on 16³ t1/t2 volumes of grid ``AFFINE`` with this
+    noise scheduler."""
     image = MetaTensor(torch.zeros(2, 16, 16, 16), affine=torch.tensor(AFFINE, dtype=torch.float64))
     scheduler = DDPMScheduler(num_train_timesteps, schedule=schedule, **scheduler_arguments)
     return run_record(case={"image": image}, modalities=["t1", "t2"], noise_scheduler=scheduler, schedule=schedule,
-                      validation_cases=["BraTS20_Training_001"])
+                      network=small_network(), validation_cases=["BraTS20_Training_001"])
 
 
 RECORD = record_of()
@@ -47,21 +47,26 @@ def infer(overrides: dict) -> subprocess.CompletedProcess:
     return run_bundle("configs/inference.json", overrides)
 
 
-def network_from_config(config: str = "configs/inference.json", **overrides) -> torch.nn.Module:
-    parser = ConfigParser()
-    parser.read_config(ROOT / config)
-    for key, value in (NETWORK | overrides).items():
-        parser[key] = value
-    return parser.get_parsed_content("network_def")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    torch.save(network_from_config().state_dict(), folder / "model.pt")
+    torch.save(small_network().state_dict(), folder / "model.pt")
     (folder / RUN_RECORD).write_text(json.dumps(RECORD))
     return folder / "model.pt"
+
+
+def test_the_network_is_built_from_the_record_beside_the_checkpoint(checkpoint):
+    """inference.json's network_def (what MONAI Label builds) is the recorded one: the run's channels and attention,
+    none of the config's paper defaults."""
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs/inference.json")
+    parser["ckpt_path"] = str(checkpoint)
+    network = parser.get_parsed_content("network_def")
+    assert {"_target_": "bundle.networks.idm.InvertibleDiffusionUNet", **network.config} == RECORD["network"]
+    assert network.trunk.channels == (8, 16, 32)
+    assert network.trunk.attention_levels == (False, True, True)
+    network.load_state_dict(torch.load(checkpoint, weights_only=True))
+    assert parser.get_parsed_content("spatial_size") == [16, 16, 16]
 
 
 def test_samples_are_written_per_modality_on_the_training_voxel_grid(checkpoint, tmp_path):
@@ -239,17 +244,19 @@ def test_earlier_samples_that_this_run_would_not_rewrite_are_refused_too(checkpo
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"ckpt_path": "/nonexistent/model.pt"}, "does not exist"),
-        ({"network_def#channels": "[16,32,64]"}, "does not match network_def"),
-        ({"modalities": "[t1]"}, "modalities=['t1']"),
+        ({"ckpt_path": "/nonexistent/model.pt"}, "The checkpoint '/nonexistent/model.pt' does not exist"),
+        ({"modalities": "[t1]"}, ("trained with modalities=\"['t1','t2']\", but this run gives modalities=\"['t1']\"; "
+                                 "pass --modalities \"['t1','t2']\"")),
+        ({"spatial_size": "[32,32,32]"}, "pass --spatial_size \"[16,16,16]\""),
         ({"num_train_timesteps": "100"},
-         "trained with num_train_timesteps=50, but this run has 100; pass --num_train_timesteps 50"),
+         ("trained with num_train_timesteps=50, but this run gives num_train_timesteps=100; pass "
+         "--num_train_timesteps 50")),
         ({"num_inference_steps": "0"}, "num_inference_steps must be an integer between 1 and num_train_timesteps=50"),
         ({"num_inference_steps": "51"}, "num_inference_steps must be an integer between 1"),
-        ({"sampler": "euler"},
-         "sampler must be one of ['ddim', 'ddpm', 'pndm'] (the configuration's samplers section)"),
-        ({"schedule": "linear_beta"},
-         "trained with the 'cosine' noise schedule, but this run has 'linear_beta'; pass --schedule cosine"),
+        ({"sampler": "euler"}, "sampler must be one of ['ddim', 'ddpm', 'pndm']; got 'euler'"),
+        ({"sampler": "pndm", "eta": "0.5"}, "the pndm sampler takes none, got eta=0.5: drop --eta"),
+        ({"schedule": "linear_beta"}, ("trained with schedule=cosine, but this run gives schedule=linear_beta; pass "
+                                      "--schedule cosine")),
         ({"overwrite": "maybe"}, "overwrite must be true or false, got 'maybe'"),
     ],
 )
@@ -264,7 +271,8 @@ def test_bad_inputs_fail_before_sampling(checkpoint, tmp_path, overrides, messag
 def test_mismatched_channel_count_is_named(checkpoint, tmp_path):
     folder = tmp_path / "one_channel"
     folder.mkdir()
-    torch.save(network_from_config(modalities=["t1"]).state_dict(), folder / "model.pt")
+    torch.save(small_network(in_channels=1).state_dict(), folder / "model.pt")
+    (folder / RUN_RECORD).write_text(json.dumps(RECORD))
     result = infer(CLI | {"ckpt_path": folder / "model.pt", "output_dir": tmp_path / "O", "num_samples": 1})
     assert result.returncode == 1
     assert "stem.weight: checkpoint (8, 1, 3, 3, 3) vs network (8, 2, 3, 3, 3)" in result.stderr
@@ -280,29 +288,21 @@ def _checkpoint_with_record(checkpoint: Path, folder: Path, record: dict | None)
 
 
 @pytest.mark.parametrize("record, message", [
-    (record_of("linear_beta"), ("trained with the 'linear_beta' noise schedule, but this run has 'cosine'; "
-                                "pass --schedule linear_beta")),
-    (record_of(s=0.05), "The sampler's noise schedule differs from the one"),
+    (record_of(s=0.05), "The noise schedule differs from the one"),
     (RECORD | {"noise_scheduler": RECORD["noise_scheduler"] | {"prediction_type": "v_prediction"}},
-     ("says the model predicts 'v_prediction', but the sampler's prediction_type is epsilon; drop the sampler's "
-      "prediction_type override")),
+     "says the model predicts 'v_prediction', but the scheduler's prediction_type is epsilon"),
+    (None, "There is no run.json beside"),
+    (RECORD | {"network": None}, "does not record its network's constructor arguments"),
 ])
-def test_a_checkpoint_of_another_noise_schedule_is_refused(checkpoint, tmp_path, record, message):
-    """The sampler is checked against the training run's T, schedule name, prediction type and ᾱ before any work."""
+def test_a_checkpoint_whose_record_cannot_rebuild_it_is_refused(checkpoint, tmp_path, record, message):
+    """The sampler built from the record is checked against its prediction type and ᾱ (a schedule whose arguments the
+    training run overrode), and a checkpoint without a record, or a record without the network, is refused, all
+    before any work."""
     ckpt = _checkpoint_with_record(checkpoint, tmp_path / "other", record)
     result = infer(CLI | {"ckpt_path": ckpt, "output_dir": tmp_path / "O", "num_samples": 1})
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "O").exists()
-
-
-def test_a_checkpoint_without_a_run_record_samples_on_a_default_grid_with_a_warning(checkpoint, tmp_path):
-    """A checkpoint from elsewhere: nothing can be checked; the samples get a centred 1.5 mm RAS grid."""
-    ckpt = _checkpoint_with_record(checkpoint, tmp_path / "elsewhere", None)
-    result = infer(CLI | {"ckpt_path": ckpt, "output_dir": tmp_path / "O", "num_samples": 1})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "There is no run.json beside" in result.stdout + result.stderr
-    np.testing.assert_allclose(nib.load(tmp_path / "O" / "sample_000_t1.nii.gz").affine, default_affine([16, 16, 16]))
 
 
 @pytest.mark.parametrize("sampler, steps", [("pndm", "3/3"), ("ddpm", "50/50")])
@@ -330,14 +330,15 @@ def linear_beta_run(tmp_path_factory) -> Path:
 
 
 def test_a_model_trained_on_another_schedule_samples_with_it_and_only_with_it(linear_beta_run, tmp_path):
+    """No flag names the schedule: the record does; naming another is refused."""
     record = json.loads((linear_beta_run / RUN_RECORD).read_text())
     assert record["noise_scheduler"]["schedule"] == "linear_beta"
     base = CLI | {"ckpt_path": linear_beta_run / "model.pt", "num_samples": 1}
-    refused = infer(base | {"output_dir": tmp_path / "P"})  # inference's default schedule, cosine
+    refused = infer(base | {"output_dir": tmp_path / "P", "schedule": "cosine"})
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "pass --schedule linear_beta" in refused.stderr and not (tmp_path / "P").exists()
     for sampler in ("ddim", "pndm"):
-        result = infer(base | {"output_dir": tmp_path / sampler, "schedule": "linear_beta", "sampler": sampler})
+        result = infer(base | {"output_dir": tmp_path / sampler, "sampler": sampler})
         assert result.returncode == 0, result.stderr[-3000:]
         image = nib.load(tmp_path / sampler / "sample_000_t1.nii.gz")
         np.testing.assert_allclose(image.affine, record["affine"])

@@ -18,7 +18,7 @@ from bundle.data import PHANTOM_FOLDER, PHANTOM_PREFIX, discover_cases, preproce
 from bundle.data.phantoms import brats_affine
 from bundle.errors import BadInputError
 from bundle.inference import to_original_grid
-from bundle.run_record import RUN_RECORD, load_run_record
+from bundle.run_record import RUN_RECORD, TrainedModel
 
 GRID = ((60, 64, 40), 2.0)  # the phantoms' own grid: a small BraTS-like frame, 2 mm
 BOX = [24, 28, 20]  # voxels of 4 mm: a non-cubic box, cropped in x and y, padded in z
@@ -102,14 +102,13 @@ def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_gr
     np.testing.assert_allclose(record["original_grid"]["affine"], brats_affine(*GRID))
     np.testing.assert_allclose(np.abs(np.asarray(record["affine"])[:3, :3]), 4.0 * np.eye(3))
 
-    with pytest.raises(BadInputError, match=r"a \[4.0, 4.0, 4.0\] mm native grid.*pass --spacing 4.0"):
-        load_run_record(tmp_path / "models" / "model.pt", spatial_size=BOX, modalities=["t1", "t2"], spacing=2.0)
+    refusal = "trained with spacing=4.0, but this run gives spacing=2.0; pass --spacing 4.0"
+    with pytest.raises(BadInputError, match=refusal):
+        TrainedModel(tmp_path / "models" / "model.pt").check(spacing=2.0)
 
     infer = run_bundle("configs/inference.json", {
         "ckpt_path": tmp_path / "models" / "model.pt", "output_dir": tmp_path / "samples", "num_samples": "1",
-        "spatial_size": str(BOX).replace(" ", ""), "network_def#channels": SMALL_TRAINING["network_def#channels"],
-        "attention_levels": SMALL_TRAINING["attention_levels"], "num_train_timesteps": "100", "sampler": "ddim",
-        "num_inference_steps": "2",
+        "sampler": "ddim", "num_inference_steps": "2",
     })
     assert infer.returncode == 0, infer.stderr[-3000:]
     written = nib.load(tmp_path / "samples" / "sample_000_t2.nii.gz")
@@ -121,14 +120,14 @@ def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_gr
 
 
 @pytest.mark.parametrize("recorded, asked, message", [
-    (None, 4.0, ("trained on the resized grid (spacing null), but the configuration asks for spacing=4.0; "
-                 "pass --spacing null.")),
-    ([4.0, 4.0, 8.0], None, ("trained on a [4.0, 4.0, 8.0] mm native grid, but the configuration asks for "
-                             "spacing=None; pass --spacing '[4.0,4.0,8.0]'.")),
+    (None, 4.0, "trained with spacing=null, but this run gives spacing=4.0; pass --spacing null,"),
+    ([4.0, 4.0, 8.0], None, ("trained with spacing=\"[4.0,4.0,8.0]\", but this run gives spacing=null; pass --spacing "
+                             "\"[4.0,4.0,8.0]\",")),
 ])
 def test_another_spacing_than_the_training_runs_is_refused_with_the_value_to_pass(tmp_path, recorded, asked, message):
+    (tmp_path / "model.pt").write_bytes(b"")
     (tmp_path / RUN_RECORD).write_text(json.dumps({"spatial_size": BOX, "modalities": ["t1"], "spacing": recorded}))
     with pytest.raises(BadInputError) as error:
-        load_run_record(tmp_path / "model.pt", spatial_size=BOX, modalities=["t1"], spacing=asked)
+        TrainedModel(tmp_path / "model.pt").check(spacing=asked)
     assert message in str(error.value)
-    assert load_run_record(tmp_path / "model.pt", spatial_size=BOX, modalities=["t1"], spacing=recorded)
+    assert TrainedModel(tmp_path / "model.pt").check(spacing=recorded, spatial_size=BOX, modalities=["t1"])

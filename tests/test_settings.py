@@ -83,7 +83,7 @@ def _record_beside(folder, schedule: str = "cosine", spatial_size=(16, 16, 16)) 
     image = torch.zeros(2, *spatial_size)
     record = run_record(case={"image": image}, modalities=["t1", "t2"],
                         noise_scheduler=DDPMScheduler(100, schedule=schedule),
-                        schedule=schedule, validation_cases=["a"])
+                        schedule=schedule, validation_cases=["a"], network=torch.nn.Identity())
     (folder / RUN_RECORD).write_text(json.dumps(record))
 
 
@@ -102,14 +102,15 @@ def test_the_checkpoint_folder_is_checked_last_against_resume_and_overwrite(tmp_
     (models / "training_state.pt").write_bytes(b"")
     _record_beside(models, "linear_beta")
     with pytest.raises(BadInputError,
-                       match="trained with the 'linear_beta' noise schedule.*pass --schedule linear_beta"):
+                       match="trained with schedule=linear_beta, but this run gives schedule=cosine; pass --schedule "
+                             "linear_beta"):
         TrainingSettings(**_settings(tmp_path, resume=True))
     TrainingSettings(**_settings(tmp_path, resume=True, schedule="linear_beta",
                                  noise_scheduler=DDPMScheduler(100, schedule="linear_beta")))
     with pytest.raises(BadInputError, match="pass --num_train_timesteps 100"):
         TrainingSettings(**_settings(tmp_path, resume=True, schedule="linear_beta",
                                      noise_scheduler=DDPMScheduler(50, schedule="linear_beta")))
-    with pytest.raises(BadInputError, match=r"spatial_size=\[16, 16, 16\].*--spatial_size"):
+    with pytest.raises(BadInputError, match=r"spatial_size=\"\[16,16,16\]\".*--spatial_size"):
         TrainingSettings(**_settings(tmp_path, resume=True, spatial_size=[8, 8, 8], schedule="linear_beta",
                                      noise_scheduler=DDPMScheduler(100, schedule="linear_beta")))
 

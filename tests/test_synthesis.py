@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMALL_TRAINING, redraw_zero_init_, relative_error, run_bundle
+from conftest import ROOT, SMALL_TRAINING, recorded_checkpoint, redraw_zero_init_, relative_error, run_bundle
 from monai.bundle import ConfigParser
 
 from bundle.data import preprocessing, write_brats_phantoms
@@ -22,8 +22,8 @@ from bundle.settings import check_modalities
 from bundle.synthesis import OntoInputGridd, RegressionInferer, input_cases, translation_scores
 
 T1_TO_T2 = {"condition_modalities": "['t1']", "modalities": "['t2']"}
-SAMPLING = {"sampler": "ddim", "num_inference_steps": "3", "num_train_timesteps": "100"}
-NETWORK = {k: SMALL_TRAINING[k] for k in ("spatial_size", "network_def#channels", "attention_levels")}
+SAMPLING = {"sampler": "ddim", "num_inference_steps": "3"}
+TRANSLATE = "['configs/inference.json','configs/translate.json']"
 
 
 REGRESSION = {k: v for k, v in SMALL_TRAINING.items() if k != "network_def#channels"} | {"regression_channels": "[4,8]"}
@@ -48,33 +48,46 @@ def conditioned(tmp_path_factory) -> Path:
     return folder
 
 
-def _inference(folder: Path, output: Path, **overrides) -> object:
-    return run_bundle("configs/inference.json", NETWORK | SAMPLING | T1_TO_T2 | {
-        "ckpt_path": folder / "models" / "model.pt", "output_dir": output} | overrides)
+def _inference(folder: Path, output: Path, config: str = TRANSLATE, **overrides) -> object:
+    run = {"ckpt_path": folder / "models" / "model.pt", "output_dir": output}
+    return run_bundle(config, SAMPLING | run | overrides)
 
 
 def test_the_run_record_names_the_condition_and_the_network_reads_it(conditioned):
     record = json.loads((conditioned / "models" / "run.json").read_text())
+    assert record["task"] == "translation"
     assert record["modalities"] == ["t2"] and record["condition_modalities"] == ["t1"]
+    assert record["network"]["in_channels"] == 2 and record["network"]["out_channels"] == 1
     weights = torch.load(conditioned / "models" / "model.pt", weights_only=True)
     assert weights["stem.weight"].shape[1] == 2 and weights["head.weight"].shape[0] == 1
 
 
-@pytest.mark.parametrize(("condition", "named"), [("[]", "condition_modalities=[]"),
-                                                  ("['flair']", "condition_modalities=['flair']")])
+@pytest.mark.parametrize(("condition", "named"), [("[]", "condition_modalities=\"[]\""),
+                                                  ("['flair']", "condition_modalities=\"['flair']\"")])
 def test_a_resume_with_another_condition_is_refused_by_name(conditioned, condition, named):
     result = _train(conditioned, **{"condition_modalities": condition, "train#trainer#max_epochs": 3,
                                     "resume": "true"})
     assert result.returncode == 1
     message = result.stderr.replace("\n", " ")
-    assert "trained to generate ['t2'] from ['t1']" in message and named in message
-    assert "--condition_modalities \"['t1']\"" in message
+    assert "trained with condition_modalities=\"['t1']\"" in message and named in message
+    assert "pass --condition_modalities \"['t1']\"" in message
 
 
 def test_inference_with_another_condition_is_refused_by_name(conditioned, tmp_path):
     result = _inference(conditioned, tmp_path / "out", condition_modalities="['t1ce']",
                         input_files="{'t1ce': 'x.nii.gz'}")
-    assert result.returncode == 1 and "condition_modalities" in result.stderr
+    assert result.returncode == 1 and "pass --condition_modalities \"['t1']\"" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_inference_config_refuses_the_other_task_naming_the_config_to_use(conditioned, tmp_path):
+    """inference.json generates from noise; a translation model is run with the translate.json overlay, and the
+    overlay refuses a model that generates from noise."""
+    generation = _inference(conditioned, tmp_path / "out", config="configs/inference.json")
+    assert generation.returncode == 1 and "['configs/inference.json','configs/translate.json']" in generation.stderr
+    generator = recorded_checkpoint(tmp_path / "generator")
+    translation = run_bundle(TRANSLATE, {"ckpt_path": generator, "output_dir": tmp_path / "out"})
+    assert translation.returncode == 1 and "run it with configs/inference.json alone" in translation.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -135,9 +148,9 @@ def test_input_files_must_give_every_given_modality():
 
 
 def test_evaluation_measures_the_translation_against_the_real_volume_and_the_identity(conditioned, tmp_path):
-    result = run_bundle("['configs/train.json','configs/evaluate.json']", SMALL_TRAINING | T1_TO_T2 | {
+    result = run_bundle("['configs/train.json','configs/evaluate.json']", {
         "dataset_dir": conditioned / "data", "ckpt_dir": conditioned / "models", "output_dir": tmp_path / "eval",
-        "num_inference_steps": 3})
+        "num_inference_steps": 3, "num_workers": 0})
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     translation = metrics["translation"]
@@ -264,14 +277,11 @@ def test_the_preprocessed_input_put_back_on_its_grid_overlays_the_file(tmp_path)
 
 
 def test_monai_label_style_image_in_image_out(conditioned, tmp_path):
-    """MONAI Label's BundleInferTask: inference.json's network_def, weights, preprocessing of one T1 file, the
+    """MONAI Label's BundleInferTask: the translation config's network_def, weights, preprocessing of one T1 file, the
     inferer as inferer(inputs, network), postprocessing: a T2 of the T1's shape and affine."""
     parser = ConfigParser()
-    parser.read_config(ROOT / "configs/inference.json")
-    overrides = {"spatial_size": [16, 16, 16], "network_def#channels": [8, 16, 32],
-                 "attention_levels": [False, True, True], "num_train_timesteps": 100, "sampler": "ddim",
-                 "num_inference_steps": 2, "condition_modalities": ["t1"], "modalities": ["t2"],
-                 "ckpt_path": str(conditioned / "models" / "model.pt")}
+    parser.read_config([ROOT / "configs/inference.json", ROOT / "configs/translate.json"])
+    overrides = {"sampler": "ddim", "num_inference_steps": 2, "ckpt_path": str(conditioned / "models" / "model.pt")}
     for key, value in overrides.items():
         parser[key] = value
     network = parser.get_parsed_content("network_def", lazy=False)
@@ -307,7 +317,7 @@ def test_the_planner_counts_the_given_channels():
 
 def test_the_conditional_network_matches_its_metadata(tmp_path):
     """``conditional_network_data_format`` of metadata.json, checked as MONAI's ``verify_net_in_out`` checks the
-    unconditional one, on inference.json's network for T1 → T2."""
+    unconditional one, on the network of a T1 → T2 model."""
     from monai.bundle import verify_net_in_out
 
     metadata = json.loads((ROOT / "configs" / "metadata.json").read_text())
@@ -316,8 +326,7 @@ def test_the_conditional_network_matches_its_metadata(tmp_path):
     meta_file.write_text(json.dumps(metadata | {"network_data_format": {k: conditional[k] for k in ("inputs",
                                                                                                   "outputs")}}))
     verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=str(ROOT / "configs/inference.json"),
-                      extra_forward_args={"timesteps": torch.tensor([10])}, condition_modalities=["t1"],
-                      modalities=["t2"], **{"network_def#channels": [8, 16, 32]},
-                      attention_levels=[False, True, True])
+                      extra_forward_args={"timesteps": torch.tensor([10])},
+                      ckpt_path=str(recorded_checkpoint(tmp_path / "t1_to_t2", ("t2",), ("t1",))))
     assert conditional["task_inputs"]["image"]["num_channels"] == 1
     assert conditional["task_outputs"]["pred"]["num_channels"] == 1

@@ -155,7 +155,8 @@ def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_le
                        "resume": "true"}
     # a resume must be the run it continues: other settings are refused by name, before training
     other_t = train(resume | {"num_train_timesteps": "200"})
-    assert other_t.returncode == 1 and "num_train_timesteps=100, but this run has 200" in other_t.stderr
+    assert other_t.returncode == 1
+    assert "num_train_timesteps=100, but this run gives num_train_timesteps=200" in other_t.stderr
     other_net = train(resume | {"network_def#channels": "[8,16,64]"})
     assert other_net.returncode == 1 and "training_state.pt was written by another network_def" in other_net.stderr
     assert "of another shape" in other_net.stderr and "Traceback" not in other_net.stderr

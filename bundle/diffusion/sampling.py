@@ -4,11 +4,12 @@ steps along its own grid."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from monai.inferers import Inferer
-from monai.networks.schedulers import DDIMScheduler, Scheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, Scheduler
 from monai.networks.schedulers.scheduler import NoiseSchedules
 from torch import nn
 from tqdm import tqdm
@@ -17,7 +18,7 @@ from ..errors import BadInputError
 from .maths import predict_start_from_noise, to_image_range, to_model_range, with_condition
 from .noise import seeded_generator
 
-__all__ = ["DiffusionSampler", "GridDDIMScheduler", "choose_sampler", "noise_schedule"]
+__all__ = ["SAMPLERS", "DiffusionSampler", "GridDDIMScheduler", "make_sampler", "noise_schedule"]
 
 
 def noise_schedule(schedule: str) -> str:
@@ -30,20 +31,6 @@ def noise_schedule(schedule: str) -> str:
     if schedule not in names:
         raise BadInputError(f"schedule must be one of {names} (MONAI's noise schedules), got {schedule!r}.")
     return schedule
-
-
-def choose_sampler(samplers: Mapping[str, Scheduler], sampler: str) -> Scheduler:
-    """``samplers[sampler]``: the noise scheduler of the sampler that the configuration names.
-
-    Raises:
-        BadInputError: for a name that is not one of ``samplers`` (the configuration's ``samplers`` section, where a
-            new MONAI scheduler is one more entry).
-    """
-    if sampler not in samplers:
-        raise BadInputError(
-            f"sampler must be one of {sorted(samplers)} (the configuration's samplers section), got {sampler!r}."
-        )
-    return samplers[sampler]
 
 
 class GridDDIMScheduler(DDIMScheduler):
@@ -124,6 +111,36 @@ class GridDDIMScheduler(DDIMScheduler):
         return previous_sample, original
 
 
+SAMPLERS: dict[str, Callable[..., Scheduler]] = {
+    "ddpm": DDPMScheduler,
+    "ddim": GridDDIMScheduler,
+    "pndm": partial(PNDMScheduler, skip_prk_steps=True),
+}
+"""The samplers by name, each a MONAI noise scheduler taking ``num_train_timesteps`` and ``schedule`` (DDIM also
+``eta``): a new sampler is one more entry."""
+
+
+def make_sampler(name: str, num_train_timesteps: int, schedule: str, eta: float = 0.0) -> Scheduler:
+    """The sampler ``name`` (:data:`SAMPLERS`) along the noise schedule ``schedule`` of T = ``num_train_timesteps``
+    (the trained model's, from its record); ``eta``: DDIM's stochasticity (0: deterministic, 1: DDPM-like).
+
+    Raises:
+        BadInputError: for a name not in :data:`SAMPLERS`, a ``schedule`` that is not MONAI's, or an ``eta`` other
+            than 0 for a sampler other than DDIM.
+    """
+    if name not in SAMPLERS:
+        raise BadInputError(f"sampler must be one of {sorted(SAMPLERS)}; got {name!r}.")
+    if name != "ddim" and eta != 0:
+        raise BadInputError(f"eta sets DDIM's stochasticity (--sampler ddim); the {name} sampler takes none, got "
+                            f"eta={eta!r}: drop --eta.")
+    options = {"eta": eta} if name == "ddim" else {}
+    return SAMPLERS[name](num_train_timesteps=num_train_timesteps, schedule=noise_schedule(schedule), **options)
+
+
+FEW_STEPS = 50
+"""The default number of steps of the samplers other than DDPM (whose default is the full chain of T)."""
+
+
 class DiffusionSampler(Inferer):
     """``sampler(inputs, network)`` → images (B, C, *S) in [0, 1], with ``inputs`` only a shape reference; for a
     conditioned model (``conditioned``) ``inputs`` are the given modalities (B, K, *S) in [0, 1], which the network
@@ -140,7 +157,8 @@ class DiffusionSampler(Inferer):
     Args:
         scheduler: a MONAI noise scheduler (``DDPMScheduler``, :class:`GridDDIMScheduler`, ``PNDMScheduler``, …) of the
             trained model's noise schedule.
-        num_inference_steps: steps of the chain, in [1, T] (T, ``scheduler.num_train_timesteps``: the full DDPM chain).
+        num_inference_steps: steps of the chain, in [1, T] (T, ``scheduler.num_train_timesteps``: the full DDPM chain);
+            None: T for DDPM, :data:`FEW_STEPS` for the others.
         seed: seed of the run's samples.
         progress: show a progress bar over the steps.
         num_channels: channels to generate; default: those of ``inputs`` (set it when the reference
@@ -154,7 +172,7 @@ class DiffusionSampler(Inferer):
     def __init__(
         self,
         scheduler: Scheduler,
-        num_inference_steps: int,
+        num_inference_steps: int | None = None,
         seed: int = 0,
         progress: bool = True,
         num_channels: int | None = None,
@@ -162,6 +180,8 @@ class DiffusionSampler(Inferer):
     ) -> None:
         super().__init__()
         total = scheduler.num_train_timesteps
+        if num_inference_steps is None:
+            num_inference_steps = total if type(scheduler) is DDPMScheduler else min(FEW_STEPS, total)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
                 or not 1 <= num_inference_steps <= total:
             raise BadInputError(

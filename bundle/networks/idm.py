@@ -53,6 +53,12 @@ class InvertibleDiffusionUNet(nn.Module):
             Settable on a built model; ``configs/train.json`` also takes ``"auto"`` (what the device has to
             spare, by the memory plan).
 
+    Attributes:
+        config: the constructor arguments that fix the weights' shapes and meaning (all but the run-time options
+            ``memory_efficient``, ``recompute_norms`` and ``memory_budget``), as JSON values: what a training run
+            records beside its checkpoint (``run.json``) and :class:`~bundle.run_record.TrainedModel` builds the
+            network again from. None for a network built with custom ``block`` or ``attention`` factories.
+
     Raises:
         TypeError: when a flag is not a bool (the configs convert command-line strings), see
             :class:`InvertibleUNet`.
@@ -81,6 +87,12 @@ class InvertibleDiffusionUNet(nn.Module):
             raise ValueError(f"in_channels and out_channels must be ≥ 1, got {in_channels}, {out_channels}.")
         width = int(channels[0])
         embed = time_embed_dim or 4 * width
+        self.config = None if block is not None or attention is not None else {
+            "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
+            "channels": [int(c) for c in channels], "num_blocks": num_blocks,
+            "attention_levels": None if attention_levels is None else [bool(a) for a in attention_levels],
+            "channel_mixing": channel_mixing, "num_heads": num_heads, "time_embed_dim": time_embed_dim,
+        }
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
