@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from .errors import BadInputError
 from .run_record import RUN_RECORD, check_resumed_run
-from .utils import unwrap
+from .utils import is_not_rank0, unwrap
 
 __all__ = [
     "TrainingCheckpoint", "atomic_save", "check_checkpoint_folder", "load_checkpoint", "remove_stale_temporary_files",
@@ -33,11 +33,6 @@ logger = logging.getLogger(__name__)
 
 IMPLEMENTATION_OPTIONS = ("fused", "foreach")
 """Optimizer options that choose the update kernel, not the training: resuming keeps the configured ones."""
-
-
-def _writes_outputs() -> bool:
-    """Whether this process writes the run's files: always, except ranks > 0 under ``torch.distributed``."""
-    return not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0)
 
 
 TEMPORARY_FILE = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>\d+)")
@@ -236,12 +231,12 @@ class TrainingCheckpoint:
         event files in ``log_dir`` only get a warning (TensorBoard and :func:`bundle.visualize.read_scalars` merge
         them with this run's).
         """
-        if _writes_outputs():
+        if not is_not_rank0():
             remove_stale_temporary_files(self.ckpt_dir)
         if resume:
             self.load(engine)
             return
-        if not _writes_outputs():
+        if is_not_rank0():
             return
         events = self.earlier_event_files()
         if not overwrite:
@@ -260,7 +255,7 @@ class TrainingCheckpoint:
                            ", ".join(map(str, earlier)))
 
     def save(self, engine: Engine) -> None:
-        if not _writes_outputs():
+        if is_not_rank0():
             return
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         state = {name: obj.state_dict() for name, obj in self.objects.items()}

@@ -6,10 +6,12 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -418,6 +420,44 @@ def test_two_process_distributed_training(six_cases, tmp_path):
     assert isinstance(network, torch.nn.Module)
     log = result.stdout + result.stderr
     assert log.count("IDMTrainer - INFO - Epoch[1] Complete") == 2  # both ranks trained
+
+
+def _handlers_on_rank1(train_config: dict) -> dict[str, list[str]]:
+    """The handlers of ``train_config`` under ``multi_gpu_train.json`` on a rank > 0 (``is_not_rank0`` true, on a
+    terminal): each engine's enabled handlers, by ``_target_``, as the config's ``_disabled_`` keys decide."""
+    parser = ConfigParser(train_config)
+    for key, value in json.loads((ROOT / "configs" / "multi_gpu_train.json").read_text()).items():
+        parser[key] = value  # as --config_file "[train, overlay]" merges them
+    parser["is_not_rank0"] = True
+    parser["generation_interval"] = 10
+    enabled = {}
+    for engine in ("train", "validate"):
+        enabled[engine] = []
+        for index, handler in enumerate(parser[f"{engine}#handlers"]):
+            if isinstance(handler, dict) and "_disabled_" in handler:
+                with patch("os.isatty", return_value=True):
+                    if parser.get_parsed_content(f"{engine}#handlers#{index}#_disabled_"):
+                        continue
+            enabled[engine].append(handler["_target_"] if isinstance(handler, dict) else handler)
+    return enabled
+
+
+def test_the_multi_gpu_overlay_names_what_it_changes_and_a_new_handler_moves_nothing():
+    """Ranks > 0 train and validate but write no logs, curves or progress bars: every such handler says so in
+    train.json (``_disabled_`` by ``is_not_rank0``, which the overlay sets), so inserting a handler anywhere in
+    train.json leaves the others as they were (the overlay used to disable handlers by their list positions)."""
+    overlay = json.loads((ROOT / "configs" / "multi_gpu_train.json").read_text())
+    assert not [key for key in overlay if re.search(r"#\d+(#|$)", key)], "the overlay picks list items by position"
+    assert "initialize" not in overlay
+    train = json.loads((ROOT / TRAIN).read_text())
+    expected = {"train": ["LrScheduleHandler", "ValidationHandler", "bundle.handlers.NonFiniteLossGuard",
+                          "@checkpoint"], "validate": []}
+    assert _handlers_on_rank1(train) == expected
+    inserted = {"_target_": "EarlyStopHandler", "patience": 3, "score_function": "$lambda engine: 0.0"}
+    for engine in ("train", "validate"):
+        edited = json.loads(json.dumps(train))
+        edited[engine]["handlers"].insert(0, inserted)
+        assert _handlers_on_rank1(edited) == expected | {engine: ["EarlyStopHandler", *expected[engine]]}
 
 
 def test_plot_training_curve_writes_beside_the_event_files_and_keeps_an_existing_figure(tmp_path):
