@@ -167,6 +167,8 @@ class TrainingCheckpoint:
             run take its validation cases.
         log_dir: the run's TensorBoard folder (``output_dir``), whose earlier event files an overwriting run
             removes; None: none.
+        resume, overwrite: the run's settings: what :meth:`prepare` does when the handler is attached to the trainer
+            (as the trainer is built, before it runs).
     """
 
     MODEL = "model.pt"
@@ -182,8 +184,11 @@ class TrainingCheckpoint:
         ema=None,
         run_record: dict | None = None,
         log_dir: str | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
+        self.resume, self.overwrite = resume, overwrite
         self.run_record = run_record
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.objects = {
@@ -218,9 +223,11 @@ class TrainingCheckpoint:
         return sorted(p for p in self.log_dir.glob("events.out.tfevents.*") if own not in p.name)
 
     def attach(self, engine: Engine) -> None:
+        """Prepares the checkpoint folder for ``engine`` (:meth:`prepare`) and saves after every epoch."""
+        self.prepare(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
-    def prepare(self, engine: Engine, resume: bool, overwrite: bool = False) -> None:
+    def prepare(self, engine: Engine) -> None:
         """Before training, once :func:`check_checkpoint_folder` has passed: removes the temporary files of earlier
         writers that were killed (:func:`remove_stale_temporary_files`), then restores the full state when ``resume``.
 
@@ -233,13 +240,13 @@ class TrainingCheckpoint:
         """
         if not is_not_rank0():
             remove_stale_temporary_files(self.ckpt_dir)
-        if resume:
+        if self.resume:
             self.load(engine)
             return
         if is_not_rank0():
             return
         events = self.earlier_event_files()
-        if not overwrite:
+        if not self.overwrite:
             if events:
                 logger.warning(
                     "output_dir %s already holds %d TensorBoard event files of earlier runs: TensorBoard and "

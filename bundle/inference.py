@@ -1,5 +1,7 @@
-"""Generation: checkpoint → N synthetic volumes, one NIfTI per modality plus a mid-slice PNG per sample, on the
-training grid or, for a registered dataset trained on its native grid, on the dataset's own grid."""
+"""Generation: a trained model → N synthetic volumes, one NIfTI per modality plus a mid-slice PNG per sample, on the
+training grid or, for a registered dataset trained on its native grid, on the dataset's own grid. ``inference.json``
+runs it as a MONAI ``SupervisedEvaluator`` over the sample indices (:class:`NoiseShape` gives the sampler its shape,
+:class:`SampleWriter` writes what it returns)."""
 
 from __future__ import annotations
 
@@ -7,20 +9,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
 from monai.data import MetaTensor
-from monai.inferers import Inferer
 from monai.transforms import SpatialResample
-from torch import nn
 
-from .checkpoint import load_checkpoint
+from .outputs import write_volumes
 from .run_record import TrainedModel
 from .settings import InferenceSettings
-from .visualize import save_mid_slices_png
 
-__all__ = ["generate", "onto_grid", "to_original_grid"]
+__all__ = ["NoiseShape", "SampleWriter", "onto_grid", "to_original_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,48 +47,56 @@ def to_original_grid(sample: torch.Tensor, run_record: dict) -> tuple[torch.Tens
     return onto_grid(sample, affine, target, grid["spatial_size"]), target
 
 
-def generate(
-    *,
-    network: nn.Module,
-    inferer: Inferer,
-    model: TrainedModel,
-    settings: InferenceSettings,
-) -> list[dict[str, Path]]:
-    """Samples ``settings.num_samples`` volumes of the trained ``model`` (``network`` is built from it, and its
-    checkpoint loaded here), ``settings.batch_size`` at a time, and writes them to ``settings.output_dir``
-    (:meth:`~bundle.settings.InferenceSettings.sample_paths`; values in [0, 1], on the dataset's own grid where the
-    run record has one, else on the training grid ``model.record["affine"]``: :func:`to_original_grid`).
+class NoiseShape:
+    """The ``prepare_batch`` of a generation evaluator: a batch of sample records → (zeros (B, *shape), None), the
+    shape reference that :class:`~bundle.diffusion.DiffusionSampler` draws x_T for."""
 
-    The settings were checked when ``settings`` was built, earlier samples included; with ``overwrite`` every sample
-    file of an earlier run is removed once the checkpoint has loaded, before sampling, so that none is left beside this
-    run's samples or taken for one of them (also when this run has fewer samples, or is stopped part-way).
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(shape)
 
-    Raises:
-        BadInputError: for a checkpoint that does not fit ``network``.
-    """
-    device, output_dir = torch.device(settings.device), settings.output_dir
-    num_samples, batch_size = settings.num_samples, settings.batch_size
-    modalities, run_record = model.modalities, model.record
-    paths = settings.sample_paths(modalities)
-    earlier = settings.earlier_samples()
-    load_checkpoint(network, model.ckpt_path).to(device)
-    for path in earlier:
-        path.unlink()
-    if earlier:
-        logger.warning("--overwrite true: removed %d sample files of an earlier run from %s.", len(earlier), output_dir)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    shape = (len(modalities), *run_record["spatial_size"])
-    if "original_grid" in run_record:
-        logger.info("samples are written on the dataset's grid (%s voxels), the training box padded back",
-                    "×".join(map(str, run_record["original_grid"]["spatial_size"])))
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
-        samples = inferer(torch.zeros((count, *shape), device=device), network).cpu()
-        for offset, sample in enumerate(samples):
-            entry = paths[start + offset]
-            written, affine = to_original_grid(sample, run_record)
-            for channel, modality in enumerate(modalities):
-                nib.save(nib.Nifti1Image(written[channel].numpy().astype(np.float32), affine), entry[modality])
-            save_mid_slices_png(sample, modalities, entry["png"])
-        logger.info("wrote samples %d–%d of %d to %s", start, start + count - 1, num_samples, output_dir)
-    return paths
+    def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False,
+                 **kwargs) -> tuple[torch.Tensor, None]:
+        return torch.zeros((len(batchdata["sample"]), *self.shape), device=device), None
+
+
+class SampleWriter:
+    """The generation evaluator's writer (an Ignite handler). When the run starts, with ``settings.overwrite``, it
+    removes every sample file of an earlier run in ``settings.output_dir`` (the checkpoint has loaded by then: the
+    network was built with it), so that none is left beside this run's samples or taken for one of them (also when
+    this run has fewer samples, or is stopped part-way). After each iteration it writes each sample ``pred``
+    (C, *S) in [0, 1] as :meth:`~bundle.settings.InferenceSettings.sample_paths` names it
+    (:func:`~bundle.outputs.write_volumes`): on the dataset's own grid where the ``model``'s record has one, else on
+    the training grid (:func:`to_original_grid`)."""
+
+    def __init__(self, settings: InferenceSettings, model: TrainedModel) -> None:
+        self.settings, self.model = settings, model
+        self.paths = settings.sample_paths(model.modalities)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write)
+
+    def start(self, engine: Engine) -> None:
+        output_dir = self.settings.output_dir
+        earlier = self.settings.earlier_samples()
+        for path in earlier:
+            path.unlink()
+        if earlier:
+            logger.warning("--overwrite true: removed %d sample files of an earlier run from %s.", len(earlier),
+                           output_dir)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        grid = self.model.record.get("original_grid")
+        if grid is not None:
+            logger.info("samples are written on the dataset's grid (%s voxels), the training box padded back",
+                        "×".join(map(str, grid["spatial_size"])))
+
+    def write(self, engine: Engine) -> None:
+        indices = []
+        for item, output in zip(engine.state.batch, engine.state.output, strict=True):
+            index = int(item["sample"])
+            sample = torch.as_tensor(output["pred"]).detach().cpu()
+            written, affine = to_original_grid(sample, self.model.record)
+            write_volumes(written, affine, self.paths[index], sample, self.model.modalities)
+            indices.append(index)
+        logger.info("wrote samples %d–%d of %d to %s", indices[0], indices[-1], self.settings.num_samples,
+                    self.settings.output_dir)

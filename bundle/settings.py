@@ -23,6 +23,7 @@ from .diffusion.engines import autocast_dtype
 from .diffusion.loss import micro_batches
 from .errors import BadInputError
 from .flags import as_flag, as_memory_budget
+from .outputs import refuse_earlier_outputs
 from .utils import check_output_folder
 
 __all__ = ["EvaluationSettings", "InferenceSettings", "TrainingSettings", "check_modalities"]
@@ -229,13 +230,8 @@ class InferenceSettings:
                 raise BadInputError(f"{name} must be a positive integer; got {value!r}.")
         _check_device(self.device)
         check_output_folder(self.output_dir, "output_dir")
-        earlier = self.earlier_samples()
-        if earlier and not self.overwrite:
-            raise BadInputError(
-                f"{len(earlier)} sample files of an earlier run already exist in output_dir {str(self.output_dir)!r} "
-                f"(e.g. {earlier[0].name}); pass --overwrite true to replace them all (none is kept beside the new "
-                "samples) or choose another --output_dir."
-            )
+        if not self.overwrite:
+            refuse_earlier_outputs(self.earlier_samples(), self.output_dir)
 
     def sample_paths(self, modalities: Sequence[str]) -> list[dict[str, Path]]:
         """``[{modality: …/sample_000_<modality>.nii.gz, "png": …/sample_000.png}, …]``, ``num_samples`` of them."""
@@ -288,10 +284,8 @@ class EvaluationSettings:
             raise BadInputError(f"generation_reference must be one of {list(GENERATION_REFERENCES)} (the split the "
                                 f"samples are compared with); got {self.generation_reference!r}.")
         check_output_folder(self.output_dir, "output_dir")
-        if any(p.exists() for p in self.outputs) and not self.overwrite:
-            raise BadInputError(
-                f"{self.outputs[0]} already exists; pass --overwrite true or choose another --output_dir."
-            )
+        if not self.overwrite:
+            refuse_earlier_outputs([p for p in self.outputs if p.exists()], self.output_dir)
         _check_val_timestep_fractions(self.val_timestep_fractions)
         if not _number(self.reconstruction_fraction) or not 0 <= self.reconstruction_fraction < 1:
             raise BadInputError(

@@ -1,8 +1,7 @@
-"""Missing-modality synthesis: a conditioned model generates the modalities a study lacks from those it has
-(``docs/synthesis.md``). Here: the inference on real inputs (:func:`synthesize`), the measures against ground truth
-with the identity baseline (:func:`translation_scores`, :func:`evaluate_translation`) and the classic baseline, a
-deterministic L1 regression trained and evaluated by the same configs (:func:`condition_and_target`,
-:class:`RegressionInferer`)."""
+"""Missing-modality synthesis measured (``docs/synthesis.md``): translations against ground truth with the identity
+baseline (:func:`translation_scores`, :func:`translate_split`, :func:`evaluate_translation`), and the classic
+baseline, a deterministic L1 regression trained and evaluated by the same configs (:func:`condition_and_target`,
+:class:`RegressionInferer`). The inference on real inputs is :mod:`bundle.translation`'s."""
 
 from __future__ import annotations
 
@@ -11,37 +10,23 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.metrics.regression import compute_ssim_and_cs
-from monai.transforms import Compose, MapTransform
 from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .data.discovery import discover_cases
-from .data.preflight import preflight
 from .data.transforms import foreground
 from .diffusion.maths import to_image_range, to_model_range
 from .errors import BadInputError
-from .inference import onto_grid
-from .run_record import TrainedModel
 from .settings import EvaluationSettings
-from .utils import check_output_folder
-from .visualize import save_mid_slices_png
 
 __all__ = [
-    "OntoInputGridd",
     "RegressionInferer",
     "condition_and_target",
     "evaluate_translation",
-    "input_cases",
     "regression_inputs",
-    "synthesize",
     "translation_scores",
 ]
 
@@ -83,27 +68,6 @@ class RegressionInferer(Inferer):
             output = network(to_model_range(inputs))
         network.train(was_training)
         return to_image_range(output).clamp(0, 1)
-
-
-class OntoInputGridd(MapTransform):
-    """Puts each key's volume (C, *S), made on the preprocessed grid of ``data[source_key]`` (a MetaTensor whose meta
-    has the file's ``original_affine`` and ``spatial_shape``, as ``LoadImage`` records them), onto the grid and affine
-    of that input's file: resampled by the affines (:func:`~bundle.inference.onto_grid`), zero outside the
-    preprocessed box. MONAI Label's and :func:`synthesize`'s postprocessing: the output overlays the input."""
-
-    def __init__(self, keys: KeysCollection = "pred", source_key: str = "image") -> None:
-        super().__init__(keys)
-        self.source_key = source_key
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        source = d[self.source_key]
-        target = torch.as_tensor(np.asarray(source.meta["original_affine"], dtype=float))
-        shape = [int(s) for s in source.meta["spatial_shape"]]
-        for key in self.key_iterator(d):
-            volume = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
-            d[key] = MetaTensor(onto_grid(volume, source.affine, target, shape), affine=target)
-        return d
 
 
 def _masked_ssim(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -257,85 +221,3 @@ def write_metrics(settings: EvaluationSettings, results: dict, lines: Sequence[s
     outputs[0].write_text(json.dumps(results, indent=1))
     outputs[1].write_text("\n".join(lines) + "\n")
     logger.info("wrote %s and %s", *outputs)
-
-
-def input_cases(
-    dataset_dir: str | Path | None, input_files: Mapping[str, str] | None, condition_modalities: Sequence[str],
-    skip_invalid: bool = False,
-) -> list[dict]:
-    """The case records to translate: the one case of ``input_files`` (``{modality: path}``, every given modality;
-    its id is the first file's name less the modality suffix and the extension), else every case below
-    ``dataset_dir`` that has the given modalities (:func:`~bundle.data.discover_cases`: BraTS layout, Decathlon,
-    datalist), each checked by :func:`~bundle.data.preflight` (a missing or unreadable file names its case; with
-    ``skip_invalid`` such cases are left out with a warning).
-
-    Raises:
-        BadInputError: for ``input_files`` that miss a given modality or name one the model is not given.
-    """
-    if input_files:
-        if not isinstance(input_files, Mapping) or set(input_files) != set(condition_modalities):
-            raise BadInputError(
-                f"input_files must give one file for each of the model's given modalities {list(condition_modalities)}"
-                f", e.g. \"{{'{condition_modalities[0]}': 'path/to/case_{condition_modalities[0]}.nii.gz'}}\"; got "
-                f"{input_files!r}."
-            )
-        first = Path(str(input_files[condition_modalities[0]]))
-        name = first.name.split(".")[0]
-        suffix = f"_{condition_modalities[0]}"
-        case = name[: -len(suffix)] if name.lower().endswith(suffix) and len(name) > len(suffix) else name
-        records = [{"case": case, "channels": {m: None for m in condition_modalities},
-                    **{m: str(input_files[m]) for m in condition_modalities}}]
-    else:
-        records = discover_cases(dataset_dir, condition_modalities)
-    return preflight(records, condition_modalities, skip_invalid, purpose="translate")
-
-
-def synthesize(
-    *,
-    network: nn.Module,
-    inferer: Inferer,
-    model: TrainedModel,
-    cases: Sequence[dict],
-    preprocessing: Compose,
-    output_dir: str | Path,
-    overwrite: bool,
-    device: torch.device | str,
-) -> list[dict[str, Path]]:
-    """Generates the trained translation ``model``'s modalities from its given ones (``network`` is built from it, and
-    its checkpoint loaded here) for every case of ``cases`` and writes, for each,
-    ``<case>_<modality>.nii.gz`` on the grid and affine of the case's own given files (the sample, on the preprocessed
-    grid, resampled by the affines onto the file's grid: :func:`~bundle.inference.onto_grid`; zero outside the
-    preprocessed box; values in [0, 1]) and ``<case>.png`` (the mid-slices of the given and the generated volumes).
-
-    The output files of all cases are checked first: existing ones are refused unless ``overwrite`` (nothing is
-    written then).
-
-    Raises:
-        BadInputError: for existing outputs without ``overwrite``, or a checkpoint that does not fit ``network``.
-    """
-    modalities, condition_modalities = model.modalities, model.condition_modalities
-    out = Path(output_dir)
-    check_output_folder(out, "output_dir")
-    paths = [{m: out / f"{r['case']}_{m}.nii.gz" for m in modalities} | {"png": out / f"{r['case']}.png"}
-             for r in cases]
-    existing = [p for entry in paths for p in entry.values() if p.exists()]
-    if existing and not overwrite:
-        raise BadInputError(
-            f"{len(existing)} output files already exist in output_dir {str(out)!r} (e.g. {existing[0].name}); pass "
-            "--overwrite true to replace them or choose another --output_dir."
-        )
-    network = load_checkpoint(network, model.ckpt_path).to(device).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    onto_input_grid = OntoInputGridd()
-    for record, entry in zip(tqdm(cases, desc="synthesizing"), paths):
-        condition = preprocessing(record)["image"]
-        generated = inferer(condition[None].to(device), network)[0].cpu()
-        written = onto_input_grid({"image": condition, "pred": generated})["pred"]
-        affine, shape = written.affine.numpy(), written.shape[1:]
-        for channel, modality in enumerate(modalities):
-            nib.save(nib.Nifti1Image(written[channel].numpy().astype(np.float32), affine), entry[modality])
-        save_mid_slices_png(torch.cat([condition.as_tensor(), generated]), [*condition_modalities, *modalities],
-                            entry["png"])
-        logger.info("%s: wrote %s (%s voxels) from %s", record["case"], ", ".join(p.name for p in entry.values()),
-                    "×".join(map(str, shape)), ", ".join(condition_modalities))
-    return paths

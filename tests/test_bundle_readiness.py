@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import recorded_checkpoint, run_python
-from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
 
 import bundle
+from bundle.data import write_brats_phantoms
 from bundle.errors import BadInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,34 @@ def test_network_input_and_output_match_the_metadata(tmp_path):
         config_file=str(ROOT / "configs/inference.json"), extra_forward_args={"timesteps": torch.tensor([10])},
         ckpt_path=str(recorded_checkpoint(tmp_path)),
     )
+
+
+def _workflow(config_file, workflow_type: str, **overrides) -> ConfigWorkflow:
+    """MONAI's bundle workflow of ``config_file``, parsed as ``monai.bundle run`` parses it (its ``initialize``
+    steps, which check settings and plan memory, not run)."""
+    workflow = ConfigWorkflow(config_file=config_file, workflow_type=workflow_type, init_id="parse_only",
+                              logging_file=str(ROOT / "configs" / "logging.conf"), **overrides)
+    workflow.initialize()
+    return workflow
+
+
+def test_the_configs_have_monais_bundle_properties(tmp_path):
+    """What the model zoo and MONAI Label look up: every required property of MONAI's train and infer workflows, and
+    the optional ones under MONAI's ids (``check_properties`` lists what it misses). The translation overlay has its
+    required ones; its dataset reads case records, not MONAI Label's single ``image``, so its transform is not
+    ``@preprocessing``."""
+    generator = recorded_checkpoint(tmp_path / "generator")
+    assert _workflow(str(ROOT / "configs" / "inference.json"), "infer", ckpt_path=str(generator)).check_properties() \
+        == []
+    write_brats_phantoms(tmp_path / "data", num_cases=3, shape=(20, 20, 16))
+    translator = recorded_checkpoint(tmp_path / "translator", ("t2",), ("t1",))
+    translate = _workflow([str(ROOT / "configs" / name) for name in ("inference.json", "translate.json")], "infer",
+                          ckpt_path=str(translator), dataset_dir=str(tmp_path / "data"))
+    assert translate.check_properties() == ["preprocessing"]
+    small = {"spatial_size": [16, 16, 16], "network_def#channels": [8, 16, 32], "attention_levels": [False, True, True],
+             "num_workers": 0, "dataset_dir": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "models"),
+             "output_dir": str(tmp_path / "runs")}
+    assert _workflow(str(ROOT / "configs" / "train.json"), "train", **small).check_properties() == []
 
 
 def test_torchscript_export_matches_the_eager_network(tmp_path):
@@ -155,8 +184,8 @@ def test_readme_settings_paragraph_names_every_user_setting_of_the_configs():
     every = set().union(*settings.values())
     assert {"bundle_root", "dataset_dir", "device", "micro_batch_size", "ckpt_path", "feature_extractor", "schedule",
             "attention_levels", "memory_efficient", "sampler", "num_inference_steps"} <= every
-    assert not {"imports", "cases", "network", "network_def", "ema", "train", "run", "settings", "samplers",
-                "run_record", "summary_writer", "noise_scheduler", "checkpoint", "cases#write_phantoms"} & every
+    assert not {"imports", "cases", "network", "network_def", "ema", "train", "run", "settings", "samplers", "model",
+                "run_record", "summary_writer", "noise_scheduler", "process_group", "cases#write_phantoms"} & every
     def described_by_base(name: str, key: str) -> bool:
         base = BASES.get(name, "train.json")
         return key in tables[base] and configs[name][key] == configs[base].get(key)

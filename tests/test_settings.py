@@ -10,6 +10,7 @@ from conftest import SMALL_TRAINING as SMALL
 from conftest import run_bundle
 from monai.networks.schedulers import DDPMScheduler
 
+from bundle.diffusion import SAMPLERS, make_sampler
 from bundle.errors import BadInputError
 from bundle.run_record import RUN_RECORD, run_record
 from bundle.settings import EvaluationSettings, InferenceSettings, TrainingSettings
@@ -71,10 +72,15 @@ def test_good_settings_pass_and_output_folders_that_are_files_are_refused(tmp_pa
 
 
 @pytest.mark.parametrize("schedule", ["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"])
-def test_every_monai_noise_schedule_trains(tmp_path, schedule):
-    """The samplers are built with the training run's schedule (and checked against its ᾱ), so any MONAI schedule
-    trains; the cosine-only rule is gone."""
-    TrainingSettings(**_settings(tmp_path, noise_scheduler=DDPMScheduler(100, schedule=schedule), schedule=schedule))
+def test_every_monai_noise_schedule_is_accepted_and_every_sampler_shares_its_alphas(tmp_path, schedule):
+    """Any MONAI schedule trains (the cosine-only rule is gone): the settings take it, and every sampler built for the
+    trained model (:func:`~bundle.diffusion.make_sampler`, by name, as inference and evaluation build them) has the
+    training scheduler's ᾱ."""
+    scheduler = DDPMScheduler(100, schedule=schedule)
+    settings = TrainingSettings(**_settings(tmp_path, noise_scheduler=scheduler, schedule=schedule))
+    assert settings.noise_scheduler is scheduler and settings.schedule == schedule
+    for name in SAMPLERS:
+        torch.testing.assert_close(make_sampler(name, 100, schedule).alphas_cumprod, scheduler.alphas_cumprod)
 
 
 def _record_beside(folder, schedule: str = "cosine", spatial_size=(16, 16, 16)) -> None:
@@ -146,7 +152,7 @@ def test_inference_settings_name_the_sample_files_and_refuse_earlier_ones_withou
     for name in ("sample_007_flair.nii.gz", "sample_1234.png", "notes.txt", "sample_x_t1.nii.gz"):
         (out / name).write_text("")
     with pytest.raises(BadInputError,
-                       match="2 sample files of an earlier run .*sample_007_flair.nii.gz.*--overwrite true"):
+                       match="2 output files of an earlier run .*sample_007_flair.nii.gz.*--overwrite true"):
         InferenceSettings(**_inference(tmp_path))
     settings = InferenceSettings(**_inference(tmp_path, overwrite="true"))
     assert [p.name for p in settings.earlier_samples()] == ["sample_007_flair.nii.gz", "sample_1234.png"]
@@ -187,7 +193,8 @@ def test_evaluation_settings_refuse_earlier_metrics_unless_overwrite(tmp_path):
     assert settings.reconstruction_timestep == 25 and settings.validation_timesteps == [5, 25, 50]
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "metrics.md").write_text("")
-    with pytest.raises(BadInputError, match="already exists; pass --overwrite true"):
+    refusal = r"1 output files of an earlier run .*\(e.g. metrics.md\); pass --overwrite true"
+    with pytest.raises(BadInputError, match=refusal):
         EvaluationSettings(**_evaluation(tmp_path))
     assert EvaluationSettings(**_evaluation(tmp_path, overwrite="true")).overwrite is True
 

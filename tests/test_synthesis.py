@@ -19,7 +19,8 @@ from bundle.errors import BadInputError
 from bundle.memory_plan import plan_training_step
 from bundle.networks import InvertibleDiffusionUNet
 from bundle.settings import check_modalities
-from bundle.synthesis import OntoInputGridd, RegressionInferer, input_cases, translation_scores
+from bundle.synthesis import RegressionInferer, translation_scores
+from bundle.translation import OntoInputGridd, input_cases
 
 T1_TO_T2 = {"condition_modalities": "['t1']", "modalities": "['t2']"}
 SAMPLING = {"sampler": "ddim", "num_inference_steps": "3"}

@@ -373,7 +373,7 @@ def test_overwrite_keeps_this_runs_event_files_and_refusal_removes_nothing(tmp_p
     other.write_text("earlier")
     own.write_text("this run")
     checkpoint = TrainingCheckpoint(str(ckpt_dir), network, optimizer, scheduler, NoiseSampler(10),
-                                    log_dir=str(log_dir))
+                                    log_dir=str(log_dir), overwrite=True)
     engine = Engine(lambda engine, batch: None)
     with pytest.raises(BadInputError, match="--overwrite true"):
         check_checkpoint_folder(ckpt_dir, resume=False, overwrite=False, spatial_size=[16, 16, 16],
@@ -382,11 +382,11 @@ def test_overwrite_keeps_this_runs_event_files_and_refusal_removes_nothing(tmp_p
     assert other.exists()
     fresh = TrainingCheckpoint(str(tmp_path / "C2"), network, optimizer, scheduler, NoiseSampler(10),
                                log_dir=str(log_dir))
-    fresh.prepare(engine, resume=False, overwrite=False)
+    fresh.prepare(engine)
     assert "already holds 1 TensorBoard event files of earlier runs" in caplog.text and other.exists()
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        checkpoint.prepare(engine, resume=False, overwrite=True)
+        checkpoint.prepare(engine)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.ts"]  # not a file that training writes
     assert sorted(p.name for p in log_dir.iterdir()) == [own.name]
     assert "--overwrite true: removed" in caplog.text and other.name in caplog.text
@@ -438,7 +438,7 @@ def _handlers_on_rank1(train_config: dict) -> dict[str, list[str]]:
                 with patch("os.isatty", return_value=True):
                     if parser.get_parsed_content(f"{engine}#handlers#{index}#_disabled_"):
                         continue
-            enabled[engine].append(handler["_target_"] if isinstance(handler, dict) else handler)
+            enabled[engine].append(handler["_target_"])
     return enabled
 
 
@@ -451,7 +451,7 @@ def test_the_multi_gpu_overlay_names_what_it_changes_and_a_new_handler_moves_not
     assert "initialize" not in overlay
     train = json.loads((ROOT / TRAIN).read_text())
     expected = {"train": ["LrScheduleHandler", "ValidationHandler", "bundle.handlers.NonFiniteLossGuard",
-                          "@checkpoint"], "validate": []}
+                          "bundle.checkpoint.TrainingCheckpoint"], "validate": []}
     assert _handlers_on_rank1(train) == expected
     inserted = {"_target_": "EarlyStopHandler", "patience": 3, "score_function": "$lambda engine: 0.0"}
     for engine in ("train", "validate"):
@@ -499,7 +499,7 @@ def test_temporary_files_of_killed_writers_are_removed_when_a_run_starts_or_resu
         network, optimizer, scheduler = _schedule(1)
         checkpoint = TrainingCheckpoint(str(ckpt_dir), network, optimizer, scheduler, NoiseSampler(10))
         with caplog.at_level(logging.WARNING):
-            checkpoint.prepare(Engine(lambda engine, batch: None), resume=False, overwrite=False)
+            checkpoint.prepare(Engine(lambda engine, batch: None))
         assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted([running.name, "model.pt"])
         assert "Removed 3 temporary files left by writers that no longer run" in caplog.text
     finally:

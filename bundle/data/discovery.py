@@ -113,40 +113,60 @@ def _datalist_cases(json_path: Path, content: object, modalities: Sequence[str])
                 f"got {type(content['validation']).__name__}; remove it to split the training items by val_fraction."
             )
         lists.append("validation")
-    msd = content.get("modality")
-    channel_of = {}
-    if isinstance(msd, dict):  # Decathlon 4D volumes: pick channels by name
-        by_name = {str(name).lower(): int(index) for index, name in msd.items()}
-        for m in modalities:
-            name = MSD_CHANNELS.get(m, m).lower()
-            if name not in by_name:
-                raise BadInputError(
-                    f"{json_path}: modality {m!r} is not among its channels {sorted(msd.values())}; "
-                    f"choose modalities from {sorted(k for k, v in MSD_CHANNELS.items() if v.lower() in by_name)}."
-                )
-            channel_of[m] = by_name[name]
+    channel_of = _decathlon_channels(json_path, content.get("modality"), modalities)
     records = []
     for key in lists:
         items = load_decathlon_datalist(str(json_path), is_segmentation=False, data_list_key=key)
         for i, item in enumerate(items):
-            record = {"channels": {m: channel_of.get(m) for m in modalities}}
+            record = {"channels": {m: channel_of.get(m) for m in modalities},
+                      **_item_paths(json_path, f"{key} item {i}", item, modalities, bool(channel_of))}
             if channel_of:  # the Decathlon's volumes are BraTS volumes, in its atlas frame
                 record["frame"] = ATLAS_FRAME
-            if all(isinstance(item.get(m), str) for m in modalities):  # MONAI resolves "image" paths only
-                record.update({m: str(json_path.parent / item[m]) for m in modalities})
-            elif isinstance(item.get("image"), str) and channel_of:
-                record.update({m: item["image"] for m in modalities})
-            elif isinstance(item.get("image"), list) and len(item["image"]) == len(modalities):
-                record.update(dict(zip(modalities, item["image"])))
-            else:
-                raise BadInputError(
-                    f"{json_path}: {key} item {i} gives neither one path per modality {list(modalities)} nor an "
-                    f"'image' list of {len(modalities)} paths nor a 4D 'image' with a 'modality' map: {item}"
-                )
             if key == "validation":
                 record["split"] = "validation"
             records.append(record)
     return _with_case_ids(records, json_path, modalities[0], four_d=bool(channel_of))
+
+
+def _decathlon_channels(json_path: Path, msd: object, modalities: Sequence[str]) -> dict[str, int]:
+    """``{modality: channel}`` of the 4D volumes of a Decathlon datalist whose ``modality`` map is ``msd``; empty for
+    another datalist.
+
+    Raises:
+        BadInputError: naming the file, for a modality that the map lacks.
+    """
+    if not isinstance(msd, dict):
+        return {}
+    by_name = {str(name).lower(): int(index) for index, name in msd.items()}
+    channel_of = {}
+    for m in modalities:
+        name = MSD_CHANNELS.get(m, m).lower()
+        if name not in by_name:
+            raise BadInputError(
+                f"{json_path}: modality {m!r} is not among its channels {sorted(msd.values())}; "
+                f"choose modalities from {sorted(k for k, v in MSD_CHANNELS.items() if v.lower() in by_name)}."
+            )
+        channel_of[m] = by_name[name]
+    return channel_of
+
+
+def _item_paths(json_path: Path, name: str, item: dict, modalities: Sequence[str], four_d: bool) -> dict[str, str]:
+    """``{modality: path}`` of datalist item ``name``: one path per modality (relative to the datalist), one 4D
+    ``image`` (``four_d``: a Decathlon's), or an ``image`` list in the modalities' order.
+
+    Raises:
+        BadInputError: naming the file and the item, for any other item.
+    """
+    if all(isinstance(item.get(m), str) for m in modalities):  # MONAI resolves "image" paths only
+        return {m: str(json_path.parent / item[m]) for m in modalities}
+    if isinstance(item.get("image"), str) and four_d:
+        return dict.fromkeys(modalities, item["image"])
+    if isinstance(item.get("image"), list) and len(item["image"]) == len(modalities):
+        return dict(zip(modalities, item["image"], strict=True))
+    raise BadInputError(
+        f"{json_path}: {name} gives neither one path per modality {list(modalities)} nor an 'image' list of "
+        f"{len(modalities)} paths nor a 4D 'image' with a 'modality' map: {item}"
+    )
 
 
 def _case_id(path: Path, modality: str | None) -> str:

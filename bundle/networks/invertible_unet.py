@@ -219,6 +219,38 @@ def skip_channels(spatial_dims: int, channels: Sequence[int]) -> tuple[int, ...]
     return tuple(skips)
 
 
+def _layer_factories(
+    block: LayerFactory | None, attention: LayerFactory | None, channel_mixing: bool, recompute_norms: bool,
+    num_heads: int,
+) -> tuple[LayerFactory, LayerFactory]:
+    """The trunk's block and attention factories: the given ones, or the defaults configured by ``channel_mixing``,
+    ``recompute_norms`` and ``num_heads``.
+
+    Raises:
+        ValueError: for options of a default given with a factory of one's own.
+        TypeError: for a factory that is not callable.
+    """
+    if block is None:
+        block = CouplingBlock(channel_mixing, recompute_norms)
+    elif not channel_mixing or recompute_norms:
+        raise ValueError(
+            f"channel_mixing={channel_mixing} and recompute_norms={recompute_norms} configure the default block, "
+            f"but block={block!r} is given: set them in the block instead, e.g. "
+            f"block=CouplingBlock(channel_mixing={channel_mixing}, recompute_norms={recompute_norms})."
+        )
+    if attention is None:
+        attention = AttentionPair(num_heads)
+    elif num_heads != 1:
+        raise ValueError(
+            f"num_heads={num_heads} configures the default attention, but attention={attention!r} is given: "
+            f"set it in the attention instead, e.g. attention=AttentionPair(num_heads={num_heads})."
+        )
+    for factory, name in ((block, "block"), (attention, "attention")):
+        if not callable(factory):
+            raise TypeError(f"{name} must be a LayerFactory (a callable) or None, got {factory!r}.")
+    return block, attention
+
+
 class InvertibleUNet(nn.Module):
     """Fully invertible U-Net (iUNet, Etmann et al. 2020) with invertible attention on its skips.
 
@@ -228,7 +260,8 @@ class InvertibleUNet(nn.Module):
     ``attention_levels[i]`` (by default invertible checkerboard attention: :class:`AttentionPair`); learned
     orthogonal downsampling of the rest to ``channels[i+1]``. The bottom level (L−1) has ``num_blocks``
     blocks, then attention on the whole tensor if ``attention_levels[L−1]``. Decoder level i: upsampling (the
-    inverse of its own learned downsampling), concatenation with the skip, ``num_blocks`` blocks.
+    exact inverse of a learned orthogonal downsampling with parameters of its own), concatenation with the skip,
+    ``num_blocks`` blocks.
     The output has the input's shape, and ``inverse`` is exact up to rounding.
 
     Args:
@@ -303,24 +336,7 @@ class InvertibleUNet(nn.Module):
                 f"attention_levels has {len(attention_levels)} entries but channels has {levels} levels; "
                 f"give one flag per level, e.g. {example}."
             )
-        if block is None:
-            block = CouplingBlock(channel_mixing, recompute_norms)
-        elif not channel_mixing or recompute_norms:
-            raise ValueError(
-                f"channel_mixing={channel_mixing} and recompute_norms={recompute_norms} configure the default block, "
-                f"but block={block!r} is given: set them in the block instead, e.g. "
-                f"block=CouplingBlock(channel_mixing={channel_mixing}, recompute_norms={recompute_norms})."
-            )
-        if attention is None:
-            attention = AttentionPair(num_heads)
-        elif num_heads != 1:
-            raise ValueError(
-                f"num_heads={num_heads} configures the default attention, but attention={attention!r} is given: "
-                f"set it in the attention instead, e.g. attention=AttentionPair(num_heads={num_heads})."
-            )
-        for factory, name in ((block, "block"), (attention, "attention")):
-            if not callable(factory):
-                raise TypeError(f"{name} must be a LayerFactory (a callable) or None, got {factory!r}.")
+        block, attention = _layer_factories(block, attention, channel_mixing, recompute_norms, num_heads)
         self.spatial_dims = spatial_dims
         self.channels = tuple(int(c) for c in channels)
         self.attention_levels = attention_levels
