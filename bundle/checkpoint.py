@@ -25,7 +25,11 @@ from .run_record import RUN_RECORD, check_resumed_run
 from .utils import is_not_rank0, unwrap
 
 __all__ = [
-    "TrainingCheckpoint", "atomic_save", "check_checkpoint_folder", "load_checkpoint", "remove_stale_temporary_files",
+    "TrainingCheckpoint",
+    "atomic_save",
+    "check_checkpoint_folder",
+    "load_checkpoint",
+    "remove_stale_temporary_files",
     "state_dict_mismatch",
 ]
 
@@ -73,8 +77,11 @@ def remove_stale_temporary_files(folder: str | Path) -> list[Path]:
                 path.unlink(missing_ok=True)
                 stale.append(path)
     if stale:
-        logger.warning("Removed %d temporary files left by writers that no longer run: %s.", len(stale),
-                       ", ".join(p.name for p in stale))
+        logger.warning(
+            "Removed %d temporary files left by writers that no longer run: %s.",
+            len(stale),
+            ", ".join(p.name for p in stale),
+        )
     return stale
 
 
@@ -84,14 +91,19 @@ def state_dict_mismatch(network: nn.Module, state: Mapping[str, torch.Tensor]) -
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     return "; ".join(
-        part for part in (
+        part
+        for part in (
             f"{len(missing)} weights missing (e.g. {missing[:3]})" if missing else "",
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
             f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else "",
-        ) if part
+        )
+        if part
     )
 
 
@@ -138,7 +150,7 @@ def _continue_cosine_schedule(scheduler: CosineAnnealingLR, optimizer: Optimizer
     scheduler.T_max = t_max
     progress = (1 + math.cos(math.pi * scheduler.last_epoch / t_max)) / 2
     rates = [scheduler.eta_min + (base - scheduler.eta_min) * progress for base in scheduler.base_lrs]
-    for group, rate in zip(optimizer.param_groups, rates):
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() reports, as step() would have set it
 
@@ -251,15 +263,18 @@ class TrainingCheckpoint:
                 logger.warning(
                     "output_dir %s already holds %d TensorBoard event files of earlier runs: TensorBoard and "
                     "scripts/plot_training_curve.py show their curves merged with this run's. Pass --overwrite true to "
-                    "remove them, or another --output_dir.", self.log_dir, len(events),
+                    "remove them, or another --output_dir.",
+                    self.log_dir,
+                    len(events),
                 )
             return
         earlier = [p for p in (self.model_path, self.state_path, self.record_path) if p.exists()] + events
         for path in earlier:
             path.unlink(missing_ok=True)
         if earlier:
-            logger.warning("--overwrite true: removed %s of an earlier run before training starts.",
-                           ", ".join(map(str, earlier)))
+            logger.warning(
+                "--overwrite true: removed %s of an earlier run before training starts.", ", ".join(map(str, earlier))
+            )
 
     def save(self, engine: Engine) -> None:
         if is_not_rank0():
@@ -305,11 +320,15 @@ class TrainingCheckpoint:
         kernels = [{k: group[k] for k in IMPLEMENTATION_OPTIONS if k in group} for group in optimizer.param_groups]
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
-        for group, options in zip(optimizer.param_groups, kernels):
+        for group, options in zip(optimizer.param_groups, kernels, strict=True):
             group.update(options)
         if t_max is not None and scheduler.T_max != t_max:
-            logger.info("learning-rate schedule length T_max %d → %d (the configured one): the cosine continues "
-                        "over the new length", scheduler.T_max, t_max)
+            logger.info(
+                "learning-rate schedule length T_max %d → %d (the configured one): the cosine continues "
+                "over the new length",
+                scheduler.T_max,
+                t_max,
+            )
             _continue_cosine_schedule(scheduler, optimizer, t_max)
         engine.state.epoch = done
         engine.state.iteration = state["trainer"]["iteration"]
@@ -344,8 +363,15 @@ def check_checkpoint_folder(
                 f"--resume true, but there is no {state.name} in ckpt_dir {str(ckpt_dir)!r} to resume from; run "
                 "without --resume to start a new training there."
             )
-        check_resumed_run(model, spatial_size=spatial_size, modalities=modalities, noise_scheduler=noise_scheduler,
-                          schedule=schedule, spacing=spacing, condition_modalities=condition_modalities)
+        check_resumed_run(
+            model,
+            spatial_size=spatial_size,
+            modalities=modalities,
+            noise_scheduler=noise_scheduler,
+            schedule=schedule,
+            spacing=spacing,
+            condition_modalities=condition_modalities,
+        )
         return
     existing = [str(p) for p in (model, state) if p.exists()]
     if existing and not overwrite:

@@ -37,7 +37,12 @@ logger = logging.getLogger(__name__)
 
 
 def reconstruct_from(
-    network: nn.Module, noisy: torch.Tensor, *, t_start: int, scheduler: GridDDIMScheduler, num_inference_steps: int,
+    network: nn.Module,
+    noisy: torch.Tensor,
+    *,
+    t_start: int,
+    scheduler: GridDDIMScheduler,
+    num_inference_steps: int,
     condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Runs ``scheduler``'s deterministic DDIM chain (η = 0, whatever the scheduler's own) from ``noisy`` = x_t at
@@ -151,8 +156,12 @@ def evaluate(
             noise = torch.randn(x0.shape, generator=generator).to(device)
             noisy = noise_scheduler.add_noise(x0, noise, torch.full((x0.shape[0],), t_rec, device=device))
             estimates[f"reconstruction from t={t_rec}"] = reconstruct_from(
-                network, noisy, t_start=t_rec, scheduler=reconstruction_scheduler,
-                num_inference_steps=settings.reconstruction_steps, condition=condition,
+                network,
+                noisy,
+                t_start=t_rec,
+                scheduler=reconstruction_scheduler,
+                num_inference_steps=settings.reconstruction_steps,
+                condition=condition,
             )
             for name, estimate in estimates.items():
                 estimate = to_image_range(estimate)
@@ -162,8 +171,12 @@ def evaluate(
                 entry["mae"].append(_per_modality(mae, estimate, target).cpu())
     if size is None:
         raise BadInputError("The validation split is empty: there is nothing to evaluate.")
-    results: dict = {"checkpoint": str(ckpt_path), "num_volumes": int(sum(len(r) for r in reals)), "cases": cases,
-                     "best_of_batch_size": pair}
+    results: dict = {
+        "checkpoint": str(ckpt_path),
+        "num_volumes": int(sum(len(r) for r in reals)),
+        "cases": cases,
+        "best_of_batch_size": pair,
+    }
     for name, entry in scores.items():
         results[name] = {
             modality: {
@@ -175,12 +188,14 @@ def evaluate(
     if condition_modalities:
         results["generation"] = {"note": "a conditioned model: its samples are measured as translations"}
         with torch.no_grad():
-            results["translation"] = translate_split(network, sampler, dataloader, modalities, condition_modalities,
-                                                     pair, device)
+            results["translation"] = translate_split(
+                network, sampler, dataloader, modalities, condition_modalities, pair, device
+            )
     else:
         references = reals if reference is None else torch.stack([torch.as_tensor(r["image"]) for r in reference])
-        results["generation"] = _generation_quality(network, sampler, reals, references.float(), modalities,
-                                                    settings, size, device, seed)
+        results["generation"] = _generation_quality(
+            network, sampler, reals, references.float(), modalities, settings, size, device, seed
+        )
     lines = _markdown(results, modalities)
     if condition_modalities:
         lines += ["", *translation_markdown(results["translation"], modalities, "IDM")]
@@ -189,8 +204,15 @@ def evaluate(
 
 
 def _generation_quality(
-    network, sampler, reals: torch.Tensor, references: torch.Tensor, modalities: Sequence[str],
-    settings: EvaluationSettings, size, device, seed: int,
+    network,
+    sampler,
+    reals: torch.Tensor,
+    references: torch.Tensor,
+    modalities: Sequence[str],
+    settings: EvaluationSettings,
+    size,
+    device,
+    seed: int,
 ) -> dict:
     """Diversity, MMD and FID of ``settings.num_generated`` samples against the validation volumes ``reals``
     (N, C, *S), and the measures of :mod:`bundle.sample_quality` against ``references`` (R, C, *S)."""
@@ -261,23 +283,31 @@ def _markdown(results: dict, modalities: Sequence[str]) -> list[str]:
     lines += ["", "## Generation", ""] + [f"- {k}: {v}" for k, v in generation.items() if k != "comparison"]
     comparison = generation.get("comparison")
     if isinstance(comparison, dict):
-        lines += [
-            "",
-            f"### Generated vs real ({generation['reference']})",
-            "",
-            (f"{quality_summary(comparison)}. Distance between {comparison['set_size']} generated and "
-             f"{comparison['set_size']} real volumes (mean over {comparison['num_splits']} random splits), beside the "
-             "distance between two disjoint halves of the real volumes over the same splits (bundle.sample_quality)."),
-            "",
-            "| measure | generated vs real | real vs real mean | real vs real max | within |",
-            "|---|---|---|---|---|",
-        ] + [
-            f"| {name} | {m['generated_vs_real']:.4g} | {m['real_vs_real_mean']:.4g} | {m['real_vs_real_max']:.4g} | "
-            f"{'yes' if m['within_spread'] else 'no'} |"
-            for name, m in comparison["measures"].items()
-        ] + ["", "| statistic (set mean) | generated | real |", "|---|---|---|"] + [
-            f"| {name} | {v['generated']:.3f} | {v['real']:.3f} |" for name, v in comparison["statistics"].items()
-        ]
+        lines += (
+            [
+                "",
+                f"### Generated vs real ({generation['reference']})",
+                "",
+                (
+                    f"{quality_summary(comparison)}. Distance between {comparison['set_size']} generated and "
+                    f"{comparison['set_size']} real volumes (mean over {comparison['num_splits']} random splits), "
+                    "beside the "
+                    "distance between two disjoint halves of the real volumes over the same splits "
+                    "(bundle.sample_quality)."
+                ),
+                "",
+                "| measure | generated vs real | real vs real mean | real vs real max | within |",
+                "|---|---|---|---|---|",
+            ]
+            + [
+                f"| {name} | {m['generated_vs_real']:.4g} | {m['real_vs_real_mean']:.4g} | "
+                f"{m['real_vs_real_max']:.4g} | "
+                f"{'yes' if m['within_spread'] else 'no'} |"
+                for name, m in comparison["measures"].items()
+            ]
+            + ["", "| statistic (set mean) | generated | real |", "|---|---|---|"]
+            + [f"| {name} | {v['generated']:.3f} | {v['real']:.3f} |" for name, v in comparison["statistics"].items()]
+        )
     elif comparison is not None:
         lines.append(f"- comparison with real volumes: {comparison}")
     return lines

@@ -24,13 +24,15 @@ __all__ = ["NoiseShape", "SampleWriter", "onto_grid", "to_original_grid"]
 logger = logging.getLogger(__name__)
 
 
-def onto_grid(sample: torch.Tensor, affine: torch.Tensor | np.ndarray, target_affine: np.ndarray,
-              spatial_size: Sequence[int]) -> torch.Tensor:
+def onto_grid(
+    sample: torch.Tensor, affine: torch.Tensor | np.ndarray, target_affine: np.ndarray, spatial_size: Sequence[int]
+) -> torch.Tensor:
     """``sample`` (C, *S) on the grid of ``affine`` resampled (trilinear, by the affines: the same world points)
     onto the grid of ``target_affine`` and ``spatial_size``; zero outside the sample's box."""
     return SpatialResample(mode="bilinear", padding_mode="zeros", align_corners=True)(
         MetaTensor(sample, affine=torch.as_tensor(affine, dtype=torch.float64)),
-        dst_affine=torch.as_tensor(target_affine, dtype=torch.float64), spatial_size=list(spatial_size),
+        dst_affine=torch.as_tensor(target_affine, dtype=torch.float64),
+        spatial_size=list(spatial_size),
     ).as_tensor()
 
 
@@ -54,8 +56,9 @@ class NoiseShape:
     def __init__(self, shape: Sequence[int]) -> None:
         self.shape = tuple(shape)
 
-    def __call__(self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False,
-                 **kwargs) -> tuple[torch.Tensor, None]:
+    def __call__(
+        self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, None]:
         return torch.zeros((len(batchdata["sample"]), *self.shape), device=device), None
 
 
@@ -82,13 +85,16 @@ class SampleWriter:
         for path in earlier:
             path.unlink()
         if earlier:
-            logger.warning("--overwrite true: removed %d sample files of an earlier run from %s.", len(earlier),
-                           output_dir)
+            logger.warning(
+                "--overwrite true: removed %d sample files of an earlier run from %s.", len(earlier), output_dir
+            )
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         grid = self.model.record.get("original_grid")
         if grid is not None:
-            logger.info("samples are written on the dataset's grid (%s voxels), the training box padded back",
-                        "×".join(map(str, grid["spatial_size"])))
+            logger.info(
+                "samples are written on the dataset's grid (%s voxels), the training box padded back",
+                "×".join(map(str, grid["spatial_size"])),
+            )
 
     def write(self, engine: Engine) -> None:
         indices = []
@@ -98,5 +104,10 @@ class SampleWriter:
             written, affine = to_original_grid(sample, self.model.record)
             write_volumes(written, affine, self.paths[index], sample, self.model.modalities)
             indices.append(index)
-        logger.info("wrote samples %d–%d of %d to %s", indices[0], indices[-1], self.settings.num_samples,
-                    self.settings.output_dir)
+        logger.info(
+            "wrote samples %d–%d of %d to %s",
+            indices[0],
+            indices[-1],
+            self.settings.num_samples,
+            self.settings.output_dir,
+        )

@@ -125,8 +125,10 @@ class LiveBytes(TorchDispatchMode):
         nbytes = self._rounded(storage.nbytes())
         size = self._sizes.get(storage)
         if size is None:  # a new storage: counted until it is freed
-            size = self._sizes[storage] = [0, (*(made_by or (self.phase, "", "")),
-                                               str(tensor.dtype).removeprefix("torch."), list(tensor.shape))]
+            size = self._sizes[storage] = [
+                0,
+                (*(made_by or (self.phase, "", "")), str(tensor.dtype).removeprefix("torch."), list(tensor.shape)),
+            ]
             weakref.finalize(storage, self._freed, size)
         self.live += nbytes - size[0]  # (a storage resized in place by an out= operation changes its size)
         size[0] = nbytes
@@ -153,8 +155,10 @@ class LiveBytes(TorchDispatchMode):
             group[0] += nbytes
             group[1] += 1
         ordered = sorted(groups.items(), key=lambda item: -item[1][0])[:count]
-        return [{"bytes": b, "count": n, "made_by": op, "where": where, "dtype": dtype, "shape": shape}
-                for (op, where, dtype, shape), (b, n) in ordered]
+        return [
+            {"bytes": b, "count": n, "made_by": op, "where": where, "dtype": dtype, "shape": shape}
+            for (op, where, dtype, shape), (b, n) in ordered
+        ]
 
     def set_phase(self, phase: str) -> None:
         """Names what runs from now on outside a backward pass (and forgets the module of the phase before)."""
@@ -182,8 +186,9 @@ class LiveBytes(TorchDispatchMode):
             self.phase_peaks[phase] = self.live
         if self.live > self.peak:
             if self.phase != "build" and self.live > self._snapshot_bytes * 1.001:  # (again once it has grown)
-                self._alive_at_peak = [(size[0], size[1]) for size in self._sizes.values()
-                                       if size[1][0] != "build" and size[0]]
+                self._alive_at_peak = [
+                    (size[0], size[1]) for size in self._sizes.values() if size[1][0] != "build" and size[0]
+                ]
                 self._snapshot_bytes = self.live
             self.peak, self.peak_where = self.live, (phase, module)
         return out
@@ -213,16 +218,22 @@ def _fake_twin(module: nn.Module, device: torch.device) -> nn.Module:
     for p in module.parameters():
         if id(p) not in memo:
             memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), p.requires_grad)
-    held = (t for m in module.modules() for key, value in vars(m).items() if key not in ("_parameters", "_modules")
-            for t in _tensors_in(value))
+    held = (
+        t
+        for m in module.modules()
+        for key, value in vars(m).items()
+        if key not in ("_parameters", "_modules")
+        for t in _tensors_in(value)
+    )
     for t in itertools.chain(module.buffers(), held):
         if id(t) not in memo:
             memo[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=device)
     return copy.deepcopy(module, memo)
 
 
-def warm_up(network: nn.Module, optimizer: torch.optim.Optimizer,
-             ema: torch.optim.swa_utils.AveragedModel | None) -> None:
+def warm_up(
+    network: nn.Module, optimizer: torch.optim.Optimizer, ema: torch.optim.swa_utils.AveragedModel | None
+) -> None:
     """What a first training step leaves behind, without its cost: gradients, the optimizer's state and the EMA's
     first update, so that the step planned next is the steady state (all of them alive throughout)."""
     for p in network.parameters():
@@ -233,26 +244,30 @@ def warm_up(network: nn.Module, optimizer: torch.optim.Optimizer,
         ema.update_parameters(network)
 
 
-def _twin_ema(ema: torch.optim.swa_utils.AveragedModel, network: nn.Module,
-              device: torch.device) -> torch.optim.swa_utils.AveragedModel:
+def _twin_ema(
+    ema: torch.optim.swa_utils.AveragedModel, network: nn.Module, device: torch.device
+) -> torch.optim.swa_utils.AveragedModel:
     """An EMA of ``network`` with ``ema``'s settings. Its copy of the network is made again by :func:`_fake_twin`: the
     storages of ``AveragedModel``'s deep copy are made without an operator, and FakeTensors do not keep their
     identity through later views."""
-    twin = torch.optim.swa_utils.AveragedModel(network, avg_fn=ema.avg_fn, multi_avg_fn=ema.multi_avg_fn,
-                                               use_buffers=ema.use_buffers)
+    twin = torch.optim.swa_utils.AveragedModel(
+        network, avg_fn=ema.avg_fn, multi_avg_fn=ema.multi_avg_fn, use_buffers=ema.use_buffers
+    )
     twin.module = _fake_twin(twin.module, device)
     return twin
 
 
-def _kept_tensors(network: nn.Module, optimizer: torch.optim.Optimizer,
-                  ema: torch.optim.swa_utils.AveragedModel | None) -> dict[str, list[torch.Tensor]]:
+def _kept_tensors(
+    network: nn.Module, optimizer: torch.optim.Optimizer, ema: torch.optim.swa_utils.AveragedModel | None
+) -> dict[str, list[torch.Tensor]]:
     """The tensors kept between steps, by kind: ``parameter_bytes`` (and buffers), ``gradient_bytes``,
     ``optimizer_bytes`` and ``ema_bytes``."""
     return {
         "parameter_bytes": [*network.parameters(), *network.buffers()],
         "gradient_bytes": [p.grad for p in network.parameters() if p.grad is not None],
-        "optimizer_bytes": [t for state in optimizer.state.values() for t in state.values()
-                            if isinstance(t, torch.Tensor)],
+        "optimizer_bytes": [
+            t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+        ],
         "ema_bytes": [] if ema is None else list(ema.state_dict().values()),
     }
 
@@ -261,8 +276,10 @@ def _twin_optimizer(optimizer: torch.optim.Optimizer, twins: dict[int, nn.Parame
     """A new optimizer of ``optimizer``'s class and settings over the twins of its parameters."""
     accepted = inspect.signature(type(optimizer).__init__).parameters
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [twins[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [twins[id(p)] for p in g["params"]]}
+        for g in optimizer.param_groups
+    ]
     return type(optimizer)(groups, **defaults)
 
 
@@ -309,13 +326,23 @@ class MemoryPlan:
         """The plan as a text table, for the log and the command line."""
         samples = self.micro_batch_size or self.batch_size
         rows = [
-            ("step", f"batch {self.batch_size}" + (f" in micro-batches of {self.micro_batch_size}"
-                                                   if self.micro_batch_size else "")
-             + f", {samples} × {self.image_shape}, " + ("bf16 autocast" if self.amp else "float32")
-             + f" on {self.device}"),
+            (
+                "step",
+                f"batch {self.batch_size}"
+                + (f" in micro-batches of {self.micro_batch_size}" if self.micro_batch_size else "")
+                + f", {samples} × {self.image_shape}, "
+                + ("bf16 autocast" if self.amp else "float32")
+                + f" on {self.device}",
+            ),
             ("parameters", f"{self.params:,}"),
-            ("activations kept (memory_budget)", "none" if not self.memory_budget else "all" if math.isinf(
-                self.memory_budget) else _gb(int(self.memory_budget)).strip() + " at most"),
+            (
+                "activations kept (memory_budget)",
+                "none"
+                if not self.memory_budget
+                else "all"
+                if math.isinf(self.memory_budget)
+                else _gb(int(self.memory_budget)).strip() + " at most",
+            ),
             ("update", "inside backward (optimizer_in_backward)" if self.optimizer_in_backward else "after backward"),
             ("weights (and buffers)", _gb(self.parameter_bytes)),
             ("gradients", _gb(self.gradient_bytes)),
@@ -329,11 +356,15 @@ class MemoryPlan:
             ("fits", {True: "yes", False: "NO", None: "unknown"}[self.fits]),
         ]
         width = max(len(k) for k, _ in rows)
-        alive = [f"  {_gb(t['bytes'])}  {t['count']} × {t['dtype']} {t['shape']} from {t['made_by']} "
-                 f"({t['where']})" for t in self.alive_at_peak]
-        return "\n".join([f"{k:<{width}}  {v}" for k, v in rows]
-                         + (["alive at the peak above the floor (largest first):", *alive] if alive else [])
-                         + [f"note: {n}" for n in self.notes])
+        alive = [
+            f"  {_gb(t['bytes'])}  {t['count']} × {t['dtype']} {t['shape']} from {t['made_by']} ({t['where']})"
+            for t in self.alive_at_peak
+        ]
+        return "\n".join(
+            [f"{k:<{width}}  {v}" for k, v in rows]
+            + (["alive at the peak above the floor (largest first):", *alive] if alive else [])
+            + [f"note: {n}" for n in self.notes]
+        )
 
 
 def _gb(nbytes: int) -> str:
@@ -346,10 +377,14 @@ def device_memory_bytes(device: torch.device | str, device_memory_gb: float | No
     (``MemAvailable``); None where unknown (a GPU that is not here, with no ``device_memory_gb``)."""
     kind = torch.device(device).type
     if device_memory_gb is not None:
-        if isinstance(device_memory_gb, bool) or not isinstance(device_memory_gb, (int, float)) \
-                or not device_memory_gb > 0:
-            raise BadInputError(f"device_memory_gb must be a positive number of GiB such as 24; "
-                                f"got {device_memory_gb!r}.")
+        if (
+            isinstance(device_memory_gb, bool)
+            or not isinstance(device_memory_gb, (int, float))
+            or not device_memory_gb > 0
+        ):
+            raise BadInputError(
+                f"device_memory_gb must be a positive number of GiB such as 24; got {device_memory_gb!r}."
+            )
         total = int(device_memory_gb * GIB)
     elif kind == "cuda" and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
@@ -361,8 +396,9 @@ def device_memory_bytes(device: torch.device | str, device_memory_gb: float | No
     return total - CUDA_HEADROOM_BYTES if kind == "cuda" else total
 
 
-def _planning_device(device: torch.device | str, network: nn.Module,
-                     image_shape: Sequence[int]) -> tuple[str, torch.device, list[str]]:
+def _planning_device(
+    device: torch.device | str, network: nn.Module, image_shape: Sequence[int]
+) -> tuple[str, torch.device, list[str]]:
     """(the planned device's kind, the device of the fake tensors, the plan's notes) for a plan of ``network`` on
     images of ``image_shape`` (C, *S): without a GPU a CUDA plan runs the CPU's operators, and says so; a size the
     network pads inside is said too."""
@@ -371,13 +407,17 @@ def _planning_device(device: torch.device | str, network: nn.Module,
     padded_size = getattr(network, "padded_size", None)
     if padded_size is not None and list(padded_size(image_shape[1:])) != list(image_shape[1:]):
         padded = list(padded_size(image_shape[1:]))
-        notes.append(f"the network pads {list(image_shape[1:])} to {padded} inside (its levels need multiples of "
-                     f"{network.trunk.size_divisor}): the step costs what {padded} costs; a spatial_size of multiples "
-                     "of it uses every voxel it pays for")
+        notes.append(
+            f"the network pads {list(image_shape[1:])} to {padded} inside (its levels need multiples of "
+            f"{network.trunk.size_divisor}): the step costs what {padded} costs; a spatial_size of multiples "
+            "of it uses every voxel it pays for"
+        )
     if kind == "cuda" and not torch.cuda.is_available():
         # fake CUDA tensors need CUDA's operators (e.g. to choose an attention kernel)
-        notes.append("planned with the CPU's operators: no GPU here (a GPU's attention and convolution kernels "
-                     "may keep other working sets)")
+        notes.append(
+            "planned with the CPU's operators: no GPU here (a GPU's attention and convolution kernels "
+            "may keep other working sets)"
+        )
         device = torch.device("cpu")
     return kind, device, notes
 
@@ -387,6 +427,7 @@ def plan_training_step(
     optimizer: torch.optim.Optimizer,
     scheduler,
     noise_sampler,
+    *,
     batch_size: int,
     image_shape: Sequence[int],
     micro_batch_size: int | None = None,
@@ -424,14 +465,24 @@ def plan_training_step(
         tracker = LiveBytes(device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1)
         with tracker:
             twin = _fake_twin(network, device)
-            twins = dict(zip(map(id, network.parameters()), twin.parameters()))
+            twins = dict(zip(map(id, network.parameters()), twin.parameters(), strict=True))
             twin_optimizer = _twin_optimizer(optimizer, twins)
             twin_ema = None if ema is None else _twin_ema(ema, twin, device)
             tracker.module_names = {id(m): name or "network" for name, m in twin.named_modules()}
             trainer = IDMTrainer(
-                device=device, max_epochs=1, train_data_loader=[], network=twin, optimizer=twin_optimizer,
-                scheduler=scheduler, noise_sampler=copy.copy(noise_sampler), lambda_rec=lambda_rec,
-                lambda_l2=lambda_l2, micro_batch_size=micro_batch_size, ema=twin_ema, amp=amp, decollate=False,
+                device=device,
+                max_epochs=1,
+                train_data_loader=[],
+                network=twin,
+                optimizer=twin_optimizer,
+                scheduler=scheduler,
+                noise_sampler=copy.copy(noise_sampler),
+                lambda_rec=lambda_rec,
+                lambda_l2=lambda_l2,
+                micro_batch_size=micro_batch_size,
+                ema=twin_ema,
+                amp=amp,
+                decollate=False,
                 optimizer_in_backward=optimizer_in_backward,
             )
             warm_up(twin, twin_optimizer, twin_ema)
@@ -446,22 +497,37 @@ def plan_training_step(
             batch = {"image": images}
             if condition_channels:
                 batch["condition"] = torch.zeros(batch_size, condition_channels, *image_shape[1:], device=device)
-                notes.append(f"conditioned on {condition_channels} given channel(s) beside the {image_shape[0]} "
-                             "generated ones")
+                notes.append(
+                    f"conditioned on {condition_channels} given channel(s) beside the {image_shape[0]} generated ones"
+                )
             trainer._iteration(trainer, batch)
-            floor = {name: _tensor_bytes(tensors) for name, tensors in _kept_tensors(twin, twin_optimizer,
-                                                                                     twin_ema).items()}
+            floor = {
+                name: _tensor_bytes(tensors) for name, tensors in _kept_tensors(twin, twin_optimizer, twin_ema).items()
+            }
             params = sum(p.numel() for p in twin.parameters())
             del trainer, twin, twins, twin_optimizer, twin_ema, images, batch, kept
     gc.collect()
     fits = None if usable_bytes is None else tracker.peak <= usable_bytes
     return MemoryPlan(
-        device=kind, batch_size=batch_size, micro_batch_size=micro_batch_size, image_shape=list(image_shape),
-        amp=bool(amp), params=params, peak_bytes=tracker.peak, floor_bytes=sum(floor.values()), **floor,
+        device=kind,
+        batch_size=batch_size,
+        micro_batch_size=micro_batch_size,
+        image_shape=list(image_shape),
+        amp=bool(amp),
+        params=params,
+        peak_bytes=tracker.peak,
+        floor_bytes=sum(floor.values()),
+        **floor,
         phase_peaks={k: tracker.phase_peaks[k] for k in ("forward", "backward", "update") if k in tracker.phase_peaks},
-        peak_phase=tracker.peak_where[0], peak_module=tracker.peak_where[1], usable_bytes=usable_bytes, fits=fits,
-        seconds=time.perf_counter() - start, alive_at_peak=tracker.alive_at_peak(), notes=notes,
-        memory_budget=float(getattr(network, "memory_budget", 0.0)), optimizer_in_backward=optimizer_in_backward,
+        peak_phase=tracker.peak_where[0],
+        peak_module=tracker.peak_where[1],
+        usable_bytes=usable_bytes,
+        fits=fits,
+        seconds=time.perf_counter() - start,
+        alive_at_peak=tracker.alive_at_peak(),
+        notes=notes,
+        memory_budget=float(getattr(network, "memory_budget", 0.0)),
+        optimizer_in_backward=optimizer_in_backward,
     )
 
 
@@ -490,11 +556,26 @@ def plan_sampling_step(
             del twin, sample, eps
     gc.collect()
     return MemoryPlan(
-        device=kind, batch_size=batch_size, micro_batch_size=None, image_shape=list(image_shape), amp=False,
-        params=params, peak_bytes=tracker.peak, floor_bytes=weights, parameter_bytes=weights, gradient_bytes=0,
-        optimizer_bytes=0, ema_bytes=0, phase_peaks={"forward": tracker.peak}, peak_phase=tracker.peak_where[0],
-        peak_module=tracker.peak_where[1], usable_bytes=None, fits=None, seconds=time.perf_counter() - start,
-        alive_at_peak=tracker.alive_at_peak(), notes=notes,
+        device=kind,
+        batch_size=batch_size,
+        micro_batch_size=None,
+        image_shape=list(image_shape),
+        amp=False,
+        params=params,
+        peak_bytes=tracker.peak,
+        floor_bytes=weights,
+        parameter_bytes=weights,
+        gradient_bytes=0,
+        optimizer_bytes=0,
+        ema_bytes=0,
+        phase_peaks={"forward": tracker.peak},
+        peak_phase=tracker.peak_where[0],
+        peak_module=tracker.peak_where[1],
+        usable_bytes=None,
+        fits=None,
+        seconds=time.perf_counter() - start,
+        alive_at_peak=tracker.alive_at_peak(),
+        notes=notes,
     )
 
 
@@ -538,6 +619,7 @@ class TrainingMemoryPlan:
         optimizer: torch.optim.Optimizer,
         scheduler,
         noise_sampler,
+        *,
         batch_size: int,
         image_shape: Sequence[int],
         micro_batch_size: int | str | None = None,
@@ -556,9 +638,22 @@ class TrainingMemoryPlan:
 
         def plan(micro: int, with_amp: bool = amp) -> MemoryPlan:
             return plan_training_step(
-                network, optimizer, scheduler, noise_sampler, batch_size, image_shape,
-                None if micro == batch_size else micro, ema, with_amp, lambda_rec, lambda_l2, device, usable,
-                condition_channels, optimizer_in_backward)
+                network,
+                optimizer,
+                scheduler,
+                noise_sampler,
+                batch_size=batch_size,
+                image_shape=image_shape,
+                micro_batch_size=None if micro == batch_size else micro,
+                ema=ema,
+                amp=with_amp,
+                lambda_rec=lambda_rec,
+                lambda_l2=lambda_l2,
+                device=device,
+                usable_bytes=usable,
+                condition_channels=condition_channels,
+                optimizer_in_backward=optimizer_in_backward,
+            )
 
         trunk = unwrap(network)
         # "auto" spends what is spare unless the network was built with a budget of its own (--network_def#…)
@@ -567,12 +662,15 @@ class TrainingMemoryPlan:
             candidates = [batch_size]
         elif micro_batch_size == "auto":
             candidates = _candidate_micro_batch_sizes(batch_size)
-        elif micro_batch_size is None or (isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool)
-                                          and micro_batch_size >= 1):
+        elif micro_batch_size is None or (
+            isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) and micro_batch_size >= 1
+        ):
             candidates = [micro_batch_size or batch_size]
         else:
-            raise BadInputError(f"micro_batch_size must be a positive integer, null (the whole batch at once) or "
-                                f"'auto' (the largest predicted to fit); got {micro_batch_size!r}.")
+            raise BadInputError(
+                f"micro_batch_size must be a positive integer, null (the whole batch at once) or "
+                f"'auto' (the largest predicted to fit); got {micro_batch_size!r}."
+            )
         for micro in candidates:
             self.plan = plan(micro)
             if self.plan.fits is not False:
@@ -581,12 +679,17 @@ class TrainingMemoryPlan:
         if auto and (torch.device(device).type == "cuda" or device_memory_gb is not None):
             self._spend_spare_memory(trunk, plan)
         elif auto:
-            self.plan.notes.append("memory_budget auto keeps no activations on the CPU unless device_memory_gb says "
-                                   "how much it may use: its memory also holds the cached dataset and other "
-                                   "processes, which the plan does not see")
+            self.plan.notes.append(
+                "memory_budget auto keeps no activations on the CPU unless device_memory_gb says "
+                "how much it may use: its memory also holds the cached dataset and other "
+                "processes, which the plan does not see"
+            )
         self.memory_budget = float(getattr(trunk, "memory_budget", 0.0))
-        chosen = [name for name, value in (("micro_batch_size", micro_batch_size),
-                                           ("memory_budget", "auto" if auto else None)) if value == "auto"]
+        chosen = [
+            name
+            for name, value in (("micro_batch_size", micro_batch_size), ("memory_budget", "auto" if auto else None))
+            if value == "auto"
+        ]
         chosen = f" ({' and '.join(chosen)} chosen by 'auto')" if chosen else ""
         logger.info("Memory plan of one training step%s:\n%s", chosen, self.plan.table())
         if check and self.plan.fits is False:
@@ -609,20 +712,27 @@ class TrainingMemoryPlan:
 
     def _refusal(self, plan: Callable[..., MemoryPlan], smallest: bool) -> str:
         p = self.plan
-        message = (f"This run is predicted not to fit: one training step peaks at {p.peak_bytes / 1e9:.2f} GB "
-                   f"({p.floor_bytes / 1e9:.2f} GB of it weights, gradients, optimizer state and EMA) on {p.device} "
-                   f"with {p.usable_bytes / 1e9:.2f} GB usable, "
-                   + ("even in micro-batches of 1 sample. " if smallest else
-                      f"with micro-batches of {p.micro_batch_size or p.batch_size}; --micro_batch_size auto picks the "
-                      "largest that fits, if one does. "))
+        message = (
+            f"This run is predicted not to fit: one training step peaks at {p.peak_bytes / 1e9:.2f} GB "
+            f"({p.floor_bytes / 1e9:.2f} GB of it weights, gradients, optimizer state and EMA) on {p.device} "
+            f"with {p.usable_bytes / 1e9:.2f} GB usable, "
+            + (
+                "even in micro-batches of 1 sample. "
+                if smallest
+                else f"with micro-batches of {p.micro_batch_size or p.batch_size}; --micro_batch_size auto picks the "
+                "largest that fits, if one does. "
+            )
+        )
         hints = []
         if smallest and p.usable_bytes > p.floor_bytes:
             working = p.peak_bytes - p.floor_bytes
             scale = ((p.usable_bytes - p.floor_bytes) / working) ** (1 / (len(p.image_shape) - 1))
             size = [max(1, int(s * scale)) for s in p.image_shape[1:]]
-            hints.append(f"a spatial_size of about {size} (activations scale with voxels; on the native grid with "
-                         "a coarser --spacing, so that the box still holds the head; plan it with "
-                         "scripts/plan_memory.py)")
+            hints.append(
+                f"a spatial_size of about {size} (activations scale with voxels; on the native grid with "
+                "a coarser --spacing, so that the box still holds the head; plan it with "
+                "scripts/plan_memory.py)"
+            )
         if not p.amp:
             with_amp = plan(p.micro_batch_size or p.batch_size, with_amp=True)
             hints.append(f"--amp true ({with_amp.peak_bytes / 1e9:.2f} GB" + (", fits)" if with_amp.fits else ")"))
@@ -633,8 +743,9 @@ class TrainingMemoryPlan:
         return message + ("What would lower it: " + "; ".join(hints) + "." if hints else "")
 
 
-def plan_config(config_file: str | Path | Sequence[str | Path], overrides: dict | None = None,
-                check: bool = False) -> TrainingMemoryPlan:
+def plan_config(
+    config_file: str | Path | Sequence[str | Path], overrides: dict | None = None, check: bool = False
+) -> TrainingMemoryPlan:
     """The :class:`TrainingMemoryPlan` of ``configs/train.json`` (or ``config_file``'s) ``memory_plan`` with
     ``overrides`` (``{"spatial_size": [128, 128, 128], "network_def#channels": [...]}``), its network, optimizer and
     EMA built as FakeTensors: no memory, no device, no data read, and ``check=False`` reports a plan that does not

@@ -27,7 +27,10 @@ def refuse_earlier_outputs(earlier: Sequence[Path], output_dir: str | Path) -> N
 
 
 def write_volumes(
-    volume: torch.Tensor, affine: np.ndarray | torch.Tensor, paths: Mapping[str, Path], preview: torch.Tensor,
+    volume: torch.Tensor,
+    affine: np.ndarray | torch.Tensor,
+    paths: Mapping[str, Path],
+    preview: torch.Tensor,
     preview_names: Sequence[str],
 ) -> None:
     """Writes channel c of ``volume`` (C, *S) to the c-th path of ``paths`` (``{modality: path, …, "png": path}``,

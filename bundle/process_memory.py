@@ -16,4 +16,3 @@ def proc_status_bytes(field: str) -> int | None:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return None
-

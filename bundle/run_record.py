@@ -27,8 +27,14 @@ from .errors import BadInputError
 from .utils import unwrap
 
 __all__ = [
-    "RUN_RECORD", "TASKS", "TrainedModel", "check_resumed_run", "default_affine", "network_record",
-    "recorded_validation_cases", "run_record",
+    "RUN_RECORD",
+    "TASKS",
+    "TrainedModel",
+    "check_resumed_run",
+    "default_affine",
+    "network_record",
+    "recorded_validation_cases",
+    "run_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,12 +119,18 @@ def run_record(
             "affine": np.asarray(image.meta["original_affine"], dtype=float).tolist(),
             "spatial_size": [int(s) for s in image.meta["spatial_shape"]],
         }
-        logger.info("native grid: one box of %s voxels in the dataset's atlas frame for every case; samples are "
-                    "written back on its %s grid", record["spatial_size"], record["original_grid"]["spatial_size"])
+        logger.info(
+            "native grid: one box of %s voxels in the dataset's atlas frame for every case; samples are "
+            "written back on its %s grid",
+            record["spatial_size"],
+            record["original_grid"]["spatial_size"],
+        )
     elif spacing is not None:
-        logger.info("native grid: the cases are not in one registered frame (a datalist), so each is cropped to a box "
-                    "of %s voxels around its own foreground, and samples stay on the training grid",
-                    record["spatial_size"])
+        logger.info(
+            "native grid: the cases are not in one registered frame (a datalist), so each is cropped to a box "
+            "of %s voxels around its own foreground, and samples stay on the training grid",
+            record["spatial_size"],
+        )
     return record
 
 
@@ -141,7 +153,9 @@ def recorded_validation_cases(ckpt_path: str | Path) -> list[str] | None:
         logger.warning(
             "There is no %s beside %s to say which cases its training run validated on: the validation split is "
             "recomputed from seed, val_fraction and the cases found, and holds training cases unless all three are "
-            "the training run's.", RUN_RECORD, ckpt_path,
+            "the training run's.",
+            RUN_RECORD,
+            ckpt_path,
         )
         return None
     return record["validation_cases"]
@@ -171,8 +185,10 @@ class TrainedModel:
     def __init__(self, ckpt_path: str | Path) -> None:
         self.ckpt_path = Path(ckpt_path)
         if not self.ckpt_path.is_file():
-            raise BadInputError(f"The checkpoint {str(ckpt_path)!r} does not exist; pass --ckpt_path with the model.pt "
-                                "that training wrote (in its ckpt_dir).")
+            raise BadInputError(
+                f"The checkpoint {str(ckpt_path)!r} does not exist; pass --ckpt_path with the model.pt "
+                "that training wrote (in its ckpt_dir)."
+            )
         self.path = _record_path(ckpt_path)
         record = _read(self.path)
         if record is None:
@@ -210,8 +226,10 @@ class TrainedModel:
                 "it does not generate from noise: run it with the translation overlay, --config_file "
                 "\"['configs/inference.json','configs/translate.json']\" and --input_files or --dataset_dir."
             )
-        return (f"{self.ckpt_path} generates {self.modalities} from noise (its {RUN_RECORD}); it translates nothing: "
-                f"run it with configs/inference.json alone (task {task!r} asked).")
+        return (
+            f"{self.ckpt_path} generates {self.modalities} from noise (its {RUN_RECORD}); it translates nothing: "
+            f"run it with configs/inference.json alone (task {task!r} asked)."
+        )
 
     @property
     def task(self) -> str:
@@ -336,7 +354,11 @@ def check_resumed_run(
         BadInputError: naming the setting, the recorded value and the flag to pass.
     """
     model = TrainedModel(ckpt_path).check(
-        modalities=modalities, condition_modalities=condition_modalities, spatial_size=spatial_size, spacing=spacing,
-        num_train_timesteps=noise_scheduler.num_train_timesteps, schedule=schedule,
+        modalities=modalities,
+        condition_modalities=condition_modalities,
+        spatial_size=spatial_size,
+        spacing=spacing,
+        num_train_timesteps=noise_scheduler.num_train_timesteps,
+        schedule=schedule,
     )
     _check_scheduler(model.record["noise_scheduler"], noise_scheduler, schedule, model.path)

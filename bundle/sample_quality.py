@@ -98,8 +98,13 @@ def _radial_log_spectrum(volumes: torch.Tensor) -> torch.Tensor:
     """(N, C, R) log₁₀ of the power spectrum of the mean-free volumes, averaged over shells of radius 1 … R
     (R = half the smallest side) in cycles per volume side, the DC term left out."""
     spatial = volumes.shape[2:]
-    power = torch.fft.fftn(volumes - volumes.mean(dim=tuple(range(2, volumes.ndim)), keepdim=True),
-                           dim=tuple(range(2, volumes.ndim))).abs().square()
+    power = (
+        torch.fft.fftn(
+            volumes - volumes.mean(dim=tuple(range(2, volumes.ndim)), keepdim=True), dim=tuple(range(2, volumes.ndim))
+        )
+        .abs()
+        .square()
+    )
     grids = torch.meshgrid(*[torch.fft.fftfreq(n) * min(spatial) for n in spatial], indexing="ij")
     shell = torch.stack(grids).square().sum(0).sqrt().round().long().flatten()
     count = min(spatial) // 2
@@ -117,8 +122,11 @@ def _pair_correlation(volumes: torch.Tensor, a: int, b: int, threshold: float) -
         x, y = volume[a].flatten(), volume[b].flatten()
         inside = (x > threshold) | (y > threshold)
         x, y = x[inside] - x[inside].mean(), y[inside] - y[inside].mean()
-        values.append((x * y).sum() / ((x.square().sum() * y.square().sum()).sqrt() + 1e-12) if inside.sum() > 1
-                      else torch.tensor(0.0))
+        values.append(
+            (x * y).sum() / ((x.square().sum() * y.square().sum()).sqrt() + 1e-12)
+            if inside.sum() > 1
+            else torch.tensor(0.0)
+        )
     return torch.stack(values)
 
 
@@ -160,8 +168,7 @@ def _joint_histogram(volumes: torch.Tensor, a: int, b: int) -> torch.Tensor:
 
 def pairwise_ms_ssim(volumes: torch.Tensor) -> torch.Tensor:
     """(N, N) MS-SSIM between every two of ``volumes`` (N, C, *S), the mean over channels; 1 on the diagonal."""
-    metric = MultiScaleSSIMMetric(spatial_dims=volumes.ndim - 2, data_range=1.0,
-                                  **ms_ssim_settings(volumes.shape[2:]))
+    metric = MultiScaleSSIMMetric(spatial_dims=volumes.ndim - 2, data_range=1.0, **ms_ssim_settings(volumes.shape[2:]))
     matrix = torch.eye(len(volumes))
     for i, j in itertools.combinations(range(len(volumes)), 2):
         matrix[i, j] = matrix[j, i] = metric(volumes[i : i + 1], volumes[j : j + 1]).mean().item()
@@ -188,10 +195,12 @@ def _distances(
         distances[f"power_spectrum/{modality}"] = spectra.abs().mean().item()
     for p, (i, j) in enumerate(itertools.combinations(range(len(modalities)), 2)):
         pair = f"{modalities[i]}_{modalities[j]}"
-        distances[f"correlation/{pair}"] = abs(stats_a["correlation"][:, p].mean()
-                                               - stats_b["correlation"][:, p].mean()).item()
-        distances[f"joint_histogram/{pair}"] = 0.5 * (_joint_histogram(a, i, j)
-                                                      - _joint_histogram(b, i, j)).abs().sum().item()
+        distances[f"correlation/{pair}"] = abs(
+            stats_a["correlation"][:, p].mean() - stats_b["correlation"][:, p].mean()
+        ).item()
+        distances[f"joint_histogram/{pair}"] = (
+            0.5 * (_joint_histogram(a, i, j) - _joint_histogram(b, i, j)).abs().sum().item()
+        )
     distances["mmd"] = normalised_mmd(a, b)[0]
     distances["diversity"] = abs(mean_pairwise(stats_a["ms_ssim"]) - mean_pairwise(stats_b["ms_ssim"]))
     return distances
@@ -199,8 +208,9 @@ def _distances(
 
 def _subset(statistics: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     """The statistics of the volumes ``index`` of a set (of ``ms_ssim``, their rows and columns)."""
-    return {name: values[index][:, index] if name == "ms_ssim" else values[index]
-            for name, values in statistics.items()}
+    return {
+        name: values[index][:, index] if name == "ms_ssim" else values[index] for name, values in statistics.items()
+    }
 
 
 def compare_to_real(
@@ -237,15 +247,19 @@ def compare_to_real(
             halves of two), or non-finite values.
     """
     if generated.shape[1:] != real.shape[1:] or real.shape[1] != len(modalities):
-        raise ValueError(f"generated {tuple(generated.shape)} and real {tuple(real.shape)} volumes must share their "
-                         f"shape (N, C, *S) with C = {len(modalities)} modalities {list(modalities)}.")
+        raise ValueError(
+            f"generated {tuple(generated.shape)} and real {tuple(real.shape)} volumes must share their "
+            f"shape (N, C, *S) with C = {len(modalities)} modalities {list(modalities)}."
+        )
     for name, volumes in (("generated", generated), ("real", real)):
         if not torch.isfinite(volumes).all():
             raise ValueError(f"The {name} volumes hold non-finite values (NaN or ±inf): nothing to compare.")
     n = min(len(generated), len(real) // 2)
     if n < 2:
-        raise ValueError(f"Comparing with the real-vs-real spread needs at least 2 generated and 4 real volumes, got "
-                         f"{len(generated)} and {len(real)}.")
+        raise ValueError(
+            f"Comparing with the real-vs-real spread needs at least 2 generated and 4 real volumes, got "
+            f"{len(generated)} and {len(real)}."
+        )
     generated, real = generated.detach().float().cpu().clamp(0, 1), real.detach().float().cpu().clamp(0, 1)
     stats_g, stats_r = volume_statistics(generated, threshold), volume_statistics(real, threshold)
     stats_g["ms_ssim"], stats_r["ms_ssim"] = pairwise_ms_ssim(generated), pairwise_ms_ssim(real)
@@ -262,19 +276,31 @@ def compare_to_real(
     for name in gen_vs_real[0]:
         g = sum(d[name] for d in gen_vs_real) / num_splits
         r = [d[name] for d in real_vs_real]
-        measures[name] = {"generated_vs_real": g, "real_vs_real_mean": sum(r) / num_splits,
-                          "real_vs_real_max": max(r), "within_spread": g <= max(r)}
+        measures[name] = {
+            "generated_vs_real": g,
+            "real_vs_real_mean": sum(r) / num_splits,
+            "real_vs_real_max": max(r),
+            "within_spread": g <= max(r),
+        }
     statistics = {}
     for c, modality in enumerate(modalities):
         for name in ("mean", "foreground", "autocorrelation"):
-            statistics[f"{name}/{modality}"] = {"generated": stats_g[name][:, c].mean().item(),
-                                                "real": stats_r[name][:, c].mean().item()}
+            statistics[f"{name}/{modality}"] = {
+                "generated": stats_g[name][:, c].mean().item(),
+                "real": stats_r[name][:, c].mean().item(),
+            }
     for p, (i, j) in enumerate(itertools.combinations(range(len(modalities)), 2)):
         statistics[f"correlation/{modalities[i]}_{modalities[j]}"] = {
-            "generated": stats_g["correlation"][:, p].mean().item(), "real": stats_r["correlation"][:, p].mean().item()}
+            "generated": stats_g["correlation"][:, p].mean().item(),
+            "real": stats_r["correlation"][:, p].mean().item(),
+        }
     return {
-        "num_generated": len(generated), "num_real": len(real), "set_size": n, "num_splits": num_splits,
-        "measures": measures, "statistics": statistics,
+        "num_generated": len(generated),
+        "num_real": len(real),
+        "set_size": n,
+        "num_splits": num_splits,
+        "measures": measures,
+        "statistics": statistics,
         "within_spread": sum(m["within_spread"] for m in measures.values()) / len(measures),
     }
 
@@ -283,5 +309,6 @@ def quality_summary(comparison: dict) -> str:
     """One line of a :func:`compare_to_real` result: the measures within the spread, and those outside."""
     outside = [name for name, m in comparison["measures"].items() if not m["within_spread"]]
     total = len(comparison["measures"])
-    return (f"{total - len(outside)}/{total} measures within the real-vs-real spread"
-            + (f"; outside: {', '.join(outside)}" if outside else ""))
+    return f"{total - len(outside)}/{total} measures within the real-vs-real spread" + (
+        f"; outside: {', '.join(outside)}" if outside else ""
+    )

@@ -21,6 +21,7 @@ from .checkpoint import check_checkpoint_folder
 from .data.transforms import check_spacing
 from .diffusion.engines import autocast_dtype
 from .diffusion.loss import micro_batches
+from .diffusion.update_in_backward import check_whole_batch
 from .errors import BadInputError
 from .flags import as_flag, as_memory_budget
 from .outputs import refuse_earlier_outputs
@@ -40,25 +41,36 @@ def _number(value: object) -> bool:
 
 
 def _check_spatial_size(spatial_size: Sequence[int]) -> None:
-    if (isinstance(spatial_size, (str, bytes)) or not isinstance(spatial_size, Sequence) or len(spatial_size) != 3
-            or not all(_positive_int(s) for s in spatial_size)):
+    if (
+        isinstance(spatial_size, (str, bytes))
+        or not isinstance(spatial_size, Sequence)
+        or len(spatial_size) != 3
+        or not all(_positive_int(s) for s in spatial_size)
+    ):
         raise BadInputError(f"spatial_size must be three positive integers such as [64,64,64]; got {spatial_size!r}.")
 
 
 def _names(value: object) -> bool:
-    return (isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-            and all(isinstance(v, str) and v for v in value))
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes))
+        and all(isinstance(v, str) and v for v in value)
+    )
 
 
 def check_modalities(modalities: Sequence[str], condition_modalities: Sequence[str] = ()) -> None:
     """Raises :class:`BadInputError` unless ``modalities`` (generated) is a non-empty list of names and
     ``condition_modalities`` (given) a list of other names."""
     if not _names(modalities) or not modalities or len(set(modalities)) != len(modalities):
-        raise BadInputError(f"modalities must be a list of distinct names such as ['t1','t2'] (the generated "
-                            f"sequences); got {modalities!r}.")
+        raise BadInputError(
+            f"modalities must be a list of distinct names such as ['t1','t2'] (the generated "
+            f"sequences); got {modalities!r}."
+        )
     if not _names(condition_modalities) or len(set(condition_modalities)) != len(condition_modalities):
-        raise BadInputError(f"condition_modalities must be a list of distinct names such as ['t1'] (the given "
-                            f"sequences; [] for unconditional generation); got {condition_modalities!r}.")
+        raise BadInputError(
+            f"condition_modalities must be a list of distinct names such as ['t1'] (the given "
+            f"sequences; [] for unconditional generation); got {condition_modalities!r}."
+        )
     both = [m for m in condition_modalities if m in modalities]
     if both:
         raise BadInputError(
@@ -77,8 +89,12 @@ def _check_val_fraction(val_fraction: float) -> None:
 
 
 def _check_val_timestep_fractions(fractions: Sequence[float]) -> None:
-    if (isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or not fractions
-            or not all(_number(f) and 0 <= f < 1 for f in fractions)):
+    if (
+        isinstance(fractions, (str, bytes))
+        or not isinstance(fractions, Sequence)
+        or not fractions
+        or not all(_number(f) and 0 <= f < 1 for f in fractions)
+    ):
         raise BadInputError(
             f"val_timestep_fractions must be a list of fractions of T in [0, 1) such as [0.05,0.25,0.5]; "
             f"got {fractions!r}."
@@ -157,13 +173,8 @@ class TrainingSettings:
             )
         _check_val_fraction(self.val_fraction)
         micro_batches(self.batch_size, None if self.micro_batch_size == "auto" else self.micro_batch_size)
-        if self.optimizer_in_backward and self.micro_batch_size not in (None, self.batch_size):
-            raise BadInputError(
-                f"optimizer_in_backward updates each weight as soon as its gradient is complete, so the batch of "
-                f"{self.batch_size} is back-propagated at once, and micro_batch_size {self.micro_batch_size!r} would "
-                "need the whole gradient kept between micro-batches: pass --micro_batch_size null (or a smaller "
-                "--batch_size), or --optimizer_in_backward false to keep micro-batches."
-            )
+        if self.optimizer_in_backward:
+            check_whole_batch(self.batch_size, self.micro_batch_size)
         autocast_dtype(self.amp)
         if self.noise_scheduler.prediction_type != "epsilon":
             raise BadInputError(
@@ -191,9 +202,15 @@ class TrainingSettings:
         check_output_folder(self.ckpt_dir, "ckpt_dir")
         check_output_folder(self.output_dir, "output_dir")
         check_checkpoint_folder(
-            self.ckpt_dir, resume=self.resume, overwrite=self.overwrite, spatial_size=self.spatial_size,
-            modalities=self.modalities, noise_scheduler=self.noise_scheduler, schedule=self.schedule,
-            spacing=self.spacing, condition_modalities=self.condition_modalities,
+            self.ckpt_dir,
+            resume=self.resume,
+            overwrite=self.overwrite,
+            spatial_size=self.spatial_size,
+            modalities=self.modalities,
+            noise_scheduler=self.noise_scheduler,
+            schedule=self.schedule,
+            spacing=self.spacing,
+            condition_modalities=self.condition_modalities,
         )
 
     @property
@@ -281,8 +298,10 @@ class EvaluationSettings:
         self.skip_invalid = as_flag(self.skip_invalid, "skip_invalid")
         _check_val_fraction(self.val_fraction)
         if self.generation_reference not in GENERATION_REFERENCES:
-            raise BadInputError(f"generation_reference must be one of {list(GENERATION_REFERENCES)} (the split the "
-                                f"samples are compared with); got {self.generation_reference!r}.")
+            raise BadInputError(
+                f"generation_reference must be one of {list(GENERATION_REFERENCES)} (the split the "
+                f"samples are compared with); got {self.generation_reference!r}."
+            )
         check_output_folder(self.output_dir, "output_dir")
         if not self.overwrite:
             refuse_earlier_outputs([p for p in self.outputs if p.exists()], self.output_dir)

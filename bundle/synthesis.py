@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from monai.inferers import Inferer
+from monai.metrics import MAEMetric, PSNRMetric
 from monai.metrics.regression import compute_ssim_and_cs
 from torch import nn
 from tqdm import tqdm
@@ -94,22 +95,29 @@ def translation_scores(prediction: torch.Tensor, target: torch.Tensor) -> dict[s
     ``sharpness``: the generated volume's mean gradient magnitude inside the head over the real one's (1: as sharp
     as the data; a regression's blur gives less)."""
     mask = foreground(target)
-    error = prediction - target
-    psnr = lambda mse: (10 * torch.log10(1 / mse.clamp_min(1e-12))).item()
     ssim, head_ssim = _masked_ssim(prediction, target, mask)
+    whole, head = (prediction[None], target[None]), (prediction[mask][None, None], target[mask][None, None])
+    psnr, mae = PSNRMetric(max_val=1.0), MAEMetric()  # MONAI's, as validation and evaluation compute them
     return {
-        "psnr": psnr(error.square().mean()),
+        "psnr": psnr(*whole).item(),
         "ssim": ssim,
-        "mae": error.abs().mean().item(),
-        "head_psnr": psnr(error[mask].square().mean()),
+        "mae": mae(*whole).item(),
+        "head_psnr": psnr(*head).item(),
         "head_ssim": head_ssim,
-        "head_mae": error[mask].abs().mean().item(),
+        "head_mae": mae(*head).item(),
         "sharpness": _sharpness(prediction, mask) / max(_sharpness(target, mask), 1e-12),
     }
 
 
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mae": False, "head_psnr": True, "head_ssim": True,
-                    "head_mae": False, "sharpness": True}
+HIGHER_IS_BETTER = {
+    "psnr": True,
+    "ssim": True,
+    "mae": False,
+    "head_psnr": True,
+    "head_ssim": True,
+    "head_mae": False,
+    "sharpness": True,
+}
 
 
 def _summary(values: list[float], pair: int, higher_is_better: bool) -> dict:
@@ -122,8 +130,13 @@ def _summary(values: list[float], pair: int, higher_is_better: bool) -> dict:
 
 
 def translate_split(
-    network: nn.Module, inferer: Inferer, dataloader, modalities: Sequence[str], condition_modalities: Sequence[str],
-    pair: int, device: torch.device | str,
+    network: nn.Module,
+    inferer: Inferer,
+    dataloader,
+    modalities: Sequence[str],
+    condition_modalities: Sequence[str],
+    pair: int,
+    device: torch.device | str,
 ) -> dict:
     """The translation measures (:func:`translation_scores`) of ``inferer``'s outputs from each batch's
     ``condition`` against its ``image`` (batches of ``{"image", "condition", "case"}`` in [0, 1]), per generated
@@ -148,9 +161,13 @@ def translate_split(
         "given": list(condition_modalities),
         "cases": cases,
         "best_of_batch_size": pair,
-        **{name: {modality: {metric: _summary(values, pair, HIGHER_IS_BETTER[metric])
-                             for metric, values in entry.items()} for modality, entry in runs.items()}
-           for name, runs in per_case.items()},
+        **{
+            name: {
+                modality: {metric: _summary(values, pair, HIGHER_IS_BETTER[metric]) for metric, values in entry.items()}
+                for modality, entry in runs.items()
+            }
+            for name, runs in per_case.items()
+        },
         "per_case": per_case,
     }
 
@@ -160,13 +177,17 @@ def translation_markdown(translation: dict, modalities: Sequence[str], label: st
     lines = [
         f"## Translation from {', '.join(translation['given'])} to {', '.join(modalities)}",
         "",
-        (f"{len(translation['cases'])} validation cases; [0, 1] intensities; head: the real volume's foreground; "
-         f"best-of-batch: the best of each {translation['best_of_batch_size']} consecutive cases, averaged; "
-         "sharpness: the mean gradient magnitude in the head, generated over real. Identity: the given "
-         f"{translation['given'][0]} volume itself."),
+        (
+            f"{len(translation['cases'])} validation cases; [0, 1] intensities; head: the real volume's foreground; "
+            f"best-of-batch: the best of each {translation['best_of_batch_size']} consecutive cases, averaged; "
+            "sharpness: the mean gradient magnitude in the head, generated over real. Identity: the given "
+            f"{translation['given'][0]} volume itself."
+        ),
         "",
-        ("| run | modality | PSNR | SSIM | MAE | head PSNR | head SSIM | head MAE | PSNR best-of-batch | "
-         "SSIM best-of-batch | sharpness |"),
+        (
+            "| run | modality | PSNR | SSIM | MAE | head PSNR | head SSIM | head MAE | PSNR best-of-batch | "
+            "SSIM best-of-batch | sharpness |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("model", "identity"):
@@ -206,8 +227,9 @@ def evaluate_translation(
     device = torch.device(settings.device)
     network = load_checkpoint(network, ckpt_path).to(device).eval()
     with torch.no_grad():
-        translation = translate_split(network, inferer, dataloader, modalities, condition_modalities,
-                                      settings.evaluate_batch_size, device)
+        translation = translate_split(
+            network, inferer, dataloader, modalities, condition_modalities, settings.evaluate_batch_size, device
+        )
     results = {"checkpoint": str(ckpt_path), "translation": translation}
     lines = [f"# Evaluation of {ckpt_path}", "", *translation_markdown(translation, modalities, type(network).__name__)]
     write_metrics(settings, results, lines)

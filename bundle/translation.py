@@ -51,7 +51,9 @@ class OntoInputGridd(MapTransform):
 
 
 def input_cases(
-    dataset_dir: str | Path | None, input_files: Mapping[str, str] | None, condition_modalities: Sequence[str],
+    dataset_dir: str | Path | None,
+    input_files: Mapping[str, str] | None,
+    condition_modalities: Sequence[str],
     skip_invalid: bool = False,
 ) -> list[dict]:
     """The case records to translate: the one case of ``input_files`` (``{modality: path}``, every given modality;
@@ -74,8 +76,13 @@ def input_cases(
         name = first.name.split(".")[0]
         suffix = f"_{condition_modalities[0]}"
         case = name[: -len(suffix)] if name.lower().endswith(suffix) and len(name) > len(suffix) else name
-        records = [{"case": case, "channels": {m: None for m in condition_modalities},
-                    **{m: str(input_files[m]) for m in condition_modalities}}]
+        records = [
+            {
+                "case": case,
+                "channels": {m: None for m in condition_modalities},
+                **{m: str(input_files[m]) for m in condition_modalities},
+            }
+        ]
     else:
         records = discover_cases(dataset_dir, condition_modalities)
     return preflight(records, condition_modalities, skip_invalid, purpose="translate")
@@ -97,11 +104,15 @@ class TranslationWriter:
     def __init__(self, cases: Sequence[Mapping], model: TrainedModel, output_dir: str | Path, overwrite: bool) -> None:
         self.model, self.output_dir = model, Path(output_dir)
         check_output_folder(self.output_dir, "output_dir")
-        self.paths = {r["case"]: {m: self.output_dir / f"{r['case']}_{m}.nii.gz" for m in model.modalities}
-                      | {"png": self.output_dir / f"{r['case']}.png"} for r in cases}
+        self.paths = {
+            r["case"]: {m: self.output_dir / f"{r['case']}_{m}.nii.gz" for m in model.modalities}
+            | {"png": self.output_dir / f"{r['case']}.png"}
+            for r in cases
+        }
         if not overwrite:
-            refuse_earlier_outputs([p for entry in self.paths.values() for p in entry.values() if p.exists()],
-                                   self.output_dir)
+            refuse_earlier_outputs(
+                [p for entry in self.paths.values() for p in entry.values() if p.exists()], self.output_dir
+            )
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self.output_dir.mkdir(parents=True, exist_ok=True))
@@ -113,5 +124,10 @@ class TranslationWriter:
             case, written = item["case"], output["pred"]
             preview = torch.cat([torch.as_tensor(output["image"]).cpu(), torch.as_tensor(output["preview"]).cpu()])
             write_volumes(written, written.affine, self.paths[case], preview, [*given, *generated])
-            logger.info("%s: wrote %s (%s voxels) from %s", case, ", ".join(p.name for p in self.paths[case].values()),
-                        "×".join(map(str, written.shape[1:])), ", ".join(given))
+            logger.info(
+                "%s: wrote %s (%s voxels) from %s",
+                case,
+                ", ".join(p.name for p in self.paths[case].values()),
+                "×".join(map(str, written.shape[1:])),
+                ", ".join(given),
+            )

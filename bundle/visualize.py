@@ -29,7 +29,7 @@ def save_mid_slices_png(volume: torch.Tensor, names: Sequence[str], path: str | 
     volume = volume.detach().float().cpu()
     fig, axes = plt.subplots(volume.shape[0], 3, figsize=(7.5, 2.6 * volume.shape[0]), squeeze=False)
     for row, name in enumerate(names):
-        for col, (view, image) in enumerate(zip(VIEWS, mid_slices(volume[row]))):
+        for col, (view, image) in enumerate(zip(VIEWS, mid_slices(volume[row]), strict=True)):
             axes[row][col].imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
             axes[row][col].set_axis_off()
             axes[row][col].set_title(f"{name} {view}", fontsize=9)

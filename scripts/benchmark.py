@@ -87,8 +87,12 @@ def _training_threads() -> int | None:
 
 def _quality(plan: SuitePlan, output_dir: Path) -> dict:
     return compare_quality(
-        output_dir=output_dir, epochs=plan.quality_epochs, size=plan.quality_size, channels=plan.quality_channels,
-        attention_levels=_attention_at_last_two(plan.quality_channels), num_threads=_training_threads(),
+        output_dir=output_dir,
+        epochs=plan.quality_epochs,
+        size=plan.quality_size,
+        channels=plan.quality_channels,
+        attention_levels=_attention_at_last_two(plan.quality_channels),
+        num_threads=_training_threads(),
     )
 
 
@@ -99,8 +103,10 @@ def _write_suite_report(result: dict, out: Path) -> str:
     if result.get("quality"):
         quality_markdown = render_quality_markdown(result["quality"], result["command"], level=2)
     elif (out / QUALITY_REPORT).exists():
-        quality_markdown = (f"## Quality at equal budget\n\nNot re-run by this command; the latest comparison "
-                            f"(`python scripts/benchmark.py quality`) is in [{QUALITY_REPORT}]({QUALITY_REPORT}).")
+        quality_markdown = (
+            f"## Quality at equal budget\n\nNot re-run by this command; the latest comparison "
+            f"(`python scripts/benchmark.py quality`) is in [{QUALITY_REPORT}]({QUALITY_REPORT})."
+        )
     else:
         quality_markdown = None
     report = render_suite(result, quality_markdown)
@@ -112,8 +118,14 @@ def _write_suite_report(result: dict, out: Path) -> str:
 class Benchmark:
     """IDM benchmarks; each command writes a markdown report, a JSON file with every figure and PNG plots."""
 
-    def suite(self, quick: bool = False, gpu: bool = False, output_dir: str | None = None,
-              budget_s: float | None = None, quality: bool = True) -> None:
+    def suite(
+        self,
+        quick: bool = False,
+        gpu: bool = False,
+        output_dir: str | None = None,
+        budget_s: float | None = None,
+        quality: bool = True,
+    ) -> None:
         """The resolution and depth sweeps of the four networks, the paper configuration, energy, the batch
         sweep and the memory options, then the equal-budget quality comparison; writes ``benchmarks.md``,
         ``benchmarks.json`` and the figures once the measurements are done, and again with the quality
@@ -133,8 +145,10 @@ class Benchmark:
         if quick and gpu:
             raise SystemExit("ERROR: choose one of --quick and --gpu.")
         if gpu and not torch.cuda.is_available():
-            raise SystemExit("ERROR: --gpu needs a CUDA device, and torch.cuda.is_available() is False here "
-                             "(a CPU build of torch?). Run without --gpu to measure on the CPU.")
+            raise SystemExit(
+                "ERROR: --gpu needs a CUDA device, and torch.cuda.is_available() is False here "
+                "(a CPU build of torch?). Run without --gpu to measure on the CPU."
+            )
         if budget_s is not None and budget_s <= 0:
             raise SystemExit(f"ERROR: --budget_s must be positive, got {budget_s}.")
         plan = SuitePlan.gpu() if gpu else SuitePlan.quick() if quick else SuitePlan.full()
@@ -146,8 +160,11 @@ class Benchmark:
         return_freed_memory_to_os()  # this process counts stored bytes at every size, the largest last
         budget, start = Budget(plan.budget_seconds), time.perf_counter()
         count = len(NETWORKS) * (len(plan.depths) + len(plan.sizes) + len(plan.batch_sizes) + 1) + len(MEMORY_OPTIONS)
-        result = {"plan": asdict(plan), "machine": machine_description(), "command":
-                  f"python scripts/benchmark.py suite{mode}"}
+        result = {
+            "plan": asdict(plan),
+            "machine": machine_description(),
+            "command": f"python scripts/benchmark.py suite{mode}",
+        }
         partial = out / PARTIAL_RESULT  # what is measured so far, should the run stop early
         with tqdm(total=count, desc="benchmark suite") as progress:
             phases = {  # the headline figures first: a spent budget (GPU mode) cuts the ones after them
@@ -178,13 +195,27 @@ class Benchmark:
         if epochs < 1 or size < 16:
             raise SystemExit(f"ERROR: need --epochs ≥ 1 and --size ≥ 16, got {epochs} and {size}.")
         channels = tuple(int(c) for c in channels)
-        result = compare_quality(output_dir=output_dir, epochs=epochs, size=size, channels=channels,
-                                 attention_levels=_attention_at_last_two(channels), num_threads=_training_threads())
+        result = compare_quality(
+            output_dir=output_dir,
+            epochs=epochs,
+            size=size,
+            channels=channels,
+            attention_levels=_attention_at_last_two(channels),
+            num_threads=_training_threads(),
+        )
         command = f"python scripts/benchmark.py quality --epochs {epochs} --size {size} --channels '{list(channels)}'"
         print(write_quality_report(result, command, output_dir).read_text())
 
-    def generation(self, work_dir: str = "runs/generation", steps: int = 8000, check_every: int = 240,
-                   size: int = 16, num_phantoms: int = 256, continue_steps: int = 0, output_dir: str = "docs") -> None:
+    def generation(
+        self,
+        work_dir: str = "runs/generation",
+        steps: int = 8000,
+        check_every: int = 240,
+        size: int = 16,
+        num_phantoms: int = 256,
+        continue_steps: int = 0,
+        output_dir: str = "docs",
+    ) -> None:
         """IDM and its parameter-matched MONAI ``DiffusionModelUNet`` trained by ``configs/train.json`` on the
         built-in phantoms, both at once on one torch thread each, with the generation monitor every
         ``check_every`` steps (about 70 minutes for 8000 steps at 16³ on 2 idle CPU cores); writes ``generation.md``,
@@ -193,17 +224,33 @@ class Benchmark:
         ``--continue_steps`` (more than ``--steps``), the IDM run is then trained on to that many steps as a resume
         of a copy of it, and reported too."""
         if steps < 1 or check_every < 1 or size < 16 or num_phantoms < 8:
-            raise SystemExit(f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --size ≥ 16 and --num_phantoms ≥ 8, got "
-                             f"{steps}, {check_every}, {size} and {num_phantoms}.")
-        result = compare_generation(work_dir, steps=steps, check_every=check_every, size=size,
-                                    num_phantoms=num_phantoms, continue_steps=continue_steps)
-        command = (f"python scripts/benchmark.py generation --work_dir {work_dir} --steps {steps} "
-                   f"--check_every {check_every} --size {size} --num_phantoms {num_phantoms}"
-                   + (f" --continue_steps {continue_steps}" if continue_steps else ""))
+            raise SystemExit(
+                f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --size ≥ 16 and --num_phantoms ≥ 8, got "
+                f"{steps}, {check_every}, {size} and {num_phantoms}."
+            )
+        result = compare_generation(
+            work_dir,
+            steps=steps,
+            check_every=check_every,
+            size=size,
+            num_phantoms=num_phantoms,
+            continue_steps=continue_steps,
+        )
+        command = (
+            f"python scripts/benchmark.py generation --work_dir {work_dir} --steps {steps} "
+            f"--check_every {check_every} --size {size} --num_phantoms {num_phantoms}"
+            + (f" --continue_steps {continue_steps}" if continue_steps else "")
+        )
         print(write_generation_report(result, command, output_dir).read_text())
 
-    def synthesis(self, work_dir: str = "runs/synthesis", steps: tuple[int, ...] = (250, 500, 1000, 2000),
-                  size: int = 16, num_phantoms: int = 128, output_dir: str = "docs") -> None:
+    def synthesis(
+        self,
+        work_dir: str = "runs/synthesis",
+        steps: tuple[int, ...] = (250, 500, 1000, 2000),
+        size: int = 16,
+        num_phantoms: int = 128,
+        output_dir: str = "docs",
+    ) -> None:
         """Missing-modality synthesis on the built-in phantoms: the conditioned IDM and MONAI's ``UNet`` as an L1
         regression (``configs/regression.json``, matched parameters) trained by the bundle's configs on the same data
         and steps, T1→T2 and T2→T1, each evaluated by ``configs/evaluate.json`` after training to each of ``--steps``
@@ -212,11 +259,15 @@ class Benchmark:
         ``synthesis_examples.png``. The runs are kept in ``work_dir``: a rerun reuses every stage evaluated before."""
         steps = (steps,) if isinstance(steps, int) else tuple(steps)
         if not steps or min(steps) < 1 or size < 16 or num_phantoms < 8:
-            raise SystemExit(f"ERROR: need --steps of positive integers such as '[250,500]', --size ≥ 16 and "
-                             f"--num_phantoms ≥ 8, got {steps}, {size} and {num_phantoms}.")
+            raise SystemExit(
+                f"ERROR: need --steps of positive integers such as '[250,500]', --size ≥ 16 and "
+                f"--num_phantoms ≥ 8, got {steps}, {size} and {num_phantoms}."
+            )
         result = compare_synthesis(work_dir, steps=steps, size=size, num_phantoms=num_phantoms)
-        command = (f"python scripts/benchmark.py synthesis --work_dir {work_dir} --steps '{list(steps)}' "
-                   f"--size {size} --num_phantoms {num_phantoms}")
+        command = (
+            f"python scripts/benchmark.py synthesis --work_dir {work_dir} --steps '{list(steps)}' "
+            f"--size {size} --num_phantoms {num_phantoms}"
+        )
         print(write_synthesis_report(result, command, output_dir).read_text())
 
     def profile(
@@ -237,11 +288,16 @@ class Benchmark:
         out.mkdir(parents=True, exist_ok=True)
         result = profile_step_in_subprocess(workload)
         options = (f" --micro_batch_size {micro_batch_size}" if micro_batch_size else "") + (
-            " --recompute_norms true" if recompute_norms else "")
-        report = render_step_profile(result, workload, f"python scripts/benchmark.py profile{options}",
-                                     machine_description())
-        name = PROFILE_REPORT + (f"_micro{micro_batch_size}" if micro_batch_size else "") + (
-            "_recompute_norms" if recompute_norms else "")
+            " --recompute_norms true" if recompute_norms else ""
+        )
+        report = render_step_profile(
+            result, workload, f"python scripts/benchmark.py profile{options}", machine_description()
+        )
+        name = (
+            PROFILE_REPORT
+            + (f"_micro{micro_batch_size}" if micro_batch_size else "")
+            + ("_recompute_norms" if recompute_norms else "")
+        )
         (out / f"{name}.json").write_text(json.dumps({"workload": workload.to_dict(), **result}, indent=1))
         (out / f"{name}.md").write_text(report)
         print(report)
@@ -252,8 +308,9 @@ class Benchmark:
         cores; ``--quick true``: two of them, about 2 minutes, to ``runs/planner_quick``); writes
         ``memory_planner.md`` and ``memory_planner.json``."""
         quick = as_flag(quick, "--quick")
-        configurations = ({name: ACCURACY_CONFIGURATIONS[name] for name in QUICK_CONFIGURATIONS} if quick
-                          else ACCURACY_CONFIGURATIONS)
+        configurations = (
+            {name: ACCURACY_CONFIGURATIONS[name] for name in QUICK_CONFIGURATIONS} if quick else ACCURACY_CONFIGURATIONS
+        )
         out = Path("runs/planner_quick" if quick and output_dir == "docs" else output_dir)
         out.mkdir(parents=True, exist_ok=True)
         result = planner_accuracy(configurations)
@@ -295,8 +352,13 @@ class Benchmark:
         curve = budget_curve(size=16, batch_size=1, repeats=1) if quick else budget_curve()
         paper = paper_update(quick=quick)
         command = "python scripts/benchmark.py budget" + (" --quick" if quick else "")
-        result = {"curve": curve, "paper": paper, "machine": machine_description(), "command": command,
-                  "minutes": (time.perf_counter() - start) / 60}
+        result = {
+            "curve": curve,
+            "paper": paper,
+            "machine": machine_description(),
+            "command": command,
+            "minutes": (time.perf_counter() - start) / 60,
+        }
         (out / "memory_budget.json").write_text(json.dumps(result, indent=1, default=str))
         plot_curve(curve, out / "memory_budget.png")
         report = render_budget_report(result, command, "memory_budget.png")

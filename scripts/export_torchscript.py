@@ -32,8 +32,13 @@ from bundle.errors import BadInputError, install_error_hook
 from bundle.run_record import TrainedModel
 
 
-def export(ckpt_file: str, filepath: str, config_file: str = "configs/inference.json",
-           meta_file: str = "configs/metadata.json", tolerance: float = 1e-5) -> float:
+def export(
+    ckpt_file: str,
+    filepath: str,
+    config_file: str = "configs/inference.json",
+    meta_file: str = "configs/metadata.json",
+    tolerance: float = 1e-5,
+) -> float:
     """Traces the network of ``ckpt_file`` (built from the ``run.json`` beside it) loaded with its weights and writes
     ``filepath``; returns the largest
     difference between the saved TorchScript module and the eager network on a fresh input (another
@@ -54,9 +59,14 @@ def export(ckpt_file: str, filepath: str, config_file: str = "configs/inference.
     channels, size = network.in_channels, parser.get_parsed_content("spatial_size")
     with torch.no_grad():
         traced = torch.jit.trace(network, (torch.rand(1, channels, *size), torch.tensor([1])), check_trace=False)
-        save_net_with_metadata(traced, filepath, include_config_vals=False, append_timestamp=False,
-                               meta_values=parser.get().get("_meta_", {}),
-                               more_extra_files={"inference.json": json.dumps(parser.get()).encode()})
+        save_net_with_metadata(
+            traced,
+            filepath,
+            include_config_vals=False,
+            append_timestamp=False,
+            meta_values=parser.get().get("_meta_", {}),
+            more_extra_files={"inference.json": json.dumps(parser.get()).encode()},
+        )
         reloaded = torch.jit.load(filepath)
         x, t = torch.rand(2, channels, *size) * 2 - 1, torch.tensor([7, 1500])
         difference = (reloaded(x, t) - network(x, t)).abs().max().item()

@@ -22,8 +22,14 @@ from bundle.data import PHANTOM_PREFIX, write_brats_phantoms
 from bundle.flags import as_flag
 
 
-def main(output_dir: str, num_cases: int = 16, shape: tuple[int, int, int] = (96, 96, 72), spacing: float = 1.5,
-         seed: int = 0, overwrite: bool | str = False) -> None:
+def main(
+    output_dir: str,
+    num_cases: int = 16,
+    shape: tuple[int, int, int] = (96, 96, 72),
+    spacing: float = 1.5,
+    seed: int = 0,
+    overwrite: bool | str = False,
+) -> None:
     """Writes ``num_cases`` cases as ``output_dir/IDM_Phantom_XXX/IDM_Phantom_XXX_{t1,t1ce,t2,flair,seg}.nii.gz``.
 
     Args:
@@ -36,8 +42,15 @@ def main(output_dir: str, num_cases: int = 16, shape: tuple[int, int, int] = (96
             before anything is written. The command line delivers ``true``/``false`` as strings.
     """
     try:
-        cases = write_brats_phantoms(output_dir, num_cases, tuple(int(s) for s in shape), float(spacing), seed,
-                                     prefix=PHANTOM_PREFIX, overwrite=as_flag(overwrite, "--overwrite"))
+        cases = write_brats_phantoms(
+            output_dir,
+            num_cases,
+            tuple(int(s) for s in shape),
+            float(spacing),
+            seed,
+            prefix=PHANTOM_PREFIX,
+            overwrite=as_flag(overwrite, "--overwrite"),
+        )
     except (ValueError, FileExistsError) as error:
         sys.exit(f"ERROR: {error}")
     print(f"wrote {len(cases)} phantom cases to {output_dir}")

@@ -25,8 +25,9 @@ from bundle.flags import as_flag
 from bundle.memory_plan import plan_config
 
 
-def main(config_file: str = str(BUNDLE_ROOT / "configs" / "train.json"), json_output: bool | str = False,
-         **overrides) -> None:
+def main(
+    config_file: str = str(BUNDLE_ROOT / "configs" / "train.json"), json_output: bool | str = False, **overrides
+) -> None:
     """Prints the plan's table (or, with ``--json true``, one JSON object: ``peak_bytes``, ``floor_bytes``,
     ``params``, ``fits`` …); exits with status 1 when the step is predicted not to fit.
 
@@ -39,8 +40,10 @@ def main(config_file: str = str(BUNDLE_ROOT / "configs" / "train.json"), json_ou
     """
     as_json = as_flag(overrides.pop("json", json_output), "--json")
     if not Path(config_file).is_file():
-        sys.exit(f"ERROR: --config_file {config_file!r} is not a file; give a training config such as "
-                 f"{BUNDLE_ROOT / 'configs' / 'train.json'}.")
+        sys.exit(
+            f"ERROR: --config_file {config_file!r} is not a file; give a training config such as "
+            f"{BUNDLE_ROOT / 'configs' / 'train.json'}."
+        )
     try:
         memory_plan = plan_config(config_file, overrides)
     except BadInputError as error:

@@ -53,12 +53,14 @@ def main(log_dir: str = "runs", output: str | None = None, title: str = "", over
         )
     scalars = read_scalars(log_dir, ["val_eps_mse", "val_psnr", "val_ssim"])
     if "val_eps_mse" not in scalars:
-        sys.exit(f"ERROR: no val_eps_mse scalars in TensorBoard event files under {log_dir!r}; point --log_dir at a "
-                 "training run's output_dir.")
+        sys.exit(
+            f"ERROR: no val_eps_mse scalars in TensorBoard event files under {log_dir!r}; point --log_dir at a "
+            "training run's output_dir."
+        )
     panels = [tag for tag in ("val_eps_mse", "val_psnr", "val_ssim") if tag in scalars]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, tag in zip(axes[0], panels):
-        steps, values = zip(*scalars[tag])
+    for ax, tag in zip(axes[0], panels, strict=True):
+        steps, values = zip(*scalars[tag], strict=True)
         ax.plot(steps, values, marker="o", markersize=3)
         ax.set_xlabel("epoch")
         ax.set_title(tag)

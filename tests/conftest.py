@@ -35,9 +35,15 @@ def _zygote() -> tuple[subprocess.Popen, Path]:
     that collects its own error output."""
     log = Path(tempfile.mkdtemp(prefix="idm_zygote_")) / "stderr.txt"
     with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT, text=True,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                   env=child_environment())
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "zygote.py")],
+            cwd=ROOT,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=child_environment(),
+        )
     atexit.register(shutil.rmtree, log.parent, True)
     atexit.register(process.stdin.close)  # its loop ends at the end of its input (runs first: last registered)
     return process, log
@@ -59,7 +65,12 @@ def run_python(
     with tempfile.TemporaryDirectory() as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")
         request = {
-            "argv": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err), "timeout": timeout
+            "argv": args,
+            "cwd": str(cwd),
+            "env": env,
+            "stdout": str(out),
+            "stderr": str(err),
+            "timeout": timeout,
         }
         zygote.stdin.write(json.dumps(request) + "\n")
         zygote.stdin.flush()
@@ -79,16 +90,20 @@ def run_bundle(
     """``python -m monai.bundle run RUN_ID --config_file CONFIG --key value …`` from the bundle root,
     as a user types it (by :func:`run_python`; ``launcher`` replaces ``python -m`` with a real process, e.g.
     torchrun's)."""
-    args = ["monai.bundle", "run", run_id, "--config_file", config,
-            *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]]
+    args = [
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        config,
+        *[a for k, v in overrides.items() for a in (f"--{k}", str(v))],
+    ]
     env = child_environment(GLOO_SOCKET_IFNAME="lo")
     if launcher is None:
         return run_python(["-m", *args], env=env)
     # a process that aborts (SIGABRT, e.g. a C++ std::terminate) prints every thread's Python stack
     env["PYTHONFAULTHANDLER"] = "1"
-    return subprocess.run(
-        launcher + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False
-    )
+    return subprocess.run(launcher + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
 def redraw_zero_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
@@ -106,8 +121,13 @@ def redraw_zero_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.
 
 
 def recorded_checkpoint(
-    folder: Path, modalities: tuple[str, ...] = ("t1", "t2"), condition_modalities: tuple[str, ...] = (),
-    num_train_timesteps: int = 20, schedule: str = "cosine", validation_cases: tuple[str, ...] = (), seed: int = 0,
+    folder: Path,
+    modalities: tuple[str, ...] = ("t1", "t2"),
+    condition_modalities: tuple[str, ...] = (),
+    num_train_timesteps: int = 20,
+    schedule: str = "cosine",
+    validation_cases: tuple[str, ...] = (),
+    seed: int = 0,
 ) -> Path:
     """``folder/model.pt``, a small IDM (channels 8–32, attention at the two coarse levels, identity initialisation
     re-drawn; the same weights for the same ``seed``) for 16³ volumes, with the ``run.json`` that a training run of
@@ -118,15 +138,27 @@ def recorded_checkpoint(
     from bundle.run_record import RUN_RECORD, run_record
 
     torch.manual_seed(seed)
-    network = redraw_zero_init_(InvertibleDiffusionUNet(
-        3, len(modalities) + len(condition_modalities), len(modalities), (8, 16, 32),
-        attention_levels=(False, True, True)), seed=seed)
+    network = redraw_zero_init_(
+        InvertibleDiffusionUNet(
+            3,
+            len(modalities) + len(condition_modalities),
+            len(modalities),
+            (8, 16, 32),
+            attention_levels=(False, True, True),
+        ),
+        seed=seed,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), folder / "model.pt")
-    record = run_record(case={"image": torch.zeros(len(modalities), 16, 16, 16)}, modalities=modalities,
-                        condition_modalities=condition_modalities, network=network, schedule=schedule,
-                        noise_scheduler=DDPMScheduler(num_train_timesteps, schedule=schedule),
-                        validation_cases=validation_cases)
+    record = run_record(
+        case={"image": torch.zeros(len(modalities), 16, 16, 16)},
+        modalities=modalities,
+        condition_modalities=condition_modalities,
+        network=network,
+        schedule=schedule,
+        noise_scheduler=DDPMScheduler(num_train_timesteps, schedule=schedule),
+        validation_cases=validation_cases,
+    )
     (folder / RUN_RECORD).write_text(json.dumps(record))
     return folder / "model.pt"
 
@@ -151,8 +183,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ]
+)
 def device(request) -> torch.device:
     """Each test that takes it runs on the CPU and, where one is present, on a CUDA device (cuDNN's
     convolutions, TF32 included as PyTorch sets it by default)."""

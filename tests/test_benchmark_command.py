@@ -18,11 +18,14 @@ def _command_module():
     return module
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ({"quick": True, "gpu": True}, "choose one of --quick and --gpu"),
-    ({"quick": "true", "budget_s": 0}, "--budget_s must be positive, got 0"),
-    ({"quick": "maybe"}, "--quick"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"quick": True, "gpu": True}, "choose one of --quick and --gpu"),
+        ({"quick": "true", "budget_s": 0}, "--budget_s must be positive, got 0"),
+        ({"quick": "maybe"}, "--quick"),
+    ],
+)
 def test_suite_refuses_bad_arguments_before_writing_anything(tmp_path, arguments, message):
     out = tmp_path / "out"
     with pytest.raises((SystemExit, ValueError), match=message):
@@ -42,9 +45,14 @@ def test_suite_writes_its_report_and_keeps_the_finished_parts_of_a_run_that_stop
     command = _command_module()
     figures = _synthetic_result(10 * MiB, int(0.4e9))
     order = []
-    for key, name in (("energy", "energy_per_network"), ("paper", "paper_configuration"),
-                      ("memory_options", "memory_options"), ("depth", "depth_sweep"), ("batch", "batch_sweep"),
-                      ("resolution", "resolution_sweep")):
+    for key, name in (
+        ("energy", "energy_per_network"),
+        ("paper", "paper_configuration"),
+        ("memory_options", "memory_options"),
+        ("depth", "depth_sweep"),
+        ("batch", "batch_sweep"),
+        ("resolution", "resolution_sweep"),
+    ):
         monkeypatch.setattr(command, name, lambda *args, key=key, **kwargs: order.append(key) or figures[key])
     out = tmp_path / "out"
     out.mkdir()
@@ -80,12 +88,14 @@ def test_suite_writes_its_report_and_keeps_the_finished_parts_of_a_run_that_stop
     assert result["memory_options"] == figures["memory_options"] and result["quality"] is None
     report = (out / "benchmarks.md").read_text()
     assert report.startswith("# ") and "`python scripts/benchmark.py suite --quick --quality false`" in report
-    assert all((out / name).stat().st_size > 0 for name in ("memory_vs_depth.png", "memory_vs_resolution.png",
-                                                             "step_time.png"))
+    assert all(
+        (out / name).stat().st_size > 0 for name in ("memory_vs_depth.png", "memory_vs_resolution.png", "step_time.png")
+    )
 
 
-@pytest.mark.parametrize("limit_voxels, step, expected",
-                         [(100, 16, 96), (64, 64, 64), (15, 16, None), (10_000, 16, 512)])
+@pytest.mark.parametrize(
+    "limit_voxels, step, expected", [(100, 16, 96), (64, 64, 64), (15, 16, None), (10_000, 16, 512)]
+)
 def test_the_largest_cube_is_the_largest_multiple_that_the_plan_fits(monkeypatch, limit_voxels, step, expected):
     from scripts.benchmarking import native_resolution
 

@@ -104,8 +104,14 @@ def test_measure_energy_runs_steps_for_the_window_after_an_uncounted_first_step_
 
 def _row(network: str, size: int, peak: int | None, baseline: int = 100 * MiB, **extra) -> dict:
     result = {"peak_bytes": peak, "baseline_bytes": baseline, "retained_bytes": baseline - 50 * MiB, "device": "cpu"}
-    return {"network": network, "size": size, "batch_size": 1, "num_blocks": 2,
-            "peak": result if peak is not None else {"error": OUT_OF_MEMORY}, **extra}
+    return {
+        "network": network,
+        "size": size,
+        "batch_size": 1,
+        "num_blocks": 2,
+        "peak": result if peak is not None else {"error": OUT_OF_MEMORY},
+        **extra,
+    }
 
 
 def test_largest_cube_extrapolates_linearly_in_voxels_and_stops_at_the_first_failure():
@@ -118,8 +124,12 @@ def test_largest_cube_extrapolates_linearly_in_voxels_and_stops_at_the_first_fai
 
 def test_a_sweep_cut_short_gives_a_lower_bound_and_no_verdict_it_would_decide():
     skipped = {"skipped": "skipped (time budget spent)"}
-    rows = [_row("idm", 32, 32**3 * 1024), _row("idm", 64, 64**3 * 1024), {"network": "idm", "size": 96, **skipped},
-            {"network": "idm", "size": 128, **skipped}]
+    rows = [
+        _row("idm", 32, 32**3 * 1024),
+        _row("idm", 64, 64**3 * 1024),
+        {"network": "idm", "size": 96, **skipped},
+        {"network": "idm", "size": 128, **skipped},
+    ]
     assert largest_cube(rows, "idm", 2**30) == {"measured": 64, "first_out_of_memory": None, "unmeasured_from": 96}
     crashed = [*rows[:2], {**_row("idm", 96, None), "peak": {"error": "exit code 1"}}, _row("idm", 128, MiB)]
     assert largest_cube(crashed, "idm", 2**30) == {"measured": 128, "first_out_of_memory": None, "unmeasured_from": 96}
@@ -130,10 +140,16 @@ def test_a_sweep_cut_short_gives_a_lower_bound_and_no_verdict_it_would_decide():
     for cubes, measured, verdict in [
         ({"idm": cut, "idm_plain": exact, "monai": exact, "monai_checkpointed": exact}, "≥ 64³", "met"),
         ({"idm": exact, "idm_plain": cut, "monai": exact, "monai_checkpointed": exact}, "64³", "n/a"),
-        ({"idm": {**cut, "measured": 48}, "idm_plain": exact, "monai": exact, "monai_checkpointed": exact}, "≥ 48³",
-         "n/a"),
-        ({"idm": {**exact, "measured": 48}, "idm_plain": exact, "monai": exact, "monai_checkpointed": exact}, "48³",
-         "**missed**"),
+        (
+            {"idm": {**cut, "measured": 48}, "idm_plain": exact, "monai": exact, "monai_checkpointed": exact},
+            "≥ 48³",
+            "n/a",
+        ),
+        (
+            {"idm": {**exact, "measured": 48}, "idm_plain": exact, "monai": exact, "monai_checkpointed": exact},
+            "48³",
+            "**missed**",
+        ),
     ]:
         row = {g[0]: g for g in goals({**result, "largest_cube": cubes})}[goal]
         assert row[1].startswith(f"IDM memory-efficient {measured}, ") and row[2] == verdict, row
@@ -149,35 +165,73 @@ def _synthetic_result(me_peak_64: int, paper_peak: int, options_peak: int | None
     """A suite result; the paper configuration peaks ``paper_peak`` above its floor with the whole batch
     and ``options_peak`` (default: the same) with the memory options."""
     plan = SuitePlan.quick()
-    depth = [_row(n, plan.depth_size, peak, stored_bytes=stored, num_blocks=d)
-             for d, scale in ((1, 1), (8, 3)) for n, peak, stored in (
-                 ("idm", 10 * MiB, 1 * MiB),
-                 ("idm_plain", 20 * MiB * scale, 9 * MiB * scale),
-                 ("monai", 30 * MiB * scale, 9 * MiB * scale),
-                 ("monai_checkpointed", 15 * MiB * scale, 3 * MiB * scale),
-             )]
+    depth = [
+        _row(n, plan.depth_size, peak, stored_bytes=stored, num_blocks=d)
+        for d, scale in ((1, 1), (8, 3))
+        for n, peak, stored in (
+            ("idm", 10 * MiB, 1 * MiB),
+            ("idm_plain", 20 * MiB * scale, 9 * MiB * scale),
+            ("monai", 30 * MiB * scale, 9 * MiB * scale),
+            ("monai_checkpointed", 15 * MiB * scale, 3 * MiB * scale),
+        )
+    ]
     peaks = {"idm": me_peak_64, "idm_plain": 60 * MiB, "monai": 100 * MiB, "monai_checkpointed": 40 * MiB}
     # Round 2 was slow for every network: paired ratios 1.3, 1.3, 1.5 (median 1.3), while the ratio of the
     # medians would be 2.25 / 1.5 = 1.5.
-    rounds = {"idm": [1.3, 2.6, 2.25], "idm_plain": [1.0, 2.0, 1.5], "monai": [0.5, 1.0, 0.75],
-              "monai_checkpointed": [1.5, 3.0, 2.4]}
-    resolution = [_row(n, plan.batch_size_at, peaks[n], stored_bytes=MiB, flops=1e9, parameters=1e6,
-                       **_timed(rounds[n])) for n in NETWORKS]
+    rounds = {
+        "idm": [1.3, 2.6, 2.25],
+        "idm_plain": [1.0, 2.0, 1.5],
+        "monai": [0.5, 1.0, 0.75],
+        "monai_checkpointed": [1.5, 3.0, 2.4],
+    }
+    resolution = [
+        _row(n, plan.batch_size_at, peaks[n], stored_bytes=MiB, flops=1e9, parameters=1e6, **_timed(rounds[n]))
+        for n in NETWORKS
+    ]
     floor = 16 * 100
     peak = {"baseline_bytes": 50 * MiB + floor, "retained_bytes": floor, "device": "cpu"}
-    paper = {"parameters": {"total": 100}, "flops_per_step": 1e12, "forward_flops_per_sample": 1e11,
-             "floor_bytes": floor,
-             "peaks": {option: {"peak_bytes": paper_peak if option == "whole batch" or options_peak is None
-                                else options_peak, **peak} for option in MEMORY_OPTIONS}}
-    options = [_row("idm", plan.batch_size_at, peak_mb * MiB, option=option, stored_bytes=MiB, flops=1e9,
-                    **_timed([seconds, 2 * seconds, seconds]))
-               for option, peak_mb, seconds in zip(MEMORY_OPTIONS, (40, 20, 15), (2.0, 2.5, 2.75))]
-    cubes = {n: {"measured": plan.batch_size_at, "first_out_of_memory": None, "extrapolated": 64 if n == "idm" else 48}
-             for n in NETWORKS}
-    return {"plan": asdict(plan), "machine": "test machine", "command": "python x", "depth": depth,
-            "resolution": resolution, "batch": resolution, "energy": {"n/a": "no counters"}, "paper": paper,
-            "memory_options": options,
-            "largest_cube": cubes, "wall_seconds": 60.0}
+    paper = {
+        "parameters": {"total": 100},
+        "flops_per_step": 1e12,
+        "forward_flops_per_sample": 1e11,
+        "floor_bytes": floor,
+        "peaks": {
+            option: {
+                "peak_bytes": paper_peak if option == "whole batch" or options_peak is None else options_peak,
+                **peak,
+            }
+            for option in MEMORY_OPTIONS
+        },
+    }
+    options = [
+        _row(
+            "idm",
+            plan.batch_size_at,
+            peak_mb * MiB,
+            option=option,
+            stored_bytes=MiB,
+            flops=1e9,
+            **_timed([seconds, 2 * seconds, seconds]),
+        )
+        for option, peak_mb, seconds in zip(MEMORY_OPTIONS, (40, 20, 15), (2.0, 2.5, 2.75), strict=True)
+    ]
+    cubes = {
+        n: {"measured": plan.batch_size_at, "first_out_of_memory": None, "extrapolated": 64 if n == "idm" else 48}
+        for n in NETWORKS
+    }
+    return {
+        "plan": asdict(plan),
+        "machine": "test machine",
+        "command": "python x",
+        "depth": depth,
+        "resolution": resolution,
+        "batch": resolution,
+        "energy": {"n/a": "no counters"},
+        "paper": paper,
+        "memory_options": options,
+        "largest_cube": cubes,
+        "wall_seconds": 60.0,
+    }
 
 
 def test_goal_verdicts_follow_the_figures():
@@ -190,9 +244,13 @@ def test_goal_verdicts_follow_the_figures():
     assert missed["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"] == "**missed**"
     step_time = {g[0]: g for g in goals(_synthetic_result(10 * MiB, int(0.4e9)))}
     assert step_time["step time memory-efficient / plain ≤ 1.4× (median over rounds)"][1:] == [
-        f"{size}³ 1.30× (1.30–1.50)", "met"]
+        f"{size}³ 1.30× (1.30–1.50)",
+        "met",
+    ]
     assert step_time[f"faster than MONAI + checkpointing at equal or lower memory ({size}³, batch 1)"][1:] == [
-        "2.25 vs 2.40 s, ratio 0.87× (0.87–0.94)", "met"]
+        "2.25 vs 2.40 s, ratio 0.87× (0.87–0.94)",
+        "met",
+    ]
     with_options = {g[0]: g for g in goals(_synthetic_result(10 * MiB, int(0.6e9), options_peak=int(0.4e9)))}
     paper = with_options["paper configuration: peak − floor ≤ 0.5 GB (batch 4, 64³)"]
     assert paper[1] == (
@@ -209,10 +267,20 @@ def test_goal_verdicts_follow_the_figures():
     ]
     cubes = {n: {"measured": None, "first_out_of_memory": None} for n in NETWORKS}
     largest = {g[0]: g for g in goals({**cut_short, "largest_cube": cubes})}[
-        "largest cube at batch 1 within the memory limit: IDM's the largest"]
-    assert largest[1:] == [", ".join(f"{label} n/a" for label in (
-        "IDM memory-efficient", "IDM plain autograd", "MONAI DiffusionModelUNet",
-        "MONAI DiffusionModelUNet + checkpointing")), "n/a"]
+        "largest cube at batch 1 within the memory limit: IDM's the largest"
+    ]
+    assert largest[1:] == [
+        ", ".join(
+            f"{label} n/a"
+            for label in (
+                "IDM memory-efficient",
+                "IDM plain autograd",
+                "MONAI DiffusionModelUNet",
+                "MONAI DiffusionModelUNet + checkpointing",
+            )
+        ),
+        "n/a",
+    ]
 
 
 def test_rendered_report_carries_the_command_tables_and_energy_reason():
@@ -227,10 +295,20 @@ def test_rendered_report_carries_the_command_tables_and_energy_reason():
 
 def test_rendered_energy_table_says_where_and_how_long_each_network_ran():
     result = _synthetic_result(10 * MiB, int(0.4e9))
-    measured = {"source": "NVML", "seconds": 20.4, "steps": 51, "joules": 6120.0, "watts": 300.0,
-                "joules_per_step": 120.0, "celsius_start": 31.0, "celsius_max": 45.0}
-    result["energy"] = {**{n: measured for n in NETWORKS[:3]},
-                        "monai_checkpointed": {"skipped": "skipped (time budget spent)"}}
+    measured = {
+        "source": "NVML",
+        "seconds": 20.4,
+        "steps": 51,
+        "joules": 6120.0,
+        "watts": 300.0,
+        "joules_per_step": 120.0,
+        "celsius_start": 31.0,
+        "celsius_max": 45.0,
+    }
+    result["energy"] = {
+        **{n: measured for n in NETWORKS[:3]},
+        "monai_checkpointed": {"skipped": "skipped (time budget spent)"},
+    }
     text = render_suite(result, None)
     plan = SuitePlan.quick()
     assert "## Energy and temperature (NVML)" in text
@@ -249,8 +327,12 @@ def test_paired_ratio_is_taken_within_rounds_and_needs_matching_rounds():
 
 def test_measured_row_has_fewer_stored_bytes_for_the_memory_efficient_idm():
     plan, budget = SuitePlan.quick(), Budget(None)
-    rows = {n: measure_row(Workload(n, 16, channels=(8, 16), attention_levels=(False, True)), plan, budget,
-                           torch.device("cpu")) for n in ("idm", "idm_plain")}
+    rows = {
+        n: measure_row(
+            Workload(n, 16, channels=(8, 16), attention_levels=(False, True)), plan, budget, torch.device("cpu")
+        )
+        for n in ("idm", "idm_plain")
+    }
     assert rows["idm"]["parameters"] == rows["idm_plain"]["parameters"] > 0
     assert rows["idm"]["stored_bytes"] < 0.2 * rows["idm_plain"]["stored_bytes"]
     assert rows["idm"]["peak"]["peak_bytes"] > 0 and rows["idm"]["flops"] > rows["idm_plain"]["flops"]
@@ -396,7 +478,9 @@ def test_step_profile_follows_every_engine_step_and_names_the_phases():
     assert "error" not in profile, profile
     assert len(profile["steps"]) == len(build_network(workload).trunk.sequence.steps)
     assert {s["step"] for s in profile["steps"]} >= {
-        "OnTensor(HalfCoupling)", "OnTensor(InvertibleAttention)", "SkipSplit"
+        "OnTensor(HalfCoupling)",
+        "OnTensor(InvertibleAttention)",
+        "SkipSplit",
     }
     assert profile["steps"][0]["state"] == [(8, 32, 32, 32)]  # backward starts at the trunk's output
     assert all(s["peak_bytes"] >= s["before_bytes"] for s in profile["steps"])

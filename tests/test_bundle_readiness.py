@@ -33,8 +33,10 @@ def test_metadata_passes_the_bundle_schema(monkeypatch):
     metadata.json's schema URL and ``filepath`` to ``download_url``, which skips an existing file; that call is
     replaced by a check that it is given this file, so the test never reaches the network."""
     if not os.environ.get(SCHEMA_VARIABLE):
-        pytest.skip(f"set {SCHEMA_VARIABLE} to a local copy of the MONAI metadata schema (metadata.json's \"schema\" "
-                    f"URL), e.g. {SCHEMA_VARIABLE}=../shared/monai/meta_schema_20240725.json")
+        pytest.skip(
+            f'set {SCHEMA_VARIABLE} to a local copy of the MONAI metadata schema (metadata.json\'s "schema" '
+            f"URL), e.g. {SCHEMA_VARIABLE}=../shared/monai/meta_schema_20240725.json"
+        )
     schema = (ROOT / os.environ[SCHEMA_VARIABLE]).resolve()
     assert schema.is_file(), f"{SCHEMA_VARIABLE}={os.environ[SCHEMA_VARIABLE]}: no such file"
 
@@ -59,8 +61,10 @@ def _parser(ckpt_path: Path) -> ConfigParser:
 
 def test_network_input_and_output_match_the_metadata(tmp_path):
     verify_net_in_out(
-        net_id="network_def", meta_file=str(ROOT / "configs/metadata.json"),
-        config_file=str(ROOT / "configs/inference.json"), extra_forward_args={"timesteps": torch.tensor([10])},
+        net_id="network_def",
+        meta_file=str(ROOT / "configs/metadata.json"),
+        config_file=str(ROOT / "configs/inference.json"),
+        extra_forward_args={"timesteps": torch.tensor([10])},
         ckpt_path=str(recorded_checkpoint(tmp_path)),
     )
 
@@ -68,8 +72,13 @@ def test_network_input_and_output_match_the_metadata(tmp_path):
 def _workflow(config_file, workflow_type: str, **overrides) -> ConfigWorkflow:
     """MONAI's bundle workflow of ``config_file``, parsed as ``monai.bundle run`` parses it (its ``initialize``
     steps, which check settings and plan memory, not run)."""
-    workflow = ConfigWorkflow(config_file=config_file, workflow_type=workflow_type, init_id="parse_only",
-                              logging_file=str(ROOT / "configs" / "logging.conf"), **overrides)
+    workflow = ConfigWorkflow(
+        config_file=config_file,
+        workflow_type=workflow_type,
+        init_id="parse_only",
+        logging_file=str(ROOT / "configs" / "logging.conf"),
+        **overrides,
+    )
     workflow.initialize()
     return workflow
 
@@ -80,16 +89,27 @@ def test_the_configs_have_monais_bundle_properties(tmp_path):
     required ones; its dataset reads case records, not MONAI Label's single ``image``, so its transform is not
     ``@preprocessing``."""
     generator = recorded_checkpoint(tmp_path / "generator")
-    assert _workflow(str(ROOT / "configs" / "inference.json"), "infer", ckpt_path=str(generator)).check_properties() \
-        == []
+    assert (
+        _workflow(str(ROOT / "configs" / "inference.json"), "infer", ckpt_path=str(generator)).check_properties() == []
+    )
     write_brats_phantoms(tmp_path / "data", num_cases=3, shape=(20, 20, 16))
     translator = recorded_checkpoint(tmp_path / "translator", ("t2",), ("t1",))
-    translate = _workflow([str(ROOT / "configs" / name) for name in ("inference.json", "translate.json")], "infer",
-                          ckpt_path=str(translator), dataset_dir=str(tmp_path / "data"))
+    translate = _workflow(
+        [str(ROOT / "configs" / name) for name in ("inference.json", "translate.json")],
+        "infer",
+        ckpt_path=str(translator),
+        dataset_dir=str(tmp_path / "data"),
+    )
     assert translate.check_properties() == ["preprocessing"]
-    small = {"spatial_size": [16, 16, 16], "network_def#channels": [8, 16, 32], "attention_levels": [False, True, True],
-             "num_workers": 0, "dataset_dir": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "models"),
-             "output_dir": str(tmp_path / "runs")}
+    small = {
+        "spatial_size": [16, 16, 16],
+        "network_def#channels": [8, 16, 32],
+        "attention_levels": [False, True, True],
+        "num_workers": 0,
+        "dataset_dir": str(tmp_path / "data"),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "runs"),
+    }
     assert _workflow(str(ROOT / "configs" / "train.json"), "train", **small).check_properties() == []
 
 
@@ -118,7 +138,7 @@ def test_export_errors_name_the_scripts_own_arguments(tmp_path):
     assert "--ckpt_path" not in str(info.value)
     checkpoint = recorded_checkpoint(tmp_path / "other")
     (checkpoint.parent / "run.json").unlink()
-    with pytest.raises(BadInputError, match="There is no run.json beside"):
+    with pytest.raises(BadInputError, match=r"There is no run.json beside"):
         script.export(ckpt_file=str(checkpoint), filepath=str(tmp_path / "model.ts"))
     assert not (tmp_path / "model.ts").exists()
 
@@ -140,7 +160,7 @@ def test_monai_label_style_bundle_inference(tmp_path):
     data["pred"] = inferer(inputs=data["image"][None], network=network)[0]
     data = parser.get_parsed_content("postprocessing")(data)
     assert data["pred"].shape == (2, 16, 16, 16)
-    assert 0 <= data["pred"].min() and data["pred"].max() <= 1
+    assert data["pred"].min() >= 0 and data["pred"].max() <= 1
 
 
 def _is_user_setting(value, key: str = "") -> bool:
@@ -182,16 +202,48 @@ def test_readme_settings_paragraph_names_every_user_setting_of_the_configs():
     configs = {name: json.loads((ROOT / "configs" / name).read_text()) for name in USER_CONFIGS}
     settings = {name: {k for k, v in config.items() if _is_user_setting(v, k)} for name, config in configs.items()}
     every = set().union(*settings.values())
-    assert {"bundle_root", "dataset_dir", "device", "micro_batch_size", "ckpt_path", "feature_extractor", "schedule",
-            "attention_levels", "memory_efficient", "sampler", "num_inference_steps"} <= every
-    assert not {"imports", "cases", "network", "network_def", "ema", "train", "run", "settings", "samplers", "model",
-                "run_record", "summary_writer", "noise_scheduler", "process_group", "cases#write_phantoms"} & every
+    assert {
+        "bundle_root",
+        "dataset_dir",
+        "device",
+        "micro_batch_size",
+        "ckpt_path",
+        "feature_extractor",
+        "schedule",
+        "attention_levels",
+        "memory_efficient",
+        "sampler",
+        "num_inference_steps",
+    } <= every
+    assert (
+        not {
+            "imports",
+            "cases",
+            "network",
+            "network_def",
+            "ema",
+            "train",
+            "run",
+            "settings",
+            "samplers",
+            "model",
+            "run_record",
+            "summary_writer",
+            "noise_scheduler",
+            "process_group",
+            "cases#write_phantoms",
+        }
+        & every
+    )
+
     def described_by_base(name: str, key: str) -> bool:
         base = BASES.get(name, "train.json")
         return key in tables[base] and configs[name][key] == configs[base].get(key)
 
     missing = sorted(
-        f"{name}: {key}" for name, keys in settings.items() for key in keys
+        f"{name}: {key}"
+        for name, keys in settings.items()
+        for key in keys
         if key not in tables[name] and not described_by_base(name, key)
     )
     assert not missing, f"README.md's settings tables do not describe {missing}"

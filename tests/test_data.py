@@ -43,7 +43,8 @@ def test_brats_layout_is_found_at_any_depth(brats_dir):
     records = discover_cases(brats_dir, ["t1", "t2"])
     assert [r["case"] for r in records] == [f"BraTS20_Training_{i:03d}" for i in (1, 2, 3)]
     assert records[0]["t1"].endswith(
-        "MICCAI_BraTS2020_TrainingData/BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz")
+        "MICCAI_BraTS2020_TrainingData/BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz"
+    )
     assert records[0]["channels"] == {"t1": None, "t2": None}
 
 
@@ -62,10 +63,15 @@ def test_decathlon_task01_takes_t1w_and_t2w_channels(tmp_path):
     volume = np.stack([phantom["flair"], phantom["t1"], phantom["t1ce"], phantom["t2"]], axis=-1)
     (tmp_path / "imagesTr").mkdir()
     nib.save(nib.Nifti1Image(volume, brats_affine(SHAPE, 1.5)), tmp_path / "imagesTr" / "BRATS_001.nii.gz")
-    (tmp_path / "dataset.json").write_text(json.dumps({
-        "name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-        "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}],
-    }))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "BRATS",
+                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}],
+            }
+        )
+    )
     records = discover_cases(tmp_path, ["t1", "t2"])
     assert records[0]["channels"] == {"t1": 1, "t2": 3}
     image = preprocessing(["t1", "t2"], (12, 12, 12))(records[0])["image"]
@@ -117,23 +123,31 @@ def test_json_files_that_are_not_valid_json_are_skipped_with_a_warning(tmp_path,
 
 def test_datalist_case_ids_follow_the_files_not_the_order(tmp_path):
     """Ids name the same files whatever the order of the items (a run's validation split is recorded by id)."""
-    items = [{"t1": "site_a/sub-01_t1.nii.gz", "t2": "site_a/sub-01_t2.nii.gz"},
-             {"t1": "site_b/sub-01_T1.nii.gz", "t2": "site_b/sub-01_T2.nii.gz"},
-             {"image": ["sub-02-t1.nii.gz", "sub-02-t2.nii.gz"]},
-             {"t1": "sub-03/t1.nii.gz", "t2": "sub-03/t2.nii.gz"}]
+    items = [
+        {"t1": "site_a/sub-01_t1.nii.gz", "t2": "site_a/sub-01_t2.nii.gz"},
+        {"t1": "site_b/sub-01_T1.nii.gz", "t2": "site_b/sub-01_T2.nii.gz"},
+        {"image": ["sub-02-t1.nii.gz", "sub-02-t2.nii.gz"]},
+        {"t1": "sub-03/t1.nii.gz", "t2": "sub-03/t2.nii.gz"},
+    ]
     for order in (items, items[::-1]):
         (tmp_path / "datalist.json").write_text(json.dumps({"training": order}))
-        cases = {r["case"]: Path(r["t1"]).relative_to(tmp_path).as_posix()
-                 for r in discover_cases(tmp_path, ["t1", "t2"])}
-        assert cases == {"site_a/sub-01": "site_a/sub-01_t1.nii.gz", "site_b/sub-01": "site_b/sub-01_T1.nii.gz",
-                         "sub-02": "sub-02-t1.nii.gz", "sub-03": "sub-03/t1.nii.gz"}
+        cases = {
+            r["case"]: Path(r["t1"]).relative_to(tmp_path).as_posix() for r in discover_cases(tmp_path, ["t1", "t2"])
+        }
+        assert cases == {
+            "site_a/sub-01": "site_a/sub-01_t1.nii.gz",
+            "site_b/sub-01": "site_b/sub-01_T1.nii.gz",
+            "sub-02": "sub-02-t1.nii.gz",
+            "sub-03": "sub-03/t1.nii.gz",
+        }
     (tmp_path / "datalist.json").write_text(json.dumps({"training": items + items[:1]}))
-    with pytest.raises(BadInputError,
-                       match=r"datalist.json: .*sub-01_t1.nii.gz is given by more than one training item"):
+    with pytest.raises(
+        BadInputError, match=r"datalist.json: .*sub-01_t1.nii.gz is given by more than one training item"
+    ):
         discover_cases(tmp_path, ["t1", "t2"])
     clash = {"t1": "site_a/sub-01-t1.nii.gz", "t2": "site_a/sub-01-t2.nii.gz"}
-    (tmp_path / "datalist.json").write_text(json.dumps({"training": items + [clash]}))
-    with pytest.raises(BadInputError, match="give the same case id 'site_a/sub-01'.*rename one of them"):
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [*items, clash]}))
+    with pytest.raises(BadInputError, match=r"give the same case id 'site_a/sub-01'.*rename one of them"):
         discover_cases(tmp_path, ["t1", "t2"])
 
 
@@ -142,14 +156,17 @@ def test_a_datalists_validation_list_is_the_validation_split(tmp_path, caplog):
     (they were ignored, and the training items re-split); a recorded split still wins."""
     caplog.set_level("INFO", logger="bundle.data")
     write_brats_phantoms(tmp_path / "images", num_cases=5, shape=SHAPE)
-    item = lambda i: {m: f"images/BraTS20_Training_{i:03d}/BraTS20_Training_{i:03d}_{m}.nii.gz"
-                      for m in ("t1", "t2")}
+    item = lambda i: {m: f"images/BraTS20_Training_{i:03d}/BraTS20_Training_{i:03d}_{m}.nii.gz" for m in ("t1", "t2")}
     datalist = {"training": [item(i) for i in (1, 2, 3)], "validation": [item(5), item(4)]}
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     records = discover_cases(tmp_path, ["t1", "t2"])
     assert [(r["case"], r.get("split")) for r in records] == [
-        ("BraTS20_Training_001", None), ("BraTS20_Training_002", None), ("BraTS20_Training_003", None),
-        ("BraTS20_Training_004", "validation"), ("BraTS20_Training_005", "validation")]
+        ("BraTS20_Training_001", None),
+        ("BraTS20_Training_002", None),
+        ("BraTS20_Training_003", None),
+        ("BraTS20_Training_004", "validation"),
+        ("BraTS20_Training_005", "validation"),
+    ]
     for seed, val_fraction in ((0, 0.2), (5, 0.6)):
         cases = training_cases(tmp_path, seed=seed, val_fraction=val_fraction)
         assert [r["case"] for r in cases["validation"]] == ["BraTS20_Training_004", "BraTS20_Training_005"]
@@ -161,11 +178,12 @@ def test_a_datalists_validation_list_is_the_validation_split(tmp_path, caplog):
     assert len(recorded["train"]) == 4 and "that the training run recorded" in caplog.text
     # a case in both lists, a validation entry that is not a list, and no training item are named
     (tmp_path / "datalist.json").write_text(json.dumps(datalist | {"validation": [item(5), item(1)]}))
-    with pytest.raises(BadInputError,
-                       match="BraTS20_Training_001_t1.nii.gz is given by more than one training/validation"):
+    with pytest.raises(
+        BadInputError, match=r"BraTS20_Training_001_t1.nii.gz is given by more than one training/validation"
+    ):
         discover_cases(tmp_path, ["t1", "t2"])
     (tmp_path / "datalist.json").write_text(json.dumps(datalist | {"validation": item(5)}))
-    with pytest.raises(BadInputError, match="datalist.json: 'validation' must be a list"):
+    with pytest.raises(BadInputError, match=r"datalist.json: 'validation' must be a list"):
         discover_cases(tmp_path, ["t1", "t2"])
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": [item(4), item(5)]}))
     with pytest.raises(BadInputError, match="none under 'training'"):
@@ -207,11 +225,14 @@ def test_preflight_reports_every_bad_case_together(tmp_path):
         preflight(records, ["t1", "t2"])
     message = str(info.value)
     assert "6 of 7 cases failed" in message
-    for text in ["BraTS20_Training_001_t2.nii.gz: file missing", "BraTS20_Training_002_t1.nii.gz: unreadable",
-                 "BraTS20_Training_003_t1.nii.gz: has shape (24, 24), expected a 3D volume",
-                 "BraTS20_Training_004_t1.nii.gz: contains 1 non-finite values",
-                 "BraTS20_Training_005_t2.nii.gz: is constant",
-                 "case BraTS20_Training_006: modalities differ in shape"]:
+    for text in [
+        "BraTS20_Training_001_t2.nii.gz: file missing",
+        "BraTS20_Training_002_t1.nii.gz: unreadable",
+        "BraTS20_Training_003_t1.nii.gz: has shape (24, 24), expected a 3D volume",
+        "BraTS20_Training_004_t1.nii.gz: contains 1 non-finite values",
+        "BraTS20_Training_005_t2.nii.gz: is constant",
+        "case BraTS20_Training_006: modalities differ in shape",
+    ]:
         assert text in message, text
     assert "skip_invalid: true" in message
     valid = preflight(records, ["t1", "t2"], skip_invalid=True)
@@ -235,8 +256,9 @@ def test_split_takes_the_recorded_validation_cases_whatever_the_seed():
     train, val = split_cases(records, val_fraction=0.2, seed=3)
     recorded = [r["case"] for r in val]
     assert split_cases(records, val_fraction=0.2, seed=3, validation_cases=recorded) == (train, val)
-    other_train, other_val = split_cases(records + [{"case": "c10"}], val_fraction=0.5, seed=4,
-                                         validation_cases=recorded)
+    other_train, other_val = split_cases(
+        [*records, {"case": "c10"}], val_fraction=0.5, seed=4, validation_cases=recorded
+    )
     assert [r["case"] for r in other_val] == recorded
     assert sorted(r["case"] for r in other_train) == sorted({f"c{i}" for i in range(11)} - set(recorded))
     with pytest.raises(BadInputError, match="not among the 9 usable cases") as info:
@@ -256,9 +278,14 @@ def test_training_cases_keep_the_recorded_validation_cases(brats_dir):
 
 def test_the_run_record_records_the_validation_cases(tmp_path, caplog):
     image = torch.zeros(2, 4, 4, 4)
-    record = run_record(case={"image": image}, modalities=["t1", "t2"],
-                        noise_scheduler=DDPMScheduler(100, schedule="cosine"),
-                        schedule="cosine", validation_cases=["b", "a"], network=torch.nn.Identity())
+    record = run_record(
+        case={"image": image},
+        modalities=["t1", "t2"],
+        noise_scheduler=DDPMScheduler(100, schedule="cosine"),
+        schedule="cosine",
+        validation_cases=["b", "a"],
+        network=torch.nn.Identity(),
+    )
     assert record["validation_cases"] == ["b", "a"]
     assert RUN_RECORD == "run.json"
     (tmp_path / RUN_RECORD).write_text(json.dumps(record))
@@ -298,9 +325,18 @@ def test_only_a_new_training_run_writes_phantoms(tmp_path):
 def test_a_resumed_run_with_a_missing_dataset_dir_writes_no_phantoms(tmp_path):
     recorded_checkpoint(tmp_path / "C", num_train_timesteps=100)  # the run the resume continues
     (tmp_path / "C" / "training_state.pt").write_bytes(b"")  # what the checkpoint-folder check asks of a resume
-    result = run_bundle("configs/train.json", SMALL_TRAINING | {
-        "dataset_dir": tmp_path / "typo", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R", "resume": "true",
-        "num_phantoms": "2"}, "training")
+    result = run_bundle(
+        "configs/train.json",
+        SMALL_TRAINING
+        | {
+            "dataset_dir": tmp_path / "typo",
+            "ckpt_dir": tmp_path / "C",
+            "output_dir": tmp_path / "R",
+            "resume": "true",
+            "num_phantoms": "2",
+        },
+        "training",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "typo' does not exist" in result.stderr and "Only a new training run writes" in result.stderr
     assert not (tmp_path / "typo").exists()
@@ -335,7 +371,7 @@ def test_unrecognised_dataset_dir_is_not_replaced_by_phantoms(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == before  # nothing written into the user's folder
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    with pytest.raises(BadInputError, match="dataset_dir .*afile.* is a file"):
+    with pytest.raises(BadInputError, match=r"dataset_dir .*afile.* is a file"):
         training_cases(afile)
     assert afile.read_text() == "not a folder"
 
@@ -344,11 +380,21 @@ def test_training_on_an_unrecognised_dataset_dir_stops_with_the_discovery_messag
     data = tmp_path / "D"
     data.mkdir()
     _write(data / "pat001_t1.nii.gz", make_phantom(SHAPE)["t1"])
-    small = {"spatial_size": "[16,16,16]", "network_def#channels": "[8,16,32]",
-             "attention_levels": "[false,true,true]", "num_train_timesteps": "100",
-             "batch_size": "2", "num_workers": "0", "num_phantoms": "2", "train#trainer#max_epochs": "1"}
-    result = run_bundle("configs/train.json", small | {"dataset_dir": data, "ckpt_dir": tmp_path / "C",
-                                                       "output_dir": tmp_path / "R"}, "training")
+    small = {
+        "spatial_size": "[16,16,16]",
+        "network_def#channels": "[8,16,32]",
+        "attention_levels": "[false,true,true]",
+        "num_train_timesteps": "100",
+        "batch_size": "2",
+        "num_workers": "0",
+        "num_phantoms": "2",
+        "train#trainer#max_epochs": "1",
+    }
+    result = run_bundle(
+        "configs/train.json",
+        small | {"dataset_dir": data, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"},
+        "training",
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "No dataset found" in result.stderr and "Traceback" not in result.stderr
     assert not (data / "IDM_phantoms").exists() and not (tmp_path / "C").exists()

@@ -42,7 +42,10 @@ def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | No
     # a file store: no rank hosts a TCP store that the other could still be talking to when it exits
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
-        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"file://{out_dir}/rendezvous",
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=120),
     )
     torch.set_num_threads(1)
@@ -59,8 +62,9 @@ def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | No
 
 @pytest.mark.parametrize("micro_batch_size, memory_budget", [(None, 0), (1, 0), (1, 2e5)])
 def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path, micro_batch_size, memory_budget):
-    context = mp.start_processes(_worker, args=(2, str(tmp_path), micro_batch_size, memory_budget), nprocs=2,
-                                 join=False)
+    context = mp.start_processes(
+        _worker, args=(2, str(tmp_path), micro_batch_size, memory_budget), nprocs=2, join=False
+    )
     try:
         for _ in range(300):  # at most 5 minutes; each join() raises if a worker failed
             if context.join(timeout=1):
@@ -80,6 +84,6 @@ def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path, micro_
     names = [n for n, _ in model.named_parameters()]
     for rank in range(2):
         grads = torch.load(tmp_path / f"grads{rank}.pt")
-        for name, g_ddp, p in zip(names, grads, model.parameters()):
+        for name, g_ddp, p in zip(names, grads, model.parameters(), strict=True):
             assert g_ddp is not None, name
             assert relative_error(g_ddp, p.grad) <= 1e-5, name

@@ -24,7 +24,12 @@ from bundle.networks import InvertibleDiffusionUNet
 
 def test_true_false_settings_read_the_command_lines_strings_and_refuse_anything_else():
     assert [as_flag(v, "x") for v in (True, False, "true", "false", " FALSE ", "True")] == [
-        True, False, True, False, False, True
+        True,
+        False,
+        True,
+        False,
+        False,
+        True,
     ]
     assert as_flags(["false", True, "TRUE"], "levels") == (False, True, True)
     for bad in ("no", "0", 1, None):
@@ -65,8 +70,13 @@ def test_network_def_flags_given_as_command_line_strings_are_parsed_by_the_confi
 
     parser = ConfigParser()
     parser.read_config("configs/train.json")
-    parser.update({"attention_levels": ["false", "true", "true"], "memory_efficient": "false",
-                   "network_def#channels": [8, 16, 32]})
+    parser.update(
+        {
+            "attention_levels": ["false", "true", "true"],
+            "memory_efficient": "false",
+            "network_def#channels": [8, 16, 32],
+        }
+    )
     network = parser.get_parsed_content("network_def")
     assert network.memory_efficient is False and network.trunk.attention_levels == (False, True, True)
     parser["memory_efficient"] = "maybe"
@@ -76,8 +86,16 @@ def test_network_def_flags_given_as_command_line_strings_are_parsed_by_the_confi
 
 
 def test_a_bad_command_line_prints_its_error_once(tmp_path):
-    result = run_bundle("configs/train.json", SMALL | {
-        "dataset_dir": tmp_path / "D", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R", "micro_batch_size": 0})
+    result = run_bundle(
+        "configs/train.json",
+        SMALL
+        | {
+            "dataset_dir": tmp_path / "D",
+            "ckpt_dir": tmp_path / "C",
+            "output_dir": tmp_path / "R",
+            "micro_batch_size": 0,
+        },
+    )
     assert result.returncode == 1
     assert result.stderr.count("micro_batch_size must be a positive integer") == 1
     assert "micro_batch_size must be a positive integer" not in result.stdout
@@ -86,9 +104,18 @@ def test_a_bad_command_line_prints_its_error_once(tmp_path):
 
 def test_a_non_finite_loss_in_the_first_epoch_is_reported_once_without_a_checkpoint(tmp_path):
     write_brats_phantoms(tmp_path / "D", num_cases=4, shape=(24, 24, 20))
-    result = run_bundle("configs/train.json", SMALL | {
-        "dataset_dir": tmp_path / "D", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-        "lambda_l2": "$float('inf')", "train#trainer#max_epochs": 1}, "training")
+    result = run_bundle(
+        "configs/train.json",
+        SMALL
+        | {
+            "dataset_dir": tmp_path / "D",
+            "ckpt_dir": tmp_path / "C",
+            "output_dir": tmp_path / "R",
+            "lambda_l2": "$float('inf')",
+            "train#trainer#max_epochs": 1,
+        },
+        "training",
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 1, log[-3000:]
     assert log.count("the loss became inf at epoch 1") == 1 and "the loss became inf" in result.stderr
@@ -131,14 +158,22 @@ def test_a_non_finite_gradient_of_a_finite_loss_stops_training_too(tmp_path):
 def _trainer(tmp_path: Path, lambda_l2: float = 1e-4, lr: float = 1e-3) -> IDMTrainer:
     """An IDM trainer of a small 2D network with EMA and the guard, over 3 batches per epoch."""
     torch.manual_seed(0)
-    network = InvertibleDiffusionUNet(spatial_dims=2, in_channels=2, out_channels=2, channels=(8, 16, 32),
-                                      attention_levels=(False, True, True))
+    network = InvertibleDiffusionUNet(
+        spatial_dims=2, in_channels=2, out_channels=2, channels=(8, 16, 32), attention_levels=(False, True, True)
+    )
     ema = torch.optim.swa_utils.AveragedModel(network, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
     return IDMTrainer(
-        device="cpu", max_epochs=2, train_data_loader=[{"image": torch.rand(2, 2, 16, 16)}] * 3, epoch_length=3,
-        network=network, optimizer=torch.optim.AdamW(network.parameters(), lr=lr),
-        scheduler=DDPMScheduler(num_train_timesteps=100, schedule="cosine"), noise_sampler=NoiseSampler(100),
-        lambda_l2=lambda_l2, ema=ema, train_handlers=[NonFiniteLossGuard(tmp_path)],
+        device="cpu",
+        max_epochs=2,
+        train_data_loader=[{"image": torch.rand(2, 2, 16, 16)}] * 3,
+        epoch_length=3,
+        network=network,
+        optimizer=torch.optim.AdamW(network.parameters(), lr=lr),
+        scheduler=DDPMScheduler(num_train_timesteps=100, schedule="cosine"),
+        noise_sampler=NoiseSampler(100),
+        lambda_l2=lambda_l2,
+        ema=ema,
+        train_handlers=[NonFiniteLossGuard(tmp_path)],
     )
 
 
@@ -161,6 +196,6 @@ def test_a_learning_rate_that_overflows_the_gradient_stops_training_with_finite_
     """With lr 1e6 the second loss is finite (≈1e28) but its gradient overflows: that step would make every
     weight NaN (and an epoch ending there would checkpoint them)."""
     trainer = _trainer(tmp_path, lr=1e6)
-    with pytest.raises(NonFiniteLossError, match="gradient became non-finite .* at epoch 1, iteration 2"):
+    with pytest.raises(NonFiniteLossError, match=r"gradient became non-finite .* at epoch 1, iteration 2"):
         trainer.run()
     assert all(torch.isfinite(p).all() for p in trainer.network.parameters())

@@ -59,8 +59,16 @@ def test_metrics_json_and_table(setup, tmp_path):
 
 
 def test_generated_samples_against_the_training_split(setup, tmp_path):
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path,
-                             "generation_reference": "training", "num_generated": "3"})
+    result = evaluate(
+        CLI
+        | {
+            "dataset_dir": setup / "D",
+            "ckpt_path": setup / "model.pt",
+            "output_dir": tmp_path,
+            "generation_reference": "training",
+            "num_generated": "3",
+        }
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     generation = json.loads((tmp_path / "metrics.json").read_text())["generation"]
     comparison = generation["comparison"]
@@ -76,8 +84,15 @@ def test_generated_samples_against_the_training_split(setup, tmp_path):
 
 
 def test_an_unknown_generation_reference_is_refused(setup, tmp_path):
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path,
-                             "generation_reference": "test"})
+    result = evaluate(
+        CLI
+        | {
+            "dataset_dir": setup / "D",
+            "ckpt_path": setup / "model.pt",
+            "output_dir": tmp_path,
+            "generation_reference": "test",
+        }
+    )
     assert result.returncode == 1
     assert "generation_reference must be one of ['validation', 'training']" in result.stderr
     assert not (tmp_path / "metrics.json").exists()
@@ -86,10 +101,15 @@ def test_an_unknown_generation_reference_is_refused(setup, tmp_path):
 @pytest.mark.parametrize("num_generated, num_real", [(3, 2), (2, 4)])
 def test_mmd_with_unequal_numbers_of_real_and_generated_volumes(setup, tmp_path, num_generated, num_real):
     """MONAI's MMDMetric needs as many volumes on each side: the first min(real, generated) of each are compared."""
-    ckpt = recorded_checkpoint(tmp_path / "C", num_train_timesteps=50,
-                               validation_cases=[f"BraTS20_Training_{i:03d}" for i in range(1, num_real + 1)])
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O",
-                             "num_generated": num_generated})
+    ckpt = recorded_checkpoint(
+        tmp_path / "C",
+        num_train_timesteps=50,
+        validation_cases=[f"BraTS20_Training_{i:03d}" for i in range(1, num_real + 1)],
+    )
+    result = evaluate(
+        CLI
+        | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O", "num_generated": num_generated}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "O" / "metrics.json").read_text())
     assert metrics["num_volumes"] == num_real
@@ -113,8 +133,9 @@ class _NoiseOracle(torch.nn.Module):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear_beta"])
-@pytest.mark.parametrize("t_start, num_train_timesteps, num_inference_steps",
-                         [(500, 2000, 50), (12, 50, 3), (0, 50, 3)])
+@pytest.mark.parametrize(
+    "t_start, num_train_timesteps, num_inference_steps", [(500, 2000, 50), (12, 50, 3), (0, 50, 3)]
+)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_reconstruction_starts_at_the_timestep_the_input_was_noised_to(
     t_start, num_train_timesteps, num_inference_steps, schedule, eta
@@ -127,9 +148,13 @@ def test_reconstruction_starts_at_the_timestep_the_input_was_noised_to(
     noise = torch.randn(x0.shape, generator=generator)
     training = DDPMScheduler(num_train_timesteps, schedule=schedule)  # the training scheduler's alphas
     noisy = training.add_noise(x0, noise, torch.full((2,), t_start))
-    estimate = reconstruct_from(_NoiseOracle(noise), noisy, t_start=t_start,
-                                scheduler=GridDDIMScheduler(num_train_timesteps, schedule=schedule, eta=eta),
-                                num_inference_steps=num_inference_steps)
+    estimate = reconstruct_from(
+        _NoiseOracle(noise),
+        noisy,
+        t_start=t_start,
+        scheduler=GridDDIMScheduler(num_train_timesteps, schedule=schedule, eta=eta),
+        num_inference_steps=num_inference_steps,
+    )
     torch.testing.assert_close(estimate, x0, atol=1e-4, rtol=0)
 
 
@@ -146,15 +171,28 @@ def test_normalised_mmd_is_monais_mmd_of_equally_many_volumes_per_voxel():
         normalised_mmd(real[:1], generated)
 
 
-@pytest.mark.parametrize("recorded, given, message", [
-    ({"num_train_timesteps": 100}, {"num_train_timesteps": 50},
-     "trained with num_train_timesteps=100, but this run gives num_train_timesteps=50; pass --num_train_timesteps 100"),
-    ({"schedule": "sigmoid_beta"}, {"schedule": "cosine"},
-     "trained with schedule=sigmoid_beta, but this run gives schedule=cosine; pass --schedule sigmoid_beta"),
-    ({}, {"spatial_size": "[32,32,32]"}, "pass --spatial_size \"[16,16,16]\""),
-])
-def test_model_settings_that_disagree_with_the_record_are_refused_before_evaluating(setup, tmp_path, recorded, given,
-                                                                                 message):
+@pytest.mark.parametrize(
+    "recorded, given, message",
+    [
+        (
+            {"num_train_timesteps": 100},
+            {"num_train_timesteps": 50},
+            (
+                "trained with num_train_timesteps=100, but this run gives num_train_timesteps=50; pass "
+                "--num_train_timesteps 100"
+            ),
+        ),
+        (
+            {"schedule": "sigmoid_beta"},
+            {"schedule": "cosine"},
+            "trained with schedule=sigmoid_beta, but this run gives schedule=cosine; pass --schedule sigmoid_beta",
+        ),
+        ({}, {"spatial_size": "[32,32,32]"}, 'pass --spatial_size "[16,16,16]"'),
+    ],
+)
+def test_model_settings_that_disagree_with_the_record_are_refused_before_evaluating(
+    setup, tmp_path, recorded, given, message
+):
     ckpt = recorded_checkpoint(tmp_path / "C", **{"num_train_timesteps": 50, "validation_cases": VALIDATION} | recorded)
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O"} | given)
     assert result.returncode == 1
@@ -167,16 +205,19 @@ def test_evaluation_takes_the_validation_cases_that_training_recorded(setup, tmp
     the cases recorded in run.json are evaluated instead, exactly those, in that order."""
     recorded = ["BraTS20_Training_007", "BraTS20_Training_001", "BraTS20_Training_004"]
     ckpt = recorded_checkpoint(tmp_path / "C", num_train_timesteps=50, validation_cases=recorded)
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O",
-                             "seed": 7, "val_fraction": 0.5})
+    result = evaluate(
+        CLI
+        | {"dataset_dir": setup / "D", "ckpt_path": ckpt, "output_dir": tmp_path / "O", "seed": 7, "val_fraction": 0.5}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "O" / "metrics.json").read_text())
     assert metrics["cases"] == recorded and metrics["num_volumes"] == 3
     cases = "BraTS20_Training_007, BraTS20_Training_001, BraTS20_Training_004"
     assert cases in (tmp_path / "O" / "metrics.md").read_text()
     # a recorded case that is no longer found stops evaluation before any work, naming it
-    gone = recorded_checkpoint(tmp_path / "G", num_train_timesteps=50,
-                               validation_cases=["BraTS20_Training_002", "BraTS20_Training_042"])
+    gone = recorded_checkpoint(
+        tmp_path / "G", num_train_timesteps=50, validation_cases=["BraTS20_Training_002", "BraTS20_Training_042"]
+    )
     result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": gone, "output_dir": tmp_path / "P"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "BraTS20_Training_042" in result.stderr and "dataset_dir" in result.stderr
@@ -184,16 +225,18 @@ def test_evaluation_takes_the_validation_cases_that_training_recorded(setup, tmp
 
 
 def test_missing_checkpoint_is_named(setup, tmp_path):
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": tmp_path / "none.pt",
-                             "output_dir": tmp_path / "O"})
+    result = evaluate(
+        CLI | {"dataset_dir": setup / "D", "ckpt_path": tmp_path / "none.pt", "output_dir": tmp_path / "O"}
+    )
     assert result.returncode == 1 and "none.pt' does not exist" in result.stderr
     assert not (tmp_path / "O").exists()
 
 
 def test_a_missing_dataset_dir_is_named_and_gets_no_phantoms(setup, tmp_path):
     """A misspelt --dataset_dir must not be filled with phantoms and evaluated on."""
-    result = evaluate(CLI | {"dataset_dir": tmp_path / "typo", "ckpt_path": setup / "model.pt",
-                             "output_dir": tmp_path / "O"})
+    result = evaluate(
+        CLI | {"dataset_dir": tmp_path / "typo", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "O"}
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "typo' does not exist" in result.stderr and "Only a new training run writes" in result.stderr
     assert not (tmp_path / "typo").exists() and not (tmp_path / "O").exists()
@@ -215,12 +258,26 @@ def test_the_sampler_is_a_name_as_in_inference(setup, tmp_path):
     """--sampler replaced the sampler object by a string, and evaluation failed after the whole one-step pass; any
     entry of the samplers section generates."""
     for sampler in ("ddpm", "pndm"):
-        result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt",
-                                 "output_dir": tmp_path / sampler, "sampler": sampler})
+        result = evaluate(
+            CLI
+            | {
+                "dataset_dir": setup / "D",
+                "ckpt_path": setup / "model.pt",
+                "output_dir": tmp_path / sampler,
+                "sampler": sampler,
+            }
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads((tmp_path / sampler / "metrics.json").read_text())["generation"]["num_generated"] == 2
-    unknown = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "P",
-                              "sampler": "euler"})
+    unknown = evaluate(
+        CLI
+        | {
+            "dataset_dir": setup / "D",
+            "ckpt_path": setup / "model.pt",
+            "output_dir": tmp_path / "P",
+            "sampler": "euler",
+        }
+    )
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
     assert "sampler must be one of ['ddim', 'ddpm', 'pndm']; got 'euler'" in unknown.stderr
     assert "evaluating" not in unknown.stderr and not (tmp_path / "P").exists()
@@ -246,11 +303,25 @@ class _Features(torch.nn.Module):
 
 def test_fid_with_a_user_feature_extractor(setup, tmp_path):
     torch.jit.script(_Features()).save(str(tmp_path / "features.ts"))
-    result = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "O",
-                             "feature_extractor": tmp_path / "features.ts"})
+    result = evaluate(
+        CLI
+        | {
+            "dataset_dir": setup / "D",
+            "ckpt_path": setup / "model.pt",
+            "output_dir": tmp_path / "O",
+            "feature_extractor": tmp_path / "features.ts",
+        }
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     fid = json.loads((tmp_path / "O" / "metrics.json").read_text())["generation"]["fid"]
     assert isinstance(fid, float) and fid >= 0
-    missing = evaluate(CLI | {"dataset_dir": setup / "D", "ckpt_path": setup / "model.pt", "output_dir": tmp_path / "P",
-                              "feature_extractor": tmp_path / "none.ts"})
+    missing = evaluate(
+        CLI
+        | {
+            "dataset_dir": setup / "D",
+            "ckpt_path": setup / "model.pt",
+            "output_dir": tmp_path / "P",
+            "feature_extractor": tmp_path / "none.ts",
+        }
+    )
     assert missing.returncode == 1 and "feature_extractor" in missing.stderr

@@ -15,9 +15,18 @@ from PIL import Image
 
 from scripts.benchmarking.generation import compare_generation, recipe, write_generation_report
 
-SETTINGS = {"steps": 8, "check_every": 4, "size": 16, "channels": (8, 16, 32), "batch_size": 4, "num_phantoms": 12,
-            "val_fraction": 0.34, "num_samples": 2, "final_samples_count": 6,  # 8 training cases: 2 steps an epoch
-            "num_train_timesteps": 50}
+SETTINGS = {
+    "steps": 8,
+    "check_every": 4,
+    "size": 16,
+    "channels": (8, 16, 32),
+    "batch_size": 4,
+    "num_phantoms": 12,
+    "val_fraction": 0.34,
+    "num_samples": 2,
+    "final_samples_count": 6,  # 8 training cases: 2 steps an epoch
+    "num_train_timesteps": 50,
+}
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +78,18 @@ def test_the_idm_run_is_trained_on_as_a_resume_of_a_copy(study, tmp_path):
     event files stay as they were, the copy's curves go on from where they stopped, and the report has a section."""
     root, result = study
     events = sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*"))
-    longer = compare_generation(root / "work", **SETTINGS, continue_steps=16)
+    longer = compare_generation(root / "work", **SETTINGS, continue_steps=12)
     assert sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*")) == events
     assert longer["networks"]["idm"]["final"]["measures"] == result["networks"]["idm"]["final"]["measures"]
     run = longer["networks"]["idm_continued"]
-    assert longer["settings"]["continued_epochs"] == 8 and run["steps"] == 16
-    assert [step for step, _ in run["curves"]["generation/within_spread"]] == [4, 8, 12, 16]
-    assert run["curves"]["generation/within_spread"][:2] == result["networks"]["idm"]["curves"][
-        "generation/within_spread"]
+    assert longer["settings"]["continued_epochs"] == 6 and run["steps"] == 12
+    assert [step for step, _ in run["curves"]["generation/within_spread"]] == [4, 8, 12]
+    assert (
+        run["curves"]["generation/within_spread"][:2] == result["networks"]["idm"]["curves"]["generation/within_spread"]
+    )
     assert run["wall_seconds"] > result["networks"]["idm"]["wall_seconds"]
     text = write_generation_report(longer, "python scripts/benchmark.py generation", tmp_path).read_text()
-    assert "## IDM trained on to 16 steps" in text and "--train#trainer#max_epochs 8 --resume true" in text
+    assert "## IDM trained on to 12 steps" in text and "--train#trainer#max_epochs 6 --resume true" in text
     with pytest.raises(ValueError, match="continue_steps=8 gives 4 epochs, not more than the 4"):
         compare_generation(root / "work", **SETTINGS, continue_steps=8)
 
@@ -98,7 +108,9 @@ def test_the_readmes_phantom_recipe_is_the_studys():
     for key, value in overrides.items():
         if key not in ("seed", "generation_samples"):  # train.json's defaults, not passed
             assert json.loads(flags[key]) == value, key
-    assert json.loads(flags["network_def#channels"]) == list(inspect.signature(compare_generation)
-                                                             .parameters["channels"].default)
-    assert json.loads(flags["attention_levels"]) == list(inspect.signature(compare_generation)
-                                                         .parameters["attention_levels"].default)
+    assert json.loads(flags["network_def#channels"]) == list(
+        inspect.signature(compare_generation).parameters["channels"].default
+    )
+    assert json.loads(flags["attention_levels"]) == list(
+        inspect.signature(compare_generation).parameters["attention_levels"].default
+    )

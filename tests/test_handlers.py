@@ -34,9 +34,15 @@ def _trainer(network: torch.nn.Module, scheduler: DDPMScheduler, device: str = "
 
     def step(engine: Engine, batch: int) -> list[dict]:
         time.sleep(sleep)
-        losses = {"loss": torch.tensor(0.5 + batch), "eps_mse": torch.tensor(0.25 + batch),
-                  "weight_norm": torch.tensor(3.0)}
-        return [{"image": i, "label": n, "timesteps": int(t)} | losses for i, n, t in zip(images, noise, timesteps)]
+        losses = {
+            "loss": torch.tensor(0.5 + batch),
+            "eps_mse": torch.tensor(0.25 + batch),
+            "weight_norm": torch.tensor(3.0),
+        }
+        return [
+            {"image": i, "label": n, "timesteps": int(t)} | losses
+            for i, n, t in zip(images, noise, timesteps, strict=True)
+        ]
 
     engine = Engine(step)
     engine.network, engine.scheduler = network, scheduler
@@ -58,8 +64,9 @@ def test_the_handlers_write_into_one_event_file_through_the_shared_writer_and_le
     optimizer = torch.optim.SGD(network.parameters(), lr=0.125)
     StepStatsHandler(optimizer, summary_writer=writer).attach(trainer)
     InversionDriftMonitor(summary_writer=writer, interval=2).attach(trainer)
-    TensorBoardStatsHandler(summary_writer=writer, tag_name="train_loss",
-                            output_transform=from_engine(["loss"], first=True)).attach(trainer)
+    TensorBoardStatsHandler(
+        summary_writer=writer, tag_name="train_loss", output_transform=from_engine(["loss"], first=True)
+    ).attach(trainer)
     volumes = {"image": torch.rand(2, 2, 8, 8, 8), "denoised": torch.rand(2, 2, 8, 8, 8)}
     evaluator = Engine(lambda engine, batch: volumes)
     PreviewHandler(summary_writer=writer, interval=1).attach(evaluator)
@@ -70,8 +77,16 @@ def test_the_handlers_write_into_one_event_file_through_the_shared_writer_and_le
 
     files = sorted(tmp_path.glob("events.out.tfevents.*"))
     assert len(files) == 1, [f.name for f in files]
-    tags = ["train/step_seconds", "train/lr", "train/eps_mse", "train/weight_norm", "train/peak_memory_mb",
-            "train/inversion_drift", "train_loss", "after/training"]
+    tags = [
+        "train/step_seconds",
+        "train/lr",
+        "train/eps_mse",
+        "train/weight_norm",
+        "train/peak_memory_mb",
+        "train/inversion_drift",
+        "train_loss",
+        "after/training",
+    ]
     scalars = read_scalars(tmp_path, tags)
     assert set(scalars) == set(tags)
     assert [step for step, _ in scalars["train/step_seconds"]] == [1, 2, 3, 4]
@@ -133,8 +148,11 @@ def test_a_long_run_on_the_cpu_names_the_readmes_small_cpu_recipe(tmp_path, capl
     with caplog.at_level(logging.INFO, logger="bundle.handlers.step_stats"):
         trainer.run(range(5), max_epochs=10**6)
     handler.summary_writer.close()
-    assert [r.getMessage().count("5000000 steps in all (1000000 epochs × 5 iterations)") for r in caplog.records
-            if ESTIMATE in r.getMessage()] == [1]
+    assert [
+        r.getMessage().count("5000000 steps in all (1000000 epochs × 5 iterations)")
+        for r in caplog.records
+        if ESTIMATE in r.getMessage()
+    ] == [1]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if device == "cpu":
         assert len(warnings) == 1, warnings
@@ -154,9 +172,10 @@ def test_the_small_cpu_recipe_is_the_readmes():
         command = shlex.split(block.replace("\\\n", " "))
         if "training" in command:
             commands.append({key: value for key, value in itertools.pairwise(command) if key.startswith("--")})
-    wanted = dict(zip(recipe[::2], recipe[1::2]))
+    wanted = dict(zip(recipe[::2], recipe[1::2], strict=True))
     assert any(wanted.items() <= command.items() for command in commands), (
-        f"no training command of README.md has {SMALL_CPU_RECIPE}: {commands}")
+        f"no training command of README.md has {SMALL_CPU_RECIPE}: {commands}"
+    )
 
 
 def test_the_shared_writer_is_closed_at_exit_which_flushes_it(tmp_path, monkeypatch):

@@ -54,8 +54,9 @@ def test_sizes_that_do_not_fit_are_padded_and_cropped_back():
         assert model.inverse(out, torch.tensor([5])).shape == x.shape
 
 
-@pytest.mark.parametrize("spatial_dims, shape", [
-    pytest.param(3, (12, 10, 14), id="3d-12x10x14"), pytest.param(2, (13, 18), id="2d-13x18")])
+@pytest.mark.parametrize(
+    "spatial_dims, shape", [pytest.param(3, (12, 10, 14), id="3d-12x10x14"), pytest.param(2, (13, 18), id="2d-13x18")]
+)
 def test_padded_sizes_give_the_corner_of_what_the_zero_padded_input_gives(spatial_dims, shape, one_torch_thread):
     """A size the trunk cannot take is zero-padded at the far end and cropped back from the corner at the
     origin: U(x) equals that corner of U(zero-padded x), and U⁻¹ likewise, so each output voxel sits where
@@ -105,8 +106,16 @@ def test_flags_must_be_bools_and_the_trunk_factories_pass_through():
         built.append((spatial_dims, channels, cond_dim))
         return CouplingBlock(channel_mixing=False)(spatial_dims, channels, cond_dim)
 
-    model = InvertibleDiffusionUNet(2, 1, 1, attention_levels=(False, True), time_embed_dim=12, block=block,
-                                    attention=AttentionPair(num_heads=2), **tiny)
+    model = InvertibleDiffusionUNet(
+        2,
+        1,
+        1,
+        attention_levels=(False, True),
+        time_embed_dim=12,
+        block=block,
+        attention=AttentionPair(num_heads=2),
+        **tiny,
+    )
     assert sorted(set(built)) == [(2, 8, 12), (2, 16, 12)] and len(built) == 3
     assert not any(isinstance(m, OrthogonalChannelMixing) for m in model.modules())
     heads = [m.num_heads for m in model.modules() if isinstance(m, InvertibleAttention)]
@@ -128,7 +137,7 @@ def test_memory_efficient_switch_reaches_the_trunk_and_gradients_agree(device):
         results[flag] = torch.autograd.grad(loss, [xi, *model.parameters()])
     names = ["input"] + [n for n, _ in model.named_parameters()]
     assert any(n.startswith("time_mlp") for n in names)
-    for name, g_me, g_plain in zip(names, results[True], results[False]):
+    for name, g_me, g_plain in zip(names, results[True], results[False], strict=True):
         assert g_plain.norm() > 0, name  # the time MLP gets its gradient through the engine
         assert relative_error(g_me, g_plain) <= 1e-5, name
 
@@ -184,7 +193,7 @@ def test_checkpointed_monai_baseline_matches_plain_autograd_and_stores_less():
     assert any(isinstance(m, CheckpointedBlock) for m in checkpointed.modules())
     x, t = torch.randn(1, 2, 16, 16, 16), torch.tensor([40])
     grads = [torch.autograd.grad(m(x, t).square().mean(), list(m.parameters())) for m in (plain, checkpointed)]
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
     assert _stored(checkpointed, x, t) < 0.5 * _stored(plain, x, t)
 
@@ -211,18 +220,21 @@ def test_micro_batches_back_propagate_the_whole_batch_gradient(micro_batch_size)
     assert relative_error(l_micro, l_whole) < 1e-12
     assert t_micro.keys() == t_whole.keys() == {"eps_mse", "reconstruction", "weight_norm"}
     assert all(relative_error(t_micro[k], t_whole[k]) < 1e-12 for k in t_whole)
-    for (name, _), a, b in zip(model.named_parameters(), g_micro, g_whole):
+    for (name, _), a, b in zip(model.named_parameters(), g_micro, g_whole, strict=True):
         assert b.norm() > 0 and relative_error(a, b) < 1e-10, name
 
 
-@pytest.mark.parametrize("spatial_dims, shape, micro_batch_size, dtype, tolerance", [
-    pytest.param(3, (12, 10, 14), None, torch.float64, 1e-11, id="3d-12x10x14-whole_batch"),
-    pytest.param(2, (13, 18), None, torch.float64, 1e-11, id="2d-13x18-whole_batch"),
-    pytest.param(3, (12, 10, 14), 1, torch.float64, 1e-11, id="3d-12x10x14-micro_batches_of_1"),
-    pytest.param(2, (13, 18), 1, torch.float64, 1e-11, id="2d-13x18-micro_batches_of_1"),
-    # float32 at batch 1 on the CPU: the convolutions take their oneDNN split path (SameConv3d)
-    pytest.param(3, (12, 10, 14), 1, torch.float32, 1e-4, id="3d-12x10x14-micro_batches_of_1-float32"),
-])
+@pytest.mark.parametrize(
+    "spatial_dims, shape, micro_batch_size, dtype, tolerance",
+    [
+        pytest.param(3, (12, 10, 14), None, torch.float64, 1e-11, id="3d-12x10x14-whole_batch"),
+        pytest.param(2, (13, 18), None, torch.float64, 1e-11, id="2d-13x18-whole_batch"),
+        pytest.param(3, (12, 10, 14), 1, torch.float64, 1e-11, id="3d-12x10x14-micro_batches_of_1"),
+        pytest.param(2, (13, 18), 1, torch.float64, 1e-11, id="2d-13x18-micro_batches_of_1"),
+        # float32 at batch 1 on the CPU: the convolutions take their oneDNN split path (SameConv3d)
+        pytest.param(3, (12, 10, 14), 1, torch.float32, 1e-4, id="3d-12x10x14-micro_batches_of_1-float32"),
+    ],
+)
 def test_memory_efficient_loss_backward_matches_plain_autograd_at_padded_sizes(
     spatial_dims, shape, micro_batch_size, dtype, tolerance, device, one_torch_thread
 ):

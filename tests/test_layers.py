@@ -93,7 +93,7 @@ def test_layer_gradcheck_float64(name, spatial_dims, direction, one_torch_thread
 
     def fn(x, *rest):
         c, values = (rest[0], rest[1:]) if conditioned else (None, rest)
-        return functional_call(module, dict(zip(names, values)), (x, c), strict=True)
+        return functional_call(module, dict(zip(names, values, strict=True)), (x, c), strict=True)
 
     assert torch.autograd.gradcheck(fn, (x.requires_grad_(True), *cond, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -108,7 +108,7 @@ def test_haar_matrix_is_orthonormal_and_matches_pixelunshuffle_order():
     x = torch.randn(1, 1, 4, 4, 4)
     y = down(x)
     patch_mean = torch.nn.functional.avg_pool3d(x, 2)
-    assert torch.allclose(y[:, :1], patch_mean * 2 ** 1.5, atol=1e-6)
+    assert torch.allclose(y[:, :1], patch_mean * 2**1.5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layer_cls, channels", [(OrthogonalDownsampling, 3), (OrthogonalChannelMixing, 16)])
@@ -212,7 +212,7 @@ def test_coupling_reverse_matches_plain_autograd_in_any_batch_chunks(name, rows_
             assert grad_cond.shape == cond.shape and relative_error(grad_cond, expected[1]) < 1e-12
         else:
             assert grad_cond is None
-        for g, e in zip(grad_params, expected[1 + conditioned:]):
+        for g, e in zip(grad_params, expected[1 + conditioned :], strict=True):
             assert e.norm() > 0 and relative_error(g, e) < 1e-12
 
 
@@ -263,12 +263,12 @@ def test_recompute_norms_stores_fewer_tensors_and_keeps_values_and_gradients():
         with torch.no_grad():
             results[name + "_reverse"] = engine_reverse(layer, y.detach().clone(), grad_y.clone(), cond)
     assert results["default_stored"] == 7 and results["lean_stored"] == 4
-    for a, b in zip(results["lean"], results["default"]):
+    for a, b in zip(results["lean"], results["default"], strict=True):
         assert b.norm() > 0 and relative_error(a, b) < 1e-12
     (x_lean,), (gx_lean,), gc_lean, gp_lean = results["lean_reverse"]
     assert relative_error(x_lean, x) < 1e-12 and relative_error(gx_lean, results["default"][1]) < 1e-12
     assert relative_error(gc_lean, results["default"][2]) < 1e-12
-    assert all(relative_error(g, e) < 1e-12 for g, e in zip(gp_lean, results["default"][3:]))
+    assert all(relative_error(g, e) < 1e-12 for g, e in zip(gp_lean, results["default"][3:], strict=True))
 
 
 @pytest.mark.parametrize("spatial_dims, shape", [(3, (1, 8, 16, 16, 16)), (2, (1, 4, 32, 32))])
@@ -292,7 +292,7 @@ def test_same_conv_takes_onednn_at_batch_one_and_matches_the_padded_convolution(
     convolve = torch.nn.functional.conv3d if spatial_dims == 3 else torch.nn.functional.conv2d
     reference = convolve(x, conv.weight, conv.bias, padding=1)
     reference.backward(grad_y)
-    for a, b in zip(ours, (reference.detach(), x.grad, conv.weight.grad, conv.bias.grad)):
+    for a, b in zip(ours, (reference.detach(), x.grad, conv.weight.grad, conv.bias.grad), strict=True):
         assert a.shape == b.shape and relative_error(a, b) < 1e-5
 
 
@@ -303,8 +303,10 @@ def test_same_conv_leaves_other_inputs_to_pytorch_and_rejects_even_kernels():
     for x in (torch.randn(1, 4, 7, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, 8, dtype=torch.float64)):
         expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1)
         assert torch.equal(conv(x), expected)  # odd length, float64, batch 3: PyTorch's own convolution
-    for conv, x in ((same_conv(3, 64, 64), torch.randn(1, 64, 4, 4, 4)),  # fewer than 2 voxels per channel
-                    (same_conv(3, 4, 4, kernel_size=5), torch.randn(1, 4, 8, 8, 8))):  # oneDNN takes k = 5
+    for conv, x in (
+        (same_conv(3, 64, 64), torch.randn(1, 64, 4, 4, 4)),  # fewer than 2 voxels per channel
+        (same_conv(3, 4, 4, kernel_size=5), torch.randn(1, 4, 8, 8, 8)),
+    ):  # oneDNN takes k = 5
         expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
         assert torch.equal(conv(x), expected)
     conv = same_conv(3, 4, 4)

@@ -32,8 +32,10 @@ def _trunk(dtype=torch.float64, **kwargs) -> InvertibleUNet:
 
 def _inputs(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return (torch.randn(2, CHANNELS[0], 8, 16, 8, generator=generator, dtype=dtype),
-            torch.randn(2, 3, generator=generator, dtype=dtype))
+    return (
+        torch.randn(2, CHANNELS[0], 8, 16, 8, generator=generator, dtype=dtype),
+        torch.randn(2, 3, generator=generator, dtype=dtype),
+    )
 
 
 def _gradients(trunk: InvertibleUNet, x: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
@@ -127,19 +129,23 @@ def test_the_steps_kept_first_are_those_that_cost_the_most_flops_per_byte():
     x, cond = _inputs(torch.float32)
     costs = _costs(trunk, x, cond)
     layers = [getattr(s, "layer", None) for s in trunk.sequence.steps]
-    couplings = [c for c, layer in zip(costs, layers)
-                 if isinstance(layer, CouplingLayer) and not isinstance(layer, InvertibleAttention)]
+    couplings = [
+        c
+        for c, layer in zip(costs, layers, strict=True)
+        if isinstance(layer, CouplingLayer) and not isinstance(layer, InvertibleAttention)
+    ]
     first, bottom = couplings[0], couplings[len(couplings) // 2]  # level 0's first, the bottom level's
     # the deep, wide level is worth more per byte than the full-resolution one
     assert bottom.flops / bottom.stored_bytes > 2 * first.flops / first.stored_bytes
 
 
-@pytest.mark.parametrize("value, error", [(-1, ValueError), (float("nan"), ValueError), ("lots", TypeError),
-                                          (True, TypeError)])
+@pytest.mark.parametrize(
+    "value, error", [(-1, ValueError), (float("nan"), ValueError), ("lots", TypeError), (True, TypeError)]
+)
 def test_a_bad_budget_is_refused_by_name(value, error):
     with pytest.raises(error, match="memory_budget must be a number of bytes ≥ 0"):
         InvertibleDiffusionUNet(3, 2, 2, (8, 16), 1, (False, False), memory_budget=value)
-    with pytest.raises(BadInputError, match="memory_budget must be a number of bytes ≥ 0 .* inf .* or auto"):
+    with pytest.raises(BadInputError, match=r"memory_budget must be a number of bytes ≥ 0 .* inf .* or auto"):
         as_memory_budget(value)
 
 
@@ -161,8 +167,15 @@ def test_micro_batches_at_a_budget_give_the_whole_batch_plain_gradient(one_torch
         model.zero_grad(set_to_none=True)
         idm_loss_backward(model, x, t, noise, lambda_rec=0.0, lambda_l2=1e-3, micro_batch_size=micro)
         grads[name] = [p.grad.clone() for p in model.parameters()]
-    assert 0 < sum(model.trunk.sequence.stored_steps((torch.zeros(1, 8, 8, 8, 8, dtype=torch.float64),),
-                                                     torch.zeros(1, 32, dtype=torch.float64, requires_grad=True)))
+    assert (
+        sum(
+            model.trunk.sequence.stored_steps(
+                (torch.zeros(1, 8, 8, 8, 8, dtype=torch.float64),),
+                torch.zeros(1, 32, dtype=torch.float64, requires_grad=True),
+            )
+        )
+        > 0
+    )
     for a, b in zip(grads["budget"], grads["plain"], strict=True):
         assert relative_error(a, b) <= 1e-11
 
@@ -172,8 +185,9 @@ def test_the_plan_follows_the_budget_and_auto_spends_what_the_device_has_to_spar
     picks a budget whose plan fits, and the plan's table says it."""
     network = TINY["network_def"] | {"memory_budget": "$bundle.network_memory_budget(@memory_budget)"}
     base = TINY | {"network_def": network, "batch_size": 2, "device": "cpu", "ema_decay": 0}
-    peaks = {budget: plan_config(TRAIN, base | {"memory_budget": budget}).plan.peak_bytes
-             for budget in (0, 1e6, 3e6, "inf")}
+    peaks = {
+        budget: plan_config(TRAIN, base | {"memory_budget": budget}).plan.peak_bytes for budget in (0, 1e6, 3e6, "inf")
+    }
     plain = plan_config(TRAIN, base | {"network_def": network | {"memory_efficient": False}}).plan.peak_bytes
     assert peaks[0] < peaks[1e6] < peaks[3e6] < peaks["inf"]
     assert abs(peaks["inf"] / plain - 1) < 0.15, (peaks, plain)
@@ -191,8 +205,12 @@ def test_the_plan_predicts_the_measured_peak_at_a_budget_with_the_update_in_back
     test_memory_plan's configurations: the plan is below the measurement by no more than the CPU process's own
     allocations (< 64 MB)."""
     network = TINY["network_def"] | {"memory_budget": 2e7}
-    overrides = TINY | {"network_def": network, "spatial_size": [32, 32, 32], "batch_size": 4,
-                        "optimizer_in_backward": True}
+    overrides = TINY | {
+        "network_def": network,
+        "spatial_size": [32, 32, 32],
+        "batch_size": 4,
+        "optimizer_in_backward": True,
+    }
     planned = plan_config(TRAIN, overrides | {"device": measuring_device().type}).plan
     assert planned.gradient_bytes == 0 and planned.memory_budget == 2e7
     result = measure_configured_step(overrides, timeout=600)

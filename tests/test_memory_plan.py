@@ -23,8 +23,13 @@ from tests.conftest import ROOT, SMALL_TRAINING, redraw_zero_init_, relative_err
 
 TRAIN = str(ROOT / "configs" / "train.json")
 NETWORKS = network_definitions(Workload("idm", 16, channels=(8, 16, 32), attention_levels=(False, True, True)))
-TINY = {"network_def": NETWORKS["idm"], "spatial_size": [16, 16, 16], "batch_size": 2, "num_train_timesteps": 100,
-        "memory_budget": 0}  # (the planner's other features; tests/test_memory_budget.py plans budgets)
+TINY = {
+    "network_def": NETWORKS["idm"],
+    "spatial_size": [16, 16, 16],
+    "batch_size": 2,
+    "num_train_timesteps": 100,
+    "memory_budget": 0,
+}  # (the planner's other features; tests/test_memory_budget.py plans budgets)
 MB = 1e6
 
 
@@ -102,8 +107,9 @@ def test_the_weight_term_is_back_propagated_on_its_own_with_the_whole_loss_gradi
     idm_loss(model, noisy, timesteps, noise, lambda_rec=0.0, lambda_l2=0.5)[1].backward()
     for (name, p), a in zip(model.named_parameters(), split, strict=True):
         assert relative_error(a, p.grad) < 1e-12, name
-    plans = {lambda_l2: plan_config(TRAIN, TINY | {"lambda_l2": lambda_l2, "ema_decay": 0}).plan
-             for lambda_l2 in (0.0, 1e-4)}
+    plans = {
+        lambda_l2: plan_config(TRAIN, TINY | {"lambda_l2": lambda_l2, "ema_decay": 0}).plan for lambda_l2 in (0.0, 1e-4)
+    }
     assert abs(plans[1e-4].peak_bytes - plans[0.0].peak_bytes) < plans[0.0].parameter_bytes / 4
 
 
@@ -122,7 +128,7 @@ def test_the_plan_predicts_the_measured_cpu_peak():
         result = measure_configured_step(overrides, timeout=600)
         assert "error" not in result, result
         measured.append(result["peak_bytes"])
-    for p, m in zip(planned, measured):
+    for p, m in zip(planned, measured, strict=True):
         assert 0 <= m - p < 64 * MB, (planned, measured)
     assert abs((planned[0] - planned[1]) / (measured[0] - measured[1]) - 1) < 0.1, (planned, measured)
 
@@ -144,7 +150,7 @@ def test_micro_batch_size_auto_picks_the_largest_that_fits_and_a_run_that_cannot
     assert "even in micro-batches of 1 sample" in message and "spatial_size of about" in message
     assert "a coarser --spacing" in message
     assert "--amp true" in message and "--ema_decay 0" in message
-    with pytest.raises(BadInputError, match="micro_batch_size must be a positive integer, null .* or 'auto'"):
+    with pytest.raises(BadInputError, match=r"micro_batch_size must be a positive integer, null .* or 'auto'"):
         plan_config(TRAIN, base | {"micro_batch_size": "all"})
 
 
@@ -152,8 +158,10 @@ def test_monai_networks_plain_and_checkpointed_are_planned_too():
     """MONAI's DiffusionModelUNet through the same trainer: activation checkpointing lowers its planned peak."""
     monai = NETWORKS["monai"]
     checkpointed = {"_target_": "scripts.benchmarking.baselines.enable_activation_checkpointing", "model": monai}
-    plans = {name: plan_config(TRAIN, TINY | {"network_def": definition, "spatial_size": [32] * 3}).plan
-             for name, definition in (("plain", monai), ("checkpointed", checkpointed))}
+    plans = {
+        name: plan_config(TRAIN, TINY | {"network_def": definition, "spatial_size": [32] * 3}).plan
+        for name, definition in (("plain", monai), ("checkpointed", checkpointed))
+    }
     assert plans["plain"].params == plans["checkpointed"].params > 10_000
     assert plans["plain"].floor_bytes == plans["checkpointed"].floor_bytes
     assert plans["checkpointed"].peak_bytes < plans["plain"].peak_bytes
@@ -163,8 +171,12 @@ def test_training_refuses_a_run_that_cannot_fit_before_reading_any_data(tmp_path
     """--device_memory_gb below the plan: the run stops with the plan's error before the dataset is looked at (no
     phantoms are written to the empty dataset_dir) and before anything is written to ckpt_dir or output_dir."""
     dataset = tmp_path / "data"
-    overrides = SMALL_TRAINING | {"dataset_dir": dataset, "ckpt_dir": tmp_path / "models",
-                                  "output_dir": tmp_path / "runs", "device_memory_gb": 0.001}
+    overrides = SMALL_TRAINING | {
+        "dataset_dir": dataset,
+        "ckpt_dir": tmp_path / "models",
+        "output_dir": tmp_path / "runs",
+        "device_memory_gb": 0.001,
+    }
     result = run_bundle(TRAIN, overrides, "training")
     assert result.returncode != 0
     assert "predicted not to fit" in result.stderr and "micro_batch_size auto" in result.stderr
@@ -172,8 +184,19 @@ def test_training_refuses_a_run_that_cannot_fit_before_reading_any_data(tmp_path
 
 
 def test_plan_memory_command_prints_one_json_object_and_exits_1_when_it_does_not_fit():
-    args = ["scripts/plan_memory.py", "--network_def#channels", "[8,16,32]", "--attention_levels",
-            "[false,true,true]", "--spatial_size", "[16,16,16]", "--batch_size", "2", "--json", "true"]
+    args = [
+        "scripts/plan_memory.py",
+        "--network_def#channels",
+        "[8,16,32]",
+        "--attention_levels",
+        "[false,true,true]",
+        "--spatial_size",
+        "[16,16,16]",
+        "--batch_size",
+        "2",
+        "--json",
+        "true",
+    ]
     fits = run_python(args)
     assert fits.returncode == 0, fits.stderr
     plan = json.loads(fits.stdout)
@@ -181,7 +204,7 @@ def test_plan_memory_command_prints_one_json_object_and_exits_1_when_it_does_not
     assert plan["peak_bytes"] > plan["floor_bytes"] > 16 * plan["params"]
     too_small = run_python([*args, "--device_memory_gb", "0.001"])
     assert too_small.returncode == 1 and json.loads(too_small.stdout)["fits"] is False
-    table = run_python(args[:-2] + ["--device", "cuda", "--device_memory_gb", "24"])
+    table = run_python([*args[:-2], "--device", "cuda", "--device_memory_gb", "24"])
     assert table.returncode == 0 and re.search(r"^fits +yes$", table.stdout, re.MULTILINE), table.stdout
     assert "planned with the CPU's operators" in table.stdout
     bad = run_python([*args, "--micro_batch_size", "0"])

@@ -17,8 +17,9 @@ from bundle.networks import InvertibleDiffusionUNet, InvertibleUNet
 
 def make_trunk(memory_budget: float = 0) -> InvertibleUNet:
     torch.manual_seed(0)
-    return redraw_zero_init_(InvertibleUNet(3, (8, 16, 32), 2, (False, True, True), cond_dim=6,
-                                            memory_budget=memory_budget), std=0.05)
+    return redraw_zero_init_(
+        InvertibleUNet(3, (8, 16, 32), 2, (False, True, True), cond_dim=6, memory_budget=memory_budget), std=0.05
+    )
 
 
 def _gradients(trunk, x, cond, weight, autocast: bool):
@@ -41,7 +42,10 @@ def test_under_autocast_the_state_stays_float32_and_every_step_inverts_to_float3
         for index, step in enumerate(trunk.sequence.steps):
             out = step(state, cond)
             assert all(t.dtype == torch.float32 for t in out), (index, step)
-            assert max(relative_error(a, b) for a, b in zip(step.inverse(out, cond), state)) <= 1e-6, (index, step)
+            assert max(relative_error(a, b) for a, b in zip(step.inverse(out, cond), state, strict=True)) <= 1e-6, (
+                index,
+                step,
+            )
             state = out
 
 
@@ -64,8 +68,8 @@ def test_memory_efficient_gradients_under_autocast_are_as_accurate_as_plain_auto
         kept = trunk.sequence.stored_steps((x,), cond.detach().requires_grad_())
     assert (0 < sum(kept) < len(kept)) if memory_budget else not any(kept)
     assert out_me.dtype == torch.float32 and relative_error(out_me, out_plain) <= 1e-6
-    error_plain = [relative_error(g, e) for g, e in zip(plain, exact)]
-    error_me = [relative_error(g, e) for g, e in zip(memory_efficient, exact)]
+    error_plain = [relative_error(g, e) for g, e in zip(plain, exact, strict=True)]
+    error_me = [relative_error(g, e) for g, e in zip(memory_efficient, exact, strict=True)]
     assert 1e-4 < statistics.median(error_plain) < 5e-2  # autocast did run the conditioners in bfloat16
     assert statistics.median(error_me) <= 1.5 * statistics.median(error_plain)
     assert max(error_me) <= 1.5 * max(error_plain)
@@ -74,8 +78,10 @@ def test_memory_efficient_gradients_under_autocast_are_as_accurate_as_plain_auto
 
 def test_the_trainers_amp_runs_the_loss_under_bfloat16_autocast_with_float32_weights_and_gradients():
     torch.manual_seed(0)
-    network = redraw_zero_init_(InvertibleDiffusionUNet(3, 2, 2, channels=(8, 16, 32), num_blocks=1,
-                                                        attention_levels=(False, True, True)), std=0.05)
+    network = redraw_zero_init_(
+        InvertibleDiffusionUNet(3, 2, 2, channels=(8, 16, 32), num_blocks=1, attention_levels=(False, True, True)),
+        std=0.05,
+    )
     noisy, noise = torch.randn(2, 2, 16, 16, 16), torch.randn(2, 2, 16, 16, 16)
     timesteps = torch.tensor([3, 70])
 
@@ -89,7 +95,7 @@ def test_the_trainers_amp_runs_the_loss_under_bfloat16_autocast_with_float32_wei
     assert prediction_32.dtype == torch.float32 and prediction_16.dtype == torch.bfloat16  # the head ran in bf16
     assert loss_16.dtype == torch.float32 and abs(loss_16 - loss_32) / loss_32 < 1e-2
     assert all(g.dtype == torch.float32 for g in grads_16)
-    errors = [relative_error(a, b) for a, b in zip(grads_16, grads_32) if b.norm() > 0]
+    errors = [relative_error(a, b) for a, b in zip(grads_16, grads_32, strict=True) if b.norm() > 0]
     assert 0 < statistics.median(errors) < 5e-2
     assert all(p.dtype == torch.float32 for p in network.parameters())
 
@@ -97,11 +103,19 @@ def test_the_trainers_amp_runs_the_loss_under_bfloat16_autocast_with_float32_wei
 def test_amp_settings_are_checked():
     assert autocast_dtype(False) is None and autocast_dtype(True) == torch.bfloat16
     assert autocast_dtype(True, {"dtype": torch.bfloat16}) == torch.bfloat16
-    with pytest.raises(BadInputError, match="amp_kwargs may only be .*float16 autocast needs loss scaling"):
+    with pytest.raises(BadInputError, match=r"amp_kwargs may only be .*float16 autocast needs loss scaling"):
         autocast_dtype(True, {"dtype": torch.float16})
     network = InvertibleDiffusionUNet(2, 1, 1, channels=(8, 16), num_blocks=1, attention_levels=(False, False))
-    trainer = IDMTrainer("cpu", 1, [], network, torch.optim.AdamW(network.parameters()),
-                         DDPMScheduler(10, schedule="cosine"), NoiseSampler(10), amp=True)
+    trainer = IDMTrainer(
+        "cpu",
+        1,
+        [],
+        network,
+        torch.optim.AdamW(network.parameters()),
+        DDPMScheduler(10, schedule="cosine"),
+        NoiseSampler(10),
+        amp=True,
+    )
     assert trainer.amp_dtype == torch.bfloat16
 
 
@@ -111,7 +125,7 @@ def test_a_half_precision_network_runs_plain_and_the_memory_efficient_engine_ref
     with torch.no_grad():
         y = trunk(x, cond)  # the orthogonal matrices are solved in float32 (no half-precision solver)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-    with pytest.raises(TypeError, match="exact only in float32 or float64; got a torch.bfloat16 state.*autocast"):
+    with pytest.raises(TypeError, match=r"exact only in float32 or float64; got a torch.bfloat16 state.*autocast"):
         trunk(x, cond)
     trunk.memory_efficient = False
     trunk(x, cond).float().sum().backward()

@@ -76,14 +76,16 @@ def test_a_sample_goes_back_to_the_dataset_grid_voxel_for_voxel():
     frame = MetaTensor(torch.zeros(1, *shape), affine=torch.as_tensor(original))
     on_box = ResizeWithPadOrCrop(BOX)(Orientation("RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(frame))
     sample = torch.rand(2, *BOX)
-    record = {"affine": on_box.affine.tolist(), "original_grid": {"affine": original.tolist(),
-                                                                  "spatial_size": list(shape)}}
+    record = {
+        "affine": on_box.affine.tolist(),
+        "original_grid": {"affine": original.tolist(), "spatial_size": list(shape)},
+    }
     written, affine = to_original_grid(sample, record)
     np.testing.assert_allclose(affine, original)
     assert written.shape == (2, *shape)
     # the training box (cropped at the frame's centre, at the frame's own spacing) goes back where it came from,
     # flipped back to the frame's LPS storage, and the rest of the frame is zero
-    x, y, z = (slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(shape, BOX))
+    x, y, z = (slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(shape, BOX, strict=True))
     torch.testing.assert_close(written[:, x, y, z].flip(1, 2), sample, atol=1e-5, rtol=0)
     outside = torch.ones(shape, dtype=torch.bool)
     outside[x, y, z] = False
@@ -91,10 +93,19 @@ def test_a_sample_goes_back_to_the_dataset_grid_voxel_for_voxel():
 
 
 def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_grid(phantoms, tmp_path):
-    train = run_bundle("configs/train.json", SMALL_TRAINING | {
-        "dataset_dir": phantoms, "spatial_size": str(BOX).replace(" ", ""), "spacing": "4.0", "val_fraction": "0.25",
-        "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "runs", "train#trainer#max_epochs": "1",
-    })
+    train = run_bundle(
+        "configs/train.json",
+        SMALL_TRAINING
+        | {
+            "dataset_dir": phantoms,
+            "spatial_size": str(BOX).replace(" ", ""),
+            "spacing": "4.0",
+            "val_fraction": "0.25",
+            "ckpt_dir": tmp_path / "models",
+            "output_dir": tmp_path / "runs",
+            "train#trainer#max_epochs": "1",
+        },
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     record = json.loads((tmp_path / "models" / RUN_RECORD).read_text())
     assert record["spatial_size"] == BOX and record["spacing"] == [4.0, 4.0, 4.0]
@@ -106,10 +117,16 @@ def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_gr
     with pytest.raises(BadInputError, match=refusal):
         TrainedModel(tmp_path / "models" / "model.pt").check(spacing=2.0)
 
-    infer = run_bundle("configs/inference.json", {
-        "ckpt_path": tmp_path / "models" / "model.pt", "output_dir": tmp_path / "samples", "num_samples": "1",
-        "sampler": "ddim", "num_inference_steps": "2",
-    })
+    infer = run_bundle(
+        "configs/inference.json",
+        {
+            "ckpt_path": tmp_path / "models" / "model.pt",
+            "output_dir": tmp_path / "samples",
+            "num_samples": "1",
+            "sampler": "ddim",
+            "num_inference_steps": "2",
+        },
+    )
     assert infer.returncode == 0, infer.stderr[-3000:]
     written = nib.load(tmp_path / "samples" / "sample_000_t2.nii.gz")
     assert written.shape == GRID[0]  # overlays any case of the dataset voxel for voxel
@@ -119,11 +136,17 @@ def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_gr
     assert data.std() > 0
 
 
-@pytest.mark.parametrize("recorded, asked, message", [
-    (None, 4.0, "trained with spacing=null, but this run gives spacing=4.0; pass --spacing null,"),
-    ([4.0, 4.0, 8.0], None, ("trained with spacing=\"[4.0,4.0,8.0]\", but this run gives spacing=null; pass --spacing "
-                             "\"[4.0,4.0,8.0]\",")),
-])
+@pytest.mark.parametrize(
+    "recorded, asked, message",
+    [
+        (None, 4.0, "trained with spacing=null, but this run gives spacing=4.0; pass --spacing null,"),
+        (
+            [4.0, 4.0, 8.0],
+            None,
+            ('trained with spacing="[4.0,4.0,8.0]", but this run gives spacing=null; pass --spacing "[4.0,4.0,8.0]",'),
+        ),
+    ],
+)
 def test_another_spacing_than_the_training_runs_is_refused_with_the_value_to_pass(tmp_path, recorded, asked, message):
     (tmp_path / "model.pt").write_bytes(b"")
     (tmp_path / RUN_RECORD).write_text(json.dumps({"spatial_size": BOX, "modalities": ["t1"], "spacing": recorded}))

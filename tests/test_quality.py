@@ -18,8 +18,15 @@ BATCH = 2
 def result(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("quality")
     return compare_quality(
-        root / "work", output_dir=root / "docs", epochs=EPOCHS, size=16, channels=(8, 16, 32),
-        attention_levels=(False, True, True), batch_size=BATCH, num_phantoms=4, num_threads=1,
+        root / "work",
+        output_dir=root / "docs",
+        epochs=EPOCHS,
+        size=16,
+        channels=(8, 16, 32),
+        attention_levels=(False, True, True),
+        batch_size=BATCH,
+        num_phantoms=4,
+        num_threads=1,
     )
 
 

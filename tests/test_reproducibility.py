@@ -61,8 +61,9 @@ def _train(cases: Path, folder: Path, **overrides) -> Path:
 
 
 def test_two_runs_with_one_seed_write_identical_weights_and_another_seed_others(cases, tmp_path):
-    first, second, other = (_files(_train(cases, tmp_path / name, seed=seed))
-                            for name, seed in (("first", 0), ("second", 0), ("other", 1)))
+    first, second, other = (
+        _files(_train(cases, tmp_path / name, seed=seed)) for name, seed in (("first", 0), ("second", 0), ("other", 1))
+    )
     _assert_equal(first[0], second[0], "model.pt")
     for key in WEIGHTS:
         _assert_equal(first[1][key], second[1][key], f"training_state.pt:{key}")
@@ -74,10 +75,19 @@ def _kill_in_epoch(folder: Path, cases: Path, epoch: int) -> str:
     """Starts ``python -m monai.bundle run training …`` as a user does and SIGKILLs it once it has logged the
     first iteration of ``epoch``; its log up to then."""
     run = {"dataset_dir": cases, "ckpt_dir": folder / "models", "output_dir": folder / "logs"}
-    args = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-            *[a for k, v in (SMALL | run).items() for a in (f"--{k}", str(v))]]
-    process = subprocess.Popen(args, cwd=ROOT, env=child_environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        *[a for k, v in (SMALL | run).items() for a in (f"--{k}", str(v))],
+    ]
+    process = subprocess.Popen(
+        args, cwd=ROOT, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     log = []
     try:
         for line in process.stdout:

@@ -48,8 +48,9 @@ def test_voxel_noise_is_outside_the_spread_on_every_measure(phantoms):
 
 def test_each_measure_catches_its_own_defect(phantoms):
     real, held_out = phantoms[:16], phantoms[16:]
-    outside = lambda generated: {n for n, m in compare_to_real(generated, real, MODALITIES)["measures"].items()
-                                 if not m["within_spread"]}
+    outside = lambda generated: {
+        n for n, m in compare_to_real(generated, real, MODALITIES)["measures"].items() if not m["within_spread"]
+    }
     # copies of one volume: no diversity (pairwise MS-SSIM 1)
     assert "diversity" in outside(held_out[:1].expand(8, -1, -1, -1, -1).clone())
     # T2 replaced by the T1's contrast: the T1/T2 relation is lost, each modality's own statistics are not
@@ -110,14 +111,22 @@ class _Writer:
 
 def _monitor(writer, interval=2):
     scheduler = DDPMScheduler(num_train_timesteps=20)
-    return GenerationMonitor(summary_writer=writer, scheduler=scheduler, num_inference_steps=3, interval=interval,
-                             num_samples=3, modalities=MODALITIES, batch_size=2)
+    return GenerationMonitor(
+        summary_writer=writer,
+        scheduler=scheduler,
+        num_inference_steps=3,
+        interval=interval,
+        num_samples=3,
+        modalities=MODALITIES,
+        batch_size=2,
+    )
 
 
 def _validator(phantoms, epoch, count):
     torch.manual_seed(0)
-    network = InvertibleDiffusionUNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(4, 8),
-                                      attention_levels=(False, False), num_blocks=1)
+    network = InvertibleDiffusionUNet(
+        spatial_dims=3, in_channels=2, out_channels=2, channels=(4, 8), attention_levels=(False, False), num_blocks=1
+    )
     loader = [{"image": phantoms[i : i + 2]} for i in range(0, count, 2)]
     return SimpleNamespace(state=SimpleNamespace(epoch=epoch), data_loader=loader, network=network)
 

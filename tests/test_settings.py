@@ -18,41 +18,66 @@ from bundle.settings import EvaluationSettings, InferenceSettings, TrainingSetti
 
 def _settings(tmp_path, **changes) -> dict:
     return {
-        "spatial_size": [16, 16, 16], "spacing": None, "modalities": ["t1", "t2"], "val_fraction": 0.2,
-        "skip_invalid": False, "batch_size": 2, "micro_batch_size": None, "amp": False,
-        "noise_scheduler": DDPMScheduler(100, schedule="cosine"), "schedule": "cosine", "learning_rate": 2e-4,
-        "ema_decay": 0.999, "lambda_rec": 0.0, "lambda_l2": 1e-4, "val_interval": 1, "drift_interval": 100,
-        "val_timestep_fractions": [0.05, 0.25, 0.5], "preview_interval": 5, "device": "cpu",
-        "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "runs", "resume": False, "overwrite": False,
+        "spatial_size": [16, 16, 16],
+        "spacing": None,
+        "modalities": ["t1", "t2"],
+        "val_fraction": 0.2,
+        "skip_invalid": False,
+        "batch_size": 2,
+        "micro_batch_size": None,
+        "amp": False,
+        "noise_scheduler": DDPMScheduler(100, schedule="cosine"),
+        "schedule": "cosine",
+        "learning_rate": 2e-4,
+        "ema_decay": 0.999,
+        "lambda_rec": 0.0,
+        "lambda_l2": 1e-4,
+        "val_interval": 1,
+        "drift_interval": 100,
+        "val_timestep_fractions": [0.05, 0.25, 0.5],
+        "preview_interval": 5,
+        "device": "cpu",
+        "ckpt_dir": tmp_path / "models",
+        "output_dir": tmp_path / "runs",
+        "resume": False,
+        "overwrite": False,
     } | changes
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"spatial_size": 64}, "spatial_size must be three positive integers such as [64,64,64]; got 64"),
-    ({"spatial_size": [16, 16]}, "spatial_size must be three positive integers"),
-    ({"spacing": 0}, "spacing must be null (each case's box resized to spatial_size), a voxel size in mm such as 1.0"),
-    ({"spacing": [1.0, 1.0]}, "or three such as [1.0,1.0,1.5]; got [1.0, 1.0]"),
-    ({"spacing": "1mm"}, "spacing must be null"),
-    ({"val_fraction": 0.0}, "val_fraction must be a number in (0, 1)"),
-    ({"val_fraction": 1.0}, "val_fraction must be a number in (0, 1)"),
-    ({"val_fraction": "0.2"}, "val_fraction must be a number in (0, 1)"),
-    ({"skip_invalid": "yes"}, "skip_invalid must be true or false, got 'yes'"),
-    ({"resume": "no"}, "resume must be true or false, got 'no'"),
-    ({"overwrite": 1}, "overwrite must be true or false, got 1"),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"micro_batch_size": -1}, "micro_batch_size must be a positive integer"),
-    ({"amp": "maybe"}, "amp must be true or false, got 'maybe'"),
-    ({"noise_scheduler": DDPMScheduler(100, schedule="cosine", prediction_type="v_prediction")},
-     "noise_scheduler#prediction_type is 'v_prediction'"),
-    ({"learning_rate": -1}, "learning_rate must be a positive number"),
-    ({"ema_decay": 1.5}, "ema_decay must be in [0, 1)"),
-    ({"lambda_rec": -0.1}, "lambda_rec must be a number ≥ 0"),
-    ({"val_interval": 0}, "val_interval must be a positive integer"),
-    ({"drift_interval": "often"}, "drift_interval must be a positive integer"),
-    ({"preview_interval": 1.5}, "preview_interval must be a positive integer"),
-    ({"val_timestep_fractions": [1.0]}, "val_timestep_fractions must be a list of fractions of T in [0, 1)"),
-    ({"device": "cuda:7"}, "device is 'cuda:7', but this machine has"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"spatial_size": 64}, "spatial_size must be three positive integers such as [64,64,64]; got 64"),
+        ({"spatial_size": [16, 16]}, "spatial_size must be three positive integers"),
+        (
+            {"spacing": 0},
+            "spacing must be null (each case's box resized to spatial_size), a voxel size in mm such as 1.0",
+        ),
+        ({"spacing": [1.0, 1.0]}, "or three such as [1.0,1.0,1.5]; got [1.0, 1.0]"),
+        ({"spacing": "1mm"}, "spacing must be null"),
+        ({"val_fraction": 0.0}, "val_fraction must be a number in (0, 1)"),
+        ({"val_fraction": 1.0}, "val_fraction must be a number in (0, 1)"),
+        ({"val_fraction": "0.2"}, "val_fraction must be a number in (0, 1)"),
+        ({"skip_invalid": "yes"}, "skip_invalid must be true or false, got 'yes'"),
+        ({"resume": "no"}, "resume must be true or false, got 'no'"),
+        ({"overwrite": 1}, "overwrite must be true or false, got 1"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"micro_batch_size": -1}, "micro_batch_size must be a positive integer"),
+        ({"amp": "maybe"}, "amp must be true or false, got 'maybe'"),
+        (
+            {"noise_scheduler": DDPMScheduler(100, schedule="cosine", prediction_type="v_prediction")},
+            "noise_scheduler#prediction_type is 'v_prediction'",
+        ),
+        ({"learning_rate": -1}, "learning_rate must be a positive number"),
+        ({"ema_decay": 1.5}, "ema_decay must be in [0, 1)"),
+        ({"lambda_rec": -0.1}, "lambda_rec must be a number ≥ 0"),
+        ({"val_interval": 0}, "val_interval must be a positive integer"),
+        ({"drift_interval": "often"}, "drift_interval must be a positive integer"),
+        ({"preview_interval": 1.5}, "preview_interval must be a positive integer"),
+        ({"val_timestep_fractions": [1.0]}, "val_timestep_fractions must be a list of fractions of T in [0, 1)"),
+        ({"device": "cuda:7"}, "device is 'cuda:7', but this machine has"),
+    ],
+)
 def test_each_bad_setting_is_named_with_what_it_accepts(tmp_path, changes, message):
     with pytest.raises(BadInputError) as error:
         TrainingSettings(**_settings(tmp_path, **changes))
@@ -61,13 +86,16 @@ def test_each_bad_setting_is_named_with_what_it_accepts(tmp_path, changes, messa
 
 def test_good_settings_pass_and_output_folders_that_are_files_are_refused(tmp_path):
     TrainingSettings(**_settings(tmp_path))
-    settings = TrainingSettings(**_settings(tmp_path, amp="true", micro_batch_size=1, ema_decay=0, resume="false",
-                                            overwrite="TRUE", skip_invalid="true"))
+    settings = TrainingSettings(
+        **_settings(
+            tmp_path, amp="true", micro_batch_size=1, ema_decay=0, resume="false", overwrite="TRUE", skip_invalid="true"
+        )
+    )
     # the command line's strings are bools after the check, which the components read
     assert (settings.amp, settings.resume, settings.overwrite, settings.skip_invalid) == (True, False, True, True)
     assert settings.validation_timesteps == [5, 25, 50]  # of T = 100
     (tmp_path / "models").write_text("")
-    with pytest.raises(BadInputError, match="ckpt_dir .*models' is a file; give a folder"):
+    with pytest.raises(BadInputError, match=r"ckpt_dir .*models' is a file; give a folder"):
         TrainingSettings(**_settings(tmp_path))
 
 
@@ -87,9 +115,14 @@ def _record_beside(folder, schedule: str = "cosine", spatial_size=(16, 16, 16)) 
     """``folder/run.json`` of a run on ``spatial_size`` with the ``schedule`` noise schedule of T = 100."""
     folder.mkdir(exist_ok=True)
     image = torch.zeros(2, *spatial_size)
-    record = run_record(case={"image": image}, modalities=["t1", "t2"],
-                        noise_scheduler=DDPMScheduler(100, schedule=schedule),
-                        schedule=schedule, validation_cases=["a"], network=torch.nn.Identity())
+    record = run_record(
+        case={"image": image},
+        modalities=["t1", "t2"],
+        noise_scheduler=DDPMScheduler(100, schedule=schedule),
+        schedule=schedule,
+        validation_cases=["a"],
+        network=torch.nn.Identity(),
+    )
     (folder / RUN_RECORD).write_text(json.dumps(record))
 
 
@@ -97,41 +130,63 @@ def test_the_checkpoint_folder_is_checked_last_against_resume_and_overwrite(tmp_
     models = tmp_path / "models"
     models.mkdir()
     (models / "model.pt").write_bytes(b"")
-    with pytest.raises(BadInputError, match="already holds .*model.pt from an earlier run.*--overwrite true"):
+    with pytest.raises(BadInputError, match=r"already holds .*model.pt from an earlier run.*--overwrite true"):
         TrainingSettings(**_settings(tmp_path))
     # a bad setting is named first, though the folder would be refused too
     with pytest.raises(BadInputError, match="learning_rate must be a positive number"):
         TrainingSettings(**_settings(tmp_path, learning_rate=0))
     TrainingSettings(**_settings(tmp_path, overwrite="true"))
-    with pytest.raises(BadInputError, match="--resume true, but there is no training_state.pt"):
+    with pytest.raises(BadInputError, match=r"--resume true, but there is no training_state.pt"):
         TrainingSettings(**_settings(tmp_path, resume=True))
     (models / "training_state.pt").write_bytes(b"")
     _record_beside(models, "linear_beta")
-    with pytest.raises(BadInputError,
-                       match="trained with schedule=linear_beta, but this run gives schedule=cosine; pass --schedule "
-                             "linear_beta"):
+    with pytest.raises(
+        BadInputError,
+        match="trained with schedule=linear_beta, but this run gives schedule=cosine; pass --schedule linear_beta",
+    ):
         TrainingSettings(**_settings(tmp_path, resume=True))
-    TrainingSettings(**_settings(tmp_path, resume=True, schedule="linear_beta",
-                                 noise_scheduler=DDPMScheduler(100, schedule="linear_beta")))
+    TrainingSettings(
+        **_settings(
+            tmp_path, resume=True, schedule="linear_beta", noise_scheduler=DDPMScheduler(100, schedule="linear_beta")
+        )
+    )
     with pytest.raises(BadInputError, match="pass --num_train_timesteps 100"):
-        TrainingSettings(**_settings(tmp_path, resume=True, schedule="linear_beta",
-                                     noise_scheduler=DDPMScheduler(50, schedule="linear_beta")))
+        TrainingSettings(
+            **_settings(
+                tmp_path, resume=True, schedule="linear_beta", noise_scheduler=DDPMScheduler(50, schedule="linear_beta")
+            )
+        )
     with pytest.raises(BadInputError, match=r"spatial_size=\"\[16,16,16\]\".*--spatial_size"):
-        TrainingSettings(**_settings(tmp_path, resume=True, spatial_size=[8, 8, 8], schedule="linear_beta",
-                                     noise_scheduler=DDPMScheduler(100, schedule="linear_beta")))
+        TrainingSettings(
+            **_settings(
+                tmp_path,
+                resume=True,
+                spatial_size=[8, 8, 8],
+                schedule="linear_beta",
+                noise_scheduler=DDPMScheduler(100, schedule="linear_beta"),
+            )
+        )
 
 
 def _inference(tmp_path, **changes) -> dict:
-    return {"output_dir": tmp_path / "samples", "num_samples": 2, "batch_size": 1, "device": "cpu",
-            "overwrite": False} | changes
+    return {
+        "output_dir": tmp_path / "samples",
+        "num_samples": 2,
+        "batch_size": 1,
+        "device": "cpu",
+        "overwrite": False,
+    } | changes
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"num_samples": 0}, "num_samples must be a positive integer; got 0"),
-    ({"batch_size": "2"}, "batch_size must be a positive integer; got '2'"),
-    ({"overwrite": "maybe"}, "overwrite must be true or false, got 'maybe'"),
-    ({"device": "cuda:7"}, "device is 'cuda:7', but this machine has"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_samples": 0}, "num_samples must be a positive integer; got 0"),
+        ({"batch_size": "2"}, "batch_size must be a positive integer; got '2'"),
+        ({"overwrite": "maybe"}, "overwrite must be true or false, got 'maybe'"),
+        ({"device": "cuda:7"}, "device is 'cuda:7', but this machine has"),
+    ],
+)
 def test_each_bad_inference_setting_is_named(tmp_path, changes, message):
     with pytest.raises(BadInputError) as error:
         InferenceSettings(**_inference(tmp_path, **changes))
@@ -143,16 +198,20 @@ def test_inference_settings_name_the_sample_files_and_refuse_earlier_ones_withou
     assert settings.overwrite is False and settings.earlier_samples() == []  # output_dir need not exist
     out = tmp_path / "samples"
     assert settings.sample_paths(["t1", "t2"]) == [
-        {"t1": out / f"sample_{i:03d}_t1.nii.gz", "t2": out / f"sample_{i:03d}_t2.nii.gz",
-         "png": out / f"sample_{i:03d}.png"}
+        {
+            "t1": out / f"sample_{i:03d}_t1.nii.gz",
+            "t2": out / f"sample_{i:03d}_t2.nii.gz",
+            "png": out / f"sample_{i:03d}.png",
+        }
         for i in range(2)
     ]
     out.mkdir()
     # an earlier run's samples of any number and modality, not other files
     for name in ("sample_007_flair.nii.gz", "sample_1234.png", "notes.txt", "sample_x_t1.nii.gz"):
         (out / name).write_text("")
-    with pytest.raises(BadInputError,
-                       match="2 output files of an earlier run .*sample_007_flair.nii.gz.*--overwrite true"):
+    with pytest.raises(
+        BadInputError, match=r"2 output files of an earlier run .*sample_007_flair.nii.gz.*--overwrite true"
+    ):
         InferenceSettings(**_inference(tmp_path))
     settings = InferenceSettings(**_inference(tmp_path, overwrite="true"))
     assert [p.name for p in settings.earlier_samples()] == ["sample_007_flair.nii.gz", "sample_1234.png"]
@@ -163,23 +222,38 @@ def test_inference_settings_name_the_sample_files_and_refuse_earlier_ones_withou
 
 
 def _evaluation(tmp_path, **changes) -> dict:
-    return {"output_dir": tmp_path / "eval", "val_fraction": 0.2, "skip_invalid": False, "evaluate_batch_size": 2,
-            "val_timestep_fractions": [0.05, 0.25, 0.5], "reconstruction_fraction": 0.25, "num_train_timesteps": 100,
-            "num_generated": 4,
-            "feature_extractor": None, "device": "cpu", "overwrite": False} | changes
+    return {
+        "output_dir": tmp_path / "eval",
+        "val_fraction": 0.2,
+        "skip_invalid": False,
+        "evaluate_batch_size": 2,
+        "val_timestep_fractions": [0.05, 0.25, 0.5],
+        "reconstruction_fraction": 0.25,
+        "num_train_timesteps": 100,
+        "num_generated": 4,
+        "feature_extractor": None,
+        "device": "cpu",
+        "overwrite": False,
+    } | changes
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"val_fraction": 1.5}, "val_fraction must be a number in (0, 1)"),
-    ({"skip_invalid": "maybe"}, "skip_invalid must be true or false, got 'maybe'"),
-    ({"overwrite": "no"}, "overwrite must be true or false, got 'no'"),
-    ({"val_timestep_fractions": [0.5, 1.0]}, "val_timestep_fractions must be a list of fractions of T in [0, 1)"),
-    ({"reconstruction_fraction": 1.0}, "reconstruction_fraction must be a fraction of T in [0, 1)"),
-    ({"evaluate_batch_size": 0}, "evaluate_batch_size must be a positive integer; got 0"),
-    ({"num_generated": 2.0}, "num_generated must be a positive integer; got 2.0"),
-    ({"feature_extractor": "/nonexistent/features.ts"}, "feature_extractor '/nonexistent/features.ts' does not exist"),
-    ({"device": "cuda:7"}, "device is 'cuda:7', but this machine has"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"val_fraction": 1.5}, "val_fraction must be a number in (0, 1)"),
+        ({"skip_invalid": "maybe"}, "skip_invalid must be true or false, got 'maybe'"),
+        ({"overwrite": "no"}, "overwrite must be true or false, got 'no'"),
+        ({"val_timestep_fractions": [0.5, 1.0]}, "val_timestep_fractions must be a list of fractions of T in [0, 1)"),
+        ({"reconstruction_fraction": 1.0}, "reconstruction_fraction must be a fraction of T in [0, 1)"),
+        ({"evaluate_batch_size": 0}, "evaluate_batch_size must be a positive integer; got 0"),
+        ({"num_generated": 2.0}, "num_generated must be a positive integer; got 2.0"),
+        (
+            {"feature_extractor": "/nonexistent/features.ts"},
+            "feature_extractor '/nonexistent/features.ts' does not exist",
+        ),
+        ({"device": "cuda:7"}, "device is 'cuda:7', but this machine has"),
+    ],
+)
 def test_each_bad_evaluation_setting_is_named(tmp_path, changes, message):
     with pytest.raises(BadInputError) as error:
         EvaluationSettings(**_evaluation(tmp_path, **changes))
@@ -199,16 +273,27 @@ def test_evaluation_settings_refuse_earlier_metrics_unless_overwrite(tmp_path):
     assert EvaluationSettings(**_evaluation(tmp_path, overwrite="true")).overwrite is True
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"learning_rate": "-1"}, "learning_rate must be a positive number such as 2e-4; got -1"),
-    # the val_fraction check moved from the split into the settings: still before any data is written
-    ({"val_fraction": "0.0"}, "val_fraction must be a number in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"learning_rate": "-1"}, "learning_rate must be a positive number such as 2e-4; got -1"),
+        # the val_fraction check moved from the split into the settings: still before any data is written
+        ({"val_fraction": "0.0"}, "val_fraction must be a number in (0, 1)"),
+    ],
+)
 def test_a_bad_setting_stops_training_before_anything_is_read_or_written(tmp_path, override, message):
     """The checks run first: the missing dataset_dir is neither searched nor filled with phantoms."""
-    result = run_bundle("configs/train.json", SMALL | {
-        "dataset_dir": tmp_path / "D", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R", **override,
-    }, "training")
+    result = run_bundle(
+        "configs/train.json",
+        SMALL
+        | {
+            "dataset_dir": tmp_path / "D",
+            "ckpt_dir": tmp_path / "C",
+            "output_dir": tmp_path / "R",
+            **override,
+        },
+        "training",
+    )
     assert result.returncode == 1
     assert message in result.stderr
     assert result.stderr.count("ERROR: ") == 1

@@ -32,9 +32,19 @@ REGRESSION = {k: v for k, v in SMALL_TRAINING.items() if k != "network_def#chann
 
 def _train(folder: Path, configs: str = "configs/train.json", **overrides) -> object:
     small = REGRESSION if "regression" in configs else SMALL_TRAINING
-    return run_bundle(configs, small | T1_TO_T2 | {
-        "dataset_dir": folder / "data", "ckpt_dir": folder / "models", "output_dir": folder / "runs",
-        "num_phantoms": 6, "train#trainer#max_epochs": 1} | overrides)
+    return run_bundle(
+        configs,
+        small
+        | T1_TO_T2
+        | {
+            "dataset_dir": folder / "data",
+            "ckpt_dir": folder / "models",
+            "output_dir": folder / "runs",
+            "num_phantoms": 6,
+            "train#trainer#max_epochs": 1,
+        }
+        | overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +73,11 @@ def test_the_run_record_names_the_condition_and_the_network_reads_it(conditioned
     assert weights["stem.weight"].shape[1] == 2 and weights["head.weight"].shape[0] == 1
 
 
-@pytest.mark.parametrize(("condition", "named"), [("[]", "condition_modalities=\"[]\""),
-                                                  ("['flair']", "condition_modalities=\"['flair']\"")])
+@pytest.mark.parametrize(
+    ("condition", "named"), [("[]", 'condition_modalities="[]"'), ("['flair']", "condition_modalities=\"['flair']\"")]
+)
 def test_a_resume_with_another_condition_is_refused_by_name(conditioned, condition, named):
-    result = _train(conditioned, **{"condition_modalities": condition, "train#trainer#max_epochs": 3,
-                                    "resume": "true"})
+    result = _train(conditioned, **{"condition_modalities": condition, "train#trainer#max_epochs": 3, "resume": "true"})
     assert result.returncode == 1
     message = result.stderr.replace("\n", " ")
     assert "trained with condition_modalities=\"['t1']\"" in message and named in message
@@ -75,8 +85,9 @@ def test_a_resume_with_another_condition_is_refused_by_name(conditioned, conditi
 
 
 def test_inference_with_another_condition_is_refused_by_name(conditioned, tmp_path):
-    result = _inference(conditioned, tmp_path / "out", condition_modalities="['t1ce']",
-                        input_files="{'t1ce': 'x.nii.gz'}")
+    result = _inference(
+        conditioned, tmp_path / "out", condition_modalities="['t1ce']", input_files="{'t1ce': 'x.nii.gz'}"
+    )
     assert result.returncode == 1 and "pass --condition_modalities \"['t1']\"" in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -109,7 +120,7 @@ def test_inference_from_input_files_writes_on_the_inputs_grid(conditioned, tmp_p
     assert written.shape == (30, 22, 17)
     np.testing.assert_allclose(written.affine, affine, atol=1e-5)
     values = written.get_fdata()
-    assert 0 <= values.min() and values.max() <= 1 and values.std() > 0
+    assert values.min() >= 0 and values.max() <= 1 and values.std() > 0
     assert (tmp_path / "out" / "patient7.png").stat().st_size > 0
     again = _inference(conditioned, tmp_path / "out", input_files=f"{{'t1': '{study}'}}")
     assert again.returncode == 1 and "--overwrite true" in again.stderr
@@ -144,21 +155,27 @@ def test_a_case_whose_given_modality_is_unreadable_is_named_and_skipped_only_whe
 def test_input_files_must_give_every_given_modality():
     with pytest.raises(BadInputError, match="one file for each of the model's given modalities"):
         input_cases(None, {"t2": "x.nii.gz"}, ["t1"])
-    with pytest.raises(BadInputError, match="case x, t1: /nonexistent/x_t1.nii.gz: file missing"):
+    with pytest.raises(BadInputError, match=r"case x, t1: /nonexistent/x_t1.nii.gz: file missing"):
         input_cases(None, {"t1": "/nonexistent/x_t1.nii.gz"}, ["t1"])
 
 
 def test_evaluation_measures_the_translation_against_the_real_volume_and_the_identity(conditioned, tmp_path):
-    result = run_bundle("['configs/train.json','configs/evaluate.json']", {
-        "dataset_dir": conditioned / "data", "ckpt_dir": conditioned / "models", "output_dir": tmp_path / "eval",
-        "num_inference_steps": 3, "num_workers": 0})
+    result = run_bundle(
+        "['configs/train.json','configs/evaluate.json']",
+        {
+            "dataset_dir": conditioned / "data",
+            "ckpt_dir": conditioned / "models",
+            "output_dir": tmp_path / "eval",
+            "num_inference_steps": 3,
+            "num_workers": 0,
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     translation = metrics["translation"]
     assert translation["given"] == ["t1"] and translation["cases"] == metrics["cases"]
     for run in ("model", "identity"):
-        assert set(translation[run]["t2"]) == {"psnr", "ssim", "mae", "head_psnr", "head_ssim", "head_mae",
-                                               "sharpness"}
+        assert set(translation[run]["t2"]) == {"psnr", "ssim", "mae", "head_psnr", "head_ssim", "head_mae", "sharpness"}
     # the identity baseline is the given T1 itself against the real T2: recompute it from the preprocessed volumes
     record = next(r for r in _validation_records(conditioned) if r["case"] == translation["cases"][0])
     case = preprocessing(["t2"], [16, 16, 16], condition_modalities=["t1"])(record)
@@ -172,19 +189,27 @@ def _validation_records(folder: Path) -> list[dict]:
     from bundle.data import training_cases
 
     recorded = json.loads((folder / "models" / "run.json").read_text())["validation_cases"]
-    return training_cases(folder / "data", modalities=["t1", "t2"], validation_cases=recorded,
-                          write_phantoms=False)["validation"]
+    return training_cases(folder / "data", modalities=["t1", "t2"], validation_cases=recorded, write_phantoms=False)[
+        "validation"
+    ]
 
 
 def test_the_l1_regression_baseline_trains_and_evaluates_by_the_bundles_configs(conditioned, tmp_path):
-    trained = _train(tmp_path, "['configs/train.json','configs/regression.json']",
-                     dataset_dir=conditioned / "data", **{"train#trainer#max_epochs": 2})
+    trained = _train(
+        tmp_path,
+        "['configs/train.json','configs/regression.json']",
+        dataset_dir=conditioned / "data",
+        **{"train#trainer#max_epochs": 2},
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "val_l1" in trained.stderr + trained.stdout
-    evaluated = run_bundle("['configs/train.json','configs/evaluate.json','configs/regression.json']",
-                           REGRESSION | T1_TO_T2 | {"dataset_dir": conditioned / "data",
-                                                    "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "eval"},
-                           run_id="evaluating")
+    evaluated = run_bundle(
+        "['configs/train.json','configs/evaluate.json','configs/regression.json']",
+        REGRESSION
+        | T1_TO_T2
+        | {"dataset_dir": conditioned / "data", "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "eval"},
+        run_id="evaluating",
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     translation = json.loads((tmp_path / "eval" / "metrics.json").read_text())["translation"]
     assert translation["cases"] == _validation_cases(conditioned)
@@ -196,16 +221,23 @@ def _validation_cases(folder: Path) -> list[str]:
 
 
 def test_a_regression_without_given_modalities_is_refused(tmp_path):
-    result = _train(tmp_path, "['configs/train.json','configs/regression.json']", condition_modalities="[]",
-                    modalities="['t1','t2']")
+    result = _train(
+        tmp_path,
+        "['configs/train.json','configs/regression.json']",
+        condition_modalities="[]",
+        modalities="['t1','t2']",
+    )
     assert result.returncode == 1 and "condition_modalities is empty" in result.stderr.replace("\n", " ")
 
 
-@pytest.mark.parametrize(("modalities", "condition", "message"), [
-    (["t2"], ["t2"], "in both modalities"),
-    ([], ["t1"], "modalities must be a list of distinct names"),
-    (["t2"], "t1", "condition_modalities must be a list"),
-])
+@pytest.mark.parametrize(
+    ("modalities", "condition", "message"),
+    [
+        (["t2"], ["t2"], "in both modalities"),
+        ([], ["t1"], "modalities must be a list of distinct names"),
+        (["t2"], "t1", "condition_modalities must be a list"),
+    ],
+)
 def test_bad_modality_lists_are_named(modalities, condition, message):
     with pytest.raises(BadInputError, match=message):
         check_modalities(modalities, condition)
@@ -230,7 +262,7 @@ def test_conditioned_gradients_of_the_memory_efficient_backward_equal_plain_auto
         return [p.grad.clone() for p in network.parameters()]
 
     efficient, plain = stem_gradient(True, condition), stem_gradient(False, condition)
-    for a, b in zip(efficient, plain):
+    for a, b in zip(efficient, plain, strict=True):
         assert relative_error(a, b) < 1e-9
     other = stem_gradient(True, torch.zeros_like(condition))
     assert relative_error(other[0], efficient[0]) > 1e-3  # the condition reaches the loss
@@ -245,8 +277,9 @@ def test_the_sampler_reads_its_inputs_as_the_condition_when_conditioned():
 
     network.training, network.train, network.eval = False, lambda mode=True: None, lambda: None
     condition = torch.rand(2, 1, 4, 4, 4)
-    sampler = DiffusionSampler(GridDDIMScheduler(num_train_timesteps=10), 2, num_channels=1, conditioned=True,
-                               progress=False)
+    sampler = DiffusionSampler(
+        GridDDIMScheduler(num_train_timesteps=10), 2, num_channels=1, conditioned=True, progress=False
+    )
     out = sampler(condition, network)
     assert out.shape == (2, 1, 4, 4, 4)
     assert all(x.shape[1] == 2 and torch.allclose(x[:, 1:], condition * 2 - 1) for x in seen)
@@ -294,7 +327,7 @@ def test_monai_label_style_image_in_image_out(conditioned, tmp_path):
     data = parser.get_parsed_content("postprocessing")(data)
     assert tuple(data["pred"].shape) == (1, 20, 26, 14)
     np.testing.assert_allclose(data["pred"].affine.numpy(), affine, atol=1e-6)
-    assert 0 <= data["pred"].min() and data["pred"].max() <= 1
+    assert data["pred"].min() >= 0 and data["pred"].max() <= 1
 
 
 def test_the_regression_inferer_maps_the_condition_through_the_model_range():
@@ -310,8 +343,15 @@ def test_the_planner_counts_the_given_channels():
 
     from bundle.diffusion import NoiseSampler
 
-    plan = plan_training_step(network, optimizer, DDPMScheduler(100), NoiseSampler(100), 2, [1, 16, 16, 16],
-                              condition_channels=1)
+    plan = plan_training_step(
+        network,
+        optimizer,
+        DDPMScheduler(100),
+        NoiseSampler(100),
+        batch_size=2,
+        image_shape=[1, 16, 16, 16],
+        condition_channels=1,
+    )
     assert any("conditioned on 1 given channel" in note for note in plan.notes)
     assert plan.peak_bytes > 0
 
@@ -324,10 +364,15 @@ def test_the_conditional_network_matches_its_metadata(tmp_path):
     metadata = json.loads((ROOT / "configs" / "metadata.json").read_text())
     conditional = metadata["conditional_network_data_format"]
     meta_file = tmp_path / "metadata.json"
-    meta_file.write_text(json.dumps(metadata | {"network_data_format": {k: conditional[k] for k in ("inputs",
-                                                                                                  "outputs")}}))
-    verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=str(ROOT / "configs/inference.json"),
-                      extra_forward_args={"timesteps": torch.tensor([10])},
-                      ckpt_path=str(recorded_checkpoint(tmp_path / "t1_to_t2", ("t2",), ("t1",))))
+    meta_file.write_text(
+        json.dumps(metadata | {"network_data_format": {k: conditional[k] for k in ("inputs", "outputs")}})
+    )
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(meta_file),
+        config_file=str(ROOT / "configs/inference.json"),
+        extra_forward_args={"timesteps": torch.tensor([10])},
+        ckpt_path=str(recorded_checkpoint(tmp_path / "t1_to_t2", ("t2",), ("t1",))),
+    )
     assert conditional["task_inputs"]["image"]["num_channels"] == 1
     assert conditional["task_outputs"]["pred"]["num_channels"] == 1

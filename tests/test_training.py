@@ -42,8 +42,9 @@ def load_network(overrides: dict, weights: Path) -> torch.nn.Module:
     parser.read_config(ROOT / TRAIN)
     for key, value in overrides.items():
         if key.startswith("network_def#") or key == "attention_levels":
-            parser[key] = [v.strip() == "true" if v.strip() in ("true", "false") else int(v)
-                           for v in value.strip("[]").split(",")]
+            parser[key] = [
+                v.strip() == "true" if v.strip() in ("true", "false") else int(v) for v in value.strip("[]").split(",")
+            ]
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     return network
@@ -72,10 +73,16 @@ def six_cases(tmp_path_factory) -> Path:
 
 def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
     overrides = {
-        "dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-        "spatial_size": "[32,32,32]", "network_def#channels": "[16,32,64]",
-        "attention_levels": "[false,true,true]", "num_train_timesteps": "100",
-        "batch_size": "2", "train#trainer#max_epochs": "2", "drift_interval": "2",
+        "dataset_dir": six_cases,
+        "ckpt_dir": tmp_path / "C",
+        "output_dir": tmp_path / "R",
+        "spatial_size": "[32,32,32]",
+        "network_def#channels": "[16,32,64]",
+        "attention_levels": "[false,true,true]",
+        "num_train_timesteps": "100",
+        "batch_size": "2",
+        "train#trainer#max_epochs": "2",
+        "drift_interval": "2",
     }
     result = train(overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -90,8 +97,12 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
     assert record["spatial_size"] == [32, 32, 32] and record["modalities"] == ["t1", "t2"]
     assert len(record["affine"]) == 4 and record["affine"][0][0] > 0  # RAS voxel grid of the training volumes
     schedule = {k: v for k, v in record["noise_scheduler"].items() if k != "alphas_cumprod"}
-    assert schedule == {"class": "DDPMScheduler", "num_train_timesteps": 100, "schedule": "cosine",
-                        "prediction_type": "epsilon"}  # checked at inference, with ᾱ:
+    assert schedule == {
+        "class": "DDPMScheduler",
+        "num_train_timesteps": 100,
+        "schedule": "cosine",
+        "prediction_type": "epsilon",
+    }  # checked at inference, with ᾱ:
     expected = DDPMScheduler(num_train_timesteps=100, schedule="cosine").alphas_cumprod
     assert torch.allclose(torch.tensor(record["noise_scheduler"]["alphas_cumprod"]), expected)
     # the validation cases, which evaluation takes from here rather than recomputing the split
@@ -99,27 +110,41 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
 
 
 def test_empty_dataset_dir_trains_on_phantoms(tmp_path):
-    result = train(SMALL | {"dataset_dir": tmp_path / "D", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-                                 "num_phantoms": 3, "train#trainer#max_epochs": 1})
+    result = train(
+        SMALL
+        | {
+            "dataset_dir": tmp_path / "D",
+            "ckpt_dir": tmp_path / "C",
+            "output_dir": tmp_path / "R",
+            "num_phantoms": 3,
+            "train#trainer#max_epochs": 1,
+        }
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SYNTHETIC PHANTOMS" in result.stdout + result.stderr
     assert (tmp_path / "C" / "model.pt").is_file()
 
 
 def test_bad_micro_batch_size_stops_training_before_it_starts(six_cases, tmp_path):
-    result = train(SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-                            "micro_batch_size": 0})
+    result = train(
+        SMALL
+        | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R", "micro_batch_size": 0}
+    )
     assert result.returncode != 0
     assert "micro_batch_size must be a positive integer" in result.stderr and "got 0" in result.stderr
     assert not (tmp_path / "C").exists()
 
 
 def test_an_unknown_noise_schedule_stops_training_before_it_starts(six_cases, tmp_path):
-    result = train(SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-                            "schedule": "karras"})
+    result = train(
+        SMALL
+        | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R", "schedule": "karras"}
+    )
     assert result.returncode == 1
-    assert ("schedule must be one of ['cosine', 'linear_beta', 'scaled_linear_beta', 'sigmoid_beta'] (MONAI's noise "
-            "schedules), got 'karras'") in result.stderr
+    assert (
+        "schedule must be one of ['cosine', 'linear_beta', 'scaled_linear_beta', 'sigmoid_beta'] (MONAI's noise "
+        "schedules), got 'karras'"
+    ) in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "C").exists() and not (tmp_path / "R").exists()
 
@@ -133,8 +158,16 @@ def test_bad_cases_stop_training_before_it_starts(six_cases, tmp_path):
     assert "BraTS20_Training_002_t2.nii.gz: file missing" in result.stderr
     assert "skip_invalid" in result.stderr
     assert not (tmp_path / "C").exists()
-    result = train(SMALL | {"dataset_dir": data, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-                                 "skip_invalid": "true", "train#trainer#max_epochs": 1})
+    result = train(
+        SMALL
+        | {
+            "dataset_dir": data,
+            "ckpt_dir": tmp_path / "C",
+            "output_dir": tmp_path / "R",
+            "skip_invalid": "true",
+            "train#trainer#max_epochs": 1,
+        }
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "going on to train on the 2 valid cases" in result.stdout + result.stderr
 
@@ -153,8 +186,12 @@ def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_le
     assert first.returncode == 0, first.stderr[-3000:]
     assert _state(tmp_path / "B" / "training_state.pt")["optimizer"]["param_groups"][0]["lr"] == 0.0  # annealed
     before = {p.name: p.read_bytes() for p in (tmp_path / "B").iterdir()}
-    resume = common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 3,
-                       "resume": "true"}
+    resume = common | {
+        "ckpt_dir": tmp_path / "B",
+        "output_dir": tmp_path / "RB",
+        "train#trainer#max_epochs": 3,
+        "resume": "true",
+    }
     # a resume must be the run it continues: other settings are refused by name, before training
     other_t = train(resume | {"num_train_timesteps": "200"})
     assert other_t.returncode == 1
@@ -227,20 +264,22 @@ def test_resuming_keeps_the_configured_fused_adamw_and_its_update_matches_the_fo
     for p in network.parameters():
         p.grad = torch.randn_like(p)
     saved.step()
-    TrainingCheckpoint(str(tmp_path), network, saved, torch.optim.lr_scheduler.CosineAnnealingLR(saved, 3),
-                       NoiseSampler(10)).save(engine)
+    TrainingCheckpoint(
+        str(tmp_path), network, saved, torch.optim.lr_scheduler.CosineAnnealingLR(saved, 3), NoiseSampler(10)
+    ).save(engine)
     fused = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.01, fused=True)
-    TrainingCheckpoint(str(tmp_path), twin, fused, torch.optim.lr_scheduler.CosineAnnealingLR(fused, 3),
-                       NoiseSampler(10)).load(engine)
+    TrainingCheckpoint(
+        str(tmp_path), twin, fused, torch.optim.lr_scheduler.CosineAnnealingLR(fused, 3), NoiseSampler(10)
+    ).load(engine)
     assert fused.param_groups[0]["fused"] is True and saved.param_groups[0]["fused"] is None
     restored = [q.detach().clone() for q in twin.parameters()]
     for _ in range(3):
-        for p, q in zip(network.parameters(), twin.parameters()):
+        for p, q in zip(network.parameters(), twin.parameters(), strict=True):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
         saved.step()
         fused.step()
-    for p, q, start in zip(network.parameters(), twin.parameters(), restored):
+    for p, q, start in zip(network.parameters(), twin.parameters(), restored, strict=True):
         assert not torch.equal(q, start) and torch.allclose(p, q, rtol=1e-6, atol=1e-7)
 
 
@@ -254,7 +293,9 @@ def test_the_drift_monitor_measures_the_trunks_round_trip_and_warns_when_it_is_n
     engine = Engine(lambda engine, batch: None)
     engine.network, engine.scheduler, engine.state.iteration = network, scheduler, 100
     engine.state.device = torch.device("cpu")
-    engine.state.output = [{"image": i, "label": n, "timesteps": int(t)} for i, n, t in zip(images, noise, timesteps)]
+    engine.state.output = [
+        {"image": i, "label": n, "timesteps": int(t)} for i, n, t in zip(images, noise, timesteps, strict=True)
+    ]
     writer = SummaryWriter(str(tmp_path))
     monitor = InversionDriftMonitor(summary_writer=writer, interval=100, warn_above=1e-4)
     monitor.measure(engine)
@@ -311,8 +352,12 @@ def test_the_ema_decay_warms_up_to_its_setting():
 
 
 def test_resuming_a_finished_run_without_more_epochs_is_refused(six_cases, tmp_path):
-    base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-                    "train#trainer#max_epochs": 1}
+    base = SMALL | {
+        "dataset_dir": six_cases,
+        "ckpt_dir": tmp_path / "C",
+        "output_dir": tmp_path / "R",
+        "train#trainer#max_epochs": 1,
+    }
     assert train(base).returncode == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()}
     again = train(base | {"resume": "true"})
@@ -372,16 +417,25 @@ def test_overwrite_keeps_this_runs_event_files_and_refusal_removes_nothing(tmp_p
     own = log_dir / f"events.out.tfevents.1800000000.{socket.gethostname()}.{os.getpid()}.0"
     other.write_text("earlier")
     own.write_text("this run")
-    checkpoint = TrainingCheckpoint(str(ckpt_dir), network, optimizer, scheduler, NoiseSampler(10),
-                                    log_dir=str(log_dir), overwrite=True)
+    checkpoint = TrainingCheckpoint(
+        str(ckpt_dir), network, optimizer, scheduler, NoiseSampler(10), log_dir=str(log_dir), overwrite=True
+    )
     engine = Engine(lambda engine, batch: None)
     with pytest.raises(BadInputError, match="--overwrite true"):
-        check_checkpoint_folder(ckpt_dir, resume=False, overwrite=False, spatial_size=[16, 16, 16],
-                                modalities=["t1", "t2"], noise_scheduler=DDPMScheduler(10), schedule="linear_beta")
+        check_checkpoint_folder(
+            ckpt_dir,
+            resume=False,
+            overwrite=False,
+            spatial_size=[16, 16, 16],
+            modalities=["t1", "t2"],
+            noise_scheduler=DDPMScheduler(10),
+            schedule="linear_beta",
+        )
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["model.pt", "model.ts", "run.json", "training_state.pt"]
     assert other.exists()
-    fresh = TrainingCheckpoint(str(tmp_path / "C2"), network, optimizer, scheduler, NoiseSampler(10),
-                               log_dir=str(log_dir))
+    fresh = TrainingCheckpoint(
+        str(tmp_path / "C2"), network, optimizer, scheduler, NoiseSampler(10), log_dir=str(log_dir)
+    )
     fresh.prepare(engine)
     assert "already holds 1 TensorBoard event files of earlier runs" in caplog.text and other.exists()
     caplog.clear()
@@ -410,10 +464,21 @@ def _free_port() -> int:
 
 def test_two_process_distributed_training(six_cases, tmp_path):
     """Two ranks, each back-propagating its batch of 2 one sample at a time."""
-    overrides = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-                         "train#trainer#max_epochs": 1, "micro_batch_size": 1}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                f"--master_port={_free_port()}", "-m"]
+    overrides = SMALL | {
+        "dataset_dir": six_cases,
+        "ckpt_dir": tmp_path / "C",
+        "output_dir": tmp_path / "R",
+        "train#trainer#max_epochs": 1,
+        "micro_batch_size": 1,
+    }
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+    ]
     result = train(overrides, config="['configs/train.json','configs/multi_gpu_train.json']", launcher=launcher)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     network = load_network(overrides, tmp_path / "C" / "model.pt")
@@ -450,8 +515,15 @@ def test_the_multi_gpu_overlay_names_what_it_changes_and_a_new_handler_moves_not
     assert not [key for key in overlay if re.search(r"#\d+(#|$)", key)], "the overlay picks list items by position"
     assert "initialize" not in overlay
     train = json.loads((ROOT / TRAIN).read_text())
-    expected = {"train": ["LrScheduleHandler", "ValidationHandler", "bundle.handlers.NonFiniteLossGuard",
-                          "bundle.checkpoint.TrainingCheckpoint"], "validate": []}
+    expected = {
+        "train": [
+            "LrScheduleHandler",
+            "ValidationHandler",
+            "bundle.handlers.NonFiniteLossGuard",
+            "bundle.checkpoint.TrainingCheckpoint",
+        ],
+        "validate": [],
+    }
     assert _handlers_on_rank1(train) == expected
     inserted = {"_target_": "EarlyStopHandler", "patience": 3, "score_function": "$lambda engine: 0.0"}
     for engine in ("train", "validate"):
@@ -484,15 +556,19 @@ def test_temporary_files_of_killed_writers_are_removed_when_a_run_starts_or_resu
     """A process killed while it wrote its checkpoint leaves ``.training_state.pt.tmp<pid>`` (several GB for the
     paper's network): the next run in that folder removes those of writers that no longer run, and logs them; a
     running writer's file is left alone."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         ckpt_dir = tmp_path / "C"
         ckpt_dir.mkdir()
-        stale = [ckpt_dir / f".training_state.pt.tmp{dead_pid}", ckpt_dir / f".model.pt.tmp{dead_pid}",
-                 ckpt_dir / f".run.json.tmp{os.getpid()}"]
+        stale = [
+            ckpt_dir / f".training_state.pt.tmp{dead_pid}",
+            ckpt_dir / f".model.pt.tmp{dead_pid}",
+            ckpt_dir / f".run.json.tmp{os.getpid()}",
+        ]
         running = ckpt_dir / f".training_state.pt.tmp{alive.pid}"
         for path in [*stale, running, ckpt_dir / "model.pt"]:
             path.write_bytes(b"partial")

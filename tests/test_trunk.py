@@ -29,8 +29,9 @@ ATTENTION = (False, False, True, True)  # the deepest two
 
 def make_trunk(dtype=torch.float32, memory_efficient=True, **kwargs) -> InvertibleUNet:
     torch.manual_seed(0)
-    trunk = InvertibleUNet(3, CHANNELS, num_blocks=2, attention_levels=ATTENTION, cond_dim=6,
-                           memory_efficient=memory_efficient, **kwargs)
+    trunk = InvertibleUNet(
+        3, CHANNELS, num_blocks=2, attention_levels=ATTENTION, cond_dim=6, memory_efficient=memory_efficient, **kwargs
+    )
     return redraw_zero_init_(trunk).to(dtype)
 
 
@@ -66,7 +67,7 @@ def test_memory_efficient_gradients_match_plain_autograd(direction, device):
     out_plain, grads_plain = _gradients(trunk, x, cond, weight)
     assert torch.equal(out_me, out_plain)
     names = ["input", "cond"] + [n for n, _ in trunk.named_parameters()]
-    for name, g_me, g_plain in zip(names, grads_me, grads_plain):
+    for name, g_me, g_plain in zip(names, grads_me, grads_plain, strict=True):
         assert g_plain.norm() > 0, name
         assert relative_error(g_me, g_plain) <= 1e-5, name
     for kind in ("generator", "query", "key", ".out.", "cond_proj", "conv2"):  # every kind of parameter
@@ -135,7 +136,7 @@ def test_memory_efficient_trunk_gradcheck_float64_with_parameters_in_one_sample_
     cond = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
 
     def trunk_of(x, cond, *values):
-        return functional_call(trunk, dict(zip(names, values)), (x, cond), strict=True)
+        return functional_call(trunk, dict(zip(names, values, strict=True)), (x, cond), strict=True)
 
     assert torch.autograd.gradcheck(trunk_of, (x, cond, *params), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
     assert one_sample_chunks and set(one_sample_chunks) == {1}
@@ -264,10 +265,13 @@ def test_flags_must_be_bools_and_strings_are_refused_by_name():
     for name, bad in (("memory_efficient", "false"), ("channel_mixing", "true"), ("recompute_norms", 0)):
         with pytest.raises(TypeError, match=f"^{name} must be a bool \\(True or False\\), got {bad!r}"):
             InvertibleUNet(3, (8, 16, 32), 1, **{name: bad})
-    with pytest.raises(TypeError, match="got 'false' \\(a str\\). The bundle's configs convert command-line strings"):
+    with pytest.raises(TypeError, match=r"got 'false' \(a str\)\. The bundle's configs convert command-line strings"):
         InvertibleUNet(3, (8, 16, 32), 1, memory_efficient="false")
-    with pytest.raises(TypeError, match=r"attention_levels must be a sequence of bools, one per level \(e\.g\. "
-                                        r"\(False, True, True\)\), got \['false', 'True', 'true'\]\..*configs convert"):
+    with pytest.raises(
+        TypeError,
+        match=r"attention_levels must be a sequence of bools, one per level \(e\.g\. "
+        r"\(False, True, True\)\), got \['false', 'True', 'true'\]\..*configs convert",
+    ):
         InvertibleUNet(3, (8, 16, 32), 1, ["false", "True", "true"])
     for bad in (True, "true", (0, 1, 1)):
         with pytest.raises(TypeError, match="attention_levels must be a sequence of bools"):
@@ -319,8 +323,9 @@ def test_a_block_and_an_attention_of_ones_own_plug_in_through_the_factories(spat
     gradients (input, condition, every parameter) equal plain autograd's to 1e-12 in float64."""
     torch.manual_seed(0)
     channels, size = TINY_TRUNKS[spatial_dims]
-    trunk = InvertibleUNet(spatial_dims, channels, 2, (True, True), cond_dim=3, block=affine_coupling_block,
-                           attention=one_parity_attention)
+    trunk = InvertibleUNet(
+        spatial_dims, channels, 2, (True, True), cond_dim=3, block=affine_coupling_block, attention=one_parity_attention
+    )
     trunk = redraw_zero_init_(trunk, std=0.1).double()
     layers = [type(getattr(step, "layer", step)) for step in trunk.sequence.steps]
     assert layers.count(ChannelAffine) == 2 * (2 * len(channels) - 1)  # 2 blocks per encoder and decoder level
@@ -346,6 +351,7 @@ def test_the_default_factories_are_the_blocks_and_attention_of_the_trunks_option
     """``block=CouplingBlock(...)``, ``attention=AttentionPair(...)`` build the very trunk (same state_dict keys and
     initial weights) as the options they replace; those options are refused beside a factory of one's own, and
     a factory must return invertible modules."""
+
     def build(**kwargs):
         torch.manual_seed(0)
         return InvertibleUNet(3, (8, 16, 32), 2, (False, True, True), cond_dim=4, **kwargs).state_dict()
@@ -382,13 +388,13 @@ def test_backward_leaves_the_output_and_the_gradients_it_was_given_intact():
     loss = (out * weight).sum()
     loss.backward(retain_graph=True)
     assert torch.equal(out, out_before)
-    (given, given_before), = received
+    ((given, given_before),) = received
     assert torch.equal(given_before, weight) and torch.equal(given, given_before)
     first = [x.grad.clone()] + [p.grad.clone() for p in trunk.parameters()]
     x.grad = None
     trunk.zero_grad(set_to_none=True)
     loss.backward()
-    for g_first, g_second in zip(first, [x.grad] + [p.grad for p in trunk.parameters()]):
+    for g_first, g_second in zip(first, [x.grad] + [p.grad for p in trunk.parameters()], strict=True):
         assert torch.equal(g_first, g_second)
 
 
@@ -413,7 +419,7 @@ def test_handed_over_output_gives_the_same_gradients_and_refuses_a_second_backwa
     x_leaf, cond_leaf = x.clone().requires_grad_(True), cond.clone().requires_grad_(True)
     loss = (trunk(x_leaf, cond_leaf, hand_over_output=True) * weight).sum()
     grads = torch.autograd.grad(loss, [x_leaf, cond_leaf, *trunk.parameters()], retain_graph=True)
-    for g, e in zip(grads, expected):
+    for g, e in zip(grads, expected, strict=True):
         assert torch.equal(g, e)
-    with pytest.raises(RuntimeError, match="hand_over_output=True.*cannot be back-propagated twice"):
+    with pytest.raises(RuntimeError, match=r"hand_over_output=True.*cannot be back-propagated twice"):
         loss.backward()

@@ -21,19 +21,35 @@ from tests.conftest import SMALL_TRAINING, run_bundle
 from tests.test_memory_plan import TINY, TRAIN
 
 
-def _trainer(in_backward: bool, lr: float = 1e-3, lambda_l2: float = 1e-2, epochs: int = 2,
-             handlers: list | None = None, data_scale: float = 1.0) -> IDMTrainer:
+def _trainer(
+    in_backward: bool,
+    lr: float = 1e-3,
+    lambda_l2: float = 1e-2,
+    epochs: int = 2,
+    handlers: list | None = None,
+    data_scale: float = 1.0,
+) -> IDMTrainer:
     """A small 3D IDM with EMA, λ_L2, weight decay and a learning rate that the epochs change."""
     torch.manual_seed(0)
     network = InvertibleDiffusionUNet(3, 2, 2, (8, 16, 32), 2, (False, True, True))
     ema = torch.optim.swa_utils.AveragedModel(network, multi_avg_fn=ema_with_warmup(0.9), use_buffers=True)
     optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.01, fused=True)
-    data = [{"image": data_scale * torch.rand(2, 2, 16, 16, 16, generator=torch.Generator().manual_seed(i))}
-            for i in range(3)]
+    data = [
+        {"image": data_scale * torch.rand(2, 2, 16, 16, 16, generator=torch.Generator().manual_seed(i))}
+        for i in range(3)
+    ]
     trainer = IDMTrainer(
-        device="cpu", max_epochs=epochs, train_data_loader=data, network=network, optimizer=optimizer,
-        scheduler=DDPMScheduler(num_train_timesteps=100), noise_sampler=NoiseSampler(100), lambda_l2=lambda_l2,
-        ema=ema, optimizer_in_backward=in_backward, train_handlers=handlers or [],
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=data,
+        network=network,
+        optimizer=optimizer,
+        scheduler=DDPMScheduler(num_train_timesteps=100),
+        noise_sampler=NoiseSampler(100),
+        lambda_l2=lambda_l2,
+        ema=ema,
+        optimizer_in_backward=in_backward,
+        train_handlers=handlers or [],
     )
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: schedule.step())
@@ -42,8 +58,11 @@ def _trainer(in_backward: bool, lr: float = 1e-3, lambda_l2: float = 1e-2, epoch
 
 def _state(trainer: IDMTrainer) -> dict[str, torch.Tensor]:
     moments = {f"opt.{i}.{k}": v for i, s in trainer.optimizer.state_dict()["state"].items() for k, v in s.items()}
-    return {**{f"net.{k}": v for k, v in trainer.network.state_dict().items()},
-            **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()}, **moments}
+    return {
+        **{f"net.{k}": v for k, v in trainer.network.state_dict().items()},
+        **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
+        **moments,
+    }
 
 
 def test_six_steps_in_backward_equal_six_ordinary_steps(one_torch_thread):
@@ -99,7 +118,7 @@ def test_a_gradient_that_overflows_stops_training_with_finite_weights(tmp_path, 
     """With lr 1e6 the second loss is finite but its gradient overflows: no weight, EMA weight or moment becomes
     non-finite, and the guard names what optimizer_in_backward kept."""
     trainer = _trainer(True, lr=1e6, lambda_l2=1e-4, handlers=[NonFiniteLossGuard(tmp_path)])
-    with pytest.raises(NonFiniteLossError, match="gradient became non-finite .* at epoch 1, iteration 2") as info:
+    with pytest.raises(NonFiniteLossError, match=r"gradient became non-finite .* at epoch 1, iteration 2") as info:
         trainer.run()
     assert "no weight was updated from the first non-finite gradient on" in str(info.value)
     assert all(torch.isfinite(v).all() for v in _state(trainer).values() if v.is_floating_point())
@@ -107,17 +126,24 @@ def test_a_gradient_that_overflows_stops_training_with_finite_weights(tmp_path, 
 
 def test_what_cannot_run_in_backward_is_refused_by_name():
     network = InvertibleDiffusionUNet(3, 2, 2, (8, 16), 1, (False, False))
-    with pytest.raises(BadInputError, match="needs torch.optim.AdamW with fused=True"):
+    with pytest.raises(BadInputError, match=r"needs torch.optim.AdamW with fused=True"):
         UpdateInBackward(network, torch.optim.AdamW(network.parameters()))
-    with pytest.raises(BadInputError, match="needs torch.optim.AdamW with fused=True"):
+    with pytest.raises(BadInputError, match=r"needs torch.optim.AdamW with fused=True"):
         UpdateInBackward(network, torch.optim.SGD(network.parameters(), lr=0.1))
     with pytest.raises(BadInputError, match="does not hold these trainable parameters"):
         UpdateInBackward(network, torch.optim.AdamW(network.head.parameters(), fused=True))
     with pytest.raises(BadInputError, match="micro_batch_size 1 would need the whole gradient"):
-        IDMTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=network,
-                   optimizer=torch.optim.AdamW(network.parameters(), fused=True),
-                   scheduler=DDPMScheduler(num_train_timesteps=100), noise_sampler=NoiseSampler(100),
-                   micro_batch_size=1, optimizer_in_backward=True)
+        IDMTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=[],
+            network=network,
+            optimizer=torch.optim.AdamW(network.parameters(), fused=True),
+            scheduler=DDPMScheduler(num_train_timesteps=100),
+            noise_sampler=NoiseSampler(100),
+            micro_batch_size=1,
+            optimizer_in_backward=True,
+        )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -131,9 +157,18 @@ def test_what_cannot_run_in_backward_is_refused_by_name():
 
 
 def test_training_refuses_micro_batches_with_it_before_reading_any_data(tmp_path):
-    result = run_bundle("configs/train.json", SMALL_TRAINING | {
-        "dataset_dir": tmp_path / "D", "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R",
-        "optimizer_in_backward": "true", "micro_batch_size": 1}, "training")
+    result = run_bundle(
+        "configs/train.json",
+        SMALL_TRAINING
+        | {
+            "dataset_dir": tmp_path / "D",
+            "ckpt_dir": tmp_path / "C",
+            "output_dir": tmp_path / "R",
+            "optimizer_in_backward": "true",
+            "micro_batch_size": 1,
+        },
+        "training",
+    )
     assert result.returncode != 0
     assert "micro_batch_size 1 would need the whole gradient kept between micro-batches" in result.stderr
     assert "--optimizer_in_backward false" in result.stderr

@@ -39,8 +39,11 @@ def test_a_command_ends_as_under_the_interpreter(script, tmp_path, mode, returnc
     expected = subprocess.run(
         [sys.executable, script, mode], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
     )
-    assert (result.returncode, result.stdout) == (expected.returncode, expected.stdout) == (
-        returncode, f"out {tmp_path} set ['{mode}']\n")
+    assert (
+        (result.returncode, result.stdout)
+        == (expected.returncode, expected.stdout)
+        == (returncode, f"out {tmp_path} set ['{mode}']\n")
+    )
     assert result.stderr.startswith("err\n") and result.stderr.splitlines()[-1] == expected.stderr.splitlines()[-1]
 
 

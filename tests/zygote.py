@@ -76,8 +76,11 @@ def _fresh_random_state() -> None:
 def _child(request: dict) -> None:
     """In the forked child: runs the request and leaves through the interpreter's own exit (never returns)."""
     os.setpgrp()  # its own process group, which a timeout kills whole
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
-                            (2, request["stderr"], os.O_WRONLY | os.O_CREAT)):
+    for fd, path, flags in (
+        (0, os.devnull, os.O_RDONLY),
+        (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
+        (2, request["stderr"], os.O_WRONLY | os.O_CREAT),
+    ):
         opened = os.open(path, flags, 0o644)
         os.dup2(opened, fd)
         os.close(opened)

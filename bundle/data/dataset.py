@@ -56,21 +56,29 @@ def split_cases(
                 f"dataset_dir: {', '.join(missing)}. Point dataset_dir at the data the run trained on, with these "
                 "cases present and valid: any other validation split could hold cases the run trained on."
             )
-        logger.info("Validation split: the %d cases that the training run recorded in its run.json.",
-                    len(validation_cases))
+        logger.info(
+            "Validation split: the %d cases that the training run recorded in its run.json.", len(validation_cases)
+        )
     elif listed:
         if len(listed) == len(records):
             raise BadInputError(
                 f"The datalist lists all {len(records)} usable cases under 'validation' and none under 'training'; "
                 "training needs at least one: move cases to the datalist's 'training' list."
             )
-        logger.info("Validation split: the %d cases of the datalist's 'validation' list (val_fraction is not used).",
-                    len(listed))
+        logger.info(
+            "Validation split: the %d cases of the datalist's 'validation' list (val_fraction is not used).",
+            len(listed),
+        )
         validation_cases = listed
     else:
         n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
-        logger.info("Validation split: %d of the %d cases, drawn with seed %s and val_fraction %s.",
-                    n_val, len(shuffled), seed, val_fraction)
+        logger.info(
+            "Validation split: %d of the %d cases, drawn with seed %s and val_fraction %s.",
+            n_val,
+            len(shuffled),
+            seed,
+            val_fraction,
+        )
         return shuffled[:-n_val], shuffled[-n_val:]
     held_out = set(validation_cases)
     return [r for r in shuffled if r["case"] not in held_out], [by_case[case] for case in validation_cases]
@@ -109,7 +117,14 @@ def training_cases(
         torch.distributed.barrier()
     try:
         return _prepare_cases(
-            dataset_dir, modalities, val_fraction, seed, skip_invalid, num_phantoms, validation_cases, write_phantoms,
+            dataset_dir,
+            modalities,
+            val_fraction,
+            seed,
+            skip_invalid,
+            num_phantoms,
+            validation_cases,
+            write_phantoms,
             phantom_grid,
         )
     finally:
@@ -167,11 +182,24 @@ def _prepare_cases(
             ) from None
         target = root / PHANTOM_FOLDER
         shape, spacing = phantom_grid
-        logger.warning("No dataset below %s: writing %d synthetic phantoms (%s voxels of %g mm) to %s.", root,
-                       num_phantoms, "×".join(map(str, shape)), spacing, target)
+        logger.warning(
+            "No dataset below %s: writing %d synthetic phantoms (%s voxels of %g mm) to %s.",
+            root,
+            num_phantoms,
+            "×".join(map(str, shape)),
+            spacing,
+            target,
+        )
         # nothing usable is in target (discovery found no case), so only an interrupted earlier write is replaced
-        write_brats_phantoms(target, num_cases=num_phantoms, shape=tuple(shape), spacing=spacing, seed=seed,
-                             prefix=PHANTOM_PREFIX, overwrite=True)
+        write_brats_phantoms(
+            target,
+            num_cases=num_phantoms,
+            shape=tuple(shape),
+            spacing=spacing,
+            seed=seed,
+            prefix=PHANTOM_PREFIX,
+            overwrite=True,
+        )
         records = discover_cases(root, modalities)
     records = preflight(records, modalities, skip_invalid)
     train, validation = split_cases(records, val_fraction=val_fraction, seed=seed, validation_cases=validation_cases)

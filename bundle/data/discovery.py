@@ -84,7 +84,7 @@ def _brats_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
         named = f"modality {absent[0]!r} is" if len(absent) == 1 else f"modalities {', '.join(map(repr, absent))} are"
         raise BadInputError(
             f"{named} in none of the {len(found)} case folders below {str(root)!r}; the data has "
-            f"{', '.join(available)}. Choose modalities from these, e.g. --modalities '[\"t1\",\"t2\"]'."
+            f'{", ".join(available)}. Choose modalities from these, e.g. --modalities \'["t1","t2"]\'.'
         )
     records = []
     for folder, files in found.items():
@@ -118,8 +118,10 @@ def _datalist_cases(json_path: Path, content: object, modalities: Sequence[str])
     for key in lists:
         items = load_decathlon_datalist(str(json_path), is_segmentation=False, data_list_key=key)
         for i, item in enumerate(items):
-            record = {"channels": {m: channel_of.get(m) for m in modalities},
-                      **_item_paths(json_path, f"{key} item {i}", item, modalities, bool(channel_of))}
+            record = {
+                "channels": {m: channel_of.get(m) for m in modalities},
+                **_item_paths(json_path, f"{key} item {i}", item, modalities, bool(channel_of)),
+            }
             if channel_of:  # the Decathlon's volumes are BraTS volumes, in its atlas frame
                 record["frame"] = ATLAS_FRAME
             if key == "validation":
@@ -195,7 +197,7 @@ def _with_case_ids(records: list[dict], json_path: Path, modality: str, four_d: 
     paths = [Path(record[modality]) for record in records]
     names = [_case_id(path, None if four_d else modality) for path in paths]
     ids = []
-    for path, case in zip(paths, names):
+    for path, case in zip(paths, names, strict=True):
         if names.count(case) > 1:
             folder = path.parent.relative_to(json_path.parent) if path.is_relative_to(json_path.parent) else path.parent
             case = folder.as_posix() if case == path.parent.name else (folder / case).as_posix()
@@ -214,7 +216,7 @@ def _with_case_ids(records: list[dict], json_path: Path, modality: str, four_d: 
                 f"{json_path}: {path} and {other} give the same case id {case!r} (file name without suffix and "
                 "modality); rename one of them."
             )
-    for record, case in zip(records, ids):
+    for record, case in zip(records, ids, strict=True):
         record["case"] = case
     return records
 
@@ -289,7 +291,10 @@ def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "
         if left_out:
             logger.warning(
                 "Found %d real cases below %s: the synthetic phantoms in %s are left out (phantoms never join real "
-                "data; delete them if they are no longer needed).", len(real), root, ", ".join(sorted(left_out)),
+                "data; delete them if they are no longer needed).",
+                len(real),
+                root,
+                ", ".join(sorted(left_out)),
             )
         return real
     if phantoms:
@@ -297,15 +302,21 @@ def discover_cases(dataset_dir: str | Path, modalities: Sequence[str] = ("t1", "
         logger.warning(
             "\n%s\nUSING %d SYNTHETIC PHANTOMS from %s, NOT REAL MRI.\nPut BraTS2020 (or Decathlon Task01, or a "
             "datalist JSON) below %s to use real data; the phantoms are then left out.\n%s",
-            banner, len(phantoms), ", ".join(sorted(_folders(phantoms, modalities[0]))), root, banner,
+            banner,
+            len(phantoms),
+            ", ".join(sorted(_folders(phantoms, modalities[0]))),
+            root,
+            banner,
         )
         return phantoms
     skipped = ""
     if unreadable:
         names = ", ".join(map(str, unreadable[:5]))
         names += f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
-        skipped = (f" These *.json files were skipped because they are not valid UTF-8 JSON (repair a datalist "
-                   f"among them): {names}.")
+        skipped = (
+            f" These *.json files were skipped because they are not valid UTF-8 JSON (repair a datalist "
+            f"among them): {names}."
+        )
     raise DatasetNotFoundError(
         f"No dataset found below {str(root)!r}: expected BraTS2020 case folders "
         f"(<case>/<case>_{{{','.join(modalities)}}}.nii.gz), a Decathlon Task01 dataset.json, or a datalist JSON."

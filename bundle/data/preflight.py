@@ -65,8 +65,9 @@ def check_case(record: dict, modalities: Sequence[str]) -> list[str]:
     return problems
 
 
-def preflight(records: Sequence[dict], modalities: Sequence[str], skip_invalid: bool = False,
-              purpose: str = "train on") -> list[dict]:
+def preflight(
+    records: Sequence[dict], modalities: Sequence[str], skip_invalid: bool = False, purpose: str = "train on"
+) -> list[dict]:
     """The usable records. Raises :class:`PreflightError` listing every problem unless ``skip_invalid``,
     in which case the bad cases are skipped with a warning. Always raises when no case is usable. ``purpose``: what
     the messages say is done with the valid cases ("train on", "translate")."""
@@ -82,7 +83,9 @@ def preflight(records: Sequence[dict], modalities: Sequence[str], skip_invalid: 
         if not skip_invalid or not valid:
             raise PreflightError(
                 f"{summary}\nFix or remove these cases, or set skip_invalid: true to {purpose} the "
-                f"{len(valid)} valid ones." if valid else f"{summary}\nNo usable case is left."
+                f"{len(valid)} valid ones."
+                if valid
+                else f"{summary}\nNo usable case is left."
             )
         logger.warning("%s\nskip_invalid is true: going on to %s the %d valid cases.", summary, purpose, len(valid))
     return valid

@@ -99,7 +99,10 @@ class NativeBoxd(MapTransform):
     centre of the case's foreground (``select_fn``; its own box)."""
 
     def __init__(
-        self, keys: KeysCollection, spatial_size: Sequence[int], frame_key: str = "frame",
+        self,
+        keys: KeysCollection,
+        spatial_size: Sequence[int],
+        frame_key: str = "frame",
         select_fn: Callable[[torch.Tensor], torch.Tensor] = foreground,
     ) -> None:
         super().__init__(keys)
@@ -120,8 +123,12 @@ def check_spacing(spacing: float | Sequence[float] | None) -> None:
     if spacing is None:
         return
     numbers = [spacing] if isinstance(spacing, (int, float)) else spacing
-    if (isinstance(spacing, (bool, str, bytes)) or not isinstance(numbers, Sequence) or len(numbers) not in (1, 3)
-            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in numbers)):
+    if (
+        isinstance(spacing, (bool, str, bytes))
+        or not isinstance(numbers, Sequence)
+        or len(numbers) not in (1, 3)
+        or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in numbers)
+    ):
         raise BadInputError(
             f"spacing must be null (each case's box resized to spatial_size), a voxel size in mm such as 1.0, or "
             f"three such as [1.0,1.0,1.5]; got {spacing!r}."

@@ -28,7 +28,7 @@ def ema_with_warmup(decay: float) -> EmaUpdate:
         if torch.is_floating_point(ema_params[0]):
             torch._foreach_lerp_(list(ema_params), list(params), weight)
         else:  # integer buffers: follow the model
-            for ema_param, param in zip(ema_params, params):
+            for ema_param, param in zip(ema_params, params, strict=True):
                 ema_param.copy_(param)
 
     return update

@@ -16,7 +16,7 @@ from ..utils import unwrap
 from .loss import idm_loss, idm_loss_backward
 from .maths import denoise_at, to_image_range, to_model_range
 from .noise import NoiseSampler, seeded_generator
-from .update_in_backward import UpdateInBackward
+from .update_in_backward import UpdateInBackward, check_whole_batch
 
 __all__ = ["IDMEvaluator", "IDMTrainer", "autocast_dtype", "given_modalities"]
 
@@ -98,11 +98,7 @@ class IDMTrainer(SupervisedTrainer):
     ) -> None:
         self.amp_dtype = autocast_dtype(amp, amp_kwargs)
         if optimizer_in_backward and micro_batch_size is not None:
-            raise BadInputError(
-                f"optimizer_in_backward updates each weight as soon as its gradient is complete, so the batch is "
-                f"back-propagated at once; micro_batch_size {micro_batch_size} would need the whole gradient kept "
-                "between micro-batches. Pass micro_batch_size None, or optimizer_in_backward False."
-            )
+            check_whole_batch(getattr(train_data_loader, "batch_size", None), micro_batch_size)
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -139,8 +135,16 @@ class IDMTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         prediction, loss, terms = idm_loss_backward(
-            engine.network, noisy, timesteps, noise, self.lambda_rec, self.lambda_l2, self.micro_batch_size,
-            self.amp_dtype, condition, self.update_in_backward,
+            engine.network,
+            noisy,
+            timesteps,
+            noise,
+            self.lambda_rec,
+            self.lambda_l2,
+            self.micro_batch_size,
+            self.amp_dtype,
+            condition,
+            self.update_in_backward,
         )
         engine.state.output.update({Keys.PRED: prediction, Keys.LOSS: loss} | terms)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)

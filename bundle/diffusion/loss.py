@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import BadInputError
 from ..utils import unwrap
 from .maths import with_condition
-from .update_in_backward import UpdateInBackward
+from .update_in_backward import UpdateInBackward, check_whole_batch
 
 __all__ = ["LOSS_TERMS", "idm_loss", "idm_loss_backward", "micro_batches", "weight_norm"]
 
@@ -112,9 +112,8 @@ def idm_loss_backward(
     """
     batch = noisy.shape[0]
     parts = micro_batches(batch, micro_batch_size)
-    if update is not None and len(parts) > 1:
-        raise BadInputError(f"The optimizer step inside backward needs the batch of {batch} back-propagated at once; "
-                            f"got micro_batch_size {micro_batch_size}.")
+    if update is not None:
+        check_whole_batch(batch, micro_batch_size)
     no_sync = network.no_sync if hasattr(network, "no_sync") else nullcontext
     predictions, losses, terms = [], [], {}
     norm = None
@@ -131,7 +130,12 @@ def idm_loss_backward(
         with nullcontext() if part is parts[-1] else no_sync():
             with nullcontext() if amp_dtype is None else torch.autocast(noisy.device.type, dtype=amp_dtype):
                 prediction, part_loss, part_terms = idm_loss(
-                    network, noisy[part], timesteps[part], noise[part], lambda_rec, lambda_l2=0.0,
+                    network,
+                    noisy[part],
+                    timesteps[part],
+                    noise[part],
+                    lambda_rec,
+                    lambda_l2=0.0,
                     condition=None if condition is None else condition[part],
                 )
             if update is not None:

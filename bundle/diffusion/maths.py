@@ -39,7 +39,11 @@ def predict_start_from_noise(noisy: torch.Tensor, eps: torch.Tensor, alphas_cump
 
 
 def denoise_at(
-    network: nn.Module, scheduler: Scheduler, images: torch.Tensor, t: int, generator: torch.Generator,
+    network: nn.Module,
+    scheduler: Scheduler,
+    images: torch.Tensor,
+    t: int,
+    generator: torch.Generator,
     condition: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One-step denoising at the fixed timestep ``t``: ε ~ N(0, I) from ``generator`` (on the CPU, so that the draw is

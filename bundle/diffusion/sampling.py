@@ -71,8 +71,9 @@ class GridDDIMScheduler(DDIMScheduler):
     def __init__(self, *args, eta: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
-            raise BadInputError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: as noisy as DDPM), "
-                                f"got {eta!r}.")
+            raise BadInputError(
+                f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: as noisy as DDPM), got {eta!r}."
+            )
         self.eta = float(eta)
 
     def previous_timestep(self, timestep: int) -> int:
@@ -105,8 +106,9 @@ class GridDDIMScheduler(DDIMScheduler):
         sigma = eta * self._get_variance(timestep, previous).sqrt()
         previous_sample = alpha_previous.sqrt() * original + (1 - alpha_previous - sigma**2).sqrt() * model_output
         if eta > 0:
-            noise = torch.randn(model_output.shape, dtype=model_output.dtype, generator=generator,
-                                device=model_output.device)
+            noise = torch.randn(
+                model_output.shape, dtype=model_output.dtype, generator=generator, device=model_output.device
+            )
             previous_sample = previous_sample + sigma * noise
         return previous_sample, original
 
@@ -131,8 +133,10 @@ def make_sampler(name: str, num_train_timesteps: int, schedule: str, eta: float 
     if name not in SAMPLERS:
         raise BadInputError(f"sampler must be one of {sorted(SAMPLERS)}; got {name!r}.")
     if name != "ddim" and eta != 0:
-        raise BadInputError(f"eta sets DDIM's stochasticity (--sampler ddim); the {name} sampler takes none, got "
-                            f"eta={eta!r}: drop --eta.")
+        raise BadInputError(
+            f"eta sets DDIM's stochasticity (--sampler ddim); the {name} sampler takes none, got "
+            f"eta={eta!r}: drop --eta."
+        )
     options = {"eta": eta} if name == "ddim" else {}
     return SAMPLERS[name](num_train_timesteps=num_train_timesteps, schedule=noise_schedule(schedule), **options)
 
@@ -182,8 +186,11 @@ class DiffusionSampler(Inferer):
         total = scheduler.num_train_timesteps
         if num_inference_steps is None:
             num_inference_steps = total if type(scheduler) is DDPMScheduler else min(FEW_STEPS, total)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or not 1 <= num_inference_steps <= total:
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= total
+        ):
             raise BadInputError(
                 f"num_inference_steps must be an integer between 1 and num_train_timesteps={total}, "
                 f"got {num_inference_steps!r}."
@@ -210,25 +217,34 @@ class DiffusionSampler(Inferer):
         network.eval()
         with torch.no_grad():
             for t in tqdm(self.scheduler.timesteps.tolist(), disable=not self.progress):
-                eps = network(with_condition(images, condition),
-                              torch.full((count,), t, device=device, dtype=torch.long))
+                eps = network(
+                    with_condition(images, condition), torch.full((count,), t, device=device, dtype=torch.long)
+                )
                 if not self._noisy_steps:
                     images = self.scheduler.step(eps, t, images)[0]
                     continue
-                images = torch.cat([  # one step per sample, each with its own generator (its step noise)
-                    self.scheduler.step(eps[i : i + 1], t, images[i : i + 1], generator=g)[0]
-                    for i, g in enumerate(generators)
-                ])
+                images = torch.cat(
+                    [  # one step per sample, each with its own generator (its step noise)
+                        self.scheduler.step(eps[i : i + 1], t, images[i : i + 1], generator=g)[0]
+                        for i, g in enumerate(generators)
+                    ]
+                )
         network.train(was_training)
         return to_image_range(images).clamp(0, 1)
 
     def draw(
-        self, network: nn.Module, num_samples: int, shape: tuple[int, ...], batch_size: int,
+        self,
+        network: nn.Module,
+        num_samples: int,
+        shape: tuple[int, ...],
+        batch_size: int,
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """``num_samples`` images of ``shape`` (C, *S), sampled ``batch_size`` at a time on ``device`` (which batch
         size changes nothing: sample i depends on ``seed`` and i alone): (num_samples, C, *S) in [0, 1], on the CPU."""
-        return torch.cat([
-            self(torch.zeros((min(batch_size, num_samples - start), *shape), device=device), network).cpu()
-            for start in range(0, num_samples, batch_size)
-        ])
+        return torch.cat(
+            [
+                self(torch.zeros((min(batch_size, num_samples - start), *shape), device=device), network).cpu()
+                for start in range(0, num_samples, batch_size)
+            ]
+        )

@@ -11,7 +11,24 @@ from torch import nn
 from ..errors import BadInputError
 from ..utils import unwrap
 
-__all__ = ["UpdateInBackward"]
+__all__ = ["UpdateInBackward", "check_whole_batch"]
+
+
+def check_whole_batch(batch_size: int, micro_batch_size: int | str | None) -> None:
+    """The rule of the optimizer step inside backward, for the settings, the trainer and the loss alike: each weight is
+    updated as soon as its gradient is complete, so the batch of ``batch_size`` is back-propagated at once.
+
+    Raises:
+        BadInputError: for a ``micro_batch_size`` other than None or ``batch_size`` (micro-batches would need the
+            whole gradient kept between them).
+    """
+    if micro_batch_size not in (None, batch_size):
+        raise BadInputError(
+            f"optimizer_in_backward updates each weight as soon as its gradient is complete, so the batch of "
+            f"{batch_size} is back-propagated at once, and micro_batch_size {micro_batch_size!r} would need the whole "
+            "gradient kept between micro-batches: pass --micro_batch_size null (or a smaller --batch_size), or "
+            "--optimizer_in_backward false to keep micro-batches."
+        )
 
 
 class UpdateInBackward:
@@ -41,8 +58,12 @@ class UpdateInBackward:
             an EMA without ``multi_avg_fn``, or a DDP-wrapped network.
     """
 
-    def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer,
-                 ema: torch.optim.swa_utils.AveragedModel | None = None) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: torch.optim.swa_utils.AveragedModel | None = None,
+    ) -> None:
         if isinstance(network, nn.parallel.DistributedDataParallel):
             raise BadInputError(
                 "optimizer_in_backward cannot run under DistributedDataParallel: each update would run before the "
@@ -50,22 +71,29 @@ class UpdateInBackward:
                 "optimizer_in_backward, or across devices with --optimizer_in_backward false."
             )
         if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) or not all(
-                g.get("fused") for g in optimizer.param_groups):
+            g.get("fused") for g in optimizer.param_groups
+        ):
             raise BadInputError(
                 f"optimizer_in_backward needs torch.optim.AdamW with fused=True (as configs/train.json builds it); "
                 f"got {type(optimizer).__name__} with fused={[g.get('fused') for g in optimizer.param_groups]}."
             )
         if ema is not None and ema.multi_avg_fn is None:
-            raise BadInputError("optimizer_in_backward updates the EMA one parameter at a time through its "
-                                "multi_avg_fn (configs/train.json's ema_with_warmup); this AveragedModel has none.")
+            raise BadInputError(
+                "optimizer_in_backward updates the EMA one parameter at a time through its "
+                "multi_avg_fn (configs/train.json's ema_with_warmup); this AveragedModel has none."
+            )
         self.network, self.optimizer, self.ema = network, optimizer, ema
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         trainable = [p for p in network.parameters() if p.requires_grad]
         missing = [name for name, p in network.named_parameters() if p.requires_grad and id(p) not in groups]
         if missing:
-            raise BadInputError(f"optimizer_in_backward: the optimizer does not hold these trainable parameters of "
-                                f"the network: {missing[:5]}{' …' if len(missing) > 5 else ''}.")
-        ema_params = dict(zip(map(id, network.parameters()), ema.module.parameters())) if ema is not None else {}
+            raise BadInputError(
+                f"optimizer_in_backward: the optimizer does not hold these trainable parameters of "
+                f"the network: {missing[:5]}{' …' if len(missing) > 5 else ''}."
+            )
+        ema_params = (
+            dict(zip(map(id, network.parameters()), ema.module.parameters(), strict=True)) if ema is not None else {}
+        )
         accepted = inspect.signature(type(optimizer).__init__).parameters
 
         def alone(p: nn.Parameter) -> torch.optim.Optimizer:
@@ -82,11 +110,12 @@ class UpdateInBackward:
     def arm(self, loss_is_finite: torch.Tensor, lambda_l2: float = 0.0, norm: torch.Tensor | None = None) -> None:
         """Starts a step: ``loss_is_finite`` (a device bool), the weight term's λ_L2 and ‖W‖₂ (before the step)."""
         self.bad = (~loss_is_finite).float().reshape(())
-        self._l2_scale = None if not lambda_l2 > 0 else torch.tensor(lambda_l2, dtype=norm.dtype,
-                                                                     device=norm.device) / (2 * norm)
+        self._l2_scale = (
+            None if not lambda_l2 > 0 else torch.tensor(lambda_l2, dtype=norm.dtype, device=norm.device) / (2 * norm)
+        )
         self._pending = set(self._updates)
         self._n_averaged = None if self.ema is None else self.ema.n_averaged.detach().cpu()
-        for p, group, update, _ in self._updates.values():
+        for _, group, update, _ in self._updates.values():
             update.state = self.optimizer.state  # shared moments (a resume replaces the optimizer's dict)
             update.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
 
@@ -127,7 +156,7 @@ class UpdateInBackward:
         self._pending = set()
         self.optimizer._opt_called = True  # it stepped, one parameter at a time: what an LR scheduler checks for
         if self.ema is not None:
-            for ema_b, b in zip(self.ema.module.buffers(), unwrap(self.network).buffers()):
+            for ema_b, b in zip(self.ema.module.buffers(), unwrap(self.network).buffers(), strict=True):
                 if self.ema.use_buffers:
                     self._follow(ema_b, b)
                 else:  # AveragedModel keeps such buffers equal to the model's

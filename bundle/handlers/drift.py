@@ -59,8 +59,9 @@ class InversionDriftMonitor:
 
         images, noise, timesteps = batch("image"), batch("label"), batch("timesteps")
         conditioned = "condition" in (output[0] if isinstance(output, list) else output)
-        noisy = with_condition(engine.scheduler.add_noise(images, noise, timesteps),
-                               batch("condition") if conditioned else None)
+        noisy = with_condition(
+            engine.scheduler.add_noise(images, noise, timesteps), batch("condition") if conditioned else None
+        )
         self.latest = float(network.trunk_round_trip_error(noisy, timesteps).max())
         self.summary_writer.add_scalar("train/inversion_drift", self.latest, engine.state.iteration)
         if self.latest > self.warn_above:
@@ -68,5 +69,7 @@ class InversionDriftMonitor:
                 "iteration %d: the invertible trunk's round trip is off by %.1e (relative) on this batch, above %.0e: "
                 "the memory-efficient gradients are exact only to about that much. A lower learning rate or "
                 "--memory_efficient false (more memory) avoids it.",
-                engine.state.iteration, self.latest, self.warn_above,
+                engine.state.iteration,
+                self.latest,
+                self.warn_above,
             )

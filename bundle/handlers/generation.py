@@ -56,11 +56,16 @@ class GenerationMonitor:
         batch_size: int = 4,
         seed: int = 0,
     ) -> None:
-        for name, value, least in (("generation_interval", interval, 1), ("generation_samples", num_samples, 2),
-                                   ("batch_size", batch_size, 1)):
+        for name, value, least in (
+            ("generation_interval", interval, 1),
+            ("generation_samples", num_samples, 2),
+            ("batch_size", batch_size, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise BadInputError(f"--{name} must be an integer ≥ {least} (0 turns the generation monitor off "
-                                    f"where it is --generation_interval), got {value!r}.")
+                raise BadInputError(
+                    f"--{name} must be an integer ≥ {least} (0 turns the generation monitor off "
+                    f"where it is --generation_interval), got {value!r}."
+                )
         self.summary_writer = summary_writer
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps
@@ -82,9 +87,11 @@ class GenerationMonitor:
         real = torch.cat([batch["image"] for batch in engine.data_loader]).float()
         if len(real) < 4:
             if not self._warned:
-                logger.warning("Generation monitor: %d validation volume(s), fewer than the 4 that two halves of the "
-                               "real-vs-real spread need; it does nothing (raise --val_fraction or --num_phantoms).",
-                               len(real))
+                logger.warning(
+                    "Generation monitor: %d validation volume(s), fewer than the 4 that two halves of the "
+                    "real-vs-real spread need; it does nothing (raise --val_fraction or --num_phantoms).",
+                    len(real),
+                )
                 self._warned = True
             return
         network = unwrap(engine.network)
@@ -92,8 +99,11 @@ class GenerationMonitor:
         sampler = DiffusionSampler(self.scheduler, self.num_inference_steps, seed=self.seed, progress=False)
         generated = sampler.draw(network, self.num_samples, tuple(real.shape[1:]), self.batch_size, device)
         if not torch.isfinite(generated).all():
-            logger.warning("Epoch %d generation: the samples hold non-finite values (the sampling chain diverged); "
-                           "no measures this time.", epoch)
+            logger.warning(
+                "Epoch %d generation: the samples hold non-finite values (the sampling chain diverged); "
+                "no measures this time.",
+                epoch,
+            )
             self.summary_writer.add_scalar("generation/within_spread", 0.0, epoch)
             return
         self.latest = compare_to_real(generated, real, self.modalities, seed=self.seed)

@@ -55,8 +55,11 @@ class NonFiniteLossGuard:
         if finite_loss and (update.all_finite() if update is not None else _gradients_are_finite(engine.network)):
             return
         epoch = engine.state.epoch
-        what = (f"the loss became {loss.item()}" if not finite_loss
-                else f"the loss's gradient became non-finite (loss {loss.item()})")
+        what = (
+            f"the loss became {loss.item()}"
+            if not finite_loss
+            else f"the loss's gradient became non-finite (loss {loss.item()})"
+        )
         terms = {k: engine.state.output[k].item() for k in LOSS_TERMS if k in engine.state.output}
         if epoch > 1 and self.state_path.is_file():
             advice = (
@@ -70,10 +73,13 @@ class NonFiniteLossGuard:
                 "no checkpoint has been written yet (it is written at the end of each epoch), so there is "
                 "nothing to resume from. Lower learning_rate or check the data for extreme values, and train again."
             )
-        updated = ("The weights were not updated with it" if update is None or not finite_loss else
-                   "With optimizer_in_backward no weight was updated from the first non-finite gradient on (the "
-                   "weights whose gradients were complete before it took this step's finite update in memory; "
-                   "nothing was checkpointed since)")
+        updated = (
+            "The weights were not updated with it"
+            if update is None or not finite_loss
+            else "With optimizer_in_backward no weight was updated from the first non-finite gradient on (the "
+            "weights whose gradients were complete before it took this step's finite update in memory; "
+            "nothing was checkpointed since)"
+        )
         raise NonFiniteLossError(
             f"Training stopped: {what} at epoch {epoch}, iteration {engine.state.iteration} "
             f"(terms: {terms}). {updated}; {advice}"

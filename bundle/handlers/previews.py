@@ -57,9 +57,7 @@ class PreviewHandler:
         for sample in range(min(self.num_samples, output["image"].shape[0])):
             for channel in range(output["image"].shape[1]):
                 rows.append(
-                    torch.cat(
-                        [_strip(output[key][sample, channel].detach().cpu()) for key in ("image", "denoised")], 1
-                    )
+                    torch.cat([_strip(output[key][sample, channel].detach().cpu()) for key in ("image", "denoised")], 1)
                 )
         grid = torch.cat(rows, 0).clamp(0, 1)
         self.summary_writer.add_image(self.tag, grid[None], global_step=engine.state.epoch)

@@ -114,8 +114,12 @@ class StepStatsHandler:
             what = f"{steps} steps in this resumed run ({shape}, less {self._run_start_iteration} done before)"
         else:
             what = f"{steps} steps in all ({shape})"
-        logger.info("measured %.3g s per training step; %s ≈ %s (training steps only: validation comes on top).",
-                    step_seconds, what, readable_duration(seconds))
+        logger.info(
+            "measured %.3g s per training step; %s ≈ %s (training steps only: validation comes on top).",
+            step_seconds,
+            what,
+            readable_duration(seconds),
+        )
         if state.device.type == "cpu" and seconds > self.LONG_ON_CPU:
             parameters = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
             logger.warning(
@@ -124,5 +128,7 @@ class StepStatsHandler:
                 "model on a CPU in a minute (python -m monai.bundle run training --config_file configs/train.json "
                 "%s); its phantom recipe (docs/generation.md) one whose samples look like the phantoms, in one to two "
                 "hours.",
-                f"{parameters:,}", readable_duration(seconds), SMALL_CPU_RECIPE,
+                f"{parameters:,}",
+                readable_duration(seconds),
+                SMALL_CPU_RECIPE,
             )

@@ -23,9 +23,15 @@ _VOXELS_PER_OUT_CHANNEL = 2
 def _takes_im2col(x: torch.Tensor) -> bool:
     """Whether PyTorch would convolve this input (B, C, *S) by im2col on the CPU. False while tracing: a
     traced graph must hold for other batch sizes and devices than the example's."""
-    return (x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.jit.is_tracing()
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and math.prod(x.shape[:4]) <= _IM2COL_LIMIT)
+    return (
+        x.shape[0] == 1
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.jit.is_tracing()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and math.prod(x.shape[:4]) <= _IM2COL_LIMIT
+    )
 
 
 class _SameConv:
@@ -42,8 +48,12 @@ class _SameConv:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         halo, length = self.padding[0], x.shape[2]
-        if (self.kernel_size[0] != 3 or not _takes_im2col(x) or length % 2
-                or math.prod(x.shape[2:]) < _VOXELS_PER_OUT_CHANNEL * self.out_channels):
+        if (
+            self.kernel_size[0] != 3
+            or not _takes_im2col(x)
+            or length % 2
+            or math.prod(x.shape[2:]) < _VOXELS_PER_OUT_CHANNEL * self.out_channels
+        ):
             return super().forward(x)
         half = length // 2
         padded = F.pad(x, [halo] * (2 * (x.ndim - 2)))
@@ -76,8 +86,9 @@ class SameConv3d(_SameConv, nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 
 
-def same_conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
-              bias: bool = True) -> SameConv2d | SameConv3d:
+def same_conv(
+    spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True
+) -> SameConv2d | SameConv3d:
     """The :class:`SameConv2d` or :class:`SameConv3d` of ``spatial_dims`` (2 or 3)."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")

@@ -98,7 +98,7 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 def _zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> State:
-    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, like))
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True))
 
 
 def _vector_jacobian(
@@ -111,7 +111,7 @@ def _vector_jacobian(
     """``(∂out/∂inputs)ᵀ g``, and the same for ``cond`` (when it requires grad) and ``params``."""
     with_cond = cond is not None and cond.requires_grad
     wrt = [*inputs, *([cond] if with_cond else []), *params]
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
     grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
     n = len(inputs)
     return list(grads[:n]), grads[n] if with_cond else None, list(grads[n + with_cond :])
@@ -234,8 +234,10 @@ class CouplingLayer(InvertibleModule):
         batch = x.shape[0]
         rows_per_chunk = max(1, self.chunk_elements // max(1, x[0].numel()))
         per_sample = cond is not None and cond.shape[0] == batch
-        return [(rows, rows if per_sample else slice(None))
-                for rows in (slice(start, start + rows_per_chunk) for start in range(0, batch, rows_per_chunk))]
+        return [
+            (rows, rows if per_sample else slice(None))
+            for rows in (slice(start, start + rows_per_chunk) for start in range(0, batch, rows_per_chunk))
+        ]
 
     def _apply_in_chunks(self, x: torch.Tensor, cond: torch.Tensor | None, combine: Callable) -> torch.Tensor:
         """``combine(x, conditioner(kept(x), cond))``; without autograd, chunk by chunk into one output."""
@@ -262,8 +264,10 @@ class CouplingLayer(InvertibleModule):
             g_cond, g_params = self._reverse_chunk_(y[rows], grad_y[rows], chunk_cond, params)
             if g_cond is not None:
                 grad_cond[cond_rows] += g_cond
-            grad_params = [g if total is None else total if g is None else total.add_(g)
-                           for total, g in zip(grad_params, g_params)]
+            grad_params = [
+                g if total is None else total if g is None else total.add_(g)
+                for total, g in zip(grad_params, g_params, strict=True)
+            ]
         return (y,), (grad_y,), grad_cond, grad_params
 
     def _reverse_chunk_(
@@ -329,7 +333,7 @@ class OnTensor(InvertibleStep):
         self.index = index
 
     def _replace(self, state: State, tensor: torch.Tensor) -> State:
-        return state[: self.index] + (tensor,) + state[self.index + 1 :]
+        return (*state[: self.index], tensor, *state[self.index + 1 :])
 
     def forward(self, state: State, cond: torch.Tensor | None = None) -> State:
         return self._replace(state, self.layer(state[self.index], cond))
@@ -380,8 +384,10 @@ class _Relay:
         self.external: frozenset[int] = frozenset()
 
     def writable(self, state: State, grads: State) -> tuple[bool, ...]:
-        return tuple(storage_id(t) not in self.external and storage_id(g) not in self.external
-                     for t, g in zip(state, grads))
+        return tuple(
+            storage_id(t) not in self.external and storage_id(g) not in self.external
+            for t, g in zip(state, grads, strict=True)
+        )
 
 
 def _output_state(ctx, grad_out: State) -> tuple[torch.Tensor | None, State]:
@@ -401,9 +407,9 @@ def _output_state(ctx, grad_out: State) -> tuple[torch.Tensor | None, State]:
     if ctx.is_last:
         # a gradient that is not a plain dense tensor (the stride-0 expansion that .sum() hands down)
         # cannot be overwritten in place, handed over or not
-        kept_intact = (*out, *grad_out) if not relay.output_handed_over else [
-            g for g in grad_out if not g.is_contiguous()
-        ]
+        kept_intact = (
+            (*out, *grad_out) if not relay.output_handed_over else [g for g in grad_out if not g.is_contiguous()]
+        )
         relay.external = frozenset(storage_id(t) for t in kept_intact)
     state, relay.state = (tuple(t.detach() for t in out) if ctx.is_last else relay.state), None
     if state is None:
@@ -472,8 +478,11 @@ class _StoredSegment(torch.autograd.Function):
         identical, ctx.passed = passed_through(inputs, out)
         ctx.identical = identical
         ctx.kept = [None if i in ctx.passed.values() else t for i, t in enumerate(inputs)]
-        ctx.edges = [(j, torch.autograd.graph.get_gradient_edge(o)) for j, o in enumerate(out)
-                     if j not in identical and o.requires_grad]
+        ctx.edges = [
+            (j, torch.autograd.graph.get_gradient_edge(o))
+            for j, o in enumerate(out)
+            if j not in identical and o.requires_grad
+        ]
         ctx.cond_in, ctx.params = cond_in, tensors[num_state:]
         ctx.relay, ctx.is_first, ctx.is_last = relay, is_first, is_last
         returned = tuple(o.detach() for o in out)
@@ -484,17 +493,20 @@ class _StoredSegment(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_out):  # type: ignore[override]
         if ctx.edges is None:
-            raise RuntimeError("A memory-efficient InvertibleSequence with steps stored by its memory_budget frees "
-                               "their activations in its first backward pass; it cannot be back-propagated twice "
-                               "(retain_graph). Set memory_budget=0 to back-propagate more than once.")
+            raise RuntimeError(
+                "A memory-efficient InvertibleSequence with steps stored by its memory_budget frees "
+                "their activations in its first backward pass; it cannot be back-propagated twice "
+                "(retain_graph). Set memory_budget=0 to back-propagate more than once."
+            )
         relay = ctx.relay
         _, state = _output_state(ctx, grad_out)
         kept = [t for t in ctx.kept if t is not None]
         with_cond = ctx.cond_in is not None and ctx.cond_in.requires_grad
         wrt = [*kept, *([ctx.cond_in] if with_cond else []), *ctx.params]
         if ctx.edges:
-            grads = torch.autograd.grad([e for _, e in ctx.edges], wrt, [grad_out[j] for j, _ in ctx.edges],
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                [e for _, e in ctx.edges], wrt, [grad_out[j] for j, _ in ctx.edges], allow_unused=True
+            )
         else:
             grads = (None,) * len(wrt)
         grad_kept = iter(grads[: len(kept)])
@@ -507,8 +519,16 @@ class _StoredSegment(torch.autograd.Function):
         grad_cond = grads[len(kept)] if with_cond else None
         ctx.kept = ctx.edges = ctx.cond_in = None  # the graph is spent: let its tensors go
         relay.state = None if ctx.is_first else tuple(inputs)
-        return (None, None, None, None, grad_cond, None, *_zeros_for_none(grad_in, inputs),
-                *grads[len(kept) + with_cond:])
+        return (
+            None,
+            None,
+            None,
+            None,
+            grad_cond,
+            None,
+            *_zeros_for_none(grad_in, inputs),
+            *grads[len(kept) + with_cond :],
+        )
 
 
 class InvertibleSequence(nn.Module):
@@ -532,8 +552,9 @@ class InvertibleSequence(nn.Module):
     fewer at the peak), and the graph cannot be back-propagated twice.
     """
 
-    def __init__(self, steps: Sequence[InvertibleStep], memory_efficient: bool = True,
-                 memory_budget: float = 0) -> None:
+    def __init__(
+        self, steps: Sequence[InvertibleStep], memory_efficient: bool = True, memory_budget: float = 0
+    ) -> None:
         super().__init__()
         self.steps = nn.ModuleList(steps)
         self.memory_efficient = memory_efficient
@@ -560,9 +581,11 @@ class InvertibleSequence(nn.Module):
         :attr:`memory_budget` (the costs are measured at the first call of each input signature)."""
         if self.memory_budget == 0:
             return (False,) * len(self.steps)
-        signature = (tuple((tuple(t.shape), t.dtype, t.device.type) for t in state),
-                     None if cond is None else (tuple(cond.shape), cond.dtype, cond.requires_grad),
-                     _autocast_setting(state[0].device.type))
+        signature = (
+            tuple((tuple(t.shape), t.dtype, t.device.type) for t in state),
+            None if cond is None else (tuple(cond.shape), cond.dtype, cond.requires_grad),
+            _autocast_setting(state[0].device.type),
+        )
         if signature not in self._costs:
             self._costs[signature] = step_costs(list(self.steps), state, cond)
         return choose_stored(self._costs[signature], self.memory_budget)
@@ -589,7 +612,7 @@ class InvertibleSequence(nn.Module):
         if all(stored):  # the whole sequence kept: plain autograd itself
             return _run(steps, state, cond, reverse)
         links: list[tuple[bool, list[InvertibleStep]]] = []  # a reconstructing step, or a segment of stored ones
-        for step, keep in zip(reversed(steps) if reverse else steps, stored):
+        for step, keep in zip(reversed(steps) if reverse else steps, stored, strict=True):
             if keep and links and links[-1][0]:
                 links[-1][1].append(step)
             else:

@@ -87,21 +87,39 @@ class InvertibleDiffusionUNet(nn.Module):
             raise ValueError(f"in_channels and out_channels must be ≥ 1, got {in_channels}, {out_channels}.")
         width = int(channels[0])
         embed = time_embed_dim or 4 * width
-        self.config = None if block is not None or attention is not None else {
-            "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
-            "channels": [int(c) for c in channels], "num_blocks": num_blocks,
-            "attention_levels": None if attention_levels is None else [bool(a) for a in attention_levels],
-            "channel_mixing": channel_mixing, "num_heads": num_heads, "time_embed_dim": time_embed_dim,
-        }
+        self.config = (
+            None
+            if block is not None or attention is not None
+            else {
+                "spatial_dims": spatial_dims,
+                "in_channels": in_channels,
+                "out_channels": out_channels,
+                "channels": [int(c) for c in channels],
+                "num_blocks": num_blocks,
+                "attention_levels": None if attention_levels is None else [bool(a) for a in attention_levels],
+                "channel_mixing": channel_mixing,
+                "num_heads": num_heads,
+                "time_embed_dim": time_embed_dim,
+            }
+        )
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.time_mlp = nn.Sequential(nn.Linear(width, embed), nn.SiLU(), nn.Linear(embed, embed))
         self.stem = same_conv(spatial_dims, in_channels, width)
         self.trunk = InvertibleUNet(
-            spatial_dims, channels, num_blocks, attention_levels, cond_dim=embed, memory_efficient=memory_efficient,
-            channel_mixing=channel_mixing, num_heads=num_heads, recompute_norms=recompute_norms, block=block,
-            attention=attention, memory_budget=memory_budget,
+            spatial_dims,
+            channels,
+            num_blocks,
+            attention_levels,
+            cond_dim=embed,
+            memory_efficient=memory_efficient,
+            channel_mixing=channel_mixing,
+            num_heads=num_heads,
+            recompute_norms=recompute_norms,
+            block=block,
+            attention=attention,
+            memory_budget=memory_budget,
         )
         self.head = same_conv(spatial_dims, width, out_channels)
         nn.init.zeros_(self.head.weight)
@@ -142,7 +160,7 @@ class InvertibleDiffusionUNet(nn.Module):
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         spatial = tuple(x.shape[2:])
-        pad = [p - s for p, s in zip(self.padded_size(spatial), spatial)]
+        pad = [p - s for p, s in zip(self.padded_size(spatial), spatial, strict=True)]
         if any(pad):
             x = F.pad(x, [p for extra in reversed(pad) for p in (0, extra)])
         return x, spatial

@@ -26,7 +26,7 @@ from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling
 __all__ = ["AttentionPair", "CouplingBlock", "InvertibleUNet", "LayerFactory", "SkipSplit", "skip_channels"]
 
 _FROM_CONFIG = (
-    " The bundle's configs convert command-line strings such as \"false\" to bools before they build the network;"
+    ' The bundle\'s configs convert command-line strings such as "false" to bools before they build the network;'
     " in Python, pass True or False."
 )
 
@@ -42,8 +42,10 @@ def _check_bool(value: Any, name: str) -> None:
 
 def _check_bools(values: Any, name: str, example: tuple[bool, ...]) -> tuple[bool, ...]:
     """``values`` as a tuple, after ``TypeError`` naming ``name`` unless it is a sequence of bools."""
-    if isinstance(values, (str, bool)) or not isinstance(values, Sequence) or not all(
-        isinstance(v, bool) for v in values
+    if (
+        isinstance(values, (str, bool))
+        or not isinstance(values, Sequence)
+        or not all(isinstance(v, bool) for v in values)
     ):
         strings = isinstance(values, str) or (isinstance(values, Sequence) and any(isinstance(v, str) for v in values))
         raise TypeError(
@@ -220,7 +222,10 @@ def skip_channels(spatial_dims: int, channels: Sequence[int]) -> tuple[int, ...]
 
 
 def _layer_factories(
-    block: LayerFactory | None, attention: LayerFactory | None, channel_mixing: bool, recompute_norms: bool,
+    block: LayerFactory | None,
+    attention: LayerFactory | None,
+    channel_mixing: bool,
+    recompute_norms: bool,
     num_heads: int,
 ) -> tuple[LayerFactory, LayerFactory]:
     """The trunk's block and attention factories: the given ones, or the defaults configured by ``channel_mixing``,
@@ -325,11 +330,16 @@ class InvertibleUNet(nn.Module):
         skips = skip_channels(spatial_dims, channels)
         levels = len(channels)
         example = (False,) * max(levels - 2, 0) + (True,) * min(levels, 2)
-        attention_levels = (False,) * levels if attention_levels is None else _check_bools(
-            attention_levels, "attention_levels", example
+        attention_levels = (
+            (False,) * levels
+            if attention_levels is None
+            else _check_bools(attention_levels, "attention_levels", example)
         )
-        for value, name in ((memory_efficient, "memory_efficient"), (channel_mixing, "channel_mixing"),
-                            (recompute_norms, "recompute_norms")):
+        for value, name in (
+            (memory_efficient, "memory_efficient"),
+            (channel_mixing, "channel_mixing"),
+            (recompute_norms, "recompute_norms"),
+        ):
             _check_bool(value, name)
         if len(attention_levels) != levels:
             raise ValueError(
@@ -344,8 +354,11 @@ class InvertibleUNet(nn.Module):
         self.size_divisor = 2 ** (levels - 1) * bottom_attention
 
         def blocks(width: int) -> list[InvertibleStep]:
-            return [step for _ in range(num_blocks)
-                    for step in _factory_steps(block, "block", spatial_dims, width, cond_dim, 0)]
+            return [
+                step
+                for _ in range(num_blocks)
+                for step in _factory_steps(block, "block", spatial_dims, width, cond_dim, 0)
+            ]
 
         def attend(width: int, index: int) -> list[InvertibleStep]:
             return _factory_steps(attention, "attention", spatial_dims, width, cond_dim, index)

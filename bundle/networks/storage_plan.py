@@ -39,11 +39,15 @@ def check_memory_budget(value: float, name: str = "memory_budget") -> float:
     """``value`` as a float after ``TypeError``/``ValueError`` naming ``name`` unless it is a number ≥ 0 (bytes;
     ``float("inf")``: no limit)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of bytes ≥ 0 (0: rebuild every activation; float('inf'): keep "
-                        f"whatever helps), got {value!r} (a {type(value).__name__}).")
+        raise TypeError(
+            f"{name} must be a number of bytes ≥ 0 (0: rebuild every activation; float('inf'): keep "
+            f"whatever helps), got {value!r} (a {type(value).__name__})."
+        )
     if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a number of bytes ≥ 0 (0: rebuild every activation; float('inf'): keep "
-                         f"whatever helps), got {value!r}.")
+        raise ValueError(
+            f"{name} must be a number of bytes ≥ 0 (0: rebuild every activation; float('inf'): keep "
+            f"whatever helps), got {value!r}."
+        )
     return float(value)
 
 
@@ -71,8 +75,9 @@ def _leaves_reached(outputs: Sequence[torch.Tensor]) -> set[int]:
     return reached
 
 
-def passed_through(inputs: Sequence[torch.Tensor],
-                   outputs: Sequence[torch.Tensor]) -> tuple[dict[int, int], dict[int, int]]:
+def passed_through(
+    inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]
+) -> tuple[dict[int, int], dict[int, int]]:
     """``({output position: input position} of the inputs that a step returned as they were, the same for those of
     them that none of its other outputs depends on either)``: the second are the skips that a step on the running
     feature map carries along, which a stored step need not keep (the state handed back in backward has them)."""
@@ -91,8 +96,7 @@ def _fake_context(tensors: Sequence[torch.Tensor]):
     return mode, mode.from_tensor
 
 
-def step_costs(steps: Sequence[nn.Module], state: Sequence[torch.Tensor],
-               cond: torch.Tensor | None) -> list[StepCost]:
+def step_costs(steps: Sequence[nn.Module], state: Sequence[torch.Tensor], cond: torch.Tensor | None) -> list[StepCost]:
     """The :class:`StepCost` of each of ``steps`` (InvertibleSteps, in order) for the input ``state`` and ``cond``,
     on FakeTensors, outside any other dispatch mode (a memory plan's or a FLOP count's does not see it)."""
     costs = []
@@ -108,8 +112,9 @@ def step_costs(steps: Sequence[nn.Module], state: Sequence[torch.Tensor],
     return costs
 
 
-def _step_cost(step: nn.Module, state: tuple[torch.Tensor, ...],
-               cond: torch.Tensor | None) -> tuple[StepCost, tuple[torch.Tensor, ...]]:
+def _step_cost(
+    step: nn.Module, state: tuple[torch.Tensor, ...], cond: torch.Tensor | None
+) -> tuple[StepCost, tuple[torch.Tensor, ...]]:
     """(the cost of ``step`` on ``state``, its output state), under autograd on FakeTensors."""
     leaves = tuple(s.detach().requires_grad_(True) for s in state)
     inputs = {storage_id(t) for t in leaves}
@@ -120,8 +125,11 @@ def _step_cost(step: nn.Module, state: tuple[torch.Tensor, ...],
             saved[storage_id(t)] = t.untyped_storage().nbytes()
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            FlopCounterMode(display=False) as counter:
+    with (
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        FlopCounterMode(display=False) as counter,
+    ):
         out = step(leaves, cond)
     kept = set(passed_through(leaves, out)[1].values())
     for i, leaf in enumerate(leaves):  # a stored step keeps the inputs it does not pass through
@@ -133,8 +141,10 @@ def _step_cost(step: nn.Module, state: tuple[torch.Tensor, ...],
 def choose_stored(costs: Sequence[StepCost], budget: float) -> tuple[bool, ...]:
     """Which steps to store: in order of FLOPs per stored byte (a step that keeps nothing first), each whose bytes
     still fit in ``budget``."""
-    order = sorted(range(len(costs)), key=lambda i: -(costs[i].flops / costs[i].stored_bytes
-                                                       if costs[i].stored_bytes else math.inf))
+    order = sorted(
+        range(len(costs)),
+        key=lambda i: -(costs[i].flops / costs[i].stored_bytes if costs[i].stored_bytes else math.inf),
+    )
     stored, used = [False] * len(costs), 0
     for i in order:
         if used + costs[i].stored_bytes <= budget:

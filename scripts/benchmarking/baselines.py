@@ -67,15 +67,29 @@ def matched_monai_unet(
     Raises:
         ValueError: when no candidate up to ``max_width`` is within the tolerance.
     """
-    kwargs = _leanest_arguments(target_parameters, spatial_dims, in_channels, out_channels,
-                                tuple(bool(a) for a in attention_levels), tolerance, max_width, tuple(num_res_blocks))
+    kwargs = _leanest_arguments(
+        target_parameters,
+        spatial_dims,
+        in_channels,
+        out_channels,
+        tuple(bool(a) for a in attention_levels),
+        tolerance,
+        max_width,
+        tuple(num_res_blocks),
+    )
     return DiffusionModelUNet(**kwargs), dict(kwargs)
 
 
 @functools.cache
 def _leanest_arguments(
-    target_parameters: int, spatial_dims: int, in_channels: int, out_channels: int, attention_levels: tuple[bool, ...],
-    tolerance: float, max_width: int, num_res_blocks: tuple[int, ...],
+    target_parameters: int,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    attention_levels: tuple[bool, ...],
+    tolerance: float,
+    max_width: int,
+    num_res_blocks: tuple[int, ...],
 ) -> dict:
     """The constructor arguments of :func:`matched_monai_unet` (the caller copies them)."""
     levels = len(attention_levels)

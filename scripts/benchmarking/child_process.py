@@ -29,8 +29,12 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 OUT_OF_MEMORY = "out of memory"
 # What the fork server imports once: the modules whose functions its children run (torch, MONAI and the
 # networks come with them).
-_PRELOAD = ["scripts.benchmarking.peak_memory", "scripts.benchmarking.timing", "scripts.benchmarking.step_profile",
-            "scripts.benchmarking.plan_accuracy"]
+_PRELOAD = [
+    "scripts.benchmarking.peak_memory",
+    "scripts.benchmarking.timing",
+    "scripts.benchmarking.step_profile",
+    "scripts.benchmarking.plan_accuracy",
+]
 # How running out of memory reads where it is not a torch.OutOfMemoryError: the CPU allocator's failure,
 # a CUDA error raised outside the caching allocator ("CUDA error: out of memory", e.g. a library handle or
 # a cuDNN workspace) and a cuBLAS/cuDNN allocation status.
@@ -53,7 +57,8 @@ def measuring_device() -> torch.device:
 def is_out_of_memory(error: Exception) -> bool:
     """Whether ``error`` says the device ran out of memory."""
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and any(m in str(error) for m in _OUT_OF_MEMORY_MESSAGES))
+        isinstance(error, RuntimeError) and any(m in str(error) for m in _OUT_OF_MEMORY_MESSAGES)
+    )
 
 
 @cache

@@ -79,7 +79,8 @@ class _RaplPackages:
 
 def _rapl_counter() -> EnergyCounter | str:
     domains = [
-        d for d in sorted(_POWERCAP.glob("*-rapl:*"))
+        d
+        for d in sorted(_POWERCAP.glob("*-rapl:*"))
         if (d / "name").exists() and (d / "name").read_text().startswith("package") and (d / "energy_uj").exists()
     ]
     if not domains:

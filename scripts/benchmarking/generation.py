@@ -91,8 +91,9 @@ def final_model(run_dir: Path) -> tuple[torch.nn.Module, dict]:
     }
 
 
-def final_samples(model: tuple[torch.nn.Module, dict], num_samples: int, seed: int, sampler: str = FINAL_SAMPLER
-                  ) -> torch.Tensor:
+def final_samples(
+    model: tuple[torch.nn.Module, dict], num_samples: int, seed: int, sampler: str = FINAL_SAMPLER
+) -> torch.Tensor:
     """(num_samples, C, *S) samples in [0, 1] of a :func:`final_model` by ``sampler`` (a key of :data:`SAMPLERS`; at
     most T steps) on the run's T and schedule, four at a time."""
     network, run = model
@@ -108,8 +109,10 @@ def _curves(run_dir: Path, steps_per_epoch: int, measures: Sequence[str]) -> dic
     the validation ε-MSE, against training steps: ``{tag: [(step, value), …]}``."""
     tags = ["generation/within_spread", "val_eps_mse"]
     tags += [f"generation/{m}{suffix}" for m in measures for suffix in ("", "_real_spread")]
-    return {tag: [(epoch * steps_per_epoch, value) for epoch, value in values]
-            for tag, values in read_scalars(run_dir / "runs", tags).items()}
+    return {
+        tag: [(epoch * steps_per_epoch, value) for epoch, value in values]
+        for tag, values in read_scalars(run_dir / "runs", tags).items()
+    }
 
 
 def monitor_images(run_dir: Path, steps_per_epoch: int) -> dict[int, np.ndarray]:
@@ -146,14 +149,34 @@ def continue_run(source: Path, target: Path, epochs: int) -> float:
     if not target.exists():
         shutil.copytree(source, target, ignore=shutil.ignore_patterns(DONE))
         args = json.loads((target / "args.json").read_text()) | {
-            "ckpt_dir": str(target / "models"), "output_dir": str(target / "runs"), "train#trainer#max_epochs": epochs}
+            "ckpt_dir": str(target / "models"),
+            "output_dir": str(target / "runs"),
+            "train#trainer#max_epochs": epochs,
+        }
         (target / "args.json").write_text(json.dumps(args, indent=1))
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG,
-               "--args_file", str(target / "args.json"), "--resume", "true"]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        TRAIN_CONFIG,
+        "--args_file",
+        str(target / "args.json"),
+        "--resume",
+        "true",
+    ]
     start = time.perf_counter()
     with open(target / "train_continued.log", "a") as log:
-        result = subprocess.run(command, cwd=BUNDLE_ROOT, env=child_environment(OMP_NUM_THREADS="1"), stdout=log,
-                                stderr=subprocess.STDOUT, check=False)
+        result = subprocess.run(
+            command,
+            cwd=BUNDLE_ROOT,
+            env=child_environment(OMP_NUM_THREADS="1"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         tail = (target / "train_continued.log").read_text()[-3000:]
@@ -162,20 +185,37 @@ def continue_run(source: Path, target: Path, epochs: int) -> float:
     return seconds
 
 
-def _summary(run_dir: Path, label: str, parameters: int, wall_seconds: float, real: torch.Tensor, num_samples: int,
-             final_samples_count: int, seed: int, steps_per_epoch: int) -> tuple[dict, torch.Tensor]:
+def _summary(
+    run_dir: Path,
+    label: str,
+    parameters: int,
+    wall_seconds: float,
+    real: torch.Tensor,
+    num_samples: int,
+    final_samples_count: int,
+    seed: int,
+    steps_per_epoch: int,
+) -> tuple[dict, torch.Tensor]:
     """One network's entry of :func:`compare_generation`'s ``networks`` and its final samples."""
     model = final_model(run_dir)
     samples = final_samples(model, final_samples_count, seed)
     final = compare_to_real(samples, real, ["t1", "t2"], seed=seed)
-    by_sampler = {sampler: compare_to_real(final_samples(model, num_samples, seed, sampler), real, ["t1", "t2"],
-                                           seed=seed) for sampler in list(SAMPLERS)[1:]}
+    by_sampler = {
+        sampler: compare_to_real(final_samples(model, num_samples, seed, sampler), real, ["t1", "t2"], seed=seed)
+        for sampler in list(SAMPLERS)[1:]
+    }
     curves = _curves(run_dir, steps_per_epoch, list(final["measures"]))
     trained = read_scalars(run_dir / "runs", [STEP_TAG])[STEP_TAG][-1][0]
     return {
-        "label": label, "parameters": parameters, "wall_seconds": wall_seconds, "steps": trained,
-        "seconds_per_step": wall_seconds / trained, "curves": curves, "first_within": first_step_within(curves),
-        "first_within_90": first_step_within(curves, 0.9), "final": final,
+        "label": label,
+        "parameters": parameters,
+        "wall_seconds": wall_seconds,
+        "steps": trained,
+        "seconds_per_step": wall_seconds / trained,
+        "curves": curves,
+        "first_within": first_step_within(curves),
+        "first_within_90": first_step_within(curves, 0.9),
+        "final": final,
         "samplers": {FINAL_SAMPLER: final} | by_sampler,
     }, samples
 
@@ -202,10 +242,18 @@ def recipe(
     epochs_per_check = max(1, round(check_every / steps_per_epoch))
     epochs = max(epochs_per_check, round(steps / steps_per_epoch / epochs_per_check) * epochs_per_check)
     overrides = {
-        "spatial_size": [size] * 3, "batch_size": batch_size, "seed": seed, "num_phantoms": num_phantoms,
-        "val_fraction": val_fraction, "learning_rate": learning_rate, "ema_decay": ema_decay,
-        "num_train_timesteps": num_train_timesteps, "train#trainer#max_epochs": epochs,
-        "val_interval": epochs_per_check, "generation_interval": epochs_per_check, "generation_samples": num_samples,
+        "spatial_size": [size] * 3,
+        "batch_size": batch_size,
+        "seed": seed,
+        "num_phantoms": num_phantoms,
+        "val_fraction": val_fraction,
+        "learning_rate": learning_rate,
+        "ema_decay": ema_decay,
+        "num_train_timesteps": num_train_timesteps,
+        "train#trainer#max_epochs": epochs,
+        "val_interval": epochs_per_check,
+        "generation_interval": epochs_per_check,
+        "generation_samples": num_samples,
     }
     return overrides, {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "epochs_per_check": epochs_per_check}
 
@@ -238,17 +286,33 @@ def compare_generation(
     overrides, schedule = recipe(**recipe_settings)
     size, seed, num_samples = overrides["spatial_size"][0], overrides["seed"], overrides["generation_samples"]
     settings = {
-        "size": size, "channels": list(channels), "attention_levels": list(attention_levels), "num_blocks": num_blocks,
-        **{key: overrides[key] for key in ("batch_size", "learning_rate", "ema_decay", "num_train_timesteps",
-                                           "num_phantoms", "val_fraction")},
-        "num_samples": num_samples, "final_samples": final_samples_count, "seed": seed, **schedule,
+        "size": size,
+        "channels": list(channels),
+        "attention_levels": list(attention_levels),
+        "num_blocks": num_blocks,
+        **{
+            key: overrides[key]
+            for key in (
+                "batch_size",
+                "learning_rate",
+                "ema_decay",
+                "num_train_timesteps",
+                "num_phantoms",
+                "val_fraction",
+            )
+        },
+        "num_samples": num_samples,
+        "final_samples": final_samples_count,
+        "seed": seed,
+        **schedule,
     }
     steps_per_epoch = schedule["steps_per_epoch"]
     shared = overrides | {"num_workers": 0, "preview_interval": 1000, "dataset_dir": str(work / "data")}
     # the phantoms, written once outside the timed runs
     training_cases(work / "data", seed=seed, num_phantoms=overrides["num_phantoms"])
-    workload = Workload("idm", size, channels=tuple(channels), num_blocks=num_blocks,
-                        attention_levels=tuple(attention_levels))
+    workload = Workload(
+        "idm", size, channels=tuple(channels), num_blocks=num_blocks, attention_levels=tuple(attention_levels)
+    )
     definitions = network_definitions(workload)
 
     def train(name: str) -> float:
@@ -260,27 +324,50 @@ def compare_generation(
         return seconds
 
     with ThreadPoolExecutor(len(definitions)) as pool:
-        walls = dict(zip(definitions, pool.map(train, definitions)))
+        walls = dict(zip(definitions, pool.map(train, definitions), strict=True))
     real = validation_volumes(work / "idm")
     networks, samples, images = {}, {}, {}
     for name, definition in definitions.items():
-        networks[name], samples[name] = _summary(work / name, NETWORKS[name], parameter_count(definition),
-                                                 walls[name], real, num_samples, final_samples_count, seed,
-                                                 steps_per_epoch)
+        networks[name], samples[name] = _summary(
+            work / name,
+            NETWORKS[name],
+            parameter_count(definition),
+            walls[name],
+            real,
+            num_samples,
+            final_samples_count,
+            seed,
+            steps_per_epoch,
+        )
         images[name] = monitor_images(work / name, steps_per_epoch)
     if continue_steps:
         epochs = recipe(**(recipe_settings | {"steps": continue_steps}))[1]["epochs"]
         if epochs <= schedule["epochs"]:
-            raise ValueError(f"continue_steps={continue_steps} gives {epochs} epochs, not more than the "
-                             f"{schedule['epochs']} of steps={recipe_settings.get('steps')}.")
+            raise ValueError(
+                f"continue_steps={continue_steps} gives {epochs} epochs, not more than the "
+                f"{schedule['epochs']} of steps={recipe_settings.get('steps')}."
+            )
         seconds = continue_run(work / "idm", work / CONTINUED, epochs)
         networks[CONTINUED], samples[CONTINUED] = _summary(
-            work / CONTINUED, f"{NETWORKS['idm']}, trained on to {epochs} epochs", parameter_count(definitions["idm"]),
-            walls["idm"] + seconds, real, num_samples, final_samples_count, seed, steps_per_epoch)
+            work / CONTINUED,
+            f"{NETWORKS['idm']}, trained on to {epochs} epochs",
+            parameter_count(definitions["idm"]),
+            walls["idm"] + seconds,
+            real,
+            num_samples,
+            final_samples_count,
+            seed,
+            steps_per_epoch,
+        )
         settings["continued_epochs"] = epochs
     figures = {"curves": CURVES_FIGURE, "samples": SAMPLES_FIGURE, "progress": PROGRESS_FIGURE}
-    result = {"settings": settings, "machine": machine_description(), "networks": networks, "figures": figures,
-              "num_real": len(real)}
+    result = {
+        "settings": settings,
+        "machine": machine_description(),
+        "networks": networks,
+        "figures": figures,
+        "num_real": len(real),
+    }
     return result | {"_samples": samples, "_real": real, "_images": images}
 
 
@@ -307,8 +394,9 @@ def plot_progress(images: Mapping[str, Mapping[int, np.ndarray]], path: Path, ro
     """The monitor's samples at ``rows`` checks spread over training (the same noise at each), one column per
     network: in each cell the first samples' axial mid-slices, T1 above T2."""
     steps = sorted(set.intersection(*[set(i) for i in images.values()]))
-    chosen = steps if len(steps) <= rows else sorted({steps[round(k * (len(steps) - 1) / (rows - 1))]
-                                                      for k in range(rows)})
+    chosen = (
+        steps if len(steps) <= rows else sorted({steps[round(k * (len(steps) - 1) / (rows - 1))] for k in range(rows)})
+    )
     fig, axes = plt.subplots(len(chosen), len(images), figsize=(3.3 * len(images), 1.75 * len(chosen)), squeeze=False)
     for col, (name, per_step) in enumerate(images.items()):
         for row, step in enumerate(chosen):
@@ -327,14 +415,14 @@ def plot_curves(result: dict, path: Path) -> None:
     panels = ["generation/within_spread", "val_eps_mse", *[f"generation/{m}" for m in CURVE_MEASURES]]
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(3.6 * cols, 2.9 * 2), squeeze=False)
-    for ax, tag in zip(axes.flat, panels):
+    for ax, tag in zip(axes.flat, panels, strict=False):  # the grid may have more cells than panels
         for name, run in result["networks"].items():
             if tag in run["curves"]:
-                x, y = zip(*run["curves"][tag])
+                x, y = zip(*run["curves"][tag], strict=True)
                 ax.plot(x, y, marker="o", markersize=2, label=SHORT[name])
             spread = run["curves"].get(f"{tag}_real_spread")
             if spread and name == "idm":
-                x, y = zip(*spread)
+                x, y = zip(*spread, strict=True)
                 ax.plot(x, y, color="grey", linestyle="--", label="real vs real (max)")
         ax.set_title(tag.removeprefix("generation/"), fontsize=9)
         ax.set_xlabel("training steps", fontsize=8)
@@ -343,7 +431,7 @@ def plot_curves(result: dict, path: Path) -> None:
             ax.set_ylim(-0.05, 1.05)
         elif tag not in ("val_eps_mse", "generation/correlation/t1_t2", "generation/mmd"):  # MMD can dip below 0
             ax.set_yscale("log")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_axis_off()
     axes.flat[2].legend(fontsize=7)  # a panel with the real-vs-real line
     fig.tight_layout()
@@ -362,8 +450,13 @@ def _sampler_rows(runs: Mapping[str, dict]) -> tuple[list[str], list[list[str]]]
     rows = []
     for sampler in runs["idm"]["samplers"]:
         results = [run["samplers"][sampler] for run in runs.values()]
-        rows.append([sampler, *[f"{r['within_spread']:.2f}" for r in results],
-                     *[f"{r['statistics']['autocorrelation/t1']['generated']:.3f}" for r in results]])
+        rows.append(
+            [
+                sampler,
+                *[f"{r['within_spread']:.2f}" for r in results],
+                *[f"{r['statistics']['autocorrelation/t1']['generated']:.3f}" for r in results],
+            ]
+        )
     return header, rows
 
 
@@ -374,29 +467,48 @@ def render_generation_markdown(result: dict, command: str) -> str:
     rows = []
     for name, m in idm["final"]["measures"].items():
         other = monai["final"]["measures"][name]
-        rows.append([name, f"{m['generated_vs_real']:.4g}", f"{other['generated_vs_real']:.4g}",
-                     f"{m['real_vs_real_mean']:.4g}", f"{m['real_vs_real_max']:.4g}",
-                     ("✓" if m["within_spread"] else "✗") + " / "
-                     + ("✓" if other["within_spread"] else "✗")])
+        rows.append(
+            [
+                name,
+                f"{m['generated_vs_real']:.4g}",
+                f"{other['generated_vs_real']:.4g}",
+                f"{m['real_vs_real_mean']:.4g}",
+                f"{m['real_vs_real_max']:.4g}",
+                ("✓" if m["within_spread"] else "✗") + " / " + ("✓" if other["within_spread"] else "✗"),
+            ]
+        )
     monai_statistics = monai["final"]["statistics"]
-    stats = [[name, f"{v['real']:.3f}", f"{v['generated']:.3f}", f"{monai_statistics[name]['generated']:.3f}"]
-             for name, v in idm["final"]["statistics"].items()]
+    stats = [
+        [name, f"{v['real']:.3f}", f"{v['generated']:.3f}", f"{monai_statistics[name]['generated']:.3f}"]
+        for name, v in idm["final"]["statistics"].items()
+    ]
     checks = sorted(dict(idm["curves"]["generation/within_spread"]))
     shown = sorted(set(checks[:: max(1, len(checks) // 8)]) | {checks[-1]})
-    per_step = [[step] + [
-        f"{_at_step(runs[n]['curves']['generation/within_spread'], step):.2f}" for n in NETWORKS
-    ] + [f"{_at_step(runs[n]['curves']['generation/autocorrelation/t1'], step):.3f}" for n in NETWORKS]
+    per_step = [
+        [step]
+        + [f"{_at_step(runs[n]['curves']['generation/within_spread'], step):.2f}" for n in NETWORKS]
+        + [f"{_at_step(runs[n]['curves']['generation/autocorrelation/t1'], step):.3f}" for n in NETWORKS]
         + [f"{_at_step(runs[n]['curves']['val_eps_mse'], step) or float('nan'):.3f}" for n in NETWORKS]
-        for step in shown]
+        for step in shown
+    ]
     spread = idm["curves"]["generation/autocorrelation/t1_real_spread"][-1][1]
 
     def reached(run: dict, key: str) -> str:
         step = run[key]
         return "not reached" if step is None else f"{step} steps ({step * run['seconds_per_step'] / 60:.0f} min)"
 
-    timing = [[r["label"], f"{r['parameters'] / 1e6:.3f}M", r["steps"], f"{r['wall_seconds'] / 60:.1f}",
-               f"{r['seconds_per_step']:.2f}", reached(r, "first_within_90"), reached(r, "first_within")]
-              for r in runs.values()]
+    timing = [
+        [
+            r["label"],
+            f"{r['parameters'] / 1e6:.3f}M",
+            r["steps"],
+            f"{r['wall_seconds'] / 60:.1f}",
+            f"{r['seconds_per_step']:.2f}",
+            reached(r, "first_within_90"),
+            reached(r, "first_within"),
+        ]
+        for r in runs.values()
+    ]
     last = min(idm["steps"], monai["steps"])
     last_check = max(step for step, _ in idm["curves"]["generation/within_spread"] if step <= last)
     at_last = {n: _at_step(runs[n]["curves"]["generation/within_spread"], last_check) for n in NETWORKS}
@@ -407,67 +519,124 @@ def render_generation_markdown(result: dict, command: str) -> str:
         first = next(step for step, value in curve if value == best)
         minutes = first * runs[name]["seconds_per_step"] / 60
         parts = [f"at best {best:.0%} of the measures within the spread, first at step {first} ({minutes:.0f} min)"]
-        parts += [f"{share} within: {reached(runs[name], key)}"
-                  for share, key in (("90%", "first_within_90"), ("all", "first_within"))]
+        parts += [
+            f"{share} within: {reached(runs[name], key)}"
+            for share, key in (("90%", "first_within_90"), ("all", "first_within"))
+        ]
         return f"{SHORT[name]}: " + "; ".join(parts)
 
-    findings = (f"**Findings.** {milestone('idm')}. {milestone('monai')}. At step {last_check}, the last check of "
-                f"both, {at_last['idm']:.0%} of the measures are within the spread for IDM and "
-                f"{at_last['monai']:.0%} for MONAI's network; the final IDM samples have "
-                f"{idm['final']['within_spread']:.0%} within, MONAI's {monai['final']['within_spread']:.0%}.")
+    findings = (
+        f"**Findings.** {milestone('idm')}. {milestone('monai')}. At step {last_check}, the last check of "
+        f"both, {at_last['idm']:.0%} of the measures are within the spread for IDM and "
+        f"{at_last['monai']:.0%} for MONAI's network; the final IDM samples have "
+        f"{idm['final']['within_spread']:.0%} within, MONAI's {monai['final']['within_spread']:.0%}."
+    )
     if CONTINUED in runs:
         longer = runs[CONTINUED]
-        findings += (f" Trained on to {longer['steps']} steps, IDM: {milestone(CONTINUED).split(': ', 1)[1]}; its "
-                     f"final samples have {longer['final']['within_spread']:.0%} within.")
-    return "\n\n".join([
-        "# Generation: does a trained model generate volumes like its data?",
-        findings,
-        f"Command: `{command}`  \nMachine: {result['machine']}; both trainings ran at once, one torch thread each.",
-        (f"Both networks trained by `configs/train.json` on {s['num_phantoms']} built-in phantoms at {s['size']}³ "
-         f"({round(s['num_phantoms'] * s['val_fraction'])} held out for validation), batch {s['batch_size']}, AdamW lr "
-         f"{s['learning_rate']} with cosine annealing over {s['epochs']} epochs ({s['steps_per_epoch']} steps each), "
-         f"T = {s['num_train_timesteps']} (cosine schedule), EMA {s['ema_decay']}, seed {s['seed']}; only "
-         f"`network_def` differs (IDM channels {tuple(s['channels'])}, {s['num_blocks']} blocks per level, attention "
-         f"{tuple(s['attention_levels'])}; MONAI's `DiffusionModelUNet` the leanest within ±10% of its parameters). "
-         f"Every {s['epochs_per_check'] * s['steps_per_epoch']} steps the generation monitor "
-         f"(`--generation_interval {s['epochs_per_check']}`) drew {s['num_samples']} samples (DDIM with η = 1, 200 "
-         "steps, the same noise each time, EMA weights) and compared them with the validation volumes "
-         "(`bundle.sample_quality.compare_to_real`: each measure against the largest distance between two random "
-         "halves of the real volumes over 10 splits)."),
-        "## Samples of the final models beside real volumes",
-        (f"Axial mid-slices; first rows: validation phantoms; then the first six of {s['final_samples']} samples per "
-         "network (seed 0)."),
-        f"![samples]({SAMPLES_FIGURE})",
-        "## Samples over training",
-        ("The generation monitor's first samples at checks spread over training, each from the same noise (axial "
-         "mid-slices, T1 above T2):"),
-        f"![samples over training]({PROGRESS_FIGURE})",
-        "## Steps to phantom-like",
-        ("*Phantom-like* here: all 12 measures within the real-vs-real spread at a check (also given: 90%, i.e. 11 of "
-         "12). Minutes are steps × the run's mean wall seconds per step (validation and monitor included)."),
-        markdown_table(["network", "params", "steps", "wall min", "s/step", "≥ 90% within", "all within"], timing),
-        "## Over training",
-        f"![curves]({CURVES_FIGURE})",
-        (f"Fraction of the measures within the spread, T1 lag-1 autocorrelation distance (real-vs-real max at the end "
-         f"{spread:.3f}) and validation ε-MSE, at equal steps:"),
-        markdown_table(["step", "IDM within", "MONAI within", "IDM autocorr. dist.", "MONAI autocorr. dist.",
-                        "IDM ε-MSE", "MONAI ε-MSE"], per_step),
-        f"## Final measures ({s['final_samples']} samples per network against {result['num_real']} validation volumes)",
-        ("Distance generated-vs-real (mean over 10 splits into sets of "
-         f"{idm['final']['set_size']}) beside the real-vs-real distance (mean and max over the same splits); "
-         "✓: within the spread (IDM / MONAI)."),
-        markdown_table(["measure", "IDM", "MONAI", "real vs real mean", "real vs real max", "within"], rows),
-        "Set means of the interpretable statistics:",
-        markdown_table(["statistic", "real", "IDM", "MONAI"], stats),
-        "## The same final models, other samplers",
-        ("The measures within the spread and the T1 lag-1 autocorrelation (real: "
-         f"{idm['final']['statistics']['autocorrelation/t1']['real']:.3f}) of the final models' samples, the same "
-         "noise, by each sampler. MONAI's DDIM steps with ε̂ beside the clipped x̂₀; the bundle's with the noise "
-         "that the clipped x̂₀ implies (`GridDDIMScheduler`'s docstring: near zero signal-to-noise the first "
-         "diverges)."),
-        markdown_table(*_sampler_rows(runs)),
-        *(_continued_section(result) if CONTINUED in runs else []),
-    ]) + "\n"
+        findings += (
+            f" Trained on to {longer['steps']} steps, IDM: {milestone(CONTINUED).split(': ', 1)[1]}; its "
+            f"final samples have {longer['final']['within_spread']:.0%} within."
+        )
+    return (
+        "\n\n".join(
+            [
+                "# Generation: does a trained model generate volumes like its data?",
+                findings,
+                (
+                    f"Command: `{command}`  \nMachine: {result['machine']}; both trainings ran at once, one torch "
+                    "thread each."
+                ),
+                (
+                    f"Both networks trained by `configs/train.json` on {s['num_phantoms']} built-in phantoms at "
+                    f"{s['size']}³ "
+                    f"({round(s['num_phantoms'] * s['val_fraction'])} held out for validation), batch "
+                    f"{s['batch_size']}, AdamW lr "
+                    f"{s['learning_rate']} with cosine annealing over {s['epochs']} epochs ({s['steps_per_epoch']} "
+                    "steps each), "
+                    f"T = {s['num_train_timesteps']} (cosine schedule), EMA {s['ema_decay']}, seed {s['seed']}; only "
+                    f"`network_def` differs (IDM channels {tuple(s['channels'])}, {s['num_blocks']} blocks per "
+                    "level, attention "
+                    f"{tuple(s['attention_levels'])}; MONAI's `DiffusionModelUNet` the leanest within ±10% of its "
+                    "parameters). "
+                    f"Every {s['epochs_per_check'] * s['steps_per_epoch']} steps the generation monitor "
+                    f"(`--generation_interval {s['epochs_per_check']}`) drew {s['num_samples']} samples (DDIM with η "
+                    "= 1, 200 "
+                    "steps, the same noise each time, EMA weights) and compared them with the validation volumes "
+                    "(`bundle.sample_quality.compare_to_real`: each measure against the largest distance between two "
+                    "random "
+                    "halves of the real volumes over 10 splits)."
+                ),
+                "## Samples of the final models beside real volumes",
+                (
+                    f"Axial mid-slices; first rows: validation phantoms; then the first six of {s['final_samples']} "
+                    "samples per "
+                    "network (seed 0)."
+                ),
+                f"![samples]({SAMPLES_FIGURE})",
+                "## Samples over training",
+                (
+                    "The generation monitor's first samples at checks spread over training, each from the same noise "
+                    "(axial "
+                    "mid-slices, T1 above T2):"
+                ),
+                f"![samples over training]({PROGRESS_FIGURE})",
+                "## Steps to phantom-like",
+                (
+                    "*Phantom-like* here: all 12 measures within the real-vs-real spread at a check (also given: "
+                    "90%, i.e. 11 of "
+                    "12). Minutes are steps × the run's mean wall seconds per step (validation and monitor included)."
+                ),
+                markdown_table(
+                    ["network", "params", "steps", "wall min", "s/step", "≥ 90% within", "all within"], timing
+                ),
+                "## Over training",
+                f"![curves]({CURVES_FIGURE})",
+                (
+                    "Fraction of the measures within the spread, T1 lag-1 autocorrelation distance (real-vs-real "
+                    "max at the end "
+                    f"{spread:.3f}) and validation ε-MSE, at equal steps:"
+                ),
+                markdown_table(
+                    [
+                        "step",
+                        "IDM within",
+                        "MONAI within",
+                        "IDM autocorr. dist.",
+                        "MONAI autocorr. dist.",
+                        "IDM ε-MSE",
+                        "MONAI ε-MSE",
+                    ],
+                    per_step,
+                ),
+                (
+                    f"## Final measures ({s['final_samples']} samples per network against {result['num_real']} "
+                    "validation volumes)"
+                ),
+                (
+                    "Distance generated-vs-real (mean over 10 splits into sets of "
+                    f"{idm['final']['set_size']}) beside the real-vs-real distance (mean and max over the same "
+                    "splits); "
+                    "✓: within the spread (IDM / MONAI)."
+                ),
+                markdown_table(["measure", "IDM", "MONAI", "real vs real mean", "real vs real max", "within"], rows),
+                "Set means of the interpretable statistics:",
+                markdown_table(["statistic", "real", "IDM", "MONAI"], stats),
+                "## The same final models, other samplers",
+                (
+                    "The measures within the spread and the T1 lag-1 autocorrelation (real: "
+                    f"{idm['final']['statistics']['autocorrelation/t1']['real']:.3f}) of the final models' samples, "
+                    "the same "
+                    "noise, by each sampler. MONAI's DDIM steps with ε̂ beside the clipped x̂₀; the bundle's with "
+                    "the noise "
+                    "that the clipped x̂₀ implies (`GridDDIMScheduler`'s docstring: near zero signal-to-noise the first "
+                    "diverges)."
+                ),
+                markdown_table(*_sampler_rows(runs)),
+                *(_continued_section(result) if CONTINUED in runs else []),
+            ]
+        )
+        + "\n"
+    )
 
 
 def _continued_section(result: dict) -> list[str]:
@@ -477,28 +646,50 @@ def _continued_section(result: dict) -> list[str]:
     after = [step for step, _ in curves["generation/within_spread"] if step > idm["steps"]]
     shown = sorted(set(after[:: max(1, len(after) // 8)]) | {after[-1]})
     measure = "generation/histogram/t2"
-    per_step = [[step, f"{_at_step(curves['generation/within_spread'], step):.2f}",
-                 f"{_at_step(curves[measure], step):.4f}", f"{_at_step(curves[measure + '_real_spread'], step):.4f}",
-                 f"{_at_step(curves['val_eps_mse'], step) or float('nan'):.4f}"] for step in shown]
-    rows = [[name, f"{m['generated_vs_real']:.4g}", f"{idm['final']['measures'][name]['generated_vs_real']:.4g}",
-             f"{m['real_vs_real_max']:.4g}", ("✓" if m["within_spread"] else "✗") + " / "
-             + ("✓" if idm["final"]["measures"][name]["within_spread"] else "✗")]
-            for name, m in longer["final"]["measures"].items()]
-    stats = [[name, f"{v['real']:.3f}", f"{idm['final']['statistics'][name]['generated']:.3f}",
-              f"{v['generated']:.3f}"] for name, v in longer["final"]["statistics"].items()]
+    per_step = [
+        [
+            step,
+            f"{_at_step(curves['generation/within_spread'], step):.2f}",
+            f"{_at_step(curves[measure], step):.4f}",
+            f"{_at_step(curves[measure + '_real_spread'], step):.4f}",
+            f"{_at_step(curves['val_eps_mse'], step) or float('nan'):.4f}",
+        ]
+        for step in shown
+    ]
+    rows = [
+        [
+            name,
+            f"{m['generated_vs_real']:.4g}",
+            f"{idm['final']['measures'][name]['generated_vs_real']:.4g}",
+            f"{m['real_vs_real_max']:.4g}",
+            ("✓" if m["within_spread"] else "✗")
+            + " / "
+            + ("✓" if idm["final"]["measures"][name]["within_spread"] else "✗"),
+        ]
+        for name, m in longer["final"]["measures"].items()
+    ]
+    stats = [
+        [name, f"{v['real']:.3f}", f"{idm['final']['statistics'][name]['generated']:.3f}", f"{v['generated']:.3f}"]
+        for name, v in longer["final"]["statistics"].items()
+    ]
     return [
         f"## IDM trained on to {longer['steps']} steps",
-        (f"The IDM run above resumed from its last checkpoint with `--train#trainer#max_epochs "
-         f"{s['continued_epochs']} --resume true`: the cosine learning rate continues over the new length (it "
-         f"restarts at half its initial value), the data, the monitor and every other setting unchanged (the "
-         "same noise for the monitor's samples). Its curves in the figure above are the line that goes on. Wall "
-         f"time of both parts: {longer['wall_seconds'] / 60:.0f} min, on a machine running other jobs as well."),
+        (
+            f"The IDM run above resumed from its last checkpoint with `--train#trainer#max_epochs "
+            f"{s['continued_epochs']} --resume true`: the cosine learning rate continues over the new length (it "
+            f"restarts at half its initial value), the data, the monitor and every other setting unchanged (the "
+            "same noise for the monitor's samples). Its curves in the figure above are the line that goes on. Wall "
+            f"time of both parts: {longer['wall_seconds'] / 60:.0f} min, on a machine running other jobs as well."
+        ),
         markdown_table(["step", "within", "histogram/t2", "its real-vs-real max", "val ε-MSE"], per_step),
-        (f"Final measures ({s['final_samples']} samples by the monitor's sampler, against {result['num_real']} "
-         f"validation volumes), beside those of the run at {idm['steps']} steps; ✓: within the spread (longer / "
-         f"{idm['steps']} steps):"),
-        markdown_table(["measure", f"IDM {longer['steps']} steps", f"IDM {idm['steps']} steps", "real vs real max",
-                        "within"], rows),
+        (
+            f"Final measures ({s['final_samples']} samples by the monitor's sampler, against {result['num_real']} "
+            f"validation volumes), beside those of the run at {idm['steps']} steps; ✓: within the spread (longer / "
+            f"{idm['steps']} steps):"
+        ),
+        markdown_table(
+            ["measure", f"IDM {longer['steps']} steps", f"IDM {idm['steps']} steps", "real vs real max", "within"], rows
+        ),
         markdown_table(["statistic", "real", f"IDM {idm['steps']} steps", f"IDM {longer['steps']} steps"], stats),
     ]
 

@@ -103,5 +103,9 @@ def _measure(workload: Workload, memory_limit_bytes: int | None) -> dict:
     retained = meter.allocated() - before
     baseline = meter.reset()
     step()
-    return {"peak_bytes": meter.peak() - baseline, "baseline_bytes": baseline, "retained_bytes": retained,
-            "device": device.type}
+    return {
+        "peak_bytes": meter.peak() - baseline,
+        "baseline_bytes": baseline,
+        "retained_bytes": retained,
+        "device": device.type,
+    }

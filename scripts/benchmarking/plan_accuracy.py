@@ -29,8 +29,10 @@ __all__ = ["ACCURACY_CONFIGURATIONS", "measure_configured_step", "planner_accura
 CONFIG = str(BUNDLE_ROOT / TRAIN_CONFIG)
 _BENCHMARK = Workload("idm", 64)  # the benchmark suite's IDM (16–128, attention at the last two levels)
 _NETWORKS = network_definitions(_BENCHMARK)
-_PAPER = {"network_def#channels": [64, 128, 256, 512, 1024, 2048],
-          "attention_levels": [False, False, False, False, True, True]}
+_PAPER = {
+    "network_def#channels": [64, 128, 256, 512, 1024, 2048],
+    "attention_levels": [False, False, False, False, True, True],
+}
 
 
 def _idm(channels: Sequence[int], attention: Sequence[bool]) -> dict:
@@ -47,7 +49,10 @@ ACCURACY_CONFIGURATIONS: dict[str, dict] = {  # name: train.json overrides (EMA,
     "IDM 16–128, 160×192×128, batch 2 in micro-batches of 1": _idm((16, 32, 64, 128), (False, False, True, True))
     | {"spatial_size": [160, 192, 128], "batch_size": 2, "micro_batch_size": 1},
     "MONAI DiffusionModelUNet (matched to IDM 16–128), 64³, batch 2": {
-        "network_def": _NETWORKS["monai"], "spatial_size": [64] * 3, "batch_size": 2},
+        "network_def": _NETWORKS["monai"],
+        "spatial_size": [64] * 3,
+        "batch_size": 2,
+    },
     "paper's IDM (64–2048), 64³, batch 2 in micro-batches of 1": _PAPER
     | {"spatial_size": [64] * 3, "batch_size": 2, "micro_batch_size": 1},
 }
@@ -65,12 +70,22 @@ def _measure(config_file: str, overrides: Mapping, real_first_step: bool = True)
     parser.update(dict(overrides))
     parser["device"] = f"$torch.device('{device.type}')"
     trainer = parser["train"]["trainer"]  # the configured trainer, without data, handlers or the plan
-    trainer.update({"train_data_loader": [], "train_handlers": [], "decollate": False,
-                    "micro_batch_size": "@micro_batch_size", "amp": "$bundle.as_flag(@amp, 'amp')"})
+    trainer.update(
+        {
+            "train_data_loader": [],
+            "train_handlers": [],
+            "decollate": False,
+            "micro_batch_size": "@micro_batch_size",
+            "amp": "$bundle.as_flag(@amp, 'amp')",
+        }
+    )
     for name in ("noise_scheduler", "noise_sampler"):
         parser.get_parsed_content(name)
-    shape = [parser.get_parsed_content("batch_size"), len(parser.get_parsed_content("modalities")),
-             *parser.get_parsed_content("spatial_size")]
+    shape = [
+        parser.get_parsed_content("batch_size"),
+        len(parser.get_parsed_content("modalities")),
+        *parser.get_parsed_content("spatial_size"),
+    ]
     meter = PeakMeter(device)
     before = meter.allocated()
     meter.reset()
@@ -87,8 +102,9 @@ def _measure(config_file: str, overrides: Mapping, real_first_step: bool = True)
     return {"peak_bytes": peak, "seconds": time.perf_counter() - start, "device": device.type}
 
 
-def measure_configured_step(overrides: Mapping, config_file: str = CONFIG, timeout: float = 7200,
-                            real_first_step: bool = True) -> dict:
+def measure_configured_step(
+    overrides: Mapping, config_file: str = CONFIG, timeout: float = 7200, real_first_step: bool = True
+) -> dict:
     """The measured peak of two training steps of ``config_file`` with ``overrides`` (or, with ``real_first_step``
     False, of one after :func:`~bundle.memory_plan.warm_up`) in a fresh process: ``{"peak_bytes", "seconds",
     "device"}`` or ``{"error"}``."""
@@ -102,8 +118,9 @@ def planner_accuracy(configurations: Mapping[str, Mapping] = ACCURACY_CONFIGURAT
     rows = []
     for name, overrides in configurations.items():
         plan = plan_config(CONFIG, {**overrides, "device": device}).plan.to_json()
-        rows.append({"name": name, "overrides": dict(overrides), "plan": plan,
-                     "measured": measure_configured_step(overrides)})
+        rows.append(
+            {"name": name, "overrides": dict(overrides), "plan": plan, "measured": measure_configured_step(overrides)}
+        )
     return {"device": device, "rows": rows}
 
 
@@ -113,8 +130,11 @@ def _gb(value: float) -> str:
 
 def render_planner_accuracy(result: dict, command: str, machine: str) -> str:
     """Markdown: per configuration, the plan (floor, peak, where) beside the measured peak and the error."""
-    measured_as = ("`torch.cuda.max_memory_allocated`" if result["device"] == "cuda" else
-                   "peak anonymous RSS of a fresh process above its value before the network was built")
+    measured_as = (
+        "`torch.cuda.max_memory_allocated`"
+        if result["device"] == "cuda"
+        else "peak anonymous RSS of a fresh process above its value before the network was built"
+    )
     rows = []
     errors = []
     for row in result["rows"]:
@@ -125,31 +145,76 @@ def render_planner_accuracy(result: dict, command: str, machine: str) -> str:
             error = plan["peak_bytes"] / measured["peak_bytes"] - 1
             errors.append(abs(error))
             cells = [_gb(measured["peak_bytes"]), f"{error:+.1%}", f"{measured['seconds']:.0f}"]
-        rows.append([row["name"], f"{plan['params']:,}", _gb(plan["floor_bytes"]), _gb(plan["peak_bytes"]),
-                     f"{plan['peak_phase']}, {plan['peak_module'] or '–'}", f"{plan['seconds']:.1f}", *cells])
+        rows.append(
+            [
+                row["name"],
+                f"{plan['params']:,}",
+                _gb(plan["floor_bytes"]),
+                _gb(plan["peak_bytes"]),
+                f"{plan['peak_phase']}, {plan['peak_module'] or '–'}",
+                f"{plan['seconds']:.1f}",
+                *cells,
+            ]
+        )
     table = markdown_table(
-        ["configuration", "parameters", "planned floor GB", "planned peak GB", "planned peak reached in",
-         "plan s", "measured peak GB", "plan error", "measured s (2 steps)"], rows)
-    summary = (f"Largest error: {max(errors):.1%} over {len(errors)} measured configurations." if errors else
-               "No configuration was measured.")
-    return "\n\n".join([
-        "# The memory planner against measured peaks",
-        f"Command: `{command}`  \nMachine: {machine}",
-        ("Each configuration is `configs/train.json` with the overrides below (EMA 0.999, λ_L2 1e-4 and fused AdamW "
-         "as the defaults). **Planned**: `scripts/plan_memory.py` (`bundle.memory_plan`): the trainer's iteration run "
-         "on FakeTensors after a warm-up that leaves what a first step would (gradients, AdamW state, EMA), counting "
-         "the bytes of live storages; the floor is weights, gradients, AdamW state and EMA. **Measured**: two "
-         f"iterations for real (the second is the steady state), {measured_as}, in a fresh process under "
-         "`MALLOC_MMAP_THRESHOLD_=65536` (`scripts/benchmarking/plan_accuracy.py`). Plan error = planned / measured "
-         "− 1."),
-        table, summary,
-        "## What the plan counts and what it leaves out",
-        ("The plan counts every tensor: weights, gradients, AdamW's moments, the EMA weights, the batch and its "
-         "noise, and whatever the forward pass, the engine's reconstruction and the gradients keep alive, operator by "
-         "operator. A FakeTensor cannot show what an operator allocates for itself: oneDNN's buffers and generated "
-         "code and the CPU process's own objects (the 25–35 MB by which small configurations are measured above "
-         "their plan), cuDNN's workspaces, the CUDA context and the allocator's fragmentation on a GPU (the plan "
-         "keeps 1 GiB of a GPU free for them). Without a GPU, a `--device cuda` plan runs the CPU's operators: a "
-         "GPU's attention and convolution kernels may keep other working sets, so its figure is a prediction to "
-         "check with `torch.cuda.max_memory_allocated`."),
-    ]) + "\n"
+        [
+            "configuration",
+            "parameters",
+            "planned floor GB",
+            "planned peak GB",
+            "planned peak reached in",
+            "plan s",
+            "measured peak GB",
+            "plan error",
+            "measured s (2 steps)",
+        ],
+        rows,
+    )
+    summary = (
+        f"Largest error: {max(errors):.1%} over {len(errors)} measured configurations."
+        if errors
+        else "No configuration was measured."
+    )
+    return (
+        "\n\n".join(
+            [
+                "# The memory planner against measured peaks",
+                f"Command: `{command}`  \nMachine: {machine}",
+                (
+                    "Each configuration is `configs/train.json` with the overrides below (EMA 0.999, λ_L2 1e-4 and "
+                    "fused AdamW "
+                    "as the defaults). **Planned**: `scripts/plan_memory.py` (`bundle.memory_plan`): the trainer's "
+                    "iteration run "
+                    "on FakeTensors after a warm-up that leaves what a first step would (gradients, AdamW state, "
+                    "EMA), counting "
+                    "the bytes of live storages; the floor is weights, gradients, AdamW state and EMA. **Measured**: "
+                    "two "
+                    f"iterations for real (the second is the steady state), {measured_as}, in a fresh process under "
+                    "`MALLOC_MMAP_THRESHOLD_=65536` (`scripts/benchmarking/plan_accuracy.py`). Plan error = planned "
+                    "/ measured "
+                    "− 1."
+                ),
+                table,
+                summary,
+                "## What the plan counts and what it leaves out",
+                (
+                    "The plan counts every tensor: weights, gradients, AdamW's moments, the EMA weights, the batch "
+                    "and its "
+                    "noise, and whatever the forward pass, the engine's reconstruction and the gradients keep alive, "
+                    "operator by "
+                    "operator. A FakeTensor cannot show what an operator allocates for itself: oneDNN's buffers and "
+                    "generated "
+                    "code and the CPU process's own objects (the 25–35 MB by which small configurations are measured "
+                    "above "
+                    "their plan), cuDNN's workspaces, the CUDA context and the allocator's fragmentation on a GPU "
+                    "(the plan "
+                    "keeps 1 GiB of a GPU free for them). Without a GPU, a `--device cuda` plan runs the CPU's "
+                    "operators: a "
+                    "GPU's attention and convolution kernels may keep other working sets, so its figure is a "
+                    "prediction to "
+                    "check with `torch.cuda.max_memory_allocated`."
+                ),
+            ]
+        )
+        + "\n"
+    )

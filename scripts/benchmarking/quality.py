@@ -94,8 +94,17 @@ def train_run(run_dir: Path, overrides: Mapping[str, object], num_threads: int |
     run_dir.mkdir(parents=True)
     args = dict(overrides) | {"ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "runs")}
     (run_dir / "args.json").write_text(json.dumps(args, indent=1))
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG,
-               "--args_file", str(run_dir / "args.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        TRAIN_CONFIG,
+        "--args_file",
+        str(run_dir / "args.json"),
+    ]
     env = child_environment() if num_threads is None else child_environment(OMP_NUM_THREADS=str(num_threads))
     start = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
@@ -127,9 +136,9 @@ def run_summary(run_dir: Path, label: str, network_def: Mapping, seconds: float)
 def plot_quality(result: dict, path: Path) -> None:
     """One panel per validation scalar, both networks' per-epoch curves overlaid."""
     fig, axes = plt.subplots(1, len(TAGS), figsize=(4.2 * len(TAGS), 3.4))
-    for ax, tag in zip(axes, TAGS):
+    for ax, tag in zip(axes, TAGS, strict=True):
         for run in result["networks"].values():
-            epochs, values = zip(*run["curves"][tag])
+            epochs, values = zip(*run["curves"][tag], strict=True)
             ax.plot(epochs, values, marker="o", markersize=3, label=f"{run['label']}, {run['parameters'] / 1e6:.2f}M")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -182,21 +191,36 @@ def compare_quality(
         validation ε-MSE / MONAI's.
     """
     settings = {
-        "size": size, "channels": list(channels), "attention_levels": list(attention_levels),
-        "num_blocks": num_blocks, "batch_size": batch_size, "seed": seed, "epochs": epochs,
-        "num_phantoms": num_phantoms, "learning_rate": learning_rate, "ema_decay": ema_decay,
-        "num_threads": num_threads, "overrides": dict(overrides or {}),
+        "size": size,
+        "channels": list(channels),
+        "attention_levels": list(attention_levels),
+        "num_blocks": num_blocks,
+        "batch_size": batch_size,
+        "seed": seed,
+        "epochs": epochs,
+        "num_phantoms": num_phantoms,
+        "learning_rate": learning_rate,
+        "ema_decay": ema_decay,
+        "num_threads": num_threads,
+        "overrides": dict(overrides or {}),
     }
     shared = {
-        "spatial_size": [size] * 3, "batch_size": batch_size, "seed": seed, "num_phantoms": num_phantoms,
-        "learning_rate": learning_rate, "ema_decay": ema_decay, "train#trainer#max_epochs": epochs, "num_workers": 0,
+        "spatial_size": [size] * 3,
+        "batch_size": batch_size,
+        "seed": seed,
+        "num_phantoms": num_phantoms,
+        "learning_rate": learning_rate,
+        "ema_decay": ema_decay,
+        "train#trainer#max_epochs": epochs,
+        "num_workers": 0,
     } | settings["overrides"]
     networks = {}
     with tempfile.TemporaryDirectory(prefix="idm_quality_") if work_dir is None else nullcontext(work_dir) as work:
         work = Path(work)
         training_cases(work / "data", seed=seed, num_phantoms=num_phantoms)  # outside the timed runs
-        workload = Workload("idm", size, channels=tuple(channels), num_blocks=num_blocks,
-                            attention_levels=tuple(attention_levels))
+        workload = Workload(
+            "idm", size, channels=tuple(channels), num_blocks=num_blocks, attention_levels=tuple(attention_levels)
+        )
         for name, network_def in network_definitions(workload).items():
             overrides_run = shared | {"dataset_dir": str(work / "data"), "network_def": network_def}
             seconds = train_run(work / name, overrides_run, num_threads)
@@ -232,8 +256,16 @@ def _variant_row(result: dict) -> list[str]:
     finals = [f"{runs[n]['final']['val_eps_mse']:.4f}" for n in NETWORKS]
     images = [f"{runs[n]['final']['val_psnr']:.2f} / {runs[n]['final']['val_ssim']:.3f}" for n in NETWORKS]
     overrides = ", ".join(f"`{k}` {v}" for k, v in s["overrides"].items()) or "–"
-    return [s["epochs"], runs["idm"]["steps"], s["learning_rate"], s["ema_decay"] or "off", overrides, *finals,
-            f"{result['eps_mse_ratio']:.3f}", *images]
+    return [
+        s["epochs"],
+        runs["idm"]["steps"],
+        s["learning_rate"],
+        s["ema_decay"] or "off",
+        overrides,
+        *finals,
+        f"{result['eps_mse_ratio']:.3f}",
+        *images,
+    ]
 
 
 def render_quality_markdown(
@@ -248,14 +280,24 @@ def render_quality_markdown(
     heading = "#" * level
     verdict = "within" if ratio <= 1 + tolerance else "not within"
     finals = [
-        [run["label"], f"{run['parameters'] / 1e6:.3f}M", run["steps"], f"{run['final']['val_eps_mse']:.4f}",
-         f"{run['final']['val_psnr']:.2f}", f"{run['final']['val_ssim']:.4f}", f"{run['wall_seconds'] / 60:.1f}"]
+        [
+            run["label"],
+            f"{run['parameters'] / 1e6:.3f}M",
+            run["steps"],
+            f"{run['final']['val_eps_mse']:.4f}",
+            f"{run['final']['val_psnr']:.2f}",
+            f"{run['final']['val_ssim']:.4f}",
+            f"{run['wall_seconds'] / 60:.1f}",
+        ]
         for run in runs.values()
     ]
     monai = runs["monai"]["network_def"]
     overrides = f" Further config overrides for both: `{json.dumps(s['overrides'])}`." if s["overrides"] else ""
-    threads = (f"; each training process ran with {s['num_threads']} torch thread(s) (`OMP_NUM_THREADS`)"
-               if s["num_threads"] else "")
+    threads = (
+        f"; each training process ran with {s['num_threads']} torch thread(s) (`OMP_NUM_THREADS`)"
+        if s["num_threads"]
+        else ""
+    )
     sections = [
         f"{heading} Quality at equal budget: IDM vs MONAI DiffusionModelUNet",
         f"Command: `{command}`  \nMachine: {result['machine']} (the calling process{threads})",
@@ -281,8 +323,18 @@ def render_quality_markdown(
         sections += [
             f"{heading}# Other settings, each at equal budget for both networks (first row: the run above)",
             markdown_table(
-                ["epochs", "steps", "lr", "EMA", "overrides", "IDM ε-MSE", "MONAI ε-MSE", "IDM / MONAI",
-                 "IDM PSNR / SSIM", "MONAI PSNR / SSIM"],
+                [
+                    "epochs",
+                    "steps",
+                    "lr",
+                    "EMA",
+                    "overrides",
+                    "IDM ε-MSE",
+                    "MONAI ε-MSE",
+                    "IDM / MONAI",
+                    "IDM PSNR / SSIM",
+                    "MONAI PSNR / SSIM",
+                ],
                 [_variant_row(r) for r in (result, *variants)],
             ),
         ]
@@ -290,7 +342,10 @@ def render_quality_markdown(
 
 
 def write_quality_report(
-    result: dict, command: str, output_dir: str | Path = "docs", name: str = "benchmark_quality",
+    result: dict,
+    command: str,
+    output_dir: str | Path = "docs",
+    name: str = "benchmark_quality",
     variants: Sequence[dict] = (),
 ) -> Path:
     """Writes ``output_dir/name.md`` (:func:`render_quality_markdown` as a top-level document; keep it beside

@@ -34,8 +34,10 @@ def machine_description() -> str:
     if torch.cuda.is_available():
         convolutions = "TF32" if torch.backends.cudnn.allow_tf32 else "float32"
         matrix_products = "TF32" if torch.backends.cuda.matmul.allow_tf32 else "float32"
-        gpu = (f", GPU {torch.cuda.get_device_name()} (convolutions in {convolutions}, matrix products in "
-               f"{matrix_products})")
+        gpu = (
+            f", GPU {torch.cuda.get_device_name()} (convolutions in {convolutions}, matrix products in "
+            f"{matrix_products})"
+        )
     return (
         f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"Python {platform.python_version()}{gpu}"

@@ -93,8 +93,14 @@ def _profile(workload: Workload) -> dict:
     meter.reset()
     training.optimizer.step()
     update_peak = meter.peak() - baseline
-    return {"forward_peak_bytes": forward_peak, "backward_peak_bytes": backward_peak, "update_peak_bytes": update_peak,
-            "outside_engine_peak_bytes": between["peak"], "steps": steps, "device": device.type}
+    return {
+        "forward_peak_bytes": forward_peak,
+        "backward_peak_bytes": backward_peak,
+        "update_peak_bytes": update_peak,
+        "outside_engine_peak_bytes": between["peak"],
+        "steps": steps,
+        "device": device.type,
+    }
 
 
 def profile_step_in_subprocess(workload: Workload) -> dict:
@@ -116,27 +122,42 @@ def render_step_profile(profile: dict, workload: Workload, command: str, machine
     """Markdown: the phase peaks, the ``top`` engine steps by peak, and the level-0 tensors that bound the
     peak of any engine that back-propagates the whole batch at once."""
     title = "# Peak memory of one training step, by phase and by engine step"
-    header = (f"Command: `{command}`  \nMachine: {machine}  \nWorkload: channels {workload.channels}, "
-              f"{workload.num_blocks} blocks per level, attention {workload.attention_levels}, batch "
-              f"{workload.batch_size}" + (f" back-propagated {workload.micro_batch_size} at a time"
-                                          if workload.micro_batch_size else "") + f", {workload.size}³, float32"
-              + (", recompute_norms" if workload.recompute_norms else ""))
+    header = (
+        f"Command: `{command}`  \nMachine: {machine}  \nWorkload: channels {workload.channels}, "
+        f"{workload.num_blocks} blocks per level, attention {workload.attention_levels}, batch "
+        f"{workload.batch_size}"
+        + (f" back-propagated {workload.micro_batch_size} at a time" if workload.micro_batch_size else "")
+        + f", {workload.size}³, float32"
+        + (", recompute_norms" if workload.recompute_norms else "")
+    )
     if "error" in profile:
         return "\n\n".join([title, header, f"Not measured: {profile['error']}."]) + "\n"
-    phases = markdown_table(["phase", "peak above the post-warm-up baseline"], [
-        ["forward (no activations stored)", _mb(profile["forward_peak_bytes"])],
-        ["backward (reconstruction and gradients)", _mb(profile["backward_peak_bytes"])],
-        ["  highest between engine steps (head, stem, time MLP; what is alive included)",
-         _mb(profile["outside_engine_peak_bytes"])],
-        ["AdamW update", _mb(profile["update_peak_bytes"])],
-    ])
+    phases = markdown_table(
+        ["phase", "peak above the post-warm-up baseline"],
+        [
+            ["forward (no activations stored)", _mb(profile["forward_peak_bytes"])],
+            ["backward (reconstruction and gradients)", _mb(profile["backward_peak_bytes"])],
+            [
+                "  highest between engine steps (head, stem, time MLP; what is alive included)",
+                _mb(profile["outside_engine_peak_bytes"]),
+            ],
+            ["AdamW update", _mb(profile["update_peak_bytes"])],
+        ],
+    )
     ranked = sorted(profile["steps"], key=lambda s: s["peak_bytes"], reverse=True)[:top]
     steps = markdown_table(
         ["step", "state (channels, size) per tensor", "alive at its start", "its working set", "peak"],
         [
-            [s["step"], ", ".join(f"{shape[0]} × {shape[1]}^{len(shape) - 1}" if len(shape) > 1 else str(shape)
-                                  for shape in s["state"]),
-             _mb(s["before_bytes"]), _mb(s["peak_bytes"] - s["before_bytes"]), _mb(s["peak_bytes"])]
+            [
+                s["step"],
+                ", ".join(
+                    f"{shape[0]} × {shape[1]}^{len(shape) - 1}" if len(shape) > 1 else str(shape)
+                    for shape in s["state"]
+                ),
+                _mb(s["before_bytes"]),
+                _mb(s["peak_bytes"] - s["before_bytes"]),
+                _mb(s["peak_bytes"]),
+            ]
             for s in ranked
         ],
     )
@@ -147,18 +168,33 @@ def render_step_profile(profile: dict, workload: Workload, command: str, machine
         "size³ × 4 B). Whatever the engine, when the backward pass reaches the trunk's output the output and its "
         f"gradient are both alive ({_mb(2 * level0)}), and the level-0 skip and its gradient stay alive while "
         "every deeper level is reversed. "
-        + ("Below that, only back-propagating fewer samples at once (the trainer's `micro_batch_size`) or "
-           "splitting the volume lowers the peak." if samples > 1 else
-           "Below that, only splitting the volume lowers the peak; of a coupling's working set, the network's "
-           "`recompute_norms` leaves the convolutions' inputs and outputs.")
+        + (
+            "Below that, only back-propagating fewer samples at once (the trainer's `micro_batch_size`) or "
+            "splitting the volume lowers the peak."
+            if samples > 1
+            else "Below that, only splitting the volume lowers the peak; of a coupling's working set, the network's "
+            "`recompute_norms` leaves the convolutions' inputs and outputs."
+        )
     )
-    return "\n\n".join([
-        title, header, "## Phases", phases,
-        f"## Backward: the {len(ranked)} engine steps with the highest peak (of {len(profile['steps'])})",
-        (
-            "*Alive at its start*: the memory in use above the baseline when the step begins (the states and "
-            "gradients of the levels not yet reversed, the skips, the trunk's inputs). *Its working set*: what the "
-            "step adds at its peak (rebuilt tensors, the conditioner's recomputed activations, parameter gradients)."
-        ),
-        steps, "## What bounds the peak", bound,
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                title,
+                header,
+                "## Phases",
+                phases,
+                f"## Backward: the {len(ranked)} engine steps with the highest peak (of {len(profile['steps'])})",
+                (
+                    "*Alive at its start*: the memory in use above the baseline when the step begins (the states and "
+                    "gradients of the levels not yet reversed, the skips, the trunk's inputs). *Its working set*: "
+                    "what the "
+                    "step adds at its peak (rebuilt tensors, the conditioner's recomputed activations, parameter "
+                    "gradients)."
+                ),
+                steps,
+                "## What bounds the peak",
+                bound,
+            ]
+        )
+        + "\n"
+    )

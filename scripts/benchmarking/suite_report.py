@@ -109,43 +109,65 @@ def goals(result: dict) -> list[list[str]]:
     peak = {n: _growth(depth, n, _peak) for n in NETWORKS}
     flat = None if stored["idm"] is None or peak["idm"] is None else max(stored["idm"], peak["idm"]) <= 0.05
     baselines_grow = [peak[n] for n in ("monai", "monai_checkpointed")]
-    rows.append([
-        f"IDM stored bytes and peak flat in depth (≤ 5% from {plan['depths'][0]} to {plan['depths'][-1]} blocks)",
-        f"stored {_fmt(stored['idm'], '+.1%')}, peak {_fmt(peak['idm'], '+.1%')}", _verdict(flat),
-    ])
-    rows.append([
-        "both MONAI baselines' peak grows with depth",
-        ", ".join(f"{LABELS[n]} {_fmt(peak[n], '+.0%')}" for n in ("monai", "monai_checkpointed")),
-        _verdict(None if None in baselines_grow else all(g > 0.05 for g in baselines_grow)),
-    ])
+    rows.append(
+        [
+            f"IDM stored bytes and peak flat in depth (≤ 5% from {plan['depths'][0]} to {plan['depths'][-1]} blocks)",
+            f"stored {_fmt(stored['idm'], '+.1%')}, peak {_fmt(peak['idm'], '+.1%')}",
+            _verdict(flat),
+        ]
+    )
+    rows.append(
+        [
+            "both MONAI baselines' peak grows with depth",
+            ", ".join(f"{LABELS[n]} {_fmt(peak[n], '+.0%')}" for n in ("monai", "monai_checkpointed")),
+            _verdict(None if None in baselines_grow else all(g > 0.05 for g in baselines_grow)),
+        ]
+    )
     size = plan["batch_size_at"]
     at = _by(resolution, size=size)
     me, monai, ckpt = (at.get(n, {}) for n in ("idm", "monai", "monai_checkpointed"))
     ratio = _peak(me) / _peak(monai) if _peak(me) and _peak(monai) else None
-    rows.append([f"peak at {size}³ ≤ 0.15× MONAI plain", _fmt(ratio, ".3f", unit="×"),
-                 _verdict(None if ratio is None else ratio <= 0.15)])
+    rows.append(
+        [
+            f"peak at {size}³ ≤ 0.15× MONAI plain",
+            _fmt(ratio, ".3f", unit="×"),
+            _verdict(None if ratio is None else ratio <= 0.15),
+        ]
+    )
     below = None if not (_peak(me) and _peak(ckpt)) else _peak(me) < _peak(ckpt)
-    rows.append([f"peak at {size}³ below MONAI + checkpointing",
-                 f"{_fmt(_peak(me), '.0f', MB)} vs {_fmt(_peak(ckpt), '.0f', MB)} MB", _verdict(below)])
-    times = [(size, ratio) for size in sorted({r["size"] for r in resolution})
-             if (ratio := _time_ratio(*(_by(resolution, size=size).get(n, {}) for n in ("idm", "idm_plain"))))]
-    rows.append([
-        "step time memory-efficient / plain ≤ 1.4× (median over rounds)",
-        ", ".join(f"{s}³ {_ratio_text(t)}" for s, t in times) or "n/a",
-        _verdict(None if not times else all(t[0] <= 1.4 for _, t in times)),
-    ])
+    rows.append(
+        [
+            f"peak at {size}³ below MONAI + checkpointing",
+            f"{_fmt(_peak(me), '.0f', MB)} vs {_fmt(_peak(ckpt), '.0f', MB)} MB",
+            _verdict(below),
+        ]
+    )
+    times = [
+        (size, ratio)
+        for size in sorted({r["size"] for r in resolution})
+        if (ratio := _time_ratio(*(_by(resolution, size=size).get(n, {}) for n in ("idm", "idm_plain"))))
+    ]
+    rows.append(
+        [
+            "step time memory-efficient / plain ≤ 1.4× (median over rounds)",
+            ", ".join(f"{s}³ {_ratio_text(t)}" for s, t in times) or "n/a",
+            _verdict(None if not times else all(t[0] <= 1.4 for _, t in times)),
+        ]
+    )
     against_ckpt = _time_ratio(me, ckpt)
     faster = None
     if against_ckpt and _peak(me) and _peak(ckpt):
         faster = against_ckpt[0] < 1 and _peak(me) <= _peak(ckpt)
-    rows.append([
-        f"faster than MONAI + checkpointing at equal or lower memory ({size}³, batch 1)",
-        (
-            f"{_fmt(me.get('step_seconds'), '.2f')} vs {_fmt(ckpt.get('step_seconds'), '.2f')} s, "
-            f"ratio {_ratio_text(against_ckpt)}"
-        ),
-        _verdict(faster),
-    ])
+    rows.append(
+        [
+            f"faster than MONAI + checkpointing at equal or lower memory ({size}³, batch 1)",
+            (
+                f"{_fmt(me.get('step_seconds'), '.2f')} vs {_fmt(ckpt.get('step_seconds'), '.2f')} s, "
+                f"ratio {_ratio_text(against_ckpt)}"
+            ),
+            _verdict(faster),
+        ]
+    )
     rows.append(_paper_goal(result["paper"]))
     rows.append(_largest_cube_goal(result["largest_cube"]))
     return rows
@@ -156,38 +178,62 @@ def _largest_cube_goal(cubes: dict[str, dict]) -> list[str]:
     has only a lower bound, ``≥ n³``: the verdict is n/a where such a bound decides it."""
     best = {n: c.get("extrapolated") or c.get("measured") for n, c in cubes.items()}
     lower_bound = {n: "unmeasured_from" in c for n, c in cubes.items()}
-    measured = ", ".join(f"{LABELS[n]} " + ("n/a" if not best[n] else f"≥ {best[n]}³" if lower_bound[n] else
-                                            f"{best[n]}³") for n in NETWORKS)
+    measured = ", ".join(
+        f"{LABELS[n]} " + ("n/a" if not best[n] else f"≥ {best[n]}³" if lower_bound[n] else f"{best[n]}³")
+        for n in NETWORKS
+    )
     others = [n for n in NETWORKS if n != "idm"]
     largest = best["idm"] >= max(best[n] or 0 for n in others) if best["idm"] else None
     undecided = lower_bound["idm"] if largest is False else largest and any(lower_bound[n] for n in others)
-    return ["largest cube at batch 1 within the memory limit: IDM's the largest", measured,
-            _verdict(None if undecided else largest)]
+    return [
+        "largest cube at batch 1 within the memory limit: IDM's the largest",
+        measured,
+        _verdict(None if undecided else largest),
+    ]
 
 
 def plot_suite(result: dict, output_dir: Path) -> None:
     """``memory_vs_depth.png``, ``memory_vs_resolution.png`` and ``step_time.png``."""
     panels = [
-        ("depth", result["depth"], "num_blocks", "blocks per level", [
-            ("bytes stored for backward (MB)", lambda r: r.get("stored_bytes"), MB),
-            ("peak memory above baseline (MB)", _peak, MB),
-        ]),
-        ("resolution", result["resolution"], "size", "cube side (voxels)", [
-            ("bytes stored for backward (MB)", lambda r: r.get("stored_bytes"), MB),
-            ("peak memory above baseline (MB)", _peak, MB),
-        ]),
-        ("time", result["resolution"], "size", "cube side (voxels)", [
-            ("median training-step time (s)", lambda r: r.get("step_seconds"), 1.0),
-        ]),
+        (
+            "depth",
+            result["depth"],
+            "num_blocks",
+            "blocks per level",
+            [
+                ("bytes stored for backward (MB)", lambda r: r.get("stored_bytes"), MB),
+                ("peak memory above baseline (MB)", _peak, MB),
+            ],
+        ),
+        (
+            "resolution",
+            result["resolution"],
+            "size",
+            "cube side (voxels)",
+            [
+                ("bytes stored for backward (MB)", lambda r: r.get("stored_bytes"), MB),
+                ("peak memory above baseline (MB)", _peak, MB),
+            ],
+        ),
+        (
+            "time",
+            result["resolution"],
+            "size",
+            "cube side (voxels)",
+            [
+                ("median training-step time (s)", lambda r: r.get("step_seconds"), 1.0),
+            ],
+        ),
     ]
     for key, rows, x_field, x_label, series in panels:
         fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.6), squeeze=False)
-        for ax, (title, value, scale) in zip(axes[0], series):
+        for ax, (title, value, scale) in zip(axes[0], series, strict=True):
             for network in NETWORKS:
                 mine = sorted((r for r in rows if r["network"] == network and value(r)), key=lambda r: r[x_field])
                 if mine:
-                    ax.plot([r[x_field] for r in mine], [value(r) / scale for r in mine], marker="o",
-                            label=LABELS[network])
+                    ax.plot(
+                        [r[x_field] for r in mine], [value(r) / scale for r in mine], marker="o", label=LABELS[network]
+                    )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(x_label)
@@ -201,8 +247,12 @@ def plot_suite(result: dict, output_dir: Path) -> None:
 
 def _row_cells(row: dict, first: str) -> list[str]:
     return [
-        str(row[first]), LABELS[row["network"]], _fmt(row.get("parameters"), ".2f", 1e6, unit="M"),
-        _fmt(row.get("stored_bytes"), ".1f", MB), _memory_cell(row), _fmt(row.get("flops"), ".1f", 1e9),
+        str(row[first]),
+        LABELS[row["network"]],
+        _fmt(row.get("parameters"), ".2f", 1e6, unit="M"),
+        _fmt(row.get("stored_bytes"), ".1f", MB),
+        _memory_cell(row),
+        _fmt(row.get("flops"), ".1f", 1e9),
         "timing failed" if "step_seconds_error" in row else _fmt(row.get("step_seconds"), ".2f"),
     ]
 
@@ -211,38 +261,53 @@ def _time_ratios(rows: Sequence[dict], field: str) -> list[list[str]]:
     table = []
     for value in sorted({r[field] for r in rows}):
         group = _by(rows, **{field: value})
-        table.append([str(value)] + [_ratio_text(_time_ratio(group.get(n, {}), group.get("idm_plain", {})))
-                                     for n in NETWORKS])
+        table.append(
+            [str(value)] + [_ratio_text(_time_ratio(group.get(n, {}), group.get("idm_plain", {}))) for n in NETWORKS]
+        )
     return table
 
 
 def _peak_cells(paper: dict, option: str) -> list[str]:
     peak = paper.get("peaks", {}).get(option, {})
     if "peak_bytes" in peak:
-        measured = (f"{(peak['retained_bytes'] + peak['peak_bytes']) / GB:.2f} GB "
-                    f"(post-warm-up {peak['retained_bytes'] / GB:.2f} GB + step peak "
-                    f"{peak['peak_bytes'] / GB:.2f} GB; {peak['device']})")
+        measured = (
+            f"{(peak['retained_bytes'] + peak['peak_bytes']) / GB:.2f} GB "
+            f"(post-warm-up {peak['retained_bytes'] / GB:.2f} GB + step peak "
+            f"{peak['peak_bytes'] / GB:.2f} GB; {peak['device']})"
+        )
     else:
         measured = peak.get("error") or peak.get("skipped") or "not measured in this mode"
     return [measured, _fmt(paper_peak_minus_floor(paper, option), ".2f", GB, unit=" GB")]
 
 
 def _paper_section(paper: dict) -> str:
-    breakdown = markdown_table(["layer kind", "parameters"],
-                               [[k, f"{v / 1e6:.1f}M"] for k, v in paper["parameters"].items()])
+    breakdown = markdown_table(
+        ["layer kind", "parameters"], [[k, f"{v / 1e6:.1f}M"] for k, v in paper["parameters"].items()]
+    )
     whole_peak, whole_over = _peak_cells(paper, "whole batch")
-    table = markdown_table(["", "this bundle", "paper"], [
-        ["parameters", f"{paper['parameters']['total'] / 1e6:.1f}M", f"{PAPER['parameters'] / 1e6:.1f}M"],
-        ["FLOPs per training step of the batch (forward + reconstruction + backward)",
-         f"{paper['flops_per_step'] / 1e12:.2f} TFLOPs", f"{PAPER['gflops']} GFLOPs (definition not given)"],
-        ["FLOPs of one forward pass, one sample", f"{paper['forward_flops_per_sample'] / 1e9:.0f} GFLOPs", ""],
-        ["floor: 16 B/parameter (weights, gradients, AdamW moments)", f"{paper['floor_bytes'] / GB:.2f} GB",
-         f"{16 * PAPER['parameters'] / GB:.2f} GB"],
-        ["peak memory of a training step (whole batch)", whole_peak, f"{PAPER['peak_bytes'] / GB:.2f} GB"],
-        ["peak − floor (goal ≤ 0.5 GB)", whole_over, f"~{PAPER['peak_minus_floor_bytes'] / GB:.1f} GB"],
-    ])
-    options = markdown_table(["memory option", "peak memory of a training step", "peak − floor"],
-                             [[option, *_peak_cells(paper, option)] for option in MEMORY_OPTIONS])
+    table = markdown_table(
+        ["", "this bundle", "paper"],
+        [
+            ["parameters", f"{paper['parameters']['total'] / 1e6:.1f}M", f"{PAPER['parameters'] / 1e6:.1f}M"],
+            [
+                "FLOPs per training step of the batch (forward + reconstruction + backward)",
+                f"{paper['flops_per_step'] / 1e12:.2f} TFLOPs",
+                f"{PAPER['gflops']} GFLOPs (definition not given)",
+            ],
+            ["FLOPs of one forward pass, one sample", f"{paper['forward_flops_per_sample'] / 1e9:.0f} GFLOPs", ""],
+            [
+                "floor: 16 B/parameter (weights, gradients, AdamW moments)",
+                f"{paper['floor_bytes'] / GB:.2f} GB",
+                f"{16 * PAPER['parameters'] / GB:.2f} GB",
+            ],
+            ["peak memory of a training step (whole batch)", whole_peak, f"{PAPER['peak_bytes'] / GB:.2f} GB"],
+            ["peak − floor (goal ≤ 0.5 GB)", whole_over, f"~{PAPER['peak_minus_floor_bytes'] / GB:.1f} GB"],
+        ],
+    )
+    options = markdown_table(
+        ["memory option", "peak memory of a training step", "peak − floor"],
+        [[option, *_peak_cells(paper, option)] for option in MEMORY_OPTIONS],
+    )
     return (
         "## Paper configuration: channels 64…2048, attention at the last two levels, 2 blocks, batch 4, 64³\n\n"
         f"{table}\n\n"
@@ -268,36 +333,72 @@ def _paper_section(paper: dict) -> str:
 
 def _memory_options_section(rows: Sequence[dict], plan: dict) -> str:
     whole = next((r for r in rows if r["option"] == "whole batch"), {})
-    table = [[r["option"], _fmt(r.get("stored_bytes"), ".1f", MB), _memory_cell(r), _fmt(r.get("flops"), ".1f", 1e9),
-              _fmt(r.get("step_seconds"), ".2f"), _ratio_text(_time_ratio(r, whole))]
-             for r in rows]
-    return "\n\n".join([
-        f"## Memory options: the memory-efficient IDM at {plan['batch_size_at']}³, batch {max(plan['batch_sizes'])}",
-        (
-            "Stored = bytes saved for backward by one micro-batch's forward. Step times measured together, "
-            "interleaved, in one fresh process; × whole batch = median (min–max) over rounds of the paired ratio."
-        ),
-        markdown_table(["memory option", "stored MB", "peak MB", "GFLOPs / step", "step s", "× whole batch"], table),
-    ])
+    table = [
+        [
+            r["option"],
+            _fmt(r.get("stored_bytes"), ".1f", MB),
+            _memory_cell(r),
+            _fmt(r.get("flops"), ".1f", 1e9),
+            _fmt(r.get("step_seconds"), ".2f"),
+            _ratio_text(_time_ratio(r, whole)),
+        ]
+        for r in rows
+    ]
+    return "\n\n".join(
+        [
+            (
+                f"## Memory options: the memory-efficient IDM at {plan['batch_size_at']}³, batch "
+                f"{max(plan['batch_sizes'])}"
+            ),
+            (
+                "Stored = bytes saved for backward by one micro-batch's forward. Step times measured together, "
+                "interleaved, in one fresh process; × whole batch = median (min–max) over rounds of the paired ratio."
+            ),
+            markdown_table(
+                ["memory option", "stored MB", "peak MB", "GFLOPs / step", "step s", "× whole batch"], table
+            ),
+        ]
+    )
 
 
 def _energy_section(energy: dict, plan: dict) -> str:
     if "n/a" in energy:
         return f"## Energy and temperature\n\nn/a on this machine: {energy['n/a']}.\n"
-    rows = [[LABELS[n], e.get("skipped") or f"{e['seconds']:.0f}", *(
-        [] if "skipped" in e else [e["steps"], f"{e['watts']:.0f}", f"{e['joules_per_step']:.1f}",
-                                   _fmt(e["celsius_start"], ".0f"), _fmt(e["celsius_max"], ".0f")])]
-            for n, e in energy.items()]
+    rows = [
+        [
+            LABELS[n],
+            e.get("skipped") or f"{e['seconds']:.0f}",
+            *(
+                []
+                if "skipped" in e
+                else [
+                    e["steps"],
+                    f"{e['watts']:.0f}",
+                    f"{e['joules_per_step']:.1f}",
+                    _fmt(e["celsius_start"], ".0f"),
+                    _fmt(e["celsius_max"], ".0f"),
+                ]
+            ),
+        ]
+        for n, e in energy.items()
+    ]
     source = next((e["source"] for e in energy.values() if "source" in e), "n/a")
-    return "\n\n".join([
-        f"## Energy and temperature ({source})",
-        (
-            f"Training steps of each network at {plan['batch_size_at']}³, batch 1, for {plan['energy_seconds']:.0f} s, "
-            "one network after another at the start of the suite (before the sweeps; the first starts on an idle "
-            "device)."
-        ),
-        markdown_table(["network", "seconds", "steps", "mean W", "J / step", "°C start", "°C max"], rows),
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                f"## Energy and temperature ({source})",
+                (
+                    f"Training steps of each network at {plan['batch_size_at']}³, batch 1, for "
+                    f"{plan['energy_seconds']:.0f} s, "
+                    "one network after another at the start of the suite (before the sweeps; the first starts on an "
+                    "idle "
+                    "device)."
+                ),
+                markdown_table(["network", "seconds", "steps", "mean W", "J / step", "°C start", "°C max"], rows),
+            ]
+        )
+        + "\n"
+    )
 
 
 def _budget_section() -> str:
@@ -313,18 +414,32 @@ def render_suite(result: dict, quality_markdown: str | None) -> str:
     """The whole ``benchmarks.md``."""
     plan = result["plan"]
     depth_rows = [_row_cells(r, "num_blocks") for r in result["depth"]]
-    growth = [[LABELS[n], _fmt(_growth(result["depth"], n, lambda r: r.get("stored_bytes")), "+.1%"),
-               _fmt(_growth(result["depth"], n, _peak), "+.1%")] for n in NETWORKS]
+    growth = [
+        [
+            LABELS[n],
+            _fmt(_growth(result["depth"], n, lambda r: r.get("stored_bytes")), "+.1%"),
+            _fmt(_growth(result["depth"], n, _peak), "+.1%"),
+        ]
+        for n in NETWORKS
+    ]
     resolution_rows = [_row_cells(r, "size") for r in result["resolution"]]
     batch_rows = [_row_cells(r, "batch_size") for r in result["batch"]]
     limit = plan["memory_limit_bytes"] / 2**30
     cubes = []
     for n in NETWORKS:
         c = result["largest_cube"][n]
-        cubes.append([LABELS[n], f"{c['measured']}³" if c["measured"] else "none",
-                      f"{c['first_out_of_memory']}³" if c["first_out_of_memory"] else
-                      f"not measured from {c['unmeasured_from']}³" if "unmeasured_from" in c else "—",
-                      f"{c['extrapolated']}³" if c.get("extrapolated") else "—"])
+        cubes.append(
+            [
+                LABELS[n],
+                f"{c['measured']}³" if c["measured"] else "none",
+                f"{c['first_out_of_memory']}³"
+                if c["first_out_of_memory"]
+                else f"not measured from {c['unmeasured_from']}³"
+                if "unmeasured_from" in c
+                else "—",
+                f"{c['extrapolated']}³" if c.get("extrapolated") else "—",
+            ]
+        )
     header = ["{}", "network", "params", "stored MB", "peak MB", "GFLOPs / step", "step s"]
     sections = [
         "# Benchmarks: IDM vs plain autograd vs MONAI DiffusionModelUNet (with and without checkpointing)",

@@ -50,7 +50,10 @@ SKIPPED = "skipped (time budget spent)"
 # The paper's configuration (Sec. 4) and its reported figures (Table 3).
 PAPER = {
     "workload": Workload(
-        "idm", 64, batch_size=4, channels=(64, 128, 256, 512, 1024, 2048),
+        "idm",
+        64,
+        batch_size=4,
+        channels=(64, 128, 256, 512, 1024, 2048),
         attention_levels=(False, False, False, False, True, True),
     ),
     "parameters": 343.6e6,
@@ -117,8 +120,17 @@ class SuitePlan:
     @classmethod
     def quick(cls) -> SuitePlan:
         return cls(
-            depths=(1, 8), depth_size=32, sizes=(16, 32), batch_sizes=(1, 2), batch_size_at=32, repeats=3,
-            energy_seconds=5.0, paper_peak=False, quality_epochs=2, quality_size=16, quality_channels=(8, 16, 32),
+            depths=(1, 8),
+            depth_size=32,
+            sizes=(16, 32),
+            batch_sizes=(1, 2),
+            batch_size_at=32,
+            repeats=3,
+            energy_seconds=5.0,
+            paper_peak=False,
+            quality_epochs=2,
+            quality_size=16,
+            quality_channels=(8, 16, 32),
             channels=(8, 16, 32, 64),
         )
 
@@ -128,7 +140,10 @@ class SuitePlan:
         where the budget is spent), then the quality comparison: about 8 minutes on one GPU. GPU step times
         vary little: 3 rounds."""
         return cls(
-            sizes=(32, 64, 96, 128, 160, 192, 224, 256, 320), repeats=3, energy_seconds=15.0, budget_seconds=390.0,
+            sizes=(32, 64, 96, 128, 160, 192, 224, 256, 320),
+            repeats=3,
+            energy_seconds=15.0,
+            budget_seconds=390.0,
         )
 
 
@@ -152,8 +167,9 @@ def measure_row(workload: Workload, plan: SuitePlan, budget: Budget, device: tor
     if "error" not in row["peak"]:
         model = build_network(workload).to(device)
         first = micro_batches(workload.batch_size, workload.micro_batch_size)[0]
-        row["stored_bytes"] = saved_activation_bytes(partial(make_training_step(workload, model, device).loss, first),
-                                                     model)
+        row["stored_bytes"] = saved_activation_bytes(
+            partial(make_training_step(workload, model, device).loss, first), model
+        )
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next configurations' processes need the memory
@@ -173,7 +189,7 @@ def _time_rows(rows: list[dict], plan: SuitePlan, budget: Budget) -> None:
         for row in fitting:
             row["step_seconds_error"] = str(error)[-500:]
         return
-    for row, rounds in zip(fitting, per_workload):
+    for row, rounds in zip(fitting, per_workload, strict=True):
         row["step_seconds_per_round"] = rounds
         row["step_seconds"] = statistics.median(rounds)
 
@@ -238,8 +254,9 @@ def resolution_sweep(plan: SuitePlan, budget: Budget, device: torch.device, prog
     return rows
 
 
-def batch_sweep(plan: SuitePlan, budget: Budget, device: torch.device, measured: Sequence[dict] = (),
-                progress=None) -> list[dict]:
+def batch_sweep(
+    plan: SuitePlan, budget: Budget, device: torch.device, measured: Sequence[dict] = (), progress=None
+) -> list[dict]:
     """Batch sizes ``plan.batch_sizes`` at ``plan.batch_size_at``³, timed per batch size. Rows of ``measured``
     (the resolution sweep's batch-1 rows) are reused, times included, where a whole group is there."""
     rows = []
@@ -300,8 +317,9 @@ def paper_configuration(plan: SuitePlan, budget: Budget) -> dict:
     }
     if plan.paper_peak:
         result["peaks"] = {
-            label: {"skipped": SKIPPED} if budget.spent else measure_peak_in_subprocess(
-                replace(workload, **options), timeout=budget.process_timeout())
+            label: {"skipped": SKIPPED}
+            if budget.spent
+            else measure_peak_in_subprocess(replace(workload, **options), timeout=budget.process_timeout())
             for label, options in MEMORY_OPTIONS.items()
         }
     return result
@@ -334,8 +352,9 @@ def energy_per_network(plan: SuitePlan, budget: Budget, device: torch.device, pr
             results[network] = {"skipped": SKIPPED}
         else:
             model = build_network(workload).to(device)
-            results[network] = measure_energy(make_training_step(workload, model, device)[0], plan.energy_seconds,
-                                              counter)
+            results[network] = measure_energy(
+                make_training_step(workload, model, device)[0], plan.energy_seconds, counter
+            )
             del model
         progress and progress.update()
     return results

@@ -40,8 +40,10 @@ __all__ = ["compare_synthesis", "render_synthesis_markdown", "write_synthesis_re
 DIRECTIONS = (("t1", "t2"), ("t2", "t1"))  # (given, generated)
 CONFIGS = {  # the training configs of each network, and what evaluation adds
     "idm": (["configs/train.json"], ["configs/train.json", "configs/evaluate.json"]),
-    "unet": (["configs/train.json", "configs/regression.json"],
-             ["configs/train.json", "configs/evaluate.json", "configs/regression.json"]),
+    "unet": (
+        ["configs/train.json", "configs/regression.json"],
+        ["configs/train.json", "configs/evaluate.json", "configs/regression.json"],
+    ),
 }
 LABELS = {"idm": "IDM (conditioned)", "unet": "MONAI UNet, L1 regression", "identity": "identity (the input)"}
 CURVE_FIGURE = "synthesis_curves.png"
@@ -49,26 +51,45 @@ EXAMPLES_FIGURE = "synthesis_examples.png"
 STAGE = "stage.json"  # beside each stage's evaluation: the cumulative training wall seconds
 ANCHORS = (
     "SelfRDB (2D slices of BraTS, its own protocol): T1→T2 27.6 dB PSNR / 0.930 SSIM, T2→T1 28.9 dB / 0.937.",
-    ("The seed paper's Table 1 (IDM, 3D BraTS2020 at 64³, one-step reconstruction measures, best of batch 2): T1 "
-     "25.01 dB / SSIM 0.485 / MAE 0.409, T2 25.54 dB / 0.488 / 0.335."),
+    (
+        "The seed paper's Table 1 (IDM, 3D BraTS2020 at 64³, one-step reconstruction measures, best of batch 2): T1 "
+        "25.01 dB / SSIM 0.485 / MAE 0.409, T2 25.54 dB / 0.488 / 0.335."
+    ),
 )
 
 
 def idm_definition(channels: Sequence[int], attention_levels: Sequence[bool], num_blocks: int) -> dict:
     """The conditioned IDM's ``network_def`` of one direction: one generated and one given channel."""
-    return {"_target_": "bundle.networks.InvertibleDiffusionUNet", "spatial_dims": 3, "in_channels": 2,
-            "out_channels": 1, "channels": list(channels), "num_blocks": num_blocks,
-            "attention_levels": list(attention_levels), "memory_efficient": True}
+    return {
+        "_target_": "bundle.networks.InvertibleDiffusionUNet",
+        "spatial_dims": 3,
+        "in_channels": 2,
+        "out_channels": 1,
+        "channels": list(channels),
+        "num_blocks": num_blocks,
+        "attention_levels": list(attention_levels),
+        "memory_efficient": True,
+    }
 
 
 def matched_unet_channels(parameters: int, levels: int = 3, num_res_units: int = 2) -> list[int]:
     """The widths ``(c, 2c, 4c, …)`` of MONAI's ``UNet`` (one input and one output channel) whose parameter count is
     nearest ``parameters``."""
+
     def count(width: int) -> int:
         channels = [width * 2**k for k in range(levels)]
-        return parameter_count({"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1,
-                                "out_channels": 1, "channels": channels, "strides": [2] * (levels - 1),
-                                "num_res_units": num_res_units})
+        return parameter_count(
+            {
+                "_target_": "monai.networks.nets.UNet",
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": 1,
+                "channels": channels,
+                "strides": [2] * (levels - 1),
+                "num_res_units": num_res_units,
+            }
+        )
+
     best = min(range(2, 65), key=lambda width: abs(count(width) - parameters))
     return [best * 2**k for k in range(levels)]
 
@@ -80,28 +101,49 @@ def _bundle(run_id: str, configs: Sequence[str], args_file: Path, log: Path, **e
     Raises:
         RuntimeError: the process failed (with the end of its log).
     """
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(list(configs)),
-               "--args_file", str(args_file), *[a for k, v in extra.items() for a in (f"--{k}", str(v))]]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        json.dumps(list(configs)),
+        "--args_file",
+        str(args_file),
+        *[a for k, v in extra.items() for a in (f"--{k}", str(v))],
+    ]
     start = time.perf_counter()
     with open(log, "a") as out:
-        result = subprocess.run(command, cwd=BUNDLE_ROOT, env=child_environment(OMP_NUM_THREADS="1"), stdout=out,
-                                stderr=subprocess.STDOUT, check=False)
+        result = subprocess.run(
+            command,
+            cwd=BUNDLE_ROOT,
+            env=child_environment(OMP_NUM_THREADS="1"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     if result.returncode != 0:
-        raise RuntimeError(f"{run_id} of {args_file.parent} exited with {result.returncode}:\n"
-                           f"{log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"{run_id} of {args_file.parent} exited with {result.returncode}:\n{log.read_text()[-3000:]}"
+        )
     return time.perf_counter() - start
 
 
-def staged_run(run_dir: Path, network: str, overrides: Mapping, stage_epochs: Sequence[int],
-               steps_per_epoch: int) -> list[dict]:
+def staged_run(
+    run_dir: Path, network: str, overrides: Mapping, stage_epochs: Sequence[int], steps_per_epoch: int
+) -> list[dict]:
     """Trains one network in ``run_dir`` to each of ``stage_epochs`` in turn (the first a new run, the others resumes;
     the cosine schedule is over the last) and evaluates the checkpoint after each stage into
     ``run_dir/eval_<epochs>``; a stage evaluated earlier is reused. Returns per stage ``{"step", "wall_seconds"
     (training so far), "metrics"}`` (``metrics``: the evaluation's ``translation``)."""
     train_configs, evaluate_configs = CONFIGS[network]
     run_dir.mkdir(parents=True, exist_ok=True)
-    args = dict(overrides) | {"ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "runs"),
-                              "lr_scheduler#T_max": stage_epochs[-1]}
+    args = dict(overrides) | {
+        "ckpt_dir": str(run_dir / "models"),
+        "output_dir": str(run_dir / "runs"),
+        "lr_scheduler#T_max": stage_epochs[-1],
+    }
     (run_dir / "args.json").write_text(json.dumps(args, indent=1))
     stages, wall = [], 0.0
     for k, epochs in enumerate(stage_epochs):
@@ -109,10 +151,21 @@ def staged_run(run_dir: Path, network: str, overrides: Mapping, stage_epochs: Se
         if (folder / STAGE).exists():
             wall = json.loads((folder / STAGE).read_text())["wall_seconds"]
         else:
-            wall += _bundle("training", train_configs, run_dir / "args.json", run_dir / "train.log",
-                            **{"train#trainer#max_epochs": epochs, "resume": str(k > 0).lower()})
-            _bundle("evaluating", evaluate_configs, run_dir / "args.json", run_dir / "evaluate.log",
-                    output_dir=folder, overwrite="true")
+            wall += _bundle(
+                "training",
+                train_configs,
+                run_dir / "args.json",
+                run_dir / "train.log",
+                **{"train#trainer#max_epochs": epochs, "resume": str(k > 0).lower()},
+            )
+            _bundle(
+                "evaluating",
+                evaluate_configs,
+                run_dir / "args.json",
+                run_dir / "evaluate.log",
+                output_dir=folder,
+                overwrite="true",
+            )
             (folder / STAGE).write_text(json.dumps({"wall_seconds": wall}))
         metrics = json.loads((folder / "metrics.json").read_text())["translation"]
         stages.append({"step": epochs * steps_per_epoch, "wall_seconds": wall, "metrics": metrics})
@@ -135,8 +188,9 @@ def _examples(run_dirs: Mapping[str, Path], given: str, generated: str, count: i
         parser["bundle_root"] = str(BUNDLE_ROOT)
         model = load_checkpoint(parser.get_parsed_content("network_def"), run_dir / "models" / "model.pt").eval()
         if network == "idm":
-            scheduler = GridDDIMScheduler(num_train_timesteps=parser["num_train_timesteps"],
-                                          schedule=parser["schedule"])
+            scheduler = GridDDIMScheduler(
+                num_train_timesteps=parser["num_train_timesteps"], schedule=parser["schedule"]
+            )
             inferer = DiffusionSampler(scheduler, 50, seed=0, progress=False, num_channels=1, conditioned=True)
         else:
             inferer = RegressionInferer()
@@ -177,10 +231,19 @@ def compare_synthesis(
     stage_epochs = sorted({max(1, round(s / steps_per_epoch)) for s in steps})
     idm = idm_definition(channels, attention_levels, num_blocks)
     unet_channels = matched_unet_channels(parameter_count(idm))
-    shared = {"spatial_size": [size] * 3, "batch_size": batch_size, "seed": seed, "num_phantoms": num_phantoms,
-              "val_fraction": val_fraction, "learning_rate": learning_rate, "num_train_timesteps": num_train_timesteps,
-              "num_workers": 0, "preview_interval": 1000, "val_interval": stage_epochs[0],
-              "dataset_dir": str(work / "data")}
+    shared = {
+        "spatial_size": [size] * 3,
+        "batch_size": batch_size,
+        "seed": seed,
+        "num_phantoms": num_phantoms,
+        "val_fraction": val_fraction,
+        "learning_rate": learning_rate,
+        "num_train_timesteps": num_train_timesteps,
+        "num_workers": 0,
+        "preview_interval": 1000,
+        "val_interval": stage_epochs[0],
+        "dataset_dir": str(work / "data"),
+    }
     training_cases(work / "data", seed=seed, num_phantoms=num_phantoms, modalities=["t1", "t2"])
     jobs = {}
     for given, generated in DIRECTIONS:
@@ -188,32 +251,64 @@ def compare_synthesis(
         jobs[(given, generated, "idm")] = shared | direction | {"network_def": idm, "ema_decay": ema_decay}
         jobs[(given, generated, "unet")] = shared | direction | {"regression_channels": unet_channels}
     with ThreadPoolExecutor(2) as pool:
-        futures = {key: pool.submit(staged_run, work / f"{key[0]}_to_{key[1]}" / key[2], key[2], overrides,
-                                    stage_epochs, steps_per_epoch) for key, overrides in jobs.items()}
+        futures = {
+            key: pool.submit(
+                staged_run, work / f"{key[0]}_to_{key[1]}" / key[2], key[2], overrides, stage_epochs, steps_per_epoch
+            )
+            for key, overrides in jobs.items()
+        }
         stages = {key: future.result() for key, future in futures.items()}
-    unet_parameters = parameter_count({"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1,
-                                       "out_channels": 1, "channels": unet_channels, "strides": [2, 2],
-                                       "num_res_units": 2})
+    unet_parameters = parameter_count(
+        {
+            "_target_": "monai.networks.nets.UNet",
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": unet_channels,
+            "strides": [2, 2],
+            "num_res_units": 2,
+        }
+    )
     directions = {}
     for given, generated in DIRECTIONS:
         name = f"{given}->{generated}"
         directions[name] = {
-            "given": given, "generated": generated,
+            "given": given,
+            "generated": generated,
             "networks": {
-                "idm": {"label": LABELS["idm"], "parameters": parameter_count(idm),
-                        "stages": stages[(given, generated, "idm")]},
-                "unet": {"label": LABELS["unet"], "parameters": unet_parameters, "channels": unet_channels,
-                         "stages": stages[(given, generated, "unet")]},
+                "idm": {
+                    "label": LABELS["idm"],
+                    "parameters": parameter_count(idm),
+                    "stages": stages[(given, generated, "idm")],
+                },
+                "unet": {
+                    "label": LABELS["unet"],
+                    "parameters": unet_parameters,
+                    "channels": unet_channels,
+                    "stages": stages[(given, generated, "unet")],
+                },
             },
-            "_examples": _examples({n: work / f"{given}_to_{generated}" / n for n in ("idm", "unet")}, given,
-                                   generated, examples),
+            "_examples": _examples(
+                {n: work / f"{given}_to_{generated}" / n for n in ("idm", "unet")}, given, generated, examples
+            ),
         }
-    settings = {"size": size, "batch_size": batch_size, "learning_rate": learning_rate, "ema_decay": ema_decay,
-                "num_train_timesteps": num_train_timesteps, "num_phantoms": num_phantoms,
-                "val_fraction": val_fraction, "idm_channels": list(channels),
-                "attention_levels": list(attention_levels), "num_blocks": num_blocks, "unet_channels": unet_channels,
-                "stage_epochs": stage_epochs, "steps_per_epoch": steps_per_epoch, "seed": seed,
-                "evaluation_sampler": "DDIM, η = 0, 50 steps (configs/evaluate.json's default)"}
+    settings = {
+        "size": size,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "ema_decay": ema_decay,
+        "num_train_timesteps": num_train_timesteps,
+        "num_phantoms": num_phantoms,
+        "val_fraction": val_fraction,
+        "idm_channels": list(channels),
+        "attention_levels": list(attention_levels),
+        "num_blocks": num_blocks,
+        "unet_channels": unet_channels,
+        "stage_epochs": stage_epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "seed": seed,
+        "evaluation_sampler": "DDIM, η = 0, 50 steps (configs/evaluate.json's default)",
+    }
     return {"settings": settings, "machine": machine_description(), "directions": directions}
 
 
@@ -258,8 +353,12 @@ def plot_examples(result: Mapping, path: Path) -> None:
             axes[r][c].imshow(directions[name]["_examples"][key][c], cmap="gray", vmin=0, vmax=1)
             axes[r][c].set_xticks([])
             axes[r][c].set_yticks([])
-        label = {"input": f"input {directions[name]['given']}", "idm": "IDM", "unet": "UNet L1",
-                 "real": f"real {directions[name]['generated']}"}[key]
+        label = {
+            "input": f"input {directions[name]['given']}",
+            "idm": "IDM",
+            "unet": "UNet L1",
+            "real": f"real {directions[name]['generated']}",
+        }[key]
         axes[r][0].set_ylabel(label, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -274,58 +373,108 @@ def render_synthesis_markdown(result: Mapping, command: str) -> str:
         f"Command: `{command}`  ",
         f"Machine: {result['machine']}; two runs at a time, one torch thread each.",
         "",
-        (f"On {s['num_phantoms']} built-in phantoms at {s['size']}³ ({round(s['num_phantoms'] * s['val_fraction'])} "
-         f"held out for validation), batch {s['batch_size']}, AdamW lr {s['learning_rate']} with cosine annealing "
-         f"over the last stage, seed {s['seed']}, both networks trained by the bundle's configs on the same data "
-         f"and steps: the conditioned IDM (`configs/train.json --condition_modalities`, channels "
-         f"{tuple(s['idm_channels'])}, {s['num_blocks']} blocks per level, attention {tuple(s['attention_levels'])}, "
-         f"T = {s['num_train_timesteps']}, EMA {s['ema_decay']}) and MONAI's `UNet` as an L1 regression "
-         f"(`configs/regression.json`, channels {tuple(s['unet_channels'])}, 2 residual units, no EMA), the widths "
-         f"nearest IDM's parameter count. After each stage `configs/evaluate.json` measures every validation case's "
-         f"translation (IDM: {s['evaluation_sampler']}) against its real volume: PSNR, SSIM and MAE in [0, 1] "
-         "intensities over the whole volume and inside the head (the real volume's foreground), and sharpness (mean "
-         "gradient magnitude in the head, generated over real: 1 is as sharp as the data). The identity baseline is "
-         "the input volume itself after the same scaling."),
+        (
+            f"On {s['num_phantoms']} built-in phantoms at {s['size']}³ ({round(s['num_phantoms'] * s['val_fraction'])} "
+            f"held out for validation), batch {s['batch_size']}, AdamW lr {s['learning_rate']} with cosine annealing "
+            f"over the last stage, seed {s['seed']}, both networks trained by the bundle's configs on the same data "
+            f"and steps: the conditioned IDM (`configs/train.json --condition_modalities`, channels "
+            f"{tuple(s['idm_channels'])}, {s['num_blocks']} blocks per level, attention "
+            f"{tuple(s['attention_levels'])}, "
+            f"T = {s['num_train_timesteps']}, EMA {s['ema_decay']}) and MONAI's `UNet` as an L1 regression "
+            f"(`configs/regression.json`, channels {tuple(s['unet_channels'])}, 2 residual units, no EMA), the widths "
+            f"nearest IDM's parameter count. After each stage `configs/evaluate.json` measures every validation case's "
+            f"translation (IDM: {s['evaluation_sampler']}) against its real volume: PSNR, SSIM and MAE in [0, 1] "
+            "intensities over the whole volume and inside the head (the real volume's foreground), and sharpness (mean "
+            "gradient magnitude in the head, generated over real: 1 is as sharp as the data). The identity baseline is "
+            "the input volume itself after the same scaling."
+        ),
         "",
     ]
     for direction in result["directions"].values():
         generated = direction["generated"]
         final = {n: e["stages"][-1]["metrics"] for n, e in direction["networks"].items()}
         runs = [("idm", "model"), ("unet", "model"), ("idm", "identity")]
-        header = ["run", "PSNR", "SSIM", "MAE", "head PSNR", "head SSIM", "head MAE", "PSNR best-of-2",
-                  "SSIM best-of-2", "sharpness"]
+        header = [
+            "run",
+            "PSNR",
+            "SSIM",
+            "MAE",
+            "head PSNR",
+            "head SSIM",
+            "head MAE",
+            "PSNR best-of-2",
+            "SSIM best-of-2",
+            "sharpness",
+        ]
         table = []
         for network, run in runs:
             m = final[network][run][generated]
             label = LABELS["identity"] if run == "identity" else direction["networks"][network]["label"]
-            table.append([label] + [f"{m[k]['mean']:.{p}f} ± {m[k]['std']:.{p}f}" for k, p in
-                                    (("psnr", 2), ("ssim", 3), ("mae", 3), ("head_psnr", 2), ("head_ssim", 3),
-                                     ("head_mae", 3))]
-                         + [f"{m['psnr']['best_of_batch']:.2f}", f"{m['ssim']['best_of_batch']:.3f}",
-                            f"{m['sharpness']['mean']:.2f}"])
-        lines += [f"## {direction['given'].upper()} → {generated.upper()}", "",
-                  (f"Final models ({direction['networks']['idm']['stages'][-1]['step']} steps), "
-                   f"{len(final['idm']['cases'])} validation cases, mean ± std over the cases; parameters: IDM "
-                   f"{direction['networks']['idm']['parameters'] / 1e6:.3f}M, UNet "
-                   f"{direction['networks']['unet']['parameters'] / 1e6:.3f}M:"), "",
-                  markdown_table(header, table), "",
-                  "Learning curve (validation, mean over the cases):", ""]
+            table.append(
+                [label]
+                + [
+                    f"{m[k]['mean']:.{p}f} ± {m[k]['std']:.{p}f}"
+                    for k, p in (
+                        ("psnr", 2),
+                        ("ssim", 3),
+                        ("mae", 3),
+                        ("head_psnr", 2),
+                        ("head_ssim", 3),
+                        ("head_mae", 3),
+                    )
+                ]
+                + [
+                    f"{m['psnr']['best_of_batch']:.2f}",
+                    f"{m['ssim']['best_of_batch']:.3f}",
+                    f"{m['sharpness']['mean']:.2f}",
+                ]
+            )
+        lines += [
+            f"## {direction['given'].upper()} → {generated.upper()}",
+            "",
+            (
+                f"Final models ({direction['networks']['idm']['stages'][-1]['step']} steps), "
+                f"{len(final['idm']['cases'])} validation cases, mean ± std over the cases; parameters: IDM "
+                f"{direction['networks']['idm']['parameters'] / 1e6:.3f}M, UNet "
+                f"{direction['networks']['unet']['parameters'] / 1e6:.3f}M:"
+            ),
+            "",
+            markdown_table(header, table),
+            "",
+            "Learning curve (validation, mean over the cases):",
+            "",
+        ]
         curve_header = ["steps"] + [f"{n} {k}" for n in ("IDM", "UNet") for k in ("PSNR", "SSIM", "MAE")]
         curve_rows = []
         for k, stage in enumerate(direction["networks"]["idm"]["stages"]):
             unet = direction["networks"]["unet"]["stages"][k]
-            curve_rows.append([stage["step"]] + [
-                f"{_value(st['metrics'], 'model', generated, metric)['mean']:.{p}f}"
-                for st in (stage, unet) for metric, p in (("psnr", 2), ("ssim", 3), ("mae", 3))])
+            curve_rows.append(
+                [stage["step"]]
+                + [
+                    f"{_value(st['metrics'], 'model', generated, metric)['mean']:.{p}f}"
+                    for st in (stage, unet)
+                    for metric, p in (("psnr", 2), ("ssim", 3), ("mae", 3))
+                ]
+            )
         lines += [markdown_table(curve_header, curve_rows), ""]
         walls = {n: e["stages"][-1]["wall_seconds"] / 60 for n, e in direction["networks"].items()}
         lines += [f"Training wall time: IDM {walls['idm']:.1f} min, UNet {walls['unet']:.1f} min.", ""]
-    lines += ["## Over training", "", f"![curves]({CURVE_FIGURE})", "",
-              "## Examples", "",
-              "Axial mid-slices of the first validation cases: input, IDM, UNet, real, per direction.", "",
-              f"![examples]({EXAMPLES_FIGURE})", "",
-              "## Anchors (other data, other protocols: not comparable figure for figure)", "",
-              *[f"- {a}" for a in ANCHORS], ""]
+    lines += [
+        "## Over training",
+        "",
+        f"![curves]({CURVE_FIGURE})",
+        "",
+        "## Examples",
+        "",
+        "Axial mid-slices of the first validation cases: input, IDM, UNet, real, per direction.",
+        "",
+        f"![examples]({EXAMPLES_FIGURE})",
+        "",
+        "## Anchors (other data, other protocols: not comparable figure for figure)",
+        "",
+        *[f"- {a}" for a in ANCHORS],
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -335,8 +484,17 @@ def write_synthesis_report(result: dict, command: str, output_dir: str | Path = 
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(result, out / CURVE_FIGURE)
     plot_examples(result, out / EXAMPLES_FIGURE)
-    public = json.loads(json.dumps({k: v for k, v in result.items() if k != "directions"} | {"directions": {
-        name: {k: v for k, v in d.items() if not k.startswith("_")} for name, d in result["directions"].items()}}))
+    public = json.loads(
+        json.dumps(
+            {k: v for k, v in result.items() if k != "directions"}
+            | {
+                "directions": {
+                    name: {k: v for k, v in d.items() if not k.startswith("_")}
+                    for name, d in result["directions"].items()
+                }
+            }
+        )
+    )
     for direction in public["directions"].values():
         for entry in direction["networks"].values():
             for stage in entry["stages"]:
@@ -345,4 +503,3 @@ def write_synthesis_report(result: dict, command: str, output_dir: str | Path = 
     path = out / "synthesis.md"
     path.write_text(render_synthesis_markdown(result, command))
     return path
-

@@ -26,9 +26,7 @@ from .workload import Workload, build_network, make_training_step
 __all__ = ["interleaved_times", "measure_times_in_subprocess", "paired_ratio"]
 
 
-def interleaved_times(
-    steps: Mapping[str, Callable[[], None]], repeats: int, warmup: int = 1
-) -> dict[str, list[float]]:
+def interleaved_times(steps: Mapping[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of each step in each of ``repeats`` rounds, timing the steps in turn (A B C A B C …) so that
     drifts of the machine (thermal, other load) hit every step alike. ``warmup`` untimed rounds come first."""
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -47,9 +45,10 @@ def paired_ratio(seconds: Sequence[float], reference: Sequence[float]) -> tuple[
     """``(median, min, max)`` over rounds of ``seconds[i] / reference[i]``: two workloads timed in the same
     rounds of :func:`interleaved_times`."""
     if len(seconds) != len(reference) or not seconds:
-        raise ValueError(f"paired_ratio needs two equally long, non-empty lists of rounds, got {len(seconds)} "
-                         f"and {len(reference)}.")
-    ratios = [a / b for a, b in zip(seconds, reference)]
+        raise ValueError(
+            f"paired_ratio needs two equally long, non-empty lists of rounds, got {len(seconds)} and {len(reference)}."
+        )
+    ratios = [a / b for a, b in zip(seconds, reference, strict=True)]
     return statistics.median(ratios), min(ratios), max(ratios)
 
 

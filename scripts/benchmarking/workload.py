@@ -82,7 +82,11 @@ def monai_arguments(workload: Workload) -> dict:
         target = count_parameters(_idm(replace(workload, num_blocks=reference), True))
         blocks = (2, 1, 3) if workload.baseline_widths_at is None else (reference,)
         kwargs = matched_monai_unet(
-            target, workload.spatial_dims, workload.in_channels, workload.in_channels, workload.attention_levels,
+            target,
+            workload.spatial_dims,
+            workload.in_channels,
+            workload.in_channels,
+            workload.attention_levels,
             num_res_blocks=blocks,
         )[1]
     if workload.baseline_widths_at is not None:
@@ -124,8 +128,11 @@ def make_training_step(workload: Workload, model: nn.Module, device: torch.devic
     # every second moment at the update; the meta device (FLOP counting) has no fused kernel
     fused = torch.device(device).type != "meta"
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, fused=fused)
-    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(0.999),
-                                              use_buffers=True) if workload.ema else None
+    ema = (
+        torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(0.999), use_buffers=True)
+        if workload.ema
+        else None
+    )
     update = UpdateInBackward(model, optimizer, ema) if workload.optimizer_in_backward else None
 
     def loss(part: slice = slice(None)) -> torch.Tensor:
