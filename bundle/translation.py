@@ -33,7 +33,7 @@ class OntoInputGridd(MapTransform):
     """Puts each key's volume (C, *S), made on the preprocessed grid of ``data[source_key]`` (a MetaTensor whose meta
     has the file's ``original_affine`` and ``spatial_shape``, as ``LoadImage`` records them), onto the grid and affine
     of that input's file: resampled by the affines (:func:`~bundle.inference.onto_grid`), zero outside the
-    preprocessed box. MONAI Label's and :func:`synthesize`'s postprocessing: the output overlays the input."""
+    preprocessed box. The translation config's postprocessing (MONAI Label's too): the output overlays the input."""
 
     def __init__(self, keys: KeysCollection = "pred", source_key: str = "image") -> None:
         super().__init__(keys)
