@@ -64,22 +64,16 @@ def test_report_figures_and_tables(study, tmp_path):
     assert written["networks"]["monai"]["steps"] == 8 and "_samples" not in written
 
 
-def test_a_rerun_reuses_the_finished_runs(study):
-    root, result = study
-    events = sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*"))
-    again = compare_generation(root / "work", **SETTINGS)
-    assert again["networks"]["idm"]["wall_seconds"] == result["networks"]["idm"]["wall_seconds"]
-    assert sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*")) == events
-    assert again["networks"]["idm"]["final"]["measures"] == result["networks"]["idm"]["final"]["measures"]
-
-
 def test_the_idm_run_is_trained_on_as_a_resume_of_a_copy(study, tmp_path):
-    """continue_steps: the finished IDM run is copied and resumed to the longer schedule; the first run and its
-    event files stay as they were, the copy's curves go on from where they stopped, and the report has a section."""
+    """continue_steps: the finished runs are reused, not trained again (the same wall time, event files and final
+    measures); the IDM run is copied and resumed to the longer schedule, the copy's curves go on from where they
+    stopped, and the report has a section."""
     root, result = study
     events = sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*"))
     longer = compare_generation(root / "work", **SETTINGS, continue_steps=12)
     assert sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*")) == events
+    for name in ("idm", "monai"):
+        assert longer["networks"][name]["wall_seconds"] == result["networks"][name]["wall_seconds"]
     assert longer["networks"]["idm"]["final"]["measures"] == result["networks"]["idm"]["final"]["measures"]
     run = longer["networks"]["idm_continued"]
     assert longer["settings"]["continued_epochs"] == 6 and run["steps"] == 12
