@@ -306,18 +306,8 @@ class TrainedModel:
 
 
 def _check_scheduler(recorded: dict, scheduler: Scheduler, schedule: str, path: Path) -> None:
-    """Raises :class:`BadInputError` unless ``scheduler`` (built with ``schedule``) noises as the recorded one did."""
-    if scheduler.num_train_timesteps != recorded["num_train_timesteps"]:
-        raise BadInputError(
-            f"{path} says the model was trained with num_train_timesteps={recorded['num_train_timesteps']}, but this "
-            f"run has {scheduler.num_train_timesteps}; pass --num_train_timesteps {recorded['num_train_timesteps']} "
-            "(sampling with another diffusion length gives noise, not images)."
-        )
-    if schedule != recorded["schedule"]:
-        raise BadInputError(
-            f"{path} says the model was trained with the {recorded['schedule']!r} noise schedule, but this run has "
-            f"{schedule!r}; pass --schedule {recorded['schedule']}."
-        )
+    """Raises :class:`BadInputError` unless ``scheduler`` (built with ``schedule``, and with the recorded T and schedule
+    name, which :meth:`TrainedModel.check` compares) noises as the recorded one did: its prediction type and ᾱ."""
     if scheduler.prediction_type != recorded["prediction_type"]:
         raise BadInputError(
             f"{path} says the model predicts {recorded['prediction_type']!r}, but the scheduler's prediction_type is "

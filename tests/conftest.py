@@ -84,13 +84,9 @@ def run_python(
     return subprocess.CompletedProcess([sys.executable, *args], answer["returncode"], stdout, stderr)
 
 
-def run_bundle(
-    config: str, overrides: dict, run_id: str = "run", launcher: list[str] | None = None
-) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run RUN_ID --config_file CONFIG --key value …`` from the bundle root,
-    as a user types it (by :func:`run_python`; ``launcher`` replaces ``python -m`` with a real process, e.g.
-    torchrun's)."""
-    args = [
+def bundle_args(config: str, overrides: dict, run_id: str = "run") -> list[str]:
+    """What follows ``python -m`` in ``python -m monai.bundle run RUN_ID --config_file CONFIG --key value …``."""
+    return [
         "monai.bundle",
         "run",
         run_id,
@@ -98,6 +94,15 @@ def run_bundle(
         config,
         *[a for k, v in overrides.items() for a in (f"--{k}", str(v))],
     ]
+
+
+def run_bundle(
+    config: str, overrides: dict, run_id: str = "run", launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run RUN_ID --config_file CONFIG --key value …`` from the bundle root,
+    as a user types it (by :func:`run_python`; ``launcher`` replaces ``python -m`` with a real process, e.g.
+    torchrun's)."""
+    args = bundle_args(config, overrides, run_id)
     env = child_environment(GLOO_SOCKET_IFNAME="lo")
     if launcher is None:
         return run_python(["-m", *args], env=env)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMALL_TRAINING, run_bundle
+from conftest import ROOT, SMALL_TRAINING, bundle_args, run_bundle
 
 from bundle.data import write_brats_phantoms
 from scripts.benchmarking.child_process import child_environment
@@ -77,16 +77,7 @@ def _kill_in_epoch(folder: Path, cases: Path, epoch: int) -> str:
     """Starts ``python -m monai.bundle run training …`` as a user does and SIGKILLs it once it has logged the
     first iteration of ``epoch``; its log up to then."""
     run = {"dataset_dir": cases, "ckpt_dir": folder / "models", "output_dir": folder / "logs"}
-    args = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "configs/train.json",
-        *[a for k, v in (SMALL | run).items() for a in (f"--{k}", str(v))],
-    ]
+    args = [sys.executable, "-m", *bundle_args("configs/train.json", SMALL | run, "training")]
     process = subprocess.Popen(
         args, cwd=ROOT, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError
+from ..utils import is_not_rank0
 from .discovery import DatasetNotFoundError, discover_cases
 from .phantoms import BRATS_MODALITIES, PHANTOM_FOLDER, PHANTOM_GRID, PHANTOM_PREFIX, write_brats_phantoms
 from .preflight import preflight
@@ -112,7 +113,7 @@ def training_cases(
     prepares the data while the other ranks wait, then they discover what it wrote.
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    leader = not distributed or torch.distributed.get_rank() == 0
+    leader = not is_not_rank0()
     if not leader:
         torch.distributed.barrier()
     try:
