@@ -1,5 +1,6 @@
 """The files inference writes, in one place: one NIfTI volume per modality ([0, 1], float32) with a PNG of the
-mid-slices beside them, and the refusal of a run whose outputs would replace an earlier run's."""
+mid-slices beside them, the grid they are written on, and the refusal of a run whose outputs would replace an earlier
+run's."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import SpatialResample
 
 from .errors import BadInputError
 from .visualize import save_mid_slices_png
 
-__all__ = ["refuse_earlier_outputs", "write_volumes"]
+__all__ = ["onto_grid", "refuse_earlier_outputs", "to_original_grid", "write_volumes"]
 
 
 def refuse_earlier_outputs(earlier: Sequence[Path], output_dir: str | Path) -> None:
@@ -42,3 +45,28 @@ def write_volumes(
     for channel, path in enumerate(volumes):
         nib.save(nib.Nifti1Image(volume[channel].detach().cpu().numpy().astype(np.float32), affine), path)
     save_mid_slices_png(preview, preview_names, paths["png"])
+
+
+def onto_grid(
+    sample: torch.Tensor, affine: torch.Tensor | np.ndarray, target_affine: np.ndarray, spatial_size: Sequence[int]
+) -> torch.Tensor:
+    """``sample`` (C, *S) on the grid of ``affine`` resampled (trilinear, by the affines: the same world points)
+    onto the grid of ``target_affine`` and ``spatial_size``; zero outside the sample's box."""
+    return SpatialResample(mode="bilinear", padding_mode="zeros", align_corners=True)(
+        MetaTensor(sample, affine=torch.as_tensor(affine, dtype=torch.float64)),
+        dst_affine=torch.as_tensor(target_affine, dtype=torch.float64),
+        spatial_size=list(spatial_size),
+    ).as_tensor()
+
+
+def to_original_grid(sample: torch.Tensor, run_record: dict) -> tuple[torch.Tensor, np.ndarray]:
+    """``sample`` (C, *S) on the training grid (``run_record["affine"]``) → (the sample on the dataset's own grid,
+    its affine): resampled (trilinear) onto ``run_record["original_grid"]`` where the run record has one (a registered
+    dataset on the native grid, :func:`~bundle.run_record.run_record`), zero outside the training box; else
+    ``sample`` and the training grid's affine."""
+    affine = np.asarray(run_record["affine"], dtype=float)
+    grid = run_record.get("original_grid")
+    if grid is None:
+        return sample, affine
+    target = np.asarray(grid["affine"], dtype=float)
+    return onto_grid(sample, affine, target, grid["spatial_size"]), target

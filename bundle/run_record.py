@@ -200,12 +200,11 @@ class TrainedModel:
             )
         self.record = record
 
-    def check(self, task: str | None = None, **settings: object) -> TrainedModel:
+    def check(self, **settings: object) -> TrainedModel:
         """Raises :class:`BadInputError` unless each of ``settings`` (``modalities``, ``condition_modalities``,
         ``spatial_size``, ``spacing``, ``num_train_timesteps``, ``schedule``: a workflow's values, which are the
-        recorded ones unless the command line gave others) equals the recorded value, naming the first that does not,
-        and unless the model does ``task`` (:data:`TASKS`; None: any), naming the config that runs it. Returns the
-        model."""
+        recorded ones unless the command line gave others) equals the recorded value, naming the first that does not.
+        Returns the model."""
         for name, value in settings.items():
             recorded = getattr(self, name)
             given = _spacing_record(value) if name == "spacing" else list(value) if isinstance(value, tuple) else value
@@ -215,21 +214,7 @@ class TrainedModel:
                     f"{name}={_flag(given, name)}; pass --{name} {_flag(recorded, name)}, or leave it out where the "
                     "workflow reads the model (inference and evaluation take the recorded value)."
                 )
-        if task is not None and task != self.task:
-            raise BadInputError(self._task_refusal(task))
         return self
-
-    def _task_refusal(self, task: str) -> str:
-        if self.task == "translation":
-            return (
-                f"{self.ckpt_path} translates {self.condition_modalities} into {self.modalities} (its {RUN_RECORD}), "
-                "it does not generate from noise: run it with the translation overlay, --config_file "
-                "\"['configs/inference.json','configs/translate.json']\" and --input_files or --dataset_dir."
-            )
-        return (
-            f"{self.ckpt_path} generates {self.modalities} from noise (its {RUN_RECORD}); it translates nothing: "
-            f"run it with configs/inference.json alone (task {task!r} asked)."
-        )
 
     @property
     def task(self) -> str:

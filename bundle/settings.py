@@ -9,8 +9,7 @@ paragraph (exit code 1).
 from __future__ import annotations
 
 import numbers
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +31,12 @@ __all__ = ["EvaluationSettings", "InferenceSettings", "TrainingSettings", "check
 GENERATION_REFERENCES = ("validation", "training")  # the splits evaluation compares generated samples with
 
 
+def _integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return _integer(value) and value >= 1
 
 
 def _number(value: object) -> bool:
@@ -191,12 +194,15 @@ class TrainingSettings:
             value = getattr(self, name)
             if not _number(value) or value < 0:
                 raise BadInputError(f"{name} must be a number ≥ 0 (0 drops its term of Eq. 8); got {value!r}.")
-        for name in ("val_interval", "drift_interval", "preview_interval"):
+        for name in ("val_interval", "drift_interval"):
             value = getattr(self, name)
             if not _positive_int(value):
-                raise BadInputError(
-                    f"{name} must be a positive integer (every n-th epoch, step or validation); got {value!r}."
-                )
+                raise BadInputError(f"{name} must be a positive integer (every n-th epoch or step); got {value!r}.")
+        if not (_integer(self.preview_interval) and self.preview_interval >= 0):
+            raise BadInputError(
+                f"preview_interval must be an integer ≥ 0 (every n-th validation; 0 turns previews off); "
+                f"got {self.preview_interval!r}."
+            )
         _check_val_timestep_fractions(self.val_timestep_fractions)
         _check_device(self.device)
         check_output_folder(self.ckpt_dir, "ckpt_dir")
@@ -219,15 +225,12 @@ class TrainingSettings:
         return _timesteps(self.val_timestep_fractions, self.noise_scheduler.num_train_timesteps)
 
 
-SAMPLE_FILE = re.compile(r"sample_\d{3,}(?:_.+\.nii\.gz|\.png)")
-"""The names of :meth:`InferenceSettings.sample_paths`, for any number of samples and any modalities."""
-
-
 @dataclass(kw_only=True)
 class InferenceSettings:
-    """The settings of ``configs/inference.json`` that need neither network nor checkpoint: ``overwrite`` (a bool
-    after the check), the number of samples, the batch size and the output folder, in which sample files of an earlier
-    run (:meth:`earlier_samples`, whatever their number and modalities) are refused unless ``overwrite``.
+    """The settings of ``configs/inference.json`` that need neither network nor checkpoint: the flags (``overwrite``,
+    ``skip_invalid``: bools after the check), the number of samples and the batch size (a generation model's), the
+    device, and the output folder. A translation model's studies (``input_files``, else those below ``dataset_dir``)
+    and each workflow's earlier outputs are checked by the workflow (:func:`~bundle.inference.inference_workflow`).
 
     Raises:
         BadInputError: naming the setting and what it accepts.
@@ -238,32 +241,19 @@ class InferenceSettings:
     batch_size: int
     device: torch.device | str
     overwrite: bool | str
+    dataset_dir: str | Path | None = None
+    input_files: Mapping[str, str] | None = None
+    skip_invalid: bool | str = False
 
     def __post_init__(self) -> None:
-        self.overwrite = as_flag(self.overwrite, "overwrite")
+        for name in ("overwrite", "skip_invalid"):
+            setattr(self, name, as_flag(getattr(self, name), name))
         for name in ("num_samples", "batch_size"):
             value = getattr(self, name)
             if not _positive_int(value):
                 raise BadInputError(f"{name} must be a positive integer; got {value!r}.")
         _check_device(self.device)
         check_output_folder(self.output_dir, "output_dir")
-        if not self.overwrite:
-            refuse_earlier_outputs(self.earlier_samples(), self.output_dir)
-
-    def sample_paths(self, modalities: Sequence[str]) -> list[dict[str, Path]]:
-        """``[{modality: …/sample_000_<modality>.nii.gz, "png": …/sample_000.png}, …]``, ``num_samples`` of them."""
-        out = Path(self.output_dir)
-        return [
-            {m: out / f"sample_{i:03d}_{m}.nii.gz" for m in modalities} | {"png": out / f"sample_{i:03d}.png"}
-            for i in range(self.num_samples)
-        ]
-
-    def earlier_samples(self) -> list[Path]:
-        """The sample files (named as :meth:`sample_paths` names them, of any run) already in ``output_dir``."""
-        out = Path(self.output_dir)
-        if not out.is_dir():
-            return []
-        return sorted(p for p in out.iterdir() if p.is_file() and SAMPLE_FILE.fullmatch(p.name))
 
 
 @dataclass(kw_only=True)

@@ -1,30 +1,33 @@
 """Translation inference: a trained translation model generates the modalities a study lacks from those it has.
-``configs/translate.json`` runs it as a MONAI ``SupervisedEvaluator`` over the studies (:func:`input_cases`), puts
-each output on its input's grid (:class:`OntoInputGridd`, also MONAI Label's postprocessing) and writes it
-(:class:`TranslationWriter`)."""
+``inference.json`` runs it (:class:`TranslationWorkflow`, chosen by the model's record) as a MONAI
+``SupervisedEvaluator`` over the studies (:func:`input_cases`), puts each output on its input's grid
+(:class:`OntoInputGridd`, also MONAI Label's postprocessing) and writes it (:class:`TranslationWriter`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.data import Dataset, MetaTensor
+from monai.engines import default_prepare_batch
+from monai.transforms import Compose, CopyItemsd, MapTransform
 
 from .data.discovery import discover_cases
 from .data.preflight import preflight
+from .data.transforms import preprocessing
 from .errors import BadInputError
-from .inference import onto_grid
-from .outputs import refuse_earlier_outputs, write_volumes
+from .outputs import onto_grid, refuse_earlier_outputs, write_volumes
 from .run_record import TrainedModel
+from .settings import InferenceSettings
 from .utils import check_output_folder
 
-__all__ = ["OntoInputGridd", "TranslationWriter", "input_cases"]
+__all__ = ["OntoInputGridd", "TranslationWorkflow", "TranslationWriter", "input_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ logger = logging.getLogger(__name__)
 class OntoInputGridd(MapTransform):
     """Puts each key's volume (C, *S), made on the preprocessed grid of ``data[source_key]`` (a MetaTensor whose meta
     has the file's ``original_affine`` and ``spatial_shape``, as ``LoadImage`` records them), onto the grid and affine
-    of that input's file: resampled by the affines (:func:`~bundle.inference.onto_grid`), zero outside the
+    of that input's file: resampled by the affines (:func:`~bundle.outputs.onto_grid`), zero outside the
     preprocessed box. The translation config's postprocessing (MONAI Label's too): the output overlays the input."""
 
     def __init__(self, keys: KeysCollection = "pred", source_key: str = "image") -> None:
@@ -131,3 +134,43 @@ class TranslationWriter:
                 "×".join(map(str, written.shape[1:])),
                 ", ".join(given),
             )
+
+
+class TranslationWorkflow:
+    """The parts of ``inference.json``'s evaluator for a model given modalities: the studies to translate
+    (``dataset``: :attr:`cases`, each read onto the model's grid by :func:`~bundle.data.preprocessing`), batches as
+    (given modalities, None) (``prepare_batch``), each output copied as ``preview`` and put on its input file's grid
+    (``postprocessing``, :class:`OntoInputGridd`) and the :class:`TranslationWriter` (``handlers``). ``preprocessing``
+    is what MONAI Label applies to the one given image it is sent (``image``). The studies and the earlier outputs
+    are checked when ``dataset`` and ``handlers`` are first asked for (``inference.json``'s ``initialize``).
+
+    Raises:
+        BadInputError: for input files that do not give the model's given modalities, a study that cannot be read
+            (unless ``settings.skip_invalid``), and earlier outputs without ``settings.overwrite``.
+    """
+
+    def __init__(self, model: TrainedModel, settings: InferenceSettings) -> None:
+        self.model, self.settings = model, settings
+        self.preprocessing = preprocessing(["image"], model.spatial_size, model.spacing)
+        self.prepare_batch: Callable = default_prepare_batch
+        self.postprocessing = Compose(
+            [CopyItemsd(keys="pred", names="preview"), OntoInputGridd(keys="pred", source_key="image")]
+        )
+
+    @cached_property
+    def cases(self) -> list[dict]:
+        """The studies' case records (:func:`input_cases`), read when first asked for (MONAI Label, which sends its
+        own image, never asks)."""
+        given, settings = self.model.condition_modalities, self.settings
+        return input_cases(settings.dataset_dir, settings.input_files, given, settings.skip_invalid)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        return Dataset(
+            self.cases,
+            transform=preprocessing(self.model.condition_modalities, self.model.spatial_size, self.model.spacing),
+        )
+
+    @cached_property
+    def handlers(self) -> list[TranslationWriter]:
+        return [TranslationWriter(self.cases, self.model, self.settings.output_dir, self.settings.overwrite)]

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # a local copy of the MONAI metadata schema (metadata.json's "schema" URL); the test never downloads it
 SCHEMA_VARIABLE = "IDM_BUNDLE_SCHEMA"
 # the configurations a user runs on their own or as an overlay on another (BASES), whose settings README.md describes
-USER_CONFIGS = ("train.json", "inference.json", "translate.json", "evaluate.json")
-BASES = {"evaluate.json": "train.json", "translate.json": "inference.json"}
+USER_CONFIGS = ("train.json", "inference.json", "evaluate.json")
+BASES = {"evaluate.json": "train.json"}
 
 
 def test_metadata_passes_the_bundle_schema(monkeypatch):
@@ -85,9 +85,8 @@ def _workflow(config_file, workflow_type: str, **overrides) -> ConfigWorkflow:
 
 def test_the_configs_have_monais_bundle_properties(tmp_path):
     """What the model zoo and MONAI Label look up: every required property of MONAI's train and infer workflows, and
-    the optional ones under MONAI's ids (``check_properties`` lists what it misses). The translation overlay has its
-    required ones; its dataset reads case records, not MONAI Label's single ``image``, so its transform is not
-    ``@preprocessing``."""
+    the optional ones under MONAI's ids (``check_properties`` lists what it misses), for inference.json with a
+    generation model and with a translation model."""
     generator = recorded_checkpoint(tmp_path / "generator")
     assert (
         _workflow(str(ROOT / "configs" / "inference.json"), "infer", ckpt_path=str(generator)).check_properties() == []
@@ -95,12 +94,12 @@ def test_the_configs_have_monais_bundle_properties(tmp_path):
     write_brats_phantoms(tmp_path / "data", num_cases=3, shape=(20, 20, 16))
     translator = recorded_checkpoint(tmp_path / "translator", ("t2",), ("t1",))
     translate = _workflow(
-        [str(ROOT / "configs" / name) for name in ("inference.json", "translate.json")],
+        str(ROOT / "configs" / "inference.json"),
         "infer",
         ckpt_path=str(translator),
         dataset_dir=str(tmp_path / "data"),
     )
-    assert translate.check_properties() == ["preprocessing"]
+    assert translate.check_properties() == []
     small = {
         "spatial_size": [16, 16, 16],
         "network_def#channels": [8, 16, 32],

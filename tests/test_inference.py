@@ -18,8 +18,11 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMSchedule
 
 from bundle.data import write_brats_phantoms
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, seeded_generator
+from bundle.errors import BadInputError
+from bundle.inference import SampleWriter
 from bundle.networks import InvertibleDiffusionUNet
-from bundle.run_record import RUN_RECORD, run_record
+from bundle.run_record import RUN_RECORD, TrainedModel, run_record
+from bundle.settings import InferenceSettings
 
 # the model describes itself (run.json): a command line names only what to sample
 CLI = {"sampler": "ddim", "num_inference_steps": "3"}
@@ -246,6 +249,34 @@ def test_overwrite_replaces_every_sample_of_the_earlier_run(checkpoint, tmp_path
         "sample_000_t2.nii.gz",
     ]
     assert "--overwrite true: removed 9 sample files of an earlier run" in again.stdout + again.stderr
+
+
+def test_the_sample_writer_names_the_samples_and_refuses_earlier_ones_without_overwrite(checkpoint, tmp_path):
+    model = TrainedModel(checkpoint)
+    out = tmp_path / "samples"
+
+    def writer(overwrite: bool) -> SampleWriter:
+        settings = InferenceSettings(output_dir=out, num_samples=2, batch_size=1, device="cpu", overwrite=overwrite)
+        return SampleWriter(settings, model)
+
+    assert writer(False).earlier_samples() == []  # output_dir need not exist
+    assert writer(False).sample_paths() == [
+        {
+            "t1": out / f"sample_{i:03d}_t1.nii.gz",
+            "t2": out / f"sample_{i:03d}_t2.nii.gz",
+            "png": out / f"sample_{i:03d}.png",
+        }
+        for i in range(2)
+    ]
+    out.mkdir()
+    # an earlier run's samples of any number and modality, not other files
+    for name in ("sample_007_flair.nii.gz", "sample_1234.png", "notes.txt", "sample_x_t1.nii.gz"):
+        (out / name).write_text("")
+    with pytest.raises(
+        BadInputError, match=r"2 output files of an earlier run .*sample_007_flair.nii.gz.*--overwrite true"
+    ):
+        writer(False)
+    assert [p.name for p in writer(True).earlier_samples()] == ["sample_007_flair.nii.gz", "sample_1234.png"]
 
 
 def test_earlier_samples_that_this_run_would_not_rewrite_are_refused_too(checkpoint, tmp_path):

@@ -17,7 +17,7 @@ from monai.transforms import Orientation, ResizeWithPadOrCrop
 from bundle.data import PHANTOM_FOLDER, PHANTOM_PREFIX, discover_cases, preprocessing, write_brats_phantoms
 from bundle.data.phantoms import brats_affine
 from bundle.errors import BadInputError
-from bundle.inference import to_original_grid
+from bundle.outputs import to_original_grid
 from bundle.run_record import RUN_RECORD, TrainedModel
 
 GRID = ((60, 64, 40), 2.0)  # the phantoms' own grid: a small BraTS-like frame, 2 mm

@@ -73,7 +73,7 @@ def _settings(tmp_path, **changes) -> dict:
         ({"lambda_rec": -0.1}, "lambda_rec must be a number ≥ 0"),
         ({"val_interval": 0}, "val_interval must be a positive integer"),
         ({"drift_interval": "often"}, "drift_interval must be a positive integer"),
-        ({"preview_interval": 1.5}, "preview_interval must be a positive integer"),
+        ({"preview_interval": 1.5}, "preview_interval must be an integer ≥ 0"),
         ({"val_timestep_fractions": [1.0]}, "val_timestep_fractions must be a list of fractions of T in [0, 1)"),
         ({"device": "cuda:7"}, "device is 'cuda:7', but this machine has"),
     ],
@@ -193,28 +193,9 @@ def test_each_bad_inference_setting_is_named(tmp_path, changes, message):
     assert message in str(error.value)
 
 
-def test_inference_settings_name_the_sample_files_and_refuse_earlier_ones_without_overwrite(tmp_path):
-    settings = InferenceSettings(**_inference(tmp_path, overwrite="false"))
-    assert settings.overwrite is False and settings.earlier_samples() == []  # output_dir need not exist
-    out = tmp_path / "samples"
-    assert settings.sample_paths(["t1", "t2"]) == [
-        {
-            "t1": out / f"sample_{i:03d}_t1.nii.gz",
-            "t2": out / f"sample_{i:03d}_t2.nii.gz",
-            "png": out / f"sample_{i:03d}.png",
-        }
-        for i in range(2)
-    ]
-    out.mkdir()
-    # an earlier run's samples of any number and modality, not other files
-    for name in ("sample_007_flair.nii.gz", "sample_1234.png", "notes.txt", "sample_x_t1.nii.gz"):
-        (out / name).write_text("")
-    with pytest.raises(
-        BadInputError, match=r"2 output files of an earlier run .*sample_007_flair.nii.gz.*--overwrite true"
-    ):
-        InferenceSettings(**_inference(tmp_path))
-    settings = InferenceSettings(**_inference(tmp_path, overwrite="true"))
-    assert [p.name for p in settings.earlier_samples()] == ["sample_007_flair.nii.gz", "sample_1234.png"]
+def test_inference_settings_parse_the_flags_and_refuse_an_output_folder_that_cannot_be_one(tmp_path):
+    settings = InferenceSettings(**_inference(tmp_path, overwrite="false", skip_invalid="true"))
+    assert settings.overwrite is False and settings.skip_invalid is True
     (tmp_path / "afile").write_text("")
     for output_dir, message in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "x", "cannot be created")):
         with pytest.raises(BadInputError, match=f"output_dir .*{message}"):

@@ -4,6 +4,7 @@ evaluation against ground truth with both baselines, and the MONAI Label image-i
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +25,6 @@ from bundle.translation import OntoInputGridd, input_cases
 
 T1_TO_T2 = {"condition_modalities": "['t1']", "modalities": "['t2']"}
 SAMPLING = {"sampler": "ddim", "num_inference_steps": "3"}
-TRANSLATE = "['configs/inference.json','configs/translate.json']"
 
 
 REGRESSION = {k: v for k, v in SMALL_TRAINING.items() if k != "network_def#channels"} | {"regression_channels": "[4,8]"}
@@ -59,7 +59,7 @@ def conditioned(tmp_path_factory) -> Path:
     return folder
 
 
-def _inference(folder: Path, output: Path, config: str = TRANSLATE, **overrides) -> object:
+def _inference(folder: Path, output: Path, config: str = "configs/inference.json", **overrides) -> object:
     run = {"ckpt_path": folder / "models" / "model.pt", "output_dir": output}
     return run_bundle(config, SAMPLING | run | overrides)
 
@@ -92,15 +92,19 @@ def test_inference_with_another_condition_is_refused_by_name(conditioned, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_each_inference_config_refuses_the_other_task_naming_the_config_to_use(conditioned, tmp_path):
-    """inference.json generates from noise; a translation model is run with the translate.json overlay, and the
-    overlay refuses a model that generates from noise."""
-    generation = _inference(conditioned, tmp_path / "out", config="configs/inference.json")
-    assert generation.returncode == 1 and "['configs/inference.json','configs/translate.json']" in generation.stderr
-    generator = recorded_checkpoint(tmp_path / "generator")
-    translation = run_bundle(TRANSLATE, {"ckpt_path": generator, "output_dir": tmp_path / "out"})
-    assert translation.returncode == 1 and "run it with configs/inference.json alone" in translation.stderr
-    assert not (tmp_path / "out").exists()
+def test_inference_runs_a_translation_model_by_its_record_alone(conditioned, tmp_path):
+    """The command a user runs in a bundle folder, which names no model setting: inference.json reads the checkpoint's
+    record, sees a translation model and translates each study of the dataset folder into the generated modalities."""
+    shutil.copytree(conditioned / "models", tmp_path / "models")
+    write_brats_phantoms(tmp_path / "data", num_cases=2, shape=(20, 24, 18), spacing=2.0, seed=5, prefix="Study")
+    result = run_bundle("configs/inference.json", SAMPLING | {"bundle_root": tmp_path})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "Study_001.png",
+        "Study_001_t2.nii.gz",
+        "Study_002.png",
+        "Study_002_t2.nii.gz",
+    ]
 
 
 def _study(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> Path:
@@ -311,10 +315,10 @@ def test_the_preprocessed_input_put_back_on_its_grid_overlays_the_file(tmp_path)
 
 
 def test_monai_label_style_image_in_image_out(conditioned, tmp_path):
-    """MONAI Label's BundleInferTask: the translation config's network_def, weights, preprocessing of one T1 file, the
+    """MONAI Label's BundleInferTask: inference.json's network_def, weights, preprocessing of one T1 file, the
     inferer as inferer(inputs, network), postprocessing: a T2 of the T1's shape and affine."""
     parser = ConfigParser()
-    parser.read_config([ROOT / "configs/inference.json", ROOT / "configs/translate.json"])
+    parser.read_config(ROOT / "configs/inference.json")
     overrides = {"sampler": "ddim", "num_inference_steps": 2, "ckpt_path": str(conditioned / "models" / "model.pt")}
     for key, value in overrides.items():
         parser[key] = value
