@@ -50,6 +50,7 @@ __all__ = [
     "LiveBytes",
     "MemoryPlan",
     "TrainingMemoryPlan",
+    "check_micro_batch_size",
     "device_memory_bytes",
     "plan_config",
     "plan_sampling_step",
@@ -584,6 +585,19 @@ def _candidate_micro_batch_sizes(batch_size: int) -> list[int]:
     return sorted({math.ceil(batch_size / k) for k in range(1, batch_size + 1)}, reverse=True)
 
 
+def check_micro_batch_size(micro_batch_size: int | str | None) -> None:
+    """Raises :class:`BadInputError` unless ``micro_batch_size`` is a positive integer, None (the whole batch at once)
+    or ``"auto"`` (the largest that :class:`TrainingMemoryPlan` predicts to fit)."""
+    if micro_batch_size in (None, "auto") or (
+        isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) and micro_batch_size >= 1
+    ):
+        return
+    raise BadInputError(
+        f"micro_batch_size must be a positive integer, null (the whole batch at once) or "
+        f"'auto' (the largest predicted to fit); got {micro_batch_size!r}."
+    )
+
+
 class TrainingMemoryPlan:
     """The plan of ``configs/train.json``'s training step, made when the run starts (before its data is read) and
     logged; with ``micro_batch_size="auto"`` it picks the largest micro-batch predicted to fit, and it refuses a
@@ -662,15 +676,9 @@ class TrainingMemoryPlan:
             candidates = [batch_size]
         elif micro_batch_size == "auto":
             candidates = _candidate_micro_batch_sizes(batch_size)
-        elif micro_batch_size is None or (
-            isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) and micro_batch_size >= 1
-        ):
-            candidates = [micro_batch_size or batch_size]
         else:
-            raise BadInputError(
-                f"micro_batch_size must be a positive integer, null (the whole batch at once) or "
-                f"'auto' (the largest predicted to fit); got {micro_batch_size!r}."
-            )
+            check_micro_batch_size(micro_batch_size)
+            candidates = [micro_batch_size or batch_size]
         for micro in candidates:
             self.plan = plan(micro)
             if self.plan.fits is not False:
@@ -757,9 +765,13 @@ def plan_config(
     parser.update(overrides or {})
     parser["network"] = "@network_def"  # not moved to the device: FakeTensors of the plan's device are made from it
     parser["memory_plan"]["check"] = check
-    for name in ("noise_scheduler", "noise_sampler"):  # real: their set-up reads values (the schedule's)
-        parser.get_parsed_content(name)
     try:
+        for name in (
+            "noise_scheduler",
+            "settings",
+            "noise_sampler",
+        ):  # real: their set-up reads values (the schedule's)
+            parser.get_parsed_content(name)
         with FakeTensorMode(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
             for name in ("network", "optimizer", "ema"):

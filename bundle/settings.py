@@ -22,7 +22,8 @@ from .diffusion.engines import autocast_dtype
 from .diffusion.loss import micro_batches
 from .diffusion.update_in_backward import check_whole_batch
 from .errors import BadInputError
-from .flags import as_flag, as_memory_budget
+from .flags import as_flag, as_flags, as_memory_budget
+from .memory_plan import check_micro_batch_size
 from .outputs import refuse_earlier_outputs
 from .utils import check_output_folder
 
@@ -120,13 +121,15 @@ def _check_device(device: torch.device | str) -> None:
 
 @dataclass(kw_only=True)
 class TrainingSettings:
-    """The settings of ``configs/train.json`` (same names; see the README's table), checked in this order: the
-    true/false flags (:func:`~bundle.flags.as_flag`: a command line gives ``"false"``), the image grid, the batch split
+    """The settings of ``configs/train.json`` (same names; see the README's table), which every component of the
+    config reads from it (``$@settings.batch_size``), checked in this order: the true/false flags
+    (:func:`~bundle.flags.as_flag`: a command line gives ``"false"``), the image grid, the batch split
     (:func:`~bundle.diffusion.micro_batches`; a whole batch with ``optimizer_in_backward``), ``memory_budget``
-    (:func:`~bundle.flags.as_memory_budget`), ``amp``, the noise scheduler (ε-prediction), the numbers' ranges, the
-    device, the output folders, and last the checkpoint folder against ``resume`` and ``overwrite``
-    (:func:`~bundle.checkpoint.check_checkpoint_folder`). After the check, ``resume``, ``overwrite``, ``skip_invalid``,
-    ``amp`` and ``optimizer_in_backward`` are bools.
+    (:func:`~bundle.flags.as_memory_budget`), ``amp``, the noise scheduler (ε-prediction), the numbers' ranges. After
+    the check, ``resume``, ``overwrite``, ``skip_invalid``, ``amp``, ``optimizer_in_backward``, ``memory_efficient``
+    and ``recompute_norms`` are bools and ``attention_levels`` a tuple of bools. What the machine and the folders
+    hold is checked apart, by :meth:`check_device_and_folders` (a training run's ``initialize``; the memory planner
+    plans for a device it does not have and never writes).
 
     Raises:
         BadInputError: naming the first setting out of range and what it accepts.
@@ -149,6 +152,9 @@ class TrainingSettings:
     ema_decay: float
     lambda_rec: float
     lambda_l2: float
+    attention_levels: Sequence[bool | str]
+    memory_efficient: bool | str = True
+    recompute_norms: bool | str = False
     val_interval: int
     drift_interval: int
     preview_interval: int
@@ -161,8 +167,17 @@ class TrainingSettings:
     overwrite: bool | str
 
     def __post_init__(self) -> None:
-        for name in ("resume", "overwrite", "skip_invalid", "amp", "optimizer_in_backward"):
+        for name in (
+            "resume",
+            "overwrite",
+            "skip_invalid",
+            "amp",
+            "optimizer_in_backward",
+            "memory_efficient",
+            "recompute_norms",
+        ):
             setattr(self, name, as_flag(getattr(self, name), name))
+        self.attention_levels = as_flags(self.attention_levels, "attention_levels")
         self.memory_budget = as_memory_budget(self.memory_budget)
         _check_spatial_size(self.spatial_size)
         check_spacing(self.spacing)
@@ -175,6 +190,7 @@ class TrainingSettings:
                 "measure the translation; configs/evaluate.json measures whole chains against the real volumes)."
             )
         _check_val_fraction(self.val_fraction)
+        check_micro_batch_size(self.micro_batch_size)
         micro_batches(self.batch_size, None if self.micro_batch_size == "auto" else self.micro_batch_size)
         if self.optimizer_in_backward:
             check_whole_batch(self.batch_size, self.micro_batch_size)
@@ -204,6 +220,12 @@ class TrainingSettings:
                 f"got {self.preview_interval!r}."
             )
         _check_val_timestep_fractions(self.val_timestep_fractions)
+
+    def check_device_and_folders(self) -> None:
+        """Raises :class:`BadInputError` for a device this machine does not have, output folders that cannot be
+        created, and a checkpoint folder that disagrees with ``resume`` and ``overwrite``
+        (:func:`~bundle.checkpoint.check_checkpoint_folder`): an earlier run's checkpoint without either, or a run to
+        resume that was trained with other settings."""
         _check_device(self.device)
         check_output_folder(self.ckpt_dir, "ckpt_dir")
         check_output_folder(self.output_dir, "output_dir")
@@ -258,9 +280,10 @@ class InferenceSettings:
 
 @dataclass(kw_only=True)
 class EvaluationSettings:
-    """The settings of ``configs/evaluate.json`` (on top of ``train.json``'s data settings), checked before any work:
-    the flags, the output folder and its earlier metrics, the reconstruction timestep, the batch and sample counts and
-    the feature extractor. After the check, ``overwrite`` and ``skip_invalid`` are bools.
+    """The settings of ``configs/evaluate.json`` (``evaluation_settings``) on top of ``train.json``'s (its
+    :class:`TrainingSettings`, which holds the data settings and the model's, e.g. the one-step metrics' timesteps),
+    checked before any work: the flags, the output folder and its earlier metrics, the reconstruction timestep, the
+    batch and sample counts and the feature extractor. After the check, ``overwrite`` is a bool.
 
     Raises:
         BadInputError: when ``output_dir`` is a file or cannot be created (naming what is in the way), holds an
@@ -270,10 +293,7 @@ class EvaluationSettings:
     """
 
     output_dir: str | Path
-    val_fraction: float
-    skip_invalid: bool | str
     evaluate_batch_size: int
-    val_timestep_fractions: Sequence[float]
     reconstruction_fraction: float
     reconstruction_steps: int = 50
     num_train_timesteps: int
@@ -285,8 +305,6 @@ class EvaluationSettings:
 
     def __post_init__(self) -> None:
         self.overwrite = as_flag(self.overwrite, "overwrite")
-        self.skip_invalid = as_flag(self.skip_invalid, "skip_invalid")
-        _check_val_fraction(self.val_fraction)
         if self.generation_reference not in GENERATION_REFERENCES:
             raise BadInputError(
                 f"generation_reference must be one of {list(GENERATION_REFERENCES)} (the split the "
@@ -295,7 +313,6 @@ class EvaluationSettings:
         check_output_folder(self.output_dir, "output_dir")
         if not self.overwrite:
             refuse_earlier_outputs([p for p in self.outputs if p.exists()], self.output_dir)
-        _check_val_timestep_fractions(self.val_timestep_fractions)
         if not _number(self.reconstruction_fraction) or not 0 <= self.reconstruction_fraction < 1:
             raise BadInputError(
                 f"reconstruction_fraction must be a fraction of T in [0, 1) such as 0.25; "
@@ -315,11 +332,6 @@ class EvaluationSettings:
     def outputs(self) -> list[Path]:
         """The files evaluation writes: ``output_dir/metrics.json`` and ``output_dir/metrics.md``."""
         return [Path(self.output_dir) / "metrics.json", Path(self.output_dir) / "metrics.md"]
-
-    @property
-    def validation_timesteps(self) -> list[int]:
-        """``val_timestep_fractions`` as timesteps of T: those of the one-step metrics."""
-        return _timesteps(self.val_timestep_fractions, self.num_train_timesteps)
 
     @property
     def reconstruction_timestep(self) -> int:

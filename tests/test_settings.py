@@ -32,6 +32,7 @@ def _settings(tmp_path, **changes) -> dict:
         "ema_decay": 0.999,
         "lambda_rec": 0.0,
         "lambda_l2": 1e-4,
+        "attention_levels": [False, True],
         "val_interval": 1,
         "drift_interval": 100,
         "val_timestep_fractions": [0.05, 0.25, 0.5],
@@ -42,6 +43,13 @@ def _settings(tmp_path, **changes) -> dict:
         "resume": False,
         "overwrite": False,
     } | changes
+
+
+def _checked(tmp_path, **changes) -> TrainingSettings:
+    """The settings of ``_settings``, with what the device and folders hold checked as training checks them."""
+    settings = TrainingSettings(**_settings(tmp_path, **changes))
+    settings.check_device_and_folders()
+    return settings
 
 
 @pytest.mark.parametrize(
@@ -64,6 +72,8 @@ def _settings(tmp_path, **changes) -> dict:
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"micro_batch_size": -1}, "micro_batch_size must be a positive integer"),
         ({"amp": "maybe"}, "amp must be true or false, got 'maybe'"),
+        ({"recompute_norms": "yes"}, "recompute_norms must be true or false, got 'yes'"),
+        ({"attention_levels": [True, "maybe"]}, "attention_levels must hold true/false values"),
         (
             {"noise_scheduler": DDPMScheduler(100, schedule="cosine", prediction_type="v_prediction")},
             "noise_scheduler#prediction_type is 'v_prediction'",
@@ -80,23 +90,22 @@ def _settings(tmp_path, **changes) -> dict:
 )
 def test_each_bad_setting_is_named_with_what_it_accepts(tmp_path, changes, message):
     with pytest.raises(BadInputError) as error:
-        TrainingSettings(**_settings(tmp_path, **changes))
+        _checked(tmp_path, **changes)
     assert message in str(error.value)
 
 
 def test_good_settings_pass_and_output_folders_that_are_files_are_refused(tmp_path):
-    TrainingSettings(**_settings(tmp_path))
-    settings = TrainingSettings(
-        **_settings(
-            tmp_path, amp="true", micro_batch_size=1, ema_decay=0, resume="false", overwrite="TRUE", skip_invalid="true"
-        )
+    _checked(tmp_path)
+    settings = _checked(
+        tmp_path, amp="true", micro_batch_size=1, ema_decay=0, resume="false", overwrite="TRUE", skip_invalid="true"
     )
     # the command line's strings are bools after the check, which the components read
     assert (settings.amp, settings.resume, settings.overwrite, settings.skip_invalid) == (True, False, True, True)
+    assert _checked(tmp_path, attention_levels=["false", "TRUE"]).attention_levels == (False, True)
     assert settings.validation_timesteps == [5, 25, 50]  # of T = 100
     (tmp_path / "models").write_text("")
     with pytest.raises(BadInputError, match=r"ckpt_dir .*models' is a file; give a folder"):
-        TrainingSettings(**_settings(tmp_path))
+        _checked(tmp_path)
 
 
 @pytest.mark.parametrize("schedule", ["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"])
@@ -105,7 +114,7 @@ def test_every_monai_noise_schedule_is_accepted_and_every_sampler_shares_its_alp
     trained model (:func:`~bundle.diffusion.make_sampler`, by name, as inference and evaluation build them) has the
     training scheduler's ᾱ."""
     scheduler = DDPMScheduler(100, schedule=schedule)
-    settings = TrainingSettings(**_settings(tmp_path, noise_scheduler=scheduler, schedule=schedule))
+    settings = _checked(tmp_path, noise_scheduler=scheduler, schedule=schedule)
     assert settings.noise_scheduler is scheduler and settings.schedule == schedule
     for name in SAMPLERS:
         torch.testing.assert_close(make_sampler(name, 100, schedule).alphas_cumprod, scheduler.alphas_cumprod)
@@ -131,40 +140,32 @@ def test_the_checkpoint_folder_is_checked_last_against_resume_and_overwrite(tmp_
     models.mkdir()
     (models / "model.pt").write_bytes(b"")
     with pytest.raises(BadInputError, match=r"already holds .*model.pt from an earlier run.*--overwrite true"):
-        TrainingSettings(**_settings(tmp_path))
+        _checked(tmp_path)
     # a bad setting is named first, though the folder would be refused too
     with pytest.raises(BadInputError, match="learning_rate must be a positive number"):
-        TrainingSettings(**_settings(tmp_path, learning_rate=0))
-    TrainingSettings(**_settings(tmp_path, overwrite="true"))
+        _checked(tmp_path, learning_rate=0)
+    _checked(tmp_path, overwrite="true")
     with pytest.raises(BadInputError, match=r"--resume true, but there is no training_state.pt"):
-        TrainingSettings(**_settings(tmp_path, resume=True))
+        _checked(tmp_path, resume=True)
     (models / "training_state.pt").write_bytes(b"")
     _record_beside(models, "linear_beta")
     with pytest.raises(
         BadInputError,
         match="trained with schedule=linear_beta, but this run gives schedule=cosine; pass --schedule linear_beta",
     ):
-        TrainingSettings(**_settings(tmp_path, resume=True))
-    TrainingSettings(
-        **_settings(
-            tmp_path, resume=True, schedule="linear_beta", noise_scheduler=DDPMScheduler(100, schedule="linear_beta")
-        )
-    )
+        _checked(tmp_path, resume=True)
+    _checked(tmp_path, resume=True, schedule="linear_beta", noise_scheduler=DDPMScheduler(100, schedule="linear_beta"))
     with pytest.raises(BadInputError, match="pass --num_train_timesteps 100"):
-        TrainingSettings(
-            **_settings(
-                tmp_path, resume=True, schedule="linear_beta", noise_scheduler=DDPMScheduler(50, schedule="linear_beta")
-            )
+        _checked(
+            tmp_path, resume=True, schedule="linear_beta", noise_scheduler=DDPMScheduler(50, schedule="linear_beta")
         )
     with pytest.raises(BadInputError, match=r"spatial_size=\"\[16,16,16\]\".*--spatial_size"):
-        TrainingSettings(
-            **_settings(
-                tmp_path,
-                resume=True,
-                spatial_size=[8, 8, 8],
-                schedule="linear_beta",
-                noise_scheduler=DDPMScheduler(100, schedule="linear_beta"),
-            )
+        _checked(
+            tmp_path,
+            resume=True,
+            spatial_size=[8, 8, 8],
+            schedule="linear_beta",
+            noise_scheduler=DDPMScheduler(100, schedule="linear_beta"),
         )
 
 
@@ -205,10 +206,7 @@ def test_inference_settings_parse_the_flags_and_refuse_an_output_folder_that_can
 def _evaluation(tmp_path, **changes) -> dict:
     return {
         "output_dir": tmp_path / "eval",
-        "val_fraction": 0.2,
-        "skip_invalid": False,
         "evaluate_batch_size": 2,
-        "val_timestep_fractions": [0.05, 0.25, 0.5],
         "reconstruction_fraction": 0.25,
         "num_train_timesteps": 100,
         "num_generated": 4,
@@ -221,10 +219,7 @@ def _evaluation(tmp_path, **changes) -> dict:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"val_fraction": 1.5}, "val_fraction must be a number in (0, 1)"),
-        ({"skip_invalid": "maybe"}, "skip_invalid must be true or false, got 'maybe'"),
         ({"overwrite": "no"}, "overwrite must be true or false, got 'no'"),
-        ({"val_timestep_fractions": [0.5, 1.0]}, "val_timestep_fractions must be a list of fractions of T in [0, 1)"),
         ({"reconstruction_fraction": 1.0}, "reconstruction_fraction must be a fraction of T in [0, 1)"),
         ({"evaluate_batch_size": 0}, "evaluate_batch_size must be a positive integer; got 0"),
         ({"num_generated": 2.0}, "num_generated must be a positive integer; got 2.0"),
@@ -242,10 +237,10 @@ def test_each_bad_evaluation_setting_is_named(tmp_path, changes, message):
 
 
 def test_evaluation_settings_refuse_earlier_metrics_unless_overwrite(tmp_path):
-    settings = EvaluationSettings(**_evaluation(tmp_path, skip_invalid="true"))
-    assert settings.skip_invalid is True and settings.overwrite is False
+    settings = EvaluationSettings(**_evaluation(tmp_path, overwrite="false"))
+    assert settings.overwrite is False
     assert settings.outputs == [tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "metrics.md"]
-    assert settings.reconstruction_timestep == 25 and settings.validation_timesteps == [5, 25, 50]
+    assert settings.reconstruction_timestep == 25
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "metrics.md").write_text("")
     refusal = r"1 output files of an earlier run .*\(e.g. metrics.md\); pass --overwrite true"
