@@ -211,34 +211,39 @@ class Benchmark:
         work_dir: str = "runs/generation",
         steps: int = 8000,
         check_every: int = 240,
-        size: int = 16,
+        spatial_size: int | tuple[int, int, int] = 16,
+        spacing: float | None = None,
         num_phantoms: int = 256,
         continue_steps: int = 0,
         output_dir: str = "docs",
     ) -> None:
         """IDM and its parameter-matched MONAI ``DiffusionModelUNet`` trained by ``configs/train.json`` on the
-        built-in phantoms, both at once on one torch thread each, with the generation monitor every
-        ``check_every`` steps (about 70 minutes for 8000 steps at 16³ on 2 idle CPU cores); writes ``generation.md``,
-        ``generation.json``, ``generation_samples.png`` and ``generation_curves.png``. The runs are kept in
-        ``work_dir``: a rerun with the same one reuses the finished runs and only redraws the report. With
-        ``--continue_steps`` (more than ``--steps``), the IDM run is then trained on to that many steps as a resume
-        of a copy of it, and reported too."""
-        if steps < 1 or check_every < 1 or size < 16 or num_phantoms < 8:
+        built-in synthetic brains, both at once on one torch thread each, with the generation monitor every
+        ``check_every`` steps, on ``spatial_size`` (one size or three) of each case's resized head box, or with
+        ``--spacing`` on the native grid of that many mm; writes ``generation.md``, ``generation.json``,
+        ``generation_samples.png`` and ``generation_curves.png``. The runs are kept in ``work_dir``: a rerun with the
+        same one reuses the finished runs and only redraws the report. With ``--continue_steps`` (more than
+        ``--steps``), the IDM run is then trained on to that many steps as a resume of a copy of it, and reported
+        too."""
+        sizes = [spatial_size] * 3 if isinstance(spatial_size, int) else list(spatial_size)
+        if steps < 1 or check_every < 1 or len(sizes) != 3 or min(sizes) < 16 or num_phantoms < 8:
             raise SystemExit(
-                f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --size ≥ 16 and --num_phantoms ≥ 8, got "
-                f"{steps}, {check_every}, {size} and {num_phantoms}."
+                f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --spatial_size of one or three sizes ≥ 16 and "
+                f"--num_phantoms ≥ 8, got {steps}, {check_every}, {spatial_size} and {num_phantoms}."
             )
         result = compare_generation(
             work_dir,
             steps=steps,
             check_every=check_every,
-            size=size,
+            spatial_size=sizes,
+            spacing=spacing,
             num_phantoms=num_phantoms,
             continue_steps=continue_steps,
         )
+        grid = f'"[{",".join(map(str, sizes))}]"' + (f" --spacing {spacing}" if spacing else "")
         command = (
             f"python scripts/benchmark.py generation --work_dir {work_dir} --steps {steps} "
-            f"--check_every {check_every} --size {size} --num_phantoms {num_phantoms}"
+            f"--check_every {check_every} --spatial_size {grid} --num_phantoms {num_phantoms}"
             + (f" --continue_steps {continue_steps}" if continue_steps else "")
         )
         print(write_generation_report(result, command, output_dir).read_text())

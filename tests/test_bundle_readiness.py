@@ -16,7 +16,7 @@ from conftest import recorded_checkpoint, run_python
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
 
 import bundle
-from bundle.data import write_brats_phantoms
+from bundle.data import write_ellipsoid_phantoms
 from bundle.errors import BadInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_the_configs_have_monais_bundle_properties(tmp_path):
     assert (
         _workflow(str(ROOT / "configs" / "inference.json"), "infer", ckpt_path=str(generator)).check_properties() == []
     )
-    write_brats_phantoms(tmp_path / "data", num_cases=3, shape=(20, 20, 16))
+    write_ellipsoid_phantoms(tmp_path / "data", num_cases=3, shape=(20, 20, 16))
     translator = recorded_checkpoint(tmp_path / "translator", ("t2",), ("t1",))
     translate = _workflow(
         str(ROOT / "configs" / "inference.json"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,13 +18,15 @@ from monai.networks.schedulers import DDPMScheduler
 from bundle.data import (
     DatasetNotFoundError,
     PreflightError,
+    case_anatomy,
     discover_cases,
-    make_phantom,
+    make_case,
+    make_ellipsoid_phantom,
     preflight,
     preprocessing,
     split_cases,
     training_cases,
-    write_brats_phantoms,
+    write_ellipsoid_phantoms,
 )
 from bundle.data.phantoms import brats_affine
 from bundle.errors import BadInputError
@@ -35,7 +38,7 @@ SHAPE = (24, 24, 20)
 @pytest.fixture(scope="module")
 def brats_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("brats")
-    write_brats_phantoms(root / "MICCAI_BraTS2020_TrainingData", num_cases=3, shape=SHAPE)
+    write_ellipsoid_phantoms(root / "MICCAI_BraTS2020_TrainingData", num_cases=3, shape=SHAPE)
     return root
 
 
@@ -59,7 +62,7 @@ def test_preprocessing_gives_channels_in_unit_range_and_ras(brats_dir):
 
 
 def test_decathlon_task01_takes_t1w_and_t2w_channels(tmp_path):
-    phantom = make_phantom(SHAPE, seed=5)
+    phantom = make_ellipsoid_phantom(SHAPE, seed=5)
     volume = np.stack([phantom["flair"], phantom["t1"], phantom["t1ce"], phantom["t2"]], axis=-1)
     (tmp_path / "imagesTr").mkdir()
     nib.save(nib.Nifti1Image(volume, brats_affine(SHAPE, 1.5)), tmp_path / "imagesTr" / "BRATS_001.nii.gz")
@@ -88,7 +91,7 @@ def test_decathlon_task01_takes_t1w_and_t2w_channels(tmp_path):
 
 
 def test_datalist_json_and_itk_formats(tmp_path):
-    phantom = make_phantom(SHAPE, seed=2)
+    phantom = make_ellipsoid_phantom(SHAPE, seed=2)
     paths = {}
     for modality, suffix in (("t1", ".nrrd"), ("t2", ".mha")):
         image = itk.image_from_array(np.ascontiguousarray(phantom[modality].transpose(2, 1, 0)))
@@ -105,7 +108,7 @@ def test_datalist_json_and_itk_formats(tmp_path):
 def test_json_files_that_are_not_valid_json_are_skipped_with_a_warning(tmp_path, caplog):
     """A truncated datalist or a macOS AppleDouble ``._*.json`` (binary, not UTF-8) does not stop discovery of the
     dataset beside it; the invalid one is named in a warning, AppleDouble files are not even read."""
-    write_brats_phantoms(tmp_path / "BraTS", num_cases=2, shape=SHAPE)
+    write_ellipsoid_phantoms(tmp_path / "BraTS", num_cases=2, shape=SHAPE)
     (tmp_path / "._dataset.json").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X\xff\xfe")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "datalist.json").write_text('{"training": [{"t1": "a_t1.nii.gz"')  # truncated
@@ -155,7 +158,7 @@ def test_a_datalists_validation_list_is_the_validation_split(tmp_path, caplog):
     """The items of a datalist's "validation" list are the validation split whatever seed and val_fraction say
     (they were ignored, and the training items re-split); a recorded split still wins."""
     caplog.set_level("INFO", logger="bundle.data")
-    write_brats_phantoms(tmp_path / "images", num_cases=5, shape=SHAPE)
+    write_ellipsoid_phantoms(tmp_path / "images", num_cases=5, shape=SHAPE)
     item = lambda i: {m: f"images/BraTS20_Training_{i:03d}/BraTS20_Training_{i:03d}_{m}.nii.gz" for m in ("t1", "t2")}
     datalist = {"training": [item(i) for i in (1, 2, 3)], "validation": [item(5), item(4)]}
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
@@ -191,7 +194,7 @@ def test_a_datalists_validation_list_is_the_validation_split(tmp_path, caplog):
 
 
 def test_phantom_contrasts_follow_t1_and_t2_physics():
-    phantom = make_phantom((48, 48, 40), seed=1)
+    phantom = make_ellipsoid_phantom((48, 48, 40), seed=1)
     labels_seen = set(np.unique(phantom["seg"]).tolist())
     assert labels_seen == {0, 1, 2}  # tumour core and oedema present
     t1, t2 = phantom["t1"], phantom["t2"]
@@ -200,7 +203,7 @@ def test_phantom_contrasts_follow_t1_and_t2_physics():
     white = (t1 > 0.72) & (t2 < 0.48)
     assert csf.sum() > 50 and white.sum() > 50
     assert t1[csf].mean() < t1[white].mean() and t2[csf].mean() > t2[white].mean()
-    different = make_phantom((48, 48, 40), seed=2)["seg"]
+    different = make_ellipsoid_phantom((48, 48, 40), seed=2)["seg"]
     assert not np.array_equal(different, phantom["seg"])  # shape and position vary with the seed
 
 
@@ -209,17 +212,17 @@ def _write(path, array):
 
 
 def test_preflight_reports_every_bad_case_together(tmp_path):
-    write_brats_phantoms(tmp_path, num_cases=7, shape=SHAPE)
+    write_ellipsoid_phantoms(tmp_path, num_cases=7, shape=SHAPE)
     case = lambda i: tmp_path / f"BraTS20_Training_{i:03d}"
     (case(1) / "BraTS20_Training_001_t2.nii.gz").unlink()  # missing
     (case(2) / "BraTS20_Training_002_t1.nii.gz").write_bytes(b"not a nifti file")  # unreadable
     flat = np.ones((24, 24), np.float32) + np.eye(24, dtype=np.float32)  # 2D
     _write(case(3) / "BraTS20_Training_003_t1.nii.gz", flat)
-    bad = make_phantom(SHAPE)["t1"]
+    bad = make_ellipsoid_phantom(SHAPE)["t1"]
     bad[3, 3, 3] = np.nan
     _write(case(4) / "BraTS20_Training_004_t1.nii.gz", bad)  # non-finite
     _write(case(5) / "BraTS20_Training_005_t2.nii.gz", np.full(SHAPE, 3.0, np.float32))  # constant
-    _write(case(6) / "BraTS20_Training_006_t2.nii.gz", make_phantom((20, 24, 20))["t2"])  # shape mismatch
+    _write(case(6) / "BraTS20_Training_006_t2.nii.gz", make_ellipsoid_phantom((20, 24, 20))["t2"])  # shape mismatch
     records = discover_cases(tmp_path, ["t1", "t2"])
     with pytest.raises(PreflightError) as info:
         preflight(records, ["t1", "t2"])
@@ -297,19 +300,61 @@ def test_the_run_record_records_the_validation_cases(tmp_path, caplog):
 
 
 def test_empty_dataset_dir_gets_phantoms_and_every_run_on_them_warns(tmp_path, caplog):
-    (tmp_path / "empty").mkdir()
-    cases = training_cases(tmp_path / "empty", num_phantoms=3)
+    root = tmp_path / "empty"
+    root.mkdir()
+    cases = training_cases(root, num_phantoms=3, spatial_size=(16, 16, 16))
     assert len(cases["train"]) == 2 and len(cases["validation"]) == 1
-    assert "SYNTHETIC PHANTOMS" in caplog.text
-    # their own case ids, which no real dataset uses
-    assert sorted(p.name for p in (tmp_path / "empty" / "IDM_phantoms").iterdir()) == [
-        f"IDM_Phantom_{i:03d}" for i in (1, 2, 3)
-    ]
+    assert "SYNTHETIC PHANTOMS" in caplog.text and "writing 3 synthetic brains" in caplog.text
+    # their own case ids, which no real dataset uses, and the manifest written last
+    folder = root / "IDM_phantoms"
+    assert sorted(p.name for p in folder.iterdir()) == [f"IDM_Phantom_{i:03d}" for i in (1, 2, 3)] + ["phantoms.json"]
+    assert json.loads((folder / "phantoms.json").read_text())["spacing"] == [6.0, 6.0, 6.0]  # a 16³ run's grid
+    t1 = nib.load(folder / "IDM_Phantom_001" / "IDM_Phantom_001_t1.nii.gz")
+    assert t1.shape == (40, 40, 26) and t1.get_data_dtype() == np.int16  # BraTS's 240×240×155 mm at 6 mm
+    written = t1.get_fdata()
     caplog.clear()
-    assert training_cases(tmp_path / "empty", num_phantoms=3) == cases  # a later run (resume, evaluate) finds them
-    assert "SYNTHETIC PHANTOMS" in caplog.text
-    with pytest.raises(FileExistsError, match="Refusing to overwrite"):
-        write_brats_phantoms(tmp_path / "empty" / "IDM_phantoms", num_cases=3, prefix="IDM_Phantom")
+    assert training_cases(root, num_phantoms=3, spatial_size=(16, 16, 16)) == cases  # a later run finds them
+    assert "SYNTHETIC PHANTOMS" in caplog.text and "writing" not in caplog.text
+    # a set that a killed run left part-written (no manifest, a case missing) is replaced whole, not trained on
+    (folder / "phantoms.json").unlink()
+    shutil.rmtree(folder / "IDM_Phantom_003")
+    (folder / "IDM_Phantom_001" / "IDM_Phantom_001_t1.nii.gz").write_bytes(b"cut short")
+    assert training_cases(root, num_phantoms=3, spatial_size=(16, 16, 16)) == cases
+    assert "a set left part-written" in caplog.text
+    assert nib.load(folder / "IDM_Phantom_001" / "IDM_Phantom_001_t1.nii.gz").get_fdata().tolist() == written.tolist()
+    # a run on a finer grid gets its own: the default 64³ run's 2 mm
+    caplog.clear()
+    training_cases(root, num_phantoms=3, spatial_size=(64, 64, 64))
+    assert "of 3 cases at [6.0, 6.0, 6.0]" in caplog.text
+    assert nib.load(folder / "IDM_Phantom_001" / "IDM_Phantom_001_t1.nii.gz").shape == (120, 120, 78)
+
+
+def test_the_built_in_brains_have_each_sequences_contrasts_and_a_tumour_in_brats_labels():
+    """T1: white > grey > CSF; T2: CSF > grey > white; FLAIR: CSF dark, oedema bright; T1ce: the enhancing rim
+    brightest. Measured where one tissue fills the voxel, over cases of different seeds (which differ)."""
+    tumours = 0
+    for seed in range(4):
+        fractions, _, labels = case_anatomy(4.0, seed)
+        case = make_case(4.0, seed)
+        healthy = labels == 0
+        tissue = {name: (fractions[k] > 0.9) & healthy for k, name in enumerate(("csf", "grey", "white"))}
+
+        def mean(modality: str, where, case=case) -> float:
+            return float(case[modality][where.numpy()].mean())
+
+        assert mean("t1", tissue["white"]) > mean("t1", tissue["grey"]) > mean("t1", tissue["csf"])
+        assert mean("t2", tissue["csf"]) > mean("t2", tissue["grey"]) > mean("t2", tissue["white"])
+        assert mean("flair", tissue["csf"]) < mean("flair", tissue["white"])
+        assert set(np.unique(case["seg"]).tolist()) <= {0, 1, 2, 4}
+        if labels.any():
+            tumours += 1
+            oedema, rim = labels == 2, labels == 4
+            assert mean("flair", oedema) > mean("flair", tissue["white"] | tissue["grey"])
+            assert mean("t1ce", rim) > max(mean("t1ce", tissue[name]) for name in tissue)
+        assert (case["t1"][(fractions.sum(0) < 0.01).numpy() & (labels == 0).numpy()] == 0).all()  # skull-stripped
+    assert tumours >= 2
+    assert not np.array_equal(make_case(4.0, 0)["t1"], make_case(4.0, 1)["t1"])
+    assert np.array_equal(make_case(4.0, 2, ["t2"])["t2"], make_case(4.0, 2)["t2"])  # each sequence its own stream
 
 
 def test_only_a_new_training_run_writes_phantoms(tmp_path):
@@ -345,9 +390,9 @@ def test_a_resumed_run_with_a_missing_dataset_dir_writes_no_phantoms(tmp_path):
 def test_phantoms_never_join_real_data(tmp_path, caplog):
     """A first run without data left phantoms (here named as before they had their own ids); BraTS was
     unpacked later: only the real cases are used, and the log says the phantoms are left out."""
-    write_brats_phantoms(tmp_path / "IDM_phantoms", num_cases=3, shape=SHAPE)
-    write_brats_phantoms(tmp_path / "made", num_cases=1, shape=SHAPE, prefix="IDM_Phantom")  # make_phantoms.py's
-    write_brats_phantoms(tmp_path / "MICCAI_BraTS2020_TrainingData", num_cases=2, shape=SHAPE, seed=9)
+    write_ellipsoid_phantoms(tmp_path / "IDM_phantoms", num_cases=3, shape=SHAPE)
+    write_ellipsoid_phantoms(tmp_path / "made", num_cases=1, shape=SHAPE, prefix="IDM_Phantom")  # make_phantoms.py's
+    write_ellipsoid_phantoms(tmp_path / "MICCAI_BraTS2020_TrainingData", num_cases=2, shape=SHAPE, seed=9)
     records = discover_cases(tmp_path, ["t1", "t2"])
     assert [r["case"] for r in records] == ["BraTS20_Training_001", "BraTS20_Training_002"]
     assert all("MICCAI_BraTS2020_TrainingData" in r["t1"] for r in records)
@@ -362,7 +407,7 @@ def test_unrecognised_dataset_dir_is_not_replaced_by_phantoms(tmp_path):
     data.mkdir()
     for i in range(1, 5):
         for modality in ("t1", "t2"):
-            _write(data / f"pat{i:03d}_{modality}.nii.gz", make_phantom(SHAPE, seed=i)[modality])
+            _write(data / f"pat{i:03d}_{modality}.nii.gz", make_ellipsoid_phantom(SHAPE, seed=i)[modality])
     before = sorted(p.name for p in data.iterdir())
     with pytest.raises(DatasetNotFoundError, match="No dataset found") as info:
         training_cases(data)
@@ -379,7 +424,7 @@ def test_unrecognised_dataset_dir_is_not_replaced_by_phantoms(tmp_path):
 def test_training_on_an_unrecognised_dataset_dir_stops_with_the_discovery_message(tmp_path):
     data = tmp_path / "D"
     data.mkdir()
-    _write(data / "pat001_t1.nii.gz", make_phantom(SHAPE)["t1"])
+    _write(data / "pat001_t1.nii.gz", make_ellipsoid_phantom(SHAPE)["t1"])
     small = {
         "spatial_size": "[16,16,16]",
         "network_def#channels": "[8,16,32]",
@@ -425,7 +470,7 @@ def _make_phantoms(*args: str) -> subprocess.CompletedProcess:
 
 def test_make_phantoms_overwrite_false_keeps_existing_cases(tmp_path):
     """The command line delivers --overwrite false as the string 'false', which must refuse, not overwrite."""
-    base = ["--output_dir", str(tmp_path), "--num_cases", "1", "--shape", "[8,8,8]"]
+    base = ["--output_dir", str(tmp_path), "--num_cases", "1", "--spacing", "12"]
     assert _make_phantoms(*base).returncode == 0
     t1 = tmp_path / "IDM_Phantom_001" / "IDM_Phantom_001_t1.nii.gz"
     t1.write_bytes(b"kept")
@@ -437,4 +482,5 @@ def test_make_phantoms_overwrite_false_keeps_existing_cases(tmp_path):
     assert bad.returncode == 1 and "--overwrite must be true or false, got 'no'" in bad.stderr
     assert t1.read_bytes() == b"kept"
     assert _make_phantoms(*base, "--overwrite", "true").returncode == 0
-    assert nib.load(t1).shape == (8, 8, 8)
+    written = nib.load(t1)
+    assert written.shape == (20, 20, 13) and written.get_data_dtype() == np.int16  # BraTS's 240×240×155 mm at 12 mm

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from monai.networks.schedulers import DDPMScheduler
 
 from bundle.checkpoint import TrainingCheckpoint
-from bundle.data import write_brats_phantoms
+from bundle.data import write_ellipsoid_phantoms
 from bundle.diffusion import IDMTrainer, NoiseSampler
 from bundle.errors import BadInputError, NonFiniteLossError, bad_input_in, install_error_hook
 from bundle.flags import as_flag, as_flags
@@ -103,7 +103,7 @@ def test_a_bad_command_line_prints_its_error_once(tmp_path):
 
 
 def test_a_non_finite_loss_in_the_first_epoch_is_reported_once_without_a_checkpoint(tmp_path):
-    write_brats_phantoms(tmp_path / "D", num_cases=4, shape=(24, 24, 20))
+    write_ellipsoid_phantoms(tmp_path / "D", num_cases=4, shape=(24, 24, 20))
     result = run_bundle(
         "configs/train.json",
         SMALL

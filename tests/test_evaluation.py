@@ -11,7 +11,7 @@ from conftest import recorded_checkpoint, run_bundle
 from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 from monai.networks.schedulers import DDPMScheduler
 
-from bundle.data import write_brats_phantoms
+from bundle.data import write_ellipsoid_phantoms
 from bundle.diffusion import GridDDIMScheduler
 from bundle.evaluation import reconstruct_from
 from bundle.sample_quality import ms_ssim_settings, normalised_mmd
@@ -29,7 +29,7 @@ def evaluate(overrides: dict) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluation")
-    write_brats_phantoms(root / "D", num_cases=10, shape=(24, 24, 20))
+    write_ellipsoid_phantoms(root / "D", num_cases=10, shape=(24, 24, 20))
     recorded_checkpoint(root, num_train_timesteps=50, validation_cases=VALIDATION)
     return root
 

@@ -18,14 +18,14 @@ from scripts.benchmarking.generation import compare_generation, recipe, write_ge
 SETTINGS = {
     "steps": 8,
     "check_every": 4,
-    "size": 16,
+    "spatial_size": 16,
     "channels": (8, 16, 32),
     "batch_size": 4,
     "num_phantoms": 12,
     "val_fraction": 0.34,
     "num_samples": 2,
-    "final_samples_count": 6,  # 8 training cases: 2 steps an epoch
-    "num_train_timesteps": 50,
+    "final_samples_count": 4,  # 8 training cases: 2 steps an epoch
+    "num_train_timesteps": 20,
 }
 
 
@@ -44,7 +44,7 @@ def test_both_networks_are_checked_at_the_same_steps(study):
         within = run["curves"]["generation/within_spread"]
         assert [step for step, _ in within] == [4, 8] and all(0 <= value <= 1 for _, value in within)
         assert [step for step, _ in run["curves"]["generation/autocorrelation/t1_real_spread"]] == [4, 8]
-        assert run["final"]["num_generated"] == 6 and run["final"]["set_size"] == 2
+        assert run["final"]["num_generated"] == 4 and run["final"]["set_size"] == 2
         assert run["first_within"] is None or run["first_within"] in (4, 8)
 
 
@@ -55,7 +55,7 @@ def test_report_figures_and_tables(study, tmp_path):
     assert text.startswith("# Generation") and "`python scripts/benchmark.py generation`" in text
     for measure in result["networks"]["idm"]["final"]["measures"]:
         assert f"| {measure} |" in text
-    assert "## Steps to phantom-like" in text and "generation_samples.png" in text and "generation_curves.png" in text
+    assert "## Steps to data-like" in text and "generation_samples.png" in text and "generation_curves.png" in text
     assert "generation_progress.png" in text
     for name in ("generation_samples.png", "generation_curves.png", "generation_progress.png"):
         with Image.open(tmp_path / name) as image:
@@ -101,7 +101,7 @@ def test_the_readmes_phantom_recipe_is_the_studys():
     flags = {key[2:]: value for key, value in itertools.pairwise(training) if key.startswith("--")}
     for key, value in overrides.items():
         if key not in ("seed", "generation_samples"):  # train.json's defaults, not passed
-            assert json.loads(flags[key]) == value, key
+            assert json.loads(flags.get(key, "null")) == value, key
     assert json.loads(flags["network_def#channels"]) == list(
         inspect.signature(compare_generation).parameters["channels"].default
     )

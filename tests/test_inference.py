@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
-from bundle.data import write_brats_phantoms
+from bundle.data import write_ellipsoid_phantoms
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, seeded_generator
 from bundle.errors import BadInputError
 from bundle.inference import SampleWriter
@@ -383,7 +383,7 @@ def test_every_configured_sampler_samples(checkpoint, tmp_path, sampler, steps):
 def linear_beta_run(tmp_path_factory) -> Path:
     """The ckpt_dir of a one-epoch training run on ``--schedule linear_beta`` (T = 50)."""
     root = tmp_path_factory.mktemp("linear_beta")
-    write_brats_phantoms(root / "D", num_cases=2, shape=(20, 20, 16))
+    write_ellipsoid_phantoms(root / "D", num_cases=2, shape=(20, 20, 16))
     result = run_bundle(
         "configs/train.json",
         SMALL_TRAINING

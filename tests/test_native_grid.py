@@ -14,22 +14,23 @@ from conftest import SMALL_TRAINING, run_bundle
 from monai.data import MetaTensor
 from monai.transforms import Orientation, ResizeWithPadOrCrop
 
-from bundle.data import PHANTOM_FOLDER, PHANTOM_PREFIX, discover_cases, preprocessing, write_brats_phantoms
+from bundle.data import case_grid, discover_cases, preprocessing, training_cases
 from bundle.data.phantoms import brats_affine
 from bundle.errors import BadInputError
 from bundle.outputs import to_original_grid
 from bundle.run_record import RUN_RECORD, TrainedModel
 
-GRID = ((60, 64, 40), 2.0)  # the phantoms' own grid: a small BraTS-like frame, 2 mm
-BOX = [24, 28, 20]  # voxels of 4 mm: a non-cubic box, cropped in x and y, padded in z
+GRID = ((60, 64, 40), 2.0)  # a small BraTS-like frame, 2 mm
+BOX = [24, 28, 20]  # voxels of 4 mm: a non-cubic box, cropped on every axis of BraTS's frame
+FRAME = case_grid(4.0)  # the built-in phantoms of a native run at 4 mm: BraTS's frame, 60×60×39 voxels
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    """A dataset_dir holding 4 built-in phantoms on :data:`GRID` (as a native-grid training run writes them)."""
+    """A dataset_dir holding 4 built-in phantoms, written as a native training run at 4 mm writes them (on
+    :data:`FRAME`)."""
     root = tmp_path_factory.mktemp("data")
-    shape, spacing = GRID
-    write_brats_phantoms(root / PHANTOM_FOLDER, num_cases=4, shape=shape, spacing=spacing, prefix=PHANTOM_PREFIX)
+    training_cases(root, num_phantoms=4, spatial_size=BOX, spacing=4.0)
     return root
 
 
@@ -41,28 +42,28 @@ def test_registered_cases_share_one_box_and_one_affine(phantoms):
     affine = images[0].affine.numpy()
     np.testing.assert_allclose(np.abs(affine[:3, :3]), 4.0 * np.eye(3))  # RAS, 4 mm, no resize
     # the box is centred on the frame: its centre maps to the frame's centre (the phantoms' origin is their centre)
-    frame_centre = brats_affine(GRID[0], GRID[1]) @ np.array([*(np.array(GRID[0]) / 2), 1.0])
+    frame_centre = FRAME[1] @ np.array([*((np.array(FRAME[0]) - 1) / 2), 1.0])
     box_centre = affine @ np.array([*((np.array(BOX) - 1) / 2), 1.0])
     np.testing.assert_allclose(box_centre[:3], frame_centre[:3], atol=4.0)
 
 
 def test_a_datalist_case_gets_a_box_around_its_own_foreground(phantoms, tmp_path):
     case = discover_cases(phantoms)[0]
-    for modality in ("t1", "t2"):  # the same head 20 mm away (10 voxels along the stored x axis), in a larger frame
+    for modality in ("t1", "t2"):  # the same head as it is, and 20 mm away (5 voxels along the stored x axis)
         image = nib.load(case[modality])
-        moved = np.pad(image.get_fdata(), ((10, 20), (0, 0), (0, 0))).astype(np.float32)
+        nib.save(image, tmp_path / f"head_{modality}.nii.gz")
+        moved = np.pad(image.get_fdata(), ((5, 10), (0, 0), (0, 0))).astype(np.float32)
         nib.save(nib.Nifti1Image(moved, image.affine), tmp_path / f"moved_{modality}.nii.gz")
-    (tmp_path / "list.json").write_text(json.dumps({"training": [{"t1": "moved_t1.nii.gz", "t2": "moved_t2.nii.gz"}]}))
-    [record] = discover_cases(tmp_path)
-    assert "frame" not in record  # a datalist is not taken as registered
+    items = [{"t1": f"{name}_t1.nii.gz", "t2": f"{name}_t2.nii.gz"} for name in ("head", "moved")]
+    (tmp_path / "list.json").write_text(json.dumps({"training": items}))
+    records = discover_cases(tmp_path)
+    assert all("frame" not in record for record in records)  # a datalist is not taken as registered
     transform = preprocessing(["t1", "t2"], [12, 12, 10], spacing=4.0)
-    moved = transform(record)["image"]
-    centred = transform(case)["image"]
-    assert moved.shape == centred.shape == (2, 12, 12, 10)
+    head, moved = (transform(record)["image"] for record in records)
+    assert moved.shape == head.shape == (2, 12, 12, 10)
     # the box followed the head: 20 mm towards −x in RAS (the stored x axis points to −x), the same image inside
-    shift = (moved.affine - centred.affine)[:3, 3].numpy()
-    np.testing.assert_allclose(shift, [-20.0, 0.0, 0.0], atol=4.0)
-    assert (moved[:, :, 4:8, 4:8] - centred[:, :, 4:8, 4:8]).abs().mean() < 0.1 * centred[:, :, 4:8, 4:8].mean()
+    np.testing.assert_allclose((moved.affine - head.affine)[:3, 3].numpy(), [-20.0, 0.0, 0.0], atol=1e-4)
+    torch.testing.assert_close(moved.as_tensor(), head.as_tensor())
 
 
 def test_bad_spacing_is_refused_by_name():
@@ -109,8 +110,8 @@ def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_gr
     assert train.returncode == 0, train.stderr[-3000:]
     record = json.loads((tmp_path / "models" / RUN_RECORD).read_text())
     assert record["spatial_size"] == BOX and record["spacing"] == [4.0, 4.0, 4.0]
-    assert record["original_grid"]["spatial_size"] == list(GRID[0])
-    np.testing.assert_allclose(record["original_grid"]["affine"], brats_affine(*GRID))
+    assert record["original_grid"]["spatial_size"] == list(FRAME[0])
+    np.testing.assert_allclose(record["original_grid"]["affine"], FRAME[1])
     np.testing.assert_allclose(np.abs(np.asarray(record["affine"])[:3, :3]), 4.0 * np.eye(3))
 
     refusal = "trained with spacing=4.0, but this run gives spacing=2.0; pass --spacing 4.0"
@@ -129,10 +130,10 @@ def test_native_training_records_its_grid_and_inference_writes_on_the_dataset_gr
     )
     assert infer.returncode == 0, infer.stderr[-3000:]
     written = nib.load(tmp_path / "samples" / "sample_000_t2.nii.gz")
-    assert written.shape == GRID[0]  # overlays any case of the dataset voxel for voxel
-    np.testing.assert_allclose(written.affine, brats_affine(*GRID))
+    assert written.shape == FRAME[0]  # overlays any case of the dataset voxel for voxel
+    np.testing.assert_allclose(written.affine, FRAME[1])
     data = written.get_fdata()
-    assert data[0].max() == 0 and data[-1].max() == 0  # outside the 96 mm-wide training box (the frame is 120 mm)
+    assert data[0].max() == 0 and data[-1].max() == 0  # outside the 96 mm-wide training box (the frame is 240 mm)
     assert data.std() > 0
 
 

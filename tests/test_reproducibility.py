@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, SMALL_TRAINING, bundle_args, run_bundle
 
-from bundle.data import write_brats_phantoms
+from bundle.data import write_ellipsoid_phantoms
 from scripts.benchmarking.child_process import child_environment
 
 EPOCHS = 2
@@ -26,7 +26,7 @@ WEIGHTS = ("network", "ema", "optimizer", "noise_sampler", "lr_scheduler", "trai
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("brats6")
-    write_brats_phantoms(root / "MICCAI_BraTS2020_TrainingData", num_cases=6, shape=(24, 24, 20))
+    write_ellipsoid_phantoms(root / "MICCAI_BraTS2020_TrainingData", num_cases=6, shape=(24, 24, 20))
     return root
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from bundle.data.phantoms import make_phantom
+from bundle.data.phantoms import make_ellipsoid_phantom
 from bundle.errors import BadInputError
 from bundle.handlers import GenerationMonitor
 from bundle.networks import InvertibleDiffusionUNet
@@ -24,7 +24,7 @@ def phantoms() -> torch.Tensor:
     """(24, 2, 16, 16, 16) phantoms in [0, 1], as the bundle's preprocessing would give them."""
     volumes = []
     for seed in range(24):
-        case = make_phantom((32, 32, 24), seed=seed)
+        case = make_ellipsoid_phantom((32, 32, 24), seed=seed)
         volume = torch.tensor(np.stack([case["t1"], case["t2"]]), dtype=torch.float32)[None]
         volume = torch.nn.functional.interpolate(volume, size=(16, 16, 16), mode="trilinear")[0]
         volumes.append(volume / volume.amax(dim=(1, 2, 3), keepdim=True))

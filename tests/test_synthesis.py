@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, SMALL_TRAINING, recorded_checkpoint, redraw_zero_init_, relative_error, run_bundle
 from monai.bundle import ConfigParser
 
-from bundle.data import preprocessing, write_brats_phantoms
+from bundle.data import preprocessing, write_ellipsoid_phantoms
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, idm_loss_backward, with_condition
 from bundle.errors import BadInputError
 from bundle.memory_plan import plan_training_step
@@ -96,7 +96,7 @@ def test_inference_runs_a_translation_model_by_its_record_alone(conditioned, tmp
     """The command a user runs in a bundle folder, which names no model setting: inference.json reads the checkpoint's
     record, sees a translation model and translates each study of the dataset folder into the generated modalities."""
     shutil.copytree(conditioned / "models", tmp_path / "models")
-    write_brats_phantoms(tmp_path / "data", num_cases=2, shape=(20, 24, 18), spacing=2.0, seed=5, prefix="Study")
+    write_ellipsoid_phantoms(tmp_path / "data", num_cases=2, shape=(20, 24, 18), spacing=2.0, seed=5, prefix="Study")
     result = run_bundle("configs/inference.json", SAMPLING | {"bundle_root": tmp_path})
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
@@ -133,7 +133,7 @@ def test_inference_from_input_files_writes_on_the_inputs_grid(conditioned, tmp_p
 
 def test_inference_from_a_dataset_folder_writes_each_case_on_its_own_grid(conditioned, tmp_path):
     data = tmp_path / "studies"
-    write_brats_phantoms(data, num_cases=2, shape=(20, 24, 18), spacing=2.0, seed=5, prefix="Study")
+    write_ellipsoid_phantoms(data, num_cases=2, shape=(20, 24, 18), spacing=2.0, seed=5, prefix="Study")
     (data / "Study_002" / "Study_002_t2.nii.gz").unlink()  # the missing sequence: not needed
     result = _inference(conditioned, tmp_path / "out", dataset_dir=data)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -146,7 +146,7 @@ def test_inference_from_a_dataset_folder_writes_each_case_on_its_own_grid(condit
 
 def test_a_case_whose_given_modality_is_unreadable_is_named_and_skipped_only_when_asked(conditioned, tmp_path):
     data = tmp_path / "studies"
-    write_brats_phantoms(data, num_cases=2, shape=(20, 24, 18), spacing=2.0, seed=5, prefix="Study")
+    write_ellipsoid_phantoms(data, num_cases=2, shape=(20, 24, 18), spacing=2.0, seed=5, prefix="Study")
     (data / "Study_002" / "Study_002_t1.nii.gz").write_bytes(b"not a volume")
     refused = _inference(conditioned, tmp_path / "out", dataset_dir=data)
     assert refused.returncode == 1 and "Study_002" in refused.stderr and "skip_invalid" in refused.stderr

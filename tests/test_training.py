@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from monai.networks.schedulers import DDPMScheduler
 from torch.utils.tensorboard import SummaryWriter
 
 from bundle.checkpoint import TrainingCheckpoint, check_checkpoint_folder
-from bundle.data import training_cases, write_brats_phantoms
+from bundle.data import training_cases, write_ellipsoid_phantoms
 from bundle.diffusion import NoiseSampler, ema_with_warmup
 from bundle.errors import BadInputError
 from bundle.handlers import InversionDriftMonitor
@@ -67,8 +68,26 @@ def test_the_trainers_adamw_update_allocates_nothing_of_a_parameters_size():
 @pytest.fixture(scope="module")
 def six_cases(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("brats6")
-    write_brats_phantoms(root / "MICCAI_BraTS2020_TrainingData", num_cases=6, shape=(40, 40, 32))
+    write_ellipsoid_phantoms(root / "MICCAI_BraTS2020_TrainingData", num_cases=6, shape=(40, 40, 32))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_epoch(six_cases, tmp_path_factory) -> Path:
+    """A finished 1-epoch run of SMALL on ``six_cases``: its checkpoints in ``C``, its event files in ``R``. Tests
+    that continue or overwrite it work on a copy (:func:`copy_of`)."""
+    folder = tmp_path_factory.mktemp("one_epoch")
+    overrides = SMALL | {"dataset_dir": six_cases, "ckpt_dir": folder / "C", "output_dir": folder / "R"}
+    result = train(overrides | {"train#trainer#max_epochs": 1})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def copy_of(run: Path, target: Path) -> Path:
+    """``run``'s ``C`` and ``R`` copied into ``target`` (a run's files name no folder: it resumes from anywhere)."""
+    for name in ("C", "R"):
+        shutil.copytree(run / name, target / name)
+    return target
 
 
 def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
@@ -151,7 +170,7 @@ def test_an_unknown_noise_schedule_stops_training_before_it_starts(six_cases, tm
 
 def test_bad_cases_stop_training_before_it_starts(six_cases, tmp_path):
     data = tmp_path / "D"
-    write_brats_phantoms(data, num_cases=3, shape=(24, 24, 20))
+    write_ellipsoid_phantoms(data, num_cases=3, shape=(24, 24, 20))
     (data / "BraTS20_Training_002" / "BraTS20_Training_002_t2.nii.gz").unlink()
     result = train(SMALL | {"dataset_dir": data, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"})
     assert result.returncode != 0
@@ -176,19 +195,18 @@ def _state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_length(six_cases, tmp_path):
+def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_length(six_cases, one_epoch, tmp_path):
     """A run of 1 epoch resumed with max_epochs 3 trains epochs 2 and 3 as a run configured for 3 epochs from
     the start does (epoch 1's learning rate is the base rate for any length), not at the old schedule's 0."""
     common = SMALL | {"dataset_dir": six_cases}
     whole = train(common | {"ckpt_dir": tmp_path / "A", "output_dir": tmp_path / "RA", "train#trainer#max_epochs": 3})
     assert whole.returncode == 0, whole.stderr[-3000:]
-    first = train(common | {"ckpt_dir": tmp_path / "B", "output_dir": tmp_path / "RB", "train#trainer#max_epochs": 1})
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert _state(tmp_path / "B" / "training_state.pt")["optimizer"]["param_groups"][0]["lr"] == 0.0  # annealed
-    before = {p.name: p.read_bytes() for p in (tmp_path / "B").iterdir()}
+    copy_of(one_epoch, tmp_path)  # the 1-epoch run: C and R
+    assert _state(tmp_path / "C" / "training_state.pt")["optimizer"]["param_groups"][0]["lr"] == 0.0  # annealed
+    before = {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()}
     resume = common | {
-        "ckpt_dir": tmp_path / "B",
-        "output_dir": tmp_path / "RB",
+        "ckpt_dir": tmp_path / "C",
+        "output_dir": tmp_path / "R",
         "train#trainer#max_epochs": 3,
         "resume": "true",
     }
@@ -199,10 +217,10 @@ def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_le
     other_net = train(resume | {"network_def#channels": "[8,16,64]"})
     assert other_net.returncode == 1 and "training_state.pt was written by another network_def" in other_net.stderr
     assert "of another shape" in other_net.stderr and "Traceback" not in other_net.stderr
-    assert {p.name: p.read_bytes() for p in (tmp_path / "B").iterdir()} == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
     resumed = train(resume)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _state(tmp_path / "A" / "training_state.pt"), _state(tmp_path / "B" / "training_state.pt")
+    a, b = _state(tmp_path / "A" / "training_state.pt"), _state(tmp_path / "C" / "training_state.pt")
     assert a["trainer"] == b["trainer"] == {"epoch": 3, "iteration": 9}
     assert b["lr_scheduler"]["T_max"] == 3 and b["lr_scheduler"]["last_epoch"] == 3
     for name, tensor in a["network"].items():  # the same learning rates, up to the closed form's rounding
@@ -210,11 +228,11 @@ def test_resuming_with_more_epochs_continues_the_cosine_schedule_over_the_new_le
     assert "T_max 1 → 3" in resumed.stdout + resumed.stderr
 
 
-def test_a_resumed_run_keeps_the_validation_cases_it_recorded(six_cases, tmp_path):
+def test_a_resumed_run_keeps_the_validation_cases_it_recorded(six_cases, one_epoch, tmp_path):
     """Resumed with another seed and val_fraction, a run still validates on (and does not train on) the cases
     it recorded at its start, and run.json keeps them for evaluation."""
     base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"}
-    assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
+    copy_of(one_epoch, tmp_path)
     recorded = json.loads((tmp_path / "C" / "run.json").read_text())["validation_cases"]
     assert len(recorded) == 1  # val_fraction 0.2 of 6; the resumed run's settings would hold out 3
     resumed = train(base | {"train#trainer#max_epochs": 2, "resume": "true", "seed": 5, "val_fraction": 0.5})
@@ -351,14 +369,14 @@ def test_the_ema_decay_warms_up_to_its_setting():
         ema_with_warmup(1.0)
 
 
-def test_resuming_a_finished_run_without_more_epochs_is_refused(six_cases, tmp_path):
+def test_resuming_a_finished_run_without_more_epochs_is_refused(six_cases, one_epoch, tmp_path):
     base = SMALL | {
         "dataset_dir": six_cases,
         "ckpt_dir": tmp_path / "C",
         "output_dir": tmp_path / "R",
         "train#trainer#max_epochs": 1,
     }
-    assert train(base).returncode == 0
+    copy_of(one_epoch, tmp_path)
     before = {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()}
     again = train(base | {"resume": "true"})
     assert again.returncode == 1
@@ -366,11 +384,13 @@ def test_resuming_a_finished_run_without_more_epochs_is_refused(six_cases, tmp_p
     assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
 
 
-def test_existing_checkpoints_are_not_overwritten_and_resume_needs_one(six_cases, tmp_path):
+def test_existing_checkpoints_are_not_overwritten_and_resume_needs_one(six_cases, one_epoch, tmp_path):
     base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"}
     missing = train(base | {"resume": "true"})
     assert missing.returncode == 1 and "no training_state.pt" in missing.stderr
-    assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
+    shutil.rmtree(tmp_path / "C", ignore_errors=True)  # what the refused resume may have left: nothing to keep
+    shutil.rmtree(tmp_path / "R", ignore_errors=True)
+    copy_of(one_epoch, tmp_path)
     before = {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()}
     events = sorted((tmp_path / "R").glob("events.out.tfevents.*"))
     # the command line delivers "false" as a string, which is truthy: it must still mean false
@@ -384,12 +404,12 @@ def test_existing_checkpoints_are_not_overwritten_and_resume_needs_one(six_cases
     assert {p.name: p.read_bytes() for p in (tmp_path / "C").iterdir()} == before
 
 
-def test_an_overwriting_run_replaces_the_earlier_runs_checkpoint_and_curves(six_cases, tmp_path):
+def test_an_overwriting_run_replaces_the_earlier_runs_checkpoint_and_curves(six_cases, one_epoch, tmp_path):
     """A run with --overwrite true that stops in its first epoch (here on a non-finite loss) leaves neither the
     earlier run's checkpoint, which --resume true would continue as if it were this run's, nor its curves in
     output_dir, which read_scalars would merge with this run's."""
     base = SMALL | {"dataset_dir": six_cases, "ckpt_dir": tmp_path / "C", "output_dir": tmp_path / "R"}
-    assert train(base | {"train#trainer#max_epochs": 1}).returncode == 0
+    copy_of(one_epoch, tmp_path)
     earlier = {p.name for p in (tmp_path / "R").glob("events.out.tfevents.*")}
     assert earlier and "val_eps_mse" in read_scalars(tmp_path / "R", ["val_eps_mse"])
     stopped = train(base | {"train#trainer#max_epochs": 1, "overwrite": "true", "lambda_l2": "$float('inf')"})

@@ -1,8 +1,18 @@
-"""Dataset discovery, preprocessing, synthetic phantoms and preflight checks."""
+"""Dataset discovery, preprocessing, the built-in anatomical phantoms, test phantoms and preflight checks."""
 
+from .anatomy import (
+    BRATS_MODALITIES,
+    PHANTOM_FOLDER,
+    PHANTOM_PREFIX,
+    anatomy_spacing,
+    case_anatomy,
+    case_grid,
+    make_case,
+    write_anatomy_cases,
+)
 from .dataset import split_cases, training_cases
 from .discovery import DatasetNotFoundError, discover_cases
-from .phantoms import BRATS_GRID, PHANTOM_FOLDER, PHANTOM_GRID, PHANTOM_PREFIX, make_phantom, write_brats_phantoms
+from .phantoms import make_ellipsoid_phantom, write_ellipsoid_phantoms
 from .preflight import PreflightError, check_case, preflight
 from .transforms import (
     ATLAS_FRAME,
@@ -16,23 +26,27 @@ from .transforms import (
 
 __all__ = [
     "ATLAS_FRAME",
-    "BRATS_GRID",
+    "BRATS_MODALITIES",
     "PHANTOM_FOLDER",
-    "PHANTOM_GRID",
     "PHANTOM_PREFIX",
     "DatasetNotFoundError",
     "NativeBoxd",
     "PreflightError",
     "SelectChanneld",
     "SplitConditiond",
+    "anatomy_spacing",
+    "case_anatomy",
+    "case_grid",
     "check_case",
     "check_spacing",
     "discover_cases",
     "foreground",
-    "make_phantom",
+    "make_case",
+    "make_ellipsoid_phantom",
     "preflight",
     "preprocessing",
     "split_cases",
     "training_cases",
-    "write_brats_phantoms",
+    "write_anatomy_cases",
+    "write_ellipsoid_phantoms",
 ]

@@ -1,23 +1,29 @@
-"""Training data: discovery, the built-in phantom default, preflight and the train/validation split."""
+"""Training data: discovery, the built-in anatomical phantoms, preflight and the train/validation split."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import BadInputError
 from ..utils import is_not_rank0
+from .anatomy import BRATS_MODALITIES, PHANTOM_FOLDER, anatomy_spacing, write_anatomy_cases
 from .discovery import DatasetNotFoundError, discover_cases
-from .phantoms import BRATS_MODALITIES, PHANTOM_FOLDER, PHANTOM_GRID, PHANTOM_PREFIX, write_brats_phantoms
 from .preflight import preflight
 
-__all__ = ["split_cases", "training_cases"]
+__all__ = ["PHANTOM_MANIFEST", "split_cases", "training_cases"]
 
 logger = logging.getLogger(__name__)
+
+PHANTOM_MANIFEST = "phantoms.json"  # written last into the built-in set's folder: what it holds, and that it is whole
 
 
 def split_cases(
@@ -95,19 +101,24 @@ def training_cases(
     num_phantoms: int = 16,
     validation_cases: Sequence[str] | None = None,
     write_phantoms: bool = True,
-    phantom_grid: tuple[Sequence[int], float] = PHANTOM_GRID,
+    spatial_size: Sequence[int] = (64, 64, 64),
+    spacing: float | Sequence[float] | None = None,
 ) -> dict[str, list[dict]]:
     """``{"train": records, "validation": records}`` for the dataset below ``dataset_dir``: the split of
     :func:`split_cases` (the recorded ``validation_cases`` when given, else a datalist's ``validation`` list, else by
     ``seed`` and ``val_fraction``).
 
-    When ``dataset_dir`` does not exist or is empty (hidden files and ``IDM_phantoms`` aside) and
-    ``write_phantoms`` (a new training run), ``num_phantoms`` synthetic cases ``IDM_Phantom_XXX`` are written to
-    ``dataset_dir/IDM_phantoms`` (once, on ``phantom_grid``: (shape, spacing in mm); later runs find them) and used;
-    every run that uses them says so loudly in the log, and they are left out as soon as real data is found
+    When ``dataset_dir`` does not exist or holds nothing but the built-in set (hidden files aside) and
+    ``write_phantoms`` (a new training run), the built-in set is used: ``num_phantoms`` anatomical phantoms
+    ``IDM_Phantom_XXX`` (:func:`~bundle.data.anatomy.write_anatomy_cases`, one fixed data set: case i of seed i) in
+    ``dataset_dir/IDM_phantoms``, on BraTS's frame at the run's ``spacing`` (a native-grid run) or, for a run that
+    resizes to ``spatial_size``, at :func:`~bundle.data.anatomy.anatomy_spacing`; never finer than BraTS's 1 mm. It is
+    written unless that folder's manifest (:data:`PHANTOM_MANIFEST`, written last) says it holds these cases already:
+    a set that a killed run left part-written, or one of another number or grid, is replaced whole. Every run that
+    uses them says so loudly in the log, and they are left out as soon as real data is found
     (:func:`~bundle.data.discovery.discover_cases`).
     Without ``write_phantoms`` (evaluation, a resumed run: they use the data a run trained on, and never create
-    any) such a ``dataset_dir`` raises :class:`~bundle.data.discovery.DatasetNotFoundError` instead. A
+    any) a ``dataset_dir`` without data raises :class:`~bundle.data.discovery.DatasetNotFoundError` instead. A
     ``dataset_dir`` that holds other files but no dataset of a known layout raises it too, and nothing is written
     to it. Every case passes :func:`~bundle.data.preflight.preflight` first. Under ``torch.distributed`` rank 0
     prepares the data while the other ranks wait, then they discover what it wrote.
@@ -117,17 +128,10 @@ def training_cases(
     if not leader:
         torch.distributed.barrier()
     try:
-        return _prepare_cases(
-            dataset_dir,
-            modalities,
-            val_fraction,
-            seed,
-            skip_invalid,
-            num_phantoms,
-            validation_cases,
-            write_phantoms,
-            phantom_grid,
-        )
+        root = Path(dataset_dir)
+        if leader and write_phantoms and not (root.exists() and not root.is_dir()) and not _other_entries(root):
+            _write_phantoms(root, modalities, num_phantoms, _phantom_spacing(spatial_size, spacing))
+        return _prepare_cases(root, modalities, val_fraction, seed, skip_invalid, validation_cases, write_phantoms)
     finally:
         if distributed and leader:
             torch.distributed.barrier()
@@ -140,19 +144,63 @@ def _other_entries(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.name != PHANTOM_FOLDER)
 
 
+def _phantom_spacing(spatial_size: Sequence[int], spacing: float | Sequence[float] | None) -> list[float]:
+    """The built-in set's voxel size per axis for a run of ``spacing`` (None: resized to ``spatial_size``)."""
+    voxel = anatomy_spacing(spatial_size) if spacing is None else spacing
+    return [min(max(float(s), 1.0), 12.0) for s in np.broadcast_to(np.asarray(voxel, dtype=float), (3,))]
+
+
+def _write_phantoms(root: Path, modalities: Sequence[str], num_phantoms: int, spacing: list[float]) -> None:
+    """Writes the built-in set into ``root/IDM_phantoms`` unless its manifest says it holds it (see
+    :func:`training_cases`), replacing whatever is there.
+
+    Raises:
+        BadInputError: for ``modalities`` the phantoms lack or a ``num_phantoms`` below 2, before anything is written.
+    """
+    folder = root / PHANTOM_FOLDER
+    manifest = folder / PHANTOM_MANIFEST
+    wanted = {"cases": num_phantoms, "spacing": spacing, "generator": "bundle.data.anatomy"}
+    found = json.loads(manifest.read_text()) if manifest.is_file() else None
+    if found == wanted:
+        return
+    unknown = [m for m in modalities if m.lower() not in BRATS_MODALITIES]
+    if unknown:
+        raise BadInputError(
+            f"No dataset below {str(root)!r}, and the built-in phantoms that would be written there do not provide "
+            f"{', '.join(map(repr, unknown))}: choose modalities from {', '.join(BRATS_MODALITIES)}, or give "
+            "--dataset_dir with data that has them."
+        )
+    if isinstance(num_phantoms, bool) or not isinstance(num_phantoms, int) or num_phantoms < 2:
+        raise BadInputError(
+            f"No dataset below {str(root)!r}: num_phantoms, the number of built-in phantoms written there instead, "
+            f"must be an integer ≥ 2 (training and validation need one case each); got {num_phantoms!r}."
+        )
+    if folder.exists():
+        replaced = "left part-written" if found is None else f"of {found.get('cases')} cases at {found.get('spacing')}"
+        logger.warning("Replacing the built-in phantoms in %s (%s mm): a set %s.", folder, spacing, replaced)
+        shutil.rmtree(folder)
+    logger.warning(
+        "No dataset below %s: writing %d synthetic brains (BraTS-like cases made from the MNI ICBM152 template, "
+        "%s mm voxels) to %s.",
+        root,
+        num_phantoms,
+        "×".join(f"{s:g}" for s in spacing),
+        folder,
+    )
+    write_anatomy_cases(folder, num_phantoms, spacing, progress=sys.stderr.isatty())
+    manifest.write_text(json.dumps(wanted))
+
+
 def _prepare_cases(
-    dataset_dir: str | Path,
+    root: Path,
     modalities: Sequence[str],
     val_fraction: float,
     seed: int,
     skip_invalid: bool,
-    num_phantoms: int,
     validation_cases: Sequence[str] | None,
     write_phantoms: bool,
-    phantom_grid: tuple[Sequence[int], float],
 ) -> dict[str, list[dict]]:
-    """:func:`training_cases` on the leader rank (its arguments)."""
-    root = Path(dataset_dir)
+    """:func:`training_cases` after the built-in set is written where it is used (its arguments)."""
     try:
         records = discover_cases(root, modalities)
     except DatasetNotFoundError as error:
@@ -170,39 +218,8 @@ def _prepare_cases(
                 f"dataset_dir); evaluation and a resumed run (--resume true) never create data: pass --dataset_dir "
                 f"with the folder that the training run used."
             ) from None
-        unknown = [m for m in modalities if m.lower() not in BRATS_MODALITIES]
-        if unknown:
-            raise BadInputError(
-                f"{error} The built-in phantoms that would be written instead do not provide "
-                f"{', '.join(map(repr, unknown))}: choose modalities from {', '.join(BRATS_MODALITIES)}."
-            ) from None
-        if isinstance(num_phantoms, bool) or not isinstance(num_phantoms, int) or num_phantoms < 2:
-            raise BadInputError(
-                f"{error} num_phantoms, the number of built-in phantoms written instead, must be an integer ≥ 2 "
-                f"(training and validation need one case each); got {num_phantoms!r}."
-            ) from None
-        target = root / PHANTOM_FOLDER
-        shape, spacing = phantom_grid
-        logger.warning(
-            "No dataset below %s: writing %d synthetic phantoms (%s voxels of %g mm) to %s.",
-            root,
-            num_phantoms,
-            "×".join(map(str, shape)),
-            spacing,
-            target,
-        )
-        # nothing usable is in target (discovery found no case), so only an interrupted earlier write is replaced
-        write_brats_phantoms(
-            target,
-            num_cases=num_phantoms,
-            shape=tuple(shape),
-            spacing=spacing,
-            seed=seed,
-            prefix=PHANTOM_PREFIX,
-            overwrite=True,
-        )
-        records = discover_cases(root, modalities)
+        raise
     records = preflight(records, modalities, skip_invalid)
     train, validation = split_cases(records, val_fraction=val_fraction, seed=seed, validation_cases=validation_cases)
-    logger.info("%d training and %d validation cases from %s", len(train), len(validation), dataset_dir)
+    logger.info("%d training and %d validation cases from %s", len(train), len(validation), root)
     return {"train": train, "validation": validation}

@@ -39,7 +39,7 @@ from pathlib import Path
 from monai.data import load_decathlon_datalist
 
 from ..errors import BadInputError
-from .phantoms import PHANTOM_FOLDER, PHANTOM_PREFIX
+from .anatomy import PHANTOM_FOLDER, PHANTOM_PREFIX
 from .transforms import ATLAS_FRAME
 
 __all__ = ["IMAGE_SUFFIXES", "MSD_CHANNELS", "DatasetNotFoundError", "discover_cases"]

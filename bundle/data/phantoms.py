@@ -1,6 +1,7 @@
-"""Synthetic brain MRI phantoms in the BraTS2020 layout: the built-in default data set and the test data.
+"""Ellipsoid phantoms in the BraTS2020 layout: small, fast test data (the built-in default data set is
+:mod:`bundle.data.anatomy`'s, made from a real brain template).
 
-Each case is a head-shaped volume with skin/skull, cerebrospinal fluid (CSF), grey and white matter,
+Each case is a head-shaped volume made of ellipsoids with skin/skull, cerebrospinal fluid (CSF), grey and white matter,
 ventricles, a tumour core with surrounding oedema, a smooth bias field and Rician-like noise. The
 contrasts follow the physics of the two sequences the bundle models:
 
@@ -17,9 +18,6 @@ skull/scalp    bright fat  mid
 
 Shapes, sizes and positions vary with the case seed. Volumes are written as NIfTI with a BraTS-like
 affine (LPS-flipped axes, 1.5 mm voxels by default, origin at the volume centre).
-
-The built-in default data set is ``dataset_dir/IDM_phantoms/IDM_Phantom_XXX/``: its own folder and case
-ids, which discovery never mixes with real data (:func:`~bundle.data.discovery.discover_cases`).
 """
 
 from __future__ import annotations
@@ -30,21 +28,7 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import GaussianSmooth
 
-__all__ = [
-    "BRATS_MODALITIES",
-    "PHANTOM_FOLDER",
-    "PHANTOM_PREFIX",
-    "TISSUE_CONTRAST",
-    "brats_affine",
-    "make_phantom",
-    "write_brats_phantoms",
-]
-
-BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
-PHANTOM_FOLDER = "IDM_phantoms"  # the built-in default data set, below dataset_dir
-PHANTOM_PREFIX = "IDM_Phantom"  # its case ids: IDM_Phantom_001, … (never a real dataset's)
-PHANTOM_GRID = ((96, 96, 72), 1.5)  # (shape, mm) of the built-in phantoms for the resized grid (spacing None)
-BRATS_GRID = ((240, 240, 155), 1.0)  # BraTS2020's atlas frame: the built-in phantoms of the native grid
+__all__ = ["TISSUE_CONTRAST", "brats_affine", "make_ellipsoid_phantom", "write_ellipsoid_phantoms"]
 
 # relative intensities per tissue label: background, scalp/skull, CSF, grey, white, oedema, tumour core
 TISSUE_CONTRAST = {
@@ -67,7 +51,7 @@ def _ellipsoid(grid: np.ndarray, centre: np.ndarray, radii: np.ndarray, wobble: 
     return r * (1 + a[0] * np.sin(k[0] * theta + rng.uniform(0, 6.3)) + a[1] * np.cos(k[1] * phi))
 
 
-def make_phantom(shape: tuple[int, int, int] = (96, 96, 72), seed: int = 0) -> dict[str, np.ndarray]:
+def make_ellipsoid_phantom(shape: tuple[int, int, int] = (96, 96, 72), seed: int = 0) -> dict[str, np.ndarray]:
     """One synthetic case: ``{"t1", "t1ce", "t2", "flair": float32 volumes in [0, ~1.2], "seg": uint8}``.
 
     ``seg`` uses the BraTS labels: 1 necrotic/tumour core, 2 oedema, 0 elsewhere.
@@ -124,7 +108,7 @@ def brats_affine(shape: tuple[int, int, int], spacing: float) -> np.ndarray:
     return affine
 
 
-def write_brats_phantoms(
+def write_ellipsoid_phantoms(
     output_dir: str | Path,
     num_cases: int = 8,
     shape: tuple[int, int, int] = (96, 96, 72),
@@ -135,9 +119,8 @@ def write_brats_phantoms(
 ) -> list[Path]:
     """Writes ``num_cases`` phantoms as ``output_dir/{prefix}_XXX/{prefix}_XXX_{t1,t1ce,t2,flair,seg}.nii.gz``.
 
-    The default ``prefix`` imitates the BraTS2020 download (for tests of the BraTS layout); the built-in
-    data set and ``scripts/make_phantoms.py`` use :data:`PHANTOM_PREFIX` so that no phantom takes a real
-    case's id. Returns the case directories. Existing case directories are refused unless ``overwrite``.
+    The default ``prefix`` imitates the BraTS2020 download (for tests of the BraTS layout). Returns the case
+    directories. Existing case directories are refused unless ``overwrite``.
     """
     if num_cases < 1:
         raise ValueError(f"num_cases must be ≥ 1, got {num_cases}.")
@@ -150,13 +133,12 @@ def write_brats_phantoms(
         raise FileExistsError(
             f"Refusing to overwrite existing phantom cases: {', '.join(existing[:3])}"
             + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-            + "; choose another output directory, or replace them with --overwrite true (scripts/make_phantoms.py; "
-            "overwrite=True from Python)."
+            + "; choose another output directory, or pass overwrite=True."
         )
     affine = brats_affine(tuple(shape), spacing)
     for i, case in enumerate(cases):
         case.mkdir(parents=True, exist_ok=True)
-        for name, volume in make_phantom(tuple(shape), seed + i).items():
+        for name, volume in make_ellipsoid_phantom(tuple(shape), seed + i).items():
             image = nib.Nifti1Image(volume, affine)
             image.header.set_xyzt_units("mm", "sec")
             nib.save(image, case / f"{case.name}_{name}.nii.gz")

@@ -223,7 +223,8 @@ def _summary(
 def recipe(
     steps: int = 8000,
     check_every: int = 240,
-    size: int = 16,
+    spatial_size: int | Sequence[int] = 16,
+    spacing: float | None = None,
     batch_size: int = 8,
     learning_rate: float = 5e-4,
     ema_decay: float = 0.995,
@@ -233,7 +234,8 @@ def recipe(
     num_samples: int = 8,
     seed: int = 0,
 ) -> tuple[dict, dict]:
-    """The ``configs/train.json`` overrides of the phantom recipe (README.md's, with these defaults), less the network:
+    """The ``configs/train.json`` overrides of the README's recipe (with these defaults), less the network: the grid
+    (``spatial_size``, one size or three; ``spacing`` in mm for the native grid, None to resize each case's box),
     epochs of whole ``steps_per_epoch`` as near ``steps`` as whole checks allow, a validation and a generation check
     every ``epochs_per_check`` epochs (≈ ``check_every`` steps). Returns the overrides and ``{"epochs",
     "steps_per_epoch", "epochs_per_check"}``."""
@@ -242,7 +244,8 @@ def recipe(
     epochs_per_check = max(1, round(check_every / steps_per_epoch))
     epochs = max(epochs_per_check, round(steps / steps_per_epoch / epochs_per_check) * epochs_per_check)
     overrides = {
-        "spatial_size": [size] * 3,
+        "spatial_size": [spatial_size] * 3 if isinstance(spatial_size, int) else list(spatial_size),
+        "spacing": spacing,
         "batch_size": batch_size,
         "seed": seed,
         "num_phantoms": num_phantoms,
@@ -269,12 +272,12 @@ def compare_generation(
 ) -> dict:
     """Trains both networks (concurrently, one torch thread each; a network whose run in ``work_dir`` finished
     earlier is reused) by :func:`recipe` of ``recipe_settings`` (its keyword arguments: ``steps``, ``check_every``,
-    ``size``, ``num_samples`` …; its defaults are README.md's phantom recipe), with the generation monitor's
-    ``num_samples`` samples every ``check_every`` steps, then samples ``final_samples_count`` volumes from each final
-    model with the monitor's sampler and ``num_samples`` with each other sampler of :data:`SAMPLERS`, and compares
-    them with the validation volumes. With ``continue_steps`` (more than ``steps``) the IDM run is then trained on to
-    :func:`recipe`'s epochs for that many steps (:func:`continue_run`, in ``work_dir/idm_continued``) and measured
-    the same way (``networks["idm_continued"]``, whose wall seconds include the first run's).
+    ``spatial_size``, ``spacing``, ``num_samples`` …; its defaults are README.md's recipe), with the generation
+    monitor's ``num_samples`` samples every ``check_every`` steps, then samples ``final_samples_count`` volumes from
+    each final model with the monitor's sampler and ``num_samples`` with each other sampler of :data:`SAMPLERS`, and
+    compares them with the validation volumes. With ``continue_steps`` (more than ``steps``) the IDM run is then
+    trained on to :func:`recipe`'s epochs for that many steps (:func:`continue_run`, in ``work_dir/idm_continued``)
+    and measured the same way (``networks["idm_continued"]``, whose wall seconds include the first run's).
 
     Returns:
         ``{"settings", "machine", "networks": {name: {"label", "parameters", "wall_seconds", "steps",
@@ -284,9 +287,10 @@ def compare_generation(
     """
     work = Path(work_dir)
     overrides, schedule = recipe(**recipe_settings)
-    size, seed, num_samples = overrides["spatial_size"][0], overrides["seed"], overrides["generation_samples"]
+    seed, num_samples = overrides["seed"], overrides["generation_samples"]
     settings = {
-        "size": size,
+        "spatial_size": overrides["spatial_size"],
+        "spacing": overrides["spacing"],
         "channels": list(channels),
         "attention_levels": list(attention_levels),
         "num_blocks": num_blocks,
@@ -308,10 +312,20 @@ def compare_generation(
     }
     steps_per_epoch = schedule["steps_per_epoch"]
     shared = overrides | {"num_workers": 0, "preview_interval": 1000, "dataset_dir": str(work / "data")}
-    # the phantoms, written once outside the timed runs
-    training_cases(work / "data", seed=seed, num_phantoms=overrides["num_phantoms"])
+    # the built-in brains, written once outside the timed runs
+    training_cases(
+        work / "data",
+        seed=seed,
+        num_phantoms=overrides["num_phantoms"],
+        spatial_size=overrides["spatial_size"],
+        spacing=overrides["spacing"],
+    )
     workload = Workload(
-        "idm", size, channels=tuple(channels), num_blocks=num_blocks, attention_levels=tuple(attention_levels)
+        "idm",
+        max(overrides["spatial_size"]),
+        channels=tuple(channels),
+        num_blocks=num_blocks,
+        attention_levels=tuple(attention_levels),
     )
     definitions = network_definitions(workload)
 
@@ -371,17 +385,37 @@ def compare_generation(
     return result | {"_samples": samples, "_real": real, "_images": images}
 
 
-def plot_samples(real: torch.Tensor, samples: Mapping[str, torch.Tensor], path: Path, columns: int = 6) -> None:
-    """Axial mid-slices: rows real T1, real T2, then each network's T1 and T2; ``columns`` volumes per row."""
+def _grid(settings: Mapping) -> str:
+    """The study's training grid in words: ``28×32×28 voxels of 6.0 mm (the native grid)`` or ``16×16×16 (each
+    case's head box resized)``."""
+    size = "×".join(map(str, settings["spatial_size"]))
+    if settings.get("spacing"):
+        return f"{size} voxels of {settings['spacing']} mm (the native grid)"
+    return f"{size} (each case's head box resized)"
+
+
+def _views(volume: torch.Tensor) -> np.ndarray:
+    """The axial, coronal and sagittal mid-slices of ``volume`` (X, Y, Z, RAS) side by side, each shown with the
+    patient's head up and padded to a common height."""
+    x, y, z = (n // 2 for n in volume.shape)
+    slices = [volume[:, :, z].T.flip(0), volume[:, y, :].T.flip(0), volume[x, :, :].T.flip(0)]
+    height = max(s.shape[0] for s in slices)
+    padded = [torch.nn.functional.pad(s, (0, 1, 0, height - s.shape[0])) for s in slices]
+    return torch.cat(padded, dim=1).numpy()
+
+
+def plot_samples(real: torch.Tensor, samples: Mapping[str, torch.Tensor], path: Path, columns: int = 4) -> None:
+    """Axial, coronal and sagittal mid-slices (:func:`_views`): rows real T1, real T2, then each network's T1 and T2;
+    ``columns`` volumes per row."""
     sets = {"real": real, **{SHORT[name]: s for name, s in samples.items()}}
     columns = min(columns, *[len(volumes) for volumes in sets.values()])
-    fig, axes = plt.subplots(2 * len(sets), columns, figsize=(1.3 * columns, 1.35 * 2 * len(sets)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(sets), columns, figsize=(2.6 * columns, 1.1 * 2 * len(sets)), squeeze=False)
     for r, (label, volumes) in enumerate(sets.items()):
         for c, modality in enumerate(("T1", "T2")):
             row = 2 * r + c
             for col in range(columns):
-                image = volumes[col, c, :, :, volumes.shape[-1] // 2].T.flip(0)
-                axes[row][col].imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
+                image = _views(volumes[col, c])
+                axes[row][col].imshow(image, cmap="gray", vmin=0, vmax=1)
                 axes[row][col].set_xticks([])
                 axes[row][col].set_yticks([])
             axes[row][0].set_ylabel(f"{label}\n{modality}", fontsize=7)
@@ -461,7 +495,7 @@ def _sampler_rows(runs: Mapping[str, dict]) -> tuple[list[str], list[list[str]]]
 
 
 def render_generation_markdown(result: dict, command: str) -> str:
-    """``docs/generation.md``: the settings, the samples figure, the curves, steps to phantom-like and the tables."""
+    """``docs/generation.md``: the settings, the samples figure, the curves, steps to data-like and the tables."""
     s, runs = result["settings"], result["networks"]
     idm, monai = runs["idm"], runs["monai"]
     rows = []
@@ -547,8 +581,8 @@ def render_generation_markdown(result: dict, command: str) -> str:
                     "thread each."
                 ),
                 (
-                    f"Both networks trained by `configs/train.json` on {s['num_phantoms']} built-in phantoms at "
-                    f"{s['size']}³ "
+                    f"Both networks trained by `configs/train.json` on {s['num_phantoms']} built-in synthetic brains "
+                    f"(`bundle.data.anatomy`) at {_grid(s)} "
                     f"({round(s['num_phantoms'] * s['val_fraction'])} held out for validation), batch "
                     f"{s['batch_size']}, AdamW lr "
                     f"{s['learning_rate']} with cosine annealing over {s['epochs']} epochs ({s['steps_per_epoch']} "
@@ -568,9 +602,8 @@ def render_generation_markdown(result: dict, command: str) -> str:
                 ),
                 "## Samples of the final models beside real volumes",
                 (
-                    f"Axial mid-slices; first rows: validation phantoms; then the first six of {s['final_samples']} "
-                    "samples per "
-                    "network (seed 0)."
+                    "Axial, coronal and sagittal mid-slices of each volume; first rows: validation volumes; then the "
+                    f"first samples of {s['final_samples']} per network (seed 0)."
                 ),
                 f"![samples]({SAMPLES_FIGURE})",
                 "## Samples over training",
@@ -580,9 +613,9 @@ def render_generation_markdown(result: dict, command: str) -> str:
                     "mid-slices, T1 above T2):"
                 ),
                 f"![samples over training]({PROGRESS_FIGURE})",
-                "## Steps to phantom-like",
+                "## Steps to data-like",
                 (
-                    "*Phantom-like* here: all 12 measures within the real-vs-real spread at a check (also given: "
+                    "*Data-like* here: all 12 measures within the real-vs-real spread at a check (also given: "
                     "90%, i.e. 11 of "
                     "12). Minutes are steps × the run's mean wall seconds per step (validation and monitor included)."
                 ),

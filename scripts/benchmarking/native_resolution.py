@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bundle.data import BRATS_GRID, PHANTOM_PREFIX, discover_cases, preprocessing, write_brats_phantoms
+from bundle.data import case_grid, discover_cases, preprocessing, write_anatomy_cases
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler
 from bundle.memory_plan import plan_config, plan_sampling_step
 
@@ -189,11 +189,10 @@ def plot_aspect_ratio(path: Path, work_dir: Path) -> dict:
     resized grid's voxel size in mm."""
     root = work_dir / "aspect_ratio"
     if not root.is_dir():
-        shape, spacing = BRATS_GRID
-        write_brats_phantoms(root, num_cases=1, shape=shape, spacing=spacing, prefix=PHANTOM_PREFIX)
+        write_anatomy_cases(root, num_cases=1, spacing=1.0)
     [case] = discover_cases(root, ["t1"])
     grids = {
-        "its file: 240×240×155 at 1 mm": preprocessing(["t1"], BRATS_GRID[0], spacing=1.0)(case)["image"],
+        "its file: 240×240×155 at 1 mm": preprocessing(["t1"], case_grid(1.0)[0], spacing=1.0)(case)["image"],
         "resized grid (spacing null, the paper's): 64³": preprocessing(["t1"], [64] * 3)(case)["image"],
         "native grid (spacing 1.0): 192³ at 1 mm": preprocessing(["t1"], BOX, spacing=1.0)(case)["image"],
     }

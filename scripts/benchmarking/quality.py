@@ -81,19 +81,40 @@ def network_definitions(workload: Workload) -> dict[str, dict]:
     return {"idm": idm, "monai": monai}
 
 
+ATTEMPTS = "attempts.json"  # a run's training attempts: when each started and the seconds it counted
+
+
 def train_run(run_dir: Path, overrides: Mapping[str, object], num_threads: int | None = None) -> float:
     """Runs ``python -m monai.bundle run training --config_file configs/train.json --args_file
     run_dir/args.json`` from the bundle root, with ``overrides`` (plus ``ckpt_dir`` and ``output_dir`` in
     ``run_dir``) in that args file and ``OMP_NUM_THREADS=num_threads`` when given (torch's intra-op threads);
     the log goes to ``run_dir/train.log``. Returns the wall seconds.
 
+    A run that an earlier attempt started with the same overrides and that was stopped (a session ended) is resumed
+    (``--resume true``: bitwise the run it would have been); its wall seconds add, over the attempts, each attempt's
+    time up to its last checkpoint (the work after it is done again and counted once), kept in ``run_dir/``
+    :data:`ATTEMPTS`.
+
     Raises:
-        FileExistsError: ``run_dir`` exists (a run never mixes its event files with an earlier one's).
+        FileExistsError: ``run_dir`` holds a run of other overrides (a run never mixes its event files with another).
         RuntimeError: the training process failed (with the end of its log).
     """
-    run_dir.mkdir(parents=True)
     args = dict(overrides) | {"ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "runs")}
-    (run_dir / "args.json").write_text(json.dumps(args, indent=1))
+    attempts_file = run_dir / ATTEMPTS
+    attempts = json.loads(attempts_file.read_text()) if attempts_file.exists() else []
+    earlier = run_dir / "args.json"
+    if run_dir.exists() and (not earlier.exists() or json.loads(earlier.read_text()) != args):
+        raise FileExistsError(f"{run_dir} holds another run; choose another work_dir or remove it.")
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        (run_dir / "args.json").write_text(json.dumps(args, indent=1))
+    state = run_dir / "models" / "training_state.pt"
+    for attempt in attempts:  # those an ended session stopped: counted up to their last checkpoint
+        if "seconds" not in attempt:
+            attempt["seconds"] = max(0.0, (state.stat().st_mtime if state.exists() else 0.0) - attempt["start"])
+    resume = state.exists()
+    attempts.append({"start": time.time()})
+    attempts_file.write_text(json.dumps(attempts))
     command = [
         sys.executable,
         "-m",
@@ -104,16 +125,18 @@ def train_run(run_dir: Path, overrides: Mapping[str, object], num_threads: int |
         TRAIN_CONFIG,
         "--args_file",
         str(run_dir / "args.json"),
+        *(["--resume", "true"] if resume else []),
     ]
     env = child_environment() if num_threads is None else child_environment(OMP_NUM_THREADS=str(num_threads))
     start = time.perf_counter()
-    with open(run_dir / "train.log", "w") as log:
+    with open(run_dir / "train.log", "a") as log:
         result = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    seconds = time.perf_counter() - start
+    attempts[-1]["seconds"] = time.perf_counter() - start
+    attempts_file.write_text(json.dumps(attempts))
     if result.returncode != 0:
         tail = (run_dir / "train.log").read_text()[-3000:]
         raise RuntimeError(f"Training in {run_dir} exited with {result.returncode}:\n{tail}")
-    return seconds
+    return sum(attempt["seconds"] for attempt in attempts)
 
 
 def run_summary(run_dir: Path, label: str, network_def: Mapping, seconds: float) -> dict:
