@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bundle.diffusion import micro_batches
-from bundle.flags import as_flag
+from bundle.flags import as_flag, as_flags
 from scripts.benchmarking.allocator import return_freed_memory_to_os
 from scripts.benchmarking.budget_curve import (
     budget_curve,
@@ -214,18 +214,23 @@ class Benchmark:
         spatial_size: int | tuple[int, int, int] = 16,
         spacing: float | None = None,
         num_phantoms: int = 256,
+        attention_levels: tuple[bool, ...] | str = (False, True, True),
         continue_steps: int = 0,
         output_dir: str = "docs",
     ) -> None:
-        """IDM and its parameter-matched MONAI ``DiffusionModelUNet`` trained by ``configs/train.json`` on the
-        built-in synthetic brains, both at once on one torch thread each, with the generation monitor every
-        ``check_every`` steps, on ``spatial_size`` (one size or three) of each case's resized head box, or with
-        ``--spacing`` on the native grid of that many mm; writes ``generation.md``, ``generation.json``,
-        ``generation_samples.png`` and ``generation_curves.png``. The runs are kept in ``work_dir``: a rerun with the
-        same one reuses the finished runs and only redraws the report. With ``--continue_steps`` (more than
-        ``--steps``), the IDM run is then trained on to that many steps as a resume of a copy of it, and reported
-        too."""
+        """IDM and its parameter-matched MONAI ``DiffusionModelUNet`` (channels 16, 32, 64, attention at
+        ``attention_levels``) trained by ``configs/train.json`` on the built-in synthetic brains, both at once on one
+        torch thread each, with the generation monitor every ``check_every`` steps, on ``spatial_size`` (one size or
+        three) of each case's resized head box, or with ``--spacing`` on the native grid of that many mm; writes
+        ``generation.md``, ``generation.json``, ``generation_samples.png`` and ``generation_curves.png``. The runs are
+        kept in ``work_dir``: a rerun with the same one resumes the runs a session left unfinished, reuses the
+        finished ones and redraws the report. With ``--continue_steps`` (more than ``--steps``), the IDM run is then
+        trained on to that many steps as a resume of a copy of it, and reported too."""
         sizes = [spatial_size] * 3 if isinstance(spatial_size, int) else list(spatial_size)
+        levels = as_flags(
+            json.loads(attention_levels) if isinstance(attention_levels, str) else attention_levels,
+            "--attention_levels",
+        )
         if steps < 1 or check_every < 1 or len(sizes) != 3 or min(sizes) < 16 or num_phantoms < 8:
             raise SystemExit(
                 f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --spatial_size of one or three sizes ≥ 16 and "
@@ -238,13 +243,15 @@ class Benchmark:
             spatial_size=sizes,
             spacing=spacing,
             num_phantoms=num_phantoms,
+            attention_levels=levels,
             continue_steps=continue_steps,
         )
         grid = f'"[{",".join(map(str, sizes))}]"' + (f" --spacing {spacing}" if spacing else "")
+        attention = ",".join("true" if a else "false" for a in levels)
         command = (
             f"python scripts/benchmark.py generation --work_dir {work_dir} --steps {steps} "
-            f"--check_every {check_every} --spatial_size {grid} --num_phantoms {num_phantoms}"
-            + (f" --continue_steps {continue_steps}" if continue_steps else "")
+            f"--check_every {check_every} --spatial_size {grid} --num_phantoms {num_phantoms} "
+            f'--attention_levels "[{attention}]"' + (f" --continue_steps {continue_steps}" if continue_steps else "")
         )
         print(write_generation_report(result, command, output_dir).read_text())
 
