@@ -20,6 +20,7 @@ from bundle.data import (
     PreflightError,
     case_anatomy,
     discover_cases,
+    load_template,
     make_case,
     make_ellipsoid_phantom,
     preflight,
@@ -484,3 +485,20 @@ def test_make_phantoms_overwrite_false_keeps_existing_cases(tmp_path):
     assert _make_phantoms(*base, "--overwrite", "true").returncode == 0
     written = nib.load(t1)
     assert written.shape == (20, 20, 13) and written.get_data_dtype() == np.int16  # BraTS's 240×240×155 mm at 12 mm
+
+
+def test_the_shipped_template_is_the_brain_mask_split_into_tissues_centred_on_the_frame():
+    """bundle/data/mni152_tissue.npz (scripts/make_anatomy_template.py needs nilearn, so the file is checked instead):
+    grey and white fractions inside the mask only, the brain box's centre at the origin, the ventricles' centre inside
+    the brain where CSF is, and the template's intracranial volume at 1 mm (1.9 litres: MNI space is larger than the
+    average head)."""
+    fractions, affine, ventricles = load_template()
+    csf, grey, white = fractions
+    brain = fractions.sum(0)
+    assert torch.all(brain <= 1 + 1e-6) and float(brain.sum()) / 1e6 == pytest.approx(1.9, rel=0.1)  # litres
+    assert np.allclose(np.abs(np.diag(affine)[:3]), 1.0)
+    centre = affine[:3, :3] @ ((np.array(fractions.shape[1:]) - 1) / 2) + affine[:3, 3]
+    np.testing.assert_allclose(centre, 0.0, atol=1e-6)
+    index = np.round(np.linalg.solve(affine[:3, :3], ventricles - affine[:3, 3])).astype(int)
+    window = csf[tuple(slice(i - 5, i + 6) for i in index)]
+    assert float(window.mean()) > 0.3 and float(grey.max()) > 0.9 and float(white.max()) > 0.9

@@ -7,6 +7,7 @@ from .anatomy import (
     anatomy_spacing,
     case_anatomy,
     case_grid,
+    load_template,
     make_case,
     write_anatomy_cases,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "check_spacing",
     "discover_cases",
     "foreground",
+    "load_template",
     "make_case",
     "make_ellipsoid_phantom",
     "preflight",
