@@ -349,9 +349,9 @@ def render_native_resolution(result: dict, command: str, machine: str, figure: s
                 (
                     "The resized grid (the default, `spacing` null, as the paper) resizes each case's foreground "
                     "box to the "
-                    f"cube: this phantom's voxels become {mm[0]:.1f}×{mm[1]:.1f}×{mm[2]:.1f} mm, so the network sees "
-                    "a head "
-                    "stretched along z, and the stretch differs from case to case with the head's extent. Keeping "
+                    f"cube: this synthetic brain's voxels become {mm[0]:.1f}×{mm[1]:.1f}×{mm[2]:.1f} mm, so the "
+                    "network sees the head with its axes scaled unequally (the voxel is longest along the head's "
+                    "longest axis), and the scaling differs from case to case with the head's extent. Keeping "
                     "the aspect "
                     "ratio (the native grid) gives every case the same physical voxel, so that shapes and sizes are "
                     "learned "
