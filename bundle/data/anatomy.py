@@ -27,11 +27,12 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import GaussianSmooth, RandAffineGrid, RandBiasField, RandRicianNoise, Resample
 from monai.transforms.utils import create_grid
+
+from .layout import write_brats_cases
 
 __all__ = [
     "BRATS_FRAME_MM",
@@ -264,28 +265,13 @@ def write_anatomy_cases(
     sizes = np.atleast_1d(np.asarray(spacing, dtype=float))
     if sizes.size not in (1, 3) or not ((sizes >= 1) & (sizes <= 20)).all():
         raise ValueError(f"spacing must be one or three voxel sizes in [1, 20] mm, got {spacing!r}.")
-    output_dir = Path(output_dir)
-    cases = [output_dir / f"{prefix}_{i + 1:03d}" for i in range(num_cases)]
-    existing = [str(c) for c in cases if c.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"Refusing to overwrite existing cases: {', '.join(existing[:3])}"
-            + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-            + "; choose another output directory, or replace them with --overwrite true."
-        )
-    _, affine = case_grid(spacing)
-    for i, case in enumerate(_progress(cases, progress)):
-        case.mkdir(parents=True, exist_ok=True)
-        for name, volume in make_case(spacing, seed + i).items():
-            image = nib.Nifti1Image(volume, affine)
-            image.header.set_xyzt_units("mm", "sec")
-            nib.save(image, case / f"{case.name}_{name}.nii.gz")
-    return cases
-
-
-def _progress(cases: list[Path], show: bool) -> list[Path]:
-    if not show:
-        return cases
-    from tqdm import tqdm
-
-    return tqdm(cases, desc="writing cases", unit="case")
+    return write_brats_cases(
+        output_dir,
+        prefix,
+        num_cases,
+        lambda i: make_case(spacing, seed + i),
+        case_grid(spacing)[1],
+        overwrite=overwrite,
+        replace_hint="replace them with --overwrite true",
+        progress=progress,
+    )

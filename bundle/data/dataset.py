@@ -112,7 +112,7 @@ def training_cases(
     ``write_phantoms`` (a new training run), the built-in set is used: ``num_phantoms`` anatomical phantoms
     ``IDM_Phantom_XXX`` (:func:`~bundle.data.anatomy.write_anatomy_cases`, one fixed data set: case i of seed i) in
     ``dataset_dir/IDM_phantoms``, on BraTS's frame at the run's ``spacing`` (a native-grid run) or, for a run that
-    resizes to ``spatial_size``, at :func:`~bundle.data.anatomy.anatomy_spacing`; never finer than BraTS's 1 mm. It is
+    resizes to ``spatial_size``, at :func:`~bundle.data.anatomy.anatomy_spacing`; between BraTS's 1 mm and 12 mm. It is
     written unless that folder's manifest (:data:`PHANTOM_MANIFEST`, written last) says it holds these cases already:
     a set that a killed run left part-written, or one of another number or grid, is replaced whole. Every run that
     uses them says so loudly in the log, and they are left out as soon as real data is found

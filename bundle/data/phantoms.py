@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from monai.transforms import GaussianSmooth
+
+from .layout import write_brats_cases
 
 __all__ = ["TISSUE_CONTRAST", "brats_affine", "make_ellipsoid_phantom", "write_ellipsoid_phantoms"]
 
@@ -126,20 +127,12 @@ def write_ellipsoid_phantoms(
         raise ValueError(f"num_cases must be ≥ 1, got {num_cases}.")
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be three sizes ≥ 8, got {tuple(shape)}.")
-    output_dir = Path(output_dir)
-    cases = [output_dir / f"{prefix}_{i + 1:03d}" for i in range(num_cases)]
-    existing = [str(c) for c in cases if c.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"Refusing to overwrite existing phantom cases: {', '.join(existing[:3])}"
-            + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-            + "; choose another output directory, or pass overwrite=True."
-        )
-    affine = brats_affine(tuple(shape), spacing)
-    for i, case in enumerate(cases):
-        case.mkdir(parents=True, exist_ok=True)
-        for name, volume in make_ellipsoid_phantom(tuple(shape), seed + i).items():
-            image = nib.Nifti1Image(volume, affine)
-            image.header.set_xyzt_units("mm", "sec")
-            nib.save(image, case / f"{case.name}_{name}.nii.gz")
-    return cases
+    return write_brats_cases(
+        output_dir,
+        prefix,
+        num_cases,
+        lambda i: make_ellipsoid_phantom(tuple(shape), seed + i),
+        brats_affine(tuple(shape), spacing),
+        overwrite=overwrite,
+        replace_hint="pass overwrite=True",
+    )
