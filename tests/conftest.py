@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from scripts.benchmarking import child_process
 from scripts.benchmarking.child_process import child_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,27 +62,39 @@ def run_python(
     """
     args = [str(a) for a in args]
     env = child_environment() if env is None else env
-    zygote, log = _zygote()
     with tempfile.TemporaryDirectory() as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")
-        request = {
-            "argv": args,
-            "cwd": str(cwd),
-            "env": env,
-            "stdout": str(out),
-            "stderr": str(err),
-            "timeout": timeout,
-        }
-        zygote.stdin.write(json.dumps(request) + "\n")
-        zygote.stdin.flush()
-        reply = zygote.stdout.readline()
-        if not reply:
-            raise RuntimeError(f"tests/zygote.py ended: {log.read_text()[-3000:]}")
-        answer = json.loads(reply)
+        answer = _ask_zygote(args, cwd, env, out, err, timeout)
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
     if answer["timed_out"]:
         raise subprocess.TimeoutExpired([sys.executable, *args], timeout, stdout, stderr)
     return subprocess.CompletedProcess([sys.executable, *args], answer["returncode"], stdout, stderr)
+
+
+def _ask_zygote(args: list[str], cwd: Path, env: dict, stdout: Path, stderr: Path, timeout: float) -> dict:
+    """The zygote's answer (``returncode``, ``timed_out``) to ``python ARGS`` run in ``cwd`` with ``env``, its output
+    appended to the two files."""
+    zygote, log = _zygote()
+    request = {"argv": args, "cwd": str(cwd), "env": env, "stdout": str(stdout), "stderr": str(stderr)}
+    zygote.stdin.write(json.dumps(request | {"timeout": timeout}) + "\n")
+    zygote.stdin.flush()
+    reply = zygote.stdout.readline()
+    if not reply:
+        raise RuntimeError(f"tests/zygote.py ended: {log.read_text()[-3000:]}")
+    return json.loads(reply)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _studies_run_their_command_lines_in_the_zygote():
+    """The quality, generation and synthesis studies' ``python -m monai.bundle run …`` command lines
+    (:func:`scripts.benchmarking.child_process.run_bundle_command`) run in processes forked from the zygote too."""
+
+    def launch_python(argv, env, log) -> int:
+        return _ask_zygote([str(a) for a in argv], ROOT, dict(env), log, log, timeout=3600)["returncode"]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(child_process, "launch_python", launch_python)
+        yield
 
 
 def bundle_args(config: str, overrides: dict, run_id: str = "run") -> list[str]:

@@ -5,7 +5,8 @@ line on stdout.
 Request: ``{"argv": [...], "cwd": ..., "env": {...}, "stdout": path, "stderr": path, "timeout": seconds}``, where
 ``argv`` is what follows ``python`` on a command line (``["-m", "monai.bundle", "run", …]`` or
 ``["scripts/x.py", …]``). A child forked for it takes ``env`` as its environment and ``cwd`` as its working
-directory, writes its standard output and error to the two paths, runs ``argv`` as ``python`` would (the module or
+directory, appends its standard output and error to the two paths (which may be one), takes the torch threads of
+``OMP_NUM_THREADS`` where ``env`` sets it, runs ``argv`` as ``python`` would (the module or
 script as ``__main__``, ``sys.argv`` and ``sys.path[0]`` as the interpreter sets them) and ends like an interpreter
 does (``SystemExit``'s code, 1 and ``sys.excepthook`` for an uncaught exception, atexit handlers run). Answer:
 ``{"returncode": n, "timed_out": bool}``; a child still running at the timeout is killed with its process group.
@@ -17,6 +18,7 @@ which is that of a fresh interpreter (nothing has run yet), so a command behaves
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -78,8 +80,8 @@ def _child(request: dict) -> None:
     os.setpgrp()  # its own process group, which a timeout kills whole
     for fd, path, flags in (
         (0, os.devnull, os.O_RDONLY),
-        (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
-        (2, request["stderr"], os.O_WRONLY | os.O_CREAT),
+        (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND),
+        (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND),
     ):
         opened = os.open(path, flags, 0o644)
         os.dup2(opened, fd)
@@ -87,6 +89,8 @@ def _child(request: dict) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
+    if "OMP_NUM_THREADS" in os.environ:  # read when torch was imported, before the fork: apply it as a start would
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     _fresh_random_state()
     sys.exit(_run_as_python(request["argv"]))  # unwinds to the interpreter's exit: atexit, threads, flushes
 
@@ -105,6 +109,10 @@ def _wait(pid: int, timeout: float) -> dict:
 
 
 def main() -> None:
+    # the imported modules' objects go to the collector's permanent generation: a child's collections (and the
+    # interpreter's shutdown) then do not walk them, which would copy every page they lie on into the child
+    # (about 2 s of the shutdown of each command, measured, down to 0.4 s)
+    gc.freeze()
     replies = sys.stdout
     for line in sys.stdin:
         request = json.loads(line)

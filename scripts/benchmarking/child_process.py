@@ -1,6 +1,6 @@
 """The benchmarks' child processes: fresh processes forked from a fork server for every measurement (peak
-memory, step times, the step profile), and the environment of the subprocesses the quality comparison
-starts (``monai.bundle`` training runs).
+memory, step times, the step profile), and the command lines the quality, generation and synthesis studies run
+(``python -m monai.bundle run …``, :func:`run_bundle_command`) with their environment.
 
 A measurement needs a fresh process (a new allocator, no tensors of an earlier configuration, its own
 peak), but importing torch, MONAI and this bundle costs seconds. The fork server (``multiprocessing``
@@ -13,9 +13,12 @@ initialises its own.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -23,7 +26,16 @@ import torch
 
 from .allocator import MMAP_THRESHOLD_ENV
 
-__all__ = ["BUNDLE_ROOT", "OUT_OF_MEMORY", "FreshProcess", "child_environment", "is_out_of_memory", "measuring_device"]
+__all__ = [
+    "BUNDLE_ROOT",
+    "OUT_OF_MEMORY",
+    "FreshProcess",
+    "child_environment",
+    "is_out_of_memory",
+    "launch_python",
+    "measuring_device",
+    "run_bundle_command",
+]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 OUT_OF_MEMORY = "out of memory"
@@ -47,6 +59,34 @@ def child_environment(**variables: str) -> dict[str, str]:
     ``variables`` set."""
     python_path = os.pathsep.join(filter(None, [str(BUNDLE_ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": python_path, **variables}
+
+
+def launch_python(argv: Sequence[str], env: Mapping[str, str], log: Path) -> int:
+    """``python *argv`` in a new process in the bundle root with ``env``, its standard output and error appended to
+    ``log``; its exit status. (The test suite replaces it with one that forks the process from its pre-imported
+    ``tests/zygote.py``, which runs the same command line as a new interpreter would.)"""
+    with open(log, "a") as out:
+        command = [sys.executable, *argv]
+        result = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+        return result.returncode
+
+
+def run_bundle_command(
+    run_id: str,
+    config_file: str | Sequence[str],
+    args_file: Path,
+    log: Path,
+    flags: Mapping[str, object] | None = None,
+    num_threads: int | None = None,
+) -> int:
+    """``python -m monai.bundle run RUN_ID --config_file CONFIG --args_file ARGS --key value …`` (``flags``) as a
+    user types it, on ``num_threads`` torch threads (``OMP_NUM_THREADS``; None: torch's default), its output appended
+    to ``log`` (:func:`launch_python`); its exit status."""
+    configs = config_file if isinstance(config_file, str) else json.dumps(list(config_file))
+    argv = ["-m", "monai.bundle", "run", run_id, "--config_file", configs, "--args_file", str(args_file)]
+    argv += [a for key, value in (flags or {}).items() for a in (f"--{key}", str(value))]
+    env = child_environment() if num_threads is None else child_environment(OMP_NUM_THREADS=str(num_threads))
+    return launch_python(argv, env, log)
 
 
 def measuring_device() -> torch.device:

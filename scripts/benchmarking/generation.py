@@ -14,8 +14,6 @@ import io
 import json
 import math
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +33,7 @@ from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, noise_schedule
 from bundle.sample_quality import compare_to_real
 from bundle.visualize import read_scalars
 
-from .child_process import BUNDLE_ROOT, child_environment
+from .child_process import BUNDLE_ROOT, run_bundle_command
 from .quality import NETWORKS, STEP_TAG, TRAIN_CONFIG, network_definitions, parameter_count, train_run
 from .report import machine_description, markdown_table
 from .workload import Workload
@@ -154,33 +152,14 @@ def continue_run(source: Path, target: Path, epochs: int) -> float:
             "train#trainer#max_epochs": epochs,
         }
         (target / "args.json").write_text(json.dumps(args, indent=1))
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        TRAIN_CONFIG,
-        "--args_file",
-        str(target / "args.json"),
-        "--resume",
-        "true",
-    ]
     start = time.perf_counter()
-    with open(target / "train_continued.log", "a") as log:
-        result = subprocess.run(
-            command,
-            cwd=BUNDLE_ROOT,
-            env=child_environment(OMP_NUM_THREADS="1"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
+    log = target / "train_continued.log"
+    returncode = run_bundle_command(
+        "training", TRAIN_CONFIG, target / "args.json", log, {"resume": "true"}, num_threads=1
+    )
     seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        tail = (target / "train_continued.log").read_text()[-3000:]
-        raise RuntimeError(f"Continuing the training in {target} exited with {result.returncode}:\n{tail}")
+    if returncode != 0:
+        raise RuntimeError(f"Continuing the training in {target} exited with {returncode}:\n{log.read_text()[-3000:]}")
     (target / DONE).write_text(json.dumps({"wall_seconds": seconds}))
     return seconds
 
@@ -385,7 +364,7 @@ def compare_generation(
     return result | {"_samples": samples, "_real": real, "_images": images}
 
 
-def _grid(settings: Mapping) -> str:
+def grid_in_words(settings: Mapping) -> str:
     """The study's training grid in words: ``28×32×28 voxels of 6.0 mm (the native grid)`` or ``16×16×16 (each
     case's head box resized)``."""
     size = "×".join(map(str, settings["spatial_size"]))
@@ -582,7 +561,7 @@ def render_generation_markdown(result: dict, command: str) -> str:
                 ),
                 (
                     f"Both networks trained by `configs/train.json` on {s['num_phantoms']} built-in synthetic brains "
-                    f"(`bundle.data.anatomy`) at {_grid(s)} "
+                    f"(`bundle.data.anatomy`) at {grid_in_words(s)} "
                     f"({round(s['num_phantoms'] * s['val_fraction'])} held out for validation), batch "
                     f"{s['batch_size']}, AdamW lr "
                     f"{s['learning_rate']} with cosine annealing over {s['epochs']} epochs ({s['steps_per_epoch']} "

@@ -10,8 +10,6 @@ one-step x̂₀) are read back from the runs' TensorBoard event files.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -28,7 +26,7 @@ from bundle.data import training_cases
 from bundle.visualize import read_scalars
 
 from .baselines import count_parameters
-from .child_process import BUNDLE_ROOT, child_environment
+from .child_process import run_bundle_command
 from .report import machine_description, markdown_table
 from .workload import Workload, monai_arguments
 
@@ -115,27 +113,20 @@ def train_run(run_dir: Path, overrides: Mapping[str, object], num_threads: int |
     resume = state.exists()
     attempts.append({"start": time.time()})
     attempts_file.write_text(json.dumps(attempts))
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        TRAIN_CONFIG,
-        "--args_file",
-        str(run_dir / "args.json"),
-        *(["--resume", "true"] if resume else []),
-    ]
-    env = child_environment() if num_threads is None else child_environment(OMP_NUM_THREADS=str(num_threads))
     start = time.perf_counter()
-    with open(run_dir / "train.log", "a") as log:
-        result = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    returncode = run_bundle_command(
+        "training",
+        TRAIN_CONFIG,
+        run_dir / "args.json",
+        run_dir / "train.log",
+        {"resume": "true"} if resume else None,
+        num_threads,
+    )
     attempts[-1]["seconds"] = time.perf_counter() - start
     attempts_file.write_text(json.dumps(attempts))
-    if result.returncode != 0:
+    if returncode != 0:
         tail = (run_dir / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"Training in {run_dir} exited with {result.returncode}:\n{tail}")
+        raise RuntimeError(f"Training in {run_dir} exited with {returncode}:\n{tail}")
     return sum(attempt["seconds"] for attempt in attempts)
 
 
