@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -71,16 +72,20 @@ class RegressionInferer(Inferer):
         return to_image_range(output).clamp(0, 1)
 
 
-def _masked_ssim(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """(SSIM over the volume, SSIM over ``mask``) of two (1, *S) volumes: the mean of the SSIM map (Gaussian window of
-    :data:`SSIM_WINDOW` voxels, σ 1.5, data range 1, as MONAI's ``SSIMMetric``), whose windows lie inside the volume,
-    over all of them and over those centred in the mask."""
+def _ssim_map(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The SSIM map of two (1, *S) volumes (Gaussian window of :data:`SSIM_WINDOW` voxels, σ 1.5, data range 1, as
+    MONAI's ``SSIMMetric``) over the windows that lie inside the volume, and its margin: voxel ``margin + i`` of the
+    volume is the centre of the map's window ``i``."""
     dims = target.ndim - 1
     window = min(SSIM_WINDOW, *target.shape[1:])
     ssim_map = compute_ssim_and_cs(prediction[None], target[None], dims, [window] * dims, [1.5] * dims)[0][0, 0]
-    margin = window // 2
-    inner = mask[0][tuple(slice(margin, s - margin) for s in mask.shape[1:])]
-    return ssim_map.mean().item(), ssim_map[inner].mean().item() if inner.any() else float("nan")
+    return ssim_map, window // 2
+
+
+def _mean_inside(ssim_map: torch.Tensor, margin: int, mask: torch.Tensor) -> float:
+    """The mean of ``ssim_map`` over the windows centred in the (1, *S) ``mask``; NaN where none is."""
+    inner = mask[0][tuple(slice(margin, margin + s) for s in ssim_map.shape)]
+    return ssim_map[inner].mean().item() if inner.any() else float("nan")
 
 
 def _sharpness(volume: torch.Tensor, mask: torch.Tensor) -> float:
@@ -89,22 +94,48 @@ def _sharpness(volume: torch.Tensor, mask: torch.Tensor) -> float:
     return torch.sqrt(sum(g.square() for g in grads))[mask[0]].mean().item()
 
 
-def translation_scores(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """PSNR (dB), SSIM and MAE of a generated (1, *S) volume against the real one, both in [0, 1], over the whole
-    volume and inside the head (``head_`` prefix: the real volume's :func:`~bundle.data.transforms.foreground`), and
-    ``sharpness``: the generated volume's mean gradient magnitude inside the head over the real one's (1: as sharp
-    as the data; a regression's blur gives less)."""
+def percentile_normalise(volume: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BraSyn's intensity normalisation: ``volume`` clipped to the 0.5th and 99.5th percentiles of ``reference``'s
+    voxels in ``mask`` (the lower one not below 0), scaled to [0, 1] and zeroed outside ``mask``; the real volume is
+    the reference of both the real and the generated one, so a generated volume's intensity errors are kept."""
+    inside = reference[mask].float()
+    low, high = torch.quantile(inside[:: max(1, inside.numel() // 1_000_000)], torch.tensor([0.005, 0.995]))
+    low = low.clamp(min=0)
+    return (volume.clamp(low, high) - low) / (high - low).clamp(min=1e-12) * mask
+
+
+def translation_scores(
+    prediction: torch.Tensor, target: torch.Tensor, seg: torch.Tensor | None = None
+) -> dict[str, float]:
+    """The measures of a generated (1, *S) volume against the real one, both in [0, 1]:
+
+    * PSNR (dB), SSIM and MAE over the whole volume and inside the head (``head_`` prefix: the real volume's
+      :func:`~bundle.data.transforms.foreground`);
+    * the BraSyn challenge's (``brasyn_``): both volumes :func:`percentile_normalise`-d inside the head, then PSNR
+      over the head's voxels and the mean SSIM over the windows centred in the head (``brasyn_ssim``), in the tumour
+      (``tumour_ssim``: ``seg`` > 0, any BraTS or Decathlon label) and in the rest of the head (``healthy_ssim``);
+      NaN without a ``seg`` (1, *S) or, for the tumour, in a case without one;
+    * ``sharpness``: the generated volume's mean gradient magnitude inside the head over the real one's (1: as sharp
+      as the data; a regression's blur gives less).
+    """
     mask = foreground(target)
-    ssim, head_ssim = _masked_ssim(prediction, target, mask)
+    ssim_map, margin = _ssim_map(prediction, target)
     whole, head = (prediction[None], target[None]), (prediction[mask][None, None], target[mask][None, None])
     psnr, mae = PSNRMetric(max_val=1.0), MAEMetric()  # MONAI's, as validation and evaluation compute them
+    normalised = [percentile_normalise(volume, target, mask) for volume in (prediction, target)]
+    brasyn_map, _ = _ssim_map(*normalised)
+    tumour = mask & (seg > 0) if seg is not None else None
     return {
         "psnr": psnr(*whole).item(),
-        "ssim": ssim,
+        "ssim": ssim_map.mean().item(),
         "mae": mae(*whole).item(),
         "head_psnr": psnr(*head).item(),
-        "head_ssim": head_ssim,
+        "head_ssim": _mean_inside(ssim_map, margin, mask),
         "head_mae": mae(*head).item(),
+        "brasyn_psnr": psnr(*(v[mask][None, None] for v in normalised)).item(),
+        "brasyn_ssim": _mean_inside(brasyn_map, margin, mask),
+        "tumour_ssim": float("nan") if tumour is None else _mean_inside(brasyn_map, margin, tumour),
+        "healthy_ssim": float("nan") if tumour is None else _mean_inside(brasyn_map, margin, mask & ~tumour),
         "sharpness": _sharpness(prediction, mask) / max(_sharpness(target, mask), 1e-12),
     }
 
@@ -116,17 +147,29 @@ HIGHER_IS_BETTER = {
     "head_psnr": True,
     "head_ssim": True,
     "head_mae": False,
+    "brasyn_psnr": True,
+    "brasyn_ssim": True,
+    "tumour_ssim": True,
+    "healthy_ssim": True,
     "sharpness": True,
 }
 
 
-def _summary(values: list[float], pair: int, higher_is_better: bool) -> dict:
-    """Mean ± std over the cases, and the mean of the best case of each consecutive ``pair`` (the paper's
-    best-of-batch protocol)."""
-    v = torch.tensor(values, dtype=torch.float64)
+def _summary(values: list[float | None], pair: int, higher_is_better: bool) -> dict:
+    """Mean ± std over the cases that have the measure (``cases``: how many; a case without a tumour has no
+    ``tumour_ssim``), and the mean of the best case of each consecutive ``pair`` of them (the paper's best-of-batch
+    protocol); None for a measure no case has."""
+    v = torch.tensor([value for value in values if value is not None], dtype=torch.float64)
+    if not len(v):
+        return {"mean": None, "std": None, "best_of_batch": None, "cases": 0}
     groups = v[: len(v) // pair * pair].reshape(-1, pair) if len(v) >= pair else v.reshape(1, -1)
     best = groups.max(1).values if higher_is_better else groups.min(1).values
-    return {"mean": v.mean().item(), "std": v.std(unbiased=False).item(), "best_of_batch": best.mean().item()}
+    return {
+        "mean": v.mean().item(),
+        "std": v.std(unbiased=False).item(),
+        "best_of_batch": best.mean().item(),
+        "cases": len(v),
+    }
 
 
 def translate_split(
@@ -139,13 +182,16 @@ def translate_split(
     device: torch.device | str,
 ) -> dict:
     """The translation measures (:func:`translation_scores`) of ``inferer``'s outputs from each batch's
-    ``condition`` against its ``image`` (batches of ``{"image", "condition", "case"}`` in [0, 1]), per generated
+    ``condition`` against its ``image`` (batches of ``{"image", "condition", "case"}`` in [0, 1], and ``"seg"``, the
+    tumour labels, where the data has them: :func:`~bundle.data.preprocessing` with ``segmentation``), per generated
     modality, for the model (``"model"``) and the identity baseline (``"identity"``: the first given modality itself,
-    after the same preprocessing), each as :func:`_summary` over the cases; also the per-case values and ``cases``."""
-    per_case: dict[str, dict[str, dict[str, list[float]]]] = {"model": {}, "identity": {}}
+    after the same preprocessing), each as :func:`_summary` over the cases; also the per-case values (None where a case
+    has no such measure) and ``cases``."""
+    per_case: dict[str, dict[str, dict[str, list[float | None]]]] = {"model": {}, "identity": {}}
     cases = []
     for batch in tqdm(dataloader, desc="translating"):
         condition, target = batch["condition"].to(device), batch["image"].to(device)
+        segs = batch["seg"].to(device) if "seg" in batch else [None] * len(target)
         generated = inferer(condition, network)
         cases.extend(batch["case"])
         for i in range(target.shape[0]):
@@ -153,8 +199,8 @@ def translate_split(
                 real = target[i, c : c + 1].float()
                 for name, estimate in (("model", generated[i, c : c + 1]), ("identity", condition[i, :1])):
                     entry = per_case[name].setdefault(modality, {})
-                    for metric, value in translation_scores(estimate.float(), real).items():
-                        entry.setdefault(metric, []).append(value)
+                    for metric, value in translation_scores(estimate.float(), real, segs[i]).items():
+                        entry.setdefault(metric, []).append(None if math.isnan(value) else value)
     if not cases:
         raise BadInputError("The validation split is empty: there is nothing to evaluate.")
     return {
@@ -173,7 +219,14 @@ def translate_split(
 
 
 def translation_markdown(translation: dict, modalities: Sequence[str], label: str = "model") -> list[str]:
-    """The table of :func:`translate_split`'s results (model and identity baseline), as Markdown lines."""
+    """The tables of :func:`translate_split`'s results (model and identity baseline), as Markdown lines: the
+    measures in [0, 1] intensities, then the BraSyn challenge's."""
+
+    def cell(m: dict, metric: str, digits: int) -> str:
+        summary = m[metric]
+        return "–" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+    runs = [(label if name == "model" else "identity", translation[name]) for name in ("model", "identity")]
     lines = [
         f"## Translation from {', '.join(translation['given'])} to {', '.join(modalities)}",
         "",
@@ -190,20 +243,33 @@ def translation_markdown(translation: dict, modalities: Sequence[str], label: st
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("model", "identity"):
+    for name, run in runs:
         for modality in modalities:
-            m = translation[name][modality]
-
-            def mean_std(k: str, f: str, m: dict = m) -> str:
-                return f"{m[k]['mean']:{f}} ± {m[k]['std']:{f}}"
-
+            m = run[modality]
             lines.append(
-                f"| {label if name == 'model' else 'identity'} | {modality} | {mean_std('psnr', '.2f')} | "
-                f"{mean_std('ssim', '.3f')} | {mean_std('mae', '.3f')} | {mean_std('head_psnr', '.2f')} | "
-                f"{mean_std('head_ssim', '.3f')} | {mean_std('head_mae', '.3f')} | "
-                f"{m['psnr']['best_of_batch']:.2f} | {m['ssim']['best_of_batch']:.3f} | "
-                f"{m['sharpness']['mean']:.2f} |"
+                f"| {name} | {modality} | {cell(m, 'psnr', 2)} | {cell(m, 'ssim', 3)} | {cell(m, 'mae', 3)} | "
+                f"{cell(m, 'head_psnr', 2)} | {cell(m, 'head_ssim', 3)} | {cell(m, 'head_mae', 3)} | "
+                f"{m['psnr']['best_of_batch']:.2f} | {m['ssim']['best_of_batch']:.3f} | {m['sharpness']['mean']:.2f} |"
             )
+    tumours = translation["model"][modalities[0]]["tumour_ssim"]["cases"]
+    lines += [
+        "",
+        (
+            "BraSyn's measures: both volumes clipped to the real one's 0.5th–99.5th percentiles in the head and "
+            "scaled to [0, 1], PSNR over the head, SSIM over the windows centred in the head, in the tumour (the "
+            f"`seg` labels; {tumours} of the cases have one) and in the rest of the head (healthy)."
+        ),
+        "",
+        "| run | modality | PSNR | SSIM | SSIM tumour | SSIM healthy |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {modality} | {cell(run[modality], 'brasyn_psnr', 2)} | "
+            f"{cell(run[modality], 'brasyn_ssim', 3)} | {cell(run[modality], 'tumour_ssim', 3)} | "
+            f"{cell(run[modality], 'healthy_ssim', 3)} |"
+            for name, run in runs
+            for modality in modalities
+        ),
+    ]
     return lines
 
 

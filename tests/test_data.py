@@ -27,6 +27,7 @@ from bundle.data import (
     preprocessing,
     split_cases,
     training_cases,
+    write_anatomy_cases,
     write_ellipsoid_phantoms,
 )
 from bundle.data.phantoms import brats_affine
@@ -356,6 +357,26 @@ def test_the_built_in_brains_have_each_sequences_contrasts_and_a_tumour_in_brats
     assert tumours >= 2
     assert not np.array_equal(make_case(4.0, 0)["t1"], make_case(4.0, 1)["t1"])
     assert np.array_equal(make_case(4.0, 2, ["t2"])["t2"], make_case(4.0, 2)["t2"])  # each sequence its own stream
+
+
+def test_the_tumour_labels_follow_their_case_onto_either_grid(tmp_path):
+    """Where every case folder has a ``_seg`` file its record names it, and preprocessing with ``segmentation`` puts
+    the labels on the image's grid by nearest neighbour: BraTS's labels only, the oedema where the FLAIR is bright;
+    without ``segmentation`` the record's path is dropped. A folder without one leaves every record without."""
+    write_anatomy_cases(tmp_path, 2, spacing=4.0, seed=0)  # both with a tumour (seeds 0 and 1)
+    records = discover_cases(tmp_path, ["t1", "flair"])
+    assert [Path(r["seg"]).name for r in records] == [f"IDM_Phantom_00{i}_seg.nii.gz" for i in (1, 2)]
+    for spacing, size in ((None, (16, 16, 16)), (4.0, (40, 48, 40))):
+        case = preprocessing(["t1", "flair"], size, spacing, segmentation=True)(records[0])
+        seg, flair = case["seg"], case["image"][1]
+        assert seg.shape == (1, *size) and seg.dtype == torch.uint8
+        assert set(seg.unique().tolist()) <= {0, 1, 2, 4} and (seg == 2).any(), spacing
+        np.testing.assert_allclose(seg.affine, case["image"].affine, atol=1e-5)
+        head = flair > 0.05
+        assert flair[seg[0] == 2].mean() > 1.5 * flair[head & (seg[0] == 0)].mean(), spacing
+        assert "seg" not in preprocessing(["t1", "flair"], size, spacing)(records[0])
+    (tmp_path / "IDM_Phantom_002" / "IDM_Phantom_002_seg.nii.gz").unlink()
+    assert all("seg" not in r for r in discover_cases(tmp_path, ["t1", "flair"]))
 
 
 def test_only_a_new_training_run_writes_phantoms(tmp_path):

@@ -179,14 +179,23 @@ def test_evaluation_measures_the_translation_against_the_real_volume_and_the_ide
     translation = metrics["translation"]
     assert translation["given"] == ["t1"] and translation["cases"] == metrics["cases"]
     for run in ("model", "identity"):
-        assert set(translation[run]["t2"]) == {"psnr", "ssim", "mae", "head_psnr", "head_ssim", "head_mae", "sharpness"}
+        assert set(translation[run]["t2"]) == {
+            *("psnr", "ssim", "mae", "head_psnr", "head_ssim", "head_mae", "sharpness"),
+            *("brasyn_psnr", "brasyn_ssim", "tumour_ssim", "healthy_ssim"),
+        }
+        # the built-in cases have tumour labels: evaluation reads them, and a case without a tumour has no tumour SSIM
+        assert translation[run]["t2"]["healthy_ssim"]["cases"] == len(translation["cases"])
+        tumours = [value is not None for value in translation["per_case"][run]["t2"]["tumour_ssim"]]
+        assert translation[run]["t2"]["tumour_ssim"]["cases"] == sum(tumours) > 0
     # the identity baseline is the given T1 itself against the real T2: recompute it from the preprocessed volumes
     record = next(r for r in _validation_records(conditioned) if r["case"] == translation["cases"][0])
-    case = preprocessing(["t2"], [16, 16, 16], condition_modalities=["t1"])(record)
-    expected = translation_scores(case["condition"].as_tensor(), case["image"].as_tensor())
-    assert translation["per_case"]["identity"]["t2"]["psnr"][0] == pytest.approx(expected["psnr"], rel=1e-5)
+    case = preprocessing(["t2"], [16, 16, 16], condition_modalities=["t1"], segmentation=True)(record)
+    expected = translation_scores(case["condition"].as_tensor(), case["image"].as_tensor(), case["seg"].as_tensor())
+    for metric in ("psnr", "healthy_ssim"):
+        assert translation["per_case"]["identity"]["t2"][metric][0] == pytest.approx(expected[metric], rel=1e-5)
     markdown = (tmp_path / "eval" / "metrics.md").read_text()
     assert "## Translation from t1 to t2" in markdown and "| identity | t2 |" in markdown
+    assert "| run | modality | PSNR | SSIM | SSIM tumour | SSIM healthy |" in markdown
 
 
 def _validation_records(folder: Path) -> list[dict]:
@@ -299,6 +308,27 @@ def test_translation_scores_separate_a_perfect_a_blurred_and_an_unrelated_volume
     assert perfect["sharpness"] == pytest.approx(1)
     assert noise["psnr"] < soft["psnr"] < perfect["psnr"] and soft["sharpness"] < 0.9
     assert soft["head_mae"] > soft["mae"]  # the blur's errors are at the head's edges and inside, not in the air
+    assert all(np.isnan(perfect[k]) for k in ("tumour_ssim", "healthy_ssim"))  # no labels, no tumour measures
+
+
+def test_the_brasyn_measures_see_the_tumour_apart_and_ignore_the_intensity_scale():
+    """BraSyn's percentile normalisation takes the real volume's percentiles for both: a generated volume at twice the
+    intensity is not perfect, one equal to the real volume is, whatever the real one's scale. An error confined to
+    the tumour lowers its SSIM, not the healthy head's; a case without a tumour has no tumour SSIM."""
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 24)] * 3, indexing="ij"))
+    real = ((grid.norm(dim=0) < 0.8).float() * (0.5 + 0.3 * torch.sin(6 * grid[0])))[None]
+    seg = ((grid - torch.tensor([0.3, 0.0, 0.0])[:, None, None, None]).norm(dim=0) < 0.3)[None].to(torch.uint8) * 2
+    same = translation_scores(real, real, seg)
+    assert same["brasyn_psnr"] > 100 and same["brasyn_ssim"] == pytest.approx(1)
+    assert same["tumour_ssim"] == pytest.approx(1) and same["healthy_ssim"] == pytest.approx(1)
+    assert translation_scores(real * 0.5, real * 0.5, seg)["brasyn_ssim"] == pytest.approx(1)
+    assert translation_scores((real * 2).clamp(0, 1), real, seg)["brasyn_ssim"] < 0.99
+    wrong = real.clone()
+    wrong[seg.bool()] = torch.rand(int(seg.bool().sum()), generator=torch.Generator().manual_seed(0))
+    scores = translation_scores(wrong, real, seg)
+    assert scores["tumour_ssim"] < 0.5 and scores["healthy_ssim"] > 0.9, scores
+    assert scores["tumour_ssim"] < scores["brasyn_ssim"] < scores["healthy_ssim"]
+    assert np.isnan(translation_scores(real, real, torch.zeros_like(seg))["tumour_ssim"])
 
 
 def test_the_preprocessed_input_put_back_on_its_grid_overlays_the_file(tmp_path):

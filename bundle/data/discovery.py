@@ -4,8 +4,10 @@ A *case record* is ``{"case": id, <modality>: path, ..., "channels": {<modality>
 one path per requested modality (the same 4D file for every modality in the Decathlon layout, with
 the channel to take); a datalist's ``validation`` items also carry ``"split": "validation"``, and the cases of
 the two registered layouts (BraTS and the Decathlon: one atlas frame, 240×240×155 at 1 mm) carry
-``"frame": "atlas"`` (the native grid's box, :class:`~bundle.data.transforms.NativeBoxd`). Three layouts are
-found anywhere below ``dataset_dir``:
+``"frame": "atlas"`` (the native grid's box, :class:`~bundle.data.transforms.NativeBoxd`). Where every case of
+the dataset has a tumour segmentation (BraTS's ``<case>_seg`` file, a datalist's ``label``) its record also carries
+``"seg"``, its path (the synthesis measures inside and outside the tumour read it). Three layouts are found anywhere
+below ``dataset_dir``:
 
 * **BraTS2020**: ``<case>/<case>_<modality>.<ext>`` (``BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz``),
   with ``<ext>`` one of .nii.gz, .nii, .nrrd, .mha, .mhd, or ``<case>/<case>_<modality>/`` holding a
@@ -86,12 +88,15 @@ def _brats_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
             f"{named} in none of the {len(found)} case folders below {str(root)!r}; the data has "
             f'{", ".join(available)}. Choose modalities from these, e.g. --modalities \'["t1","t2"]\'.'
         )
+    folders = {folder: files for folder, files in found.items() if any(m in files for m in modalities)}
+    segmented = all("seg" in files for files in folders.values())
     records = []
-    for folder, files in found.items():
-        if any(m in files for m in modalities):
-            record = {"case": folder.name, "channels": {m: None for m in modalities}, "frame": ATLAS_FRAME}
-            record.update({m: files.get(m, str(folder / f"{folder.name}_{m}.nii.gz")) for m in modalities})
-            records.append(record)
+    for folder, files in folders.items():
+        record = {"case": folder.name, "channels": {m: None for m in modalities}, "frame": ATLAS_FRAME}
+        record.update({m: files.get(m, str(folder / f"{folder.name}_{m}.nii.gz")) for m in modalities})
+        if segmented:
+            record["seg"] = files["seg"]
+        records.append(record)
     return records
 
 
@@ -114,6 +119,11 @@ def _datalist_cases(json_path: Path, content: object, modalities: Sequence[str])
             )
         lists.append("validation")
     channel_of = _decathlon_channels(json_path, content.get("modality"), modalities)
+    segmented = all(
+        isinstance(item, dict) and isinstance(item.get("label"), str) and (json_path.parent / item["label"]).is_file()
+        for key in lists
+        for item in content[key]
+    )
     records = []
     for key in lists:
         items = load_decathlon_datalist(str(json_path), is_segmentation=False, data_list_key=key)
@@ -124,6 +134,8 @@ def _datalist_cases(json_path: Path, content: object, modalities: Sequence[str])
             }
             if channel_of:  # the Decathlon's volumes are BraTS volumes, in its atlas frame
                 record["frame"] = ATLAS_FRAME
+            if segmented:  # MONAI resolves only "image" paths without is_segmentation
+                record["seg"] = str(json_path.parent / item["label"])
             if key == "validation":
                 record["split"] = "validation"
             records.append(record)

@@ -22,7 +22,6 @@ from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     ConcatItemsd,
-    CropForeground,
     CropForegroundd,
     DeleteItemsd,
     EnsureTyped,
@@ -96,25 +95,28 @@ class NativeBoxd(MapTransform):
     """The box of ``spatial_size`` voxels of each key's (C, *S) image on its native grid, cropped or zero-padded
     around its centre (``ResizeWithPadOrCrop``; the affine follows): the centre of the volume for a case whose
     ``data[frame_key]`` is :data:`ATLAS_FRAME` (so that every case of a registered dataset gets the same box), else the
-    centre of the case's foreground (``select_fn``; its own box)."""
+    centre of the foreground of ``source_key`` (``select_fn``; the case's own box, the same for every key)."""
 
     def __init__(
         self,
         keys: KeysCollection,
         spatial_size: Sequence[int],
         frame_key: str = "frame",
+        source_key: str = "image",
         select_fn: Callable[[torch.Tensor], torch.Tensor] = foreground,
+        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys)
+        super().__init__(keys, allow_missing_keys)
         self.frame_key = frame_key
         self.box = ResizeWithPadOrCrop(spatial_size=tuple(spatial_size))
-        self.crop_foreground = CropForeground(select_fn=select_fn, margin=0, allow_smaller=True)
+        self.crop_foreground = CropForegroundd(
+            keys, source_key, select_fn=select_fn, margin=0, allow_smaller=True, allow_missing_keys=allow_missing_keys
+        )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
+        d = dict(data) if data.get(self.frame_key) == ATLAS_FRAME else self.crop_foreground(data)
         for key in self.key_iterator(d):
-            image = d[key] if d.get(self.frame_key) == ATLAS_FRAME else self.crop_foreground(d[key])
-            d[key] = self.box(image)
+            d[key] = self.box(d[key])
         return d
 
 
@@ -140,6 +142,7 @@ def preprocessing(
     spatial_size: Sequence[int],
     spacing: float | Sequence[float] | None = None,
     condition_modalities: Sequence[str] = (),
+    segmentation: bool = False,
 ) -> Compose:
     """Case record → ``{"image": (len(modalities), *spatial_size) float32 in [0, 1]}`` with its affine, on the
     resized grid (``spacing`` None) or the native grid of ``spacing`` mm (see the module docstring).
@@ -147,36 +150,52 @@ def preprocessing(
     With ``condition_modalities`` (a conditioned model's given modalities) also ``"condition"``
     (len(condition_modalities), *spatial_size) on the same grid (:class:`SplitConditiond`), and a case's own box is
     that of the given modalities' foreground, so that a case that has only those (inference on a study with a missing
-    sequence) gets the box that training gave it.
+    sequence) gets the box that training gave it. With ``segmentation``, a case whose record has a ``"seg"`` (the
+    tumour labels, :mod:`~bundle.data.discovery`) also gets ``"seg"`` (1, *spatial_size) uint8 on the same grid,
+    resampled by nearest neighbour.
 
     Raises:
         BadInputError: for a ``spacing`` that is not None, one positive number or three.
     """
     keys = [*condition_modalities, *modalities]
+    on_grid = ["image", "seg"] if segmentation else ["image"]
+    optional = {"allow_missing_keys": segmentation}
+    load_seg = [LoadImaged("seg", image_only=True, ensure_channel_first=True, allow_missing_keys=True)]
+    type_seg = [EnsureTyped("seg", dtype=torch.uint8, allow_missing_keys=True)]
     select_fn = partial(foreground, channels=len(condition_modalities) or None)
     if spacing is None:
         grid = [
-            CropForegroundd(keys="image", source_key="image", select_fn=select_fn, margin=2, allow_smaller=True),
-            Resized(keys="image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True),
+            CropForegroundd(on_grid, source_key="image", select_fn=select_fn, margin=2, allow_smaller=True, **optional),
+            Resized(
+                on_grid,
+                spatial_size=tuple(spatial_size),
+                mode=("trilinear", "nearest-exact")[: len(on_grid)],
+                anti_aliasing=(True, False)[: len(on_grid)],
+                **optional,
+            ),
         ]
     else:
         check_spacing(spacing)
         grid = [
-            Spacingd(keys="image", pixdim=spacing, mode="bilinear", padding_mode="zeros"),
-            NativeBoxd(keys="image", spatial_size=spatial_size, select_fn=select_fn),
+            Spacingd(
+                on_grid, pixdim=spacing, mode=("bilinear", "nearest")[: len(on_grid)], padding_mode="zeros", **optional
+            ),
+            NativeBoxd(on_grid, spatial_size=spatial_size, select_fn=select_fn, **optional),
         ]
     return Compose(
         [
             LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
+            *(load_seg if segmentation else []),
             SelectChanneld(keys=keys),
             ConcatItemsd(keys=keys, name="image"),
-            DeleteItemsd(keys=[*(k for k in keys if k != "image"), "channels"]),
-            Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            DeleteItemsd(keys=[*(k for k in keys if k != "image"), "channels", *([] if segmentation else ["seg"])]),
+            Orientationd(on_grid, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), **optional),
             *grid,
             ScaleIntensityRangePercentilesd(
                 keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
             ),
             EnsureTyped(keys="image", dtype=torch.float32),
+            *(type_seg if segmentation else []),
             *([SplitConditiond(len(condition_modalities))] if condition_modalities else []),
         ]
     )
