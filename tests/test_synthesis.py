@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, SMALL_TRAINING, recorded_checkpoint, redraw_zero_init_, relative_error, run_bundle
 from monai.bundle import ConfigParser
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bundle.data import preprocessing, write_ellipsoid_phantoms
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, idm_loss_backward, with_condition
@@ -212,10 +213,14 @@ def test_the_l1_regression_baseline_trains_and_evaluates_by_the_bundles_configs(
         tmp_path,
         "['configs/train.json','configs/regression.json']",
         dataset_dir=conditioned / "data",
-        **{"train#trainer#max_epochs": 2},
+        **{"train#trainer#max_epochs": 2, "preview_interval": 1},
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "val_l1" in trained.stderr + trained.stdout
+    # its previews: the target and the prediction of each validation case's mid-slices, once a validation
+    events = EventAccumulator(str(next((tmp_path / "runs").glob("events.out.tfevents.*"))), {"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("validation_preview")] == [1, 2]
     evaluated = run_bundle(
         "['configs/train.json','configs/evaluate.json','configs/regression.json']",
         REGRESSION
