@@ -259,26 +259,57 @@ class Benchmark:
         self,
         work_dir: str = "runs/synthesis",
         steps: tuple[int, ...] = (250, 500, 1000, 2000),
-        size: int = 16,
+        spatial_size: int | tuple[int, int, int] = 16,
+        spacing: float | None = None,
+        directions: str | tuple[str, ...] = "t1->t2,t1->flair",
         num_phantoms: int = 128,
+        attention_levels: tuple[bool, ...] | str = (False, True, True),
         output_dir: str = "docs",
     ) -> None:
-        """Missing-modality synthesis on the built-in phantoms: the conditioned IDM and MONAI's ``UNet`` as an L1
+        """Missing-modality synthesis on the built-in brains: the conditioned IDM and MONAI's ``UNet`` as an L1
         regression (``configs/regression.json``, matched parameters) trained by the bundle's configs on the same data
-        and steps, T1→T2 and T2→T1, each evaluated by ``configs/evaluate.json`` after training to each of ``--steps``
-        (learning curves; identity baseline beside). Two runs at a time on one torch thread each (about an hour for the
-        defaults on 2 idle CPU cores); writes ``synthesis.md``, ``synthesis.json``, ``synthesis_curves.png`` and
-        ``synthesis_examples.png``. The runs are kept in ``work_dir``: a rerun reuses every stage evaluated before."""
+        and steps, for each of ``--directions`` (given->generated, comma-separated), each evaluated by
+        ``configs/evaluate.json`` after training to each of ``--steps`` (learning curves; identity baseline beside),
+        on ``spatial_size`` (one size or three) of each case's resized head box, or with ``--spacing`` on the native
+        grid of that many mm, IDM with attention at ``attention_levels``. Two runs at a time on one torch thread each
+        (about an hour for the defaults on 2 idle CPU cores); writes ``synthesis.md``, ``synthesis.json``,
+        ``synthesis_curves.png`` and ``synthesis_examples.png``. The runs are kept in ``work_dir``: a rerun reuses
+        every stage evaluated before."""
         steps = (steps,) if isinstance(steps, int) else tuple(steps)
-        if not steps or min(steps) < 1 or size < 16 or num_phantoms < 8:
+        sizes = [spatial_size] * 3 if isinstance(spatial_size, int) else list(spatial_size)
+        items = directions if isinstance(directions, (list, tuple)) else str(directions).split(",")
+        pairs = [tuple(str(pair).split("->")) for pair in items]
+        levels = as_flags(
+            json.loads(attention_levels) if isinstance(attention_levels, str) else attention_levels,
+            "--attention_levels",
+        )
+        if (
+            not steps
+            or min(steps) < 1
+            or len(sizes) != 3
+            or min(sizes) < 16
+            or num_phantoms < 8
+            or any(len(pair) != 2 or pair[0] == pair[1] for pair in pairs)
+        ):
             raise SystemExit(
-                f"ERROR: need --steps of positive integers such as '[250,500]', --size ≥ 16 and "
-                f"--num_phantoms ≥ 8, got {steps}, {size} and {num_phantoms}."
+                "ERROR: need --steps of positive integers such as '[250,500]', --spatial_size of one or three sizes "
+                "≥ 16, --num_phantoms ≥ 8 and --directions of given->generated pairs such as 't1->t2,t1->flair', got "
+                f"{steps}, {spatial_size}, {num_phantoms} and {directions!r}."
             )
-        result = compare_synthesis(work_dir, steps=steps, size=size, num_phantoms=num_phantoms)
+        result = compare_synthesis(
+            work_dir,
+            steps=steps,
+            spatial_size=sizes,
+            spacing=spacing,
+            directions=pairs,
+            num_phantoms=num_phantoms,
+            attention_levels=levels,
+        )
+        grid = f'"[{",".join(map(str, sizes))}]"' + (f" --spacing {spacing}" if spacing else "")
         command = (
             f"python scripts/benchmark.py synthesis --work_dir {work_dir} --steps '{list(steps)}' "
-            f"--size {size} --num_phantoms {num_phantoms}"
+            f"--spatial_size {grid} --directions '{directions}' --num_phantoms {num_phantoms} "
+            f'--attention_levels "[{",".join("true" if a else "false" for a in levels)}]"'
         )
         print(write_synthesis_report(result, command, output_dir).read_text())
 

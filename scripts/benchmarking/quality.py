@@ -1,5 +1,5 @@
 """Quality at equal budget: IDM and MONAI's ``DiffusionModelUNet`` (matched parameter count) trained by the
-bundle's own training config on the same phantoms, with the same seed, steps and hyper-parameters.
+bundle's own training config on the same built-in brains, with the same seed, steps and hyper-parameters.
 
 Each network is trained by ``python -m monai.bundle run training --config_file configs/train.json`` in a
 fresh process; the two runs differ only in ``network_def``. The per-epoch validation scalars
@@ -161,7 +161,7 @@ def plot_quality(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     settings = result["settings"]
     fig.suptitle(
-        f"phantoms at {settings['size']}³, {result['networks']['idm']['steps']} steps of batch "
+        f"synthetic brains at {settings['size']}³, {result['networks']['idm']['steps']} steps of batch "
         f"{settings['batch_size']}, seed {settings['seed']}, EMA {settings['ema_decay'] or 'off'}, "
         f"lr {settings['learning_rate']}",
         fontsize=9,
@@ -231,7 +231,8 @@ def compare_quality(
     networks = {}
     with tempfile.TemporaryDirectory(prefix="idm_quality_") if work_dir is None else nullcontext(work_dir) as work:
         work = Path(work)
-        training_cases(work / "data", seed=seed, num_phantoms=num_phantoms)  # outside the timed runs
+        # outside the timed runs, on the runs' grid (a set of another grid would be rewritten by the first run)
+        training_cases(work / "data", seed=seed, num_phantoms=num_phantoms, spatial_size=[size] * 3)
         workload = Workload(
             "idm", size, channels=tuple(channels), num_blocks=num_blocks, attention_levels=tuple(attention_levels)
         )
@@ -317,7 +318,7 @@ def render_quality_markdown(
         f"Command: `{command}`  \nMachine: {result['machine']} (the calling process{threads})",
         (
             f"Both networks trained by `configs/train.json` (`monai.bundle run training`, one fresh process each) on "
-            f"the same {s['num_phantoms']} built-in phantoms at {s['size']}³, seed {s['seed']}, batch "
+            f"the same {s['num_phantoms']} built-in synthetic brains at {s['size']}³, seed {s['seed']}, batch "
             f"{s['batch_size']}, {s['epochs']} epochs, AdamW lr {s['learning_rate']} with cosine annealing, EMA decay "
             f"{s['ema_decay'] or 'off'}; only `network_def` differs.{overrides} IDM: channels {tuple(s['channels'])}, "
             f"{s['num_blocks']} blocks per level, attention {tuple(s['attention_levels'])}. MONAI: "

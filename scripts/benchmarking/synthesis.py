@@ -1,9 +1,10 @@
-"""Missing-modality synthesis on the built-in phantoms: the conditioned IDM against the classic baseline, MONAI's
+"""Missing-modality synthesis on the built-in brains: the conditioned IDM against the classic baseline, MONAI's
 ``UNet`` trained as a deterministic L1 regression (``configs/regression.json``) with the same data, steps and
-parameter budget, in both directions (T1→T2, T2→T1). Each run trains by the bundle's own configs in stages (a resume at
-each, the cosine learning rate over the whole length) and is evaluated after each stage by ``configs/evaluate.json``:
-the learning curve of the translation's PSNR, SSIM and MAE against training steps, with the identity baseline that
-the same command measures.
+parameter budget, for each direction (T1→T2 and T1→FLAIR by default). Each run trains by the bundle's own configs in
+stages (a resume at each, the cosine learning rate over the whole length) and is evaluated after each stage by
+``configs/evaluate.json``: the learning curve of the translation's PSNR, SSIM and MAE against training steps, the
+BraSyn challenge's measures (SSIM in the tumour and in the healthy head), with the identity baseline that the same
+command measures.
 
 Runs go two at a time, one torch thread each (two cores).
 """
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,8 @@ from bundle.data import training_cases
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler
 from bundle.synthesis import RegressionInferer
 
-from .child_process import BUNDLE_ROOT, child_environment
+from .child_process import BUNDLE_ROOT, run_bundle_command
+from .generation import grid_in_words
 from .quality import parameter_count
 from .report import machine_description, markdown_table
 
@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 
 __all__ = ["compare_synthesis", "render_synthesis_markdown", "write_synthesis_report"]
 
-DIRECTIONS = (("t1", "t2"), ("t2", "t1"))  # (given, generated)
+DIRECTIONS = (("t1", "t2"), ("t1", "flair"))  # (given, generated)
 CONFIGS = {  # the training configs of each network, and what evaluation adds
     "idm": (["configs/train.json"], ["configs/train.json", "configs/evaluate.json"]),
     "unet": (
@@ -101,32 +101,10 @@ def _bundle(run_id: str, configs: Sequence[str], args_file: Path, log: Path, **e
     Raises:
         RuntimeError: the process failed (with the end of its log).
     """
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        json.dumps(list(configs)),
-        "--args_file",
-        str(args_file),
-        *[a for k, v in extra.items() for a in (f"--{k}", str(v))],
-    ]
     start = time.perf_counter()
-    with open(log, "a") as out:
-        result = subprocess.run(
-            command,
-            cwd=BUNDLE_ROOT,
-            env=child_environment(OMP_NUM_THREADS="1"),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"{run_id} of {args_file.parent} exited with {result.returncode}:\n{log.read_text()[-3000:]}"
-        )
+    returncode = run_bundle_command(run_id, configs, args_file, log, extra, num_threads=1)
+    if returncode != 0:
+        raise RuntimeError(f"{run_id} of {args_file.parent} exited with {returncode}:\n{log.read_text()[-3000:]}")
     return time.perf_counter() - start
 
 
@@ -209,7 +187,9 @@ def _examples(run_dirs: Mapping[str, Path], given: str, generated: str, count: i
 def compare_synthesis(
     work_dir: str | Path,
     steps: Sequence[int] = (250, 500, 1000, 2000),
-    size: int = 16,
+    spatial_size: Sequence[int] = (16, 16, 16),
+    spacing: float | None = None,
+    directions: Sequence[Sequence[str]] = DIRECTIONS,
     batch_size: int = 8,
     learning_rate: float = 5e-4,
     ema_decay: float = 0.995,
@@ -222,9 +202,10 @@ def compare_synthesis(
     seed: int = 0,
     examples: int = 4,
 ) -> dict:
-    """Trains and evaluates IDM and the matched L1 ``UNet`` in both directions (:func:`staged_run`, two runs at a
-    time) on ``num_phantoms`` built-in phantoms at ``size``³; returns ``{"settings", "machine", "directions":
-    {"t1->t2": {"networks": {name: {"label", "parameters", "stages"}}, "_examples"}}}``."""
+    """Trains and evaluates IDM and the matched L1 ``UNet`` for each of ``directions`` (``(given, generated)``;
+    :func:`staged_run`, two runs at a time) on ``num_phantoms`` built-in brains, on ``spatial_size`` of each case's
+    resized head box or, with ``spacing``, on the native grid of that many mm; returns ``{"settings", "machine",
+    "directions": {"t1->t2": {"networks": {name: {"label", "parameters", "stages"}}, "_examples"}}}``."""
     work = Path(work_dir)
     num_train = num_phantoms - max(1, round(num_phantoms * val_fraction))
     steps_per_epoch = math.ceil(num_train / batch_size)
@@ -232,7 +213,8 @@ def compare_synthesis(
     idm = idm_definition(channels, attention_levels, num_blocks)
     unet_channels = matched_unet_channels(parameter_count(idm))
     shared = {
-        "spatial_size": [size] * 3,
+        "spatial_size": list(spatial_size),
+        "spacing": spacing,
         "batch_size": batch_size,
         "seed": seed,
         "num_phantoms": num_phantoms,
@@ -244,9 +226,17 @@ def compare_synthesis(
         "val_interval": stage_epochs[0],
         "dataset_dir": str(work / "data"),
     }
-    training_cases(work / "data", seed=seed, num_phantoms=num_phantoms, modalities=["t1", "t2"])
+    modalities = sorted({m for direction in directions for m in direction})
+    training_cases(
+        work / "data",
+        seed=seed,
+        num_phantoms=num_phantoms,
+        modalities=modalities,
+        spatial_size=spatial_size,
+        spacing=spacing,
+    )
     jobs = {}
-    for given, generated in DIRECTIONS:
+    for given, generated in directions:
         direction = {"condition_modalities": [given], "modalities": [generated]}
         jobs[(given, generated, "idm")] = shared | direction | {"network_def": idm, "ema_decay": ema_decay}
         jobs[(given, generated, "unet")] = shared | direction | {"regression_channels": unet_channels}
@@ -269,10 +259,10 @@ def compare_synthesis(
             "num_res_units": 2,
         }
     )
-    directions = {}
-    for given, generated in DIRECTIONS:
+    results = {}
+    for given, generated in directions:
         name = f"{given}->{generated}"
-        directions[name] = {
+        results[name] = {
             "given": given,
             "generated": generated,
             "networks": {
@@ -293,7 +283,8 @@ def compare_synthesis(
             ),
         }
     settings = {
-        "size": size,
+        "spatial_size": list(spatial_size),
+        "spacing": spacing,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "ema_decay": ema_decay,
@@ -309,7 +300,7 @@ def compare_synthesis(
         "seed": seed,
         "evaluation_sampler": "DDIM, η = 0, 50 steps (configs/evaluate.json's default)",
     }
-    return {"settings": settings, "machine": machine_description(), "directions": directions}
+    return {"settings": settings, "machine": machine_description(), "directions": results}
 
 
 def _value(metrics: Mapping, run: str, modality: str, metric: str) -> dict:
@@ -365,16 +356,25 @@ def plot_examples(result: Mapping, path: Path) -> None:
     plt.close(figure)
 
 
+BRASYN_COLUMNS = (("brasyn_psnr", 2), ("brasyn_ssim", 3), ("tumour_ssim", 3), ("healthy_ssim", 3))
+
+
+def _mean_std(summary: Mapping, digits: int) -> str:
+    return "–" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
 def render_synthesis_markdown(result: Mapping, command: str) -> str:
     s = result["settings"]
+    names = [f"{d['given'].upper()} → {d['generated'].upper()}" for d in result["directions"].values()]
     lines = [
-        "# Missing-modality synthesis: a T2 from a T1, and a T1 from a T2",
+        f"# Missing-modality synthesis on the built-in brains: {', '.join(names)}",
         "",
         f"Command: `{command}`  ",
         f"Machine: {result['machine']}; two runs at a time, one torch thread each.",
         "",
         (
-            f"On {s['num_phantoms']} built-in phantoms at {s['size']}³ ({round(s['num_phantoms'] * s['val_fraction'])} "
+            f"On {s['num_phantoms']} built-in brains (`bundle.data.anatomy`: the MNI ICBM152 template, deformed, with "
+            f"a tumour in most cases) at {grid_in_words(s)} ({round(s['num_phantoms'] * s['val_fraction'])} "
             f"held out for validation), batch {s['batch_size']}, AdamW lr {s['learning_rate']} with cosine annealing "
             f"over the last stage, seed {s['seed']}, both networks trained by the bundle's configs on the same data "
             f"and steps: the conditioned IDM (`configs/train.json --condition_modalities`, channels "
@@ -385,8 +385,10 @@ def render_synthesis_markdown(result: Mapping, command: str) -> str:
             f"nearest IDM's parameter count. After each stage `configs/evaluate.json` measures every validation case's "
             f"translation (IDM: {s['evaluation_sampler']}) against its real volume: PSNR, SSIM and MAE in [0, 1] "
             "intensities over the whole volume and inside the head (the real volume's foreground), and sharpness (mean "
-            "gradient magnitude in the head, generated over real: 1 is as sharp as the data). The identity baseline is "
-            "the input volume itself after the same scaling."
+            "gradient magnitude in the head, generated over real: 1 is as sharp as the data), and the BraSyn "
+            "challenge's: both volumes clipped to the real one's 0.5th–99.5th percentiles in the head and scaled to "
+            "[0, 1], PSNR and SSIM in the head, SSIM in the tumour (the cases' `seg` labels) and in the rest of the "
+            "head. The identity baseline is the input volume itself after the same scaling."
         ),
         "",
     ]
@@ -429,6 +431,14 @@ def render_synthesis_markdown(result: Mapping, command: str) -> str:
                     f"{m['sharpness']['mean']:.2f}",
                 ]
             )
+        brasyn = [
+            [
+                LABELS["identity"] if run == "identity" else direction["networks"][network]["label"],
+                *(_mean_std(final[network][run][generated][k], p) for k, p in BRASYN_COLUMNS),
+            ]
+            for network, run in runs
+        ]
+        tumours = final["idm"]["model"][generated]["tumour_ssim"]["cases"]
         lines += [
             f"## {direction['given'].upper()} → {generated.upper()}",
             "",
@@ -440,6 +450,10 @@ def render_synthesis_markdown(result: Mapping, command: str) -> str:
             ),
             "",
             markdown_table(header, table),
+            "",
+            f"BraSyn's measures (the tumour SSIM over the {tumours} validation cases with a tumour):",
+            "",
+            markdown_table(["run", "PSNR", "SSIM", "SSIM tumour", "SSIM healthy"], brasyn),
             "",
             "Learning curve (validation, mean over the cases):",
             "",
