@@ -20,6 +20,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torch
 from monai.bundle import ConfigParser
 
 from bundle.checkpoint import load_checkpoint
@@ -49,6 +50,7 @@ LABELS = {"idm": "IDM (conditioned)", "unet": "MONAI UNet, L1 regression", "iden
 CURVE_FIGURE = "synthesis_curves.png"
 EXAMPLES_FIGURE = "synthesis_examples.png"
 STAGE = "stage.json"  # beside each stage's evaluation: the cumulative training wall seconds
+PENDING = "training_started.json"  # while a stage trains: when it started
 ANCHORS = (
     "SelfRDB (2D slices of BraTS, its own protocol): T1→T2 27.6 dB PSNR / 0.930 SSIM, T2→T1 28.9 dB / 0.937.",
     (
@@ -108,13 +110,21 @@ def _bundle(run_id: str, configs: Sequence[str], args_file: Path, log: Path, **e
     return time.perf_counter() - start
 
 
+def _trained_epochs(run_dir: Path) -> int:
+    """The epochs of the run's last checkpoint (0 without one)."""
+    state = run_dir / "models" / "training_state.pt"
+    return torch.load(state, map_location="cpu", weights_only=False)["trainer"]["epoch"] if state.exists() else 0
+
+
 def staged_run(
     run_dir: Path, network: str, overrides: Mapping, stage_epochs: Sequence[int], steps_per_epoch: int
 ) -> list[dict]:
     """Trains one network in ``run_dir`` to each of ``stage_epochs`` in turn (the first a new run, the others resumes;
     the cosine schedule is over the last) and evaluates the checkpoint after each stage into
-    ``run_dir/eval_<epochs>``; a stage evaluated earlier is reused. Returns per stage ``{"step", "wall_seconds"
-    (training so far), "metrics"}`` (``metrics``: the evaluation's ``translation``)."""
+    ``run_dir/eval_<epochs>``; a stage evaluated earlier is reused, and a stage that an ended session stopped goes on
+    from its last checkpoint (its time up to that checkpoint counted, kept in ``run_dir/`` :data:`PENDING`). Returns
+    per stage ``{"step", "wall_seconds" (training so far), "metrics"}`` (``metrics``: the evaluation's
+    ``translation``)."""
     train_configs, evaluate_configs = CONFIGS[network]
     run_dir.mkdir(parents=True, exist_ok=True)
     args = dict(overrides) | {
@@ -123,19 +133,25 @@ def staged_run(
         "lr_scheduler#T_max": stage_epochs[-1],
     }
     (run_dir / "args.json").write_text(json.dumps(args, indent=1))
-    stages, wall = [], 0.0
-    for k, epochs in enumerate(stage_epochs):
+    stages, wall, pending = [], 0.0, run_dir / PENDING
+    for epochs in stage_epochs:
         folder = run_dir / f"eval_{epochs}"
         if (folder / STAGE).exists():
             wall = json.loads((folder / STAGE).read_text())["wall_seconds"]
         else:
-            wall += _bundle(
-                "training",
-                train_configs,
-                run_dir / "args.json",
-                run_dir / "train.log",
-                **{"train#trainer#max_epochs": epochs, "resume": str(k > 0).lower()},
-            )
+            state = run_dir / "models" / "training_state.pt"
+            if pending.exists() and state.exists():  # stopped by an ended session: counted to its last checkpoint
+                wall += max(0.0, state.stat().st_mtime - json.loads(pending.read_text())["start"])
+            if _trained_epochs(run_dir) < epochs:
+                pending.write_text(json.dumps({"start": time.time()}))
+                wall += _bundle(
+                    "training",
+                    train_configs,
+                    run_dir / "args.json",
+                    run_dir / "train.log",
+                    **{"train#trainer#max_epochs": epochs, "resume": str(_trained_epochs(run_dir) > 0).lower()},
+                )
+            pending.unlink(missing_ok=True)
             _bundle(
                 "evaluating",
                 evaluate_configs,
