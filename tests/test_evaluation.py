@@ -279,7 +279,7 @@ def test_the_sampler_is_a_name_as_in_inference(setup, tmp_path):
         }
     )
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
-    assert "sampler must be one of ['ddim', 'ddpm', 'pndm']; got 'euler'" in unknown.stderr
+    assert "sampler must be one of ['ddim', 'ddpm', 'dpm_solver', 'pndm']; got 'euler'" in unknown.stderr
     assert "evaluating" not in unknown.stderr and not (tmp_path / "P").exists()
 
 

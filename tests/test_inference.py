@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 from bundle.data import write_ellipsoid_phantoms
-from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, seeded_generator
+from bundle.diffusion import DiffusionSampler, DPMSolverScheduler, GridDDIMScheduler, seeded_generator
 from bundle.errors import BadInputError
 from bundle.inference import SampleWriter
 from bundle.networks import InvertibleDiffusionUNet
@@ -112,6 +112,7 @@ SCHEDULERS = {
     "ddpm": lambda: DDPMScheduler(20, schedule="cosine"),
     "ddim": lambda: GridDDIMScheduler(20, schedule="cosine"),
     "pndm": lambda: PNDMScheduler(20, schedule="cosine", skip_prk_steps=True),
+    "dpm_solver": lambda: DPMSolverScheduler(20, schedule="cosine"),
 }
 
 
@@ -119,8 +120,8 @@ SCHEDULERS = {
 def test_sample_i_depends_on_the_seed_and_i_only(sampler):
     """The initial noise (and DDPM's step noise) of sample i comes from (seed, i): batches of 3 and 1 give the samples
     that four batches of 1 give (the seed was per call, so a sample depended on the batch size); other seeds differ,
-    also from this seed's later samples (seed + i would repeat them). PNDM, whose steps draw no noise, steps the
-    batch; its history is reset at each call."""
+    also from this seed's later samples (seed + i would repeat them). PNDM and DPM-Solver, whose steps draw no noise,
+    step the batch; their history is reset at each call."""
     steps = 20 if sampler == "ddpm" else 4  # DDPM: the full chain of T steps
 
     def samples(seed: int, batch_sizes: list[int]) -> torch.Tensor:
@@ -307,7 +308,7 @@ def test_earlier_samples_that_this_run_would_not_rewrite_are_refused_too(checkpo
         ),
         ({"num_inference_steps": "0"}, "num_inference_steps must be an integer between 1 and num_train_timesteps=50"),
         ({"num_inference_steps": "51"}, "num_inference_steps must be an integer between 1"),
-        ({"sampler": "euler"}, "sampler must be one of ['ddim', 'ddpm', 'pndm']; got 'euler'"),
+        ({"sampler": "euler"}, "sampler must be one of ['ddim', 'ddpm', 'dpm_solver', 'pndm']; got 'euler'"),
         ({"sampler": "pndm", "eta": "0.5"}, "the pndm sampler takes none, got eta=0.5: drop --eta"),
         (
             {"schedule": "linear_beta"},
@@ -366,7 +367,7 @@ def test_a_checkpoint_whose_record_cannot_rebuild_it_is_refused(checkpoint, tmp_
     assert not (tmp_path / "O").exists()
 
 
-@pytest.mark.parametrize("sampler, steps", [("pndm", "3/3"), ("ddpm", "50/50")])
+@pytest.mark.parametrize("sampler, steps", [("pndm", "3/3"), ("dpm_solver", "3/3"), ("ddpm", "50/50")])
 def test_every_configured_sampler_samples(checkpoint, tmp_path, sampler, steps):
     """--sampler picks an entry of inference.json's samplers; DDPM runs the full chain of T steps by default."""
     overrides = {k: v for k, v in CLI.items() if not (sampler == "ddpm" and k == "num_inference_steps")}

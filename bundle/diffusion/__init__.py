@@ -5,11 +5,19 @@ from .engines import IDMEvaluator, IDMTrainer, autocast_dtype, given_modalities
 from .loss import LOSS_TERMS, idm_loss, idm_loss_backward, micro_batches, weight_norm
 from .maths import denoise_at, predict_start_from_noise, to_image_range, to_model_range, with_condition
 from .noise import NoiseSampler, seeded_generator
-from .sampling import SAMPLERS, DiffusionSampler, GridDDIMScheduler, make_sampler, noise_schedule
+from .sampling import (
+    SAMPLERS,
+    DiffusionSampler,
+    DPMSolverScheduler,
+    GridDDIMScheduler,
+    make_sampler,
+    noise_schedule,
+)
 
 __all__ = [
     "LOSS_TERMS",
     "SAMPLERS",
+    "DPMSolverScheduler",
     "DiffusionSampler",
     "GridDDIMScheduler",
     "IDMEvaluator",
