@@ -115,6 +115,23 @@ def _write_suite_report(result: dict, out: Path) -> str:
     return report
 
 
+def _sizes_and_levels(
+    spatial_size: int | tuple[int, ...], attention_levels: tuple[bool, ...] | str
+) -> tuple[list[int], list[bool]]:
+    """The three sizes of ``--spatial_size`` (one size or three) and the flags of ``--attention_levels`` (a JSON
+    string or what fire parsed)."""
+    sizes = [spatial_size] * 3 if isinstance(spatial_size, int) else list(spatial_size)
+    levels = json.loads(attention_levels) if isinstance(attention_levels, str) else attention_levels
+    return sizes, as_flags(levels, "--attention_levels")
+
+
+def _grid_flags(sizes: list[int], spacing: float | None, levels: list[bool]) -> str:
+    """``--spatial_size "[…]" [--spacing s] --attention_levels "[…]"`` as a study's command line gives them."""
+    attention = ",".join("true" if level else "false" for level in levels)
+    spacing_flag = f" --spacing {spacing}" if spacing else ""
+    return f'--spatial_size "[{",".join(map(str, sizes))}]"{spacing_flag} --attention_levels "[{attention}]"'
+
+
 class Benchmark:
     """IDM benchmarks; each command writes a markdown report, a JSON file with every figure and PNG plots."""
 
@@ -226,11 +243,7 @@ class Benchmark:
         kept in ``work_dir``: a rerun with the same one resumes the runs a session left unfinished, reuses the
         finished ones and redraws the report. With ``--continue_steps`` (more than ``--steps``), the IDM run is then
         trained on to that many steps as a resume of a copy of it, and reported too."""
-        sizes = [spatial_size] * 3 if isinstance(spatial_size, int) else list(spatial_size)
-        levels = as_flags(
-            json.loads(attention_levels) if isinstance(attention_levels, str) else attention_levels,
-            "--attention_levels",
-        )
+        sizes, levels = _sizes_and_levels(spatial_size, attention_levels)
         if steps < 1 or check_every < 1 or len(sizes) != 3 or min(sizes) < 16 or num_phantoms < 8:
             raise SystemExit(
                 f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --spatial_size of one or three sizes ≥ 16 and "
@@ -246,12 +259,10 @@ class Benchmark:
             attention_levels=levels,
             continue_steps=continue_steps,
         )
-        grid = f'"[{",".join(map(str, sizes))}]"' + (f" --spacing {spacing}" if spacing else "")
-        attention = ",".join("true" if a else "false" for a in levels)
         command = (
             f"python scripts/benchmark.py generation --work_dir {work_dir} --steps {steps} "
-            f"--check_every {check_every} --spatial_size {grid} --num_phantoms {num_phantoms} "
-            f'--attention_levels "[{attention}]"' + (f" --continue_steps {continue_steps}" if continue_steps else "")
+            f"--check_every {check_every} {_grid_flags(sizes, spacing, levels)} --num_phantoms {num_phantoms}"
+            + (f" --continue_steps {continue_steps}" if continue_steps else "")
         )
         print(write_generation_report(result, command, output_dir).read_text())
 
@@ -276,13 +287,9 @@ class Benchmark:
         ``synthesis_curves.png`` and ``synthesis_examples.png``. The runs are kept in ``work_dir``: a rerun reuses
         every stage evaluated before."""
         steps = (steps,) if isinstance(steps, int) else tuple(steps)
-        sizes = [spatial_size] * 3 if isinstance(spatial_size, int) else list(spatial_size)
+        sizes, levels = _sizes_and_levels(spatial_size, attention_levels)
         items = directions if isinstance(directions, (list, tuple)) else str(directions).split(",")
         pairs = [tuple(str(pair).split("->")) for pair in items]
-        levels = as_flags(
-            json.loads(attention_levels) if isinstance(attention_levels, str) else attention_levels,
-            "--attention_levels",
-        )
         if (
             not steps
             or min(steps) < 1
@@ -305,11 +312,9 @@ class Benchmark:
             num_phantoms=num_phantoms,
             attention_levels=levels,
         )
-        grid = f'"[{",".join(map(str, sizes))}]"' + (f" --spacing {spacing}" if spacing else "")
         command = (
             f"python scripts/benchmark.py synthesis --work_dir {work_dir} --steps '{list(steps)}' "
-            f"--spatial_size {grid} --directions '{directions}' --num_phantoms {num_phantoms} "
-            f'--attention_levels "[{",".join("true" if a else "false" for a in levels)}]"'
+            f"{_grid_flags(sizes, spacing, levels)} --directions '{directions}' --num_phantoms {num_phantoms}"
         )
         print(write_synthesis_report(result, command, output_dir).read_text())
 
