@@ -153,7 +153,8 @@ class DPMSolverScheduler(GridDDIMScheduler):
         self.timesteps = torch.unique_consecutive(grid).to(self.timesteps.device)
         self._last = None
 
-    def _lambda(self, alpha_cumprod: torch.Tensor) -> float:
+    @staticmethod
+    def _lambda(alpha_cumprod: float) -> float:
         """λ = log(α / σ) of ᾱ (+∞ at ᾱ = 1)."""
         return 0.5 * (math.log(alpha_cumprod) - math.log1p(-alpha_cumprod)) if alpha_cumprod < 1 else math.inf
 
