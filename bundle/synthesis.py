@@ -28,6 +28,7 @@ __all__ = [
     "RegressionInferer",
     "condition_and_target",
     "evaluate_translation",
+    "mean_std",
     "regression_inputs",
     "translation_scores",
 ]
@@ -218,13 +219,17 @@ def translate_split(
     }
 
 
+def mean_std(summary: Mapping, digits: int) -> str:
+    """A measure's :func:`_summary` as ``mean ± std`` with ``digits`` decimals; ``–`` where no case has it."""
+    return "–" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
 def translation_markdown(translation: dict, modalities: Sequence[str], label: str = "model") -> list[str]:
     """The tables of :func:`translate_split`'s results (model and identity baseline), as Markdown lines: the
     measures in [0, 1] intensities, then the BraSyn challenge's."""
 
     def cell(m: dict, metric: str, digits: int) -> str:
-        summary = m[metric]
-        return "–" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+        return mean_std(m[metric], digits)
 
     runs = [(label if name == "model" else "identity", translation[name]) for name in ("model", "identity")]
     lines = [

@@ -26,7 +26,7 @@ from monai.bundle import ConfigParser
 from bundle.checkpoint import load_checkpoint
 from bundle.data import training_cases
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler
-from bundle.synthesis import RegressionInferer
+from bundle.synthesis import RegressionInferer, mean_std
 
 from .child_process import BUNDLE_ROOT, run_bundle_command
 from .generation import grid_in_words
@@ -142,14 +142,15 @@ def staged_run(
             state = run_dir / "models" / "training_state.pt"
             if pending.exists() and state.exists():  # stopped by an ended session: counted to its last checkpoint
                 wall += max(0.0, state.stat().st_mtime - json.loads(pending.read_text())["start"])
-            if _trained_epochs(run_dir) < epochs:
+            trained = _trained_epochs(run_dir)
+            if trained < epochs:
                 pending.write_text(json.dumps({"start": time.time()}))
                 wall += _bundle(
                     "training",
                     train_configs,
                     run_dir / "args.json",
                     run_dir / "train.log",
-                    **{"train#trainer#max_epochs": epochs, "resume": str(_trained_epochs(run_dir) > 0).lower()},
+                    **{"train#trainer#max_epochs": epochs, "resume": str(trained > 0).lower()},
                 )
             pending.unlink(missing_ok=True)
             _bundle(
@@ -375,10 +376,6 @@ def plot_examples(result: Mapping, path: Path) -> None:
 BRASYN_COLUMNS = (("brasyn_psnr", 2), ("brasyn_ssim", 3), ("tumour_ssim", 3), ("healthy_ssim", 3))
 
 
-def _mean_std(summary: Mapping, digits: int) -> str:
-    return "–" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
-
-
 def render_synthesis_markdown(result: Mapping, command: str) -> str:
     s = result["settings"]
     names = [f"{d['given'].upper()} → {d['generated'].upper()}" for d in result["directions"].values()]
@@ -431,7 +428,7 @@ def render_synthesis_markdown(result: Mapping, command: str) -> str:
             table.append(
                 [label]
                 + [
-                    f"{m[k]['mean']:.{p}f} ± {m[k]['std']:.{p}f}"
+                    mean_std(m[k], p)
                     for k, p in (
                         ("psnr", 2),
                         ("ssim", 3),
@@ -450,7 +447,7 @@ def render_synthesis_markdown(result: Mapping, command: str) -> str:
         brasyn = [
             [
                 LABELS["identity"] if run == "identity" else direction["networks"][network]["label"],
-                *(_mean_std(final[network][run][generated][k], p) for k, p in BRASYN_COLUMNS),
+                *(mean_std(final[network][run][generated][k], p) for k, p in BRASYN_COLUMNS),
             ]
             for network, run in runs
         ]
