@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .diffusion.engines import given_modalities
-from .diffusion.maths import denoise_at, to_image_range, to_model_range, with_condition
+from .diffusion.maths import to_image_range, to_model_range, with_condition
 from .diffusion.noise import seeded_generator
-from .diffusion.sampling import GridDDIMScheduler
+from .diffusion.objectives import denoise_at
+from .diffusion.sampling import FlowEulerScheduler, GridDDIMScheduler
 from .errors import BadInputError
 from .sample_quality import (
     compare_to_real,
@@ -41,22 +42,23 @@ def reconstruct_from(
     noisy: torch.Tensor,
     *,
     t_start: int,
-    scheduler: GridDDIMScheduler,
+    scheduler: GridDDIMScheduler | FlowEulerScheduler,
     num_inference_steps: int,
     condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Runs ``scheduler``'s deterministic DDIM chain (η = 0, whatever the scheduler's own) from ``noisy`` = x_t at
-    exactly ``t = t_start`` down to x₀.
+    """Runs ``scheduler``'s deterministic chain (DDIM with η = 0, whatever the scheduler's own, or a rectified flow's
+    Euler steps) from ``noisy`` = x_t at exactly ``t = t_start`` down to x₀.
 
     The steps are those of a ``num_inference_steps`` sampling chain, Δ = T // ``num_inference_steps`` apart, shifted to
     start at ``t_start``: t_start, t_start − Δ, …, down to the last t ≥ 0, whose step goes to x₀. (Starting at a step
     of the sampling grid below ``t_start`` would denoise x_{t_start} as if it were less noisy.)
 
     Args:
-        network: the noise predictor, ``network(x, timesteps)``.
+        network: the trained model, ``network(x, timesteps)``.
         noisy: x_{t_start}, (B, C, *S) in the model's [−1, 1] range.
         t_start: the timestep ``noisy`` was noised to, in [0, T).
-        scheduler: the DDIM scheduler of the trained model's noise schedule (its ``timesteps`` are replaced).
+        scheduler: the trained model's deterministic sampler (``TrainedModel.reconstruction_sampler``; its
+            ``timesteps`` are replaced).
         num_inference_steps: the sampling chain whose step size the reconstruction takes.
         condition: a conditioned model's given modalities (B, K, *S) in [−1, 1], or None.
 
@@ -66,9 +68,10 @@ def reconstruct_from(
     step = max(1, scheduler.num_train_timesteps // int(num_inference_steps))  # a chain longer than T: every timestep
     scheduler.timesteps = torch.arange(t_start, -1, -step)
     x = noisy
+    deterministic = {"eta": 0.0} if isinstance(scheduler, GridDDIMScheduler) else {}
     for t in scheduler.timesteps.tolist():
-        eps = network(with_condition(x, condition), torch.full((x.shape[0],), t, device=x.device))
-        x, _ = scheduler.step(eps, t, x, eta=0.0)
+        prediction = network(with_condition(x, condition), torch.full((x.shape[0],), t, device=x.device))
+        x, _ = scheduler.step(prediction, t, x, **deterministic)
     return x.clamp(-1, 1)
 
 
@@ -92,7 +95,7 @@ def evaluate(
     ckpt_path: str | Path,
     dataloader,
     noise_scheduler: Scheduler,
-    reconstruction_scheduler: GridDDIMScheduler,
+    reconstruction_scheduler: GridDDIMScheduler | FlowEulerScheduler,
     sampler: Inferer,
     modalities: Sequence[str],
     timesteps: Sequence[int],
@@ -105,9 +108,9 @@ def evaluate(
     split, which ``configs/evaluate.json`` takes from the training run's ``run.json``) and writes
     ``settings.outputs`` (``metrics.json`` and ``metrics.md`` in ``output_dir``), both naming the evaluated cases.
 
-    * one-step denoising at each of ``timesteps`` (:func:`~bundle.diffusion.maths.denoise_at`) and reconstruction
-      through ``reconstruction_scheduler``'s DDIM chain from ``settings.reconstruction_timestep`` in steps of a
-      ``settings.reconstruction_steps`` chain
+    * one-step denoising at each of ``timesteps`` (:func:`~bundle.diffusion.objectives.denoise_at`) and
+      reconstruction through ``reconstruction_scheduler``'s deterministic chain from
+      ``settings.reconstruction_timestep`` in steps of a ``settings.reconstruction_steps`` chain
       (:func:`reconstruct_from`): PSNR, SSIM and MAE per modality, in [0, 1] intensities, as mean ± std and
       best-of-batch (best of each consecutive ``evaluate_batch_size`` volumes: the paper's batch-2 protocol); batch i's
       noise comes from :func:`~bundle.diffusion.noise.seeded_generator` of (``seed``, i);

@@ -22,6 +22,7 @@ from monai.utils import instantiate
 from torch import nn
 
 from .data.transforms import ATLAS_FRAME
+from .diffusion.objectives import objective_of
 from .diffusion.sampling import make_sampler
 from .errors import BadInputError
 from .utils import unwrap
@@ -52,15 +53,21 @@ def default_affine(spatial_size: Sequence[int], spacing: float = 1.5) -> np.ndar
 
 
 def scheduler_record(scheduler: Scheduler, schedule: str) -> dict:
-    """What a sampler must share with the training run's noise scheduler: T, the schedule's name, the prediction
-    type and ᾱ_0 … ᾱ_{T−1} (which the schedule's arguments, e.g. ``beta_start``, determine)."""
-    return {
+    """What a sampler must share with the training run's noise scheduler: the objective
+    (:func:`~bundle.diffusion.objectives.objective_of`), T, the prediction type and, for ε-prediction, the schedule's
+    name and ᾱ_0 … ᾱ_{T−1} (which the schedule's arguments, e.g. ``beta_start``, determine); a rectified flow has
+    no schedule (None)."""
+    record = {
         "class": type(scheduler).__name__,
+        "objective": objective_of(scheduler),
         "num_train_timesteps": int(scheduler.num_train_timesteps),
-        "schedule": schedule,
-        "prediction_type": scheduler.prediction_type,
-        "alphas_cumprod": [float(f"{a:.9g}") for a in scheduler.alphas_cumprod.tolist()],
+        "schedule": None,
+        "prediction_type": str(scheduler.prediction_type),
     }
+    if record["objective"] == "epsilon":
+        record["schedule"] = schedule
+        record["alphas_cumprod"] = [float(f"{a:.9g}") for a in scheduler.alphas_cumprod.tolist()]
+    return record
 
 
 def _spacing_record(spacing: float | Sequence[float] | None) -> list[float] | None:
@@ -201,10 +208,10 @@ class TrainedModel:
         self.record = record
 
     def check(self, **settings: object) -> TrainedModel:
-        """Raises :class:`BadInputError` unless each of ``settings`` (``modalities``, ``condition_modalities``,
-        ``spatial_size``, ``spacing``, ``num_train_timesteps``, ``schedule``: a workflow's values, which are the
-        recorded ones unless the command line gave others) equals the recorded value, naming the first that does not.
-        Returns the model."""
+        """Raises :class:`BadInputError` unless each of ``settings`` (``objective``, ``modalities``,
+        ``condition_modalities``, ``spatial_size``, ``spacing``, ``num_train_timesteps``, ``schedule``: a workflow's
+        values, which are the recorded ones unless the command line gave others) equals the recorded value, naming the
+        first that does not, in the order given. Returns the model."""
         for name, value in settings.items():
             recorded = getattr(self, name)
             given = _spacing_record(value) if name == "spacing" else list(value) if isinstance(value, tuple) else value
@@ -247,8 +254,14 @@ class TrainedModel:
         return self.record["noise_scheduler"]["num_train_timesteps"]
 
     @property
-    def schedule(self) -> str:
-        """The name of MONAI's noise schedule the model was trained with."""
+    def objective(self) -> str:
+        """What the model predicts (:data:`~bundle.diffusion.objectives.OBJECTIVES`): ε, or a rectified flow's
+        velocity."""
+        return self.record["noise_scheduler"]["objective"]
+
+    @property
+    def schedule(self) -> str | None:
+        """The name of MONAI's noise schedule the model was trained with (None for a rectified flow)."""
         return self.record["noise_scheduler"]["schedule"]
 
     @property
@@ -275,24 +288,36 @@ class TrainedModel:
         return instantiate(arguments.pop("_target_"), "default", **arguments)
 
     def noise_scheduler(self) -> Scheduler:
-        """The training run's noise scheduler (DDPM with the recorded schedule and T)."""
-        return self.sampler("ddpm")
+        """The training run's noise scheduler, which noises as it did: DDPM with the recorded schedule and T, or the
+        rectified flow's (whose sampler also noises, as MONAI's ``RFlowScheduler``)."""
+        return self.sampler("ddpm" if self.objective == "epsilon" else "euler")
 
-    def sampler(self, name: str, eta: float = 0.0) -> Scheduler:
-        """The sampler ``name`` (:data:`~bundle.diffusion.sampling.SAMPLERS`) along the recorded noise schedule.
+    def reconstruction_sampler(self) -> Scheduler:
+        """The deterministic first-order sampler of the model's objective, which evaluation's reconstruction runs
+        from a given x_t: DDIM with η = 0, or the rectified flow's Euler steps."""
+        return self.sampler("ddim" if self.objective == "epsilon" else "euler")
+
+    def sampler(self, name: str | None = None, eta: float = 0.0) -> Scheduler:
+        """The sampler ``name`` of the model's objective (:data:`~bundle.diffusion.sampling.SAMPLERS`; None: the
+        objective's default, :data:`~bundle.diffusion.sampling.DEFAULT_SAMPLERS`) along the recorded noise
+        schedule.
 
         Raises:
-            BadInputError: for an unknown name or an ``eta`` it does not take, and when the schedule's ᾱ differs from
-                the recorded one (a training run that overrode the schedule's arguments).
+            BadInputError: for a name that is no sampler of the objective or an ``eta`` it does not take, and when
+                the schedule's ᾱ differs from the recorded one (a training run that overrode the schedule's
+                arguments).
         """
-        scheduler = make_sampler(name, self.num_train_timesteps, self.schedule, eta)
+        scheduler = make_sampler(name, self.num_train_timesteps, self.schedule, eta, self.objective)
         _check_scheduler(self.record["noise_scheduler"], scheduler, self.schedule, self.path)
         return scheduler
 
 
-def _check_scheduler(recorded: dict, scheduler: Scheduler, schedule: str, path: Path) -> None:
+def _check_scheduler(recorded: dict, scheduler: Scheduler, schedule: str | None, path: Path) -> None:
     """Raises :class:`BadInputError` unless ``scheduler`` (built with ``schedule``, and with the recorded T and schedule
-    name, which :meth:`TrainedModel.check` compares) noises as the recorded one did: its prediction type and ᾱ."""
+    name, which :meth:`TrainedModel.check` compares, and of the recorded objective) noises as the recorded one did:
+    its prediction type and ᾱ."""
+    if recorded["objective"] != "epsilon":
+        return  # a rectified flow: its straight path has no schedule to compare
     if scheduler.prediction_type != recorded["prediction_type"]:
         raise BadInputError(
             f"{path} says the model predicts {recorded['prediction_type']!r}, but the scheduler's prediction_type is "
@@ -322,18 +347,21 @@ def check_resumed_run(
     noise_scheduler: Scheduler,
     schedule: str,
 ) -> None:
-    """Checks a resumed run's settings against the record of the run it continues (:meth:`TrainedModel.check`), and
-    that its ``noise_scheduler`` (built with ``schedule``) noises as the recorded one did.
+    """Checks a resumed run's settings against the record of the run it continues (:meth:`TrainedModel.check`): its
+    objective first (that of ``noise_scheduler``), then the rest, and that ``noise_scheduler`` (built with
+    ``schedule``, which a rectified flow ignores) noises as the recorded one did.
 
     Raises:
         BadInputError: naming the setting, the recorded value and the flag to pass.
     """
+    objective = objective_of(noise_scheduler)
     model = TrainedModel(ckpt_path).check(
+        objective=objective,
         modalities=modalities,
         condition_modalities=condition_modalities,
         spatial_size=spatial_size,
         spacing=spacing,
         num_train_timesteps=noise_scheduler.num_train_timesteps,
-        schedule=schedule,
+        schedule=schedule if objective == "epsilon" else None,
     )
     _check_scheduler(model.record["noise_scheduler"], noise_scheduler, schedule, model.path)

@@ -20,6 +20,7 @@ from .checkpoint import check_checkpoint_folder
 from .data.transforms import check_spacing
 from .diffusion.engines import autocast_dtype
 from .diffusion.loss import micro_batches
+from .diffusion.objectives import objective_of
 from .diffusion.update_in_backward import check_whole_batch
 from .errors import BadInputError
 from .flags import as_flag, as_flags, as_memory_budget
@@ -125,11 +126,11 @@ class TrainingSettings:
     config reads from it (``$@settings.batch_size``), checked in this order: the true/false flags
     (:func:`~bundle.flags.as_flag`: a command line gives ``"false"``), the image grid, the batch split
     (:func:`~bundle.diffusion.micro_batches`; a whole batch with ``optimizer_in_backward``), ``memory_budget``
-    (:func:`~bundle.flags.as_memory_budget`), ``amp``, the noise scheduler (ε-prediction), the numbers' ranges. After
-    the check, ``resume``, ``overwrite``, ``skip_invalid``, ``amp``, ``optimizer_in_backward``, ``memory_efficient``
-    and ``recompute_norms`` are bools and ``attention_levels`` a tuple of bools. What the machine and the folders
-    hold is checked apart, by :meth:`check_device_and_folders` (a training run's ``initialize``; the memory planner
-    plans for a device it does not have and never writes).
+    (:func:`~bundle.flags.as_memory_budget`), ``amp``, the noise scheduler (ε-prediction for the ε objective), the
+    numbers' ranges. After the check, ``resume``, ``overwrite``, ``skip_invalid``, ``amp``, ``optimizer_in_backward``,
+    ``memory_efficient`` and ``recompute_norms`` are bools and ``attention_levels`` a tuple of bools. What the machine
+    and the folders hold is checked apart, by :meth:`check_device_and_folders` (a training run's ``initialize``; the
+    memory planner plans for a device it does not have and never writes).
 
     Raises:
         BadInputError: naming the first setting out of range and what it accepts.
@@ -195,10 +196,10 @@ class TrainingSettings:
         if self.optimizer_in_backward:
             check_whole_batch(self.batch_size, self.micro_batch_size)
         autocast_dtype(self.amp)
-        if self.noise_scheduler.prediction_type != "epsilon":
+        if objective_of(self.noise_scheduler) == "epsilon" and self.noise_scheduler.prediction_type != "epsilon":
             raise BadInputError(
-                f"noise_scheduler#prediction_type is {self.noise_scheduler.prediction_type!r}, but the loss (Eq. 8) "
-                "and the samplers predict the noise ε; drop the override (or set it to 'epsilon')."
+                f"noise_scheduler#prediction_type is {self.noise_scheduler.prediction_type!r}, but the epsilon "
+                "objective's loss (Eq. 8) and samplers predict the noise ε; drop the override (or set it to 'epsilon')."
             )
         if not _number(self.learning_rate) or self.learning_rate <= 0:
             raise BadInputError(f"learning_rate must be a positive number such as 2e-4; got {self.learning_rate!r}.")

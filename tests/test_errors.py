@@ -127,7 +127,7 @@ def test_a_non_finite_loss_in_the_first_epoch_is_reported_once_without_a_checkpo
 def _engine_at(epoch: int, loss: float = float("nan"), gradient: float = 1.0) -> Engine:
     engine = Engine(lambda engine, batch: None)
     engine.state.epoch, engine.state.iteration = epoch, 3 * epoch
-    engine.state.output = {"loss": torch.tensor(loss), "eps_mse": torch.tensor(0.5)}
+    engine.state.output = {"loss": torch.tensor(loss), "prediction_mse": torch.tensor(0.5)}
     engine.network = torch.nn.Linear(2, 2)
     for p in engine.network.parameters():
         p.grad = torch.full_like(p, gradient)

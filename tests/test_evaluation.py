@@ -275,11 +275,11 @@ def test_the_sampler_is_a_name_as_in_inference(setup, tmp_path):
             "dataset_dir": setup / "D",
             "ckpt_path": setup / "model.pt",
             "output_dir": tmp_path / "P",
-            "sampler": "euler",
+            "sampler": "heun",
         }
     )
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
-    assert "sampler must be one of ['ddim', 'ddpm', 'dpm_solver', 'pndm']; got 'euler'" in unknown.stderr
+    assert "sampler must be one of ['ddim', 'ddpm', 'dpm_solver', 'pndm']; got 'heun'" in unknown.stderr
     assert "evaluating" not in unknown.stderr and not (tmp_path / "P").exists()
 
 

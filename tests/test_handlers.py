@@ -36,7 +36,7 @@ def _trainer(network: torch.nn.Module, scheduler: DDPMScheduler, device: str = "
         time.sleep(sleep)
         losses = {
             "loss": torch.tensor(0.5 + batch),
-            "eps_mse": torch.tensor(0.25 + batch),
+            "prediction_mse": torch.tensor(0.25 + batch),
             "weight_norm": torch.tensor(3.0),
         }
         return [
@@ -80,7 +80,7 @@ def test_the_handlers_write_into_one_event_file_through_the_shared_writer_and_le
     tags = [
         "train/step_seconds",
         "train/lr",
-        "train/eps_mse",
+        "train/prediction_mse",
         "train/weight_norm",
         "train/peak_memory_mb",
         "train/inversion_drift",
@@ -90,7 +90,7 @@ def test_the_handlers_write_into_one_event_file_through_the_shared_writer_and_le
     scalars = read_scalars(tmp_path, tags)
     assert set(scalars) == set(tags)
     assert [step for step, _ in scalars["train/step_seconds"]] == [1, 2, 3, 4]
-    assert [value for _, value in scalars["train/eps_mse"]] == [0.25, 1.25, 0.25, 1.25]
+    assert [value for _, value in scalars["train/prediction_mse"]] == [0.25, 1.25, 0.25, 1.25]
     assert [value for _, value in scalars["train/lr"]] == [0.125] * 4
     assert [step for step, _ in scalars["train/inversion_drift"]] == [2, 4]
     assert 0 < scalars["train/inversion_drift"][0][1] < 1e-5

@@ -218,7 +218,7 @@ def test_micro_batches_back_propagate_the_whole_batch_gradient(micro_batch_size)
     (p_whole, l_whole, t_whole, g_whole), (p_micro, l_micro, t_micro, g_micro) = results.values()
     assert not p_micro.requires_grad and p_micro.shape == noisy.shape and relative_error(p_micro, p_whole) < 1e-12
     assert relative_error(l_micro, l_whole) < 1e-12
-    assert t_micro.keys() == t_whole.keys() == {"eps_mse", "reconstruction", "weight_norm"}
+    assert t_micro.keys() == t_whole.keys() == {"prediction_mse", "reconstruction", "weight_norm"}
     assert all(relative_error(t_micro[k], t_whole[k]) < 1e-12 for k in t_whole)
     for (name, _), a, b in zip(model.named_parameters(), g_micro, g_whole, strict=True):
         assert b.norm() > 0 and relative_error(a, b) < 1e-10, name
@@ -258,7 +258,7 @@ def test_memory_efficient_loss_backward_matches_plain_autograd_at_padded_sizes(
     (p_me, l_me, t_me, g_me), (p_plain, l_plain, t_plain, g_plain) = results[True], results[False]
     assert p_me.shape == noisy.shape and relative_error(p_me, p_plain) < tolerance
     assert relative_error(l_me, l_plain) < tolerance
-    assert t_me.keys() == t_plain.keys() == {"eps_mse", "reconstruction", "weight_norm"}
+    assert t_me.keys() == t_plain.keys() == {"prediction_mse", "reconstruction", "weight_norm"}
     assert all(relative_error(t_me[k], t_plain[k]) < tolerance for k in t_plain)
     for (name, _), a, b in zip(model.named_parameters(), g_me, g_plain, strict=True):
         assert b.norm() > 0 and relative_error(a, b) < tolerance, name

@@ -308,7 +308,7 @@ def test_earlier_samples_that_this_run_would_not_rewrite_are_refused_too(checkpo
         ),
         ({"num_inference_steps": "0"}, "num_inference_steps must be an integer between 1 and num_train_timesteps=50"),
         ({"num_inference_steps": "51"}, "num_inference_steps must be an integer between 1"),
-        ({"sampler": "euler"}, "sampler must be one of ['ddim', 'ddpm', 'dpm_solver', 'pndm']; got 'euler'"),
+        ({"sampler": "heun"}, "sampler must be one of ['ddim', 'ddpm', 'dpm_solver', 'pndm']; got 'heun'"),
         ({"sampler": "pndm", "eta": "0.5"}, "the pndm sampler takes none, got eta=0.5: drop --eta"),
         (
             {"schedule": "linear_beta"},

@@ -116,7 +116,7 @@ def test_every_monai_noise_schedule_is_accepted_and_every_sampler_shares_its_alp
     scheduler = DDPMScheduler(100, schedule=schedule)
     settings = _checked(tmp_path, noise_scheduler=scheduler, schedule=schedule)
     assert settings.noise_scheduler is scheduler and settings.schedule == schedule
-    for name in SAMPLERS:
+    for name in SAMPLERS["epsilon"]:
         torch.testing.assert_close(make_sampler(name, 100, schedule).alphas_cumprod, scheduler.alphas_cumprod)
 
 

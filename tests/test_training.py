@@ -118,6 +118,7 @@ def test_issue_command_trains_and_writes_a_loadable_model(six_cases, tmp_path):
     schedule = {k: v for k, v in record["noise_scheduler"].items() if k != "alphas_cumprod"}
     assert schedule == {
         "class": "DDPMScheduler",
+        "objective": "epsilon",
         "num_train_timesteps": 100,
         "schedule": "cosine",
         "prediction_type": "epsilon",

@@ -1,24 +1,39 @@
-"""Diffusion: the maths, the Eq. 8 loss, noise sampling, the samplers and the Ignite training/validation engines."""
+"""Diffusion: the maths, the training objectives, the Eq. 8 loss, noise sampling, the samplers and the Ignite
+training/validation engines."""
 
 from .ema import ema_with_warmup
 from .engines import IDMEvaluator, IDMTrainer, autocast_dtype, given_modalities
 from .loss import LOSS_TERMS, idm_loss, idm_loss_backward, micro_batches, weight_norm
-from .maths import denoise_at, predict_start_from_noise, to_image_range, to_model_range, with_condition
+from .maths import predict_start_from_noise, to_image_range, to_model_range, with_condition
 from .noise import NoiseSampler, seeded_generator
+from .objectives import (
+    OBJECTIVES,
+    denoise_at,
+    noise_schedule,
+    objective_of,
+    predict_start_and_noise,
+    training_scheduler,
+    training_target,
+)
 from .sampling import (
+    DEFAULT_SAMPLERS,
     SAMPLERS,
     DiffusionSampler,
     DPMSolverScheduler,
+    FlowEulerScheduler,
     GridDDIMScheduler,
     make_sampler,
-    noise_schedule,
+    monitoring_sampler,
 )
 
 __all__ = [
+    "DEFAULT_SAMPLERS",
     "LOSS_TERMS",
+    "OBJECTIVES",
     "SAMPLERS",
     "DPMSolverScheduler",
     "DiffusionSampler",
+    "FlowEulerScheduler",
     "GridDDIMScheduler",
     "IDMEvaluator",
     "IDMTrainer",
@@ -31,11 +46,16 @@ __all__ = [
     "idm_loss_backward",
     "make_sampler",
     "micro_batches",
+    "monitoring_sampler",
     "noise_schedule",
+    "objective_of",
+    "predict_start_and_noise",
     "predict_start_from_noise",
     "seeded_generator",
     "to_image_range",
     "to_model_range",
+    "training_scheduler",
+    "training_target",
     "weight_norm",
     "with_condition",
 ]

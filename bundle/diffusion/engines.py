@@ -14,8 +14,9 @@ from torch import nn
 from ..errors import BadInputError, NonFiniteLossError
 from ..utils import unwrap
 from .loss import idm_loss, idm_loss_backward
-from .maths import denoise_at, to_image_range, to_model_range
+from .maths import to_image_range, to_model_range
 from .noise import NoiseSampler, seeded_generator
+from .objectives import denoise_at, training_target
 from .update_in_backward import UpdateInBackward, check_whole_batch
 
 __all__ = ["IDMEvaluator", "IDMTrainer", "autocast_dtype", "given_modalities"]
@@ -43,9 +44,10 @@ def autocast_dtype(amp: bool, amp_kwargs: dict | None = None) -> torch.dtype | N
 
 
 class IDMTrainer(SupervisedTrainer):
-    """One iteration: x₀ ∈ [−1, 1], ε and t from ``noise_sampler``, ``x_t = scheduler.add_noise``, Eq. 8
-    loss and its backward (a conditioned model's batches also hold ``condition``, the given modalities, which the
-    network reads beside x_t and which the output dict keeps), ``micro_batch_size`` samples at a time
+    """One iteration: x₀ ∈ [−1, 1], ε and t from ``noise_sampler``, ``x_t = scheduler.add_noise``, Eq. 8 loss on the
+    objective's target (ε, or a rectified flow's velocity: :func:`~bundle.diffusion.objectives.training_target`) and
+    its backward (a conditioned model's batches also hold ``condition``, the given modalities, which the network reads
+    beside x_t and which the output dict keeps), ``micro_batch_size`` samples at a time
     (:func:`~bundle.diffusion.loss.idm_loss_backward`), AdamW step, EMA update.
 
     ``LOSS_COMPLETED`` fires once the whole batch is back-propagated and before the optimizer step, so a
@@ -55,12 +57,13 @@ class IDMTrainer(SupervisedTrainer):
     no checkpoint, and no ``COMPLETED``); :meth:`run` raises it once ignite has stopped, so that it reaches
     the caller without ignite's error log and the tracebacks of the ``EXCEPTION_RAISED`` handlers. The
     output dict holds ``image``, ``label`` (ε), ``timesteps`` (t), ``pred``, ``loss`` and each Eq. 8 term by name
-    (``eps_mse``, ``weight_norm``, ``reconstruction``), decollated per sample after the step as MONAI
+    (``prediction_mse``, ``weight_norm``, ``reconstruction``), decollated per sample after the step as MONAI
     trainers do (so stock handlers such as ``StatsHandler`` and ``MLFlowHandler`` read ``loss`` with their
     defaults).
 
     Args:
-        scheduler: the DDPM noise scheduler (``add_noise``).
+        scheduler: the training noise scheduler (``add_noise``; a ``DDPMScheduler``, or an ``RFlowScheduler`` for
+            the rectified flow objective: :func:`~bundle.diffusion.objectives.training_scheduler`).
         noise_sampler: source of ε and t (:class:`~bundle.diffusion.noise.NoiseSampler`).
         lambda_rec, lambda_l2: λ_R and λ_L2 of Eq. 8.
         micro_batch_size: samples back-propagated at once (gradient accumulation: the same gradient as the
@@ -129,6 +132,7 @@ class IDMTrainer(SupervisedTrainer):
         condition = given_modalities(batchdata, engine.state.device)
         noise, timesteps = self.noise_sampler.sample(images)
         noisy = self.scheduler.add_noise(images, noise, timesteps)
+        target = training_target(self.scheduler, images, noise)
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: noise, "timesteps": timesteps}
         if condition is not None:
             engine.state.output["condition"] = condition
@@ -138,7 +142,7 @@ class IDMTrainer(SupervisedTrainer):
             engine.network,
             noisy,
             timesteps,
-            noise,
+            target,
             self.lambda_rec,
             self.lambda_l2,
             self.micro_batch_size,
@@ -164,15 +168,15 @@ class IDMTrainer(SupervisedTrainer):
 
 
 class IDMEvaluator(SupervisedEvaluator):
-    """Validation at fixed timesteps with fixed noise: for each t in ``timesteps`` the network predicts ε
-    from ``x_t`` (and a conditioned model's ``condition``) and the one-step estimate x̂₀ is formed
-    (:func:`~bundle.diffusion.maths.denoise_at`).
+    """Validation at fixed timesteps with fixed noise: for each t in ``timesteps`` the network predicts from ``x_t``
+    (and a conditioned model's ``condition``), and ε̂ and the one-step estimate x̂₀ are formed from its prediction
+    (:func:`~bundle.diffusion.objectives.denoise_at`; ε̂ for either objective).
 
     Output dict: ``eps_pred`` and ``noise`` (ε̂ and ε, stacked over the timesteps along the batch axis),
     ``denoised`` and ``image`` (x̂₀ and x₀ in [0, 1], likewise), for ε-MSE and PSNR/SSIM handlers.
 
     Args:
-        scheduler: the DDPM noise scheduler.
+        scheduler: the training noise scheduler.
         timesteps: the fixed timesteps.
         seed: seed of the validation noise: batch i's comes from :func:`seeded_generator` of (seed, i), the same
             every validation run.

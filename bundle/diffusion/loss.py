@@ -15,8 +15,9 @@ from .update_in_backward import UpdateInBackward, check_whole_batch
 
 __all__ = ["LOSS_TERMS", "idm_loss", "idm_loss_backward", "micro_batches", "weight_norm"]
 
-# names of the Eq. 8 terms that idm_loss reports (the λ-weighted ones only when their λ > 0)
-LOSS_TERMS = ("eps_mse", "reconstruction", "weight_norm")
+# names of the Eq. 8 terms that idm_loss reports (the λ-weighted ones only when their λ > 0); prediction_mse is the
+# network's error on its target: ε, or the velocity of a rectified flow (bundle.diffusion.objectives)
+LOSS_TERMS = ("prediction_mse", "reconstruction", "weight_norm")
 
 
 def weight_norm(network: nn.Module) -> torch.Tensor:
@@ -28,17 +29,19 @@ def idm_loss(
     network: nn.Module,
     noisy: torch.Tensor,
     timesteps: torch.Tensor,
-    noise: torch.Tensor,
+    target: torch.Tensor,
     lambda_rec: float = 0.0,
     lambda_l2: float = 1e-4,
     condition: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """``‖ε − U(x_t, t)‖² + λ_R ‖x_t − U⁻¹(U(x_t, t))‖² + λ_L2 ‖W‖₂`` (paper Eq. 8; squared norms as means).
+    """``‖ε − U(x_t, t)‖² + λ_R ‖x_t − U⁻¹(U(x_t, t))‖² + λ_L2 ‖W‖₂`` (paper Eq. 8; squared norms as means), with the
+    objective's ``target`` in place of ε (:func:`~bundle.diffusion.objectives.training_target`: ε, or a rectified
+    flow's velocity).
 
     Args:
-        network: the noise predictor U (an ``InvertibleDiffusionUNet``, possibly DDP-wrapped; the λ_R
-            term calls its approximate inverse).
-        noisy: x_t (B, C, *S); timesteps: t (B,); noise: ε (B, C, *S).
+        network: the predictor U (an ``InvertibleDiffusionUNet``, possibly DDP-wrapped; the λ_R term calls its
+            approximate inverse).
+        noisy: x_t (B, C, *S); timesteps: t (B,); target: what U should predict (B, C, *S).
         condition: a conditioned model's given modalities (B, K, *S), which U reads beside x_t
             (:func:`~bundle.diffusion.maths.with_condition`; the λ_R term then rebuilds both), or None.
 
@@ -48,9 +51,9 @@ def idm_loss(
     inputs = with_condition(noisy, condition)
     prediction = network(inputs, timesteps)
     dtype = torch.promote_types(prediction.dtype, torch.float32)  # half precision predictions: a float32 loss
-    eps_mse = F.mse_loss(prediction.to(dtype), noise.to(dtype))
-    terms = {"eps_mse": eps_mse}
-    total = eps_mse
+    prediction_mse = F.mse_loss(prediction.to(dtype), target.to(dtype))
+    terms = {"prediction_mse": prediction_mse}
+    total = prediction_mse
     if lambda_rec > 0:
         terms["reconstruction"] = F.mse_loss(unwrap(network).inverse(prediction, timesteps), inputs)
         total = total + lambda_rec * terms["reconstruction"]
@@ -82,7 +85,7 @@ def idm_loss_backward(
     network: nn.Module,
     noisy: torch.Tensor,
     timesteps: torch.Tensor,
-    noise: torch.Tensor,
+    target: torch.Tensor,
     lambda_rec: float = 0.0,
     lambda_l2: float = 1e-4,
     micro_batch_size: int | None = None,
@@ -95,7 +98,7 @@ def idm_loss_backward(
     is that of one micro-batch. With ``amp_dtype`` the forward passes run under ``torch.autocast`` in that
     dtype (mixed precision; the backward passes follow the forward's dtypes). ``condition``: as :func:`idm_loss`.
 
-    Micro-batch k of b_k samples contributes ``(b_k / B) (‖ε − U‖² + λ_R ‖x_t − U⁻¹(U)‖²)``; the network treats
+    Micro-batch k of b_k samples contributes ``(b_k / B) (‖target − U‖² + λ_R ‖x_t − U⁻¹(U)‖²)``; the network treats
     samples independently (GroupNorm and attention act within a sample), so the gradient is the whole batch's up to
     float rounding. The weight term ``λ_L2 ‖W‖₂`` is back-propagated on its own, before the micro-batches: inside
     the network's backward its gradient for each weight would wait for the network's gradient of that weight (a
@@ -133,7 +136,7 @@ def idm_loss_backward(
                     network,
                     noisy[part],
                     timesteps[part],
-                    noise[part],
+                    target[part],
                     lambda_rec,
                     lambda_l2=0.0,
                     condition=None if condition is None else condition[part],

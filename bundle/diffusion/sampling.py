@@ -1,5 +1,6 @@
 """Sampling: a MONAI ``Inferer`` that turns noise into images with any MONAI noise scheduler's chain, DDIM that
-steps along its own grid, and DPM-Solver++(2M), a second-order solver of the probability-flow ODE on that grid."""
+steps along its own grid, DPM-Solver++(2M), a second-order solver of the probability-flow ODE on that grid, and Euler's
+method along a rectified flow model's velocity."""
 
 from __future__ import annotations
 
@@ -10,35 +11,25 @@ from functools import partial
 
 import torch
 from monai.inferers import Inferer
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, Scheduler
-from monai.networks.schedulers.scheduler import NoiseSchedules
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, RFlowScheduler, Scheduler
 from torch import nn
 from tqdm import tqdm
 
 from ..errors import BadInputError
 from .maths import predict_start_from_noise, to_image_range, to_model_range, with_condition
 from .noise import seeded_generator
+from .objectives import OBJECTIVES, noise_schedule
 
 __all__ = [
+    "DEFAULT_SAMPLERS",
     "SAMPLERS",
     "DPMSolverScheduler",
     "DiffusionSampler",
+    "FlowEulerScheduler",
     "GridDDIMScheduler",
     "make_sampler",
-    "noise_schedule",
+    "monitoring_sampler",
 ]
-
-
-def noise_schedule(schedule: str) -> str:
-    """``schedule``, the name of one of MONAI's noise schedules (β_1 … β_T), which every MONAI scheduler takes.
-
-    Raises:
-        BadInputError: for another name, listing the schedules there are.
-    """
-    names = sorted(NoiseSchedules.names)
-    if schedule not in names:
-        raise BadInputError(f"schedule must be one of {names} (MONAI's noise schedules), got {schedule!r}.")
-    return schedule
 
 
 class GridDDIMScheduler(DDIMScheduler):
@@ -179,33 +170,91 @@ class DPMSolverScheduler(GridDDIMScheduler):
         return (sigma_next / sigma) * sample - math.sqrt(alpha_next) * (decay - 1) * estimate, original
 
 
-SAMPLERS: dict[str, Callable[..., Scheduler]] = {
-    "ddpm": DDPMScheduler,
-    "ddim": GridDDIMScheduler,
-    "pndm": partial(PNDMScheduler, skip_prk_steps=True),
-    "dpm_solver": DPMSolverScheduler,
+class FlowEulerScheduler(RFlowScheduler):
+    """Euler's method along the velocity v̂ = x̂₀ − ε̂ that a rectified flow model predicts
+    (:mod:`~bundle.diffusion.objectives`), from t = T (pure noise) to 0, stepping from each of its timesteps to the
+    next: with s = t / T,
+
+        x_s′ = x_s + (s − s′) v̂,   x̂₀ = x_s + s v̂.
+
+    MONAI's :class:`~monai.networks.schedulers.RFlowScheduler` samples the same way, but its ``set_timesteps`` passes
+    the timesteps through float16 (above T = 2048 they are no longer the integers asked for) and its ``step`` without
+    a ``next_timestep`` moves by 1 / n whatever the grid; here the step goes to the next timestep of ``timesteps``
+    (to 0 after the last), as :class:`GridDDIMScheduler` does. Deterministic: the batch is stepped at once.
+    """
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """``num_inference_steps`` timesteps t_i = round(T (1 − i / n)), i = 0 … n − 1, evenly spaced from T down."""
+        super().set_timesteps(num_inference_steps, device)  # checks n against T
+        total = self.num_train_timesteps
+        grid = (torch.linspace(1, 0, num_inference_steps + 1, dtype=torch.float64)[:-1] * total).round().long()
+        self.timesteps = torch.unique_consecutive(grid).to(self.timesteps.device)
+
+    def previous_timestep(self, timestep: int) -> int:
+        """The timestep of ``timesteps`` after ``timestep``; 0 (x₀) after the last."""
+        below = self.timesteps[self.timesteps < timestep]
+        return int(below.max()) if len(below) else 0
+
+    def step(  # type: ignore[override]
+        self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t′, x̂₀)`` from ``model_output`` = v̂ (B, C, *S) and ``sample`` = x_t (B, C, *S)."""
+        s = int(timestep) / self.num_train_timesteps
+        s_next = self.previous_timestep(int(timestep)) / self.num_train_timesteps
+        return sample + (s - s_next) * model_output, sample + s * model_output
+
+
+SAMPLERS: dict[str, dict[str, Callable[..., Scheduler]]] = {
+    "epsilon": {
+        "ddpm": DDPMScheduler,
+        "ddim": GridDDIMScheduler,
+        "pndm": partial(PNDMScheduler, skip_prk_steps=True),
+        "dpm_solver": DPMSolverScheduler,
+    },
+    "rectified_flow": {"euler": FlowEulerScheduler},
 }
-"""The samplers by name, each a MONAI noise scheduler taking ``num_train_timesteps`` and ``schedule`` (DDIM also
-``eta``): a new sampler is one more entry."""
+"""The samplers of each objective (:data:`~bundle.diffusion.objectives.OBJECTIVES`) by name, each a MONAI noise
+scheduler taking ``num_train_timesteps`` (the ε samplers also ``schedule``, DDIM ``eta``): a new sampler is one more
+entry."""
+
+DEFAULT_SAMPLERS = {"epsilon": "ddpm", "rectified_flow": "euler"}
+"""The sampler a trained model of each objective samples with when none is named."""
 
 
-def make_sampler(name: str, num_train_timesteps: int, schedule: str, eta: float = 0.0) -> Scheduler:
-    """The sampler ``name`` (:data:`SAMPLERS`) along the noise schedule ``schedule`` of T = ``num_train_timesteps``
-    (the trained model's, from its record); ``eta``: DDIM's stochasticity (0: deterministic, 1: DDPM-like).
+def make_sampler(
+    name: str | None, num_train_timesteps: int, schedule: str | None, eta: float = 0.0, objective: str = "epsilon"
+) -> Scheduler:
+    """The sampler ``name`` (:data:`SAMPLERS`; None: the objective's :data:`DEFAULT_SAMPLERS`) of a model trained
+    with ``objective`` along the noise schedule ``schedule`` of T = ``num_train_timesteps`` (the trained model's, from
+    its record; a rectified flow has no schedule); ``eta``: DDIM's stochasticity (0: deterministic, 1: DDPM-like).
 
     Raises:
-        BadInputError: for a name not in :data:`SAMPLERS`, a ``schedule`` that is not MONAI's, or an ``eta`` other
-            than 0 for a sampler other than DDIM.
+        BadInputError: for a name that is no sampler of the objective, a ``schedule`` that is not MONAI's, or an
+            ``eta`` other than 0 for a sampler other than DDIM.
     """
-    if name not in SAMPLERS:
-        raise BadInputError(f"sampler must be one of {sorted(SAMPLERS)}; got {name!r}.")
+    samplers = SAMPLERS[objective]
+    name = DEFAULT_SAMPLERS[objective] if name is None else name
+    if name not in samplers:
+        other = next((o for o in OBJECTIVES if o != objective and name in SAMPLERS[o]), None)
+        trained = f" ({name} samples models trained with objective {other}; this one was trained with {objective})"
+        raise BadInputError(f"sampler must be one of {sorted(samplers)}{trained if other else ''}; got {name!r}.")
     if name != "ddim" and eta != 0:
         raise BadInputError(
             f"eta sets DDIM's stochasticity (--sampler ddim); the {name} sampler takes none, got "
             f"eta={eta!r}: drop --eta."
         )
     options = {"eta": eta} if name == "ddim" else {}
-    return SAMPLERS[name](num_train_timesteps=num_train_timesteps, schedule=noise_schedule(schedule), **options)
+    if objective == "epsilon":
+        options["schedule"] = noise_schedule(schedule)
+    return samplers[name](num_train_timesteps=num_train_timesteps, **options)
+
+
+def monitoring_sampler(objective: str, num_train_timesteps: int, schedule: str | None) -> Scheduler:
+    """The generation monitor's sampler for a run of ``objective``: DDIM with η = 1 for ε (at 200 steps its samples
+    matched the full DDPM chain's on the phantoms, ``docs/generation.md``), Euler for a rectified flow."""
+    if objective == "epsilon":
+        return make_sampler("ddim", num_train_timesteps, schedule, eta=1.0)
+    return make_sampler("euler", num_train_timesteps, schedule, objective=objective)
 
 
 FEW_STEPS = 50
@@ -284,15 +333,15 @@ class DiffusionSampler(Inferer):
         network.eval()
         with torch.no_grad():
             for t in tqdm(self.scheduler.timesteps.tolist(), disable=not self.progress):
-                eps = network(
+                prediction = network(
                     with_condition(images, condition), torch.full((count,), t, device=device, dtype=torch.long)
                 )
                 if not self._noisy_steps:
-                    images = self.scheduler.step(eps, t, images)[0]
+                    images = self.scheduler.step(prediction, t, images)[0]
                     continue
                 images = torch.cat(
                     [  # one step per sample, each with its own generator (its step noise)
-                        self.scheduler.step(eps[i : i + 1], t, images[i : i + 1], generator=g)[0]
+                        self.scheduler.step(prediction[i : i + 1], t, images[i : i + 1], generator=g)[0]
                         for i, g in enumerate(generators)
                     ]
                 )

@@ -48,7 +48,7 @@ def readable_duration(seconds: float) -> str:
 class StepStatsHandler:
     """Writes, every ``interval`` iterations, ``train/step_seconds``, ``train/peak_memory_mb`` (that step's
     CUDA peak on a GPU, the process peak RSS on the CPU), ``train/lr`` and the Eq. 8 terms found in the
-    trainer output (``train/eps_mse`` …) to TensorBoard with ``summary_writer`` (the run's shared writer, which
+    trainer output (``train/prediction_mse`` …) to TensorBoard with ``summary_writer`` (the run's shared writer, which
     it never closes: :func:`bundle.handlers.summary_writer`); also keeps the latest values in :attr:`latest`.
 
     After the :attr:`ETA_AFTER`-th iteration of a run it logs once what the run will take (:meth:`log_estimate`).

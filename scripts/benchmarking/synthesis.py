@@ -51,6 +51,7 @@ CURVE_FIGURE = "synthesis_curves.png"
 EXAMPLES_FIGURE = "synthesis_examples.png"
 STAGE = "stage.json"  # beside each stage's evaluation: the cumulative training wall seconds
 PENDING = "training_started.json"  # while a stage trains: when it started
+EVALUATION_SAMPLING = {"sampler": "ddim", "num_inference_steps": 50}  # the IDM's translations (η = 0)
 ANCHORS = (
     "SelfRDB (2D slices of BraTS, its own protocol): T1→T2 27.6 dB PSNR / 0.930 SSIM, T2→T1 28.9 dB / 0.937.",
     (
@@ -160,6 +161,7 @@ def staged_run(
                 run_dir / "evaluate.log",
                 output_dir=folder,
                 overwrite="true",
+                **EVALUATION_SAMPLING,
             )
             (folder / STAGE).write_text(json.dumps({"wall_seconds": wall}))
         metrics = json.loads((folder / "metrics.json").read_text())["translation"]
@@ -315,7 +317,7 @@ def compare_synthesis(
         "stage_epochs": stage_epochs,
         "steps_per_epoch": steps_per_epoch,
         "seed": seed,
-        "evaluation_sampler": "DDIM, η = 0, 50 steps (configs/evaluate.json's default)",
+        "evaluation_sampler": "DDIM, η = 0, 50 steps",
     }
     return {"settings": settings, "machine": machine_description(), "directions": results}
 
