@@ -8,6 +8,7 @@ Usage (from the bundle root):
     python scripts/benchmark.py quality        # the equal-budget quality comparison alone → docs/benchmark_quality.md
     python scripts/benchmark.py generation --work_dir runs/generation   # samples like the data? → docs/generation.md
     python scripts/benchmark.py synthesis --work_dir runs/synthesis     # a T2 from a T1 → docs/synthesis.md
+    python scripts/benchmark.py sampling --generation_dir runs/generation   # quality per evaluation → docs/sampling.md
     python scripts/benchmark.py profile        # where the paper configuration's step peaks → docs/paper_step_profile.md
     python scripts/benchmark.py profile --micro_batch_size 1 --recompute_norms true   # with the memory options
     python scripts/benchmark.py planner        # the memory planner against measured peaks → docs/memory_planner.md
@@ -51,6 +52,7 @@ from scripts.benchmarking.plan_accuracy import (
 )
 from scripts.benchmarking.quality import compare_quality, render_quality_markdown, write_quality_report
 from scripts.benchmarking.report import machine_description
+from scripts.benchmarking.sampling import compare_sampling, write_sampling_report
 from scripts.benchmarking.step_profile import profile_step_in_subprocess, render_step_profile
 from scripts.benchmarking.suite_report import cube_limits, plot_suite, render_suite
 from scripts.benchmarking.sweeps import (
@@ -317,6 +319,32 @@ class Benchmark:
             f"{_grid_flags(sizes, spacing, levels)} --directions '{directions}' --num_phantoms {num_phantoms}"
         )
         print(write_synthesis_report(result, command, output_dir).read_text())
+
+    def sampling(
+        self,
+        generation_dir: str = "runs/generation",
+        translation_dir: str | None = None,
+        work_dir: str = "runs/sampling",
+        num_samples: int = 16,
+        output_dir: str = "docs",
+    ) -> None:
+        """Quality against network evaluations: the generation study's IDM in ``generation_dir`` sampled by every
+        sampler at 5, 10, 20 and 50 steps and by the full DDPM chain, and its rectified flow twin (trained here in
+        ``work_dir``, as that IDM was but for ``--objective rectified_flow``; a stopped run resumes) by Euler steps,
+        ``num_samples`` each against the validation volumes; with ``--translation_dir`` (a synthesis study's
+        direction, e.g. ``runs/synthesis/t1_to_t2``) its IDM's translations likewise. Writes ``sampling.md``,
+        ``sampling.json`` and ``sampling.png``."""
+        if num_samples < 2 or not (Path(generation_dir) / "idm" / "models" / "model.pt").exists():
+            raise SystemExit(
+                f"ERROR: need --generation_dir with a trained generation study (its idm/models/model.pt) and "
+                f"--num_samples ≥ 2, got {generation_dir!r} and {num_samples}."
+            )
+        result = compare_sampling(work_dir, generation_dir, translation_dir, num_samples, num_threads=None)
+        command = (
+            f"python scripts/benchmark.py sampling --generation_dir {generation_dir} --work_dir {work_dir} "
+            f"--num_samples {num_samples}" + (f" --translation_dir {translation_dir}" if translation_dir else "")
+        )
+        print(write_sampling_report(result, command, output_dir).read_text())
 
     def profile(
         self, micro_batch_size: int | None = None, recompute_norms: bool = False, output_dir: str = "docs"

@@ -111,3 +111,9 @@ def test_the_largest_cube_is_the_largest_multiple_that_the_plan_fits(monkeypatch
     assert found["size"] == expected
     assert (found["plan"] or {}).get("peak_bytes") == expected
     assert all(size % step == 0 for size in planned) and len(planned) <= 12
+
+
+def test_the_sampling_study_needs_a_trained_generation_study(tmp_path):
+    with pytest.raises(SystemExit, match="need --generation_dir with a trained generation study"):
+        _command_module().Benchmark().sampling(generation_dir=str(tmp_path / "none"), output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -52,7 +52,7 @@ SHORT = {"idm": "IDM", "monai": "MONAI", CONTINUED: "IDM, longer"}  # labels in 
 DONE = "done.json"  # written beside a finished run: its wall seconds (a rerun with the same work_dir reuses it)
 
 
-def _run_config(run_dir: Path) -> ConfigParser:
+def run_config(run_dir: Path) -> ConfigParser:
     """``configs/train.json`` with the overrides that trained ``run_dir``, as a resume of it reads them (its recorded
     validation cases, no phantoms written)."""
     parser = ConfigParser()
@@ -64,7 +64,7 @@ def _run_config(run_dir: Path) -> ConfigParser:
 
 def validation_volumes(run_dir: Path) -> torch.Tensor:
     """(N, C, *S) validation volumes in [0, 1] of the run in ``run_dir``, preprocessed as its training read them."""
-    dataset = _run_config(run_dir).get_parsed_content("validate#dataset")
+    dataset = run_config(run_dir).get_parsed_content("validate#dataset")
     return torch.stack([torch.as_tensor(dataset[i]["image"]) for i in range(len(dataset))]).float()
 
 
@@ -80,7 +80,7 @@ FINAL_SAMPLER = next(iter(SAMPLERS))  # the one of the figures and the final mea
 def final_model(run_dir: Path) -> tuple[torch.nn.Module, dict]:
     """The run's ``model.pt`` (its EMA weights) in its network, and ``{"num_train_timesteps", "schedule", "shape"}``
     (shape: (C, *S)) of the run."""
-    parser = _run_config(run_dir)
+    parser = run_config(run_dir)
     network = load_checkpoint(parser.get_parsed_content("network_def"), run_dir / "models" / "model.pt").eval()
     return network, {
         "num_train_timesteps": parser.get_parsed_content("num_train_timesteps"),
@@ -132,6 +132,16 @@ def monitor_images(run_dir: Path, steps_per_epoch: int) -> dict[int, np.ndarray]
 def first_step_within(curves: Mapping, fraction: float = 1.0) -> int | None:
     """The first checked step at which at least ``fraction`` of the measures were within the real-vs-real spread."""
     return next((step for step, value in curves["generation/within_spread"] if value >= fraction - 1e-9), None)
+
+
+def train_once(run_dir: Path, overrides: Mapping, num_threads: int | None = None) -> float:
+    """:func:`~scripts.benchmarking.quality.train_run` of ``overrides`` in ``run_dir`` unless it finished earlier
+    (its :data:`DONE` marker, written here); the run's wall seconds."""
+    if (run_dir / DONE).exists():
+        return json.loads((run_dir / DONE).read_text())["wall_seconds"]
+    seconds = train_run(run_dir, overrides, num_threads)
+    (run_dir / DONE).write_text(json.dumps({"wall_seconds": seconds}))
+    return seconds
 
 
 def continue_run(source: Path, target: Path, epochs: int) -> float:
@@ -309,12 +319,7 @@ def compare_generation(
     definitions = network_definitions(workload)
 
     def train(name: str) -> float:
-        run_dir = work / name
-        if (run_dir / DONE).exists():
-            return json.loads((run_dir / DONE).read_text())["wall_seconds"]
-        seconds = train_run(run_dir, shared | {"network_def": definitions[name]}, num_threads=1)
-        (run_dir / DONE).write_text(json.dumps({"wall_seconds": seconds}))
-        return seconds
+        return train_once(work / name, shared | {"network_def": definitions[name]}, num_threads=1)
 
     with ThreadPoolExecutor(len(definitions)) as pool:
         walls = dict(zip(definitions, pool.map(train, definitions), strict=True))
