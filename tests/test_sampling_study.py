@@ -54,7 +54,7 @@ def test_every_sampler_is_measured_at_its_evaluations(study):
     assert {p["evaluations"] for p in epsilon if p["sampler"].startswith(("DDIM", "DPM")) and p["steps"] == 4} == {4}
     assert [p["evaluations"] for p in flow] == [2, 5]
     for point in epsilon + flow:
-        assert 0 <= point["within_spread"] <= 1 and point["seconds_per_sample"] > 0
+        assert 0 <= point["within_spread"] <= 1 and point["seconds_per_sample"] > 0 and point["distance_ratio"] > 0
         assert len(point["comparison"]["measures"]) == 12
     translation = result["translation"]
     assert [p["evaluations"] for p in translation][:1] == [20]
@@ -84,13 +84,25 @@ def test_the_flow_twin_is_reused_and_the_report_says_whether_the_goal_is_met(stu
 
 
 def test_the_goal_statement_names_the_fewest_evaluations_or_the_closest():
-    def point(sampler, evaluations, within):
-        return {"sampler": sampler, "steps": evaluations, "evaluations": evaluations, "within_spread": within}
+    def point(sampler, evaluations, within, ratio):
+        return {
+            "sampler": sampler,
+            "steps": evaluations,
+            "evaluations": evaluations,
+            "within_spread": within,
+            "distance_ratio": ratio,
+        }
 
-    full = point(FULL_CHAIN, 1000, 0.75)
-    met = {"epsilon": [full, point("A", 10, 0.5), point("A", 20, 0.75), point("B", 20, 0.8)], "rectified_flow": []}
+    full = point(FULL_CHAIN, 1000, 0.75, 1.2)
+    met = {
+        "epsilon": [full, point("A", 10, 0.75, 1.3), point("A", 20, 0.75, 1.1), point("B", 20, 0.8, 1.0)],
+        "rectified_flow": [],
+    }
     assert goal_statement(met).startswith("**Goal met**: A at 20 steps") and "50× fewer" in goal_statement(met)
-    missed = {"epsilon": [full, point("A", 20, 0.5), point("A", 50, 0.75)], "rectified_flow": [point("F", 10, 0.6)]}
+    missed = {
+        "epsilon": [full, point("A", 20, 0.5, 1.5), point("A", 50, 0.75, 1.2)],
+        "rectified_flow": [point("F", 10, 0.8, 1.4)],
+    }
     text = goal_statement(missed)
-    assert text.startswith("**Goal missed**") and "Closest within the budget: F at 10 steps, 60%" in text
-    assert "The fewest evaluations that reach it: A, 50" in text
+    assert text.startswith("**Goal missed**") and "Closest within the budget: F at 10 steps, 80% within" in text
+    assert "ratio 1.40 (1.17× the full chain's)" in text and "The fewest evaluations that reach it: A, 50" in text
