@@ -4,7 +4,13 @@ training/validation engines."""
 from .ema import ema_with_warmup
 from .engines import IDMEvaluator, IDMTrainer, autocast_dtype, given_modalities
 from .loss import LOSS_TERMS, idm_loss, idm_loss_backward, micro_batches, weight_norm
-from .maths import predict_start_from_noise, to_image_range, to_model_range, with_condition
+from .maths import (
+    predict_start_from_noise,
+    predict_start_from_velocity,
+    to_image_range,
+    to_model_range,
+    with_condition,
+)
 from .noise import NoiseSampler, seeded_generator
 from .objectives import (
     OBJECTIVES,
@@ -51,6 +57,7 @@ __all__ = [
     "objective_of",
     "predict_start_and_noise",
     "predict_start_from_noise",
+    "predict_start_from_velocity",
     "seeded_generator",
     "to_image_range",
     "to_model_range",

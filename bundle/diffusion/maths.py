@@ -1,11 +1,18 @@
 """The diffusion maths that the trainer, the validator, the samplers and evaluation share, each written once: the
-intensity ranges of images and of the model, the conditioned network's input, and x̂₀ from a noise prediction."""
+intensity ranges of images and of the model, the conditioned network's input, and x̂₀ from a noise or a velocity
+prediction."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["predict_start_from_noise", "to_image_range", "to_model_range", "with_condition"]
+__all__ = [
+    "predict_start_from_noise",
+    "predict_start_from_velocity",
+    "to_image_range",
+    "to_model_range",
+    "with_condition",
+]
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -34,3 +41,16 @@ def predict_start_from_noise(noisy: torch.Tensor, eps: torch.Tensor, alphas_cump
         alphas_cumprod: ᾱ_t, a number or a tensor that broadcasts against x_t (e.g. (B, 1, 1, 1, 1)).
     """
     return (noisy - torch.sqrt(1 - alphas_cumprod) * eps) / torch.sqrt(alphas_cumprod)
+
+
+def predict_start_from_velocity(
+    noisy: torch.Tensor, velocity: torch.Tensor, fraction: float | torch.Tensor
+) -> torch.Tensor:
+    """``x̂₀ = x_s + s v̂`` of a rectified flow (x_s = (1 − s) x₀ + s ε, v = x₀ − ε), not clamped.
+
+    Args:
+        noisy: x_s (B, C, *S).
+        velocity: v̂ (B, C, *S).
+        fraction: s = t / T, a number or a tensor that broadcasts against x_s (e.g. (B, 1, 1, 1, 1)).
+    """
+    return noisy + fraction * velocity

@@ -20,7 +20,7 @@ from monai.networks.schedulers.scheduler import NoiseSchedules
 from torch import nn
 
 from ..errors import BadInputError
-from .maths import predict_start_from_noise, with_condition
+from .maths import predict_start_from_noise, predict_start_from_velocity, with_condition
 
 __all__ = [
     "OBJECTIVES",
@@ -72,12 +72,6 @@ def objective_of(scheduler: Scheduler) -> str:
     return "rectified_flow" if isinstance(scheduler, RFlowScheduler) else "epsilon"
 
 
-def _time_fraction(scheduler: RFlowScheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """s = t / T of ``timesteps`` (B,), shaped to broadcast against ``like`` (B, C, *S)."""
-    s = torch.as_tensor(timesteps, device=like.device, dtype=like.dtype) / scheduler.num_train_timesteps
-    return s.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def training_target(scheduler: Scheduler, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """What the network learns to predict from x_t (``scheduler.add_noise(images, noise, timesteps)``): ε, or for
     rectified flow the velocity x₀ − ε (at every t). All (B, C, *S)."""
@@ -91,8 +85,9 @@ def predict_start_and_noise(
     clamped: ε̂ is the prediction and x̂₀ = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t (DDPM, Ho et al. 2020, Eq. 15), or for
     rectified flow x̂₀ = x_t + s v̂ and ε̂ = x_t − (1 − s) v̂."""
     if objective_of(scheduler) == "rectified_flow":
-        s = _time_fraction(scheduler, timesteps, noisy)
-        return noisy + s * prediction, noisy - (1 - s) * prediction
+        s = torch.as_tensor(timesteps, device=noisy.device, dtype=noisy.dtype) / scheduler.num_train_timesteps
+        s = s.reshape(-1, *([1] * (noisy.ndim - 1)))
+        return predict_start_from_velocity(noisy, prediction, s), noisy - (1 - s) * prediction
     alphas = scheduler.alphas_cumprod.to(noisy.device)[torch.as_tensor(timesteps, device=noisy.device).long()]
     return predict_start_from_noise(noisy, prediction, alphas.reshape(-1, *([1] * (noisy.ndim - 1)))), prediction
 

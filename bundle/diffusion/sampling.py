@@ -16,7 +16,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import BadInputError
-from .maths import predict_start_from_noise, to_image_range, to_model_range, with_condition
+from .maths import (
+    predict_start_from_noise,
+    predict_start_from_velocity,
+    to_image_range,
+    to_model_range,
+    with_condition,
+)
 from .noise import seeded_generator
 from .objectives import OBJECTIVES, noise_schedule
 
@@ -201,7 +207,7 @@ class FlowEulerScheduler(RFlowScheduler):
         """``(x_t′, x̂₀)`` from ``model_output`` = v̂ (B, C, *S) and ``sample`` = x_t (B, C, *S)."""
         s = int(timestep) / self.num_train_timesteps
         s_next = self.previous_timestep(int(timestep)) / self.num_train_timesteps
-        return sample + (s - s_next) * model_output, sample + s * model_output
+        return sample + (s - s_next) * model_output, predict_start_from_velocity(sample, model_output, s)
 
 
 SAMPLERS: dict[str, dict[str, Callable[..., Scheduler]]] = {
