@@ -24,7 +24,7 @@ import matplotlib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler
 from PIL import Image
 
 from bundle.checkpoint import load_checkpoint
@@ -68,11 +68,11 @@ def validation_volumes(run_dir: Path) -> torch.Tensor:
     return torch.stack([torch.as_tensor(dataset[i]["image"]) for i in range(len(dataset))]).float()
 
 
-SAMPLERS = {  # the final models are sampled by each: (scheduler class, steps), on the run's T and schedule
+SAMPLERS = {  # the final models are sampled by each: (scheduler class, steps), on the run's T and schedule (the
+    # full DDPM chain and the few-step samplers: the sampling study, docs/sampling.md)
     "bundle DDIM η = 1, 200 steps (the monitor's)": (partial(GridDDIMScheduler, eta=1.0), 200),
     "bundle DDIM η = 0, 50 steps": (GridDDIMScheduler, 50),
     "MONAI DDIMScheduler η = 0, 50 steps": (DDIMScheduler, 50),
-    "DDPM, T steps": (DDPMScheduler, None),
 }
 FINAL_SAMPLER = next(iter(SAMPLERS))  # the one of the figures and the final measures: the generation monitor's
 
@@ -646,7 +646,7 @@ def render_generation_markdown(result: dict, command: str) -> str:
                     "noise, by each sampler. MONAI's DDIM steps with ε̂ beside the clipped x̂₀; the bundle's with "
                     "the noise "
                     "that the clipped x̂₀ implies (`GridDDIMScheduler`'s docstring: near zero signal-to-noise the first "
-                    "diverges)."
+                    "diverges). The full DDPM chain and the few-step solvers: [sampling.md](sampling.md)."
                 ),
                 markdown_table(*_sampler_rows(runs)),
                 *(_continued_section(result) if CONTINUED in runs else []),
