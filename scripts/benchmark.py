@@ -228,19 +228,19 @@ class Benchmark:
     def generation(
         self,
         work_dir: str = "runs/generation",
-        steps: int = 8000,
-        check_every: int = 240,
-        spatial_size: int | tuple[int, int, int] = 16,
-        spacing: float | None = None,
+        steps: int = 1200,
+        check_every: int = 400,
+        spatial_size: int | tuple[int, int, int] = (28, 32, 28),
+        spacing: float | None = 6.0,
         num_phantoms: int = 256,
-        attention_levels: tuple[bool, ...] | str = (False, True, True),
+        attention_levels: tuple[bool, ...] | str = (False, False, True),
         continue_steps: int = 0,
         output_dir: str = "docs",
     ) -> None:
         """IDM and its parameter-matched MONAI ``DiffusionModelUNet`` (channels 16, 32, 64, attention at
         ``attention_levels``) trained by ``configs/train.json`` on the built-in synthetic brains, both at once on one
         torch thread each, with the generation monitor every ``check_every`` steps, on ``spatial_size`` (one size or
-        three) of each case's resized head box, or with ``--spacing`` on the native grid of that many mm; writes
+        three) of the native grid of ``spacing`` mm (``--spacing None``: each case's head box resized); writes
         ``generation.md``, ``generation.json``, ``generation_samples.png`` and ``generation_curves.png``. The runs are
         kept in ``work_dir``: a rerun with the same one resumes the runs a session left unfinished, reuses the
         finished ones and redraws the report. With ``--continue_steps`` (more than ``--steps``), the IDM run is then
@@ -271,20 +271,20 @@ class Benchmark:
     def synthesis(
         self,
         work_dir: str = "runs/synthesis",
-        steps: tuple[int, ...] = (250, 500, 1000, 2000),
-        spatial_size: int | tuple[int, int, int] = 16,
-        spacing: float | None = None,
+        steps: tuple[int, ...] = (250, 500),
+        spatial_size: int | tuple[int, int, int] = (28, 32, 28),
+        spacing: float | None = 6.0,
         directions: str | tuple[str, ...] = "t1->t2,t1->flair",
         num_phantoms: int = 128,
-        attention_levels: tuple[bool, ...] | str = (False, True, True),
+        attention_levels: tuple[bool, ...] | str = (False, False, True),
         output_dir: str = "docs",
     ) -> None:
         """Missing-modality synthesis on the built-in brains: the conditioned IDM and MONAI's ``UNet`` as an L1
         regression (``configs/regression.json``, matched parameters) trained by the bundle's configs on the same data
         and steps, for each of ``--directions`` (given->generated, comma-separated), each evaluated by
         ``configs/evaluate.json`` after training to each of ``--steps`` (learning curves; identity baseline beside),
-        on ``spatial_size`` (one size or three) of each case's resized head box, or with ``--spacing`` on the native
-        grid of that many mm, IDM with attention at ``attention_levels``. Two runs at a time on one torch thread each
+        on ``spatial_size`` (one size or three) of the native grid of ``spacing`` mm (``--spacing None``: each case's
+        head box resized), IDM with attention at ``attention_levels``. Two runs at a time on one torch thread each
         (about an hour for the defaults on 2 idle CPU cores); writes ``synthesis.md``, ``synthesis.json``,
         ``synthesis_curves.png`` and ``synthesis_examples.png``. The runs are kept in ``work_dir``: a rerun reuses
         every stage evaluated before."""

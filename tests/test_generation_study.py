@@ -88,13 +88,13 @@ def test_the_idm_run_is_trained_on_as_a_resume_of_a_copy(study, tmp_path):
         compare_generation(root / "work", **SETTINGS, continue_steps=8)
 
 
-def test_the_readmes_phantom_recipe_is_the_studys():
+def test_the_readmes_anatomy_recipe_is_the_studys():
     """README.md's training command with --generation_interval trains what `scripts/benchmark.py generation` trains
     for IDM (its default settings), so the recipe's samples are those docs/generation.md shows."""
     overrides, _ = recipe()
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
     commands = [shlex.split(block.replace("\\\n", " ")) for block in blocks if "--generation_interval" in block]
-    assert len(commands) == 1, "README.md should have one phantom recipe"
+    assert len(commands) == 1, "README.md should have one anatomy recipe"
     starts = [i for i, token in enumerate(commands[0]) if token == "python"] + [len(commands[0])]
     training = commands[0][starts[0] : starts[1]]  # the block's first command
     assert "training" in training

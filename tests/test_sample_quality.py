@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,13 +36,17 @@ def test_held_out_real_volumes_are_within_the_spread_on_every_measure(phantoms):
     result = compare_to_real(phantoms[16:], phantoms[:16], MODALITIES)
     assert result["set_size"] == 8 and result["num_real"] == 16
     assert len(result["measures"]) == 12 and result["within_spread"] == 1.0
-    assert quality_summary(result) == "12/12 measures within the real-vs-real spread"
+    ratio = math.exp(
+        sum(math.log(m["generated_vs_real"] / m["real_vs_real_max"]) for m in result["measures"].values()) / 12
+    )
+    assert result["distance_ratio"] == pytest.approx(ratio) and result["distance_ratio"] <= 1
+    assert quality_summary(result) == f"12/12 measures within the real-vs-real spread, distance ratio {ratio:.2f}"
 
 
 def test_voxel_noise_is_outside_the_spread_on_every_measure(phantoms):
     noise = torch.rand(8, 2, 16, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5
     result = compare_to_real(noise, phantoms[:16], MODALITIES)
-    assert result["within_spread"] == 0.0
+    assert result["within_spread"] == 0.0 and result["distance_ratio"] > 1
     assert abs(result["statistics"]["autocorrelation/t1"]["generated"]) < 0.05  # noise: no spatial correlation
     assert result["statistics"]["autocorrelation/t1"]["real"] > 0.8
 
@@ -143,6 +148,7 @@ def test_monitor_writes_every_measure_at_the_checked_epochs(phantoms):
         assert writer.scalars[(f"generation/{name}", 2)] == measure["generated_vs_real"]
         assert writer.scalars[(f"generation/{name}_real_spread", 2)] == measure["real_vs_real_max"]
     assert writer.scalars[("generation/within_spread", 2)] == first["within_spread"]
+    assert writer.scalars[("generation/distance_ratio", 2)] == first["distance_ratio"]
     assert writer.images[("generation_samples", 2)].shape == (1, 2 * 16, 3 * 16)  # rows: modalities; columns: samples
     monitor(_validator(phantoms, 4, 8))  # the same network and the same noise: the same samples
     assert monitor.latest["measures"] == first["measures"]

@@ -25,7 +25,8 @@ class GenerationMonitor:
     validator's network (the EMA weights when EMA is on) and compares them with the validation volumes
     (:func:`~bundle.sample_quality.compare_to_real`): each measure's generated-vs-real distance goes to TensorBoard
     as ``generation/<measure>`` and its largest real-vs-real distance as ``generation/<measure>_real_spread``, the
-    fraction of the measures within that spread as ``generation/within_spread``, and the axial mid-slices of the
+    fraction of the measures within that spread as ``generation/within_spread``, the distances summed up as
+    ``generation/distance_ratio`` (:func:`~bundle.sample_quality.distance_ratio`), and the axial mid-slices of the
     first samples as the image ``generation_samples``; a log line names the measures outside the spread.
 
     The samples of every check start from the same noise (``seed``), so the curves follow the network, not the draw.
@@ -111,6 +112,7 @@ class GenerationMonitor:
             self.summary_writer.add_scalar(f"generation/{name}", measure["generated_vs_real"], epoch)
             self.summary_writer.add_scalar(f"generation/{name}_real_spread", measure["real_vs_real_max"], epoch)
         self.summary_writer.add_scalar("generation/within_spread", self.latest["within_spread"], epoch)
+        self.summary_writer.add_scalar("generation/distance_ratio", self.latest["distance_ratio"], epoch)
         slices = generated[:4, :, :, :, generated.shape[-1] // 2]  # (B, C, X, Y): rows modalities, columns samples
         grid = torch.cat([torch.cat(list(slices[:, c].transpose(-1, -2).flip(-2)), 1) for c in range(slices.shape[1])])
         self.summary_writer.add_image("generation_samples", grid[None].clamp(0, 1), global_step=epoch)

@@ -30,7 +30,7 @@ from PIL import Image
 from bundle.checkpoint import load_checkpoint
 from bundle.data import training_cases
 from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, noise_schedule
-from bundle.sample_quality import compare_to_real
+from bundle.sample_quality import compare_to_real, distance_ratio
 from bundle.visualize import read_scalars
 
 from .child_process import BUNDLE_ROOT, run_bundle_command
@@ -103,14 +103,35 @@ def final_samples(
 
 
 def _curves(run_dir: Path, steps_per_epoch: int, measures: Sequence[str]) -> dict:
-    """The run's generation scalars of ``measures`` (each with its real spread), the fraction within the spread and
-    the validation ε-MSE, against training steps: ``{tag: [(step, value), …]}``."""
+    """The run's generation scalars of ``measures`` (each with its real spread), the fraction within the spread, the
+    validation ε-MSE, and the :func:`~bundle.sample_quality.distance_ratio` of ``measures`` at each check that has
+    them all, against training steps: ``{tag: [(step, value), …]}``."""
     tags = ["generation/within_spread", "val_eps_mse"]
     tags += [f"generation/{m}{suffix}" for m in measures for suffix in ("", "_real_spread")]
-    return {
+    curves = {
         tag: [(epoch * steps_per_epoch, value) for epoch, value in values]
         for tag, values in read_scalars(run_dir / "runs", tags).items()
     }
+    at = {tag: dict(curve) for tag, curve in curves.items()}
+    checked = set.intersection(
+        *[set(at.get(f"generation/{m}{suffix}", ())) for m in measures for suffix in ("", "_real_spread")]
+    )
+    curves["generation/distance_ratio"] = [
+        (
+            step,
+            distance_ratio(
+                {
+                    m: {
+                        "generated_vs_real": at[f"generation/{m}"][step],
+                        "real_vs_real_max": at[f"generation/{m}_real_spread"][step],
+                    }
+                    for m in measures
+                }
+            ),
+        )
+        for step in sorted(checked)
+    ]
+    return curves
 
 
 def monitor_images(run_dir: Path, steps_per_epoch: int) -> dict[int, np.ndarray]:
@@ -210,10 +231,10 @@ def _summary(
 
 
 def recipe(
-    steps: int = 8000,
-    check_every: int = 240,
-    spatial_size: int | Sequence[int] = 16,
-    spacing: float | None = None,
+    steps: int = 1200,
+    check_every: int = 400,
+    spatial_size: int | Sequence[int] = (28, 32, 28),
+    spacing: float | None = 6.0,
     batch_size: int = 8,
     learning_rate: float = 5e-4,
     ema_decay: float = 0.995,
@@ -253,7 +274,7 @@ def recipe(
 def compare_generation(
     work_dir: str | Path,
     channels: Sequence[int] = (16, 32, 64),
-    attention_levels: Sequence[bool] = (False, True, True),
+    attention_levels: Sequence[bool] = (False, False, True),
     num_blocks: int = 2,
     final_samples_count: int = 16,
     continue_steps: int = 0,
@@ -429,8 +450,14 @@ def plot_progress(images: Mapping[str, Mapping[int, np.ndarray]], path: Path, ro
 
 
 def plot_curves(result: dict, path: Path) -> None:
-    """Fraction of measures within the spread, validation ε-MSE and a few measures (with the real spread) vs steps."""
-    panels = ["generation/within_spread", "val_eps_mse", *[f"generation/{m}" for m in CURVE_MEASURES]]
+    """Fraction of measures within the spread, the distance ratio (1: the spread's edge), validation ε-MSE and a few
+    measures (with the real spread) vs steps."""
+    panels = [
+        "generation/within_spread",
+        "generation/distance_ratio",
+        "val_eps_mse",
+        *[f"generation/{m}" for m in CURVE_MEASURES],
+    ]
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(3.6 * cols, 2.9 * 2), squeeze=False)
     for ax, tag in zip(axes.flat, panels, strict=False):  # the grid may have more cells than panels
@@ -442,6 +469,8 @@ def plot_curves(result: dict, path: Path) -> None:
             if spread and name == "idm":
                 x, y = zip(*spread, strict=True)
                 ax.plot(x, y, color="grey", linestyle="--", label="real vs real (max)")
+        if tag == "generation/distance_ratio":
+            ax.axhline(1.0, color="grey", linestyle="--")
         ax.set_title(tag.removeprefix("generation/"), fontsize=9)
         ax.set_xlabel("training steps", fontsize=8)
         ax.grid(alpha=0.3)
@@ -451,7 +480,7 @@ def plot_curves(result: dict, path: Path) -> None:
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_axis_off()
-    axes.flat[2].legend(fontsize=7)  # a panel with the real-vs-real line
+    axes.flat[3].legend(fontsize=7)  # a panel with the real-vs-real line
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -462,9 +491,10 @@ def _at_step(curve: Sequence, step: int) -> float | None:
 
 
 def _sampler_rows(runs: Mapping[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the sampler table: per sampler, each network's fraction within the spread and T1
-    autocorrelation."""
-    header = ["sampler", *[f"{SHORT[n]} within" for n in runs], *[f"{SHORT[n]} autocorr. T1" for n in runs]]
+    """Header and rows of the sampler table: per sampler, each network's fraction within the spread, distance ratio
+    and T1 autocorrelation."""
+    header = ["sampler", *[f"{SHORT[n]} within" for n in runs], *[f"{SHORT[n]} dist. ratio" for n in runs]]
+    header += [f"{SHORT[n]} autocorr. T1" for n in runs]
     rows = []
     for sampler in runs["idm"]["samplers"]:
         results = [run["samplers"][sampler] for run in runs.values()]
@@ -472,6 +502,7 @@ def _sampler_rows(runs: Mapping[str, dict]) -> tuple[list[str], list[list[str]]]
             [
                 sampler,
                 *[f"{r['within_spread']:.2f}" for r in results],
+                *[f"{r['distance_ratio']:.2f}" for r in results],
                 *[f"{r['statistics']['autocorrelation/t1']['generated']:.3f}" for r in results],
             ]
         )
@@ -505,6 +536,7 @@ def render_generation_markdown(result: dict, command: str) -> str:
     per_step = [
         [step]
         + [f"{_at_step(runs[n]['curves']['generation/within_spread'], step):.2f}" for n in NETWORKS]
+        + [f"{_at_step(runs[n]['curves']['generation/distance_ratio'], step):.2f}" for n in NETWORKS]
         + [f"{_at_step(runs[n]['curves']['generation/autocorrelation/t1'], step):.3f}" for n in NETWORKS]
         + [f"{_at_step(runs[n]['curves']['val_eps_mse'], step) or float('nan'):.3f}" for n in NETWORKS]
         for step in shown
@@ -547,7 +579,9 @@ def render_generation_markdown(result: dict, command: str) -> str:
         f"**Findings.** {milestone('idm')}. {milestone('monai')}. At step {last_check}, the last check of "
         f"both, {at_last['idm']:.0%} of the measures are within the spread for IDM and "
         f"{at_last['monai']:.0%} for MONAI's network; the final IDM samples have "
-        f"{idm['final']['within_spread']:.0%} within, MONAI's {monai['final']['within_spread']:.0%}."
+        f"{idm['final']['within_spread']:.0%} within, MONAI's {monai['final']['within_spread']:.0%}, at distance "
+        f"ratios {idm['final']['distance_ratio']:.2f} and {monai['final']['distance_ratio']:.2f} (1: the spread's "
+        "edge; lower is closer to the data)."
     )
     if CONTINUED in runs:
         longer = runs[CONTINUED]
@@ -609,8 +643,9 @@ def render_generation_markdown(result: dict, command: str) -> str:
                 "## Over training",
                 f"![curves]({CURVES_FIGURE})",
                 (
-                    "Fraction of the measures within the spread, T1 lag-1 autocorrelation distance (real-vs-real "
-                    "max at the end "
+                    "Fraction of the measures within the spread, distance ratio (each measure's distance over its "
+                    "real-vs-real max, geometric mean: `bundle.sample_quality.distance_ratio`; 1 is the spread's "
+                    "edge), T1 lag-1 autocorrelation distance (real-vs-real max at the end "
                     f"{spread:.3f}) and validation ε-MSE, at equal steps:"
                 ),
                 markdown_table(
@@ -618,6 +653,8 @@ def render_generation_markdown(result: dict, command: str) -> str:
                         "step",
                         "IDM within",
                         "MONAI within",
+                        "IDM dist. ratio",
+                        "MONAI dist. ratio",
                         "IDM autocorr. dist.",
                         "MONAI autocorr. dist.",
                         "IDM ε-MSE",

@@ -116,7 +116,7 @@ def measure_generation(
                 "evaluations": network.calls // batches,
                 "seconds_per_sample": seconds / num_samples,
                 "within_spread": comparison["within_spread"],
-                "distance_ratio": distance_ratio(comparison),
+                "distance_ratio": comparison["distance_ratio"],
                 "comparison": comparison,
             }
         )
@@ -227,16 +227,6 @@ def compare_sampling(
         "paper_evaluation": _paper_evaluation(),
         "flow_training_seconds": flow_seconds,
     }
-
-
-def distance_ratio(comparison: Mapping) -> float:
-    """The geometric mean over the measures of the samples' distance to the real volumes divided by the largest
-    real-vs-real distance (1: on the spread's edge; below 1 within it): a continuous quality, lower is better, where
-    the fraction within the spread moves in steps of one measure."""
-    ratios = [
-        max(m["generated_vs_real"], 1e-12) / max(m["real_vs_real_max"], 1e-12) for m in comparison["measures"].values()
-    ]
-    return math.exp(sum(map(math.log, ratios)) / len(ratios))
 
 
 def _reaches(point: Mapping, full: Mapping) -> bool:

@@ -205,9 +205,9 @@ def _examples(run_dirs: Mapping[str, Path], given: str, generated: str, count: i
 
 def compare_synthesis(
     work_dir: str | Path,
-    steps: Sequence[int] = (250, 500, 1000, 2000),
-    spatial_size: Sequence[int] = (16, 16, 16),
-    spacing: float | None = None,
+    steps: Sequence[int] = (250, 500),
+    spatial_size: Sequence[int] = (28, 32, 28),
+    spacing: float | None = 6.0,
     directions: Sequence[Sequence[str]] = DIRECTIONS,
     batch_size: int = 8,
     learning_rate: float = 5e-4,
@@ -216,7 +216,7 @@ def compare_synthesis(
     num_phantoms: int = 128,
     val_fraction: float = 0.25,
     channels: Sequence[int] = (16, 32, 64),
-    attention_levels: Sequence[bool] = (False, True, True),
+    attention_levels: Sequence[bool] = (False, False, True),
     num_blocks: int = 2,
     seed: int = 0,
     examples: int = 4,
