@@ -36,7 +36,7 @@ from .report import machine_description, markdown_table
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["compare_synthesis", "render_synthesis_markdown", "write_synthesis_report"]
+__all__ = ["compare_synthesis", "goal_statement", "render_synthesis_markdown", "write_synthesis_report"]
 
 DIRECTIONS = (("t1", "t2"), ("t1", "flair"))  # (given, generated)
 CONFIGS = {  # the training configs of each network, and what evaluation adds
@@ -378,6 +378,29 @@ def plot_examples(result: Mapping, path: Path) -> None:
 BRASYN_COLUMNS = (("brasyn_psnr", 2), ("brasyn_ssim", 3), ("tumour_ssim", 3), ("healthy_ssim", 3))
 
 
+def goal_statement(direction: Mapping) -> str:
+    """Whether the final IDM is ahead of the final L1 UNet of ``direction`` on SSIM (in the head and by BraSyn's
+    measure) and on sharpness (nearer the real volume's: the smaller ``|ratio − 1|``, since a regression's blur
+    lowers the ratio and sampling noise raises it), with the figures."""
+    generated = direction["generated"]
+    final = {n: e["stages"][-1]["metrics"]["model"][generated] for n, e in direction["networks"].items()}
+    idm, unet = final["idm"], final["unet"]
+
+    def mean(metrics: Mapping, key: str) -> float:
+        return metrics[key]["mean"]
+
+    ssim = all(mean(idm, k) > mean(unet, k) for k in ("head_ssim", "brasyn_ssim"))
+    sharpness = abs(mean(idm, "sharpness") - 1) < abs(mean(unet, "sharpness") - 1)
+    verdict = "met" if ssim and sharpness else "**missed**"
+    return (
+        f"Goal (the IDM ahead of the L1 UNet on SSIM and on sharpness): {verdict}. Head SSIM IDM "
+        f"{mean(idm, 'head_ssim'):.3f} against UNet {mean(unet, 'head_ssim'):.3f}, BraSyn SSIM "
+        f"{mean(idm, 'brasyn_ssim'):.3f} against {mean(unet, 'brasyn_ssim'):.3f} (in the tumour "
+        f"{mean(idm, 'tumour_ssim'):.3f} against {mean(unet, 'tumour_ssim'):.3f}), sharpness "
+        f"{mean(idm, 'sharpness'):.2f} against {mean(unet, 'sharpness'):.2f} (1: as sharp as the real volume)."
+    )
+
+
 def render_synthesis_markdown(result: Mapping, command: str) -> str:
     s = result["settings"]
     names = [f"{d['given'].upper()} → {d['generated'].upper()}" for d in result["directions"].values()]
@@ -456,6 +479,8 @@ def render_synthesis_markdown(result: Mapping, command: str) -> str:
         tumours = final["idm"]["model"][generated]["tumour_ssim"]["cases"]
         lines += [
             f"## {direction['given'].upper()} → {generated.upper()}",
+            "",
+            goal_statement(direction),
             "",
             (
                 f"Final models ({direction['networks']['idm']['stages'][-1]['step']} steps), "
