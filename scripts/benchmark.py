@@ -326,23 +326,41 @@ class Benchmark:
         translation_dir: str | None = None,
         work_dir: str = "runs/sampling",
         num_samples: int = 16,
+        translation_cases: int = 8,
         output_dir: str = "docs",
     ) -> None:
         """Quality against network evaluations: the generation study's IDM in ``generation_dir`` sampled by every
         sampler at 5, 10, 20 and 50 steps and by the full DDPM chain, and its rectified flow twin (trained here in
         ``work_dir``, as that IDM was but for ``--objective rectified_flow``; a stopped run resumes) by Euler steps,
         ``num_samples`` each against the validation volumes; with ``--translation_dir`` (a synthesis study's
-        direction, e.g. ``runs/synthesis/t1_to_t2``) its IDM's translations likewise. Writes ``sampling.md``,
-        ``sampling.json`` and ``sampling.png``."""
-        if num_samples < 2 or not (Path(generation_dir) / "idm" / "models" / "model.pt").exists():
+        direction, e.g. ``runs/synthesis/t1_to_t2``) its IDM's translations of its first ``translation_cases``
+        validation cases likewise. Writes ``sampling.md``, ``sampling.json`` and ``sampling.png``."""
+        if (
+            num_samples < 2
+            or translation_cases < 1
+            or not (Path(generation_dir) / "idm" / "models" / "model.pt").exists()
+        ):
             raise SystemExit(
-                f"ERROR: need --generation_dir with a trained generation study (its idm/models/model.pt) and "
-                f"--num_samples ≥ 2, got {generation_dir!r} and {num_samples}."
+                f"ERROR: need --generation_dir with a trained generation study (its idm/models/model.pt), "
+                f"--num_samples ≥ 2 and --translation_cases ≥ 1, got {generation_dir!r}, {num_samples} and "
+                f"{translation_cases}."
             )
-        result = compare_sampling(work_dir, generation_dir, translation_dir, num_samples, num_threads=None)
+        result = compare_sampling(
+            work_dir,
+            generation_dir,
+            translation_dir,
+            num_samples,
+            num_threads=None,
+            translation_cases=translation_cases,
+        )
         command = (
             f"python scripts/benchmark.py sampling --generation_dir {generation_dir} --work_dir {work_dir} "
-            f"--num_samples {num_samples}" + (f" --translation_dir {translation_dir}" if translation_dir else "")
+            f"--num_samples {num_samples}"
+            + (
+                f" --translation_dir {translation_dir} --translation_cases {translation_cases}"
+                if translation_dir
+                else ""
+            )
         )
         print(write_sampling_report(result, command, output_dir).read_text())
 

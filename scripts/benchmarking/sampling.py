@@ -26,7 +26,9 @@ from pathlib import Path
 
 import matplotlib
 import torch
+from monai.data import DataLoader
 from torch import nn
+from torch.utils.data import Subset
 
 from bundle.checkpoint import load_checkpoint
 from bundle.diffusion import DiffusionSampler
@@ -123,15 +125,16 @@ def measure_generation(
     return results
 
 
-def measure_translation(run_dir: Path, points: Sequence[tuple], seed: int) -> list[dict]:
-    """Per point of :func:`sampler_points`: the run's translation of each validation case (with its tumour labels)
-    scored against the real volume (:func:`~bundle.synthesis.translate_split`), the evaluations per case and the
-    seconds per case."""
+def measure_translation(run_dir: Path, points: Sequence[tuple], seed: int, num_cases: int) -> list[dict]:
+    """Per point of :func:`sampler_points`: the run's translation of its first ``num_cases`` validation cases (with
+    their tumour labels) scored against the real volumes (:func:`~bundle.synthesis.translate_split`), the evaluations
+    per case and the seconds per case."""
     network, model = _trained(run_dir)
     parser = run_config(run_dir)
-    parser.update({"preprocessing#segmentation": True, "validate#dataloader#batch_size": 8})
-    dataloader = parser.get_parsed_content("validate#dataloader")
-    cases = len(dataloader.dataset)
+    parser.update({"preprocessing#segmentation": True})
+    dataset = parser.get_parsed_content("validate#dataset")
+    cases = min(num_cases, len(dataset))
+    dataloader = DataLoader(Subset(dataset, range(cases)), batch_size=8, num_workers=0)
     results = []
     for label, name, eta, steps in points:
         network.calls = 0
@@ -147,6 +150,7 @@ def measure_translation(run_dir: Path, points: Sequence[tuple], seed: int) -> li
                 "sampler": label,
                 "steps": steps or model.num_train_timesteps,
                 "evaluations": network.calls // len(dataloader),
+                "cases": cases,
                 "seconds_per_case": seconds / cases,
                 "model": scores["model"],
                 "identity": scores["identity"],
@@ -189,10 +193,12 @@ def compare_sampling(
     flow_steps: Sequence[int] = FLOW_STEPS,
     seed: int = 0,
     num_threads: int | None = None,
+    translation_cases: int = 8,
 ) -> dict:
     """Trains the rectified flow twin of ``generation_dir/idm`` (:func:`train_flow`; reused once trained), then
     measures generation for both and, given ``translation_dir`` (a synthesis study's direction folder, e.g.
-    ``runs/synthesis/t1_to_t2``), translation by its IDM: ``{"settings", "machine", "generation": {"epsilon":
+    ``runs/synthesis/t1_to_t2``), translation of its first ``translation_cases`` validation cases by its IDM:
+    ``{"settings", "machine", "generation": {"epsilon":
     [point, …], "rectified_flow": [...]}, "translation": [...] or None, "paper_evaluation", "flow_training_seconds"}``.
     """
     work_dir, generation_run = Path(work_dir), Path(generation_dir) / "idm"
@@ -206,7 +212,9 @@ def compare_sampling(
     }
     translation = None
     if translation_dir is not None:
-        translation = measure_translation(Path(translation_dir) / "idm", sampler_points("epsilon", steps), seed)
+        translation = measure_translation(
+            Path(translation_dir) / "idm", sampler_points("epsilon", steps), seed, translation_cases
+        )
     args = json.loads((generation_run / "args.json").read_text())
     settings = {
         "spatial_size": epsilon.spatial_size,
@@ -217,6 +225,7 @@ def compare_sampling(
         "seed": seed,
         "generation_dir": str(generation_dir),
         "translation_dir": None if translation_dir is None else str(translation_dir),
+        "translation_cases": translation_cases,
         "flow_objective": flow.objective,
     }
     return {
@@ -283,7 +292,8 @@ def _series(result: Mapping) -> dict[str, dict[str, list[tuple[int, float]]]]:
 
 def plot_sampling(result: Mapping, path: Path) -> None:
     """Quality against network evaluations, one line per sampler: the generation's distance ratio
-    (:func:`distance_ratio`; the real-vs-real spread's edge at 1) and, with a translation, its SSIM in the head."""
+    (:func:`~bundle.sample_quality.distance_ratio`; the real-vs-real spread's edge at 1) and, with a translation, its
+    SSIM in the head."""
     panels = _series(result)
     labels = {"generation": "distance to the real volumes ÷ real-vs-real spread", "translation": "SSIM in the head"}
     figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
@@ -433,7 +443,8 @@ def render_sampling_markdown(result: Mapping, command: str) -> str:
             "## Translation",
             "",
             (
-                f"The synthesis study's conditioned IDM (`{s['translation_dir']}`), each validation case translated by "
+                f"The synthesis study's conditioned IDM (`{s['translation_dir']}`), each of its first "
+                f"{result['translation'][0]['cases']} validation cases translated by "
                 "each sampler and scored against its real volume (`bundle.synthesis.translate_split`: SSIM and PSNR in "
                 "the head; BraSyn's after its percentile normalisation), mean ± std over the cases:"
             ),
