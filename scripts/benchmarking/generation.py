@@ -50,6 +50,16 @@ CURVE_MEASURES = ("autocorrelation/t1", "histogram/t1", "power_spectrum/t2", "co
 CONTINUED = "idm_continued"  # the IDM run trained on to a longer schedule
 SHORT = {"idm": "IDM", "monai": "MONAI", CONTINUED: "IDM, longer"}  # labels in the figures
 DONE = "done.json"  # written beside a finished run: its wall seconds (a rerun with the same work_dir reuses it)
+TEMPLATE_POPULATION = (
+    "The built-in brains are one template, the MNI ICBM152 2009 average of 152 healthy young adults, deformed "
+    "smoothly per case, with a synthetic tumour and this bundle's own contrasts, bias field and noise "
+    "(`bundle.data.anatomy`). A model that comes close to them has learned that family: the template's anatomy under "
+    "deformation and the contrast and tumour models, at 6 mm, where the cortex is a voxel or two thick. It has not "
+    "seen what separates patients: age and atrophy, real tumours' shapes, mass effect and enhancement, scanners, "
+    "protocols and artefacts. These figures therefore show that training, sampling and the measures work on "
+    "brain-shaped data and how the two networks compare at an equal budget; they are not figures of quality on "
+    "BraTS, where both the data and its real-vs-real spread are wider."
+)
 
 
 def run_config(run_dir: Path) -> ConfigParser:
@@ -618,6 +628,8 @@ def render_generation_markdown(result: dict, command: str) -> str:
                     "random "
                     "halves of the real volumes over 10 splits)."
                 ),
+                "## What these figures can show",
+                TEMPLATE_POPULATION,
                 "## Samples of the final models beside real volumes",
                 (
                     "Axial, coronal and sagittal mid-slices of each volume; first rows: validation volumes; then the "

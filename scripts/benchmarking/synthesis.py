@@ -29,7 +29,7 @@ from bundle.diffusion import DiffusionSampler, GridDDIMScheduler
 from bundle.synthesis import RegressionInferer, mean_std
 
 from .child_process import BUNDLE_ROOT, run_bundle_command
-from .generation import grid_in_words
+from .generation import TEMPLATE_POPULATION, grid_in_words
 from .quality import parameter_count
 from .report import machine_description, markdown_table
 
@@ -427,6 +427,12 @@ def render_synthesis_markdown(result: Mapping, command: str) -> str:
             "challenge's: both volumes clipped to the real one's 0.5th–99.5th percentiles in the head and scaled to "
             "[0, 1], PSNR and SSIM in the head, SSIM in the tumour (the cases' `seg` labels) and in the rest of the "
             "head. The identity baseline is the input volume itself after the same scaling."
+        ),
+        "",
+        (
+            f"{TEMPLATE_POPULATION} For synthesis in particular: every sequence of a built-in case is made from the "
+            "same tissue maps, so the given volume fixes the generated one up to the case's contrast, bias field and "
+            "noise, a closer link than real T1 and T2 have."
         ),
         "",
     ]
