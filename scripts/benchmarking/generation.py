@@ -578,7 +578,11 @@ def render_generation_markdown(result: dict, command: str) -> str:
         best = max(value for _, value in curve)
         first = next(step for step, value in curve if value == best)
         minutes = first * runs[name]["seconds_per_step"] / 60
-        parts = [f"at best {best:.0%} of the measures within the spread, first at step {first} ({minutes:.0f} min)"]
+        parts = (
+            [f"at best {best:.0%} of the measures within the spread, first at step {first} ({minutes:.0f} min)"]
+            if best > 0
+            else ["no measure within the spread at any check"]
+        )
         parts += [
             f"{share} within: {reached(runs[name], key)}"
             for share, key in (("90%", "first_within_90"), ("all", "first_within"))
