@@ -309,13 +309,20 @@ def compare_to_real(
     }
 
 
+RATIO_FLOOR = 0.01  # a measure's ratio counts as at least this: one measure far inside the spread (MMD can be
+# 0 or below) must not outweigh the others in the geometric mean
+
+
 def distance_ratio(measures: Mapping[str, Mapping[str, float]]) -> float:
     """The geometric mean over ``measures`` (``{name: {"generated_vs_real", "real_vs_real_max"}}``, as
-    :func:`compare_to_real` gives them) of each distance divided by its largest real-vs-real distance: 1 on the
-    spread's edge on the whole, below 1 within it; lower is better. Distances under 1e-12 count as 1e-12."""
+    :func:`compare_to_real` gives them) of each distance divided by its largest real-vs-real distance, each ratio
+    at least :data:`RATIO_FLOOR`: 1 on the spread's edge on the whole, below 1 within it; lower is better."""
     if not measures:
         raise ValueError("distance_ratio needs at least one measure.")
-    logs = [math.log(max(m["generated_vs_real"], 1e-12) / max(m["real_vs_real_max"], 1e-12)) for m in measures.values()]
+    logs = [
+        math.log(max(m["generated_vs_real"] / max(m["real_vs_real_max"], 1e-12), RATIO_FLOOR))
+        for m in measures.values()
+    ]
     return math.exp(sum(logs) / len(logs))
 
 

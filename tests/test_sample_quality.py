@@ -15,7 +15,7 @@ from bundle.data.phantoms import make_ellipsoid_phantom
 from bundle.errors import BadInputError
 from bundle.handlers import GenerationMonitor
 from bundle.networks import InvertibleDiffusionUNet
-from bundle.sample_quality import compare_to_real, quality_summary, volume_statistics
+from bundle.sample_quality import compare_to_real, distance_ratio, quality_summary, volume_statistics
 
 MODALITIES = ["t1", "t2"]
 
@@ -36,9 +36,8 @@ def test_held_out_real_volumes_are_within_the_spread_on_every_measure(phantoms):
     result = compare_to_real(phantoms[16:], phantoms[:16], MODALITIES)
     assert result["set_size"] == 8 and result["num_real"] == 16
     assert len(result["measures"]) == 12 and result["within_spread"] == 1.0
-    ratio = math.exp(
-        sum(math.log(m["generated_vs_real"] / m["real_vs_real_max"]) for m in result["measures"].values()) / 12
-    )
+    ratios = [max(m["generated_vs_real"] / m["real_vs_real_max"], 0.01) for m in result["measures"].values()]
+    ratio = math.exp(sum(map(math.log, ratios)) / 12)
     assert result["distance_ratio"] == pytest.approx(ratio) and result["distance_ratio"] <= 1
     assert quality_summary(result) == f"12/12 measures within the real-vs-real spread, distance ratio {ratio:.2f}"
 
@@ -167,3 +166,17 @@ def test_monitor_without_enough_validation_volumes_says_so_once(phantoms, caplog
 def test_monitor_refuses_a_bad_interval(interval):
     with pytest.raises(BadInputError, match="--generation_interval must be an integer ≥ 1"):
         _monitor(_Writer(), interval=interval)
+
+
+def test_the_distance_ratio_is_a_geometric_mean_with_a_floor_per_measure():
+    """Twice the spread on one measure and half on another give 1; a measure at or below zero distance (MMD can be)
+    counts as a hundredth of the spread instead of pulling the mean to zero; no measures is an error."""
+    measures = {
+        "a": {"generated_vs_real": 2.0, "real_vs_real_max": 1.0},
+        "b": {"generated_vs_real": 1.0, "real_vs_real_max": 2.0},
+    }
+    assert distance_ratio(measures) == pytest.approx(1.0)
+    measures["c"] = {"generated_vs_real": -0.5, "real_vs_real_max": 0.1}
+    assert distance_ratio(measures) == pytest.approx(0.01 ** (1 / 3))
+    with pytest.raises(ValueError, match="at least one measure"):
+        distance_ratio({})
