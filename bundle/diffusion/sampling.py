@@ -256,8 +256,8 @@ def make_sampler(
 
 
 def monitoring_sampler(objective: str, num_train_timesteps: int, schedule: str | None) -> Scheduler:
-    """The generation monitor's sampler for a run of ``objective``: DDIM with η = 1 for ε (at 200 steps its samples
-    matched the full DDPM chain's on the phantoms, ``docs/generation.md``), Euler for a rectified flow."""
+    """The generation monitor's sampler for a run of ``objective``: DDIM with η = 1 for ε (fresh noise at each step,
+    as the DDPM chain draws it), Euler for a rectified flow."""
     if objective == "epsilon":
         return make_sampler("ddim", num_train_timesteps, schedule, eta=1.0)
     return make_sampler("euler", num_train_timesteps, schedule, objective=objective)

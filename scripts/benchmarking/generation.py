@@ -54,11 +54,11 @@ TEMPLATE_POPULATION = (
     "The built-in brains are one template, the MNI ICBM152 2009 average of 152 healthy young adults, deformed "
     "smoothly per case, with a synthetic tumour and this bundle's own contrasts, bias field and noise "
     "(`bundle.data.anatomy`). A model that comes close to them has learned that family: the template's anatomy under "
-    "deformation and the contrast and tumour models, at 6 mm, where the cortex is a voxel or two thick. It has not "
-    "seen what separates patients: age and atrophy, real tumours' shapes, mass effect and enhancement, scanners, "
-    "protocols and artefacts. These figures therefore show that training, sampling and the measures work on "
-    "brain-shaped data and how the two networks compare at an equal budget; they are not figures of quality on "
-    "BraTS, where both the data and its real-vs-real spread are wider."
+    "deformation and the contrast and tumour models, at the study's grid (at 6 mm the cortex is a voxel or two "
+    "thick). It has not seen what separates patients: age and atrophy, real tumours' shapes, mass effect and "
+    "enhancement, scanners, protocols and artefacts. These figures therefore show that training, sampling and the "
+    "measures work on brain-shaped data and how the two networks compare at an equal budget; they are not figures "
+    "of quality on BraTS, where both the data and its real-vs-real spread are wider."
 )
 
 
