@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import redraw_zero_init_, relative_error
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bundle.networks import (
     AdditiveCoupling,
@@ -149,6 +150,30 @@ def test_attention_weights_are_bounded_and_division_amplifies_rounding_by_at_mos
     amplification = change[:, :, modified].abs() / delta[:, :, modified].abs()
     assert amplification.max() <= 2.0 * (1 + 1e-6)
     assert amplification.max() > 1.9 and amplification.min() < 0.55  # the whole range [1/2, 2] is used
+
+
+class _RecordOps(TorchDispatchMode):
+    """Names every aten operator that runs under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_takes_the_fused_sdpa_kernel_forward_and_backward():
+    """The math path forms the N² score matrix (``bmm`` and ``softmax``); the fused kernel does not. SDPA takes
+    the math path whenever its value tensor is not a plain strided view, as a transposed token view is."""
+    attention = redraw_zero_init_(InvertibleAttention(3, 8, num_heads=2), std=0.5)
+    x = torch.randn(2, 8, 4, 4, 4, requires_grad=True)
+    with _RecordOps() as ops:
+        attention.weights(attention.kept(x)).sum().backward()
+    fused = {name for name in ops.names if name.startswith("_scaled_dot_product_flash_attention")}
+    assert len(fused) == 2, sorted(ops.names)  # forward and backward
+    assert not {name for name in ops.names if "softmax" in name or name.startswith("bmm")}, sorted(ops.names)
 
 
 def test_checkerboard_pairs_kept_and_modified_voxels():

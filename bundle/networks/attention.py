@@ -101,7 +101,9 @@ class InvertibleAttention(CouplingLayer):
     def weights(self, kept: torch.Tensor) -> torch.Tensor:
         """``f(y₁)`` for kept tokens (B, C, N) → (B, C, N), values in ``[e^{-α}, e^{α}]``."""
         b, c, n = kept.shape
-        tokens = kept.transpose(1, 2)
+        # contiguous tokens make V a plain strided view: SDPA's fused kernels take it, where a non-contiguous V
+        # sends it down the math path, which forms the N² score matrix
+        tokens = kept.transpose(1, 2).contiguous()
         q = self.query(tokens).reshape(b, n, self.num_heads, -1).transpose(1, 2)
         k = self.key(tokens).reshape(b, n, self.num_heads, -1).transpose(1, 2)
         v = tokens.reshape(b, n, self.num_heads, -1).transpose(1, 2)
