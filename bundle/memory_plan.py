@@ -79,11 +79,20 @@ class LiveBytes(TorchDispatchMode):
         device_type: the device whose storages count (``"cuda"``: the noise drawn on the CPU does not).
         block_bytes: each storage is rounded up to a multiple of this (the CUDA allocator's 512).
         module_names: ``{id(module): name}`` of the modules to name in :attr:`peak_where`.
+        onednn_workspaces: count the CPU convolutions' hidden workspaces (:meth:`_workspace`) at each one's
+            peak: a CPU plan's, not a GPU plan's run with the CPU's operators.
     """
 
-    def __init__(self, device_type: str, block_bytes: int = 1, module_names: dict[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        device_type: str,
+        block_bytes: int = 1,
+        module_names: dict[int, str] | None = None,
+        onednn_workspaces: bool = False,
+    ) -> None:
         super().__init__()
         self.device_type = device_type
+        self.onednn_workspaces = onednn_workspaces
         self.block_bytes = block_bytes
         self.module_names = module_names or {}
         self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage → [its counted bytes, what made it]
@@ -182,7 +191,7 @@ class LiveBytes(TorchDispatchMode):
         the input in the forward, of the input and the output's gradient in the backward (measured per operator:
         16.7 MB hidden in the backward of a 4-channel convolution of batch 4 at 32³, whose operands hold 2.1 MB
         each)."""
-        if self.device_type != "cpu":
+        if not self.onednn_workspaces:
             return 0
         if func is torch.ops.aten.convolution.default:
             operands = args[:1]
@@ -424,7 +433,11 @@ def _planning_device(
     images of ``image_shape`` (C, *S): without a GPU a CUDA plan runs the CPU's operators, and says so; a size the
     network pads inside is said too."""
     kind, device = torch.device(device).type, torch.device(device)
-    notes = ["predicted, not measured: tensors only (no operator workspaces, CUDA context or fragmentation)"]
+    notes = [
+        "predicted, not measured: tensors only (no operator workspaces, CUDA context or fragmentation)"
+        if kind == "cuda"
+        else "predicted, not measured: tensors and oneDNN's convolution workspaces (no other library buffers)"
+    ]
     padded_size = getattr(network, "padded_size", None)
     if padded_size is not None and list(padded_size(image_shape[1:])) != list(image_shape[1:]):
         padded = list(padded_size(image_shape[1:]))
@@ -483,7 +496,9 @@ def plan_training_step(
     kind, device, notes = _planning_device(device, network, image_shape)
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
-        tracker = LiveBytes(device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1)
+        tracker = LiveBytes(
+            device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1, onednn_workspaces=kind == "cpu"
+        )
         with tracker:
             twin = _fake_twin(network, device)
             twins = dict(zip(map(id, network.parameters()), twin.parameters(), strict=True))
@@ -564,7 +579,9 @@ def plan_sampling_step(
     kind, device, notes = _planning_device(device, network, image_shape)
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
-        tracker = LiveBytes(device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1)
+        tracker = LiveBytes(
+            device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1, onednn_workspaces=kind == "cpu"
+        )
         with tracker:
             twin = _fake_twin(network, device).eval()
             tracker.module_names = {id(m): name or "network" for name, m in twin.named_modules()}

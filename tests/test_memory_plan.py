@@ -56,6 +56,22 @@ def test_live_bytes_counts_each_storage_once_until_it_is_freed():
         assert live.live == 512
 
 
+def test_a_cpu_plan_counts_onednn_s_convolution_workspaces_at_their_operator():
+    """oneDNN copies a convolution's input (forward), and its input and output gradient (backward), into blocks of
+    16 channels inside the operator: 4 channels count as 16. A GPU plan made with the CPU's operators leaves
+    them out."""
+    peaks = {}
+    for workspaces in (False, True):
+        with FakeTensorMode(), LiveBytes("cpu", onednn_workspaces=workspaces) as live:
+            x = torch.empty(2, 4, 8, 8, 8, requires_grad=True)
+            weight = torch.empty(4, 4, 3, 3, 3, requires_grad=True)
+            live.count([x, weight])
+            torch.nn.functional.conv3d(x, weight, padding=1).sum().backward()
+            peaks[workspaces] = live.peak
+    operand = 2 * 16 * 8**3 * 4  # one (2, 4, 8, 8, 8) operand in blocks of 16 channels
+    assert peaks[True] - peaks[False] == 2 * operand  # the backward's two copies, beside its outputs
+
+
 def test_what_is_alive_at_the_peak_is_named_by_operator_place_and_shape():
     """The floor (what was alive when the step started) is left out; the step's tensors at its peak are grouped
     and listed largest first, a tensor freed before the peak is not among them."""
