@@ -174,6 +174,7 @@ class TrainingCheckpoint:
         ckpt_dir: output directory.
         network, optimizer, lr_scheduler, noise_sampler: the training objects to save and restore.
         ema: the ``AveragedModel`` of the network, or None.
+        patch_sampler: the :class:`~bundle.diffusion.PatchSampler` of patch training (its draws), or None.
         run_record: the record of the run (:func:`~bundle.run_record.run_record`), written as ``ckpt_dir/run.json``,
             so that inference gives samples the same voxel grid and checks its settings, and evaluation and a resumed
             run take its validation cases.
@@ -198,6 +199,7 @@ class TrainingCheckpoint:
         log_dir: str | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        patch_sampler=None,
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.resume, self.overwrite = resume, overwrite
@@ -211,6 +213,8 @@ class TrainingCheckpoint:
         }
         if ema is not None:
             self.objects["ema"] = ema
+        if patch_sampler is not None:
+            self.objects["patch_sampler"] = patch_sampler
         self.ema = ema
 
     @property

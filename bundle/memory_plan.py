@@ -443,7 +443,7 @@ def _planning_device(
         padded = list(padded_size(image_shape[1:]))
         notes.append(
             f"the network pads {list(image_shape[1:])} to {padded} inside (its levels need multiples of "
-            f"{network.trunk.size_divisor}): the step costs what {padded} costs; a spatial_size of multiples "
+            f"{network.size_divisor}): the step costs what {padded} costs; a spatial_size of multiples "
             "of it uses every voxel it pays for"
         )
     if kind == "cuda" and not torch.cuda.is_available():
@@ -496,9 +496,7 @@ def plan_training_step(
     kind, device, notes = _planning_device(device, network, image_shape)
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
-        tracker = LiveBytes(
-            device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1, onednn_workspaces=kind == "cpu"
-        )
+        tracker = LiveBytes(device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1, onednn_workspaces=kind == "cpu")
         with tracker:
             twin = _fake_twin(network, device)
             twins = dict(zip(map(id, network.parameters()), twin.parameters(), strict=True))
@@ -579,9 +577,7 @@ def plan_sampling_step(
     kind, device, notes = _planning_device(device, network, image_shape)
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", _FAKE_DATA_POINTER)
-        tracker = LiveBytes(
-            device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1, onednn_workspaces=kind == "cpu"
-        )
+        tracker = LiveBytes(device.type, CUDA_BLOCK_BYTES if kind == "cuda" else 1, onednn_workspaces=kind == "cpu")
         with tracker:
             twin = _fake_twin(network, device).eval()
             tracker.module_names = {id(m): name or "network" for name, m in twin.named_modules()}
@@ -651,6 +647,8 @@ class TrainingMemoryPlan:
         device_memory_gb: GiB the run may use (None: the device's, see :func:`device_memory_bytes`).
         check: refuse a run predicted not to fit (False: only log the plan).
         memory_budget: ``"auto"``, or the bytes the network was built with (None: the network's, unchanged).
+        patch_sampler: patch training's :class:`~bundle.diffusion.PatchSampler`: the step of each of its patch
+            sizes (its batch of patches, the coordinates beside them) is planned, and the largest is the plan.
         Other arguments: as :func:`plan_training_step`; ``micro_batch_size`` may also be ``"auto"`` (the whole
             batch only, with ``optimizer_in_backward``).
 
@@ -684,27 +682,37 @@ class TrainingMemoryPlan:
         condition_channels: int = 0,
         memory_budget: float | str | None = None,
         optimizer_in_backward: bool = False,
+        patch_sampler=None,
     ) -> None:
         usable = device_memory_bytes(device, device_memory_gb)
+        if patch_sampler is None:
+            batches = [(batch_size, list(image_shape[1:]))]
+        else:  # each patch size's batch, its coordinates read beside the condition
+            batches = patch_sampler.batches(batch_size)
+            condition_channels += len(image_shape) - 1
 
         def plan(micro: int, with_amp: bool = amp) -> MemoryPlan:
-            return plan_training_step(
-                network,
-                optimizer,
-                scheduler,
-                noise_sampler,
-                batch_size=batch_size,
-                image_shape=image_shape,
-                micro_batch_size=None if micro == batch_size else micro,
-                ema=ema,
-                amp=with_amp,
-                lambda_rec=lambda_rec,
-                lambda_l2=lambda_l2,
-                device=device,
-                usable_bytes=usable,
-                condition_channels=condition_channels,
-                optimizer_in_backward=optimizer_in_backward,
-            )
+            plans = [
+                plan_training_step(
+                    network,
+                    optimizer,
+                    scheduler,
+                    noise_sampler,
+                    batch_size=count,
+                    image_shape=[image_shape[0], *size],
+                    micro_batch_size=None if micro >= count else micro,
+                    ema=ema,
+                    amp=with_amp,
+                    lambda_rec=lambda_rec,
+                    lambda_l2=lambda_l2,
+                    device=device,
+                    usable_bytes=usable,
+                    condition_channels=condition_channels,
+                    optimizer_in_backward=optimizer_in_backward,
+                )
+                for count, size in batches
+            ]
+            return max(plans, key=lambda p: p.peak_bytes)
 
         trunk = unwrap(network)
         # "auto" spends what is spare unless the network was built with a budget of its own (--network_def#…)

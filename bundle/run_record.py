@@ -99,12 +99,15 @@ def run_record(
     network: nn.Module,
     spacing: float | Sequence[float] | None = None,
     condition_modalities: Sequence[str] = (),
+    patch_sampler=None,
 ) -> dict:
     """The record of a training run: its ``task`` (:data:`TASKS`: translation when it has ``condition_modalities``,
     the given ones; generation when they are empty), its ``modalities`` (the generated ones), the voxel grid
     (``affine``, ``spatial_size``) of a preprocessed training case's ``"image"`` (C, *S) MetaTensor, its ``spacing``
     (None: the resized grid), the ``noise_scheduler`` built with ``schedule`` (:func:`scheduler_record`), the
-    ``network``'s constructor arguments (:func:`network_record`) and the case ids of its validation split.
+    ``network``'s constructor arguments (:func:`network_record`; a network trained on patches reads coordinates,
+    which it then adds itself for whole volumes), the ``patches`` it trained on (fractions, probabilities and sizes of
+    its :class:`~bundle.diffusion.PatchSampler`; None: whole volumes) and the case ids of its validation split.
     On the native grid, for a case of a registered dataset (``case["frame"]`` is
     :data:`~bundle.data.transforms.ATLAS_FRAME`: one box of one frame for every case) also ``original_grid``, the
     affine and shape of the case's files, on which inference writes its samples."""
@@ -119,6 +122,13 @@ def run_record(
         "condition_modalities": list(condition_modalities),
         "noise_scheduler": scheduler_record(noise_scheduler, schedule),
         "network": network_record(network),
+        "patches": None
+        if patch_sampler is None
+        else {
+            "fractions": list(patch_sampler.fractions),
+            "probabilities": patch_sampler.probabilities.tolist(),
+            "sizes": patch_sampler.sizes,
+        },
         "validation_cases": list(validation_cases),
     }
     if spacing is not None and case.get("frame") == ATLAS_FRAME:

@@ -21,6 +21,7 @@ from .data.transforms import check_spacing
 from .diffusion.engines import autocast_dtype
 from .diffusion.loss import micro_batches
 from .diffusion.objectives import objective_of
+from .diffusion.patches import PatchSampler
 from .diffusion.update_in_backward import check_whole_batch
 from .errors import BadInputError
 from .flags import as_flag, as_flags, as_memory_budget
@@ -120,6 +121,17 @@ def _check_device(device: torch.device | str) -> None:
         )
 
 
+def _check_intervals(val_interval: int, drift_interval: int, preview_interval: int) -> None:
+    for name, value in (("val_interval", val_interval), ("drift_interval", drift_interval)):
+        if not _positive_int(value):
+            raise BadInputError(f"{name} must be a positive integer (every n-th epoch or step); got {value!r}.")
+    if not (_integer(preview_interval) and preview_interval >= 0):
+        raise BadInputError(
+            f"preview_interval must be an integer ≥ 0 (every n-th validation; 0 turns previews off); "
+            f"got {preview_interval!r}."
+        )
+
+
 @dataclass(kw_only=True)
 class TrainingSettings:
     """The settings of ``configs/train.json`` (same names; see the README's table), which every component of the
@@ -127,10 +139,11 @@ class TrainingSettings:
     (:func:`~bundle.flags.as_flag`: a command line gives ``"false"``), the image grid, the batch split
     (:func:`~bundle.diffusion.micro_batches`; a whole batch with ``optimizer_in_backward``), ``memory_budget``
     (:func:`~bundle.flags.as_memory_budget`), ``amp``, the noise scheduler (ε-prediction for the ε objective), the
-    numbers' ranges. After the check, ``resume``, ``overwrite``, ``skip_invalid``, ``amp``, ``optimizer_in_backward``,
-    ``memory_efficient`` and ``recompute_norms`` are bools and ``attention_levels`` a tuple of bools. What the machine
-    and the folders hold is checked apart, by :meth:`check_device_and_folders` (a training run's ``initialize``; the
-    memory planner plans for a device it does not have and never writes).
+    numbers' ranges, the patches (:class:`~bundle.diffusion.PatchSampler`). After the check, ``resume``,
+    ``overwrite``, ``skip_invalid``, ``amp``, ``optimizer_in_backward``, ``memory_efficient``, ``recompute_norms`` and
+    ``patch_training`` are bools and ``attention_levels`` a tuple of bools. What the machine and the folders hold is
+    checked apart, by :meth:`check_device_and_folders` (a training run's ``initialize``; the memory planner plans for a
+    device it does not have and never writes).
 
     Raises:
         BadInputError: naming the first setting out of range and what it accepts.
@@ -161,6 +174,9 @@ class TrainingSettings:
     preview_interval: int
     val_timestep_fractions: Sequence[float]
     generation_interval: int = 0
+    patch_training: bool | str = False
+    patch_fractions: Sequence[float] = (0.25, 0.5, 1.0)
+    patch_probabilities: Sequence[float] = (0.2, 0.3, 0.5)
     device: torch.device | str
     ckpt_dir: str | Path
     output_dir: str | Path
@@ -176,6 +192,7 @@ class TrainingSettings:
             "optimizer_in_backward",
             "memory_efficient",
             "recompute_norms",
+            "patch_training",
         ):
             setattr(self, name, as_flag(getattr(self, name), name))
         self.attention_levels = as_flags(self.attention_levels, "attention_levels")
@@ -211,16 +228,10 @@ class TrainingSettings:
             value = getattr(self, name)
             if not _number(value) or value < 0:
                 raise BadInputError(f"{name} must be a number ≥ 0 (0 drops its term of Eq. 8); got {value!r}.")
-        for name in ("val_interval", "drift_interval"):
-            value = getattr(self, name)
-            if not _positive_int(value):
-                raise BadInputError(f"{name} must be a positive integer (every n-th epoch or step); got {value!r}.")
-        if not (_integer(self.preview_interval) and self.preview_interval >= 0):
-            raise BadInputError(
-                f"preview_interval must be an integer ≥ 0 (every n-th validation; 0 turns previews off); "
-                f"got {self.preview_interval!r}."
-            )
+        _check_intervals(self.val_interval, self.drift_interval, self.preview_interval)
         _check_val_timestep_fractions(self.val_timestep_fractions)
+        if self.patch_training:
+            PatchSampler(self.spatial_size, self.patch_fractions, self.patch_probabilities)
 
     def check_device_and_folders(self) -> None:
         """Raises :class:`BadInputError` for a device this machine does not have, output folders that cannot be

@@ -97,6 +97,16 @@ def _studies_run_their_command_lines_in_the_zygote():
         yield
 
 
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Path:
+    """A BraTS2020 folder of six small ellipsoid phantoms (24×24×20) for runs through the command line."""
+    from bundle.data import write_ellipsoid_phantoms
+
+    root = tmp_path_factory.mktemp("brats6")
+    write_ellipsoid_phantoms(root / "MICCAI_BraTS2020_TrainingData", num_cases=6, shape=(24, 24, 20))
+    return root
+
+
 def bundle_args(config: str, overrides: dict, run_id: str = "run") -> list[str]:
     """What follows ``python -m`` in ``python -m monai.bundle run RUN_ID --config_file CONFIG --key value …``."""
     return [

@@ -1,6 +1,6 @@
 """DistributedDataParallel over two CPU processes (gloo) equals one process on the joint batch, with each
-rank back-propagating its half at once or one sample at a time (gradient accumulation under ``no_sync``), and with
-the engine keeping some of its steps (``memory_budget``)."""
+rank back-propagating its half at once or one sample at a time (gradient accumulation under ``no_sync``), with
+the engine keeping some of its steps (``memory_budget``), and for a network that reads coordinates, on patches."""
 
 from __future__ import annotations
 
@@ -16,27 +16,36 @@ from conftest import redraw_zero_init_, relative_error
 from torch.nn.parallel import DistributedDataParallel
 
 from bundle.diffusion import idm_loss_backward
-from bundle.networks import InvertibleDiffusionUNet
+from bundle.networks import InvertibleDiffusionUNet, voxel_coordinates
 
 
-def _model() -> InvertibleDiffusionUNet:
+def _model(coordinates: bool) -> InvertibleDiffusionUNet:
     torch.manual_seed(0)
-    model = InvertibleDiffusionUNet(3, 2, 2, channels=(8, 16), num_blocks=1, attention_levels=(True, True))
+    model = InvertibleDiffusionUNet(
+        3, 2, 2, channels=(8, 16), num_blocks=1, attention_levels=(True, True), coordinates=coordinates
+    )
     return redraw_zero_init_(model)
 
 
-def _batch():
+def _batch(coordinates: bool):
+    """x_t, t and the target; with ``coordinates``, x_t of 8³ patches with their places in a 16³ volume after it."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(4, 2, 8, 8, 8, generator=generator)
     t = torch.randint(0, 100, (4,), generator=generator)
     target = torch.randn(4, 2, 8, 8, 8, generator=generator)
+    if coordinates:
+        whole = voxel_coordinates([16, 16, 16])
+        places = torch.stack([whole[:, 8 * (i % 2) :, 4:12, 8 * (i // 2) :][:, :8, :, :8] for i in range(4)])
+        x = torch.cat([x, places], dim=1)
     return x, t, target
 
 
 WATCHDOG_SECONDS = 240  # a worker still running then writes every thread's stack and exits (the test waits 300 s)
 
 
-def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | None, memory_budget: float) -> None:
+def _worker(
+    rank: int, world_size: int, out_dir: str, micro_batch_size: int | None, memory_budget: float, coordinates: bool
+) -> None:
     stacks = open(os.path.join(out_dir, f"stacks{rank}.txt"), "w")  # noqa: SIM115 - open until the process ends
     faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True, file=stacks)
     # a file store: no rank hosts a TCP store that the other could still be talking to when it exits
@@ -49,10 +58,10 @@ def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | No
         timeout=timedelta(seconds=120),
     )
     torch.set_num_threads(1)
-    model = _model()
+    model = _model(coordinates)
     model.memory_budget = memory_budget
     model = DistributedDataParallel(model)
-    x, t, target = (v.chunk(world_size)[rank] for v in _batch())
+    x, t, target = (v.chunk(world_size)[rank] for v in _batch(coordinates))
     idm_loss_backward(model, x, t, target, lambda_rec=0.0, lambda_l2=0.0, micro_batch_size=micro_batch_size)
     torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
     dist.barrier()  # as multi_gpu_train.json's finalize: no rank tears down while the other still reads its last bytes
@@ -60,10 +69,12 @@ def _worker(rank: int, world_size: int, out_dir: str, micro_batch_size: int | No
     faulthandler.cancel_dump_traceback_later()
 
 
-@pytest.mark.parametrize("micro_batch_size, memory_budget", [(None, 0), (1, 0), (1, 2e5)])
-def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path, micro_batch_size, memory_budget):
+@pytest.mark.parametrize(
+    "micro_batch_size, memory_budget, coordinates", [(None, 0, False), (1, 0, False), (1, 2e5, False), (1, 0, True)]
+)
+def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path, micro_batch_size, memory_budget, coordinates):
     context = mp.start_processes(
-        _worker, args=(2, str(tmp_path), micro_batch_size, memory_budget), nprocs=2, join=False
+        _worker, args=(2, str(tmp_path), micro_batch_size, memory_budget, coordinates), nprocs=2, join=False
     )
     try:
         for _ in range(300):  # at most 5 minutes; each join() raises if a worker failed
@@ -78,8 +89,8 @@ def test_ddp_two_processes_match_one_process_on_the_joint_batch(tmp_path, micro_
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
-    model = _model()
-    x, t, target = _batch()
+    model = _model(coordinates)
+    x, t, target = _batch(coordinates)
     (model(x, t) - target).square().mean().backward()
     names = [n for n, _ in model.named_parameters()]
     for rank in range(2):

@@ -85,6 +85,9 @@ def _checked(tmp_path, **changes) -> TrainingSettings:
         ({"drift_interval": "often"}, "drift_interval must be a positive integer"),
         ({"preview_interval": 1.5}, "preview_interval must be an integer ≥ 0"),
         ({"val_timestep_fractions": [1.0]}, "val_timestep_fractions must be a list of fractions of T in [0, 1)"),
+        ({"patch_training": "yes"}, "patch_training"),
+        ({"patch_training": True, "patch_fractions": [0, 1]}, "patch_fractions must be patch sides as fractions"),
+        ({"patch_training": True, "patch_probabilities": [0.5, 0.5]}, "patch_probabilities must give each of the 3"),
         ({"device": "cuda:7"}, "device is 'cuda:7', but this machine has"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Diffusion: the maths, the training objectives, the Eq. 8 loss, noise sampling, the samplers and the Ignite
+"""Diffusion: the maths, the training objectives, the Eq. 8 loss, noise and patch sampling, the samplers and the Ignite
 training/validation engines."""
 
 from .ema import ema_with_warmup
@@ -21,6 +21,7 @@ from .objectives import (
     training_scheduler,
     training_target,
 )
+from .patches import PatchSampler
 from .sampling import (
     DEFAULT_SAMPLERS,
     SAMPLERS,
@@ -44,6 +45,7 @@ __all__ = [
     "IDMEvaluator",
     "IDMTrainer",
     "NoiseSampler",
+    "PatchSampler",
     "autocast_dtype",
     "denoise_at",
     "ema_with_warmup",

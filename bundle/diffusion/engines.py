@@ -17,6 +17,7 @@ from .loss import idm_loss, idm_loss_backward
 from .maths import to_image_range, to_model_range
 from .noise import NoiseSampler, seeded_generator
 from .objectives import denoise_at, training_target
+from .patches import PatchSampler
 from .update_in_backward import UpdateInBackward, check_whole_batch
 
 __all__ = ["IDMEvaluator", "IDMTrainer", "autocast_dtype", "given_modalities"]
@@ -70,6 +71,9 @@ class IDMTrainer(SupervisedTrainer):
             whole batch, with the activation memory of ``micro_batch_size`` samples), or None for the whole
             batch at once.
         ema: ``torch.optim.swa_utils.AveragedModel`` of the network, updated after each step, or None.
+        patch_sampler: patch training: each step trains on the patches it cuts from the batch, each with its voxels'
+            coordinates after the condition (:class:`~bundle.diffusion.patches.PatchSampler`; the network reads them:
+            ``InvertibleDiffusionUNet(coordinates=True)``), or None for whole volumes.
         amp: mixed precision: the forward passes run under ``torch.autocast`` on the training device in
             bfloat16 (float32's range, so no loss scaling); the invertible trunk keeps its state in float32
             (:mod:`bundle.networks.engine`). ``amp_kwargs`` may only repeat ``{"dtype": torch.bfloat16}``:
@@ -97,6 +101,7 @@ class IDMTrainer(SupervisedTrainer):
         amp: bool = False,
         amp_kwargs: dict | None = None,
         optimizer_in_backward: bool = False,
+        patch_sampler: PatchSampler | None = None,
         **kwargs,
     ) -> None:
         self.amp_dtype = autocast_dtype(amp, amp_kwargs)
@@ -117,6 +122,7 @@ class IDMTrainer(SupervisedTrainer):
         self.lambda_l2 = lambda_l2
         self.micro_batch_size = micro_batch_size
         self.ema = ema
+        self.patch_sampler = patch_sampler
         self.update_in_backward = UpdateInBackward(network, optimizer, ema) if optimizer_in_backward else None
         self.stopped_by: NonFiniteLossError | None = None
 
@@ -130,6 +136,8 @@ class IDMTrainer(SupervisedTrainer):
     def _iteration(self, engine: IDMTrainer, batchdata: dict) -> dict:  # type: ignore[override]
         images = to_model_range(batchdata["image"].to(engine.state.device))
         condition = given_modalities(batchdata, engine.state.device)
+        if self.patch_sampler is not None:
+            images, condition = self.patch_sampler.sample(images, condition)
         noise, timesteps = self.noise_sampler.sample(images)
         noisy = self.scheduler.add_noise(images, noise, timesteps)
         target = training_target(self.scheduler, images, noise)

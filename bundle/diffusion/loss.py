@@ -43,7 +43,8 @@ def idm_loss(
             approximate inverse).
         noisy: x_t (B, C, *S); timesteps: t (B,); target: what U should predict (B, C, *S).
         condition: a conditioned model's given modalities (B, K, *S), which U reads beside x_t
-            (:func:`~bundle.diffusion.maths.with_condition`; the λ_R term then rebuilds both), or None.
+            (:func:`~bundle.diffusion.maths.with_condition`; the λ_R term then rebuilds both, and the coordinates
+            of a network that reads them: ``stem_input``), or None.
 
     Returns:
         ``(prediction U(x_t, t), total loss, {term name: value})``.
@@ -55,7 +56,8 @@ def idm_loss(
     terms = {"prediction_mse": prediction_mse}
     total = prediction_mse
     if lambda_rec > 0:
-        terms["reconstruction"] = F.mse_loss(unwrap(network).inverse(prediction, timesteps), inputs)
+        model = unwrap(network)
+        terms["reconstruction"] = F.mse_loss(model.inverse(prediction, timesteps), model.stem_input(inputs))
         total = total + lambda_rec * terms["reconstruction"]
     if lambda_l2 > 0:
         terms["weight_norm"] = weight_norm(network)

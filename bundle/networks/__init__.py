@@ -12,7 +12,7 @@ from .engine import (
     OnTensor,
     on_tensor_steps,
 )
-from .idm import InvertibleDiffusionUNet
+from .idm import InvertibleDiffusionUNet, voxel_coordinates
 from .invertible_unet import AttentionPair, CouplingBlock, InvertibleUNet, LayerFactory, SkipSplit, skip_channels
 from .orthogonal import OrthogonalChannelMixing, OrthogonalDownsampling, cayley, haar_matrix
 
@@ -41,4 +41,5 @@ __all__ = [
     "haar_matrix",
     "on_tensor_steps",
     "skip_channels",
+    "voxel_coordinates",
 ]

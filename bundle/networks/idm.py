@@ -12,7 +12,15 @@ from torch import nn
 from .convolution import same_conv
 from .invertible_unet import InvertibleUNet, LayerFactory
 
-__all__ = ["InvertibleDiffusionUNet"]
+__all__ = ["InvertibleDiffusionUNet", "voxel_coordinates"]
+
+
+def voxel_coordinates(spatial: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each voxel's position in a volume of size ``spatial`` (d sides), one channel per axis, from −1 at the first
+    voxel to 1 at the last: (d, *spatial). A patch's coordinates are this grid of the whole volume cropped as the
+    patch is."""
+    axes = [torch.linspace(-1.0, 1.0, s, device=device) if s > 1 else torch.zeros(1, device=device) for s in spatial]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
 
 class InvertibleDiffusionUNet(nn.Module):
@@ -25,6 +33,11 @@ class InvertibleDiffusionUNet(nn.Module):
     tensors stored for backward are the input and the trunk output (which the head and the engine
     share). Spatial sizes that the trunk cannot take are zero-padded at the far
     end and cropped back.
+
+    With ``coordinates`` the stem also reads d channels of each voxel's position in the whole volume
+    (:func:`voxel_coordinates`), so that a network trained on patches (:class:`~bundle.diffusion.PatchSampler`) knows
+    where each patch lies: an input of ``in_channels`` channels is a whole volume, whose coordinates the network adds;
+    one of ``in_channels + d`` carries its own (a patch's) as its last d channels.
 
     Args:
         spatial_dims: d (2 or 3).
@@ -52,6 +65,7 @@ class InvertibleDiffusionUNet(nn.Module):
             :class:`~bundle.networks.engine.InvertibleSequence`). Gradients are the same at every budget.
             Settable on a built model; ``configs/train.json`` also takes ``"auto"`` (what the device has to
             spare, by the memory plan).
+        coordinates: the stem reads d coordinate channels beside the input (patch training, above).
 
     Attributes:
         config: the constructor arguments that fix the weights' shapes and meaning (all but the run-time options
@@ -81,6 +95,7 @@ class InvertibleDiffusionUNet(nn.Module):
         block: LayerFactory | None = None,
         attention: LayerFactory | None = None,
         memory_budget: float = 0,
+        coordinates: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -100,13 +115,15 @@ class InvertibleDiffusionUNet(nn.Module):
                 "channel_mixing": channel_mixing,
                 "num_heads": num_heads,
                 "time_embed_dim": time_embed_dim,
+                "coordinates": coordinates,
             }
         )
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.coordinates = coordinates
         self.time_mlp = nn.Sequential(nn.Linear(width, embed), nn.SiLU(), nn.Linear(embed, embed))
-        self.stem = same_conv(spatial_dims, in_channels, width)
+        self.stem = same_conv(spatial_dims, in_channels + (spatial_dims if coordinates else 0), width)
         self.trunk = InvertibleUNet(
             spatial_dims,
             channels,
@@ -152,10 +169,15 @@ class InvertibleDiffusionUNet(nn.Module):
             raise ValueError(f"timesteps must have one entry per sample ({batch}), got {timesteps.numel()}.")
         return self.time_mlp(get_timestep_embedding(timesteps, self.stem.out_channels).to(dtype))
 
+    @property
+    def size_divisor(self) -> int:
+        """What each side of the trunk's input must be a multiple of (its levels and checkerboards)."""
+        return self.trunk.size_divisor
+
     def padded_size(self, spatial: Sequence[int]) -> tuple[int, ...]:
         """The spatial size the trunk runs at for inputs of size ``spatial``: each side rounded up to a multiple of
-        its ``size_divisor`` (the input is zero-padded at the far end, the output cropped back)."""
-        div = self.trunk.size_divisor
+        :attr:`size_divisor` (the input is zero-padded at the far end, the output cropped back)."""
+        div = self.size_divisor
         return tuple(-(-int(s) // div) * div for s in spatial)
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -176,14 +198,26 @@ class InvertibleDiffusionUNet(nn.Module):
                 f"{', '.join(['S'] * self.spatial_dims)}), got {tuple(x.shape)}."
             )
 
+    def stem_input(self, x: torch.Tensor, name: str = "forward") -> torch.Tensor:
+        """What the stem reads: x (B, in_channels, *S), and with ``coordinates`` the whole volume's coordinates after
+        it, or x as given when it carries its own (B, in_channels + d, *S)."""
+        if self.coordinates and x.ndim == self.spatial_dims + 2 and x.shape[1] == self.stem.in_channels:
+            return x
+        self._check(x, self.in_channels, name)
+        if not self.coordinates:
+            return x
+        grid = voxel_coordinates(x.shape[2:], x.device).to(x.dtype)
+        return torch.cat([x, grid.expand(x.shape[0], *grid.shape)], dim=1)
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted noise (B, out_channels, *S) for noisy images x (B, in_channels, *S) at ``timesteps`` (B,).
+        """Predicted noise (B, out_channels, *S) for noisy images x (B, in_channels, *S) at ``timesteps`` (B,) (with
+        ``coordinates``, x may carry its own as d more channels).
 
         ``context`` exists for MONAI's ``DiffusionInferer`` call signature; IDM is unconditional.
         """
         if context is not None:
             raise ValueError("InvertibleDiffusionUNet is unconditional: call it with context=None.")
-        self._check(x, self.in_channels, "forward")
+        x = self.stem_input(x)
         emb = self.time_embedding(timesteps, x.shape[0], x.dtype)
         x, spatial = self._pad(x)
         h = self.trunk(self.stem(x), emb, hand_over_output=True)  # only the head reads h and gives its gradient
@@ -195,14 +229,15 @@ class InvertibleDiffusionUNet(nn.Module):
         *S) at ``timesteps``): how far the reconstructions of the memory-efficient backward drift from the
         activations they stand for (float rounding amplified by the trunk's conditioning, about 1e-7–1e-6 in
         float32 for well-conditioned weights; its gradients are exact to about that much)."""
-        self._check(x, self.in_channels, "trunk_round_trip_error")
+        x = self.stem_input(x, "trunk_round_trip_error")
         emb = self.time_embedding(timesteps, x.shape[0], x.dtype)
         h = self.stem(self._pad(x)[0])
         error = self.trunk.inverse(self.trunk(h, emb), emb) - h
         return error.flatten(1).norm(dim=1) / h.flatten(1).norm(dim=1)
 
     def inverse(self, y: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Approximate inverse ``U⁻¹`` (B, out_channels, *S) → (B, in_channels, *S), for the λ_R term of Eq. 8.
+        """Approximate inverse ``U⁻¹`` (B, out_channels, *S) → (B, stem's input channels, *S), for the λ_R term of
+        Eq. 8 (with ``coordinates``, in_channels + d: the input as the stem read it).
 
         The trunk is inverted exactly; the stem and the head are not invertible, so their convolutions
         are replaced by their adjoints (transposed convolutions with the same weights, the stem's bias
