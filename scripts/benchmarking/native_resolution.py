@@ -143,6 +143,7 @@ def _sampling_plan(overrides: Mapping) -> dict:
     parser = ConfigParser()
     parser.read_config(CONFIG)
     parser.update(dict(overrides))
+    parser.get_parsed_content("settings")  # real: the noise schedule it checks reads values
     with FakeTensorMode():  # no memory: the plan reads shapes only
         network = parser.get_parsed_content("network_def")
     shape = [len(parser.get_parsed_content("modalities")), *parser.get_parsed_content("spatial_size")]
