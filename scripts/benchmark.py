@@ -44,6 +44,7 @@ from scripts.benchmarking.budget_curve import (
 )
 from scripts.benchmarking.generation import compare_generation, write_generation_report
 from scripts.benchmarking.native_resolution import native_resolution, plot_aspect_ratio, render_native_resolution
+from scripts.benchmarking.patch_training import compare_patch_training, write_patch_report
 from scripts.benchmarking.plan_accuracy import (
     ACCURACY_CONFIGURATIONS,
     QUICK_CONFIGURATIONS,
@@ -363,6 +364,49 @@ class Benchmark:
             )
         )
         print(write_sampling_report(result, command, output_dir).read_text())
+
+    def patches(
+        self,
+        work_dir: str = "runs/patches",
+        steps: int = 1200,
+        check_every: int = 400,
+        spatial_size: int | tuple[int, int, int] = (28, 32, 28),
+        spacing: float | None = 6.0,
+        num_phantoms: int = 256,
+        fractions: tuple[float, ...] = (0.25, 0.5, 1.0),
+        probabilities: tuple[float, ...] = (0.2, 0.3, 0.5),
+        quarter: bool = True,
+        output_dir: str = "docs",
+    ) -> None:
+        """Patch training against whole volumes: the generation recipe's IDM trained on whole volumes and with
+        ``patch_training`` (``fractions`` of each side with ``probabilities``), both at once on one torch thread each,
+        then (``--quarter``) both again on a quarter of the training cases; the generation measures against steps and
+        wall time, and the wall time to the whole-volume run's final quality. Writes ``patch_training.md``, ``.json``
+        and two figures. Runs are kept in ``work_dir``: a rerun resumes the unfinished ones and reuses the rest."""
+        sizes, _ = _sizes_and_levels(spatial_size, (False, False, True))
+        quarter = as_flag(quarter, "--quarter")
+        if steps < 1 or check_every < 1 or len(sizes) != 3 or min(sizes) < 16 or num_phantoms < 8:
+            raise SystemExit(
+                f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --spatial_size of one or three sizes ≥ 16 and "
+                f"--num_phantoms ≥ 8, got {steps}, {check_every}, {spatial_size} and {num_phantoms}."
+            )
+        result = compare_patch_training(
+            work_dir,
+            fractions=tuple(fractions),
+            probabilities=tuple(probabilities),
+            quarter=quarter,
+            steps=steps,
+            check_every=check_every,
+            spatial_size=sizes,
+            spacing=spacing,
+            num_phantoms=num_phantoms,
+        )
+        command = (
+            f"python scripts/benchmark.py patches --work_dir {work_dir} --steps {steps} --check_every {check_every} "
+            f"--spatial_size '{list(sizes)}' --spacing {spacing} --num_phantoms {num_phantoms} "
+            f"--fractions '{list(fractions)}' --probabilities '{list(probabilities)}' --quarter {str(quarter).lower()}"
+        )
+        print(write_patch_report(result, command, output_dir).read_text())
 
     def profile(
         self, micro_batch_size: int | None = None, recompute_norms: bool = False, output_dir: str = "docs"

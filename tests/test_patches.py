@@ -92,6 +92,14 @@ def test_bad_patch_settings_are_named(fractions, probabilities, match):
         PatchSampler(GRID, fractions, probabilities)
 
 
+def test_patches_for_a_network_that_does_not_read_coordinates_are_refused_with_the_setting_to_change():
+    network = InvertibleDiffusionUNet(3, 2, 2, channels=(8, 16), num_blocks=1, attention_levels=(False, True))
+    with pytest.raises(BadInputError, match="set network_def#coordinates true"):
+        PatchSampler(GRID, network=network)
+    network = InvertibleDiffusionUNet(3, 2, 2, channels=(8, 16), attention_levels=(False, True), coordinates=True)
+    assert PatchSampler(GRID, (0.25,), (1.0,), network=network).sizes == [[4, 4, 4]]  # its multiple of 4
+
+
 def test_a_network_with_coordinates_adds_the_whole_volume_s_and_takes_a_patch_s_as_given():
     torch.manual_seed(0)
     arguments = {"channels": (8, 16), "num_blocks": 1, "attention_levels": (False, True), "coordinates": True}

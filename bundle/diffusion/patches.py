@@ -8,9 +8,11 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from ..errors import BadInputError
 from ..networks.idm import voxel_coordinates
+from ..utils import unwrap
 from .noise import seeded_generator
 
 __all__ = ["PATCH_STREAM", "PatchSampler"]
@@ -39,13 +41,16 @@ class PatchSampler:
         spatial_size: the training grid (d sides).
         fractions: patch sides as fractions of the grid's, in (0, 1] (Wang et al.: ¼, ½, 1).
         probabilities: the chance of each fraction per step (Wang et al.: 0.2, 0.3, 0.5); they sum to 1.
-        size_divisor: patch sides are rounded to multiples of it (the network's, whose levels need them; a side
-            that would be smaller is the divisor, a larger one the grid's side).
+        size_divisor: patch sides are rounded to multiples of it (a side that would be smaller is the divisor, a
+            larger one the grid's side).
+        network: the network it trains, which must read coordinates (``InvertibleDiffusionUNet(coordinates=True)``);
+            its ``size_divisor`` (its levels need multiples of it) replaces ``size_divisor``.
         seed: the run's seed.
         rank: the process rank under DDP (ranks draw different patches).
 
     Raises:
-        BadInputError: for fractions or probabilities out of range, of different lengths, or not summing to 1.
+        BadInputError: for fractions or probabilities out of range, of different lengths, or not summing to 1, and
+            for a ``network`` that does not read coordinates.
     """
 
     def __init__(
@@ -56,8 +61,18 @@ class PatchSampler:
         size_divisor: int = 1,
         seed: int = 0,
         rank: int = 0,
+        network: nn.Module | None = None,
     ) -> None:
         fractions, probabilities = list(fractions), list(probabilities)
+        if network is not None:
+            network = unwrap(network)
+            if not getattr(network, "coordinates", False):
+                raise BadInputError(
+                    f"patch_training needs a network that reads each voxel's coordinates, and this "
+                    f"{type(network).__name__} does not: set network_def#coordinates true (configs/train.json's "
+                    "network_def does so from patch_training; a network_def given whole must say it)."
+                )
+            size_divisor = network.size_divisor
         if not fractions or not all(isinstance(f, (int, float)) and 0 < f <= 1 for f in fractions):
             raise BadInputError(
                 f"patch_fractions must be patch sides as fractions of the training grid's, in (0, 1], such as "

@@ -420,9 +420,9 @@ def _views(volume: torch.Tensor) -> np.ndarray:
 
 
 def plot_samples(real: torch.Tensor, samples: Mapping[str, torch.Tensor], path: Path, columns: int = 4) -> None:
-    """Axial, coronal and sagittal mid-slices (:func:`_views`): rows real T1, real T2, then each network's T1 and T2;
-    ``columns`` volumes per row."""
-    sets = {"real": real, **{SHORT[name]: s for name, s in samples.items()}}
+    """Axial, coronal and sagittal mid-slices (:func:`_views`): rows real T1, real T2, then each network's T1 and T2
+    (labelled by :data:`SHORT`, or by the key of ``samples``); ``columns`` volumes per row."""
+    sets = {"real": real, **{SHORT.get(name, name): s for name, s in samples.items()}}
     columns = min(columns, *[len(volumes) for volumes in sets.values()])
     fig, axes = plt.subplots(2 * len(sets), columns, figsize=(2.6 * columns, 1.1 * 2 * len(sets)), squeeze=False)
     for r, (label, volumes) in enumerate(sets.items()):

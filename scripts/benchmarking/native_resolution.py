@@ -411,16 +411,10 @@ def render_native_resolution(result: dict, command: str, machine: str, figure: s
                     )
                     + ". They grow with the square of the voxels, so the largest cube of a network with attention at a "
                     "fine level is set by them, not by the convolutions: `docs/benchmarks.md` extrapolates its largest "
-                    "cubes "
-                    "linearly in voxels from the sizes it measured, which leaves this term out. IDM's attention runs "
-                    "through "
-                    "PyTorch's `scaled_dot_product_attention`, which has kernels that never form the N × N matrix; "
-                    "they are "
-                    "not chosen here because the value tensor the attention hands it is not contiguous in its last "
-                    "dimension "
-                    "(found while writing this page; making it contiguous changes the figures of "
-                    "`docs/benchmarks.md`, so it "
-                    "goes with their rerun)."
+                    "cubes linearly in voxels from the sizes it measured, which leaves this term out. IDM's invertible "
+                    "attention hands PyTorch's `scaled_dot_product_attention` contiguous tokens, so SDPA's fused "
+                    "kernel runs and no N × N matrix exists; while it took the math path (a non-contiguous value "
+                    "tensor, until 0.12.0), three 7.26 GB score matrices held the benchmark IDM's largest cube at 176³."
                 ),
                 "## Measured on this machine (CPU)",
                 measured,
