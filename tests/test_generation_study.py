@@ -67,7 +67,7 @@ def test_report_figures_and_tables(study, tmp_path):
 def test_the_idm_run_is_trained_on_as_a_resume_of_a_copy(study, tmp_path):
     """continue_steps: the finished runs are reused, not trained again (the same wall time, event files and final
     measures); the IDM run is copied and resumed to the longer schedule, the copy's curves go on from where they
-    stopped, and the report has a section."""
+    stopped, and the report has a section; asked for more steps, the copy trains on again."""
     root, result = study
     events = sorted((root / "work" / "idm" / "runs").glob("events.out.tfevents.*"))
     longer = compare_generation(root / "work", **SETTINGS, continue_steps=12)
@@ -86,6 +86,10 @@ def test_the_idm_run_is_trained_on_as_a_resume_of_a_copy(study, tmp_path):
     assert "## IDM trained on to 12 steps" in text and "--train#trainer#max_epochs 6 --resume true" in text
     with pytest.raises(ValueError, match="continue_steps=8 gives 4 epochs, not more than the 4"):
         compare_generation(root / "work", **SETTINGS, continue_steps=8)
+    further = compare_generation(root / "work", **SETTINGS, continue_steps=16)["networks"]["idm_continued"]
+    assert further["steps"] == 16  # a finished continuation asked for more goes on, and keeps its curves and time
+    assert [step for step, _ in further["curves"]["generation/within_spread"]] == [4, 8, 12, 16]
+    assert further["wall_seconds"] > run["wall_seconds"]
 
 
 def test_the_readmes_anatomy_recipe_is_the_studys():

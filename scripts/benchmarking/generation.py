@@ -14,7 +14,6 @@ import io
 import json
 import math
 import shutil
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -33,8 +32,8 @@ from bundle.diffusion import DiffusionSampler, GridDDIMScheduler, noise_schedule
 from bundle.sample_quality import compare_to_real, distance_ratio
 from bundle.visualize import read_scalars
 
-from .child_process import BUNDLE_ROOT, run_bundle_command
-from .quality import NETWORKS, STEP_TAG, TRAIN_CONFIG, network_definitions, parameter_count, train_run
+from .child_process import BUNDLE_ROOT
+from .quality import ATTEMPTS, NETWORKS, STEP_TAG, TRAIN_CONFIG, network_definitions, parameter_count, train_run
 from .report import machine_description, markdown_table
 from .workload import Workload
 
@@ -176,33 +175,21 @@ def train_once(run_dir: Path, overrides: Mapping, num_threads: int | None = None
 
 
 def continue_run(source: Path, target: Path, epochs: int) -> float:
-    """Trains the finished run in ``source`` on to ``epochs`` epochs: a copy of it in ``target`` (made once), resumed
-    by ``configs/train.json --resume true`` on one torch thread (log: ``target/train_continued.log``; an
-    interrupted continuation resumes again). Returns the continuation's wall seconds (kept in ``target/done.json``).
-
-    Raises:
-        RuntimeError: the training process failed (with the end of its log).
-    """
-    if (target / DONE).exists():
-        return json.loads((target / DONE).read_text())["wall_seconds"]
+    """Trains the finished run in ``source`` on to ``epochs`` epochs: a copy of it in ``target`` (made once, without its
+    wall times), resumed by :func:`train_once` on one torch thread. An interrupted continuation resumes again, and a
+    finished one asked for more epochs goes on to them (the cosine learning rate continued over the new length).
+    Returns the continuation's wall seconds, over all its attempts."""
     if not target.exists():
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns(DONE))
-        args = json.loads((target / "args.json").read_text()) | {
-            "ckpt_dir": str(target / "models"),
-            "output_dir": str(target / "runs"),
-            "train#trainer#max_epochs": epochs,
-        }
-        (target / "args.json").write_text(json.dumps(args, indent=1))
-    start = time.perf_counter()
-    log = target / "train_continued.log"
-    returncode = run_bundle_command(
-        "training", TRAIN_CONFIG, target / "args.json", log, {"resume": "true"}, num_threads=1
-    )
-    seconds = time.perf_counter() - start
-    if returncode != 0:
-        raise RuntimeError(f"Continuing the training in {target} exited with {returncode}:\n{log.read_text()[-3000:]}")
-    (target / DONE).write_text(json.dumps({"wall_seconds": seconds}))
-    return seconds
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(DONE, ATTEMPTS))
+    args = json.loads((target / "args.json").read_text())
+    if args["train#trainer#max_epochs"] < epochs:
+        (target / DONE).unlink(missing_ok=True)
+    overrides = {k: v for k, v in args.items() if k not in ("ckpt_dir", "output_dir")}
+    overrides["train#trainer#max_epochs"] = max(epochs, args["train#trainer#max_epochs"])
+    # the folders train_run gives it: the copy's own
+    dirs = {"ckpt_dir": str(target / "models"), "output_dir": str(target / "runs")}
+    (target / "args.json").write_text(json.dumps(overrides | dirs, indent=1))
+    return train_once(target, overrides, num_threads=1)
 
 
 def _summary(
