@@ -29,7 +29,7 @@ from .memory_plan import check_micro_batch_size
 from .outputs import refuse_earlier_outputs
 from .utils import check_output_folder
 
-__all__ = ["EvaluationSettings", "InferenceSettings", "TrainingSettings", "check_modalities"]
+__all__ = ["AuditSettings", "EvaluationSettings", "InferenceSettings", "TrainingSettings", "check_modalities"]
 
 GENERATION_REFERENCES = ("validation", "training")  # the splits evaluation compares generated samples with
 
@@ -349,3 +349,39 @@ class EvaluationSettings:
     def reconstruction_timestep(self) -> int:
         """The timestep the reconstruction metric noises to: ``reconstruction_fraction`` of T."""
         return _timesteps([self.reconstruction_fraction], self.num_train_timesteps)[0]
+
+
+@dataclass(kw_only=True)
+class AuditSettings:
+    """The settings of ``configs/audit.json`` (``audit_settings``), checked before any work: ``samples_dir`` is a
+    folder, ``output_dir`` can be written and holds no earlier audit unless ``overwrite``, ``max_shift`` is a whole
+    number of voxels ≥ 0. After the check, ``overwrite`` is a bool.
+
+    Raises:
+        BadInputError: naming the setting and what it accepts.
+    """
+
+    samples_dir: str | Path
+    output_dir: str | Path
+    overwrite: bool | str
+    max_shift: int = 1
+
+    def __post_init__(self) -> None:
+        from .auditing import AUDIT_FILES  # (auditing reads the run record, which imports this module's users)
+
+        self.overwrite = as_flag(self.overwrite, "overwrite")
+        if not Path(self.samples_dir).is_dir():
+            raise BadInputError(
+                f"samples_dir {str(self.samples_dir)!r} is not a folder: give the output_dir of configs/inference.json "
+                "that holds the samples to audit."
+            )
+        check_output_folder(self.output_dir, "output_dir")
+        if not self.overwrite:
+            refuse_earlier_outputs(
+                [p for p in (Path(self.output_dir) / f for f in AUDIT_FILES) if p.exists()], self.output_dir
+            )
+        if not (_integer(self.max_shift) and self.max_shift >= 0):
+            raise BadInputError(
+                f"max_shift must be a whole number of voxels ≥ 0 (the shifts the similarity allows; 1 by default); "
+                f"got {self.max_shift!r}."
+            )
