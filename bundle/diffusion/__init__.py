@@ -29,6 +29,7 @@ from .sampling import (
     DPMSolverScheduler,
     FlowEulerScheduler,
     GridDDIMScheduler,
+    invert,
     make_sampler,
     monitoring_sampler,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "given_modalities",
     "idm_loss",
     "idm_loss_backward",
+    "invert",
     "make_sampler",
     "micro_batches",
     "monitoring_sampler",

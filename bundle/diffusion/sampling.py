@@ -33,6 +33,7 @@ __all__ = [
     "DiffusionSampler",
     "FlowEulerScheduler",
     "GridDDIMScheduler",
+    "invert",
     "make_sampler",
     "monitoring_sampler",
 ]
@@ -116,6 +117,17 @@ class GridDDIMScheduler(DDIMScheduler):
             )
             previous_sample = previous_sample + sigma * noise
         return previous_sample, original
+
+    def invert_step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
+        """DDIM inversion (η = 0): x_t from ``sample`` = x_t′, t′ the timestep after ``timestep`` (x₀ after the last),
+        and ``model_output`` = ε̂ evaluated at x_t′ and t (where :meth:`step` would evaluate it at x_t; the two agree
+        as the steps shrink): ``x_t = √ᾱ_t x̂₀ + √(1 − ᾱ_t) ε̂`` with ``x̂₀ = (x_t′ − √(1 − ᾱ_t′) ε̂) / √ᾱ_t′``, not
+        clamped (an inversion must reach the noise that maps back to its input)."""
+        previous = self.previous_timestep(int(timestep))
+        alpha = self.alphas_cumprod[timestep]
+        alpha_previous = self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod
+        original = predict_start_from_noise(sample, model_output, alpha_previous)
+        return alpha.sqrt() * original + (1 - alpha).sqrt() * model_output
 
 
 class DPMSolverScheduler(GridDDIMScheduler):
@@ -208,6 +220,13 @@ class FlowEulerScheduler(RFlowScheduler):
         s = int(timestep) / self.num_train_timesteps
         s_next = self.previous_timestep(int(timestep)) / self.num_train_timesteps
         return sample + (s - s_next) * model_output, predict_start_from_velocity(sample, model_output, s)
+
+    def invert_step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
+        """Euler's step backwards: x_s from ``sample`` = x_s′, s′ the timestep after ``timestep`` (0 after the last),
+        and ``model_output`` = v̂ evaluated at x_s′ and t: ``x_s = x_s′ − (s − s′) v̂``."""
+        s = int(timestep) / self.num_train_timesteps
+        s_next = self.previous_timestep(int(timestep)) / self.num_train_timesteps
+        return sample - (s - s_next) * model_output
 
 
 SAMPLERS: dict[str, dict[str, Callable[..., Scheduler]]] = {
@@ -370,3 +389,41 @@ class DiffusionSampler(Inferer):
                 for start in range(0, num_samples, batch_size)
             ]
         )
+
+
+def invert(
+    network: nn.Module,
+    scheduler: GridDDIMScheduler | FlowEulerScheduler,
+    images: torch.Tensor,
+    num_inference_steps: int = FEW_STEPS,
+    condition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The noise x_T (B, C, *S) from which ``scheduler``'s deterministic chain of ``num_inference_steps`` (DDIM with
+    η = 0, or a rectified flow's Euler steps) would sample ``images`` (B, C, *S) in [0, 1]: the chain run backwards
+    (``invert_step``), from x₀ over the timesteps in ascending order; ``condition``: a conditioned model's given
+    modalities (B, K, *S) in [0, 1]. The round trip (sampling from the result) returns the images up to the chain's
+    discretisation error, which falls with the steps.
+
+    Raises:
+        BadInputError: for a scheduler that cannot be run backwards (DDPM's and DDIM's with η > 0 draw noise; PNDM's
+            and DPM-Solver's multistep history is not inverted here).
+    """
+    if type(scheduler) not in (GridDDIMScheduler, FlowEulerScheduler) or getattr(scheduler, "eta", 0.0) != 0:
+        raise BadInputError(
+            f"Inversion runs a deterministic first-order chain backwards: --sampler ddim with --eta 0, or euler for a "
+            f"rectified flow; got {type(scheduler).__name__}"
+            + (f" with eta={scheduler.eta}" if getattr(scheduler, "eta", 0.0) else "")
+            + "."
+        )
+    count, device = images.shape[0], images.device
+    given = None if condition is None else to_model_range(condition)
+    x = to_model_range(images)
+    scheduler.set_timesteps(num_inference_steps)
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        for t in reversed(scheduler.timesteps.tolist()):
+            prediction = network(with_condition(x, given), torch.full((count,), t, device=device, dtype=torch.long))
+            x = scheduler.invert_step(prediction, t, x)
+    network.train(was_training)
+    return x
