@@ -30,7 +30,7 @@ from .visualize import mid_slices
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["AUDIT_FILES", "audit", "check_recorded_split", "sample_volumes"]
+__all__ = ["AUDIT_FILES", "audit", "case_volumes", "check_recorded_split", "sample_volumes"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _above(similarity: torch.Tensor | float, threshold: float) -> bool:
     return round(float(similarity), 4) > round(threshold, 4)
 
 
-def _case_volumes(dataset) -> tuple[list[str], torch.Tensor]:
+def case_volumes(dataset) -> tuple[list[str], torch.Tensor]:
     """``(case ids, volumes (N, C, *S))`` of a dataset of preprocessed case records."""
     items = [dataset[i] for i in range(len(dataset))]
     return [item["case"] for item in items], torch.stack([torch.as_tensor(item["image"]).float() for item in items])
@@ -151,8 +151,8 @@ def audit(
     """
     check_recorded_split(model)
     names, samples = sample_volumes(samples_dir, model.modalities, model.record)
-    train_ids, train = _case_volumes(training)
-    held_ids, held = _case_volumes(held_out)
+    train_ids, train = case_volumes(training)
+    held_ids, held = case_volumes(held_out)
     held_similarity, held_nearest = nearest_cases(held, train, max_shift)
     threshold = copy_threshold(held_similarity)
     similarity, nearest = nearest_cases(samples, train, max_shift)

@@ -29,7 +29,14 @@ from .memory_plan import check_micro_batch_size
 from .outputs import refuse_earlier_outputs
 from .utils import check_output_folder
 
-__all__ = ["AuditSettings", "EvaluationSettings", "InferenceSettings", "TrainingSettings", "check_modalities"]
+__all__ = [
+    "AuditSettings",
+    "EvaluationSettings",
+    "InferenceSettings",
+    "InversionSettings",
+    "TrainingSettings",
+    "check_modalities",
+]
 
 GENERATION_REFERENCES = ("validation", "training")  # the splits evaluation compares generated samples with
 
@@ -385,3 +392,43 @@ class AuditSettings:
                 f"max_shift must be a whole number of voxels ≥ 0 (the shifts the similarity allows; 1 by default); "
                 f"got {self.max_shift!r}."
             )
+
+
+@dataclass(kw_only=True)
+class InversionSettings:
+    """The settings of ``configs/invert.json`` (``inversion_settings``), checked before any work: ``samples_dir`` is a
+    folder or None (the run's held-out cases), ``output_dir`` can be written and holds no earlier inversion unless
+    ``overwrite``, ``num_inference_steps`` is in [1, T], ``invert_batch_size`` is positive. After the check,
+    ``overwrite`` is a bool.
+
+    Raises:
+        BadInputError: naming the setting and what it accepts.
+    """
+
+    samples_dir: str | Path | None
+    output_dir: str | Path
+    overwrite: bool | str
+    num_inference_steps: int
+    num_train_timesteps: int
+    invert_batch_size: int = 2
+
+    def __post_init__(self) -> None:
+        from .inverting import INVERSION_FILE  # (inverting reads the run record, which imports this module's users)
+
+        self.overwrite = as_flag(self.overwrite, "overwrite")
+        if self.samples_dir is not None and not Path(self.samples_dir).is_dir():
+            raise BadInputError(
+                f"samples_dir {str(self.samples_dir)!r} is not a folder: give the output_dir of configs/inference.json "
+                "that holds the volumes to invert, or leave it null to invert the run's held-out cases."
+            )
+        check_output_folder(self.output_dir, "output_dir")
+        if not self.overwrite:
+            earlier = Path(self.output_dir) / INVERSION_FILE
+            refuse_earlier_outputs([earlier] if earlier.exists() else [], self.output_dir)
+        if not (_integer(self.num_inference_steps) and 1 <= self.num_inference_steps <= self.num_train_timesteps):
+            raise BadInputError(
+                f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}] (the model's T); "
+                f"got {self.num_inference_steps!r}."
+            )
+        if not _positive_int(self.invert_batch_size):
+            raise BadInputError(f"invert_batch_size must be a positive integer; got {self.invert_batch_size!r}.")

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # a local copy of the MONAI metadata schema (metadata.json's "schema" URL); the test never downloads it
 SCHEMA_VARIABLE = "IDM_BUNDLE_SCHEMA"
 # the configurations a user runs on their own or as an overlay on another (BASES), whose settings README.md describes
-USER_CONFIGS = ("train.json", "inference.json", "evaluate.json", "audit.json")
-BASES = {"evaluate.json": "train.json", "audit.json": "train.json"}
+USER_CONFIGS = ("train.json", "inference.json", "evaluate.json", "audit.json", "invert.json")
+BASES = {"evaluate.json": "train.json", "audit.json": "train.json", "invert.json": "train.json"}
 
 
 def test_metadata_passes_the_bundle_schema(monkeypatch):
@@ -276,6 +276,7 @@ def test_the_default_output_folders_are_git_ignored():
         "inference.json": "samples",
         "evaluate.json": "eval",
         "audit.json": "audit",
+        "invert.json": "inversion",
     }
     missing = [folder for folder in folders.values() if f"/{folder}/" not in ignored]
     assert not missing, f".gitignore does not list {missing}"

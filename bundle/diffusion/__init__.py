@@ -32,6 +32,7 @@ from .sampling import (
     invert,
     make_sampler,
     monitoring_sampler,
+    sample_from,
 )
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "predict_start_and_noise",
     "predict_start_from_noise",
     "predict_start_from_velocity",
+    "sample_from",
     "seeded_generator",
     "to_image_range",
     "to_model_range",

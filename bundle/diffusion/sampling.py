@@ -36,6 +36,7 @@ __all__ = [
     "invert",
     "make_sampler",
     "monitoring_sampler",
+    "sample_from",
 ]
 
 
@@ -427,3 +428,26 @@ def invert(
             x = scheduler.invert_step(prediction, t, x)
     network.train(was_training)
     return x
+
+
+def sample_from(
+    network: nn.Module,
+    scheduler: GridDDIMScheduler | FlowEulerScheduler,
+    noise: torch.Tensor,
+    condition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The deterministic chain (DDIM with η = 0, or Euler) over ``scheduler.timesteps`` as set, from ``noise`` = x_T
+    (B, C, *S) in the model's range (e.g. what :func:`invert` reached): images (B, C, *S) in [0, 1], not clamped, so
+    that a round trip's error shows in full. ``condition``: as :func:`invert`."""
+    count, device = noise.shape[0], noise.device
+    given = None if condition is None else to_model_range(condition)
+    deterministic = {"eta": 0.0} if isinstance(scheduler, GridDDIMScheduler) else {}
+    x = noise
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        for t in scheduler.timesteps.tolist():
+            prediction = network(with_condition(x, given), torch.full((count,), t, device=device, dtype=torch.long))
+            x = scheduler.step(prediction, t, x, **deterministic)[0]
+    network.train(was_training)
+    return to_image_range(x)
