@@ -321,7 +321,7 @@ def render_native_resolution(result: dict, command: str, machine: str, figure: s
                 (
                     "Every peak below is planned by `scripts/plan_memory.py` (`bundle.memory_plan`: the trainer's "
                     "own step on "
-                    "FakeTensors, see `docs/memory_planner.md` for its accuracy, within 6.5% of six measured peaks) "
+                    "FakeTensors, see `docs/memory_planner.md` for its accuracy, within 7.5% of six measured peaks) "
                     "for a "
                     f"`--device cuda --device_memory_gb {DEVICE_GB}` run, so it is a **prediction** for a GPU: no "
                     "GPU was lent "

@@ -199,20 +199,16 @@ def render_planner_accuracy(result: dict, command: str, machine: str) -> str:
                 "## What the plan counts and what it leaves out",
                 (
                     "The plan counts every tensor: weights, gradients, AdamW's moments, the EMA weights, the batch "
-                    "and its "
-                    "noise, and whatever the forward pass, the engine's reconstruction and the gradients keep alive, "
-                    "operator by "
-                    "operator. A FakeTensor cannot show what an operator allocates for itself: oneDNN's buffers and "
-                    "generated "
-                    "code and the CPU process's own objects (the 25–35 MB by which small configurations are measured "
-                    "above "
-                    "their plan), cuDNN's workspaces, the CUDA context and the allocator's fragmentation on a GPU "
-                    "(the plan "
-                    "keeps 1 GiB of a GPU free for them). Without a GPU, a `--device cuda` plan runs the CPU's "
-                    "operators: a "
-                    "GPU's attention and convolution kernels may keep other working sets, so its figure is a "
-                    "prediction to "
-                    "check with `torch.cuda.max_memory_allocated`."
+                    "and its noise, and whatever the forward pass, the engine's reconstruction and the gradients keep "
+                    "alive, operator by operator. A FakeTensor cannot show what an operator allocates for itself; the "
+                    "CPU plan adds the one such buffer that grows with the batch, oneDNN's copies of a convolution's "
+                    "operands in blocks of 16 channels (measured per operator), at the convolution that makes it. "
+                    "Left out: oneDNN's generated code and small buffers and the CPU process's own objects (the "
+                    "tens of MB by which small configurations are measured above their plan), cuDNN's workspaces, the "
+                    "CUDA context and the allocator's fragmentation on a GPU (the plan keeps 1 GiB of a GPU free for "
+                    "them). Without a GPU, a `--device cuda` plan runs the CPU's operators without their oneDNN "
+                    "buffers: a GPU's attention and convolution kernels may keep other working sets, so its figure is "
+                    "a prediction to check with `torch.cuda.max_memory_allocated`."
                 ),
             ]
         )
