@@ -15,12 +15,14 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
 import torch
 
 from bundle.data import training_cases
+from bundle.diffusion import PatchSampler
 from bundle.visualize import read_scalars
 
 from .generation import (
@@ -39,7 +41,13 @@ from .workload import Workload
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["compare_patch_training", "quarter_dataset", "render_patch_markdown", "write_patch_report"]
+__all__ = [
+    "compare_patch_training",
+    "paper_patch_costs",
+    "quarter_dataset",
+    "render_patch_markdown",
+    "write_patch_report",
+]
 
 ARMS = {"whole": "whole volumes", "patches": "patches"}
 QUARTER = "_quarter"  # the arms trained on a quarter of the training cases
@@ -182,6 +190,37 @@ def compare_patch_training(
         **schedule,
     }
     return {"settings": settings, "machine": machine_description(), "runs": results, "goal": goal}
+
+
+def paper_patch_costs(
+    fractions: Sequence[float] = (0.25, 0.5, 1.0), batch_size: int = 4, num_cases: int = 369
+) -> list[dict]:
+    """The paper's network on the 1 mm box (192³, recompute_norms, micro-batches of 1, EMA) trained on patches of each
+    fraction alone: the patch (rounded to the network's multiple of 64), patches per step, the planned GPU peak of the
+    step (``bundle.memory_plan``, FakeTensors: a prediction) and its FLOPs (``FlopCounterMode`` on the meta device),
+    and the FLOPs of an epoch of ``num_cases`` cases (BraTS2020's training set) at ``batch_size`` volumes a step."""
+    from .flops import training_step_flops
+    from .native_resolution import BOX, PAPER, PAPER_WORKLOAD, STEP, _plan
+
+    rows = []
+    for fraction in fractions:
+        sampler = PatchSampler(BOX, (fraction,), (1.0,), size_divisor=64)
+        (count, size) = sampler.batches(batch_size)[0]
+        patches = {"patch_training": True, "patch_fractions": [fraction], "patch_probabilities": [1.0]}
+        plan = _plan(PAPER | STEP | {"spatial_size": BOX, "recompute_norms": True} | patches)
+        # (the stem's three coordinate channels are left out of the FLOPs: one 3³ convolution of 3 channels)
+        flops = training_step_flops(replace(PAPER_WORKLOAD, size=size[0], batch_size=count))
+        rows.append(
+            {
+                "fraction": fraction,
+                "patch": size,
+                "patches_per_step": count,
+                "planned_peak_bytes": plan["peak_bytes"],
+                "step_flops": flops,
+                "epoch_flops": flops * math.ceil(num_cases / batch_size),
+            }
+        )
+    return rows
 
 
 def _label(name: str) -> str:
