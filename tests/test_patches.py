@@ -121,7 +121,7 @@ def test_the_plan_of_patch_training_is_that_of_its_largest_patch_batch():
     overrides = {
         "network_def#channels": [8, 16, 32],
         "attention_levels": [False, True, True],
-        "spatial_size": [32, 32, 32],
+        "spatial_size": [16, 16, 16],
         "batch_size": 2,
         "num_train_timesteps": 100,
         "memory_budget": 0,
@@ -137,8 +137,8 @@ def test_the_plan_of_patch_training_is_that_of_its_largest_patch_batch():
     wholes = plan_config(
         train, overrides | {"patch_training": True, "patch_fractions": [1.0], "patch_probabilities": [1.0]}
     ).plan
-    assert (halves.batch_size, halves.image_shape) == (16, [2, 16, 16, 16])
-    assert (wholes.batch_size, wholes.image_shape) == (2, [2, 32, 32, 32])
+    assert (halves.batch_size, halves.image_shape) == (16, [2, 8, 8, 8])
+    assert (wholes.batch_size, wholes.image_shape) == (2, [2, 16, 16, 16])
     assert patches.peak_bytes == max(halves.peak_bytes, wholes.peak_bytes)
     assert halves.peak_bytes != wholes.peak_bytes
 
