@@ -23,7 +23,7 @@ import torch
 
 from .audit import copy_threshold, nearest_cases
 from .errors import BadInputError
-from .outputs import onto_grid
+from .outputs import onto_grid, writing_grid
 from .run_record import TrainedModel
 from .visualize import mid_slices
 
@@ -39,13 +39,6 @@ THRESHOLD_RULE = (
     "the largest nearest-training similarity of the held-out (validation) cases: a sample is flagged when it is "
     "nearer a training case than any new patient came (compared to 4 decimals)"
 )
-
-
-def _writing_grid(record: dict) -> tuple[np.ndarray, list[int]]:
-    """The affine and shape inference writes this run's samples on: the dataset's own grid where the record has one,
-    else the training grid."""
-    grid = record.get("original_grid") or {"affine": record["affine"], "spatial_size": record["spatial_size"]}
-    return np.asarray(grid["affine"], dtype=float), list(grid["spatial_size"])
 
 
 def sample_volumes(samples_dir: str | Path, modalities: Sequence[str], record: dict) -> tuple[list[str], torch.Tensor]:
@@ -76,7 +69,7 @@ def sample_volumes(samples_dir: str | Path, modalities: Sequence[str], record: d
                 f"Sample {name!r} in {str(folder)!r} lacks {missing}: the model generates {list(modalities)}, and "
                 f"each sample is audited over all of them; add {name}_{missing[0]}.nii.gz or remove the sample's files."
             )
-    affine, shape = _writing_grid(record)
+    affine, shape = writing_grid(record)
     volumes = []
     for files in found.values():
         channels = []

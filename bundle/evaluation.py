@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .diffusion.engines import given_modalities
-from .diffusion.maths import to_image_range, to_model_range, with_condition
+from .diffusion.maths import to_image_range, to_model_range
 from .diffusion.noise import seeded_generator
 from .diffusion.objectives import denoise_at
-from .diffusion.sampling import FlowEulerScheduler, GridDDIMScheduler
+from .diffusion.sampling import FlowEulerScheduler, GridDDIMScheduler, deterministic_chain
 from .errors import BadInputError
 from .sample_quality import (
     compare_to_real,
@@ -46,8 +46,9 @@ def reconstruct_from(
     num_inference_steps: int,
     condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Runs ``scheduler``'s deterministic chain (DDIM with η = 0, whatever the scheduler's own, or a rectified flow's
-    Euler steps) from ``noisy`` = x_t at exactly ``t = t_start`` down to x₀.
+    """Runs ``scheduler``'s deterministic chain (:func:`~bundle.diffusion.sampling.deterministic_chain`: DDIM with
+    η = 0, whatever the scheduler's own, or a rectified flow's Euler steps) from ``noisy`` = x_t at exactly
+    ``t = t_start`` down to x₀.
 
     The steps are those of a ``num_inference_steps`` sampling chain, Δ = T // ``num_inference_steps`` apart, shifted to
     start at ``t_start``: t_start, t_start − Δ, …, down to the last t ≥ 0, whose step goes to x₀. (Starting at a step
@@ -67,12 +68,7 @@ def reconstruct_from(
     """
     step = max(1, scheduler.num_train_timesteps // int(num_inference_steps))  # a chain longer than T: every timestep
     scheduler.timesteps = torch.arange(t_start, -1, -step)
-    x = noisy
-    deterministic = {"eta": 0.0} if isinstance(scheduler, GridDDIMScheduler) else {}
-    for t in scheduler.timesteps.tolist():
-        prediction = network(with_condition(x, condition), torch.full((x.shape[0],), t, device=x.device))
-        x, _ = scheduler.step(prediction, t, x, **deterministic)
-    return x.clamp(-1, 1)
+    return deterministic_chain(network, scheduler, noisy, condition).clamp(-1, 1)
 
 
 def _per_modality(metric, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

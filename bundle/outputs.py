@@ -16,7 +16,7 @@ from monai.transforms import SpatialResample
 from .errors import BadInputError
 from .visualize import save_mid_slices_png
 
-__all__ = ["onto_grid", "refuse_earlier_outputs", "to_original_grid", "write_volumes"]
+__all__ = ["onto_grid", "refuse_earlier_outputs", "to_original_grid", "write_volumes", "writing_grid"]
 
 
 def refuse_earlier_outputs(earlier: Sequence[Path], output_dir: str | Path) -> None:
@@ -59,14 +59,20 @@ def onto_grid(
     ).as_tensor()
 
 
+def writing_grid(run_record: dict) -> tuple[np.ndarray, list[int]]:
+    """The affine and shape inference writes a run's samples on (:func:`to_original_grid`): the dataset's own grid
+    where the run record has one (``original_grid``: a registered dataset on the native grid,
+    :func:`~bundle.run_record.run_record`), else the training grid."""
+    grid = run_record.get("original_grid") or run_record
+    return np.asarray(grid["affine"], dtype=float), list(grid["spatial_size"])
+
+
 def to_original_grid(sample: torch.Tensor, run_record: dict) -> tuple[torch.Tensor, np.ndarray]:
-    """``sample`` (C, *S) on the training grid (``run_record["affine"]``) → (the sample on the dataset's own grid,
-    its affine): resampled (trilinear) onto ``run_record["original_grid"]`` where the run record has one (a registered
-    dataset on the native grid, :func:`~bundle.run_record.run_record`), zero outside the training box; else
-    ``sample`` and the training grid's affine."""
+    """``sample`` (C, *S) on the training grid (``run_record["affine"]``) → (the sample on :func:`writing_grid`, its
+    affine): resampled (trilinear) onto ``run_record["original_grid"]`` where the run record has one, zero outside the
+    training box; else ``sample`` and the training grid's affine."""
     affine = np.asarray(run_record["affine"], dtype=float)
-    grid = run_record.get("original_grid")
-    if grid is None:
+    if run_record.get("original_grid") is None:
         return sample, affine
-    target = np.asarray(grid["affine"], dtype=float)
-    return onto_grid(sample, affine, target, grid["spatial_size"]), target
+    target, shape = writing_grid(run_record)
+    return onto_grid(sample, affine, target, shape), target

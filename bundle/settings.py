@@ -128,6 +128,14 @@ def _check_device(device: torch.device | str) -> None:
         )
 
 
+def _check_outputs(output_dir: str | Path, outputs: Sequence[Path], overwrite: bool) -> None:
+    """Raises :class:`BadInputError` for an ``output_dir`` that cannot be a folder to write in, or one that holds any of
+    the workflow's ``outputs`` from an earlier run while ``overwrite`` is false."""
+    check_output_folder(output_dir, "output_dir")
+    if not overwrite:
+        refuse_earlier_outputs([path for path in outputs if path.exists()], output_dir)
+
+
 def _check_intervals(val_interval: int, drift_interval: int, preview_interval: int) -> None:
     for name, value in (("val_interval", val_interval), ("drift_interval", drift_interval)):
         if not _positive_int(value):
@@ -329,9 +337,7 @@ class EvaluationSettings:
                 f"generation_reference must be one of {list(GENERATION_REFERENCES)} (the split the "
                 f"samples are compared with); got {self.generation_reference!r}."
             )
-        check_output_folder(self.output_dir, "output_dir")
-        if not self.overwrite:
-            refuse_earlier_outputs([p for p in self.outputs if p.exists()], self.output_dir)
+        _check_outputs(self.output_dir, self.outputs, self.overwrite)
         if not _number(self.reconstruction_fraction) or not 0 <= self.reconstruction_fraction < 1:
             raise BadInputError(
                 f"reconstruction_fraction must be a fraction of T in [0, 1) such as 0.25; "
@@ -382,11 +388,7 @@ class AuditSettings:
                 f"samples_dir {str(self.samples_dir)!r} is not a folder: give the output_dir of configs/inference.json "
                 "that holds the samples to audit."
             )
-        check_output_folder(self.output_dir, "output_dir")
-        if not self.overwrite:
-            refuse_earlier_outputs(
-                [p for p in (Path(self.output_dir) / f for f in AUDIT_FILES) if p.exists()], self.output_dir
-            )
+        _check_outputs(self.output_dir, [Path(self.output_dir) / name for name in AUDIT_FILES], self.overwrite)
         if not (_integer(self.max_shift) and self.max_shift >= 0):
             raise BadInputError(
                 f"max_shift must be a whole number of voxels ≥ 0 (the shifts the similarity allows; 1 by default); "
@@ -421,10 +423,7 @@ class InversionSettings:
                 f"samples_dir {str(self.samples_dir)!r} is not a folder: give the output_dir of configs/inference.json "
                 "that holds the volumes to invert, or leave it null to invert the run's held-out cases."
             )
-        check_output_folder(self.output_dir, "output_dir")
-        if not self.overwrite:
-            earlier = Path(self.output_dir) / INVERSION_FILE
-            refuse_earlier_outputs([earlier] if earlier.exists() else [], self.output_dir)
+        _check_outputs(self.output_dir, [Path(self.output_dir) / INVERSION_FILE], self.overwrite)
         if not (_integer(self.num_inference_steps) and 1 <= self.num_inference_steps <= self.num_train_timesteps):
             raise BadInputError(
                 f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}] (the model's T); "

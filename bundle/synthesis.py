@@ -23,6 +23,7 @@ from .data.transforms import foreground
 from .diffusion.maths import to_image_range, to_model_range
 from .errors import BadInputError
 from .settings import EvaluationSettings
+from .utils import evaluating
 
 __all__ = [
     "RegressionInferer",
@@ -65,11 +66,8 @@ class RegressionInferer(Inferer):
     pass, image in, image out, like :class:`~bundle.diffusion.DiffusionSampler` with ``conditioned``."""
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
-        was_training = network.training
-        network.eval()
-        with torch.no_grad():
+        with evaluating(network):
             output = network(to_model_range(inputs))
-        network.train(was_training)
         return to_image_range(output).clamp(0, 1)
 
 

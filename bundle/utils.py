@@ -4,6 +4,8 @@ output-folder checks."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,12 +13,24 @@ from torch import nn
 
 from .errors import BadInputError
 
-__all__ = ["check_output_folder", "init_process_group", "is_not_rank0", "unwrap"]
+__all__ = ["check_output_folder", "evaluating", "init_process_group", "is_not_rank0", "unwrap"]
 
 
 def unwrap(network: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or the module itself)."""
     return getattr(network, "module", network)
+
+
+@contextmanager
+def evaluating(network: nn.Module) -> Iterator[None]:
+    """Runs its block with ``network`` in eval mode and without gradients, then gives the network back its mode."""
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        network.train(was_training)
 
 
 def is_not_rank0() -> bool:

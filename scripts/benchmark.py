@@ -128,6 +128,16 @@ def _sizes_and_levels(
     return sizes, as_flags(levels, "--attention_levels")
 
 
+def _check_recipe(steps: int, check_every: int, sizes: list[int], spatial_size, num_phantoms: int) -> None:
+    """Exits naming the flags unless the generation recipe's settings are in range (``sizes``: ``spatial_size`` as
+    three sizes)."""
+    if steps < 1 or check_every < 1 or len(sizes) != 3 or min(sizes) < 16 or num_phantoms < 8:
+        raise SystemExit(
+            f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --spatial_size of one or three sizes ≥ 16 and "
+            f"--num_phantoms ≥ 8, got {steps}, {check_every}, {spatial_size} and {num_phantoms}."
+        )
+
+
 def _grid_flags(sizes: list[int], spacing: float | None, levels: list[bool]) -> str:
     """``--spatial_size "[…]" [--spacing s] --attention_levels "[…]"`` as a study's command line gives them."""
     attention = ",".join("true" if level else "false" for level in levels)
@@ -247,11 +257,7 @@ class Benchmark:
         finished ones and redraws the report. With ``--continue_steps`` (more than ``--steps``), the IDM run is then
         trained on to that many steps as a resume of a copy of it, and reported too."""
         sizes, levels = _sizes_and_levels(spatial_size, attention_levels)
-        if steps < 1 or check_every < 1 or len(sizes) != 3 or min(sizes) < 16 or num_phantoms < 8:
-            raise SystemExit(
-                f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --spatial_size of one or three sizes ≥ 16 and "
-                f"--num_phantoms ≥ 8, got {steps}, {check_every}, {spatial_size} and {num_phantoms}."
-            )
+        _check_recipe(steps, check_every, sizes, spatial_size, num_phantoms)
         result = compare_generation(
             work_dir,
             steps=steps,
@@ -385,11 +391,7 @@ class Benchmark:
         and two figures. Runs are kept in ``work_dir``: a rerun resumes the unfinished ones and reuses the rest."""
         sizes, _ = _sizes_and_levels(spatial_size, (False, False, True))
         quarter = as_flag(quarter, "--quarter")
-        if steps < 1 or check_every < 1 or len(sizes) != 3 or min(sizes) < 16 or num_phantoms < 8:
-            raise SystemExit(
-                f"ERROR: need --steps ≥ 1, --check_every ≥ 1, --spatial_size of one or three sizes ≥ 16 and "
-                f"--num_phantoms ≥ 8, got {steps}, {check_every}, {spatial_size} and {num_phantoms}."
-            )
+        _check_recipe(steps, check_every, sizes, spatial_size, num_phantoms)
         result = compare_patch_training(
             work_dir,
             fractions=tuple(fractions),

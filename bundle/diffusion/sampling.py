@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import BadInputError
+from ..utils import evaluating
 from .maths import (
     predict_start_from_noise,
     predict_start_from_velocity,
@@ -33,6 +34,7 @@ __all__ = [
     "DiffusionSampler",
     "FlowEulerScheduler",
     "GridDDIMScheduler",
+    "deterministic_chain",
     "invert",
     "make_sampler",
     "monitoring_sampler",
@@ -355,9 +357,7 @@ class DiffusionSampler(Inferer):
         self.drawn += count
         images = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
         self.scheduler.set_timesteps(self.num_inference_steps)
-        was_training = network.training
-        network.eval()
-        with torch.no_grad():
+        with evaluating(network):
             for t in tqdm(self.scheduler.timesteps.tolist(), disable=not self.progress):
                 prediction = network(
                     with_condition(images, condition), torch.full((count,), t, device=device, dtype=torch.long)
@@ -371,7 +371,6 @@ class DiffusionSampler(Inferer):
                         for i, g in enumerate(generators)
                     ]
                 )
-        network.train(was_training)
         return to_image_range(images).clamp(0, 1)
 
     def draw(
@@ -420,13 +419,26 @@ def invert(
     given = None if condition is None else to_model_range(condition)
     x = to_model_range(images)
     scheduler.set_timesteps(num_inference_steps)
-    was_training = network.training
-    network.eval()
-    with torch.no_grad():
+    with evaluating(network):
         for t in reversed(scheduler.timesteps.tolist()):
             prediction = network(with_condition(x, given), torch.full((count,), t, device=device, dtype=torch.long))
             x = scheduler.invert_step(prediction, t, x)
-    network.train(was_training)
+    return x
+
+
+def deterministic_chain(
+    network: nn.Module,
+    scheduler: GridDDIMScheduler | FlowEulerScheduler,
+    x: torch.Tensor,
+    condition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scheduler``'s deterministic chain (DDIM with η = 0, whatever the scheduler's own, or a rectified flow's Euler
+    steps) over its ``timesteps`` as set, from ``x`` (B, C, *S) down to x₀, all in the model's [−1, 1] range, not
+    clamped; ``condition``: a conditioned model's given modalities (B, K, *S) in that range, or None."""
+    deterministic = {"eta": 0.0} if isinstance(scheduler, GridDDIMScheduler) else {}
+    for t in scheduler.timesteps.tolist():
+        prediction = network(with_condition(x, condition), torch.full((x.shape[0],), t, device=x.device))
+        x = scheduler.step(prediction, t, x, **deterministic)[0]
     return x
 
 
@@ -436,18 +448,9 @@ def sample_from(
     noise: torch.Tensor,
     condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The deterministic chain (DDIM with η = 0, or Euler) over ``scheduler.timesteps`` as set, from ``noise`` = x_T
-    (B, C, *S) in the model's range (e.g. what :func:`invert` reached): images (B, C, *S) in [0, 1], not clamped, so
-    that a round trip's error shows in full. ``condition``: as :func:`invert`."""
-    count, device = noise.shape[0], noise.device
+    """The :func:`deterministic_chain` from ``noise`` = x_T (B, C, *S) in the model's range (e.g. what :func:`invert`
+    reached), the network in eval mode without gradients: images (B, C, *S) in [0, 1], not clamped, so that a round
+    trip's error shows in full. ``condition``: as :func:`invert`."""
     given = None if condition is None else to_model_range(condition)
-    deterministic = {"eta": 0.0} if isinstance(scheduler, GridDDIMScheduler) else {}
-    x = noise
-    was_training = network.training
-    network.eval()
-    with torch.no_grad():
-        for t in scheduler.timesteps.tolist():
-            prediction = network(with_condition(x, given), torch.full((count,), t, device=device, dtype=torch.long))
-            x = scheduler.step(prediction, t, x, **deterministic)[0]
-    network.train(was_training)
-    return to_image_range(x)
+    with evaluating(network):
+        return to_image_range(deterministic_chain(network, scheduler, noise, given))

@@ -75,11 +75,10 @@ def quarter_dataset(cases: Mapping[str, list[dict]], target: Path, seed: int) ->
     return [record["case"] for record in cases["validation"]], len(chosen)
 
 
-def _arm_summary(run_dir: Path, wall_seconds: float, real: torch.Tensor, num_samples: int, seed: int) -> dict:
+def _arm_summary(run_dir: Path, wall_seconds: float, num_samples: int, seed: int) -> dict:
     """One run's curves against steps, its steps, wall seconds and seconds per step, and ``num_samples`` samples of
     its final model (``_samples``)."""
-    steps_per_epoch_tag = read_scalars(run_dir / "runs", [STEP_TAG])[STEP_TAG]
-    steps = int(steps_per_epoch_tag[-1][0])
+    steps = int(read_scalars(run_dir / "runs", [STEP_TAG])[STEP_TAG][-1][0])
     epochs = int(json.loads((run_dir / "args.json").read_text())["train#trainer#max_epochs"])
     per_epoch = steps // epochs
     curves = {
@@ -93,7 +92,6 @@ def _arm_summary(run_dir: Path, wall_seconds: float, real: torch.Tensor, num_sam
         "seconds_per_step": wall_seconds / steps,
         "curves": curves,
         "_samples": samples,
-        "_real": real,
     }
 
 
@@ -121,8 +119,9 @@ def compare_patch_training(
 
     Returns:
         ``{"settings", "machine", "runs": {name: {"wall_seconds", "steps", "seconds_per_step", "curves",
-        "_samples", "_real"}}, "goal"}``: ``goal`` gives, per data set, the whole run's final distance ratio and each
-        run's wall seconds to it (:func:`time_to_quality`) and their ratio.
+        "_samples"}}, "goal", "_real"}``: ``goal`` gives, per data set, the whole run's final distance ratio, each run's
+        wall seconds to it (:func:`time_to_quality`) and their ratio; ``_real``: the validation volumes the figure
+        shows.
     """
     work = Path(work_dir)
     overrides, schedule = recipe(**recipe_settings)
@@ -167,7 +166,7 @@ def compare_patch_training(
             runs = pool.map(lambda name: train_once(work / name, arms[name], num_threads=1), pair)
             walls |= dict(zip(pair, runs, strict=True))
     real = validation_volumes(work / "whole")
-    results = {name: _arm_summary(work / name, walls[name], real, num_samples, seed) for name in names}
+    results = {name: _arm_summary(work / name, walls[name], num_samples, seed) for name in names}
     goal = {}
     for suffix in ("", QUARTER) if quarter else ("",):
         whole, patched = results["whole" + suffix], results["patches" + suffix]
@@ -189,7 +188,7 @@ def compare_patch_training(
         "num_validation": len(cases["validation"]),
         **schedule,
     }
-    return {"settings": settings, "machine": machine_description(), "runs": results, "goal": goal}
+    return {"settings": settings, "machine": machine_description(), "runs": results, "goal": goal, "_real": real}
 
 
 def paper_patch_costs(
@@ -339,9 +338,9 @@ def write_patch_report(result: dict, command: str, output_dir: str | Path = "doc
     out.mkdir(parents=True, exist_ok=True)
     runs = result["runs"]
     plot_patch_curves(result, out / FIGURE)
-    first = next(iter(runs.values()))
-    plot_samples(first["_real"], {name: run["_samples"] for name, run in runs.items()}, out / SAMPLES_FIGURE)
-    public = result | {"runs": {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in runs.items()}}
+    plot_samples(result["_real"], {name: run["_samples"] for name, run in runs.items()}, out / SAMPLES_FIGURE)
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    public["runs"] = {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in runs.items()}
     (out / "patch_training.json").write_text(json.dumps(public, indent=1))
     path = out / "patch_training.md"
     path.write_text(render_patch_markdown(public, command))
