@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .data import BRATS_MODALITIES
-from .data.discovery import IMAGE_SUFFIXES
+from .data.discovery import image_stem
 from .diffusion import SAMPLERS
 from .errors import BadInputError
 from .run_record import TrainedModel
@@ -18,16 +18,12 @@ from .run_record import TrainedModel
 __all__ = ["case_files", "request_options"]
 
 
-def _split_name(path: Path, modalities: Sequence[str]) -> tuple[str, str, str] | None:
-    """(case, modality, suffix) of a file named ``<case>_<modality><suffix>`` (``-`` also), else None."""
-    for suffix in IMAGE_SUFFIXES:
-        if path.name.lower().endswith(suffix):
-            stem = path.name[: -len(suffix)]
-            pattern = rf"(?P<case>.+)(?P<sep>[_-])(?P<modality>{'|'.join(map(re.escape, modalities))})"
-            match = re.fullmatch(pattern, stem, flags=re.IGNORECASE)
-            if match:
-                return match["case"] + match["sep"], match["modality"], path.name[len(stem) :]
-    return None
+def _split_name(path: Path, modalities: Sequence[str]) -> tuple[str, str] | None:
+    """(``<case>_``, suffix) of a file named ``<case>_<modality><suffix>`` (``-`` also), else None."""
+    stem = image_stem(path.name)
+    pattern = rf"(?P<case>.+[_-])(?:{'|'.join(map(re.escape, modalities))})"
+    match = re.fullmatch(pattern, stem, flags=re.IGNORECASE) if stem else None
+    return (match["case"], path.name[len(stem) :]) if match else None
 
 
 def _sibling(path: Path, name: str) -> Path:
@@ -62,7 +58,7 @@ def case_files(image: str | Path, model: TrainedModel) -> dict[str, str]:
             f"of {known}. Name the study's files so, e.g. patient01_{given[0]}.nii.gz, and name one by its image id "
             "(an uploaded file loses its name)."
         )
-    case, _, suffix = parts
+    case, suffix = parts
     files = {m: _sibling(path, f"{case}{m}{suffix}") for m in given}
     missing = [f"{m}: {p.name}" for m, p in files.items() if not p.is_file()]
     if missing:

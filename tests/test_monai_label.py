@@ -37,13 +37,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url: str, params: dict) -> tuple[int, bytes]:
-    body = urllib.parse.urlencode({"params": json.dumps(params)}).encode()
+def _answer(request: urllib.request.Request) -> tuple[int, bytes]:
+    """The server's status and body for ``request``, an error status included."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=300) as answer:
+        with urllib.request.urlopen(request, timeout=300) as answer:
             return answer.status, answer.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def _post(url: str, params: dict) -> tuple[int, bytes]:
+    body = urllib.parse.urlencode({"params": json.dumps(params)}).encode()
+    return _answer(urllib.request.Request(url, data=body, method="POST"))
 
 
 def _post_file(url: str, path: Path) -> tuple[int, bytes]:
@@ -60,16 +65,13 @@ def _post_file(url: str, path: Path) -> tuple[int, bytes]:
     )
     request = urllib.request.Request(url, data=body, method="POST")
     request.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
-    try:
-        with urllib.request.urlopen(request, timeout=300) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
+    return _answer(request)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The server on 127.0.0.1 at a free port: (base URL, studies folder, log file); stopped after the module."""
+    """The server on 127.0.0.1 at a free port: (base URL, studies folder, its /info/ answer, its process); stopped
+    after the module."""
     if not LABEL_PYTHON.is_file():
         pytest.skip(
             f"no MONAI Label environment at {LABEL_PYTHON}: build it with python -m venv .venv-label && "

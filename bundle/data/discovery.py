@@ -57,7 +57,8 @@ class DatasetNotFoundError(BadInputError, FileNotFoundError):
     """No dataset of a known layout below ``dataset_dir`` (a bad input, and a ``FileNotFoundError``)."""
 
 
-def _strip_suffix(name: str) -> str | None:
+def image_stem(name: str) -> str | None:
+    """A file name less its image suffix (:data:`IMAGE_SUFFIXES`, in either case), else None."""
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -73,7 +74,7 @@ def _brats_cases(root: Path, modalities: Sequence[str]) -> list[dict]:
     pattern = re.compile(r"^(?P<case>.+)_(?P<modality>[A-Za-z0-9]+)$")
     found: dict[Path, dict[str, str]] = {}
     for path in sorted(root.rglob("*")):
-        stem = _strip_suffix(path.name) if path.is_file() else path.name if path.is_dir() else None
+        stem = image_stem(path.name) if path.is_file() else path.name if path.is_dir() else None
         match = pattern.match(stem or "")
         if not match or match["case"] != path.parent.name:
             continue
@@ -187,7 +188,7 @@ def _case_id(path: Path, modality: str | None) -> str:
     """A case id from an image path: its name without the image suffix and, for a one-modality file, without
     a ``_<modality>`` / ``-<modality>`` ending (``sub-01_t1.nii.gz`` → ``sub-01``); the folder's name for a
     file named after the modality alone (``sub-01/T1.nii.gz`` → ``sub-01``)."""
-    stem = _strip_suffix(path.name) or path.name
+    stem = image_stem(path.name) or path.name
     if modality is None:
         return stem
     if stem.lower() == modality.lower():
